@@ -1,0 +1,240 @@
+"""The on-device adapter file: a user's private M matrices and what they were trained for.
+
+A safetensors file holding only tensors named `layers.{i}.{module}.M` (see `m_name`) plus
+string metadata that identifies the personalized model exactly: the backbone (name and
+content hash), the adapter configuration, the layer count and the training progress. A
+sha256 `checksum` over every tensor and every other metadata entry catches corruption that
+the safetensors parser alone would accept (flipped bytes inside the tensor data).
+
+Writes are atomic (temp file, fsync, rename, fsync of the directory), so a crash leaves
+either the previous file or the new one at the path, never a mixture. Reads never modify
+the file: a damaged adapter is the user's only copy of their personalization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, m_name
+from plora.storage.errors import AdapterFileError, ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "plora-adapter/1"
+ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Config fields that do not change the personalized model: the split point only moves work.
+_SPLIT_ONLY_FIELDS = frozenset({"device_layers"})
+
+
+@dataclass(frozen=True)
+class AdapterHeader:
+    """What an adapter file says about itself, apart from the tensors and bookkeeping."""
+
+    backbone_name: str
+    backbone_hash: str
+    config: PrivateLoRAConfig
+    num_layers: int
+    steps: int = 0
+
+
+class AdapterIdentity(Protocol):
+    """What `load_adapter` compares against: an `AdapterHeader` or anything shaped like it."""
+
+    backbone_name: str
+    backbone_hash: str
+    config: PrivateLoRAConfig
+    num_layers: int
+
+
+def _fix_hint(path: Path) -> str:
+    return (
+        f"The file was left untouched. Restore it from a backup (such as {path}.bak) "
+        "or re-run personalize to train a new adapter."
+    )
+
+
+def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 hex over the canonical encoding of all tensors and metadata except `checksum`.
+
+    Every field is length-prefixed so that no two different contents share an encoding.
+    """
+    digest = hashlib.sha256(FORMAT.encode())
+
+    def put(part: bytes) -> None:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        put(b"tensor")
+        put(name.encode())
+        put(str(tensor.dtype).removeprefix("torch.").encode())
+        put(json.dumps(list(tensor.shape)).encode())
+        put(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(k for k in metadata if k != "checksum"):
+        put(b"meta")
+        put(key.encode())
+        put(metadata[key].encode())
+    return digest.hexdigest()
+
+
+def _tensor_problems(tensors: dict[str, torch.Tensor], config: PrivateLoRAConfig, num_layers: int) -> list[str]:
+    """Why these tensors are not exactly the M matrices of (config, num_layers); empty if they are."""
+    expected = {m_name(layer, t) for layer in range(num_layers) for t in config.targets}
+    problems = []
+    extra = sorted(set(tensors) - expected)
+    missing = sorted(expected - set(tensors))
+    if extra:
+        problems.append(f"unexpected tensors {extra[:3]} (only layers.{{i}}.{{module}}.M for the configured targets belong here)")
+    if missing:
+        problems.append(f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    for name in sorted(set(tensors) & expected):
+        tensor = tensors[name]
+        if tensor.dtype not in ALLOWED_DTYPES:
+            problems.append(f"{name} has dtype {tensor.dtype}, expected one of float32/float16/bfloat16")
+        if tuple(tensor.shape) != (config.rank, config.rank):
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, expected ({config.rank}, {config.rank})")
+    return problems
+
+
+def save_adapter(path: str | os.PathLike, weights: AdapterWeights | dict[str, torch.Tensor], header: AdapterHeader) -> None:
+    """Write the adapter atomically: `path` holds the old file or the complete new one."""
+    path = Path(path)
+    raw = dict(weights.named_tensors()) if isinstance(weights, AdapterWeights) else dict(weights)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in raw.items()}
+    problems = _tensor_problems(tensors, header.config, header.num_layers)
+    if problems:
+        raise AdapterFileError(f"refusing to write adapter {path}: " + "; ".join(problems))
+    metadata = {
+        "format": FORMAT,
+        "backbone_name": header.backbone_name,
+        "backbone_hash": header.backbone_hash,
+        "adapter_config": json.dumps(header.config.to_dict(), sort_keys=True),
+        "num_layers": str(header.num_layers),
+        "steps": str(header.steps),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    metadata["checksum"] = checksum(tensors, metadata)
+    data = safetensors.torch.save(tensors, metadata=metadata)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable; without this a power cut can undo it.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _parse_header(data: bytes) -> dict[str, str]:
+    # safetensors.torch.load has already validated the framing, so this cannot go out of bounds.
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterHeader]:
+    """Read and verify an adapter file; raises AdapterFileError on anything not intact."""
+    path = Path(path)
+
+    def refuse(what: str) -> AdapterFileError:
+        return AdapterFileError(f"cannot use adapter file {path}: {what}. {_fix_hint(path)}")
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterFileError(
+            f"no adapter file at {path}. Check the path, restore it from a backup (such as {path}.bak) "
+            "or run personalize to create one."
+        ) from None
+    except OSError as err:
+        raise refuse(f"it cannot be read ({err.strerror or err})") from err
+    if not data:
+        raise refuse("it is empty (0 bytes), probably cut off by an interrupted copy")
+    try:
+        tensors = safetensors.torch.load(data)
+        metadata = _parse_header(data)
+    except (SafetensorError, ValueError) as err:
+        raise refuse(f"it is not a valid safetensors file, it is truncated or corrupt ({err})") from err
+
+    if metadata.get("format") != FORMAT:
+        raise refuse(f"unknown format {metadata.get('format')!r}, expected {FORMAT!r}")
+    if metadata.get("checksum") != checksum(tensors, metadata):
+        raise refuse("the checksum does not match the contents, so the file is corrupt")
+    try:
+        header = AdapterHeader(
+            backbone_name=metadata["backbone_name"],
+            backbone_hash=metadata["backbone_hash"],
+            config=PrivateLoRAConfig.from_dict(json.loads(metadata["adapter_config"])),
+            num_layers=int(metadata["num_layers"]),
+            steps=int(metadata["steps"]),
+        )
+    except KeyError as err:
+        raise refuse(f"the metadata lacks {err.args[0]!r}") from None
+    except (ValueError, TypeError, ConfigError) as err:
+        raise refuse(f"the metadata is invalid ({err})") from err
+    problems = _tensor_problems(tensors, header.config, header.num_layers)
+    if problems:
+        raise refuse("; ".join(problems))
+    return tensors, header
+
+
+def _display(value: object) -> str:
+    return json.dumps(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def load_adapter(path: str | os.PathLike, expect: AdapterIdentity) -> tuple[dict[str, torch.Tensor], AdapterHeader]:
+    """`read_adapter`, refusing a file made for another backbone, layer count or adapter config.
+
+    `device_layers` may differ: it moves computation between device and cloud but gives the
+    same model for the same M. A different backbone name with the same content hash is the
+    same backbone under another label, so it is only logged.
+    """
+    path = Path(path)
+    tensors, header = read_adapter(path)
+    diffs = []
+    if header.backbone_hash != expect.backbone_hash:
+        diffs.append(("backbone_hash", header.backbone_hash, expect.backbone_hash))
+    if header.num_layers != expect.num_layers:
+        diffs.append(("num_layers", header.num_layers, expect.num_layers))
+    for f in fields(PrivateLoRAConfig):
+        if f.name in _SPLIT_ONLY_FIELDS:
+            continue
+        mine, theirs = getattr(header.config, f.name), getattr(expect.config, f.name)
+        if mine != theirs:
+            diffs.append((f.name, mine, theirs))
+    if diffs:
+        listed = "; ".join(f"{name}: file={_display(a)} expected={_display(b)}" for name, a, b in diffs)
+        raise AdapterFileError(
+            f"adapter file {path} was made for another backbone or adapter configuration "
+            f"(file backbone {header.backbone_name!r}, expected {expect.backbone_name!r}): {listed}. "
+            "The file was left untouched; use an adapter trained for this backbone version, "
+            "or re-run personalize with the expected configuration."
+        )
+    if header.backbone_name != expect.backbone_name:
+        log.warning(
+            "adapter %s names backbone %r, expected %r; the content hash matches, so it is used",
+            path, header.backbone_name, expect.backbone_name,
+        )
+    return tensors, header

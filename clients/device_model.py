@@ -1,0 +1,73 @@
+"""The device half of a split model.
+
+    token ids -> embed -> device layers (local, adapted with local M) -> cloud layers (via
+    the link) -> final norm -> LM head -> logits
+
+The device holds the tokenizer, the embeddings, its own decoder layers, the final norm, the
+LM head and every M. Public A and B of its own layers are derived from the seed here, so
+nothing of them needs to be downloaded; the cloud's A and B never reach the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from plora.clients.remote import RemoteDecoder
+from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, attach, decoder_slice, local_exchange
+from plora.cloud_backbone.protocol import CacheMode, SplitLink
+from plora.storage.errors import VersionMismatchError
+
+
+class DeviceModel(nn.Module):
+    """A causal LM whose middle runs in the cloud. Only the M matrices are trainable.
+
+    `model` is a causal LM holding at least the first `config.device_layers` decoder layers
+    (the full backbone in embedded mode, or the device bundle); its other layers are ignored.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: PrivateLoRAConfig, link: SplitLink):
+        super().__init__()
+        identity = link.identity
+        if identity.adapter != config:
+            raise VersionMismatchError(f"the cloud serves adapter config {identity.adapter}, this device uses {config}")
+        decoder = model.get_decoder()
+        self.config = config
+        self.embed = decoder.embed_tokens
+        self.norm = decoder.norm
+        self.lm_head = model.get_output_embeddings()
+        self.weights = AdapterWeights(config, identity.num_layers)
+        self.local = decoder_slice(model, 0, config.device_layers) if config.device_layers else None
+        if self.local is not None:
+            self._local_slot = attach(self.local.layers, 0, config)
+        self.remote = RemoteDecoder(link, self.weights)
+        self._local_cache: DynamicCache | None = None
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.startswith("weights."))
+
+    @property
+    def link(self) -> SplitLink:
+        return self.remote.link
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) final hidden states, after the final norm."""
+        hidden = self.embed(input_ids)
+        if self.local is not None:
+            if cache is CacheMode.START:
+                self._local_cache = DynamicCache(config=self.local.config)
+            local_cache = None if cache is CacheMode.NONE else self._local_cache
+            with self._local_slot.using(local_exchange(self.weights)):
+                hidden = self.local(
+                    inputs_embeds=hidden, attention_mask=attention_mask, cache=local_cache, use_cache=local_cache is not None
+                ).last_hidden_state
+        hidden = self.remote(hidden, cache, attention_mask)
+        return self.norm(hidden)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) logits."""
+        return self.lm_head(self.hidden_states(input_ids, cache, attention_mask))

@@ -1,0 +1,127 @@
+"""A device's directory: who it is, which backbone it is bound to, and its adapter.
+
+    DIR/device.json          identity, backbone binding, adapter configuration
+    DIR/adapter.safetensors  the private M matrices (see adapter_file)
+
+Everything is written atomically, so a crash leaves the previous state in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
+from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
+from plora.storage.errors import ConfigError
+
+FORMAT = "plora-device/1"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    backbone_spec: str  # how to reach the backbone: "embedded", a local path, or host:port
+    backbone_name: str
+    backbone_hash: str
+    num_layers: int
+    adapter: PrivateLoRAConfig
+    created_at: str
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **{k: v for k, v in vars(self).items() if k != "adapter"}, "adapter": self.adapter.to_dict()}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> DeviceRecord:
+        if data.get("format") != FORMAT:
+            raise ConfigError(f"{where} has format {data.get('format')!r}, expected {FORMAT!r}")
+        try:
+            fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "adapter"}
+            return cls(**fields, adapter=PrivateLoRAConfig.from_dict(data["adapter"]))
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"{where} is missing or has a malformed field: {err}") from err
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class DeviceStore:
+    RECORD = "device.json"
+    ADAPTER = "adapter.safetensors"
+
+    def __init__(self, root: Path, record: DeviceRecord):
+        self.root = root
+        self.record = record
+
+    @classmethod
+    def create(
+        cls, root: Path, backbone_spec: str, backbone_name: str, backbone_hash: str, num_layers: int, adapter: PrivateLoRAConfig
+    ) -> DeviceStore:
+        root = Path(root)
+        if (root / cls.RECORD).exists():
+            raise ConfigError(f"{root} already holds a device; use another folder or remove {root / cls.RECORD}")
+        adapter.check_backbone(num_layers)
+        root.mkdir(parents=True, exist_ok=True)
+        record = DeviceRecord(
+            device_id=uuid.uuid4().hex,
+            backbone_spec=backbone_spec,
+            backbone_name=backbone_name,
+            backbone_hash=backbone_hash,
+            num_layers=num_layers,
+            adapter=adapter,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        store = cls(root, record)
+        write_atomically(root / cls.RECORD, json.dumps(record.to_json(), indent=2).encode())
+        store.write_adapter(AdapterWeights(adapter, num_layers), steps=0)  # M = 0: the base model
+        return store
+
+    @classmethod
+    def open(cls, root: Path) -> DeviceStore:
+        root = Path(root)
+        path = root / cls.RECORD
+        if not path.is_file():
+            raise ConfigError(f"{root} is not a device folder (no {cls.RECORD}); create one with `plora device init {root}`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        return cls(root, DeviceRecord.from_json(data, path))
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.root / self.ADAPTER
+
+    def header(self, steps: int = 0) -> AdapterHeader:
+        r = self.record
+        return AdapterHeader(r.backbone_name, r.backbone_hash, r.adapter, r.num_layers, steps)
+
+    def read_adapter(self, weights: AdapterWeights) -> int:
+        """Load the stored M into `weights`; returns the steps it was trained for."""
+        tensors, header = load_adapter(self.adapter_path, self.header())
+        weights.load_named_tensors(tensors)
+        return header.steps
+
+    def write_adapter(self, weights: AdapterWeights, steps: int) -> None:
+        save_adapter(self.adapter_path, weights, self.header(steps))

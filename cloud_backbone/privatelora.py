@@ -1,0 +1,366 @@
+"""What PrivateLoRA is: the one module both halves of the split import.
+
+A target projection y = W·x (x: [..., d], y: [..., k]) becomes
+
+    y + s · ((x·A)·M)·B        A: [d, r] public, M: [r, r] private, B: [r, k] public
+
+A and B are random, frozen and derived from the backbone version's seed, so anyone can
+regenerate and audit them and they never travel with a user's data. M starts at zero, so a
+new user's model is exactly the base model.
+
+Projections that read the same tensor form an *input group*: q, k and v read the attention
+input; gate and up read the MLP input. A group is the unit of one round trip: the cloud
+sends u for the whole group (one r-vector per module, or a single one when the group
+shares A) and gets back u·M for every module in it, concatenated in target order.
+
+Where u·M comes from is an `Exchange`: locally it is a matmul with the device's M (device-side
+layers, monolithic reference); on the cloud it is a round trip to the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from plora.storage.errors import ConfigError
+
+# Short target name -> the module's path inside a Llama-family decoder layer.
+TARGET_MODULES: dict[str, str] = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+# Input groups in the order a decoder layer runs them; members read the same tensor.
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn_in": ("q", "k", "v"),
+    "attn_out": ("o",),
+    "mlp_in": ("gate", "up"),
+    "mlp_out": ("down",),
+}
+DEFAULT_TARGETS = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class PrivateLoRAConfig:
+    """Everything that fixes the personalized model's math, apart from M itself."""
+
+    rank: int = 64
+    """r: the width of u and of M. Traffic per adapted group and token is r numbers each way."""
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    """Short names of the adapted projections in every decoder layer (see TARGET_MODULES)."""
+    shared_a: bool = False
+    """Members of an input group share one A, so the cloud sends one r-vector per group."""
+    scale: float = 1.0
+    """s in y + s·(x·A·M)·B. The reference code uses 1."""
+    seed: int = 0
+    """Seed of the public projections A and B; part of the backbone version."""
+    device_layers: int = 0
+    """How many of the first decoder layers run on the device. It moves computation, not
+    math: the same M gives the same model for every split point."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str) or not isinstance(self.targets, (tuple, list)):
+            raise TypeError(f"targets must be a tuple of names, got {self.targets!r}")
+        unknown = [t for t in self.targets if t not in TARGET_MODULES]
+        if unknown or not self.targets:
+            raise ConfigError(
+                f"unknown or empty targets {list(self.targets)!r}; choose from {sorted(TARGET_MODULES)}"
+            )
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"targets repeat a name: {list(self.targets)!r}")
+        # Canonical order (layer execution order) so that equal configs compare equal.
+        order = [t for group in INPUT_GROUPS.values() for t in group]
+        object.__setattr__(self, "targets", tuple(sorted(self.targets, key=order.index)))
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.device_layers, int) or self.device_layers < 0:
+            raise ConfigError(f"device_layers must be >= 0, got {self.device_layers!r}")
+        if not (self.scale > 0 and self.scale == self.scale):
+            raise ConfigError(f"scale must be a positive number, got {self.scale!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """The adapted input groups, each with its adapted members, in execution order."""
+        out = {}
+        for name, members in INPUT_GROUPS.items():
+            chosen = tuple(m for m in members if m in self.targets)
+            if chosen:
+                out[name] = chosen
+        return out
+
+    def a_count(self, group: str) -> int:
+        """How many r-vectors the cloud sends for one token of this group."""
+        return 1 if self.shared_a else len(self.groups[group])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrivateLoRAConfig:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "targets" in known:
+            known["targets"] = tuple(known["targets"])
+        return cls(**known)
+
+    def check_backbone(self, num_layers: int) -> None:
+        if self.device_layers >= num_layers:
+            raise ConfigError(
+                f"device_layers={self.device_layers} leaves no decoder layer for the cloud; "
+                f"the backbone has {num_layers} layers, so use at most {num_layers - 1}"
+            )
+
+
+def m_name(layer: int, target: str) -> str:
+    """The tensor name of one M, as written in adapter files: layers.{i}.{module}.M."""
+    return f"layers.{layer}.{TARGET_MODULES[target]}.M"
+
+
+def _generator(seed: int, layer: int, key: str) -> torch.Generator:
+    # A stable 64-bit seed per (version seed, layer, projection); Python's hash() is salted.
+    digest = hashlib.sha256(f"plora/{seed}/{layer}/{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """A [rows, cols] matrix whose shorter side is orthonormal, made in float64 on the CPU so
+    that every machine derives the same projections from the same seed."""
+    tall = max(rows, cols), min(rows, cols)
+    q, r = torch.linalg.qr(torch.randn(*tall, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # fix QR's sign ambiguity: a unique, Haar-distributed basis
+    return (q if rows >= cols else q.T).to(torch.float32)
+
+
+@dataclass
+class GroupProjections:
+    """The public projections of one input group in one layer."""
+
+    a: torch.Tensor  # (d, a_count·r): the group's A matrices side by side
+    b: list[torch.Tensor] = field(default_factory=list)  # per member: (r, k_member)
+
+
+def public_projections(
+    config: PrivateLoRAConfig, layer: int, group: str, in_features: int, out_features: list[int]
+) -> GroupProjections:
+    """A and B for one group of one layer, derived from the seed alone.
+
+    Why orthonormal: A with orthonormal columns makes u = x·A an isometric view of x (each
+    component is O(|x|/sqrt(d)) whatever the width), and B with orthonormal rows passes u·M
+    to the output with unit gain. M's gradient u^T·(dL/dy·B^T) is then well conditioned and
+    width-independent, so one Adam learning rate works across backbones, and s = 1 keeps
+    the residual on the scale of the base projection's output. Gaussian A/B of the same
+    variance work too but condition M's problem worse.
+    """
+    members = config.groups[group]
+    keys = [group] if config.shared_a else [TARGET_MODULES[m] for m in members]
+    a = torch.cat([_orthonormal(in_features, config.rank, _generator(config.seed, layer, f"A/{k}")) for k in keys], 1)
+    b = [
+        _orthonormal(config.rank, k, _generator(config.seed, layer, f"B/{TARGET_MODULES[m]}"))
+        for m, k in zip(members, out_features, strict=True)
+    ]
+    return GroupProjections(a=a, b=b)
+
+
+def group_products(u: torch.Tensor, ms: list[torch.Tensor], shared_a: bool) -> torch.Tensor:
+    """v = u·M for every member of a group: u (..., a_count·r) -> v (..., members·r)."""
+    r = ms[0].shape[0]
+    if shared_a:
+        return u @ torch.cat(ms, dim=1)
+    return torch.cat([u[..., i * r : (i + 1) * r] @ m for i, m in enumerate(ms)], dim=-1)
+
+
+# (layer, group, u) -> u·M. Locally a matmul; on the cloud a round trip to the device.
+Exchange = Callable[[int, str, torch.Tensor], torch.Tensor]
+
+
+class AdapterWeights(nn.Module):
+    """The private half of PrivateLoRA: one M per adapted projection per layer. Device only."""
+
+    def __init__(self, config: PrivateLoRAConfig, num_layers: int):
+        super().__init__()
+        self.config = config
+        self.num_layers = num_layers
+        self.ms = nn.ParameterDict(
+            {
+                self._key(layer, target): nn.Parameter(torch.zeros(config.rank, config.rank))
+                for layer in range(num_layers)
+                for target in config.targets
+            }
+        )
+
+    @staticmethod
+    def _key(layer: int, target: str) -> str:
+        return f"{layer}_{target}"  # ParameterDict keys may not contain dots
+
+    def group_ms(self, layer: int, group: str) -> list[torch.Tensor]:
+        return [self.ms[self._key(layer, t)] for t in self.config.groups[group]]
+
+    def products(self, layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
+        return group_products(u, self.group_ms(layer, group), self.config.shared_a)
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(file name, M) in a stable order, as adapter files store them."""
+        for layer in range(self.num_layers):
+            for target in self.config.targets:
+                yield m_name(layer, target), self.ms[self._key(layer, target)]
+
+    def load_named_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        expected = dict(self.named_tensors())
+        if set(tensors) != set(expected):
+            missing = sorted(set(expected) - set(tensors))[:3]
+            extra = sorted(set(tensors) - set(expected))[:3]
+            raise ConfigError(f"adapter tensors do not match the configuration: missing {missing}, unexpected {extra}")
+        with torch.no_grad():
+            for name, param in expected.items():
+                if tensors[name].shape != param.shape:
+                    raise ConfigError(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
+                param.copy_(tensors[name])
+
+
+class AdaptedGroup(nn.Module):
+    """Computes the residuals of one input group once, for all its members.
+
+    The first member called with a new input sends u for the whole group through the
+    exchange; the others pick up their residual for the same input tensor.
+    """
+
+    def __init__(self, config: PrivateLoRAConfig, layer: int, name: str, projections: GroupProjections, exchange_slot: ExchangeSlot):
+        super().__init__()
+        self.layer, self.name, self.scale, self.rank = layer, name, config.scale, config.rank
+        self.register_buffer("a", projections.a, persistent=False)
+        for i, b in enumerate(projections.b):
+            self.register_buffer(f"b{i}", b, persistent=False)
+        self._members = len(projections.b)
+        self._slot = exchange_slot
+        self._input: torch.Tensor | None = None
+        self._residuals: list[torch.Tensor | None] = []
+
+    def residual(self, member: int, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._input or self._residuals[member] is None:
+            u = x @ self.a  # (B, T, a_count·r)
+            v = self._slot.exchange(self.layer, self.name, u)  # (B, T, members·r)
+            r = self.rank
+            self._residuals = [
+                self.scale * (v[..., i * r : (i + 1) * r] @ getattr(self, f"b{i}")) for i in range(self._members)
+            ]
+            self._input = x
+        out, self._residuals[member] = self._residuals[member], None
+        if all(res is None for res in self._residuals):
+            self._input = None  # drop the reference so activations are not kept alive
+        return out
+
+
+class PrivateLoRALinear(nn.Module):
+    """Wraps a frozen projection, PEFT style: base_layer(x) + its group's residual."""
+
+    def __init__(self, base_layer: nn.Linear, group: AdaptedGroup, member: int):
+        super().__init__()
+        self.base_layer = base_layer
+        # A plain attribute, not a submodule: the group is shared by its members and
+        # registered once on the layer (see `attach`).
+        self.__dict__["group"] = group
+        self.member = member
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.group.residual(self.member, x)
+
+
+class ExchangeSlot:
+    """Where the adapted groups of a stack find the exchange for the current call."""
+
+    def __init__(self) -> None:
+        self._exchange: Exchange | None = None
+
+    def exchange(self, layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
+        if self._exchange is None:
+            raise RuntimeError("an adapted layer ran outside `using(exchange)`")
+        return self._exchange(layer, group, u)
+
+    def using(self, exchange: Exchange) -> _Using:
+        return _Using(self, exchange)
+
+
+class _Using:
+    def __init__(self, slot: ExchangeSlot, exchange: Exchange):
+        self.slot, self.new = slot, exchange
+
+    def __enter__(self) -> None:
+        self.old, self.slot._exchange = self.slot._exchange, self.new
+
+    def __exit__(self, *exc: object) -> None:
+        self.slot._exchange = self.old
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError as err:
+        raise ConfigError(f"decoder layer {type(root).__name__} has no module {path!r} to adapt") from err
+
+
+def attach(layers: nn.ModuleList, first_layer: int, config: PrivateLoRAConfig) -> ExchangeSlot:
+    """Wrap the target projections of `layers` in place; layer j is global layer first_layer+j.
+
+    Returns the slot through which every adapted group of these layers gets its u·M.
+    """
+    slot = ExchangeSlot()
+    for j, layer in enumerate(layers):
+        index = first_layer + j
+        for group_name, members in config.groups.items():
+            paths = [TARGET_MODULES[m] for m in members]
+            bases = [_submodule(layer, p) for p in paths]
+            for path, base in zip(paths, bases):
+                if not isinstance(base, nn.Linear):
+                    raise ConfigError(f"layer {index} {path} is {type(base).__name__}, expected a Linear")
+            in_features = {b.in_features for b in bases}
+            if len(in_features) != 1:
+                raise ConfigError(f"layer {index} group {group_name} members read different widths {in_features}")
+            proj = public_projections(config, index, group_name, in_features.pop(), [b.out_features for b in bases])
+            group = AdaptedGroup(config, index, group_name, proj, slot).to(bases[0].weight.device)
+            layer.add_module(f"privatelora_{group_name}", group)
+            for member, (path, base) in enumerate(zip(paths, bases)):
+                parent_path, _, child = path.rpartition(".")
+                setattr(layer.get_submodule(parent_path), child, PrivateLoRALinear(base, group, member))
+    return slot
+
+
+def local_exchange(weights: AdapterWeights) -> Exchange:
+    """u·M computed in place with the device's own M (differentiable)."""
+    return weights.products
+
+
+def decoder_slice(model: nn.Module, start: int, stop: int) -> nn.Module:
+    """Decoder layers [start, stop) of a Hugging Face causal LM as a stack of their own.
+
+    The stack is the model family's own decoder class (so masks, rotary embeddings and the
+    KV cache behave exactly as in transformers), holding the original layer modules, with
+    no embedding and an identity final norm: hidden states in, hidden states out. The layers'
+    cache indices are renumbered from 0, so a slice must not be run inside `model` again.
+    """
+    decoder = model.get_decoder()
+    layers = decoder.layers[start:stop]
+    config = copy.deepcopy(decoder.config)
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[start:stop]
+    with torch.device("meta"):
+        stack = type(decoder)(config)
+    stack.embed_tokens = None
+    stack.norm = nn.Identity()
+    stack.rotary_emb = decoder.rotary_emb
+    stack.layers = nn.ModuleList(layers)
+    for j, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = j
+    return stack

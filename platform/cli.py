@@ -1,0 +1,248 @@
+"""The `plora` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from plora.cloud_backbone.privatelora import DEFAULT_TARGETS, TARGET_MODULES, PrivateLoRAConfig
+from plora.storage.errors import PloraError
+
+log = logging.getLogger("plora")
+
+
+def _fail_cleanly(command):
+    """Turn plora's own errors into one readable line and exit status 2, without a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PloraError as err:
+            raise click.ClickException(f"{type(err).__name__}: {err}") from err
+
+    return run
+
+
+def adapter_options(command):
+    """The options that fix a PrivateLoRA configuration, shared by every command that makes one."""
+    options = [
+        click.option("--rank", default=64, show_default=True, help="r: width of u and of each r×r matrix M."),
+        click.option(
+            "--targets",
+            default=",".join(DEFAULT_TARGETS),
+            show_default=True,
+            help=f"Comma-separated projections to adapt in every layer, from: {', '.join(TARGET_MODULES)}.",
+        ),
+        click.option(
+            "--shared-a/--separate-a",
+            default=False,
+            show_default=True,
+            help="Share one A among projections that read the same input (q/k/v, gate/up): one r-vector per group goes down instead of one per projection.",
+        ),
+        click.option("--scale", default=1.0, show_default=True, help="s in y + s·(x·A·M)·B."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the public projections A and B."),
+        click.option(
+            "--device-layers",
+            default=0,
+            show_default=True,
+            help="How many of the first decoder layers run on the device. More layers hide the raw prompt embedding from the cloud.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _config(rank, targets, shared_a, scale, seed, device_layers) -> PrivateLoRAConfig:
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, device_layers=device_layers)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """plora: a private, personalized LLM on a shared cloud backbone (PrivateLoRA).
+
+    The cloud runs the frozen decoder; your device keeps the tokenizer, embeddings, LM head
+    and the small private matrices M that make the model yours. Text, M and M's gradients
+    never leave the device.
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def device() -> None:
+    """Create and inspect personal devices."""
+
+
+@device.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--backbone",
+    default="embedded",
+    show_default=True,
+    help="'embedded' (SmolLM2-135M-Instruct, cloud half in this process) or a local checkpoint folder / .gguf file.",
+)
+@adapter_options
+@_fail_cleanly
+def device_init(directory: Path, backbone: str, **adapter) -> None:
+    """Create a device in DIRECTORY bound to a backbone, with M = 0 (exactly the base model)."""
+    from plora.platform.jobs import register, registry
+    from plora.platform.runtime import init_device
+
+    store = init_device(directory, backbone, _config(**adapter))
+    register(store.record, registry())
+    record = store.record
+    click.echo(f"device {record.device_id} created in {directory}")
+    click.echo(f"backbone {record.backbone_name} ({record.backbone_hash[:12]}), {record.num_layers} layers; {record.adapter}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL with 'text' or 'prompt'+'response' per line, a CSV with those columns, or a .txt file.")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to run.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data (default 2).")
+@click.option("--lr", default=5e-3, show_default=True, help="AdamW learning rate for M.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Share of examples held out to pick the best M (used when there are at least 10 examples).")
+@click.option("--seed", default=0, show_default=True)
+@_fail_cleanly
+def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length, val_fraction, seed) -> None:
+    """Train this device's M on local data. Nothing of the data leaves the device."""
+    from tqdm import tqdm
+
+    from plora.clients.training import TrainSettings
+    from plora.platform.jobs import run_personalization
+    from plora.platform.runtime import open_device
+
+    if steps is not None and epochs is not None:
+        raise click.UsageError("give --steps or --epochs, not both")
+    settings = TrainSettings(lr=lr, batch_size=batch_size, steps=steps, epochs=epochs, seed=seed)
+    dev = open_device(directory)
+    with tqdm(desc="personalizing", unit="step", file=sys.stderr) as bar:
+        def progress(step, total, loss):
+            bar.total = total
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, progress)
+    result = outcome.result
+    click.echo(f"job {outcome.job_id}: {result.steps} steps, {result.tokens_per_second:.0f} tokens/s; "
+               f"training loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
+    which = "validation" if result.val_before is not None else "training-set"
+    click.echo(f"{which} loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f}")
+    click.echo(f"adapter saved to {dev.store.adapter_path}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--raw", is_flag=True, help="Do not wrap the prompt in the backbone's chat template.")
+@_fail_cleanly
+def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw) -> None:
+    """Generate a reply with the personalized model, streaming it as it comes."""
+    from plora.clients.generation import encode_prompt, stream_tokens
+    from plora.platform.runtime import open_device
+
+    dev = open_device(directory)
+    ids = encode_prompt(dev.tokenizer, prompt, chat=not raw)
+    new: list[int] = []
+    shown = ""
+    for token in stream_tokens(dev.model, ids, max_new_tokens, {dev.tokenizer.eos_token_id}, temperature, top_p, seed):
+        new.append(token)
+        text = dev.tokenizer.decode(new, skip_special_tokens=True)
+        click.echo(text[len(shown):], nl=False)
+        shown = text
+    click.echo()
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--text", required=True, help="The text to score.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], \"logprobs\": [...]} as JSON.")
+@_fail_cleanly
+def score(directory, text, as_json) -> None:
+    """Log-probability of each token of TEXT given the ones before it, under the personalized model."""
+    from plora.clients.generation import token_logprobs
+    from plora.platform.runtime import open_device
+
+    dev = open_device(directory)
+    tokens = dev.tokenizer(text)["input_ids"]
+    logprobs = token_logprobs(dev.model, tokens)
+    if as_json:
+        click.echo(json.dumps({"tokens": tokens, "logprobs": logprobs}))
+    else:
+        click.echo(f"{len(tokens)} tokens, mean log-prob {sum(logprobs) / len(logprobs):.4f}")
+
+
+@main.group()
+def backbone() -> None:
+    """Backbone versions and their public projections."""
+
+
+@backbone.command("export-public")
+@click.option("--backbone", "spec", default="embedded", show_default=True, help="Backbone spec, as for `device init`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="safetensors file to write.")
+@adapter_options
+@_fail_cleanly
+def export_public(spec, out, **adapter) -> None:
+    """Write the public A and B the cloud applies, as layers.{i}.{module}.A / .B, for audit."""
+    from safetensors.torch import save_file
+
+    from plora.cloud_backbone import loading
+    from plora.cloud_backbone.compute import CloudHalf, public_tensors
+
+    config = _config(**{**adapter, "device_layers": 0})  # every layer's projections
+    loaded = loading.load(spec)
+    tensors = public_tensors(CloudHalf(loaded, config))
+    metadata = {"backbone_name": loaded.source.name, "backbone_hash": loaded.source.content_hash,
+                "adapter_config": json.dumps(config.to_dict())}
+    save_file(tensors, str(out), metadata=metadata)
+    click.echo(f"wrote {len(tensors)} tensors to {out}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: print a table and write JSON."""
+
+
+@bench.command("split")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here too.")
+@click.option("--backbone", "spec", default="embedded", show_default=True)
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
+@_fail_cleanly
+def bench_split(json_path, spec, repeats) -> None:
+    """Monolithic vs in-process split: forward tokens/s, a training step, greedy decode tokens/s."""
+    from plora.platform.bench import run_split_bench
+
+    results = run_split_bench(spec, repeats, echo=lambda line: click.echo(line, err=True))
+    click.echo(results.table())
+    if json_path:
+        json_path.write_text(json.dumps(results.to_json(), indent=2))
+        click.echo(f"wrote {json_path}")
+
+
+@main.command()
+@click.option("--out", default="plora-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the device, its data, the report and results.json.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps (default: the demo's tuned value).")
+@_fail_cleanly
+def demo(out, steps) -> None:
+    """Personalize one device on the embedded backbone with a synthetic persona and show before/after."""
+    from plora.platform.demo import run_demo
+
+    run_demo(out, click.echo, steps=steps)

@@ -1,0 +1,100 @@
+"""Per-user personalization jobs: one user's data, one device, recorded in the registry.
+
+The adapter on disk changes only when a job succeeds, so a job that fails (bad data,
+a crash) leaves the previous personalization in place and is marked failed with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from plora.clients.device_store import DeviceRecord
+from plora.clients.data import TokenizedExample, load_examples, tokenize
+from plora.clients.training import TrainResult, TrainSettings, evaluate, personalize
+from plora.platform.runtime import Device
+from plora.storage.db import open_database
+from plora.storage.errors import PloraError
+from plora.storage.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+def registry(url: str | None = None) -> Registry:
+    return Registry(open_database(url))
+
+
+def register(record: DeviceRecord, reg: Registry) -> None:
+    """Make sure the registry knows this device and the backbone version it is bound to."""
+    adapter = record.adapter.to_dict()
+    version = reg.find_backbone(record.backbone_hash, record.adapter.seed, adapter)
+    if version is None:
+        # Embedded and local backbones get a version per (weights, adapter config).
+        digest = hashlib.sha256((record.backbone_hash + json.dumps(adapter, sort_keys=True)).encode()).hexdigest()
+        architecture = {"num_layers": record.num_layers}
+        version = reg.register_backbone(
+            f"{record.backbone_name}-{digest[:8]}", record.backbone_spec, architecture, record.backbone_hash, record.adapter.seed, adapter
+        )
+    reg.register_device(record.device_id, version.name)
+
+
+def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation). Validation is empty when there are fewer than 10 examples."""
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    n_val = int(len(shuffled) * fraction) if len(shuffled) >= 10 else 0
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+@dataclass
+class JobOutcome:
+    job_id: int
+    result: TrainResult
+    loss_before: float  # on validation if there is one, else on the training set
+    loss_after: float
+
+
+def run_personalization(
+    device: Device,
+    data_path: Path,
+    settings: TrainSettings,
+    max_length: int = 256,
+    val_fraction: float = 0.1,
+    on_step: Callable[[int, int, float], None] | None = None,
+    reg: Registry | None = None,
+) -> JobOutcome:
+    """Train the device's M on a local file, save it, and record the job."""
+    reg = reg or registry()
+    register(device.store.record, reg)
+    params = {"lr": settings.lr, "batch_size": settings.batch_size, "max_length": max_length}
+    params.update({k: v for k, v in (("steps", settings.steps), ("epochs", settings.epochs)) if v is not None})
+    job_id = reg.start_job(device.store.record.device_id, "personalize", params)
+    try:
+        examples = tokenize(load_examples(data_path), device.tokenizer, max_length)
+        train, val = split_holdout(examples, val_fraction, settings.seed)
+        pad = device.tokenizer.pad_token_id
+        measured_on = val or train
+        before = evaluate(device.model, measured_on, pad)
+        result = personalize(device.model, train, pad, settings, val or None, on_step)
+        after = result.val_after if val else evaluate(device.model, train, pad)
+        device.save(device.steps + result.steps)
+    except (PloraError, OSError) as err:
+        reg.fail_job(job_id, f"{type(err).__name__}: {err}")
+        raise
+    except BaseException as err:  # a crash or Ctrl-C: the job did not finish, the old adapter stands
+        reg.interrupt_job(job_id, type(err).__name__)
+        raise
+    metric = "val_loss" if val else "train_loss"
+    reg.finish_job(
+        job_id,
+        metrics_before={metric: before},
+        metrics_after={metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps},
+        tokens_processed=result.tokens,
+        steps_done=result.steps,
+    )
+    return JobOutcome(job_id, result, before, after)

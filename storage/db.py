@@ -1,0 +1,116 @@
+"""Opening the registry database, and keeping its schema at the newest revision.
+
+Alembic is configured from code, so no alembic.ini is needed at run time: the
+migrations ship inside the package, and every ``open_database`` brings an existing
+database up to ``head`` before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from plora.storage.paths import plora_home
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Named for plora, so the registry can share a PostgreSQL database with other apps.
+VERSION_TABLE = "plora_alembic_version"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# One engine per URL per process: engines own connection pools, and the schema needs
+# checking only once per process.
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def default_url() -> str:
+    """``$PLORA_DB_URL``, else a SQLite file in ``$PLORA_HOME`` (default ``~/.plora``)."""
+    url = os.environ.get("PLORA_DB_URL")
+    if url:
+        return url
+    return f"sqlite:///{plora_home() / 'plora.db'}"
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # SQLite ignores foreign keys unless asked, per connection.
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # Several processes (cloud server, CLI) may write; wait rather than fail at once.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def create_registry_engine(url: str) -> Engine:
+    """A new engine for ``url``, with the settings the registry relies on."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    # configparser treats % as interpolation; URLs may carry %-escaped passwords.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _upgrade_engine(engine: Engine, revision: str) -> None:
+    config = _alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    log.info("registry schema at %s on %s", revision, engine.url.render_as_string(hide_password=True))
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the database at ``url`` to ``revision``."""
+    engine = create_registry_engine(url)
+    try:
+        _upgrade_engine(engine, revision)
+    finally:
+        engine.dispose()
+
+
+def open_database(url: str | None = None) -> sessionmaker[Session]:
+    """Sessions on the registry at ``url`` (default: ``default_url()``), migrated to head.
+
+    Safe to call repeatedly: the engine for a URL is made and migrated once per process,
+    and later calls return sessions on that same engine.
+    """
+    url = url or default_url()
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = create_registry_engine(url)
+            try:
+                _upgrade_engine(engine, "head")
+            except BaseException:
+                engine.dispose()
+                raise
+            _engines[url] = engine
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def close_all() -> None:
+    """Dispose every engine ``open_database`` made (tests, and processes that fork)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()

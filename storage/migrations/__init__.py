@@ -1,0 +1,1 @@
+"""Alembic migrations for the platform registry (shipped as package data)."""

@@ -1,0 +1,284 @@
+"""The platform registry: which backbone versions exist, which device uses which, and jobs.
+
+It never holds a user's adapter matrix, tensors or user text: only ids, hashes,
+configurations and scalar metrics (see ``plora.storage.validate``). Every method runs
+in its own transaction and returns detached objects whose attributes stay readable
+after the session has closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from plora.storage import validate
+from plora.storage.errors import RegistryError
+from plora.storage.models import BackboneStatus, BackboneVersion, Device, Job, JobKind, JobStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+# Fields that must match for a repeated registration to count as the same version.
+_IDENTITY = ("source", "architecture", "content_hash", "seed", "adapter_config", "parent_id")
+_OPEN_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
+_SHOWN = 10  # names quoted in an error message, at most
+
+
+class Registry:
+    """Records of backbone versions, devices and jobs, over a SQLAlchemy sessionmaker."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        # Returned objects are read after their session closes, so nothing may expire.
+        self._sessions = sessionmaker(class_=sessions.class_, **{**sessions.kw, "expire_on_commit": False})
+
+    # -- backbone versions ----------------------------------------------------------
+
+    def register_backbone(
+        self,
+        name: str,
+        source: str,
+        architecture: dict[str, Any],
+        content_hash: str,
+        seed: int,
+        adapter_config: dict[str, Any],
+        parent_id: int | None = None,
+    ) -> BackboneVersion:
+        """Record a new version; registering an identical one again returns the existing."""
+        if not validate.is_int(seed) or not (parent_id is None or validate.is_int(parent_id)):
+            raise RegistryError(f"seed and parent_id must be ints, got {seed!r} and {parent_id!r}")
+        now = utcnow()
+        wanted = BackboneVersion(
+            name=validate.text("backbone name", name),
+            source=validate.text("source", source, limit=1024),
+            architecture=validate.config("architecture", architecture),
+            content_hash=validate.content_hash(content_hash),
+            seed=seed,
+            adapter_config=validate.config("adapter_config", adapter_config),
+            status=BackboneStatus.ACTIVE.value,
+            created_at=now,
+            activated_at=now,
+            parent_id=parent_id,
+        )
+        try:
+            with self._sessions.begin() as session:
+                existing = session.scalar(select(BackboneVersion).where(BackboneVersion.name == name))
+                if existing is not None:
+                    return self._same_or_conflict(existing, wanted)
+                if parent_id is not None:
+                    self._backbone(session, parent_id)
+                session.add(wanted)
+        except IntegrityError:
+            # Another writer took the name between our check and our insert.
+            with self._sessions() as session:
+                existing = session.scalar(select(BackboneVersion).where(BackboneVersion.name == name))
+            if existing is None:
+                raise
+            return self._same_or_conflict(existing, wanted)
+        log.info("registered backbone version %r (id %d)", wanted.name, wanted.id)
+        return wanted
+
+    @staticmethod
+    def _same_or_conflict(existing: BackboneVersion, wanted: BackboneVersion) -> BackboneVersion:
+        differs = [f for f in _IDENTITY if getattr(existing, f) != getattr(wanted, f)]
+        if differs:
+            raise RegistryError(
+                f"backbone version {wanted.name!r} already exists (id {existing.id}) and differs in "
+                f"{', '.join(differs)}; register the new weights or configuration under a new name"
+            )
+        return existing
+
+    def get_backbone(self, name_or_id: str | int) -> BackboneVersion:
+        with self._sessions() as session:
+            return self._backbone(session, name_or_id)
+
+    def find_backbone(self, content_hash: str, seed: int, adapter_config: dict[str, Any]) -> BackboneVersion | None:
+        """The version with these weights, seed and adapter configuration, if registered."""
+        config = validate.config("adapter_config", adapter_config)
+        with self._sessions() as session:
+            candidates = session.scalars(
+                select(BackboneVersion)
+                .where(BackboneVersion.content_hash == content_hash, BackboneVersion.seed == seed)
+                .order_by(BackboneVersion.id)
+            )
+            # JSON equality is not portable in SQL, so the (few) candidates compare here.
+            return next((c for c in candidates if c.adapter_config == config), None)
+
+    def list_backbones(self) -> list[BackboneVersion]:
+        with self._sessions() as session:
+            return list(session.scalars(select(BackboneVersion).order_by(BackboneVersion.id)))
+
+    def set_backbone_status(self, name: str, status: str) -> BackboneVersion:
+        status = validate.choice("backbone status", status, BackboneStatus)
+        with self._sessions.begin() as session:
+            backbone = self._backbone(session, name)
+            if status == BackboneStatus.ACTIVE and backbone.status != status:
+                backbone.activated_at = utcnow()
+            backbone.status = status
+        log.info("backbone version %r is now %s", backbone.name, status)
+        return backbone
+
+    @staticmethod
+    def _backbone(session: Session, name_or_id: str | int) -> BackboneVersion:
+        if validate.is_int(name_or_id):
+            found = session.get(BackboneVersion, name_or_id)
+        else:
+            found = session.scalar(select(BackboneVersion).where(BackboneVersion.name == name_or_id))
+        if found is None:
+            names = list(session.scalars(select(BackboneVersion.name).order_by(BackboneVersion.id).limit(_SHOWN)))
+            raise RegistryError(
+                f"no backbone version {name_or_id!r}; registered: {', '.join(map(repr, names)) or 'none'}"
+            )
+        return found
+
+    @classmethod
+    def _bindable(cls, session: Session, name: str) -> BackboneVersion:
+        backbone = cls._backbone(session, name)
+        if backbone.status == BackboneStatus.RETIRED:
+            raise RegistryError(f"backbone version {name!r} is retired; bind devices to an active version")
+        return backbone
+
+    # -- devices --------------------------------------------------------------------
+
+    def register_device(
+        self, device_id: str, backbone_name: str, label: str | None = None, token_hash: str | None = None
+    ) -> Device:
+        """Record a device on a version; an identical repeat returns the existing record."""
+        validate.device_id(device_id)
+        validate.text("label", label, optional=True)
+        validate.text("token_hash", token_hash, optional=True)
+        with self._sessions.begin() as session:
+            backbone = self._bindable(session, backbone_name)
+            existing = session.get(Device, device_id)
+            if existing is not None:
+                if (existing.backbone_version_id, existing.label, existing.token_hash) != (
+                    backbone.id,
+                    label,
+                    token_hash,
+                ):
+                    raise RegistryError(
+                        f"device {device_id} is already registered (on backbone version id "
+                        f"{existing.backbone_version_id}) with other details; use bind_device to move it"
+                    )
+                return existing
+            device = Device(id=device_id, backbone_version_id=backbone.id, label=label, token_hash=token_hash)
+            session.add(device)
+        log.info("registered device %s on %r", device_id, backbone_name)
+        return device
+
+    def get_device(self, device_id: str) -> Device:
+        with self._sessions() as session:
+            return self._device(session, device_id)
+
+    def bind_device(self, device_id: str, backbone_name: str) -> Device:
+        """Move a device to another version (its only one from now on)."""
+        with self._sessions.begin() as session:
+            device = self._device(session, device_id)
+            device.backbone_version_id = self._bindable(session, backbone_name).id
+        log.info("device %s bound to %r", device_id, backbone_name)
+        return device
+
+    def devices_on(self, backbone_name: str) -> list[Device]:
+        with self._sessions() as session:
+            backbone = self._backbone(session, backbone_name)
+            query = select(Device).where(Device.backbone_version_id == backbone.id)
+            return list(session.scalars(query.order_by(Device.created_at, Device.id)))
+
+    @staticmethod
+    def _device(session: Session, device_id: str) -> Device:
+        found = session.get(Device, device_id)
+        if found is None:
+            total = session.scalar(select(func.count()).select_from(Device))
+            raise RegistryError(f"no device {device_id!r} ({total} devices registered); register it first")
+        return found
+
+    # -- jobs -----------------------------------------------------------------------
+
+    def start_job(self, device_id: str, kind: str, params: dict[str, Any]) -> int:
+        """Open a running job on the device's current backbone version; returns its id."""
+        kind = validate.choice("job kind", kind, JobKind)
+        clean = validate.params(params)
+        with self._sessions.begin() as session:
+            device = self._device(session, device_id)
+            now = utcnow()
+            device.last_seen_at = now
+            job = Job(
+                device_id=device.id,
+                backbone_version_id=device.backbone_version_id,
+                kind=kind,
+                status=JobStatus.RUNNING.value,
+                created_at=now,
+                started_at=now,
+                params=clean,
+            )
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        log.info("job %d (%s) started on device %s", job_id, kind, device_id)
+        return job_id
+
+    def update_job_progress(self, job_id: int, steps_done: int, tokens_processed: int) -> None:
+        steps = validate.count("steps_done", steps_done)
+        tokens = validate.count("tokens_processed", tokens_processed)
+        with self._sessions.begin() as session:
+            job = self._open_job(session, job_id)
+            job.steps_done, job.tokens_processed = steps, tokens
+
+    def finish_job(
+        self,
+        job_id: int,
+        metrics_before: dict[str, Any] | None,
+        metrics_after: dict[str, Any] | None,
+        tokens_processed: int,
+        steps_done: int,
+    ) -> Job:
+        """Mark a job succeeded with its scalar metrics (flat dicts of numbers, short strings, bools)."""
+        before = validate.metrics("metrics_before", metrics_before)
+        after = validate.metrics("metrics_after", metrics_after)
+        tokens = validate.count("tokens_processed", tokens_processed)
+        steps = validate.count("steps_done", steps_done)
+        with self._sessions.begin() as session:
+            job = self._open_job(session, job_id)
+            job.metrics_before, job.metrics_after = before, after
+            job.tokens_processed, job.steps_done = tokens, steps
+            job.status, job.ended_at = JobStatus.SUCCEEDED.value, utcnow()
+        log.info("job %d succeeded", job_id)
+        return job
+
+    def fail_job(self, job_id: int, reason: str) -> Job:
+        """Mark a job failed. ``reason`` must be an error message, never user data."""
+        return self._end(job_id, JobStatus.FAILED, reason)
+
+    def interrupt_job(self, job_id: int, reason: str) -> Job:
+        """Mark a job stopped from outside (shutdown, cancel); ``reason`` as in fail_job."""
+        return self._end(job_id, JobStatus.INTERRUPTED, reason)
+
+    def _end(self, job_id: int, status: JobStatus, reason: str) -> Job:
+        message = validate.reason(reason)
+        with self._sessions.begin() as session:
+            job = self._open_job(session, job_id)
+            job.status, job.reason, job.ended_at = status.value, message, utcnow()
+        log.info("job %d %s: %s", job_id, status.value, message)
+        return job
+
+    def list_jobs(self, device_id: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs first, of one device or of all."""
+        if not validate.is_int(limit) or limit < 1:
+            raise RegistryError(f"limit must be a positive int, got {limit!r}")
+        with self._sessions() as session:
+            query = select(Job).order_by(Job.id.desc()).limit(limit)
+            if device_id is not None:
+                query = query.where(Job.device_id == self._device(session, device_id).id)
+            return list(session.scalars(query))
+
+    @staticmethod
+    def _open_job(session: Session, job_id: int) -> Job:
+        job = session.get(Job, job_id)
+        if job is None:
+            newest = session.scalar(select(func.max(Job.id)))
+            raise RegistryError(f"no job {job_id!r} (newest job id: {newest})")
+        if job.status not in _OPEN_JOB:
+            raise RegistryError(f"job {job_id} is already {job.status}; only pending or running jobs can change")
+        return job

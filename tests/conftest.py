@@ -1,0 +1,71 @@
+"""Shared fixtures. Most tests use a tiny random Llama built from a config, so they run in
+seconds; a few end-to-end tests use the real embedded SmolLM2 (marked `embedded`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# One PLORA_HOME for the whole run, so the embedded backbone is converted once; each test
+# still gets its own registry database (see _isolated_database).
+os.environ["PLORA_HOME"] = tempfile.mkdtemp(prefix="plora-test-home-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from plora.cloud_backbone import loading  # noqa: E402
+from plora.cloud_backbone.loading import Backbone, BackboneSource  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A float32 random Llama with GQA and tied embeddings, frozen, in eval mode."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
+    return model.eval().requires_grad_(False)
+
+
+def tiny_backbone(seed: int = 0, **overrides) -> Backbone:
+    return Backbone(BackboneSource("tiny", Path("tiny"), f"tiny-hash-{seed}"), tiny_llama(seed, **overrides), None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLORA_DB_URL", f"sqlite:///{tmp_path / 'registry.db'}")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The embedded SmolLM2 as a safetensors checkpoint folder (converted once per run)."""
+    return loading._converted_copy(loading.resolve(loading.EMBEDDED))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(embedded_dir):
+    return AutoTokenizer.from_pretrained(embedded_dir, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random Llama saved as a Hugging Face checkpoint folder, with SmolLM2's tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    tiny_llama(vocab_size=len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder

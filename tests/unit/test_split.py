@@ -1,0 +1,183 @@
+"""The split model against a monolithic reference built independently of the split code.
+
+The reference is plain transformers with forward hooks that add s·((x·A)·M)·B to each target
+projection's output, using the published A and B and a copy of the device's M.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from plora.clients.device_model import DeviceModel
+from plora.cloud_backbone.compute import CloudHalf, public_tensors
+from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
+from plora.cloud_backbone.protocol import CacheMode, InProcessLink, TrafficCounter
+from plora.platform.runtime import split_embedded
+from tests.conftest import tiny_backbone, tiny_llama
+
+CASES = [
+    pytest.param(PrivateLoRAConfig(rank=4, device_layers=0), id="qkv-separateA-0dev"),
+    pytest.param(PrivateLoRAConfig(rank=4, device_layers=2), id="qkv-separateA-2dev"),
+    pytest.param(PrivateLoRAConfig(rank=4, shared_a=True, device_layers=0), id="qkv-sharedA-0dev"),
+    pytest.param(PrivateLoRAConfig(rank=4, shared_a=True, device_layers=2), id="qkv-sharedA-2dev"),
+    pytest.param(
+        PrivateLoRAConfig(rank=3, targets=tuple(TARGET_MODULES), shared_a=True, scale=0.5, seed=7, device_layers=1),
+        id="all-targets-sharedA-1dev",
+    ),
+]
+
+
+def random_ms(model: DeviceModel, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.weights.ms.values():
+            m.normal_(0, 0.3)
+
+
+def reference(config: PrivateLoRAConfig, ms: dict[str, torch.Tensor]):
+    """A monolithic tiny Llama with hooks, and leaf copies of M to differentiate against."""
+    model = tiny_llama()
+    public = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(**{**config.to_dict(), "device_layers": 0, "targets": config.targets})))
+    leaves = {name: m.detach().clone().requires_grad_(True) for name, m in ms.items()}
+    for i, layer in enumerate(model.model.layers):
+        for target in config.targets:
+            module = TARGET_MODULES[target]
+            prefix = f"layers.{i}.{module}"
+            a, b, m = public[f"{prefix}.A"], public[f"{prefix}.B"], leaves[f"{prefix}.M"]
+            layer.get_submodule(module).register_forward_hook(
+                lambda mod, args, out, a=a, b=b, m=m: out + config.scale * ((args[0] @ a) @ m) @ b
+            )
+    return model, leaves
+
+
+@pytest.mark.parametrize("config", CASES)
+def test_split_logits_and_dm_equal_the_monolithic_reference(config):
+    split = split_embedded(tiny_backbone(), config)
+    random_ms(split)
+    ms = dict(split.weights.named_tensors())
+    ref, ref_ms = reference(config, ms)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    logits, ref_logits = split(ids), ref(ids).logits
+    assert torch.allclose(logits, ref_logits, atol=1e-5), (logits - ref_logits).abs().max()
+
+    target = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 96), target.reshape(-1))
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits.reshape(-1, 96), target.reshape(-1))
+    loss.backward()
+    ref_loss.backward()
+    for name, m in ms.items():
+        assert m.grad is not None and ref_ms[name].grad.abs().sum() > 0, name
+        assert torch.allclose(m.grad, ref_ms[name].grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("config", CASES)
+def test_zero_m_gives_exactly_the_base_model(config):
+    split = split_embedded(tiny_backbone(), config)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(split(ids), tiny_llama()(ids).logits)
+
+
+def test_same_m_gives_the_same_model_at_every_split_point():
+    outputs = []
+    for device_layers in (0, 1, 3):
+        split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers))
+        random_ms(split)
+        outputs.append(split(torch.arange(12)[None]))
+    assert all(torch.allclose(outputs[0], o, atol=1e-5) for o in outputs[1:])
+
+
+def test_cached_decoding_matches_full_recompute():
+    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=1))
+    random_ms(split)
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = split(ids)
+        steps = [split(ids[:, :6], CacheMode.START)[:, -1]]
+        steps += [split(ids[:, t : t + 1], CacheMode.EXTEND)[:, -1] for t in range(6, 10)]
+    assert torch.allclose(torch.stack(steps, 1), full[:, 5:], atol=1e-5)
+
+
+def _private_tensor_ptrs(model: DeviceModel) -> set[int]:
+    return {m.data_ptr() for m in model.weights.ms.values()} | {
+        m.grad.data_ptr() for m in model.weights.ms.values() if m.grad is not None
+    }
+
+
+def _reachable_tensors(root: object) -> list[torch.Tensor]:
+    """Every tensor reachable from `root` through attributes, containers and autograd graphs."""
+    seen, stack, found = set(), [root], []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+            if obj.grad_fn is not None:
+                stack.append(obj.grad_fn)
+            continue
+        if hasattr(obj, "next_functions"):  # autograd node
+            stack.extend(fn for fn, _ in obj.next_functions if fn is not None)
+            stack.extend(getattr(obj, name) for name in dir(obj) if name.startswith("_saved_") or name == "variable")
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return found
+
+
+def test_cloud_half_holds_no_device_parameter():
+    backbone = tiny_backbone()
+    config = PrivateLoRAConfig(rank=4, device_layers=1)
+    cloud = CloudHalf(backbone, config)
+    session = cloud.open_session()
+    device = DeviceModel(backbone.model, config, InProcessLink(session))
+    random_ms(device)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits = device(ids)
+    # Mid-step, the cloud keeps its graph for backward: it must not reach M either.
+    mid_step = _reachable_tensors(session)
+    logits.sum().backward()
+    gc.collect()
+    private = _private_tensor_ptrs(device)
+    cloud_side = mid_step + _reachable_tensors(session) + _reachable_tensors(cloud)
+    assert len(cloud_side) > 10  # the walk does see the cloud's tensors
+    assert not private & {t.data_ptr() for t in cloud_side}
+    assert all(id(t) not in {id(m) for m in device.weights.ms.values()} for t in cloud_side)
+
+
+def test_traffic_is_one_hidden_state_each_way_plus_r_vectors_per_group():
+    rank, layers = 4, 4
+    for shared_a, up_width in ((False, 3 * rank), (True, rank)):
+        split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=rank, shared_a=shared_a))
+        traffic, seen = TrafficCounter(), []
+        split.link.taps += [traffic, lambda direction, message: seen.append((direction, type(message).__name__))]
+        with torch.no_grad():
+            split(torch.arange(5)[None])
+        assert seen[0] == ("up", "ForwardRequest") and seen[-1] == ("down", "ForwardResult")
+        assert seen.count(("down", "AdapterRequest")) == layers == seen.count(("up", "AdapterReply"))
+        hidden = 5 * 32 * 4  # tokens × d × float32
+        assert traffic.bytes["up"] == hidden + layers * 5 * 3 * rank * 4  # u·M for q, k and v
+        assert traffic.bytes["down"] == hidden + layers * 5 * up_width * 4  # u: one per A
+
+
+def test_public_projections_are_deterministic_orthonormal_and_seeded():
+    def tensors(seed):
+        return public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=4, seed=seed)))
+
+    first, again, other = tensors(0), tensors(0), tensors(1)
+    assert set(first) == {f"layers.{i}.self_attn.{p}_proj.{m}" for i in range(4) for p in "qkv" for m in "AB"}
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert all(not torch.allclose(first[k], other[k]) for k in first)
+    a, b = first["layers.0.self_attn.q_proj.A"], first["layers.0.self_attn.k_proj.B"]
+    assert torch.allclose(a.T @ a, torch.eye(4), atol=1e-5)  # orthonormal columns
+    assert torch.allclose(b @ b.T, torch.eye(4), atol=1e-5)  # orthonormal rows
+    shared = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=4, shared_a=True)))
+    assert torch.equal(shared["layers.2.self_attn.q_proj.A"], shared["layers.2.self_attn.v_proj.A"])
