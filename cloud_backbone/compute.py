@@ -194,6 +194,7 @@ def public_tensors(half: CloudHalf) -> dict[str, torch.Tensor]:
         for i, member in enumerate(config.groups[group.name]):
             prefix = f"layers.{group.layer}.{TARGET_MODULES[member]}"
             column = 0 if config.shared_a else i
-            out[f"{prefix}.A"] = group.a[:, column * r : (column + 1) * r].contiguous()
-            out[f"{prefix}.B"] = getattr(group, f"b{i}").contiguous()
+            # Copies: safetensors refuses tensors that share memory.
+            out[f"{prefix}.A"] = group.a[:, column * r : (column + 1) * r].clone()
+            out[f"{prefix}.B"] = getattr(group, f"b{i}").clone()
     return out

@@ -29,11 +29,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from plora.storage.errors import ConfigError  # noqa: E402
 from plora.storage.paths import plora_home  # noqa: E402
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()  # plora shows its own progress; per-tensor bars are noise
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "smollm2-135m-instruct"

@@ -17,7 +17,7 @@ log = logging.getLogger("plora")
 
 
 def _fail_cleanly(command):
-    """Turn plora's own errors into one readable line and exit status 2, without a traceback."""
+    """Turn plora's own errors into one readable line (exit status 1), without a traceback."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):

@@ -1,0 +1,107 @@
+"""The cloud session's checks on what a device sends, and the session's state rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from plora.cloud_backbone.compute import CloudHalf
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import (
+    AdapterReply,
+    BackboneIdentity,
+    BackwardRequest,
+    CacheMode,
+    ForwardRequest,
+    Phase,
+)
+from plora.storage.errors import SessionError, ValidationError, VersionMismatchError
+from tests.conftest import tiny_backbone
+
+CONFIG = PrivateLoRAConfig(rank=4)
+
+
+def honest(request):
+    """A device with M = 0 that answers correctly."""
+    width = 3 * CONFIG.rank
+    return AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:-1], width))
+
+
+def tampered(change):
+    def handler(request):
+        return change(honest(request))
+
+    return handler
+
+
+@pytest.fixture
+def session():
+    return CloudHalf(tiny_backbone(), CONFIG).open_session(max_tokens=16)
+
+
+def hidden(tokens=5):
+    return torch.randn(1, tokens, 32)
+
+
+@pytest.mark.parametrize(
+    "handler, message",
+    [
+        pytest.param(tampered(lambda r: dataclasses.replace(r, tensor=r.tensor[..., :-1])), "shape", id="wrong-shape"),
+        pytest.param(tampered(lambda r: dataclasses.replace(r, tensor=r.tensor.double())), "dtype", id="wrong-dtype"),
+        pytest.param(tampered(lambda r: dataclasses.replace(r, tensor=r.tensor + float("nan"))), "NaN", id="nan"),
+        pytest.param(tampered(lambda r: dataclasses.replace(r, layer=r.layer + 1)), "expected layer", id="wrong-layer"),
+        pytest.param(tampered(lambda r: dataclasses.replace(r, phase=Phase.BACKWARD)), "expected layer", id="wrong-phase"),
+        pytest.param(tampered(lambda r: "not a reply"), "AdapterReply", id="not-a-reply"),
+    ],
+)
+def test_malformed_device_replies_are_refused_with_a_clear_error(session, handler, message):
+    with pytest.raises(ValidationError, match=message):
+        session.forward(ForwardRequest(hidden()), handler)
+    # The session stays usable for a well-behaved next step.
+    assert session.forward(ForwardRequest(hidden()), honest).hidden.shape == (1, 5, 32)
+
+
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        pytest.param(torch.randn(1, 5, 31), "shape", id="wrong-width"),
+        pytest.param(torch.randn(5, 32), "hidden state must be", id="missing-batch"),
+        pytest.param(torch.randn(1, 5, 32).half(), "dtype", id="half"),
+        pytest.param(torch.full((1, 5, 32), float("inf")), "NaN or infinity", id="infinite"),
+    ],
+)
+def test_malformed_hidden_states_are_refused(session, tensor, message):
+    with pytest.raises(ValidationError, match=message):
+        session.forward(ForwardRequest(tensor), honest)
+
+
+def test_session_state_rules(session):
+    with pytest.raises(SessionError, match="START"):
+        session.forward(ForwardRequest(hidden(1), cache=CacheMode.EXTEND), honest)
+    with pytest.raises(SessionError, match="preceding forward"):
+        session.backward(BackwardRequest(torch.zeros(1, 5, 32)), honest)
+    session.forward(ForwardRequest(hidden(10), cache=CacheMode.START), honest)
+    with pytest.raises(SessionError, match="over its limit of 16"):
+        session.forward(ForwardRequest(hidden(7), cache=CacheMode.EXTEND), honest)
+    session.forward(ForwardRequest(hidden(6), cache=CacheMode.EXTEND), honest)  # exactly at the limit
+
+
+def test_backward_checks_the_gradient_and_is_single_use(session):
+    session.forward(ForwardRequest(hidden(), train=True), honest)
+    with pytest.raises(ValidationError, match="gradient"):
+        session.backward(BackwardRequest(torch.zeros(1, 4, 32)), honest)
+    session.forward(ForwardRequest(hidden(), train=True), honest)
+    result = session.backward(BackwardRequest(torch.ones(1, 5, 32), want_input_grad=True), honest)
+    assert result.grad_input.shape == (1, 5, 32)
+    with pytest.raises(SessionError):
+        session.backward(BackwardRequest(torch.ones(1, 5, 32)), honest)
+
+
+def test_identity_mismatch_names_each_differing_field(session):
+    served = session.identity
+    expected = dataclasses.replace(served, content_hash="other", adapter=PrivateLoRAConfig(rank=8))
+    with pytest.raises(VersionMismatchError, match="content_hash: 'other' vs 'tiny-hash-0'.*rank: 8 vs 4"):
+        served.require_match(expected)
+    served.require_match(BackboneIdentity(**vars(served)))
