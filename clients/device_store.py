@@ -18,6 +18,7 @@ from pathlib import Path
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
+from plora.cloud_backbone.protocol import BackboneIdentity
 from plora.storage.errors import ConfigError
 
 FORMAT = "plora-device/1"
@@ -30,8 +31,14 @@ class DeviceRecord:
     backbone_name: str
     backbone_hash: str
     num_layers: int
+    hidden_size: int
     adapter: PrivateLoRAConfig
     created_at: str
+
+    @property
+    def identity(self) -> BackboneIdentity:
+        """The backbone and adapter math this device was made for."""
+        return BackboneIdentity(self.backbone_name, self.backbone_hash, self.num_layers, self.hidden_size, self.adapter)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, **{k: v for k, v in vars(self).items() if k != "adapter"}, "adapter": self.adapter.to_dict()}
@@ -75,26 +82,25 @@ class DeviceStore:
         self.record = record
 
     @classmethod
-    def create(
-        cls, root: Path, backbone_spec: str, backbone_name: str, backbone_hash: str, num_layers: int, adapter: PrivateLoRAConfig
-    ) -> DeviceStore:
+    def create(cls, root: Path, backbone_spec: str, identity: BackboneIdentity) -> DeviceStore:
         root = Path(root)
         if (root / cls.RECORD).exists():
             raise ConfigError(f"{root} already holds a device; use another folder or remove {root / cls.RECORD}")
-        adapter.check_backbone(num_layers)
+        identity.adapter.check_backbone(identity.num_layers)
         root.mkdir(parents=True, exist_ok=True)
         record = DeviceRecord(
             device_id=uuid.uuid4().hex,
             backbone_spec=backbone_spec,
-            backbone_name=backbone_name,
-            backbone_hash=backbone_hash,
-            num_layers=num_layers,
-            adapter=adapter,
+            backbone_name=identity.name,
+            backbone_hash=identity.content_hash,
+            num_layers=identity.num_layers,
+            hidden_size=identity.hidden_size,
+            adapter=identity.adapter,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         store = cls(root, record)
         write_atomically(root / cls.RECORD, json.dumps(record.to_json(), indent=2).encode())
-        store.write_adapter(AdapterWeights(adapter, num_layers), steps=0)  # M = 0: the base model
+        store.write_adapter(AdapterWeights(identity.adapter, identity.num_layers), steps=0)  # M = 0: the base model
         return store
 
     @classmethod

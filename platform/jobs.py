@@ -6,8 +6,6 @@ a crash) leaves the previous personalization in place and is marked failed with 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -16,6 +14,7 @@ from pathlib import Path
 
 from plora.clients.device_store import DeviceRecord
 from plora.clients.data import TokenizedExample, load_examples, tokenize
+from plora.cloud_backbone.versions import ensure_version
 from plora.clients.training import TrainResult, TrainSettings, evaluate, personalize
 from plora.platform.runtime import Device
 from plora.storage.db import open_database
@@ -31,15 +30,7 @@ def registry(url: str | None = None) -> Registry:
 
 def register(record: DeviceRecord, reg: Registry) -> None:
     """Make sure the registry knows this device and the backbone version it is bound to."""
-    adapter = record.adapter.to_dict()
-    version = reg.find_backbone(record.backbone_hash, record.adapter.seed, adapter)
-    if version is None:
-        # Embedded and local backbones get a version per (weights, adapter config).
-        digest = hashlib.sha256((record.backbone_hash + json.dumps(adapter, sort_keys=True)).encode()).hexdigest()
-        architecture = {"num_layers": record.num_layers}
-        version = reg.register_backbone(
-            f"{record.backbone_name}-{digest[:8]}", record.backbone_spec, architecture, record.backbone_hash, record.adapter.seed, adapter
-        )
+    version = ensure_version(reg, record.identity, record.backbone_spec)
     reg.register_device(record.device_id, version.name)
 
 

@@ -39,7 +39,8 @@ def init_device(root: Path, backbone_spec: str, config: PrivateLoRAConfig) -> De
     """Create a device folder bound to a backbone, with M = 0."""
     backbone = loading.load(backbone_spec)
     source = backbone.source
-    return DeviceStore.create(root, backbone_spec, source.name, source.content_hash, backbone.num_layers, config)
+    identity = BackboneIdentity(source.name, source.content_hash, backbone.num_layers, backbone.hidden_size, config)
+    return DeviceStore.create(root, backbone_spec, identity)
 
 
 def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> DeviceModel:
@@ -53,9 +54,6 @@ def open_device(root: Path) -> Device:
     record = store.record
     backbone = loading.load(record.backbone_spec)
     model = split_embedded(backbone, record.adapter)
-    expected = BackboneIdentity(
-        record.backbone_name, record.backbone_hash, record.num_layers, backbone.hidden_size, record.adapter
-    )
-    model.link.identity.require_match(expected)
+    model.link.identity.require_match(record.identity)
     steps = store.read_adapter(model.weights)
     return Device(store, model, backbone.tokenizer, steps)

@@ -23,6 +23,8 @@ same process; a network link implements the same interface.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +57,12 @@ class BackboneIdentity:
     hidden_size: int
     adapter: PrivateLoRAConfig
 
+    @property
+    def version(self) -> str:
+        """A stable version name: the backbone's name plus a digest of everything that fixes the math."""
+        digest = hashlib.sha256(json.dumps(self._math(), sort_keys=True).encode()).hexdigest()
+        return f"{self.name}-{digest[:8]}"
+
     def require_match(self, other: BackboneIdentity) -> None:
         """Raise unless `other` (what a device expects) is this backbone, adapter config and split point."""
         mine, theirs = self._math(), other._math()
@@ -68,6 +76,28 @@ class BackboneIdentity:
     def _math(self) -> dict:
         # The name is a label; the weights' hash and the adapter config are what count.
         return {"content_hash": self.content_hash, "num_layers": self.num_layers, "hidden_size": self.hidden_size, **self.adapter.to_dict()}
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    expected: BackboneIdentity  # what the device was built for; refused unless served
+    max_tokens: int = 0  # 0 = the service's limit
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    session_id: str
+    identity: BackboneIdentity
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class StepError:
+    """A failed step, as the device learns of it. `kind` names a plora exception class."""
+
+    kind: str
+    message: str
+    fatal: bool = False  # the session is over
 
 
 @dataclass(frozen=True)
@@ -111,7 +141,15 @@ class BackwardResult:
 
 
 Message = (
-    BackboneIdentity | ForwardRequest | AdapterRequest | AdapterReply | ForwardResult | BackwardRequest | BackwardResult
+    OpenSession
+    | SessionOpened
+    | StepError
+    | ForwardRequest
+    | AdapterRequest
+    | AdapterReply
+    | ForwardResult
+    | BackwardRequest
+    | BackwardResult
 )
 # (direction "up" = device to cloud, or "down"; message)
 Tap = Callable[[str, Message], None]
