@@ -20,13 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-# Must be set before `datasets` is imported: it reads the flag once, at import time.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import datasets
+import torch
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-
-from plora.storage.errors import ConfigError, DataError  # noqa: E402
+from plora.storage.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
 from plora.cloud_backbone.protocol import BackboneIdentity
@@ -34,6 +37,7 @@ class DeviceRecord:
     hidden_size: int
     adapter: PrivateLoRAConfig
     created_at: str
+    endpoint: dict | None = None  # for a networked backbone: {"insecure": bool, "ca_file": str | None}
 
     @property
     def identity(self) -> BackboneIdentity:
@@ -48,8 +52,8 @@ class DeviceRecord:
         if data.get("format") != FORMAT:
             raise ConfigError(f"{where} has format {data.get('format')!r}, expected {FORMAT!r}")
         try:
-            fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "adapter"}
-            return cls(**fields, adapter=PrivateLoRAConfig.from_dict(data["adapter"]))
+            fields = {k: data[k] for k in cls.__dataclass_fields__ if k not in ("adapter", "endpoint")}
+            return cls(**fields, adapter=PrivateLoRAConfig.from_dict(data["adapter"]), endpoint=data.get("endpoint"))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"{where} is missing or has a malformed field: {err}") from err
 
@@ -76,16 +80,18 @@ def write_atomically(path: Path, data: bytes) -> None:
 class DeviceStore:
     RECORD = "device.json"
     ADAPTER = "adapter.safetensors"
+    BUNDLE = "bundle"  # the device's half of a networked backbone, as a checkpoint folder
+    CREDENTIALS = "credentials.json"
 
     def __init__(self, root: Path, record: DeviceRecord):
         self.root = root
         self.record = record
 
     @classmethod
-    def create(cls, root: Path, backbone_spec: str, identity: BackboneIdentity) -> DeviceStore:
+    def create(cls, root: Path, backbone_spec: str, identity: BackboneIdentity, endpoint: dict | None = None) -> DeviceStore:
         root = Path(root)
         if (root / cls.RECORD).exists():
-            raise ConfigError(f"{root} already holds a device; use another folder or remove {root / cls.RECORD}")
+            raise ConfigError(f"{root} already holds a device; use another folder")
         identity.adapter.check_backbone(identity.num_layers)
         root.mkdir(parents=True, exist_ok=True)
         record = DeviceRecord(
@@ -96,6 +102,7 @@ class DeviceStore:
             num_layers=identity.num_layers,
             hidden_size=identity.hidden_size,
             adapter=identity.adapter,
+            endpoint=endpoint,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         store = cls(root, record)
@@ -118,6 +125,17 @@ class DeviceStore:
     @property
     def adapter_path(self) -> Path:
         return self.root / self.ADAPTER
+
+    def load_bundle(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The device's half of a networked backbone: embeddings, device layers, norm, head."""
+        folder = self.root / self.BUNDLE
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{folder} is missing; re-create the device with `plora device init`")
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model.eval().requires_grad_(False), tokenizer
 
     def header(self, steps: int = 0) -> AdapterHeader:
         r = self.record

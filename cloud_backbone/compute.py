@@ -8,7 +8,6 @@ same code serve the in-process link and the network service.
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 from torch import nn
@@ -53,8 +52,6 @@ class CloudHalf(nn.Module):
         )
         self.stack = decoder_slice(backbone.model, config.device_layers, num_layers)
         self.slot = attach(self.stack.layers, config.device_layers, config)
-        # Adapted groups hold per-call state, so one forward runs at a time.
-        self._forward_lock = threading.Lock()
 
     def open_session(self, max_tokens: int = 4096) -> CloudSession:
         return CloudSession(self, max_tokens)
@@ -122,7 +119,7 @@ class CloudSession:
             hidden = hidden.detach().requires_grad_(True)
         self._handler = ask
         try:
-            with self.half._forward_lock, torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
+            with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
                 out = self.half.stack(
                     inputs_embeds=hidden,
                     attention_mask=request.attention_mask,

@@ -22,17 +22,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# Nothing may reach for a hub: these must be set before transformers is imported.
-for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ[_flag] = "1"
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from plora.storage.errors import ConfigError  # noqa: E402
-from plora.storage.paths import plora_home  # noqa: E402
+from plora.storage.errors import ConfigError
+from plora.storage.paths import plora_home
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # plora shows its own progress; per-tensor bars are noise

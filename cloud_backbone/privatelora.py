@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -231,7 +233,8 @@ class AdaptedGroup(nn.Module):
     """Computes the residuals of one input group once, for all its members.
 
     The first member called with a new input sends u for the whole group through the
-    exchange; the others pick up their residual for the same input tensor.
+    exchange; the others pick up their residual for the same input tensor. That pending
+    state is per thread, so several sessions can run the same layers at once.
     """
 
     def __init__(self, config: PrivateLoRAConfig, layer: int, name: str, projections: GroupProjections, exchange_slot: ExchangeSlot):
@@ -242,21 +245,21 @@ class AdaptedGroup(nn.Module):
             self.register_buffer(f"b{i}", b, persistent=False)
         self._members = len(projections.b)
         self._slot = exchange_slot
-        self._input: torch.Tensor | None = None
-        self._residuals: list[torch.Tensor | None] = []
+        self._pending = threading.local()  # .input and .residuals of the call in flight
 
     def residual(self, member: int, x: torch.Tensor) -> torch.Tensor:
-        if x is not self._input or self._residuals[member] is None:
+        pending = self._pending
+        if getattr(pending, "input", None) is not x or pending.residuals[member] is None:
             u = x @ self.a  # (B, T, a_count·r)
             v = self._slot.exchange(self.layer, self.name, u)  # (B, T, members·r)
             r = self.rank
-            self._residuals = [
+            pending.residuals = [
                 self.scale * (v[..., i * r : (i + 1) * r] @ getattr(self, f"b{i}")) for i in range(self._members)
             ]
-            self._input = x
-        out, self._residuals[member] = self._residuals[member], None
-        if all(res is None for res in self._residuals):
-            self._input = None  # drop the reference so activations are not kept alive
+            pending.input = x
+        out, pending.residuals[member] = pending.residuals[member], None
+        if all(res is None for res in pending.residuals):
+            pending.input = None  # drop the reference so activations are not kept alive
         return out
 
 
@@ -276,29 +279,25 @@ class PrivateLoRALinear(nn.Module):
 
 
 class ExchangeSlot:
-    """Where the adapted groups of a stack find the exchange for the current call."""
+    """Where the adapted groups of a stack find the exchange for the current call (per thread)."""
 
     def __init__(self) -> None:
-        self._exchange: Exchange | None = None
+        self._current = threading.local()
 
     def exchange(self, layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
-        if self._exchange is None:
+        exchange = getattr(self._current, "exchange", None)
+        if exchange is None:
             raise RuntimeError("an adapted layer ran outside `using(exchange)`")
-        return self._exchange(layer, group, u)
+        return exchange(layer, group, u)
 
-    def using(self, exchange: Exchange) -> _Using:
-        return _Using(self, exchange)
-
-
-class _Using:
-    def __init__(self, slot: ExchangeSlot, exchange: Exchange):
-        self.slot, self.new = slot, exchange
-
-    def __enter__(self) -> None:
-        self.old, self.slot._exchange = self.slot._exchange, self.new
-
-    def __exit__(self, *exc: object) -> None:
-        self.slot._exchange = self.old
+    @contextmanager
+    def using(self, exchange: Exchange) -> Iterator[None]:
+        previous = getattr(self._current, "exchange", None)
+        self._current.exchange = exchange
+        try:
+            yield
+        finally:
+            self._current.exchange = previous
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module:

@@ -88,17 +88,32 @@ def device() -> None:
     "--backbone",
     default="embedded",
     show_default=True,
-    help="'embedded' (SmolLM2-135M-Instruct, cloud half in this process) or a local checkpoint folder / .gguf file.",
+    help="'embedded' (SmolLM2-135M-Instruct, cloud half in this process), a local checkpoint folder or .gguf file, "
+    "or HOST:PORT of a backbone service.",
 )
+@click.option("--insecure", is_flag=True, help="Talk to the service in plain text (loopback only).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate to trust for the service.")
+@click.option("--label", default="", help="A label for this device in the service's registry.")
 @adapter_options
+@click.pass_context
 @_fail_cleanly
-def device_init(directory: Path, backbone: str, **adapter) -> None:
-    """Create a device in DIRECTORY bound to a backbone, with M = 0 (exactly the base model)."""
-    from plora.platform.jobs import register, registry
-    from plora.platform.runtime import init_device
+def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str | None, label: str, **adapter) -> None:
+    """Create a device in DIRECTORY bound to a backbone, with M = 0 (exactly the base model).
 
-    store = init_device(directory, backbone, _config(**adapter))
-    register(store.record, registry())
+    With HOST:PORT the device registers with the service, receives its credential and
+    downloads the device bundle (tokenizer, embeddings, device layers, norm, LM head),
+    verifying its hash. The service fixes the adapter configuration.
+    """
+    from plora.clients.grpc_link import Endpoint
+    from plora.platform.jobs import register, registry
+    from plora.platform.runtime import init_device, is_address
+
+    chosen = any(ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE for name in adapter)
+    config = _config(**adapter) if chosen or not is_address(backbone) else None
+    endpoint = Endpoint(backbone, insecure, tls_ca) if is_address(backbone) else None
+    store = init_device(directory, backbone, config, endpoint, label)
+    if endpoint is None:
+        register(store.record, registry())
     record = store.record
     click.echo(f"device {record.device_id} created in {directory}")
     click.echo(f"backbone {record.backbone_name} ({record.backbone_hash[:12]}), {record.num_layers} layers; {record.adapter}")
@@ -192,6 +207,53 @@ def score(directory, text, as_json) -> None:
 @main.group()
 def backbone() -> None:
     """Backbone versions and their public projections."""
+
+
+@backbone.command("serve")
+@click.option("--backbone", "specs", multiple=True, default=["embedded"], show_default=True,
+              help="Backbone to host (repeat to host several versions; the first is the default).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="gRPC port (0 picks a free one).")
+@click.option("--http-port", default=9464, show_default=True, type=click.IntRange(0, 65535),
+              help="Port for /healthz, /readyz and Prometheus /metrics.")
+@click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server private key (PEM).")
+@click.option("--insecure", is_flag=True, help="Serve plain text. Meant for loopback and tests only.")
+@click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-sessions-per-device", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens a session may cache.")
+@click.option("--max-message-mb", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--reply-timeout", default=30.0, show_default=True, help="Seconds to wait for a device's adapter reply.")
+@click.option("--idle-timeout", default=600.0, show_default=True, help="Seconds before an idle session is closed.")
+@adapter_options
+@_fail_cleanly
+def serve(specs, host, port, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
+          max_tokens, max_message_mb, reply_timeout, idle_timeout, **adapter) -> None:
+    """Serve the frozen cloud half of one or more backbones to devices over gRPC."""
+    import signal
+
+    from plora.cloud_backbone.server import TLSFiles, start_service
+    from plora.cloud_backbone.service import Limits
+    from plora.platform.jobs import registry
+
+    if insecure == bool(tls_cert or tls_key):
+        raise click.UsageError("give --tls-cert and --tls-key, or --insecure (plain text, for loopback only)")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    limits = Limits(max_message_bytes=max_message_mb << 20, max_tokens_per_session=max_tokens, max_sessions=max_sessions,
+                    max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout)
+    tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
+    server = start_service(list(specs), _config(**adapter), registry(db), limits, host, port, tls, http_port)
+    for version in server.service.versions.values():
+        click.echo(f"hosting {version.identity.version} ({version.identity.name}, {version.identity.num_layers} layers)")
+    click.echo(f"listening on {host}:{server.port} ({'TLS' if tls else 'plain text'}); health and metrics on :{server.http_port}")
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("shutting down: finishing sessions in flight")
+        server.stop()
 
 
 @backbone.command("export-public")

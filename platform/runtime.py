@@ -1,12 +1,15 @@
 """Wiring a device to its backbone: the one place that picks the link implementation.
 
 With a local backbone spec ("embedded" or a path) the cloud half runs in this process
-behind an InProcessLink, a valid single-machine mode. Everything above this module sees
-only a DeviceModel and does not know which link it runs on.
+behind an InProcessLink, a valid single-machine mode. With HOST:PORT the device talks to a
+backbone service over gRPC. Everything above this module sees only a DeviceModel and does
+not know which link it runs on.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +17,18 @@ from transformers import PreTrainedTokenizerBase
 
 from plora.clients.device_model import DeviceModel
 from plora.clients.device_store import DeviceStore
+from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bundle, register
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import BackboneIdentity, InProcessLink
+from plora.cloud_backbone.protocol import BackboneIdentity, InProcessLink, wire
+from plora.storage.errors import ConfigError
+
+_ADDRESS = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5}")
+
+
+def is_address(spec: str) -> bool:
+    return bool(_ADDRESS.fullmatch(spec)) and not Path(spec).exists()
 
 
 @dataclass
@@ -35,12 +46,33 @@ class Device:
         self.model.link.close()
 
 
-def init_device(root: Path, backbone_spec: str, config: PrivateLoRAConfig) -> DeviceStore:
-    """Create a device folder bound to a backbone, with M = 0."""
-    backbone = loading.load(backbone_spec)
-    source = backbone.source
-    identity = BackboneIdentity(source.name, source.content_hash, backbone.num_layers, backbone.hidden_size, config)
-    return DeviceStore.create(root, backbone_spec, identity)
+def init_device(
+    root: Path, backbone_spec: str, config: PrivateLoRAConfig | None = None, endpoint: Endpoint | None = None, label: str = ""
+) -> DeviceStore:
+    """Create a device folder bound to a backbone, with M = 0.
+
+    A local backbone takes `config` (default PrivateLoRAConfig()); a service fixes the
+    adapter configuration itself, and `config`, if given, must agree with it.
+    """
+    root = Path(root)
+    if (root / DeviceStore.RECORD).exists():
+        raise ConfigError(f"{root} already holds a device; use another folder")
+    if not is_address(backbone_spec):
+        backbone = loading.load(backbone_spec)
+        source = backbone.source
+        identity = BackboneIdentity(source.name, source.content_hash, backbone.num_layers, backbone.hidden_size, config or PrivateLoRAConfig())
+        return DeviceStore.create(root, backbone_spec, identity)
+    endpoint = endpoint or Endpoint(backbone_spec)
+    credentials, hosted = register(endpoint, label=label)
+    identity = wire.identity_from_proto(hosted.identity)
+    if config is not None and config != identity.adapter:
+        raise ConfigError(f"the service at {backbone_spec} serves adapter config {identity.adapter}, not {config}; drop the adapter options")
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / DeviceStore.BUNDLE, ignore_errors=True)  # left by an earlier, failed init
+    download_bundle(endpoint, credentials, hosted, root / DeviceStore.BUNDLE)
+    credentials.save(root / DeviceStore.CREDENTIALS)
+    transport = {"insecure": endpoint.insecure, "ca_file": endpoint.ca_file}
+    return DeviceStore.create(root, backbone_spec, identity, endpoint=transport)
 
 
 def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> DeviceModel:
@@ -52,8 +84,14 @@ def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> Dev
 def open_device(root: Path) -> Device:
     store = DeviceStore.open(root)
     record = store.record
-    backbone = loading.load(record.backbone_spec)
-    model = split_embedded(backbone, record.adapter)
+    if is_address(record.backbone_spec):
+        bundle, tokenizer = store.load_bundle()
+        endpoint = Endpoint(record.backbone_spec, **(record.endpoint or {}))
+        link = GrpcLink(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), record.identity)
+        model = DeviceModel(bundle, record.adapter, link)
+    else:
+        backbone = loading.load(record.backbone_spec)
+        model, tokenizer = split_embedded(backbone, record.adapter), backbone.tokenizer
     model.link.identity.require_match(record.identity)
     steps = store.read_adapter(model.weights)
-    return Device(store, model, backbone.tokenizer, steps)
+    return Device(store, model, tokenizer, steps)

@@ -39,3 +39,11 @@ class TransportError(PloraError):
 
 class RegistryError(PloraError):
     """The platform registry cannot do what was asked (missing or conflicting records)."""
+
+
+class AuthenticationError(PloraError):
+    """A request without valid device credentials."""
+
+
+class CapacityError(PloraError):
+    """A limit of the service was reached (sessions, tokens, message size)."""

@@ -1,0 +1,348 @@
+"""The protocol's dataclasses to and from their protobuf form (split.proto), and the bundle stream.
+
+This is the only module besides the transports that imports the generated protobuf code:
+training, generation and the cloud session see the dataclasses of `plora.cloud_backbone.protocol`.
+
+Everything read here comes from the other party and is checked before use: tensors are rebuilt
+from raw bytes with typed dtype and shape (never unpickled), and any malformed field raises
+`ValidationError` quoting what was received and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import (
+    AdapterReply, AdapterRequest, BackboneIdentity, BackwardRequest, BackwardResult, CacheMode,
+    ForwardRequest, ForwardResult, OpenSession, Phase, SessionOpened, StepError,
+)
+from plora.cloud_backbone.protocol import split_pb2 as pb
+from plora.storage.errors import ConfigError, ValidationError
+
+MAX_DIMS = 4  # every tensor of the protocol is at most (B, T, d) or a (B, T) mask
+_DTYPES = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16, pb.INT64: torch.int64}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_CACHE = {CacheMode.NONE: pb.CACHE_NONE, CacheMode.START: pb.CACHE_START, CacheMode.EXTEND: pb.CACHE_EXTEND}
+_PHASE = {Phase.FORWARD: pb.PHASE_FORWARD, Phase.BACKWARD: pb.PHASE_BACKWARD}
+# A plain file name: no separators, no "..", no hidden files, nothing a filesystem could reinterpret.
+_BUNDLE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+
+def _swap_to_little(raw: torch.Tensor, itemsize: int) -> torch.Tensor:
+    # The wire is little-endian; only a big-endian host has to reverse each element's bytes.
+    if sys.byteorder == "little" or itemsize == 1:
+        return raw
+    return raw.view(-1, itemsize).flip(1).reshape(-1)
+
+
+def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
+    """A tensor as dtype, shape and its contiguous little-endian bytes."""
+    code = _CODES.get(t.dtype)
+    if code is None:
+        raise ValidationError(f"cannot send a {t.dtype} tensor; expected one of {sorted(map(str, _CODES))}")
+    if t.dim() > MAX_DIMS:
+        raise ValidationError(f"cannot send a tensor of shape {list(t.shape)}; at most {MAX_DIMS} dims expected")
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    raw = _swap_to_little(flat.view(torch.uint8), t.element_size())
+    return pb.Tensor(dtype=code, shape=list(t.shape), data=raw.numpy().tobytes())
+
+
+def tensor_from_proto(msg: pb.Tensor, max_elements: int) -> torch.Tensor:
+    """The tensor `msg` describes, after checking dtype, shape and payload size against each other."""
+    dtype = _DTYPES.get(msg.dtype)
+    if dtype is None:
+        name = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else f"unknown value {msg.dtype}"
+        raise ValidationError(f"tensor dtype is {name}; expected one of {[pb.DType.Name(c) for c in _DTYPES]}")
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise ValidationError(f"tensor shape {list(shape)} has {len(shape)} dims; at most {MAX_DIMS} expected")
+    if any(d < 0 for d in shape):
+        raise ValidationError(f"tensor shape {list(shape)} has a negative dimension")
+    numel = math.prod(shape)
+    if numel > max_elements:
+        raise ValidationError(f"tensor shape {list(shape)} has {numel} elements; at most {max_elements} accepted")
+    itemsize = dtype.itemsize
+    if len(msg.data) != numel * itemsize:
+        raise ValidationError(
+            f"tensor payload is {len(msg.data)} bytes; shape {list(shape)} of {pb.DType.Name(msg.dtype)} "
+            f"needs exactly {numel * itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)  # frombuffer refuses an empty buffer
+    # A bytearray copy: the result is writable and keeps no reference to the protobuf message.
+    raw = _swap_to_little(torch.frombuffer(bytearray(msg.data), dtype=torch.uint8), itemsize)
+    return raw.view(dtype).reshape(shape)
+
+
+def _field(msg, field: str, max_elements: int, required: bool = True) -> torch.Tensor | None:
+    # An absent submessage reads as an empty default; HasField tells "absent" from "empty".
+    if msg.HasField(field):
+        return tensor_from_proto(getattr(msg, field), max_elements)
+    if required:
+        raise ValidationError(f"{type(msg).__name__}.{field} is missing; a tensor is required")
+    return None
+
+
+def _maybe(t: torch.Tensor | None) -> pb.Tensor | None:
+    return None if t is None else tensor_to_proto(t)  # None leaves the field absent
+
+
+def _enum(table: dict, value: int, what: str):
+    found = [member for member, code in table.items() if code == value]
+    if not found:  # proto3 enums are open: an unknown number parses without complaint
+        raise ValidationError(f"{what} is {value}; expected one of {sorted(table.values())}")
+    return found[0]
+
+
+@contextmanager
+def _encoding(what: object):
+    # protobuf raises ValueError/TypeError for out-of-range integers and wrong types, and a field
+    # of the wrong type fails in the lookups above; either way the message cannot be sent as is.
+    try:
+        yield
+    except ValidationError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValidationError(f"cannot encode {type(what).__name__}: {err}") from err
+
+
+# --- identity ------------------------------------------------------------------------------
+
+
+def identity_to_proto(identity: BackboneIdentity) -> pb.BackboneIdentity:
+    with _encoding(identity):  # AdapterConfig mirrors PrivateLoRAConfig field for field
+        return pb.BackboneIdentity(
+            name=identity.name, content_hash=identity.content_hash, num_layers=identity.num_layers,
+            hidden_size=identity.hidden_size, adapter=pb.AdapterConfig(**identity.adapter.to_dict()),
+        )
+
+
+def identity_from_proto(msg: pb.BackboneIdentity) -> BackboneIdentity:
+    if not msg.HasField("adapter"):
+        raise ValidationError("BackboneIdentity.adapter is missing; an adapter config is required")
+    a = msg.adapter
+    try:
+        adapter = PrivateLoRAConfig(
+            rank=a.rank, targets=tuple(a.targets), shared_a=a.shared_a, scale=a.scale, seed=a.seed,
+            device_layers=a.device_layers,
+        )
+    except (ConfigError, TypeError) as err:
+        raise ValidationError(f"invalid adapter config in BackboneIdentity: {err}") from err
+    return BackboneIdentity(msg.name, msg.content_hash, msg.num_layers, msg.hidden_size, adapter)
+
+
+def _identity(msg, field: str) -> BackboneIdentity:
+    if not msg.HasField(field):
+        raise ValidationError(f"{type(msg).__name__}.{field} is missing; a backbone identity is required")
+    return identity_from_proto(getattr(msg, field))
+
+
+# --- the session stream ----------------------------------------------------------------------
+
+
+def _adapter_to_proto(cls, m: AdapterRequest | AdapterReply):
+    return cls(layer=m.layer, group=m.group, phase=_PHASE[m.phase], tensor=tensor_to_proto(m.tensor))
+
+
+def _adapter_from_proto(cls, msg, max_elements: int):
+    phase = _enum(_PHASE, msg.phase, f"{type(msg).__name__}.phase")
+    return cls(msg.layer, msg.group, phase, _field(msg, "tensor", max_elements))
+
+
+def device_message(step: int, message) -> pb.DeviceMessage:
+    """One device-to-cloud message of the session stream."""
+    with _encoding(message):
+        match message:
+            case OpenSession():
+                body = {"open": pb.OpenSession(expected=identity_to_proto(message.expected), max_tokens=message.max_tokens)}
+            case ForwardRequest():
+                body = {"forward": pb.ForwardRequest(
+                    hidden=tensor_to_proto(message.hidden), cache=_CACHE[message.cache], train=message.train,
+                    attention_mask=_maybe(message.attention_mask),
+                )}
+            case BackwardRequest():
+                body = {"backward": pb.BackwardRequest(
+                    grad_hidden=tensor_to_proto(message.grad_hidden), want_input_grad=message.want_input_grad
+                )}
+            case AdapterReply():
+                body = {"reply": _adapter_to_proto(pb.AdapterReply, message)}
+            case _:
+                raise ValidationError(
+                    f"{type(message).__name__} does not go from device to cloud; "
+                    "expected OpenSession, ForwardRequest, BackwardRequest or AdapterReply"
+                )
+        return pb.DeviceMessage(step=step, **body)
+
+
+def parse_device_message(msg: pb.DeviceMessage, max_elements: int) -> tuple[int, object]:
+    """(step, message) from a device-to-cloud message; every tensor holds at most max_elements."""
+    kind = msg.WhichOneof("body")
+    body = getattr(msg, kind) if kind else None
+    if kind == "open":
+        return msg.step, OpenSession(_identity(body, "expected"), body.max_tokens)
+    if kind == "forward":
+        return msg.step, ForwardRequest(
+            _field(body, "hidden", max_elements), _enum(_CACHE, body.cache, "ForwardRequest.cache"),
+            body.train, _field(body, "attention_mask", max_elements, False),
+        )
+    if kind == "backward":
+        return msg.step, BackwardRequest(_field(body, "grad_hidden", max_elements), body.want_input_grad)
+    if kind == "reply":
+        return msg.step, _adapter_from_proto(AdapterReply, body, max_elements)
+    raise ValidationError("empty message: a DeviceMessage must carry open, forward, backward or reply")
+
+
+def cloud_message(step: int, message) -> pb.CloudMessage:
+    """One cloud-to-device message of the session stream."""
+    with _encoding(message):
+        match message:
+            case SessionOpened():
+                body = {"opened": pb.SessionOpened(
+                    session_id=message.session_id, identity=identity_to_proto(message.identity),
+                    max_tokens=message.max_tokens,
+                )}
+            case AdapterRequest():
+                body = {"request": _adapter_to_proto(pb.AdapterRequest, message)}
+            case ForwardResult():
+                body = {"forward": pb.ForwardResult(hidden=tensor_to_proto(message.hidden))}
+            case BackwardResult():
+                body = {"backward": pb.BackwardResult(grad_input=_maybe(message.grad_input))}
+            case StepError():
+                body = {"error": pb.StepError(kind=message.kind, message=message.message, fatal=message.fatal)}
+            case _:
+                raise ValidationError(
+                    f"{type(message).__name__} does not go from cloud to device; expected SessionOpened, "
+                    "AdapterRequest, ForwardResult, BackwardResult or StepError"
+                )
+        return pb.CloudMessage(step=step, **body)
+
+
+def parse_cloud_message(msg: pb.CloudMessage, max_elements: int) -> tuple[int, object]:
+    """(step, message) from a cloud-to-device message; every tensor holds at most max_elements."""
+    kind = msg.WhichOneof("body")
+    body = getattr(msg, kind) if kind else None
+    if kind == "opened":
+        return msg.step, SessionOpened(body.session_id, _identity(body, "identity"), body.max_tokens)
+    if kind == "request":
+        return msg.step, _adapter_from_proto(AdapterRequest, body, max_elements)
+    if kind == "forward":
+        return msg.step, ForwardResult(_field(body, "hidden", max_elements))
+    if kind == "backward":
+        return msg.step, BackwardResult(_field(body, "grad_input", max_elements, False))
+    if kind == "error":
+        return msg.step, StepError(body.kind, body.message, body.fatal)
+    raise ValidationError("empty message: a CloudMessage must carry opened, request, forward, backward or error")
+
+
+# --- the device bundle -----------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    if not _BUNDLE_NAME.fullmatch(name) or name.startswith("."):
+        raise ValidationError(f"bundle file name {name!r} is not a plain name ([A-Za-z0-9._-], 1-128, no leading '.')")
+
+
+def _bundle_files(folder: Path) -> list[Path]:
+    # is_file() follows symlinks on purpose: Hugging Face snapshot folders are links into a blob store.
+    files = sorted((p for p in Path(folder).iterdir() if p.is_file()), key=lambda p: p.name)
+    for p in files:
+        _check_name(p.name)  # fail when packing, not only when the device unpacks
+    return files
+
+
+def bundle_digest(folder: Path) -> tuple[str, int]:
+    """(sha256, total bytes) over the folder's files sorted by name: name, NUL, 8-byte LE size, bytes.
+
+    The size makes the encoding unambiguous: without it, moving the bytes that follow one file's
+    end into that file ("a" = X + "b\\0" + Y instead of a = X, b = Y) would keep the digest.
+    """
+    digest, total = hashlib.sha256(), 0
+    for path in _bundle_files(folder):
+        size = path.stat().st_size
+        digest.update(path.name.encode() + b"\0" + size.to_bytes(8, "little"))
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+        total += size
+    return digest.hexdigest(), total
+
+
+def chunked_bundle(folder: Path, chunk_size: int) -> Iterator[pb.BundleChunk]:
+    """Every file of `folder`, sorted by name, in chunks of at most chunk_size bytes."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    for path in _bundle_files(folder):
+        with path.open("rb") as fh:
+            data = fh.read(chunk_size)
+            while True:  # read one ahead so the final chunk (even of an empty file) says last=True
+                following = fh.read(chunk_size)
+                yield pb.BundleChunk(file=path.name, data=data, last=not following)
+                if not following:
+                    break
+                data = following
+
+
+def receive_bundle(chunks: Iterable[pb.BundleChunk], folder: Path, expected_sha256: str, max_bytes: int) -> None:
+    """Write a bundle stream into `folder`, all or nothing.
+
+    The files land in a staging folder next to `folder`, which replaces `folder` only once the
+    digest matches; on any error the staging folder is removed and `folder` is left as it was.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
+    current, handle, total, seen = None, None, 0, set()
+    try:
+        for chunk in chunks:
+            if current is None:
+                _check_name(chunk.file)
+                if chunk.file in seen:
+                    raise ValidationError(f"bundle file {chunk.file!r} is sent twice")
+                seen.add(chunk.file)
+                current, handle = chunk.file, (staging / chunk.file).open("xb")
+            elif chunk.file != current:
+                raise ValidationError(f"bundle chunk for {chunk.file!r} arrived before the last chunk of {current!r}")
+            total += len(chunk.data)
+            if total > max_bytes:
+                raise ValidationError(f"bundle is over {max_bytes} bytes (at least {total} received)")
+            handle.write(chunk.data)
+            if chunk.last:
+                handle.close()
+                current, handle = None, None
+        if current is not None:
+            raise ValidationError(f"bundle stream ended inside {current!r} (no chunk with last=True)")
+        digest, _ = bundle_digest(staging)
+        if digest != expected_sha256.lower():
+            raise ValidationError(f"bundle digest is {digest}; expected {expected_sha256}")
+        if folder.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            folder.rename(old / folder.name)
+            try:
+                staging.rename(folder)
+            except BaseException:
+                (old / folder.name).rename(folder)  # put the previous bundle back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(folder)
+    except BaseException:
+        if handle is not None:
+            handle.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

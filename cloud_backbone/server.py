@@ -1,0 +1,121 @@
+"""Starting and stopping the backbone service: gRPC, TLS, health and metrics over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+
+from plora.cloud_backbone import loading
+from plora.cloud_backbone.metrics import Metrics
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc
+from plora.cloud_backbone.service import BackboneService, Limits, prepare_version
+from plora.cloud_backbone.servicer import SplitBackboneServicer
+from plora.storage.errors import ConfigError
+from plora.storage.paths import plora_home
+from plora.storage.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path
+    key: Path
+
+    def credentials(self) -> grpc.ServerCredentials:
+        for path in (self.cert, self.key):
+            if not path.is_file():
+                raise ConfigError(f"TLS file {path} does not exist")
+        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())])
+
+
+def _http_handler(server: RunningServer):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/healthz":
+                self._reply(200, b"ok\n", "text/plain")
+            elif self.path == "/readyz":
+                ready = not server.service.draining
+                self._reply(200 if ready else 503, b"ready\n" if ready else b"draining\n", "text/plain")
+            elif self.path == "/metrics":
+                self._reply(200, server.metrics.exposition(), "text/plain; version=0.0.4")
+            else:
+                self._reply(404, b"not found\n", "text/plain")
+
+        def _reply(self, code: int, body: bytes, kind: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # keep probes out of the log
+            pass
+
+    return Handler
+
+
+class RunningServer:
+    """A started service. `port` is the bound gRPC port (useful with port 0)."""
+
+    def __init__(self, service: BackboneService, host: str, port: int, tls: TLSFiles | None, http_port: int | None):
+        self.service = service
+        self.metrics = Metrics()
+        limits = service.limits
+        options = [
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+        ]
+        # Each session holds a pool thread for its stream; leave room for unary calls.
+        pool = futures.ThreadPoolExecutor(max_workers=limits.max_sessions + 8, thread_name_prefix="plora-grpc")
+        self.grpc = grpc.server(pool, options=options, maximum_concurrent_rpcs=limits.max_sessions + 8)
+        pb_grpc.add_SplitBackboneServicer_to_server(SplitBackboneServicer(service, self.metrics), self.grpc)
+        address = f"{host}:{port}"
+        self.port = self.grpc.add_secure_port(address, tls.credentials()) if tls else self.grpc.add_insecure_port(address)
+        if not self.port:
+            raise ConfigError(f"cannot listen on {address}")
+        self.http = None
+        if http_port is not None:
+            self.http = ThreadingHTTPServer((host, http_port), _http_handler(self))
+            threading.Thread(target=self.http.serve_forever, name="plora-http", daemon=True).start()
+        self.grpc.start()
+        log.info("serving %s on %s:%d", sorted(service.versions), host, self.port)
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.server_address[1] if self.http else None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Refuse new sessions, give those in flight `grace_s` to finish, then cancel them."""
+        self.service.draining = True
+        self.grpc.stop(grace_s).wait()
+        if self.http:
+            self.http.shutdown()
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()
+
+
+def start_service(
+    specs: list[str],
+    config: PrivateLoRAConfig,
+    registry: Registry,
+    limits: Limits = Limits(),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls: TLSFiles | None = None,
+    http_port: int | None = None,
+) -> RunningServer:
+    """Load each backbone, prepare its device bundle and cloud half, and start serving."""
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"a backbone is listed twice: {specs}")
+    bundles = plora_home() / "bundles"
+    versions = [prepare_version(loading.load(spec), config, bundles) for spec in specs]
+    return RunningServer(BackboneService(versions, registry, limits), host, port, tls, http_port)

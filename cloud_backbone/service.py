@@ -1,0 +1,181 @@
+"""The backbone service's domain: hosted versions, device credentials, sessions and limits.
+
+It knows nothing of gRPC. The servicer parses, checks and maps errors; this module decides.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from plora.cloud_backbone.compute import CloudHalf, CloudSession
+from plora.cloud_backbone.loading import Backbone
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import BackboneIdentity, OpenSession
+from plora.cloud_backbone.protocol.wire import bundle_digest
+from plora.cloud_backbone.versions import ensure_version
+from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
+from plora.storage.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 32 << 20
+    max_tokens_per_session: int = 4096
+    max_sessions: int = 64
+    max_sessions_per_device: int = 4
+    reply_timeout_s: float = 30.0
+    """How long the service waits for a device's adapter reply before failing its session."""
+    idle_timeout_s: float = 600.0
+    """A session with no step for this long is closed and its memory freed."""
+
+    @property
+    def max_tensor_elements(self) -> int:
+        return self.max_message_bytes // 2  # the smallest wire dtype has 2 bytes
+
+
+def export_device_bundle(backbone: Backbone, config: PrivateLoRAConfig, folder: Path) -> None:
+    """Write the device's half as a Hugging Face checkpoint folder: config (with only the
+    device-side layers), tokenizer, embeddings, those layers, final norm and LM head.
+    No A or B: the device derives its own layers' projections from the public seed."""
+    model = backbone.model
+    config_k = copy.deepcopy(model.config)
+    config_k.num_hidden_layers = config.device_layers
+    if isinstance(getattr(config_k, "layer_types", None), list):
+        config_k.layer_types = config_k.layer_types[: config.device_layers]
+    device_part = type(model)(config_k)
+    kept = {k: v for k, v in model.state_dict().items() if k in device_part.state_dict()}
+    device_part.load_state_dict(kept, strict=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".bundle-"))
+    try:
+        device_part.save_pretrained(staging)
+        backbone.tokenizer.save_pretrained(staging)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@dataclass
+class HostedVersion:
+    half: CloudHalf
+    bundle: Path
+    bundle_sha256: str
+    bundle_size: int
+    is_default: bool = False
+
+    @property
+    def identity(self) -> BackboneIdentity:
+        return self.half.identity
+
+
+def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: Path) -> HostedVersion:
+    """Prepare a backbone version for serving: its device bundle first, then its cloud half
+    (which takes the decoder layers out of the model)."""
+    identity = BackboneIdentity(backbone.source.name, backbone.source.content_hash, backbone.num_layers, backbone.hidden_size, config)
+    bundle = bundle_root / identity.version
+    if not (bundle / "config.json").is_file():
+        export_device_bundle(backbone, config, bundle)
+    digest, size = bundle_digest(bundle)
+    return HostedVersion(CloudHalf(backbone, config), bundle, digest, size)
+
+
+def _hash_token(token: str) -> str:
+    # Tokens are 256-bit random, so a plain hash is as good as a slow KDF here.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class ServiceSession:
+    session_id: str
+    device_id: str
+    version: HostedVersion
+    cloud: CloudSession
+    last_active: float = field(default_factory=time.monotonic)
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+
+class BackboneService:
+    def __init__(self, versions: list[HostedVersion], registry: Registry, limits: Limits = Limits()):
+        if not versions:
+            raise ConfigError("the service needs at least one backbone version to host")
+        self.versions = {v.identity.version: v for v in versions}
+        versions[0].is_default = True
+        self.registry = registry
+        self.limits = limits
+        self._sessions: dict[str, ServiceSession] = {}
+        self._lock = threading.Lock()
+        self.draining = False
+        for version in versions:
+            ensure_version(registry, version.identity, version.identity.name)
+
+    def hosted(self, name: str = "") -> HostedVersion:
+        if not name:
+            return next(v for v in self.versions.values() if v.is_default)
+        if name not in self.versions:
+            raise VersionMismatchError(f"backbone version {name!r} is not hosted here; hosted: {sorted(self.versions)}")
+        return self.versions[name]
+
+    def register_device(self, backbone: str = "", label: str | None = None) -> tuple[str, str, HostedVersion]:
+        """A new device bound to a hosted version: (device id, token shown once, version)."""
+        version = self.hosted(backbone)
+        device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
+        self.registry.register_device(device_id, version.identity.version, label=label or None, token_hash=_hash_token(token))
+        log.info("registered device %s on %s", device_id, version.identity.version)
+        return device_id, token, version
+
+    def authenticate(self, device_id: str, token: str) -> None:
+        if not device_id or not token:
+            raise AuthenticationError("missing device credentials; send x-plora-device and a bearer token")
+        try:
+            stored = self.registry.get_device(device_id).token_hash
+        except RegistryError:
+            stored = None
+        # Compare even for unknown devices, so timing does not reveal which ids exist.
+        if not hmac.compare_digest(stored or "", _hash_token(token)) or stored is None:
+            raise AuthenticationError(f"wrong credentials for device {device_id!r}")
+
+    def open_session(self, device_id: str, request: OpenSession) -> ServiceSession:
+        if self.draining:
+            raise CapacityError("the service is shutting down; reconnect to another instance")
+        version = self.versions.get(request.expected.version)
+        if version is None:
+            raise VersionMismatchError(
+                f"no hosted version matches the device's {request.expected.version} "
+                f"({request.expected.name}, hash {request.expected.content_hash[:12]}); hosted: {sorted(self.versions)}"
+            )
+        version.identity.require_match(request.expected)
+        max_tokens = min(request.max_tokens or self.limits.max_tokens_per_session, self.limits.max_tokens_per_session)
+        with self._lock:
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise CapacityError(f"the service holds its limit of {self.limits.max_sessions} sessions; retry later")
+            mine = sum(s.device_id == device_id for s in self._sessions.values())
+            if mine >= self.limits.max_sessions_per_device:
+                raise CapacityError(f"device {device_id} already has {mine} sessions, the limit per device")
+            session = ServiceSession(uuid.uuid4().hex, device_id, version, version.half.open_session(max_tokens))
+            self._sessions[session.session_id] = session
+        return session
+
+    def close_session(self, session: ServiceSession) -> None:
+        with self._lock:
+            self._sessions.pop(session.session_id, None)
+        session.cloud.close()
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)

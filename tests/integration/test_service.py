@@ -1,0 +1,164 @@
+"""The backbone service over real loopback gRPC, on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from plora.clients.data import TokenizedExample
+from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink
+from plora.clients.training import TrainSettings, personalize
+from plora.cloud_backbone import loading
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import (
+    AdapterReply,
+    CacheMode,
+    ForwardRequest,
+    OpenSession,
+    Phase,
+    split_pb2_grpc as pb_grpc,
+    wire,
+)
+from plora.cloud_backbone.server import start_service
+from plora.cloud_backbone.service import Limits
+from plora.platform.jobs import registry
+from plora.platform.runtime import init_device, open_device, split_embedded
+from plora.storage.errors import AuthenticationError, VersionMismatchError
+
+CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
+
+
+@pytest.fixture
+def server(tiny_checkpoint):
+    running = start_service([str(tiny_checkpoint)], CONFIG, registry(), Limits(reply_timeout_s=5), http_port=0)
+    yield running
+    running.stop(grace_s=1)
+
+
+@pytest.fixture
+def endpoint(server):
+    return Endpoint(f"127.0.0.1:{server.port}", insecure=True)
+
+
+@pytest.fixture
+def device(tmp_path, endpoint):
+    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint)
+    dev = open_device(tmp_path / "dev")
+    yield dev
+    dev.close()
+
+
+def set_ms(model, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.weights.ms.values():
+            m.normal_(0, 0.3)
+
+
+def in_process(tiny_checkpoint):
+    return split_embedded(loading.load(str(tiny_checkpoint)), CONFIG)
+
+
+def test_network_scoring_and_training_step_equal_the_in_process_split(device, tiny_checkpoint):
+    local = in_process(tiny_checkpoint)
+    set_ms(device.model)
+    set_ms(local)
+    ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    remote_logits, local_logits = device.model(ids), local(ids)
+    assert torch.allclose(remote_logits, local_logits, atol=1e-5)
+    remote_logits.logsumexp(-1).mean().backward()
+    local_logits.logsumexp(-1).mean().backward()
+    for (name, a), (_, b) in zip(device.model.weights.named_tensors(), local.weights.named_tensors()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    with torch.no_grad():
+        steps = [device.model(ids[:1, :5], CacheMode.START)] + [device.model(ids[:1, t : t + 1], CacheMode.EXTEND) for t in range(5, 8)]
+    assert torch.allclose(torch.cat(steps, 1), local_logits[:1].detach(), atol=1e-5)
+
+
+def test_the_device_received_its_bundle_and_never_a_or_b(device):
+    bundle = device.store.root / "bundle"
+    names = {p.name for p in bundle.iterdir()}
+    assert "config.json" in names and "model.safetensors" in names
+    from safetensors import safe_open
+
+    with safe_open(bundle / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.endswith((".A", ".B")) or "privatelora" in k for k in keys)
+    assert not any(k.startswith("model.layers.1.") for k in keys)  # only the device's own layer
+
+
+def test_training_over_the_network_records_nothing_private_in_messages(device):
+    seen = []
+    device.model.link.taps.append(lambda direction, message: seen.append(message))
+    ids = list(range(10, 30))
+    result = personalize(device.model, [TokenizedExample(ids, ids)], 0, TrainSettings(steps=3, lr=0.05, batch_size=1))
+    assert result.steps == 3 and result.last_loss < result.first_loss
+    private = {m.data_ptr() for m in device.model.weights.ms.values()}
+    tensors = [v for msg in seen for v in vars(msg).values() if isinstance(v, torch.Tensor)]
+    assert tensors and not private & {t.data_ptr() for t in tensors}
+    assert all(t.shape[-1] in (4, 12, 32) for t in tensors)  # r-vectors and hidden states only
+
+
+def test_a_wrong_token_is_refused(endpoint, device):
+    record = device.store.record
+    wrong = Credentials(record.device_id, "not-the-token")
+    with pytest.raises(AuthenticationError):
+        GrpcLink(endpoint, wrong, record.identity)
+
+
+def test_a_version_mismatch_is_refused(endpoint, device):
+    record = device.store.record
+    creds = Credentials.load(device.store.root / "credentials.json")
+    other = dataclasses.replace(record.identity, content_hash="0" * 64)
+    with pytest.raises(VersionMismatchError, match="no hosted version"):
+        GrpcLink(endpoint, creds, other)
+
+
+def test_malformed_frames_each_get_a_clear_error_and_the_server_stays_up(endpoint, device):
+    creds = Credentials.load(device.store.root / "credentials.json")
+    identity = device.store.record.identity
+    hidden = torch.randn(1, 3, 32)
+
+    def run(frames):
+        with endpoint.channel() as channel:
+            stub = pb_grpc.SplitBackboneStub(channel)
+            replies = stub.Session(iter(frames), metadata=creds.metadata(), timeout=10)
+            return [wire.parse_cloud_message(r, 1 << 20)[1] for r in replies]
+
+    opening = wire.device_message(0, OpenSession(identity))
+    forward = wire.device_message(1, ForwardRequest(hidden))
+
+    truncated = wire.device_message(1, ForwardRequest(hidden))
+    truncated.forward.hidden.data = truncated.forward.hidden.data[:-4]
+    cases = {
+        "wrong shape": [opening, wire.device_message(1, ForwardRequest(torch.randn(1, 3, 31)))],
+        "wrong dtype": [opening, wire.device_message(1, ForwardRequest(hidden.double().float().half()))],
+        "NaN": [opening, wire.device_message(1, ForwardRequest(hidden * float("nan")))],
+        "truncated": [opening, truncated],
+        "out-of-order layer": [opening, forward, wire.device_message(1, AdapterReply(3, "attn_in", Phase.FORWARD, torch.zeros(1, 3, 12)))],
+    }
+    for case, frames in cases.items():
+        messages = run(frames)
+        errors = [m for m in messages if type(m).__name__ == "StepError"]
+        assert errors and errors[0].kind == "ValidationError", (case, messages)
+    # An oversized frame is refused by the transport itself.
+    with pytest.raises(grpc.RpcError) as refused:
+        run([opening, wire.device_message(1, ForwardRequest(torch.randn(1, 300_000, 32)))])
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The server still serves a well-behaved device.
+    assert device.model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 49152)
+
+
+def test_health_and_metrics(server, device):
+    with torch.no_grad():
+        device.model(torch.tensor([[1, 2, 3]]))
+    base = f"http://127.0.0.1:{server.http_port}"
+    assert urllib.request.urlopen(f"{base}/healthz").read() == b"ok\n"
+    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    assert "plora_active_sessions 1.0" in metrics
+    assert 'plora_tokens_total{step="forward"} 3.0' in metrics
+    assert "plora_adapter_round_trip_seconds_count" in metrics

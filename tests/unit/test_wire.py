@@ -1,0 +1,293 @@
+"""The wire format: every protocol message survives protobuf, malformed input is refused,
+bundles arrive whole or not at all, and the committed generated code matches split.proto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import (
+    AdapterReply, AdapterRequest, BackboneIdentity, BackwardRequest, BackwardResult, CacheMode,
+    ForwardRequest, ForwardResult, OpenSession, Phase, SessionOpened, StepError,
+)
+from plora.cloud_backbone.protocol import split_pb2 as pb
+from plora.cloud_backbone.protocol import wire
+from plora.storage.errors import ValidationError
+
+LIMIT = 1 << 20
+PROTOCOL_DIR = Path(wire.__file__).parent
+IDENTITY = BackboneIdentity(
+    name="tiny", content_hash="ab" * 32, num_layers=4, hidden_size=8,
+    adapter=PrivateLoRAConfig(rank=4, targets=("q", "v", "gate"), shared_a=True, scale=0.5, seed=7, device_layers=1),
+)
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + 1)).to(dtype)
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+    if a is None or b is None:
+        assert a is None and b is None
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))  # bitwise
+
+
+def _same_message(a, b) -> None:
+    assert type(a) is type(b)
+    for key, value in vars(a).items():
+        other = getattr(b, key)
+        if isinstance(value, torch.Tensor) or value is None:
+            _same_tensor(value, other)
+        else:
+            assert value == other, key
+
+
+DEVICE_MESSAGES = [
+    OpenSession(IDENTITY, max_tokens=512),
+    ForwardRequest(_rand(2, 3, 8)),
+    ForwardRequest(_rand(2, 3, 8, dtype=torch.bfloat16), CacheMode.START, True, torch.ones(2, 3, dtype=torch.int64)),
+    ForwardRequest(_rand(1, 1, 8, dtype=torch.float16), CacheMode.EXTEND),
+    BackwardRequest(_rand(2, 3, 8), want_input_grad=True),
+    AdapterReply(3, "attn_in", Phase.FORWARD, _rand(2, 3, 8, dtype=torch.bfloat16)),
+    AdapterReply(0, "mlp_in", Phase.BACKWARD, _rand(2, 3, 4, dtype=torch.float16)),
+]
+CLOUD_MESSAGES = [
+    SessionOpened("s-1", IDENTITY, 2048),
+    AdapterRequest(2, "attn_in", Phase.FORWARD, _rand(2, 3, 4)),
+    AdapterRequest(1, "mlp_in", Phase.BACKWARD, _rand(2, 3, 8, dtype=torch.bfloat16)),
+    ForwardResult(_rand(2, 3, 8, dtype=torch.float16)),
+    BackwardResult(_rand(2, 3, 8)),
+    BackwardResult(None),
+    StepError("ValidationError", "bad tensor", fatal=True),
+]
+
+
+@pytest.mark.parametrize("message", DEVICE_MESSAGES, ids=lambda m: type(m).__name__)
+def test_device_messages_round_trip_bitwise(message):
+    encoded = pb.DeviceMessage.FromString(wire.device_message(41, message).SerializeToString())
+    step, decoded = wire.parse_device_message(encoded, LIMIT)
+    assert step == 41
+    _same_message(message, decoded)
+
+
+@pytest.mark.parametrize("message", CLOUD_MESSAGES, ids=lambda m: type(m).__name__)
+def test_cloud_messages_round_trip_bitwise(message):
+    encoded = pb.CloudMessage.FromString(wire.cloud_message(7, message).SerializeToString())
+    step, decoded = wire.parse_cloud_message(encoded, LIMIT)
+    assert step == 7
+    _same_message(message, decoded)
+
+
+def test_absent_optional_tensors_stay_absent():
+    fwd = wire.device_message(0, ForwardRequest(_rand(1, 2, 8)))
+    assert not fwd.forward.HasField("attention_mask")
+    assert not wire.cloud_message(0, BackwardResult(None)).backward.HasField("grad_input")
+
+
+def test_identity_round_trips_and_still_matches():
+    decoded = wire.identity_from_proto(pb.BackboneIdentity.FromString(wire.identity_to_proto(IDENTITY).SerializeToString()))
+    assert decoded == IDENTITY
+    decoded.require_match(IDENTITY)
+
+
+def test_invalid_adapter_config_is_a_validation_error():
+    msg = wire.identity_to_proto(IDENTITY)
+    msg.adapter.targets.append("nope")
+    with pytest.raises(ValidationError, match="nope"):
+        wire.identity_from_proto(msg)
+    msg = wire.identity_to_proto(IDENTITY)
+    msg.adapter.rank = 0
+    with pytest.raises(ValidationError, match="rank"):
+        wire.identity_from_proto(msg)
+
+
+def test_messages_going_the_wrong_way_are_refused():
+    with pytest.raises(ValidationError, match="device to cloud"):
+        wire.device_message(0, ForwardResult(_rand(1, 1, 8)))
+    with pytest.raises(ValidationError, match="cloud to device"):
+        wire.cloud_message(0, ForwardRequest(_rand(1, 1, 8)))
+
+
+def test_empty_oneof_is_refused():
+    with pytest.raises(ValidationError, match="empty message"):
+        wire.parse_device_message(pb.DeviceMessage(step=1), LIMIT)
+    with pytest.raises(ValidationError, match="empty message"):
+        wire.parse_cloud_message(pb.CloudMessage(step=1), LIMIT)
+
+
+def test_unknown_enum_values_are_refused():
+    msg = wire.device_message(0, ForwardRequest(_rand(1, 1, 8)))
+    msg.forward.cache = 9  # proto3 enums are open: an unknown value parses as a plain int
+    with pytest.raises(ValidationError, match="cache"):
+        wire.parse_device_message(msg, LIMIT)
+    msg = wire.cloud_message(0, CLOUD_MESSAGES[1])
+    msg.request.phase = 5
+    with pytest.raises(ValidationError, match="phase"):
+        wire.parse_cloud_message(msg, LIMIT)
+
+
+def test_missing_required_tensor_is_refused():
+    with pytest.raises(ValidationError, match="hidden is missing"):
+        wire.parse_device_message(pb.DeviceMessage(forward=pb.ForwardRequest()), LIMIT)
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_tensor_round_trip_preserves_dtype_bits_and_is_writable(dtype):
+    t = _rand(2, 3, 5, dtype=dtype) if dtype != torch.int64 else torch.arange(30).reshape(2, 3, 5)
+    msg = wire.tensor_to_proto(t[:, :, 1:4])  # a non-contiguous view is sent as its own values
+    back = wire.tensor_from_proto(msg, LIMIT)
+    _same_tensor(t[:, :, 1:4].contiguous(), back)
+    back.add_(1)  # writable, and owns its memory
+    assert wire.tensor_from_proto(msg, LIMIT).equal(t[:, :, 1:4])
+
+
+def test_scalar_and_empty_tensors_round_trip():
+    _same_tensor(wire.tensor_from_proto(wire.tensor_to_proto(torch.tensor(3.5)), LIMIT), torch.tensor(3.5))
+    _same_tensor(wire.tensor_from_proto(wire.tensor_to_proto(torch.empty(0, 8)), LIMIT), torch.empty(0, 8))
+
+
+def test_unsupported_dtype_cannot_be_sent():
+    with pytest.raises(ValidationError, match="float64"):
+        wire.tensor_to_proto(torch.zeros(2, dtype=torch.float64))
+
+
+def _tensor(dtype=pb.FLOAT32, shape=(2, 3), nbytes=None):
+    count = 1
+    for d in shape:
+        count *= max(d, 0)
+    return pb.Tensor(dtype=dtype, shape=list(shape), data=bytes(count * 4 if nbytes is None else nbytes))
+
+
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        (_tensor(nbytes=23), "23 bytes.*exactly 24"),  # truncated
+        (_tensor(nbytes=25), "25 bytes.*exactly 24"),  # padded
+        (_tensor(dtype=pb.DTYPE_UNSPECIFIED), "DTYPE_UNSPECIFIED"),
+        (_tensor(dtype=17), "unknown value 17"),
+        (_tensor(shape=(2, -3), nbytes=0), "negative"),
+        (_tensor(shape=(1025, 1024), nbytes=0), "1049600 elements"),
+        (_tensor(shape=(1, 1, 1, 1, 2)), "5 dims"),
+    ],
+    ids=["truncated", "extra-data", "unspecified-dtype", "unknown-dtype", "negative-shape", "too-many-elements", "5-dims"],
+)
+def test_malformed_tensors_are_refused(msg, match):
+    with pytest.raises(ValidationError, match=match):
+        wire.tensor_from_proto(msg, LIMIT)
+
+
+def test_malformed_tensor_inside_a_message_is_refused():
+    msg = wire.cloud_message(0, ForwardResult(_rand(1, 2, 8)))
+    msg.forward.hidden.data = msg.forward.hidden.data[:-1]
+    with pytest.raises(ValidationError, match="exactly 64"):
+        wire.parse_cloud_message(msg, LIMIT)
+
+
+# --- bundle ----------------------------------------------------------------------------------
+
+
+def _make_bundle(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 41)
+    (folder / "empty.txt").write_bytes(b"")
+    return folder
+
+
+def test_bundle_round_trip_creates_identical_files(tmp_path):
+    source = _make_bundle(tmp_path / "src")
+    digest, size = wire.bundle_digest(source)
+    chunks = list(wire.chunked_bundle(source, chunk_size=1000))
+    assert [c.file for c in chunks if c.last] == ["config.json", "empty.txt", "model.safetensors"]
+    assert size == sum(len(c.data) for c in chunks)
+    target = tmp_path / "dst"
+    wire.receive_bundle(chunks, target, digest, max_bytes=size)
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in source.iterdir())
+    for p in source.iterdir():
+        assert (target / p.name).read_bytes() == p.read_bytes()
+    assert wire.bundle_digest(target) == (digest, size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no staging left over
+
+
+def test_bundle_replaces_an_existing_folder(tmp_path):
+    source = _make_bundle(tmp_path / "src")
+    target = tmp_path / "dst"
+    target.mkdir()
+    (target / "stale.bin").write_bytes(b"old")
+    wire.receive_bundle(wire.chunked_bundle(source, 64), target, wire.bundle_digest(source)[0], 1 << 20)
+    assert not (target / "stale.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+def test_digest_cannot_be_kept_by_moving_bytes_across_files(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "x").write_bytes(b"12")
+    (a / "y").write_bytes(b"34")
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "x").write_bytes(b"12y\x0034")  # what name, NUL, bytes without sizes would confuse with `a`
+    assert wire.bundle_digest(a)[0] != wire.bundle_digest(b)[0]
+
+
+def _refused(tmp_path, chunks, digest="0" * 64, max_bytes=1 << 20, match=""):
+    target = tmp_path / "dst"
+    with pytest.raises(ValidationError, match=match):
+        wire.receive_bundle(chunks, target, digest, max_bytes)
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "src"] == []  # no staging folder either
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "", "x" * 129, "a\n"])
+def test_bundle_bad_names_are_refused(tmp_path, name):
+    _refused(tmp_path, [pb.BundleChunk(file=name, data=b"1", last=True)], match="not a plain name")
+
+
+def test_bundle_over_size_is_refused(tmp_path):
+    source = _make_bundle(tmp_path / "src")
+    digest, size = wire.bundle_digest(source)
+    _refused(tmp_path, wire.chunked_bundle(source, 100), digest, max_bytes=size - 1, match="over")
+
+
+def test_bundle_digest_mismatch_is_refused_and_shows_both(tmp_path):
+    source = _make_bundle(tmp_path / "src")
+    digest, _ = wire.bundle_digest(source)
+    _refused(tmp_path, wire.chunked_bundle(source, 100), "f" * 64, match=f"{digest}.*{'f' * 64}")
+
+
+def test_bundle_interleaved_files_are_refused(tmp_path):
+    chunks = [pb.BundleChunk(file="a", data=b"1"), pb.BundleChunk(file="b", data=b"2", last=True)]
+    _refused(tmp_path, chunks, match="before the last chunk of 'a'")
+
+
+def test_bundle_truncated_stream_and_repeated_file_are_refused(tmp_path):
+    _refused(tmp_path, [pb.BundleChunk(file="a", data=b"1")], match="ended inside 'a'")
+    twice = [pb.BundleChunk(file="a", data=b"1", last=True), pb.BundleChunk(file="a", data=b"1", last=True)]
+    _refused(tmp_path, twice, match="twice")
+
+
+# --- generated code ----------------------------------------------------------------------------
+
+
+def test_committed_generated_code_matches_split_proto(tmp_path):
+    pytest.importorskip("grpc_tools")
+    from plora.cloud_backbone.protocol import codegen
+
+    codegen.main(["--out", str(tmp_path)])
+    for name in ("split_pb2.py", "split_pb2_grpc.py", "split_pb2.pyi"):
+        fresh = (tmp_path / name).read_bytes()
+        assert fresh.startswith(b"# Generated by plora.cloud_backbone.protocol.codegen from split.proto. Do not edit.\n")
+        assert fresh == (PROTOCOL_DIR / name).read_bytes(), (
+            f"{name} is stale: run `python -m plora.cloud_backbone.protocol.codegen` after editing split.proto"
+        )
+    grpc_module = (tmp_path / "split_pb2_grpc.py").read_text()
+    assert "from plora.cloud_backbone.protocol import split_pb2 as split__pb2" in grpc_module
+    assert "\nimport split_pb2" not in grpc_module
