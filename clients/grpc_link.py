@@ -105,6 +105,8 @@ class GrpcLink(SplitLink):
         self._inbox: queue.Queue = queue.Queue()
         self._step = 0
         self._broken: PloraError | None = None
+        self.wire_bytes = {"up": 0, "down": 0}  # serialized message bytes, before gRPC/HTTP2 framing
+        self.wire_frames = 0
         stub = pb_grpc.SplitBackboneStub(self._channel)
         self._call = stub.Session(iter(self._outbox.get, _CLOSE), metadata=credentials.metadata())
         threading.Thread(target=self._pump, name="plora-link", daemon=True).start()
@@ -128,7 +130,10 @@ class GrpcLink(SplitLink):
             self._inbox.put(rpc_error(err))
 
     def _send(self, message) -> None:
-        self._outbox.put(wire.device_message(self._step, message))
+        frame = wire.device_message(self._step, message)
+        self.wire_bytes["up"] += frame.ByteSize()
+        self.wire_frames += 1
+        self._outbox.put(frame)
 
     def _receive(self):
         if self._broken:
@@ -139,6 +144,8 @@ class GrpcLink(SplitLink):
             item = TransportError(f"no answer from the backbone service within {self._timeout:g} s")
         if isinstance(item, PloraError):
             self._break(item)
+        self.wire_bytes["down"] += item.ByteSize()
+        self.wire_frames += 1
         _, message = wire.parse_cloud_message(item, MAX_MESSAGE_BYTES)
         if isinstance(message, StepError):
             err = _error_from(message)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from plora.cloud_backbone.batching import DecodeBatcher, batchable
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice
 from plora.cloud_backbone.protocol import (
@@ -52,6 +53,11 @@ class CloudHalf(nn.Module):
         )
         self.stack = decoder_slice(backbone.model, config.device_layers, num_layers)
         self.slot = attach(self.stack.layers, config.device_layers, config)
+        self.batcher: DecodeBatcher | None = None
+
+    def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01) -> None:
+        """Run concurrent sessions' decode steps as one batch (see batching.py)."""
+        self.batcher = DecodeBatcher(self, max_batch, gather_s)
 
     def open_session(self, max_tokens: int = 4096) -> CloudSession:
         return CloudSession(self, max_tokens)
@@ -85,7 +91,7 @@ class CloudSession:
         self.half = half
         self.identity = half.identity
         self.max_tokens = max_tokens
-        self._cache: DynamicCache | None = None
+        self.cache: DynamicCache | None = None  # keys and values of the cloud layers
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None  # (input leaf, output)
         self._handler: DeviceHandler | None = None
 
@@ -119,6 +125,8 @@ class CloudSession:
             hidden = hidden.detach().requires_grad_(True)
         self._handler = ask
         try:
+            if self.half.batcher and batchable(cache, hidden, request.train, request.attention_mask):
+                return ForwardResult(self.half.batcher.step(self, hidden))
             with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
                 out = self.half.stack(
                     inputs_embeds=hidden,
@@ -136,17 +144,17 @@ class CloudSession:
         if mode is CacheMode.NONE:
             return None
         if mode is CacheMode.START:
-            self._cache = DynamicCache(config=self.half.stack.config)
-        elif self._cache is None:
+            self.cache = DynamicCache(config=self.half.stack.config)
+        elif self.cache is None:
             raise SessionError("EXTEND needs a cached sequence; start one with CacheMode.START")
-        elif self._cache.get_seq_length() and self._cache.layers[0].keys.shape[0] != shape[0]:
-            raise ValidationError(f"batch of {shape[0]} does not match the cached batch of {self._cache.layers[0].keys.shape[0]}")
-        if self._cache.get_seq_length() + shape[1] > self.max_tokens:
+        elif self.cache.get_seq_length() and self.cache.layers[0].keys.shape[0] != shape[0]:
+            raise ValidationError(f"batch of {shape[0]} does not match the cached batch of {self.cache.layers[0].keys.shape[0]}")
+        if self.cache.get_seq_length() + shape[1] > self.max_tokens:
             raise SessionError(
-                f"session would hold {self._cache.get_seq_length() + shape[1]} tokens, over its limit of {self.max_tokens}; "
+                f"session would hold {self.cache.get_seq_length() + shape[1]} tokens, over its limit of {self.max_tokens}; "
                 "start a new sequence"
             )
-        return self._cache
+        return self.cache
 
     def backward(self, request: BackwardRequest, ask: DeviceHandler) -> BackwardResult:
         if self._graph is None:
@@ -162,7 +170,7 @@ class CloudSession:
         return BackwardResult(hidden.grad if request.want_input_grad else None)
 
     def close(self) -> None:
-        self._cache = None
+        self.cache = None
         self._graph = None
 
 

@@ -90,7 +90,9 @@ def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: 
     if not (bundle / "config.json").is_file():
         export_device_bundle(backbone, config, bundle)
     digest, size = bundle_digest(bundle)
-    return HostedVersion(CloudHalf(backbone, config), bundle, digest, size)
+    half = CloudHalf(backbone, config)
+    half.enable_batching()
+    return HostedVersion(half, bundle, digest, size)
 
 
 def _hash_token(token: str) -> str:

@@ -298,6 +298,23 @@ def bench_split(json_path, spec, repeats) -> None:
         click.echo(f"wrote {json_path}")
 
 
+@bench.command("serve")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here too.")
+@click.option("--backbone", "spec", default="embedded", show_default=True)
+@click.option("--devices", default=16, show_default=True, type=click.IntRange(min=1), help="Size of the concurrent fleet.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
+@_fail_cleanly
+def bench_serve(json_path, spec, devices, repeats) -> None:
+    """The service over gRPC loopback: single and fleet decode, wire bytes, and training, as ratios."""
+    from plora.platform.bench_serve import run_serve_bench
+
+    results = run_serve_bench(spec, devices, repeats, echo=lambda line: click.echo(line, err=True))
+    click.echo(results.table())
+    if json_path:
+        json_path.write_text(json.dumps(results.to_json(), indent=2))
+        click.echo(f"wrote {json_path}")
+
+
 @main.command()
 @click.option("--out", default="plora-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the device, its data, the report and results.json.")

@@ -13,8 +13,11 @@ from plora.clients.generation import encode_prompt, stream_tokens
 from plora.clients.training import TrainSettings, evaluate, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.clients.grpc_link import Endpoint
+from plora.cloud_backbone.server import start_service
+from plora.platform.jobs import registry
 from plora.platform.personas import make_persona
-from plora.platform.runtime import split_embedded
+from plora.platform.runtime import init_device, open_device, split_embedded
 
 pytestmark = pytest.mark.embedded
 
@@ -47,3 +50,18 @@ def test_personalizing_on_private_facts_lowers_their_loss_within_a_minute():
     assert time.perf_counter() - started < 60
     after = evaluate(split, train, tok.pad_token_id)
     assert after < 0.5 * before, (before, after)
+
+
+def test_greedy_generation_over_the_network_with_zero_m_equals_the_base_model(tmp_path, base_model):
+    server = start_service(["embedded"], PrivateLoRAConfig(), registry())
+    try:
+        endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
+        init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint)
+        device = open_device(tmp_path / "dev")
+        prompt = encode_prompt(device.tokenizer, "Name three primary colours.")
+        ours = list(stream_tokens(device.model, prompt, 20, set()))
+        device.close()
+    finally:
+        server.stop(grace_s=1)
+    theirs = base_model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert ours == theirs[0, len(prompt) :].tolist()

@@ -70,6 +70,8 @@ def test_eight_devices_in_separate_processes_each_get_what_they_get_alone(served
         assert torch.allclose(torch.tensor(a["ms"]), torch.tensor(b["ms"]), atol=1e-5), seed
         assert a["losses"] == pytest.approx(b["losses"], abs=1e-5)
     assert len({tuple(r["ms"][:8]) for r in alone}) == DEVICES  # every device learned its own M
+    batcher = next(iter(server.service.versions.values())).half.batcher
+    assert batcher.rows > batcher.batches  # concurrent decode steps shared passes
     assert server.service.active_sessions == 0
 
 

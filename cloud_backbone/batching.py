@@ -1,0 +1,142 @@
+"""Batching decode steps of many sessions into one pass through the cloud layers.
+
+A and B are the same for every user, so the cloud's adapter work for a mixed batch is two
+dense matmuls; only u·M differs, and each row's u goes to its own device. Sessions submit
+one-token decode steps; a scheduler thread gathers those that arrive together (it waits a
+few milliseconds for the sessions of the previous batch to come back), pads their KV caches
+to a common length, runs one forward, and hands every session its row and its new keys and
+values. A device that fails or times out fails its own row only: its u·M is replaced by
+zeros for the rest of that pass, its result is discarded, and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from plora.cloud_backbone.protocol import AdapterRequest, Phase
+from plora.storage.errors import PloraError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Ticket:
+    session: object  # CloudSession
+    hidden: torch.Tensor  # (1, 1, d)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+def batchable(cache: DynamicCache | None, hidden: torch.Tensor, train: bool, attention_mask) -> bool:
+    """One new token of one sequence, on a plain (non-sliding) cache: a decode step."""
+    return (
+        cache is not None
+        and not train
+        and attention_mask is None
+        and tuple(hidden.shape[:2]) == (1, 1)
+        and cache.get_seq_length() > 0
+        and all(type(layer) is DynamicLayer for layer in cache.layers)
+    )
+
+
+class DecodeBatcher:
+    def __init__(self, half, max_batch: int = 64, gather_s: float = 0.01):
+        self.half = half
+        self.max_batch = max_batch
+        self.gather_s = gather_s
+        self._queue: list[_Ticket] = []
+        self._cond = threading.Condition()
+        self._last_batch: set[int] = set()  # ids of the sessions in the previous batch
+        self._pool = ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="plora-fanout")
+        self.batches = 0
+        self.rows = 0
+        threading.Thread(target=self._schedule, name="plora-batcher", daemon=True).start()
+
+    def step(self, session, hidden: torch.Tensor) -> torch.Tensor:
+        """Run one decode step of `session` in the next batch; blocks until it ran."""
+        ticket = _Ticket(session, hidden)
+        with self._cond:
+            self._queue.append(ticket)
+            self._cond.notify_all()
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    def _gather(self) -> list[_Ticket]:
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            deadline = time.monotonic() + self.gather_s
+            # Wait for the sessions of the previous batch, which are likely decoding in lockstep.
+            while len(self._queue) < self.max_batch and not self._last_batch <= {id(t.session) for t in self._queue}:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            return batch
+
+    def _schedule(self) -> None:
+        while True:
+            batch = self._gather()
+            self._last_batch = {id(t.session) for t in batch}
+            try:
+                self._run(batch)
+            except BaseException as err:  # a bug must not hang the callers
+                log.exception("batched decode step failed")
+                for ticket in batch:
+                    ticket.error = ticket.error or err
+            finally:
+                self.batches += 1
+                self.rows += len(batch)
+                for ticket in batch:
+                    ticket.done.set()
+
+    def _run(self, batch: list[_Ticket]) -> None:
+        caches = [t.session.cache for t in batch]
+        lengths = [c.get_seq_length() for c in caches]
+        longest = max(lengths)
+        padded = DynamicCache(config=self.half.stack.config)
+        for j in range(len(caches[0].layers)):
+            # Left-pad every sequence to the longest, so the new token is the last column for all.
+            keys = torch.cat([F.pad(c.layers[j].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)])
+            values = torch.cat([F.pad(c.layers[j].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)])
+            padded.update(keys, values, j)
+        mask = torch.zeros(len(batch), longest + 1, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, longest - n :] = 1
+        positions = torch.tensor(lengths)[:, None]
+        hidden = torch.cat([t.hidden for t in batch])
+
+        def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
+            def ask(i: int) -> torch.Tensor:
+                ticket = batch[i]
+                if ticket.error is None:
+                    try:
+                        return ticket.session.ask(AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1]))
+                    except PloraError as err:
+                        ticket.error = err
+                return torch.zeros(1, 1, self.half.width(group, Phase.FORWARD, "up"))
+
+            return torch.cat(list(self._pool.map(ask, range(len(batch)))))
+
+        with torch.no_grad(), self.half.slot.using(exchange):
+            out = self.half.stack(
+                inputs_embeds=hidden, attention_mask=mask, position_ids=positions, cache=padded, use_cache=True
+            ).last_hidden_state
+        for i, ticket in enumerate(batch):
+            if ticket.error is None:
+                for j, layer in enumerate(padded.layers):
+                    ticket.session.cache.update(layer.keys[i : i + 1, :, -1:], layer.values[i : i + 1, :, -1:], j)
+                ticket.result = out[i : i + 1]

@@ -1,0 +1,209 @@
+"""`plora bench serve`: the backbone service over gRPC loopback against monolithic baselines.
+
+The service runs in a child process, as it would on its own machine; the devices run as
+threads of this process. On one small machine the devices' own work (embedding, LM head,
+u·M) competes with the service for the same cores, which a real fleet would not do; the
+figures say so rather than hide it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from plora.clients.generation import stream_tokens
+from plora.clients.grpc_link import Endpoint
+from plora.clients.training import causal_lm_loss
+from plora.cloud_backbone import loading
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import CacheMode
+from plora.platform.bench import MonolithicModel, _rate
+from plora.platform.runtime import init_device, open_device
+
+# gRPC adds a 5-byte message prefix and HTTP/2 a 9-byte DATA frame header per message.
+FRAMING_BYTES = 14
+
+
+@dataclass
+class ServeBench:
+    backbone: str
+    config: dict
+    figures: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, name: str, value: float, target: str, **detail) -> None:
+        self.figures[name] = {"value": value, "target": target, **detail}
+
+    def table(self) -> str:
+        lines = [f"{'figure':<22} {'value':>8}  {'target':<8} detail", "-" * 78]
+        for name, f in self.figures.items():
+            detail = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items() if k not in ("value", "target"))
+            lines.append(f"{name:<22} {f['value']:>8.3f}  {f['target']:<8} {detail}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"backbone": self.backbone, "config": self.config, "figures": self.figures}
+
+
+def _serve(spec: str, config: dict, home: str, ports) -> None:
+    import os
+
+    os.environ["PLORA_DB_URL"] = f"sqlite:///{home}/bench.db"  # a throwaway registry; converted backbones are reused
+    from plora.cloud_backbone.server import start_service
+    from plora.cloud_backbone.service import Limits
+    from plora.platform.jobs import registry
+
+    server = start_service([spec], PrivateLoRAConfig.from_dict(config), registry(), Limits(max_sessions_per_device=4))
+    ports.put(server.port)
+    server.wait()
+
+
+def _base_batched_decode(model, batch: int, prompt_len: int, new_tokens: int) -> Callable[[], int]:
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def run() -> int:
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        for _ in range(new_tokens):
+            logits = model(input_ids=logits.argmax(-1, keepdim=True), cache=cache, use_cache=True).logits[:, -1]
+        return batch * new_tokens
+
+    return run
+
+
+def _fleet_decode(devices, prompt: list[int], new_tokens: int) -> Callable[[], int]:
+    def run() -> int:
+        def one(device) -> None:
+            for _ in stream_tokens(device.model, prompt, new_tokens, stop_ids=set()):
+                pass
+
+        threads = [threading.Thread(target=one, args=(d,)) for d in devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len(devices) * new_tokens
+
+    return run
+
+
+def _train(model, params, ids: torch.Tensor) -> Callable[[], int]:
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def run() -> int:
+        logits = model(ids)
+        logits = getattr(logits, "logits", logits)
+        loss, _ = causal_lm_loss(logits, ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return ids.numel()
+
+    return run
+
+
+def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], None]) -> ServeBench:
+    from peft import LoraConfig, get_peft_model
+
+    config = PrivateLoRAConfig()
+    home = tempfile.mkdtemp(prefix="plora-bench-")
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    server = context.Process(target=_serve, args=(spec, config.to_dict(), home, ports), daemon=True)
+    server.start()
+    results = ServeBench(spec, config.to_dict())
+    try:
+        port = ports.get(timeout=600)
+        endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
+        echo(f"service up on port {port}; enrolling {fleet + 1} devices")
+        devices = []
+        for i in range(fleet + 1):
+            init_device(Path(home) / f"device{i}", endpoint.address, endpoint=endpoint)
+            devices.append(open_device(Path(home) / f"device{i}"))
+        single, fleet_devices = devices[0], devices[1:]
+        mono = MonolithicModel(loading.load(spec), config)
+        prompt = list(range(100, 116))
+        new_tokens = 32
+
+        echo("single-device greedy decode: gRPC vs monolithic")
+        runs = {"grpc": _decode_run(single.model, prompt, new_tokens), "mono": _decode_run(mono, prompt, new_tokens)}
+        rates = _alternate(runs, repeats)
+        results.add("single_decode_ratio", _ratio(rates, "grpc", "mono"), ">= 0.85",
+                    grpc_tok_s=statistics.median(rates["grpc"]), monolithic_tok_s=statistics.median(rates["mono"]))
+
+        echo("wire bytes per decoded token")
+        per_token = _decode_wire_bytes(single.model, prompt, new_tokens)
+        minimum = _minimum_bytes_per_token(config, single.model)
+        results.add("wire_bytes_ratio", per_token / minimum, "<= 1.2", bytes_per_token=per_token, minimum=float(minimum))
+
+        echo(f"{fleet} concurrent devices vs monolithic batched decode of the base model at batch {fleet}")
+        base = loading.load(spec).model
+        runs = {"fleet": _fleet_decode(fleet_devices, prompt, new_tokens), "mono": _base_batched_decode(base, fleet, len(prompt), new_tokens)}
+        rates = _alternate(runs, repeats)
+        results.add(f"fleet{fleet}_decode_ratio", _ratio(rates, "fleet", "mono"), ">= 0.75",
+                    fleet_tok_s=statistics.median(rates["fleet"]), monolithic_tok_s=statistics.median(rates["mono"]))
+
+        echo("fine-tuning: split over gRPC vs monolithic PEFT LoRA (r=16, q/k/v)")
+        ids = torch.randint(0, base.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+        peft_model = get_peft_model(base, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj"]))
+        runs = {
+            "split": _train(single.model, list(single.model.weights.parameters()), ids),
+            "lora": _train(peft_model, [p for p in peft_model.parameters() if p.requires_grad], ids),
+        }
+        rates = _alternate(runs, repeats)
+        results.add("train_ratio", _ratio(rates, "split", "lora"), ">= 0.6",
+                    split_tok_s=statistics.median(rates["split"]), lora_tok_s=statistics.median(rates["lora"]))
+        for device in devices:
+            device.close()
+    finally:
+        server.terminate()
+        server.join()
+    return results
+
+
+def _decode_run(model, prompt: list[int], new_tokens: int) -> Callable[[], int]:
+    return lambda: sum(1 for _ in stream_tokens(model, prompt, new_tokens, stop_ids=set()))
+
+
+@torch.no_grad()
+def _decode_wire_bytes(model, prompt: list[int], new_tokens: int) -> float:
+    """Bytes on the wire per decode step (one token each), prefill excluded."""
+    link = model.link
+    model(torch.tensor([prompt]), CacheMode.START)
+    bytes_before, frames_before = sum(link.wire_bytes.values()), link.wire_frames
+    for token in range(new_tokens):
+        model(torch.tensor([[token]]), CacheMode.EXTEND)
+    frames = link.wire_frames - frames_before
+    return (sum(link.wire_bytes.values()) - bytes_before + FRAMING_BYTES * frames) / new_tokens
+
+
+def _alternate(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, list[float]]:
+    """Warm each side up, then alternate timed runs so that drift hits both alike."""
+    for run in runs.values():
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            rates[name].append(_rate(run))
+    return rates
+
+
+def _ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float:
+    return statistics.median(rates[top]) / statistics.median(rates[bottom])
+
+
+def _minimum_bytes_per_token(config: PrivateLoRAConfig, model) -> int:
+    """The hidden state both ways plus, per adapted group and layer, u down and u·M up, in float32."""
+    d = model.embed.embedding_dim
+    cloud_layers = model.weights.num_layers - config.device_layers
+    per_layer = sum((config.a_count(g) + len(members)) * config.rank for g, members in config.groups.items())
+    return 4 * (2 * d + cloud_layers * per_layer)
+
