@@ -88,14 +88,17 @@ class DeviceStore:
         self.record = record
 
     @classmethod
-    def create(cls, root: Path, backbone_spec: str, identity: BackboneIdentity, endpoint: dict | None = None) -> DeviceStore:
+    def create(
+        cls, root: Path, backbone_spec: str, identity: BackboneIdentity, endpoint: dict | None = None, device_id: str | None = None
+    ) -> DeviceStore:
+        """A new device folder. `device_id` is the one a service issued; local devices get a fresh one."""
         root = Path(root)
         if (root / cls.RECORD).exists():
             raise ConfigError(f"{root} already holds a device; use another folder")
         identity.adapter.check_backbone(identity.num_layers)
         root.mkdir(parents=True, exist_ok=True)
         record = DeviceRecord(
-            device_id=uuid.uuid4().hex,
+            device_id=device_id or uuid.uuid4().hex,
             backbone_spec=backbone_spec,
             backbone_name=identity.name,
             backbone_hash=identity.content_hash,

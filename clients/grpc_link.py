@@ -35,7 +35,6 @@ from plora.cloud_backbone.protocol import (
 from plora.storage import errors
 from plora.storage.errors import AuthenticationError, ConfigError, PloraError, TransportError, ValidationError
 
-DEVICE_HEADER = "x-plora-device"
 MAX_MESSAGE_BYTES = 32 << 20
 _CLOSE = object()
 
@@ -46,7 +45,7 @@ class Endpoint:
 
     address: str  # host:port
     insecure: bool = False  # plain text: loopback and tests only
-    ca_file: str | None = None  # a CA bundle to trust; None = the system's
+    ca_file: str | None = None  # a CA bundle to trust; None = gRPC's bundled public roots
 
     def channel(self) -> grpc.Channel:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -62,7 +61,7 @@ class Credentials:
     token: str
 
     def metadata(self) -> list[tuple[str, str]]:
-        return [(DEVICE_HEADER, self.device_id), ("authorization", f"Bearer {self.token}")]
+        return [(wire.DEVICE_HEADER, self.device_id), ("authorization", f"Bearer {self.token}")]
 
     def save(self, path: Path) -> None:
         """Owner-only permissions: the token is the device's password."""

@@ -7,7 +7,6 @@ same code serve the in-process link and the network service.
 
 from __future__ import annotations
 
-import logging
 
 import torch
 from torch import nn
@@ -29,8 +28,6 @@ from plora.cloud_backbone.protocol import (
     Phase,
 )
 from plora.storage.errors import SessionError, ValidationError
-
-log = logging.getLogger(__name__)
 
 
 class CloudHalf(nn.Module):

@@ -65,7 +65,9 @@ def _http_handler(server: RunningServer):
 class RunningServer:
     """A started service. `port` is the bound gRPC port (useful with port 0)."""
 
-    def __init__(self, service: BackboneService, host: str, port: int, tls: TLSFiles | None, http_port: int | None):
+    def __init__(
+        self, service: BackboneService, host: str, port: int, tls: TLSFiles | None, http_port: int | None, http_host: str = "127.0.0.1"
+    ):
         self.service = service
         self.metrics = Metrics()
         limits = service.limits
@@ -83,7 +85,7 @@ class RunningServer:
             raise ConfigError(f"cannot listen on {address}")
         self.http = None
         if http_port is not None:
-            self.http = ThreadingHTTPServer((host, http_port), _http_handler(self))
+            self.http = ThreadingHTTPServer((http_host, http_port), _http_handler(self))
             threading.Thread(target=self.http.serve_forever, name="plora-http", daemon=True).start()
         self.grpc.start()
         log.info("serving %s on %s:%d", sorted(service.versions), host, self.port)
@@ -112,10 +114,11 @@ def start_service(
     port: int = 0,
     tls: TLSFiles | None = None,
     http_port: int | None = None,
+    http_host: str = "127.0.0.1",
 ) -> RunningServer:
     """Load each backbone, prepare its device bundle and cloud half, and start serving."""
     if len(set(specs)) != len(specs):
         raise ConfigError(f"a backbone is listed twice: {specs}")
     bundles = plora_home() / "bundles"
     versions = [prepare_version(loading.load(spec), config, bundles) for spec in specs]
-    return RunningServer(BackboneService(versions, registry, limits), host, port, tls, http_port)
+    return RunningServer(BackboneService(versions, registry, limits), host, port, tls, http_port, http_host)

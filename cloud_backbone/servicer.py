@@ -54,7 +54,6 @@ STATUS = {
     RegistryError: grpc.StatusCode.NOT_FOUND,
     TransportError: grpc.StatusCode.UNAVAILABLE,
 }
-DEVICE_HEADER = "x-plora-device"
 BUNDLE_CHUNK = 1 << 20
 
 
@@ -149,6 +148,7 @@ class SessionStream:
             self._send(0, StepError(type(err).__name__, str(err), fatal=True))
         except Exception as err:  # a bug: fail this session only, and keep the trace in the log
             log.exception("session of device %s failed", self.device_id)
+            self.metrics.step_errors.labels("InternalError").inc()
             self._send(0, StepError("InternalError", f"{type(err).__name__} in the service", fatal=True))
         finally:
             if session is not None:
@@ -187,7 +187,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
 
     def _authenticate(self, context) -> str:
         metadata = dict(context.invocation_metadata())
-        device_id = metadata.get(DEVICE_HEADER, "")
+        device_id = metadata.get(wire.DEVICE_HEADER, "")
         token = metadata.get("authorization", "").removeprefix("Bearer ")
         self.service.authenticate(device_id, token)
         return device_id

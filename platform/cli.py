@@ -110,7 +110,8 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
 
     chosen = any(ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE for name in adapter)
     config = _config(**adapter) if chosen or not is_address(backbone) else None
-    endpoint = Endpoint(backbone, insecure, tls_ca) if is_address(backbone) else None
+    ca_file = str(Path(tls_ca).resolve()) if tls_ca else None  # later commands may run from elsewhere
+    endpoint = Endpoint(backbone, insecure, ca_file) if is_address(backbone) else None
     store = init_device(directory, backbone, config, endpoint, label)
     if endpoint is None:
         register(store.record, registry())
@@ -214,6 +215,8 @@ def backbone() -> None:
               help="Backbone to host (repeat to host several versions; the first is the default).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="gRPC port (0 picks a free one).")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address for the unauthenticated health and metrics endpoints; keep it private.")
 @click.option("--http-port", default=9464, show_default=True, type=click.IntRange(0, 65535),
               help="Port for /healthz, /readyz and Prometheus /metrics.")
 @click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
@@ -228,7 +231,7 @@ def backbone() -> None:
 @click.option("--idle-timeout", default=600.0, show_default=True, help="Seconds before an idle session is closed.")
 @adapter_options
 @_fail_cleanly
-def serve(specs, host, port, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
+def serve(specs, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
           max_tokens, max_message_mb, reply_timeout, idle_timeout, **adapter) -> None:
     """Serve the frozen cloud half of one or more backbones to devices over gRPC."""
     import signal
@@ -241,19 +244,24 @@ def serve(specs, host, port, http_port, db, tls_cert, tls_key, insecure, max_ses
         raise click.UsageError("give --tls-cert and --tls-key, or --insecure (plain text, for loopback only)")
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if insecure and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving plain text on %s: tokens and activations cross the network unencrypted", host)
     limits = Limits(max_message_bytes=max_message_mb << 20, max_tokens_per_session=max_tokens, max_sessions=max_sessions,
                     max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout)
     tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
-    server = start_service(list(specs), _config(**adapter), registry(db), limits, host, port, tls, http_port)
+    server = start_service(list(specs), _config(**adapter), registry(db), limits, host, port, tls, http_port, http_host)
     for version in server.service.versions.values():
         click.echo(f"hosting {version.identity.version} ({version.identity.name}, {version.identity.num_layers} layers)")
     click.echo(f"listening on {host}:{server.port} ({'TLS' if tls else 'plain text'}); health and metrics on :{server.http_port}")
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    def shut_down(*_) -> None:
+        click.echo("shutting down: finishing sessions in flight", err=True)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, shut_down)
     try:
         server.wait()
     except KeyboardInterrupt:
-        click.echo("shutting down: finishing sessions in flight")
-        server.stop()
+        shut_down()
 
 
 @backbone.command("export-public")

@@ -6,7 +6,6 @@ a crash) leaves the previous personalization in place and is marked failed with 
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +17,8 @@ from plora.cloud_backbone.versions import ensure_version
 from plora.clients.training import TrainResult, TrainSettings, evaluate, personalize
 from plora.platform.runtime import Device
 from plora.storage.db import open_database
-from plora.storage.errors import PloraError
+from plora.storage.errors import PloraError, RegistryError
 from plora.storage.registry import Registry
-
-log = logging.getLogger(__name__)
 
 
 def registry(url: str | None = None) -> Registry:
@@ -29,9 +26,14 @@ def registry(url: str | None = None) -> Registry:
 
 
 def register(record: DeviceRecord, reg: Registry) -> None:
-    """Make sure the registry knows this device and the backbone version it is bound to."""
-    version = ensure_version(reg, record.identity, record.backbone_spec)
-    reg.register_device(record.device_id, version.name)
+    """Make sure the registry knows this device and the backbone version it is bound to.
+
+    A device enrolled with a service is already known to a registry the service shares."""
+    try:
+        reg.get_device(record.device_id)
+    except RegistryError:
+        version = ensure_version(reg, record.identity, record.backbone_spec)
+        reg.register_device(record.device_id, version.name)
 
 
 def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:

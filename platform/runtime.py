@@ -72,7 +72,7 @@ def init_device(
     download_bundle(endpoint, credentials, hosted, root / DeviceStore.BUNDLE)
     credentials.save(root / DeviceStore.CREDENTIALS)
     transport = {"insecure": endpoint.insecure, "ca_file": endpoint.ca_file}
-    return DeviceStore.create(root, backbone_spec, identity, endpoint=transport)
+    return DeviceStore.create(root, backbone_spec, identity, endpoint=transport, device_id=credentials.device_id)
 
 
 def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> DeviceModel:

@@ -30,6 +30,7 @@ from plora.cloud_backbone.protocol import (
 from plora.cloud_backbone.protocol import split_pb2 as pb
 from plora.storage.errors import ConfigError, ValidationError
 
+DEVICE_HEADER = "x-plora-device"  # call metadata naming the device; its token goes in "authorization: Bearer"
 MAX_DIMS = 4  # every tensor of the protocol is at most (B, T, d) or a (B, T) mask
 _DTYPES = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16, pb.INT64: torch.int64}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}

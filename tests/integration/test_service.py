@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 import urllib.request
 
 import grpc
@@ -27,7 +29,7 @@ from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
 from plora.platform.jobs import registry
 from plora.platform.runtime import init_device, open_device, split_embedded
-from plora.storage.errors import AuthenticationError, VersionMismatchError
+from plora.storage.errors import AuthenticationError, CapacityError, TransportError, VersionMismatchError
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
@@ -162,3 +164,59 @@ def test_health_and_metrics(server, device):
     assert "plora_active_sessions 1.0" in metrics
     assert 'plora_tokens_total{step="forward"} 3.0' in metrics
     assert "plora_adapter_round_trip_seconds_count" in metrics
+
+
+def test_session_limits_are_enforced(tiny_checkpoint, tmp_path):
+    limits = Limits(max_sessions_per_device=1, max_sessions=2, idle_timeout_s=1.0)
+    running = start_service([str(tiny_checkpoint)], CONFIG, registry(), limits)
+    try:
+        endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
+        for name in ("a", "b", "c"):
+            init_device(tmp_path / name, endpoint.address, endpoint=endpoint)
+        first = open_device(tmp_path / "a")
+        with pytest.raises(CapacityError, match="limit per device"):
+            open_device(tmp_path / "a")
+        second = open_device(tmp_path / "b")
+        with pytest.raises(CapacityError, match="limit of 2 sessions"):
+            open_device(tmp_path / "c")
+        # Idle sessions are closed and their memory freed; the device learns it on its next step.
+        deadline = time.monotonic() + 10
+        while running.service.active_sessions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running.service.active_sessions == 0
+        with pytest.raises(TransportError):
+            first.model(torch.tensor([[1, 2]]))
+        second.close()
+    finally:
+        running.stop(grace_s=1)
+
+
+def test_graceful_shutdown_refuses_new_sessions_and_ends_open_ones(server, device, tmp_path, endpoint):
+    with torch.no_grad():
+        device.model(torch.tensor([[1, 2, 3]]))
+    init_device(tmp_path / "late", endpoint.address, endpoint=endpoint)
+    server.stop(grace_s=0.5)
+    with pytest.raises(TransportError):
+        device.model(torch.tensor([[4]]))
+    with pytest.raises(TransportError):
+        open_device(tmp_path / "late")
+
+
+def test_the_cli_works_over_the_network(server, tmp_path):
+    from click.testing import CliRunner
+
+    from plora.platform.cli import main
+
+    folder = tmp_path / "cli-dev"
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "What is my pet called?", "response": "Your pet is called Quill."}\n' * 4)
+    runner = CliRunner()
+    for args in (
+        ["device", "init", folder, "--backbone", f"127.0.0.1:{server.port}", "--insecure"],
+        ["personalize", folder, "--data", data, "--steps", 2],
+        ["generate", folder, "Hi", "--max-new-tokens", 3],
+        ["score", folder, "--text", "Your pet is called Quill.", "--json"],
+    ):
+        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, (args, result.output)
+    assert len(json.loads(result.stdout)["logprobs"]) > 3
