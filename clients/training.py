@@ -6,6 +6,8 @@ model's), so when a validation split is given the best M seen on it is kept.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from plora.clients.checkpoint import Progress, TrainingCheckpoint
 from plora.clients.data import TokenizedExample, batches, collate
 from plora.clients.device_model import DeviceModel
 from plora.storage.errors import ConfigError
@@ -97,6 +100,14 @@ def _schedule(total: int, warmup_fraction: float) -> Callable[[int], float]:
     return factor
 
 
+def fingerprint(train: list[TokenizedExample], settings: TrainSettings) -> str:
+    """Identifies a job by its data and settings, so a checkpoint resumes only the same job."""
+    digest = hashlib.sha256(repr(settings).encode())
+    for example in train:
+        digest.update(repr((example.input_ids, example.labels)).encode())
+    return digest.hexdigest()
+
+
 def personalize(
     model: DeviceModel,
     train: list[TokenizedExample],
@@ -104,8 +115,15 @@ def personalize(
     settings: TrainSettings = TrainSettings(),
     val: list[TokenizedExample] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
+    checkpoint_every: int = 10,
 ) -> TrainResult:
-    """Train the model's M on `train`. `on_step(step, total, loss)` reports progress."""
+    """Train the model's M on `train`. `on_step(step, total, loss)` reports progress.
+
+    With a checkpoint, progress is saved every `checkpoint_every` steps and a matching
+    checkpoint left by an interrupted run is resumed: the same batches, in the same order,
+    from the step after the last one saved.
+    """
     if not train:
         raise ConfigError("no training examples")
     total = settings.total_steps(len(train))
@@ -115,43 +133,51 @@ def personalize(
     per_epoch = math.ceil(len(train) / settings.batch_size)
     eval_every = settings.eval_every or per_epoch
 
-    val_before = evaluate(model, val, pad_id) if val else None
-    best = (val_before, 0, [p.detach().clone() for p in params]) if val else None
-    first = last = float("nan")
-    tokens, step, started = 0, 0, time.perf_counter()
+    restored = checkpoint.restore(params, optimizer, scheduler) if checkpoint else None
+    if restored:
+        progress, best = restored
+    else:
+        progress, best = Progress(), None
+        if val:
+            progress.val_before = progress.best_score = evaluate(model, val, pad_id)
+            best = [p.detach().clone() for p in params]
+    started, seconds_before = time.perf_counter(), progress.seconds
     model.train()
-    for batch in batches(train, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch)):
+    schedule = batches(train, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch))
+    for batch in itertools.islice(schedule, progress.step, total):
         ids, labels = collate(batch, pad_id)
         loss, _ = causal_lm_loss(model(ids), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        step += 1
-        tokens += sum(len(e.input_ids) for e in batch)
-        last = loss.item()
-        first = last if step == 1 else first
+        progress.step += 1
+        progress.tokens += sum(len(e.input_ids) for e in batch)
+        progress.last_loss = loss.item()
+        if progress.step == 1:
+            progress.first_loss = progress.last_loss
         if on_step:
-            on_step(step, total, last)
-        if best is not None and (step % eval_every == 0 or step == total):
+            on_step(progress.step, total, progress.last_loss)
+        if val and (progress.step % eval_every == 0 or progress.step == total):
             score = evaluate(model, val, pad_id)
-            if score < best[0]:
-                best = (score, step, [p.detach().clone() for p in params])
-        if step >= total:
-            break
+            if score < progress.best_score:
+                progress.best_score, progress.best_step = score, progress.step
+                best = [p.detach().clone() for p in params]
+        progress.seconds = seconds_before + time.perf_counter() - started
+        if checkpoint and progress.step % checkpoint_every == 0 and progress.step < total:
+            checkpoint.save(progress, params, best, optimizer, scheduler)
     model.eval()
-    seconds = time.perf_counter() - started
     if best is not None:
         with torch.no_grad():
-            for p, kept in zip(params, best[2]):
+            for p, kept in zip(params, best):
                 p.copy_(kept)
     return TrainResult(
-        steps=step,
-        tokens=tokens,
-        seconds=seconds,
-        first_loss=first,
-        last_loss=last,
-        val_before=val_before,
-        val_after=best[0] if best else None,
-        best_step=best[1] if best else None,
+        steps=progress.step,
+        tokens=progress.tokens,
+        seconds=progress.seconds,
+        first_loss=progress.first_loss,
+        last_loss=progress.last_loss,
+        val_before=progress.val_before,
+        val_after=progress.best_score if val else None,
+        best_step=progress.best_step if val else None,
     )

@@ -286,6 +286,38 @@ def export_public(spec, out, **adapter) -> None:
 
 
 @main.group()
+def jobs() -> None:
+    """Personalization and migration jobs recorded in the registry."""
+
+
+@jobs.command("list")
+@click.option("--device", "device_id", help="Only this device's jobs.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@_fail_cleanly
+def jobs_list(device_id, limit, db, as_json) -> None:
+    """The newest jobs first: device, status, steps, tokens and metrics before and after."""
+    from plora.platform.jobs import registry
+
+    found = registry(db).list_jobs(device_id, limit)
+    if as_json:
+        for job in found:
+            fields = ("id", "device_id", "kind", "status", "steps_done", "tokens_processed", "metrics_before", "metrics_after", "reason")
+            record = {f: getattr(job, f) for f in fields}
+            record["started_at"] = job.started_at.isoformat() if job.started_at else None
+            record["ended_at"] = job.ended_at.isoformat() if job.ended_at else None
+            click.echo(json.dumps(record))
+        return
+    click.echo(f"{'job':>5} {'device':<12} {'kind':<11} {'status':<11} {'steps':>6} {'tokens':>8}  before -> after")
+    for job in found:
+        before = ", ".join(f"{k}={v:.3g}" for k, v in (job.metrics_before or {}).items() if isinstance(v, float))
+        after = ", ".join(f"{k}={v:.3g}" for k, v in (job.metrics_after or {}).items() if isinstance(v, float))
+        note = f"{before} -> {after}" if job.status == "succeeded" else (job.reason or "")
+        click.echo(f"{job.id:>5} {job.device_id[:12]:<12} {job.kind:<11} {job.status:<11} {job.steps_done:>6} {job.tokens_processed:>8}  {note}")
+
+
+@main.group()
 def bench() -> None:
     """Benchmarks: print a table and write JSON."""
 

@@ -11,14 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from plora.clients.device_store import DeviceRecord
+from plora.clients.checkpoint import TrainingCheckpoint
 from plora.clients.data import TokenizedExample, load_examples, tokenize
+from plora.clients.device_store import DeviceRecord
+from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
-from plora.clients.training import TrainResult, TrainSettings, evaluate, personalize
 from plora.platform.runtime import Device
 from plora.storage.db import open_database
 from plora.storage.errors import PloraError, RegistryError
 from plora.storage.registry import Registry
+
+CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
 
 
 def registry(url: str | None = None) -> Registry:
@@ -61,21 +64,37 @@ def run_personalization(
     on_step: Callable[[int, int, float], None] | None = None,
     reg: Registry | None = None,
 ) -> JobOutcome:
-    """Train the device's M on a local file, save it, and record the job."""
+    """Train the device's M on a local file, save it, and record the job.
+
+    Progress is checkpointed on the device; running the same job again after an interruption
+    resumes it, under the same job id.
+    """
     reg = reg or registry()
-    register(device.store.record, reg)
+    record = device.store.record
+    register(record, reg)
     params = {"lr": settings.lr, "batch_size": settings.batch_size, "max_length": max_length}
     params.update({k: v for k, v in (("steps", settings.steps), ("epochs", settings.epochs)) if v is not None})
-    job_id = reg.start_job(device.store.record.device_id, "personalize", params)
     try:
         examples = tokenize(load_examples(data_path), device.tokenizer, max_length)
-        train, val = split_holdout(examples, val_fraction, settings.seed)
+    except PloraError as err:
+        reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
+        raise
+    train, val = split_holdout(examples, val_fraction, settings.seed)
+    checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, settings))
+    checkpoint.job_id = checkpoint.stored_job()
+    if checkpoint.job_id is not None:
+        reg.resume_job(checkpoint.job_id)
+    else:
+        checkpoint.job_id = reg.start_job(record.device_id, "personalize", params)
+    job_id = checkpoint.job_id
+    try:
         pad = device.tokenizer.pad_token_id
         measured_on = val or train
         before = evaluate(device.model, measured_on, pad)
-        result = personalize(device.model, train, pad, settings, val or None, on_step)
+        result = personalize(device.model, train, pad, settings, val or None, on_step, checkpoint)
         after = result.val_after if val else evaluate(device.model, train, pad)
         device.save(device.steps + result.steps)
+        checkpoint.clear()
     except (PloraError, OSError) as err:
         reg.fail_job(job_id, f"{type(err).__name__}: {err}")
         raise

@@ -219,6 +219,17 @@ class Registry:
         log.info("job %d (%s) started on device %s", job_id, kind, device_id)
         return job_id
 
+    def resume_job(self, job_id: int) -> Job:
+        """Reopen an interrupted job (or one left running by a crash) to carry on where it stopped."""
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.status not in (JobStatus.INTERRUPTED.value, JobStatus.RUNNING.value):
+                found = "no such job" if job is None else f"status {job.status}"
+                raise RegistryError(f"job {job_id} cannot be resumed ({found}); only interrupted or running jobs can")
+            job.status, job.reason, job.ended_at = JobStatus.RUNNING.value, None, None
+        log.info("job %d resumed", job_id)
+        return job
+
     def update_job_progress(self, job_id: int, steps_done: int, tokens_processed: int) -> None:
         steps = validate.count("steps_done", steps_done)
         tokens = validate.count("tokens_processed", tokens_processed)
