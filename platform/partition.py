@@ -1,0 +1,78 @@
+"""Splitting a data set across a simulated fleet, one private partition per device.
+
+The partitioners are flwr-datasets': natural (one user per device, e.g. one speaker of a
+play), IID, and Dirichlet over a label column. The product ships no data set; these read the
+user's files, and the tests and benchmarks read theirs from ../shared/data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import datasets
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+from plora.storage.errors import ConfigError, DataError
+
+SCHEMES = ("natural", "iid", "dirichlet")
+_SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]*[A-Za-z]):$")
+
+
+def play_blocks(path: Path) -> datasets.Dataset:
+    """A play as `SPEAKER:` blocks separated by blank lines -> rows of (speaker, text)."""
+    rows = []
+    for block in Path(path).read_text(encoding="utf-8").split("\n\n"):
+        lines = block.strip().splitlines()
+        if len(lines) >= 2 and (match := _SPEAKER.match(lines[0].strip())):
+            rows.append({"speaker": match.group(1), "text": "\n".join(lines[1:]).strip()})
+    if not rows:
+        raise DataError(f"{path} has no 'SPEAKER:' blocks separated by blank lines")
+    return datasets.Dataset.from_list(rows)
+
+
+def partition(
+    dataset: datasets.Dataset,
+    scheme: str,
+    num_partitions: int,
+    partition_by: str | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> list[datasets.Dataset]:
+    """`num_partitions` disjoint partitions of `dataset`.
+
+    natural: the `num_partitions` largest groups of `partition_by` (e.g. speakers), one each.
+    iid: shuffled equal shares. dirichlet: label shares drawn from Dir(alpha) over `partition_by`.
+    """
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown partition scheme {scheme!r}; choose from {SCHEMES}")
+    if num_partitions < 1 or num_partitions > len(dataset):
+        raise ConfigError(f"cannot make {num_partitions} partitions of {len(dataset)} examples")
+    if scheme != "iid" and (partition_by is None or partition_by not in dataset.column_names):
+        raise ConfigError(f"{scheme} partitioning needs a column to partition by; the data has {dataset.column_names}")
+    if scheme == "natural":
+        groups = [g for g, _ in Counter(dataset[partition_by]).most_common(num_partitions)]
+        if len(groups) < num_partitions:
+            raise ConfigError(f"only {len(groups)} distinct {partition_by!r} values for {num_partitions} devices")
+        chosen = set(groups)
+        dataset = dataset.filter(lambda row: row[partition_by] in chosen)
+        partitioner = NaturalIdPartitioner(partition_by=partition_by)
+        partitioner.dataset = dataset
+        by_group = {p[partition_by][0]: p for p in (partitioner.load_partition(i) for i in range(num_partitions))}
+        return [by_group[g] for g in groups]  # largest group first, stable across runs
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+        partitioner.dataset = dataset.shuffle(seed=seed)
+    else:
+        partitioner = DirichletPartitioner(num_partitions, partition_by, alpha, min_partition_size=1, seed=seed)
+        partitioner.dataset = dataset
+    return [partitioner.load_partition(i) for i in range(num_partitions)]
+
+
+def holdout(dataset: datasets.Dataset, fraction: float, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held-out) of one device's partition."""
+    if len(dataset) < 2:
+        raise DataError(f"a partition of {len(dataset)} example(s) cannot be split into training and held-out data")
+    split = dataset.train_test_split(test_size=max(1, int(len(dataset) * fraction)), seed=seed)
+    return split["train"], split["test"]

@@ -1,0 +1,58 @@
+"""Partitioning data across a fleet."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from plora.platform.partition import holdout, partition, play_blocks
+from plora.storage.errors import ConfigError, DataError
+from tests.conftest import SHARED_DATA
+
+ROWS = datasets.Dataset.from_list(
+    [{"user": u, "label": i % 3, "text": f"{u} line {i}"} for i, u in enumerate(["ann"] * 6 + ["bob"] * 4 + ["cy"] * 2)]
+)
+
+
+@pytest.mark.parametrize("scheme, by", [("natural", "user"), ("iid", None), ("dirichlet", "label")])
+def test_partitions_are_disjoint_and_nonempty(scheme, by):
+    parts = partition(ROWS, scheme, 3, partition_by=by, seed=1)
+    texts = [t for p in parts for t in p["text"]]
+    assert len(parts) == 3 and all(len(p) for p in parts)
+    assert len(texts) == len(set(texts))
+
+
+def test_natural_partitions_are_one_user_each_largest_first():
+    parts = partition(ROWS, "natural", 2, partition_by="user")
+    assert [set(p["user"]) for p in parts] == [{"ann"}, {"bob"}]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("spread", 2), "unknown partition scheme"),
+        (("natural", 2), "needs a column"),
+        (("natural", 4, "user"), "only 3 distinct"),
+        (("iid", 13), "cannot make 13 partitions"),
+    ],
+)
+def test_bad_partition_requests_are_refused(args, message):
+    with pytest.raises(ConfigError, match=message):
+        partition(ROWS, *args)
+
+
+def test_play_blocks_give_one_speaker_per_block():
+    blocks = play_blocks(SHARED_DATA / "tinyshakespeare" / "input.txt")
+    speakers = set(blocks["speaker"])
+    assert "GLOUCESTER" in speakers and len(speakers) > 100
+    assert all(text and not text.endswith(":") for text in blocks["text"][:50])
+
+
+def test_holdout_keeps_at_least_one_example_out(tmp_path):
+    train, held = holdout(ROWS.select(range(3)), 0.1)
+    assert len(held) == 1 and len(train) == 2
+    with pytest.raises(DataError):
+        holdout(ROWS.select(range(1)), 0.5)
+    (tmp_path / "prose.txt").write_text("no speaker blocks here")
+    with pytest.raises(DataError, match="SPEAKER"):
+        play_blocks(tmp_path / "prose.txt")
