@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors import SafetensorError
 
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, m_name
 from plora.storage.errors import AdapterFileError, ConfigError
+from plora.storage.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +130,7 @@ def save_adapter(path: str | os.PathLike, weights: AdapterWeights | dict[str, to
     data = safetensors.torch.save(tensors, metadata=metadata)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable; without this a power cut can undo it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, data)
 
 
 def _parse_header(data: bytes) -> dict[str, str]:

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
-from plora.clients.device_store import write_atomically
 from plora.storage.errors import AdapterFileError
+from plora.storage.files import write_atomically
 
 
 @dataclass

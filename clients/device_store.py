@@ -9,8 +9,6 @@ Everything is written atomically, so a crash leaves the previous state in place.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +21,7 @@ from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
 from plora.cloud_backbone.protocol import BackboneIdentity
 from plora.storage.errors import ConfigError
+from plora.storage.files import write_atomically
 
 FORMAT = "plora-device/1"
 
@@ -56,25 +55,6 @@ class DeviceRecord:
             return cls(**fields, adapter=PrivateLoRAConfig.from_dict(data["adapter"]), endpoint=data.get("endpoint"))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"{where} is missing or has a malformed field: {err}") from err
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class DeviceStore:

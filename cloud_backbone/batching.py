@@ -78,8 +78,11 @@ class DecodeBatcher:
             while not self._queue:
                 self._cond.wait()
             deadline = time.monotonic() + self.gather_s
-            # Wait for the sessions of the previous batch, which are likely decoding in lockstep.
-            while len(self._queue) < self.max_batch and not self._last_batch <= {id(t.session) for t in self._queue}:
+            # Wait for company, but not once every session of the previous batch (sessions
+            # decoding in lockstep) is back: then nobody else is likely to come soon.
+            while len(self._queue) < self.max_batch:
+                if self._last_batch and self._last_batch <= {id(t.session) for t in self._queue}:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

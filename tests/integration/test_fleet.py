@@ -1,0 +1,117 @@
+"""A fleet of simulated devices orchestrated by Flower, over the backbone service on loopback,
+on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# launch first: it switches flwr and Ray offline before either is imported.
+from plora.platform.fleet.launch import launch, read_rounds  # isort: skip
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from plora.clients.device_store import DeviceStore
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.server import start_service
+from plora.platform.fleet import client_app
+from plora.platform.fleet.task import FleetSettings, device_dir, iid_split
+from plora.platform.jobs import registry
+from plora.storage.errors import ConfigError
+
+DEVICES, ROUNDS = 3, 2
+
+
+@pytest.fixture
+def server(tiny_checkpoint):
+    running = start_service([str(tiny_checkpoint)], PrivateLoRAConfig(rank=4, device_layers=1), registry())
+    yield running
+    running.stop(grace_s=1)
+
+
+@pytest.fixture
+def flower_messages(monkeypatch) -> list[Message]:
+    """Every message the ServerApp sends and every reply it receives."""
+    seen: list[Message] = []
+    send_and_receive = InMemoryGrid.send_and_receive
+
+    def spy(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(send_and_receive(self, messages, timeout=timeout))
+        seen.extend(messages + replies)
+        return replies
+
+    monkeypatch.setattr(InMemoryGrid, "send_and_receive", spy)
+    return seen
+
+
+def is_small_scalar(value) -> bool:
+    return isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64)
+
+
+def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flower(server, tmp_path, flower_messages):
+    root = tmp_path / "fleet"
+    summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2)
+
+    assert [row["device"] for row in summary] == [f"device-{i:03d}" for i in range(DEVICES)]
+    assert all(row["rounds"] == ROUNDS and row["failed"] == 0 and row["recall"] is not None for row in summary), summary
+    lines = read_rounds(root)
+    assert sorted((line["round"], line["partition_id"]) for line in lines) == [(r, p) for r in (1, 2) for p in range(DEVICES)]
+
+    jobs = registry().list_jobs(limit=100)
+    personalized = [job for job in jobs if job.kind == "personalize"]
+    assert len(personalized) == DEVICES * ROUNDS
+    assert all(job.status == "succeeded" and job.steps_done == 2 and job.metrics_after for job in personalized)
+
+    adapters = [load_file(device_dir(root, i) / DeviceStore.ADAPTER) for i in range(DEVICES)]
+    for a, b in itertools.combinations(adapters, 2):
+        assert a.keys() == b.keys()
+        assert any(not torch.equal(a[name], b[name]) for name in a), "two devices hold the same M"
+
+    sent = [m for m in flower_messages if m.metadata.message_type in ("train", "evaluate") and not m.metadata.reply_to_message_id]
+    assert len(sent) == 2 * DEVICES * ROUNDS and len(flower_messages) == 2 * len(sent)
+    for message in flower_messages:
+        assert not message.has_error()
+        content = message.content
+        assert len(content.array_records) == 0
+        values = [v for record in (*content.metric_records.values(), *content.config_records.values()) for v in record.values()]
+        assert values and all(is_small_scalar(v) for v in values)
+
+
+def test_a_failed_device_job_is_reported_with_its_kind_and_no_message(tmp_path, monkeypatch):
+    # Flower builds a message's metadata from the task running in the process; pose as one.
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    data = tmp_path / "notes.jsonl"
+    data.write_text(json.dumps({"text": "My pet is called Quill."}) + "\n")
+    run_config = FleetSettings(tmp_path / "fleet", "127.0.0.1:1", str(data), steps=1).to_run_config()
+    # Partition 1 of 2 gets no record of a one-record file, before any device is enrolled.
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config=run_config)
+    question = Message(RecordDict({"config": ConfigRecord({"round": 1, "steps": 1, "lr": 0.01})}), dst_node_id=7, message_type="train")
+    client_app._settings.clear()
+    reply = client_app.app(question, context)
+    assert dict(reply.content.metric_records["metrics"]) == {"partition_id": 1, "failed": 1}
+    assert dict(reply.content.config_records["error"]) == {"kind": "DataError"}
+    assert len(reply.content.array_records) == 0
+
+
+def test_settings_come_from_the_run_config_and_are_checked():
+    config = {"fleet-root": "/tmp/fleet", "backbone": "127.0.0.1:50051", "rounds": 3, "lr": 1}
+    settings = FleetSettings.from_run_config(config)
+    assert (settings.rounds, settings.lr, settings.steps) == (3, 1.0, 10)
+    assert FleetSettings.from_run_config(settings.to_run_config()) == settings
+    for bad in ({"backbone": "127.0.0.1:50051"}, {**config, "rounds": "3"}, {**config, "backbone": "10.0.0.2:50051"}, {**config, "fraction": 0}):
+        with pytest.raises(ConfigError):
+            FleetSettings.from_run_config(bad)
+
+
+def test_the_iid_split_deals_every_record_to_exactly_one_device():
+    records = [{"text": str(i)} for i in range(10)]
+    parts = [iid_split(records, p, 3) for p in range(3)]
+    assert sorted(r["text"] for part in parts for r in part) == sorted(r["text"] for r in records)
+    assert [len(part) for part in parts] == [4, 3, 3]
