@@ -355,6 +355,30 @@ def bench_serve(json_path, spec, devices, repeats) -> None:
         click.echo(f"wrote {json_path}")
 
 
+@bench.command("quality")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding gsm8k/dev.jsonl and tinyshakespeare/input.txt (e.g. ../shared/data).")
+@click.option("--personas", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--speakers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here too.")
+@_fail_cleanly
+def bench_quality(data_dir, personas, speakers, json_path) -> None:
+    """Persona recall and generic-text loss; per-speaker gain of PrivateLoRA against PEFT LoRA."""
+    from plora.platform import bench_quality as quality
+
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    results = {"personas": quality.personas(data_dir, personas, echo), "speakers": quality.speakers(data_dir, speakers, echo)}
+    for row in results["personas"]:
+        click.echo(f"persona {row['persona']}: recall {row['before']['recall']:.0%} -> {row['after']['recall']:.0%}; "
+                   f"generic NLL change {row['generic_nll_change']:+.1%}")
+    for row in results["speakers"]:
+        click.echo(f"speaker {row['speaker']}: PrivateLoRA gain {row['privatelora']['gain']:.3f} nats, "
+                   f"LoRA {row['lora']['gain']:.3f}; ratio {row['gain_ratio']:.0%} at {row['param_ratio']:.1%} of the parameters")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+        click.echo(f"wrote {json_path}")
+
+
 @main.command()
 @click.option("--out", default="plora-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the device, its data, the report and results.json.")
