@@ -9,3 +9,5 @@ import os
 
 for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ[_flag] = "1"
+# plora reports its own progress; per-step bars of the libraries' internals are noise.
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
