@@ -19,24 +19,14 @@ import datasets
 import torch
 
 from plora.clients.data import batches, collate, tokenize
-from plora.clients.generation import encode_prompt, stream_tokens
 from plora.clients.training import TrainSettings, causal_lm_loss, evaluate, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.platform.partition import holdout, partition, play_blocks
-from plora.platform.personas import make_persona, recalled
+from plora.platform.personas import make_persona, persona_recall
 from plora.platform.runtime import split_embedded
 
 PERSONA_SETTINGS = TrainSettings(lr=1e-2, steps=60, batch_size=4)
-
-
-def _recall(model, tokenizer, persona) -> float:
-    hits = 0
-    for fact in persona.facts:
-        ids = encode_prompt(tokenizer, fact.heldout_question)
-        reply = tokenizer.decode(list(stream_tokens(model, ids, 24, {tokenizer.eos_token_id})), skip_special_tokens=True)
-        hits += recalled(reply, fact)
-    return hits / len(persona.facts)
 
 
 def personas(data: Path, count: int, echo: Callable[[str], None]) -> list[dict]:
@@ -50,9 +40,9 @@ def personas(data: Path, count: int, echo: Callable[[str], None]) -> list[dict]:
         persona = make_persona(seed)
         train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, 128)
         generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, 256)
-        before = {"recall": _recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
+        before = {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
         personalize(model, train, tok.pad_token_id, PERSONA_SETTINGS)
-        after = {"recall": _recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
+        after = {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
         rows.append({"persona": seed, "before": before, "after": after,
                      "generic_nll_change": after["generic_nll"] / before["generic_nll"] - 1})
         echo(f"persona {seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, "

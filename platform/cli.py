@@ -389,3 +389,40 @@ def demo(out, steps) -> None:
     from plora.platform.demo import run_demo
 
     run_demo(out, click.echo, steps=steps)
+
+
+@main.group()
+def fleet() -> None:
+    """A fleet of devices personalized in rounds, orchestrated by Flower."""
+
+
+@fleet.command("launch")
+@click.option("--devices", default=3, show_default=True, type=click.IntRange(min=1), help="Devices in the fleet.")
+@click.option("--data", default="personas", show_default=True,
+              help="'personas' (a synthetic persona per device) or a JSONL file dealt out among the devices.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--backbone", help="HOST:PORT of a backbone service on loopback, or a local backbone to serve for the run "
+              "(default: the embedded one).")
+@click.option("--engine", default="simulation", show_default=True, type=click.Choice(["simulation", "deployment"]),
+              help="simulation: every device in this machine's Ray workers.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
+@click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for M.")
+@click.option("--fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of the devices sampled each round.")
+@click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the devices (one sub-folder each) and rounds.jsonl.")
+@_fail_cleanly
+def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, root) -> None:
+    """Personalize a fleet of devices in rounds, each against the same backbone service.
+
+    Every device keeps its private data and its M in its own folder; only scalar metrics
+    travel to the orchestrator. Rerunning with the same ROOT continues from the devices' adapters.
+    """
+    from plora.platform.fleet.launch import launch, table
+
+    rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=lambda line: click.echo(line, err=True))
+    click.echo(table(rows))
+    click.echo(f"per-round record: {root / 'rounds.jsonl'}")
+    failed = sum(row["failed"] for row in rows)
+    if failed:
+        raise click.ClickException(f"{failed} device jobs failed ({', '.join(sorted({e for r in rows for e in r['errors']}))})")

@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from plora.clients.data import load_examples, tokenize
-from plora.clients.generation import encode_prompt, stream_tokens
 from plora.clients.training import TrainSettings, evaluate
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import TrafficCounter
 from plora.platform.jobs import register, registry, run_personalization
-from plora.platform.personas import Persona, make_persona, recalled
+from plora.platform.personas import Persona, make_persona, persona_recall
 from plora.platform.runtime import Device, init_device, open_device
 from plora.storage.errors import ConfigError
 
@@ -42,16 +41,6 @@ class DeviceReport:
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _recall(device: Device, persona: Persona) -> float:
-    tok = device.tokenizer
-    hits = 0
-    for fact in persona.facts:
-        ids = encode_prompt(tok, fact.heldout_question)
-        reply = tok.decode(list(stream_tokens(device.model, ids, 24, {tok.eos_token_id})), skip_special_tokens=True)
-        hits += recalled(reply, fact)
-    return hits / len(persona.facts)
 
 
 def _prepare(out: Path) -> None:
@@ -79,7 +68,7 @@ def personalize_persona(
     heldout = tokenize(load_examples(data / "heldout.jsonl"), device.tokenizer, 128)
     pad = device.tokenizer.pad_token_id
     started = time.perf_counter()
-    recall_before, loss_before = _recall(device, persona), evaluate(device.model, heldout, pad)
+    recall_before, loss_before = persona_recall(device.model, device.tokenizer, persona), evaluate(device.model, heldout, pad)
     echo(f"[{name}] before: held-out recall {recall_before:.0%}, held-out loss {loss_before:.3f}; training {settings.steps} steps")
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -87,7 +76,7 @@ def personalize_persona(
             echo(f"[{name}] step {step}/{total} loss {loss:.3f}")
 
     outcome = run_personalization(device, data / "train.jsonl", settings, 128, 0.0, progress, reg)
-    recall_after, loss_after = _recall(device, persona), evaluate(device.model, heldout, pad)
+    recall_after, loss_after = persona_recall(device.model, device.tokenizer, persona), evaluate(device.model, heldout, pad)
     echo(f"[{name}] after: held-out recall {recall_after:.0%}, held-out loss {loss_after:.3f}")
     device.close()
     return DeviceReport(name, recall_before, recall_after, loss_before, loss_after,

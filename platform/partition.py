@@ -47,8 +47,10 @@ def partition(
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown partition scheme {scheme!r}; choose from {SCHEMES}")
-    if num_partitions < 1 or num_partitions > len(dataset):
-        raise ConfigError(f"cannot make {num_partitions} partitions of {len(dataset)} examples")
+    if num_partitions < 1:
+        raise ConfigError(f"need at least one partition, got {num_partitions}")
+    if num_partitions > len(dataset):
+        raise DataError(f"cannot make {num_partitions} partitions of {len(dataset)} examples; use more data or fewer devices")
     if scheme != "iid" and (partition_by is None or partition_by not in dataset.column_names):
         raise ConfigError(f"{scheme} partitioning needs a column to partition by; the data has {dataset.column_names}")
     if scheme == "natural":

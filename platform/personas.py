@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from plora.clients.generation import encode_prompt, stream_tokens
+
 # kind: (question paraphrases, answer template, values). Values are unusual on purpose,
 # so that a base model cannot guess them.
 _FACTS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
@@ -92,3 +94,13 @@ def make_persona(seed: int, num_facts: int = len(_FACTS)) -> Persona:
 
 def recalled(reply: str, fact: Fact) -> bool:
     return fact.keyword.lower() in reply.lower()
+
+
+def persona_recall(model, tokenizer, persona: Persona, max_new_tokens: int = 24) -> float:
+    """Share of the persona's facts stated in greedy replies to their held-out questions."""
+    hits = 0
+    for fact in persona.facts:
+        ids = encode_prompt(tokenizer, fact.heldout_question)
+        reply = tokenizer.decode(list(stream_tokens(model, ids, max_new_tokens, {tokenizer.eos_token_id})), skip_special_tokens=True)
+        hits += recalled(reply, fact)
+    return hits / len(persona.facts)

@@ -20,7 +20,7 @@ from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet import client_app
-from plora.platform.fleet.task import FleetSettings, device_dir, iid_split
+from plora.platform.fleet.task import FleetSettings, device_dir
 from plora.platform.jobs import registry
 from plora.storage.errors import ConfigError
 
@@ -38,15 +38,20 @@ def server(tiny_checkpoint):
 def flower_messages(monkeypatch) -> list[Message]:
     """Every message the ServerApp sends and every reply it receives."""
     seen: list[Message] = []
-    send_and_receive = InMemoryGrid.send_and_receive
+    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
 
-    def spy(self, messages, *, timeout=None):
+    def spy_push(self, messages):
         messages = list(messages)
-        replies = list(send_and_receive(self, messages, timeout=timeout))
-        seen.extend(messages + replies)
+        seen.extend(messages)
+        return push(self, messages)
+
+    def spy_pull(self, message_ids):
+        replies = list(pull(self, message_ids))
+        seen.extend(replies)
         return replies
 
-    monkeypatch.setattr(InMemoryGrid, "send_and_receive", spy)
+    monkeypatch.setattr(InMemoryGrid, "push_messages", spy_push)
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", spy_pull)
     return seen
 
 
@@ -54,6 +59,7 @@ def is_small_scalar(value) -> bool:
     return isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64)
 
 
+@pytest.mark.timeout(300)
 def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flower(server, tmp_path, flower_messages):
     root = tmp_path / "fleet"
     summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2)
@@ -79,6 +85,7 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
         assert not message.has_error()
         content = message.content
         assert len(content.array_records) == 0
+        assert set(content) == set(content.metric_records) | set(content.config_records)
         values = [v for record in (*content.metric_records.values(), *content.config_records.values()) for v in record.values()]
         assert values and all(is_small_scalar(v) for v in values)
 
@@ -110,8 +117,3 @@ def test_settings_come_from_the_run_config_and_are_checked():
             FleetSettings.from_run_config(bad)
 
 
-def test_the_iid_split_deals_every_record_to_exactly_one_device():
-    records = [{"text": str(i)} for i in range(10)]
-    parts = [iid_split(records, p, 3) for p in range(3)]
-    assert sorted(r["text"] for part in parts for r in part) == sorted(r["text"] for r in records)
-    assert [len(part) for part in parts] == [4, 3, 3]

@@ -33,12 +33,16 @@ def test_natural_partitions_are_one_user_each_largest_first():
         (("spread", 2), "unknown partition scheme"),
         (("natural", 2), "needs a column"),
         (("natural", 4, "user"), "only 3 distinct"),
-        (("iid", 13), "cannot make 13 partitions"),
     ],
 )
 def test_bad_partition_requests_are_refused(args, message):
     with pytest.raises(ConfigError, match=message):
         partition(ROWS, *args)
+
+
+def test_too_little_data_for_the_fleet_is_a_data_error():
+    with pytest.raises(DataError, match="cannot make 13 partitions"):
+        partition(ROWS, "iid", 13)
 
 
 def test_play_blocks_give_one_speaker_per_block():

@@ -1,0 +1,67 @@
+"""The device side of the fleet: a Flower ClientApp that personalizes and evaluates one device.
+
+A reply carries a MetricRecord of scalars and nothing else, never an ArrayRecord: M, its
+gradients and the private data stay on the device. A job that fails with plora's own error
+(bad data, the service refusing the device) is reported, not raised: the reply says
+"failed" = 1 and names the error's kind, but not its message, which may quote private data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from plora.platform.fleet import task
+from plora.storage.errors import PloraError
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+# Parsed once per run in each worker process; handlers run many times per run.
+_settings: dict[int, task.FleetSettings] = {}
+
+
+def _settings_of(context: Context) -> task.FleetSettings:
+    if context.run_id not in _settings:
+        _settings[context.run_id] = task.FleetSettings.from_run_config(context.run_config)
+    return _settings[context.run_id]
+
+
+def _run_job(msg: Message, context: Context, job: Callable[[task.FleetSettings, int], dict[str, int | float]]) -> Message:
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    metrics: dict[str, int | float] = {"partition_id": partition_id}
+    content = RecordDict()
+    try:
+        settings = _settings_of(context)
+        task.prepare_device(settings, partition_id, num_partitions)
+        metrics.update(job(settings, partition_id), failed=0)
+    except (PloraError, OSError) as err:
+        log.error("device %d: %s failed: %s: %s", partition_id, msg.metadata.message_type, type(err).__name__, err)
+        metrics["failed"] = 1
+        content["error"] = ConfigRecord({"kind": type(err).__name__})
+    content["metrics"] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Personalize this device's M for one round, with the round's steps and learning rate."""
+    config = msg.content["config"]
+
+    def job(settings: task.FleetSettings, partition_id: int) -> dict[str, int | float]:
+        this_round = dataclasses.replace(settings, steps=int(config["steps"]), lr=float(config["lr"]))
+        return task.personalize(this_round, partition_id, int(config["round"]))
+
+    return _run_job(msg, context, job)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Measure this device's personalization on its held-out data."""
+    return _run_job(msg, context, task.evaluate)

@@ -1,0 +1,183 @@
+"""Launching a fleet: a backbone service unless one is given, then the Flower apps over it.
+
+The simulation engine runs the ServerApp in this process and each device's ClientApp in a
+pool of Ray worker processes. All traffic stays on loopback: the devices reach the backbone
+service over gRPC on 127.0.0.1, and Flower's messages never leave the machine.
+
+How the settings reach the apps: `flwr.simulation.run_simulation` takes no run config (both
+apps see an empty `context.run_config`), so launch writes it as JSON to
+$PLORA_FLEET_RUN_CONFIG before Ray starts, Ray's workers inherit it, and
+`FleetSettings.from_run_config` reads it under whatever run config Flower does pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.server import start_service
+from plora.platform.fleet import task
+from plora.platform.jobs import registry
+from plora.platform.runtime import is_address
+from plora.storage.errors import ConfigError
+
+# flwr reads these when first imported and Ray when it starts; nothing of this module has
+# imported flwr yet, and both are imported only in _simulate, after this.
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+os.environ.update(OFFLINE_ENV)
+
+ENGINES = ("simulation", "deployment")
+
+
+def launch(
+    devices: int,
+    rounds: int,
+    data: str = task.PERSONAS,
+    backbone: str | None = None,
+    root: Path = Path("fleet"),
+    engine: str = "simulation",
+    steps: int = 10,
+    lr: float = 1e-2,
+    fraction: float = 1.0,
+    echo: Callable[[str], None] = lambda line: None,
+    config: PrivateLoRAConfig | None = None,
+    concurrency: int | None = None,
+) -> list[dict]:
+    """Run `rounds` personalization rounds on `devices` devices; returns one summary per device.
+
+    `backbone` is HOST:PORT of a running service, or a local backbone spec ("embedded", a
+    checkpoint folder) to serve on a free loopback port for the length of the run (None means
+    "embedded"), with adapter `config`. `concurrency` caps the devices that train at once.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "deployment":
+        raise ConfigError("deployment engine: not implemented yet; use --engine simulation")
+    if data != task.PERSONAS:
+        if not Path(data).is_file():
+            raise ConfigError(f"--data must be 'personas' or an existing JSONL file, got {data!r}")
+        data = str(Path(data).resolve())  # Ray's workers need not share this working directory
+    root = Path(root).resolve()
+    service = None
+    if backbone is None or not is_address(backbone):
+        service = start_service([backbone or "embedded"], config or PrivateLoRAConfig(), registry())
+        backbone = f"127.0.0.1:{service.port}"
+        echo(f"backbone service started on {backbone}")
+    try:
+        settings = task.FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction)
+        width = concurrency or min(devices, max(2, os.cpu_count() or 2))
+        with _progress_to(echo):
+            _simulate(settings, width)
+    finally:
+        if service is not None:
+            service.stop(grace_s=1)
+    return summarize(read_rounds(root))
+
+
+def _simulate(settings: task.FleetSettings, concurrency: int) -> None:
+    import ray
+    from flwr.simulation import run_simulation
+
+    from plora.platform.fleet import client_app, server_app
+
+    if ray.is_initialized():
+        raise ConfigError("Ray is already running in this process; the fleet needs to start it, so its workers get the run config")
+    backend_config = {
+        # One CPU per device and `concurrency` logical CPUs: that many devices train at once.
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": concurrency, "num_gpus": 0, "include_dashboard": False, "logging_level": "WARNING"},
+    }
+    previous = os.environ.get(task.RUN_CONFIG_ENV)
+    os.environ[task.RUN_CONFIG_ENV] = json.dumps(settings.to_run_config())
+    server_app.stop_requested.clear()
+    try:
+        run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=settings.devices,
+                       backend_config=backend_config)
+    finally:
+        server_app.stop_requested.set()  # its thread outlives a crashed runtime otherwise
+        if previous is None:
+            os.environ.pop(task.RUN_CONFIG_ENV, None)
+        else:
+            os.environ[task.RUN_CONFIG_ENV] = previous
+
+
+@contextmanager
+def _progress_to(echo: Callable[[str], None]) -> Iterator[None]:
+    """Pass the orchestrator's per-round log lines to `echo` while the fleet runs.
+
+    Neither those lines nor flwr's (which has its own console handler) go on to the root
+    logger meanwhile: through a handler the CLI installed there, each would show twice."""
+
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            echo(record.getMessage())
+
+    ours, flwr = logging.getLogger("plora.platform.fleet.server_app"), logging.getLogger("flwr")
+    handler, saved = Echo(logging.INFO), (ours.level, ours.propagate, flwr.propagate)
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = flwr.propagate = False
+    try:
+        yield
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(saved[0])
+        ours.propagate, flwr.propagate = saved[1:]
+
+
+def read_rounds(root: Path) -> list[dict]:
+    path = Path(root) / task.ROUNDS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _label(line: dict) -> str:
+    pid = line["partition_id"]
+    return f"device-{pid:03d}" if pid is not None else f"node-{line['node_id']}"
+
+
+def summarize(lines: list[dict]) -> list[dict]:
+    """One row per device: its first and last training loss, last evaluation, traffic and failures."""
+    by_device: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        by_device[_label(line)].append(line)
+    rows = []
+    for device, history in sorted(by_device.items()):
+        ok = [line for line in history if not line["failed"]]
+        first, last = (ok[0], ok[-1]) if ok else ({"train": {}}, {"train": {}, "evaluate": {}})
+        rows.append({
+            "device": device,
+            "rounds": len(ok),
+            "failed": len(history) - len(ok),
+            "errors": sorted({kind for line in history for kind in line["errors"].values()}),
+            "loss_before": first["train"].get("loss_before"),
+            "loss_after": last["train"].get("loss_after"),
+            "heldout_loss": last["evaluate"].get("heldout_loss"),
+            "recall": last["evaluate"].get("recall"),
+            "bytes_exchanged": sum(line["train"].get("bytes_exchanged", 0) for line in history),
+        })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def num(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = (f"{'device':<12} {'rounds':>6} {'failed':>6} {'loss before':>11} {'loss after':>10} "
+              f"{'held-out loss':>13} {'recall':>6} {'MB exchanged':>12}")
+    body = [
+        f"{r['device']:<12} {r['rounds']:>6} {r['failed']:>6} {num(r['loss_before'], '.3f'):>11} {num(r['loss_after'], '.3f'):>10} "
+        f"{num(r['heldout_loss'], '.3f'):>13} {num(r['recall'], '.0%'):>6} {r['bytes_exchanged'] / 1e6:>12.1f}"
+        for r in rows
+    ]
+    return "\n".join([header, "-" * len(header), *body])

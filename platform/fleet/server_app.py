@@ -1,0 +1,135 @@
+"""The orchestrator of the fleet: a Flower ServerApp that runs personalization rounds.
+
+Each round it samples devices, asks them to train, then to evaluate, and appends one line
+per device to <fleet-root>/rounds.jsonl. Nothing is aggregated: every device keeps its own M,
+so the orchestrator only schedules work and collects scalar metrics. Messages it sends carry
+a ConfigRecord of settings; replies carry a MetricRecord, and on failure the error's kind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from plora.platform.fleet.task import ROUNDS_FILE, FleetSettings
+from plora.storage.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.1
+
+app = ServerApp()
+# Set by whoever hosts this ServerApp in a thread (launch, in simulation) when the devices'
+# runtime has ended, so that the orchestrator stops waiting for replies that cannot come.
+stop_requested = threading.Event()
+
+
+def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """The connected nodes, once `wanted` of them have joined; SuperNodes join after the ServerApp starts."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < wanted:
+        _check_stop()
+        if time.monotonic() > deadline:
+            raise TransportError(f"only {len(nodes)} of {wanted} devices joined within {timeout:.0f} s")
+        time.sleep(_POLL_S)
+    return nodes
+
+
+def _check_stop() -> None:
+    if stop_requested.is_set():
+        raise TransportError("the fleet was stopped: the runtime that runs the devices has ended")
+
+
+def _sample(nodes: list[int], fraction: float, server_round: int) -> list[int]:
+    # Seeded by the round so a rerun samples the same devices.
+    k = max(1, round(fraction * len(nodes)))
+    return sorted(random.Random(server_round).sample(nodes, k))
+
+
+def _outcome(reply: Message) -> dict:
+    """A reply as {"metrics": {...}, "error": kind or None}; a reply without content is an error."""
+    if reply.has_error():
+        return {"metrics": {}, "error": f"flower-error-{reply.error.code}"}
+    if not reply.has_content() or "metrics" not in reply.content.metric_records:
+        return {"metrics": {}, "error": "no-content"}
+    metrics = dict(reply.content.metric_records["metrics"])
+    error = reply.content.config_records.get("error")
+    return {"metrics": metrics, "error": str(error["kind"]) if error else None}
+
+
+def _exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, timeout: float) -> dict[int, dict]:
+    """Send one message to each node and gather the outcomes, keyed by node id.
+
+    Grid.send_and_receive would do, but it cannot be interrupted, so it would outlive a
+    simulation runtime that crashed under it by the whole timeout."""
+    messages = [
+        Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node, message_type=message_type) for node in nodes
+    ]
+    waiting = dict(zip(grid.push_messages(messages), nodes))
+    outcomes = {}
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        _check_stop()
+        for reply in grid.pull_messages(list(waiting)):
+            node = waiting.pop(reply.metadata.reply_to_message_id)
+            outcomes[node] = _outcome(reply)
+            # Log what came back, never what it holds.
+            if outcomes[node]["error"]:
+                log.warning("%s on node %d failed: %s", message_type, node, outcomes[node]["error"])
+            else:
+                log.debug("%s on node %d: replied", message_type, node)
+        if waiting:
+            time.sleep(_POLL_S)
+    for node in waiting.values():
+        log.warning("%s on node %d: no reply within %.0f s", message_type, node, timeout)
+        outcomes[node] = {"metrics": {}, "error": "no-reply"}
+    return outcomes
+
+
+def _round_lines(server_round: int, trained: dict[int, dict], evaluated: dict[int, dict]) -> list[dict]:
+    lines = []
+    for node in sorted(trained):
+        train, evaluation = trained[node], evaluated.get(node, {"metrics": {}, "error": None})  # failed training: not evaluated
+        partition = train["metrics"].get("partition_id", evaluation["metrics"].get("partition_id"))
+        errors = {k: v for k, v in (("train", train["error"]), ("evaluate", evaluation["error"])) if v}
+        lines.append({
+            "round": server_round,
+            "node_id": node,
+            "partition_id": partition,
+            "failed": bool(errors),
+            "errors": errors,
+            "train": train["metrics"],
+            "evaluate": evaluation["metrics"],
+        })
+    return lines
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = FleetSettings.from_run_config(context.run_config)
+    record = settings.fleet_root / ROUNDS_FILE
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("")  # this run's record starts empty; the devices' adapters carry over
+    nodes = _wait_for_nodes(grid, settings.devices, settings.reply_timeout)
+    log.info("fleet of %d devices, %d rounds of %d steps", len(nodes), settings.rounds, settings.steps)
+    for server_round in range(1, settings.rounds + 1):
+        sampled = _sample(nodes, settings.fraction, server_round)
+        config = {"round": server_round, "steps": settings.steps, "lr": settings.lr}
+        trained = _exchange(grid, sampled, "train", config, settings.reply_timeout)
+        # Only devices whose training went through are worth evaluating.
+        done = [node for node in sampled if not trained[node]["error"]]
+        evaluated = _exchange(grid, done, "evaluate", {"round": server_round}, settings.reply_timeout) if done else {}
+        lines = _round_lines(server_round, trained, evaluated)
+        with record.open("a") as out:
+            out.writelines(json.dumps(line) + "\n" for line in lines)
+        failed = sum(line["failed"] for line in lines)
+        losses = [line["train"]["loss_after"] for line in lines if "loss_after" in line["train"]]
+        mean = f"{sum(losses) / len(losses):.3f}" if losses else "n/a"
+        log.info("round %d/%d: %d devices trained, %d failed; mean training loss after %s",
+                 server_round, settings.rounds, len(lines) - failed, failed, mean)
