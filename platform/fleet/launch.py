@@ -147,23 +147,28 @@ def _label(line: dict) -> str:
 
 
 def summarize(lines: list[dict]) -> list[dict]:
-    """One row per device: its first and last training loss, last evaluation, traffic and failures."""
+    """One row per device: baseline and last evaluation, training losses, traffic and failures."""
     by_device: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
         by_device[_label(line)].append(line)
     rows = []
     for device, history in sorted(by_device.items()):
-        ok = [line for line in history if not line["failed"]]
+        baseline = next((line["evaluate"] for line in history if line["round"] == 0), {})
+        rounds = [line for line in history if line["round"] > 0]
+        ok = [line for line in rounds if not line["failed"]]
         first, last = (ok[0], ok[-1]) if ok else ({"train": {}}, {"train": {}, "evaluate": {}})
         rows.append({
             "device": device,
             "rounds": len(ok),
-            "failed": len(history) - len(ok),
+            "failed": len(rounds) - len(ok),
             "errors": sorted({kind for line in history for kind in line["errors"].values()}),
             "loss_before": first["train"].get("loss_before"),
             "loss_after": last["train"].get("loss_after"),
+            "heldout_loss_before": baseline.get("heldout_loss"),
             "heldout_loss": last["evaluate"].get("heldout_loss"),
+            "recall_before": baseline.get("recall"),
             "recall": last["evaluate"].get("recall"),
+            "tokens_per_second": last["train"].get("tokens_per_second"),
             "bytes_exchanged": sum(line["train"].get("bytes_exchanged", 0) for line in history),
         })
     return rows
@@ -173,11 +178,12 @@ def table(rows: list[dict]) -> str:
     def num(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    header = (f"{'device':<12} {'rounds':>6} {'failed':>6} {'loss before':>11} {'loss after':>10} "
-              f"{'held-out loss':>13} {'recall':>6} {'MB exchanged':>12}")
+    header = (f"{'device':<12} {'rounds':>6} {'failed':>6} {'recall before':>13} {'recall after':>12} "
+              f"{'held-out loss before':>20} {'after':>6} {'train tok/s':>11} {'MB exchanged':>12}")
     body = [
-        f"{r['device']:<12} {r['rounds']:>6} {r['failed']:>6} {num(r['loss_before'], '.3f'):>11} {num(r['loss_after'], '.3f'):>10} "
-        f"{num(r['heldout_loss'], '.3f'):>13} {num(r['recall'], '.0%'):>6} {r['bytes_exchanged'] / 1e6:>12.1f}"
+        f"{r['device']:<12} {r['rounds']:>6} {r['failed']:>6} {num(r['recall_before'], '.0%'):>13} {num(r['recall'], '.0%'):>12} "
+        f"{num(r['heldout_loss_before'], '.3f'):>20} {num(r['heldout_loss'], '.3f'):>6} "
+        f"{num(r['tokens_per_second'], '.0f'):>11} {r['bytes_exchanged'] / 1e6:>12.1f}"
         for r in rows
     ]
     return "\n".join([header, "-" * len(header), *body])

@@ -1,7 +1,8 @@
 """The orchestrator of the fleet: a Flower ServerApp that runs personalization rounds.
 
-Each round it samples devices, asks them to train, then to evaluate, and appends one line
-per device to <fleet-root>/rounds.jsonl. Nothing is aggregated: every device keeps its own M,
+It first evaluates every device (round 0, the baseline); then each round it samples devices,
+asks them to train, then to evaluate, and appends one line per device to
+<fleet-root>/rounds.jsonl. Nothing is aggregated: every device keeps its own M,
 so the orchestrator only schedules work and collects scalar metrics. Messages it sends carry
 a ConfigRecord of settings; replies carry a MetricRecord, and on failure the error's kind.
 """
@@ -118,6 +119,11 @@ def main(grid: Grid, context: Context) -> None:
     record.write_text("")  # this run's record starts empty; the devices' adapters carry over
     nodes = _wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     log.info("fleet of %d devices, %d rounds of %d steps", len(nodes), settings.rounds, settings.steps)
+    # Round 0 is the baseline: every device evaluated before any training in this run.
+    baseline = _exchange(grid, nodes, "evaluate", {"round": 0}, settings.reply_timeout)
+    untrained = {node: {"metrics": {}, "error": None} for node in nodes}
+    with record.open("a") as out:
+        out.writelines(json.dumps(line) + "\n" for line in _round_lines(0, untrained, baseline))
     for server_round in range(1, settings.rounds + 1):
         sampled = _sample(nodes, settings.fraction, server_round)
         config = {"round": server_round, "steps": settings.steps, "lr": settings.lr}
