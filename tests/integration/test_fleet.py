@@ -67,7 +67,9 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
     assert [row["device"] for row in summary] == [f"device-{i:03d}" for i in range(DEVICES)]
     assert all(row["rounds"] == ROUNDS and row["failed"] == 0 and row["recall"] is not None for row in summary), summary
     lines = read_rounds(root)
-    assert sorted((line["round"], line["partition_id"]) for line in lines) == [(r, p) for r in (1, 2) for p in range(DEVICES)]
+    # Round 0 is the baseline evaluation, before any training.
+    assert sorted((line["round"], line["partition_id"]) for line in lines) == [(r, p) for r in (0, 1, 2) for p in range(DEVICES)]
+    assert all(row["recall_before"] is not None and row["heldout_loss_before"] is not None for row in summary)
 
     jobs = registry().list_jobs(limit=100)
     personalized = [job for job in jobs if job.kind == "personalize"]
@@ -80,7 +82,7 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
         assert any(not torch.equal(a[name], b[name]) for name in a), "two devices hold the same M"
 
     sent = [m for m in flower_messages if m.metadata.message_type in ("train", "evaluate") and not m.metadata.reply_to_message_id]
-    assert len(sent) == 2 * DEVICES * ROUNDS and len(flower_messages) == 2 * len(sent)
+    assert len(sent) == DEVICES * (2 * ROUNDS + 1) and len(flower_messages) == 2 * len(sent)
     for message in flower_messages:
         assert not message.has_error()
         content = message.content
