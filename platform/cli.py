@@ -432,3 +432,20 @@ def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, r
     failed = sum(row["failed"] for row in rows)
     if failed:
         raise click.ClickException(f"{failed} device jobs failed ({', '.join(sorted({e for r in rows for e in r['errors']}))})")
+
+
+@fleet.command("status")
+@click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
+@_fail_cleanly
+def fleet_status(db) -> None:
+    """Every registered device by backbone version, with its latest job."""
+    from plora.platform.jobs import registry
+
+    reg = registry(db)
+    click.echo(f"{'version':<34} {'status':<10} {'device':<12} {'jobs':>4}  latest job")
+    for version in reg.list_backbones():
+        for device in reg.devices_on(version.name):
+            history = reg.list_jobs(device.id, limit=1000)
+            latest = f"{history[0].kind} {history[0].status}, {history[0].steps_done} steps" if history else "-"
+            click.echo(f"{version.name:<34} {version.status:<10} {device.id[:12]:<12} {len(history):>4}  {latest}")
+

@@ -90,3 +90,18 @@ def test_jobs_list_shows_the_recorded_jobs(tmp_path, tiny_checkpoint, data):
     lines = CliRunner().invoke(main, ["jobs", "list", "--json"]).stdout.splitlines()
     (job,) = [json.loads(line) for line in lines]
     assert job["status"] == "succeeded" and job["steps_done"] == 3 and job["ended_at"]
+
+
+def test_fleet_status_lists_devices_by_version_with_their_latest_job(tmp_path, tiny_checkpoint, data):
+    from click.testing import CliRunner
+
+    from plora.platform.cli import main
+    from plora.platform.jobs import register
+
+    store = init_device(tmp_path / "dev", str(tiny_checkpoint))
+    register(store.record, registry())
+    run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=2), val_fraction=0.0)
+    result = CliRunner().invoke(main, ["fleet", "status"])
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.output.splitlines() if store.record.device_id[:12] in line]
+    assert store.record.identity.version in row and "personalize succeeded, 2 steps" in row
