@@ -7,7 +7,6 @@ same code serve the in-process link and the network service.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -18,7 +17,6 @@ from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, Priva
 from plora.cloud_backbone.protocol import (
     AdapterReply,
     AdapterRequest,
-    BackboneIdentity,
     BackwardRequest,
     BackwardResult,
     CacheMode,
@@ -41,13 +39,7 @@ class CloudHalf(nn.Module):
         num_layers = backbone.num_layers
         config.check_backbone(num_layers)
         self.config = config
-        self.identity = BackboneIdentity(
-            name=backbone.source.name,
-            content_hash=backbone.source.content_hash,
-            num_layers=num_layers,
-            hidden_size=backbone.hidden_size,
-            adapter=config,
-        )
+        self.identity = backbone.identity(config)
         self.stack = decoder_slice(backbone.model, config.device_layers, num_layers)
         self.slot = attach(self.stack.layers, config.device_layers, config)
         self.batcher: DecodeBatcher | None = None

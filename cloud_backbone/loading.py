@@ -26,6 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol import BackboneIdentity
 from plora.storage.errors import ConfigError
 from plora.storage.paths import plora_home
 
@@ -65,6 +67,10 @@ class Backbone:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def identity(self, config: PrivateLoRAConfig) -> BackboneIdentity:
+        """This backbone with this adapter math, as the split protocol names it."""
+        return BackboneIdentity(self.source.name, self.source.content_hash, self.num_layers, self.hidden_size, config)
 
     def architecture(self) -> dict:
         config = self.model.config

@@ -13,9 +13,8 @@ import secrets
 import shutil
 import tempfile
 import threading
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from plora.cloud_backbone.compute import CloudHalf, CloudSession
@@ -85,8 +84,7 @@ class HostedVersion:
 def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: Path) -> HostedVersion:
     """Prepare a backbone version for serving: its device bundle first, then its cloud half
     (which takes the decoder layers out of the model)."""
-    identity = BackboneIdentity(backbone.source.name, backbone.source.content_hash, backbone.num_layers, backbone.hidden_size, config)
-    bundle = bundle_root / identity.version
+    bundle = bundle_root / backbone.identity(config).version
     if not (bundle / "config.json").is_file():
         export_device_bundle(backbone, config, bundle)
     digest, size = bundle_digest(bundle)
@@ -106,10 +104,6 @@ class ServiceSession:
     device_id: str
     version: HostedVersion
     cloud: CloudSession
-    last_active: float = field(default_factory=time.monotonic)
-
-    def touch(self) -> None:
-        self.last_active = time.monotonic()
 
 
 class BackboneService:

@@ -135,7 +135,6 @@ class SessionStream:
             while True:
                 try:
                     step, message = self._next(self.service.limits.idle_timeout_s, "step")
-                    session.touch()
                     self._serve_step(session, step, message)
                 except (ValidationError, SessionError, CapacityError) as err:
                     # The step failed; the session, and every other session, goes on.

@@ -21,7 +21,7 @@ from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bu
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import BackboneIdentity, InProcessLink, wire
+from plora.cloud_backbone.protocol import InProcessLink, wire
 from plora.storage.errors import ConfigError
 
 _ADDRESS = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5}")
@@ -58,9 +58,7 @@ def init_device(
     if (root / DeviceStore.RECORD).exists():
         raise ConfigError(f"{root} already holds a device; use another folder")
     if not is_address(backbone_spec):
-        backbone = loading.load(backbone_spec)
-        source = backbone.source
-        identity = BackboneIdentity(source.name, source.content_hash, backbone.num_layers, backbone.hidden_size, config or PrivateLoRAConfig())
+        identity = loading.load(backbone_spec).identity(config or PrivateLoRAConfig())
         return DeviceStore.create(root, backbone_spec, identity)
     endpoint = endpoint or Endpoint(backbone_spec)
     credentials, hosted = register(endpoint, label=label)
