@@ -325,7 +325,7 @@ def bench() -> None:
 @bench.command("split")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here too.")
 @click.option("--backbone", "spec", default="embedded", show_default=True)
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
 @_fail_cleanly
 def bench_split(json_path, spec, repeats) -> None:
     """Monolithic vs in-process split: forward tokens/s, a training step, greedy decode tokens/s."""
