@@ -145,7 +145,7 @@ class GrpcLink(SplitLink):
             self._break(item)
         self.wire_bytes["down"] += item.ByteSize()
         self.wire_frames += 1
-        _, message = wire.parse_cloud_message(item, MAX_MESSAGE_BYTES)
+        _, message = wire.parse_cloud_message(item, MAX_MESSAGE_BYTES // 2)  # elements: 2 bytes at the least
         if isinstance(message, StepError):
             err = _error_from(message)
             if message.fatal:

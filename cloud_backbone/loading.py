@@ -72,16 +72,6 @@ class Backbone:
         """This backbone with this adapter math, as the split protocol names it."""
         return BackboneIdentity(self.source.name, self.source.content_hash, self.num_layers, self.hidden_size, config)
 
-    def architecture(self) -> dict:
-        config = self.model.config
-        return {
-            "model_type": config.model_type,
-            "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "vocab_size": config.vocab_size,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-        }
-
 
 def _sha256_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
