@@ -142,6 +142,8 @@ class Job(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     # The version the job ran against, kept even if the device is rebound later.
     backbone_version_id: Mapped[int] = mapped_column(ForeignKey("backbone_versions.id"), index=True)
+    # For a migration: the version the device is being moved to.
+    target_backbone_version_id: Mapped[int | None] = mapped_column(ForeignKey("backbone_versions.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING.value)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -110,10 +110,25 @@ class Registry:
         with self._sessions() as session:
             return list(session.scalars(select(BackboneVersion).order_by(BackboneVersion.id)))
 
-    def set_backbone_status(self, name: str, status: str) -> BackboneVersion:
+    def default_backbone(self) -> BackboneVersion | None:
+        """The active version new devices are bound to: the one activated last."""
+        with self._sessions() as session:
+            query = select(BackboneVersion).where(BackboneVersion.status == BackboneStatus.ACTIVE.value)
+            return session.scalar(query.order_by(BackboneVersion.activated_at.desc(), BackboneVersion.id.desc()).limit(1))
+
+    def set_backbone_status(self, name: str, status: str, force: bool = False) -> BackboneVersion:
+        """Activate, deprecate or retire a version. Retiring one that devices are still bound
+        to strands them, so it is refused unless `force`; see `devices_on` for who they are."""
         status = validate.choice("backbone status", status, BackboneStatus)
         with self._sessions.begin() as session:
             backbone = self._backbone(session, name)
+            if status == BackboneStatus.RETIRED and not force:
+                bound = session.scalar(select(func.count()).select_from(Device).where(Device.backbone_version_id == backbone.id))
+                if bound:
+                    raise RegistryError(
+                        f"{bound} device(s) are still bound to {backbone.name!r}; migrate them first "
+                        f"(plora migrate --to VERSION), or force the retirement and strand them"
+                    )
             if status == BackboneStatus.ACTIVE and backbone.status != status:
                 backbone.activated_at = utcnow()
             backbone.status = status
@@ -126,6 +141,16 @@ class Registry:
             found = session.get(BackboneVersion, name_or_id)
         else:
             found = session.scalar(select(BackboneVersion).where(BackboneVersion.name == name_or_id))
+            if found is None:
+                # Version names end in a digest of their math, so "v2" may stand for "v2-1a2b3c4d".
+                stem = name_or_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                query = select(BackboneVersion).where(BackboneVersion.name.like(f"{stem}-%", escape="\\"))
+                matches = list(session.scalars(query.limit(_SHOWN)))
+                if len(matches) > 1:
+                    raise RegistryError(
+                        f"{name_or_id!r} could be any of {', '.join(repr(m.name) for m in matches)}; give the full name"
+                    )
+                found = matches[0] if matches else None
         if found is None:
             names = list(session.scalars(select(BackboneVersion.name).order_by(BackboneVersion.id).limit(_SHOWN)))
             raise RegistryError(
@@ -196,17 +221,23 @@ class Registry:
 
     # -- jobs -----------------------------------------------------------------------
 
-    def start_job(self, device_id: str, kind: str, params: dict[str, Any]) -> int:
-        """Open a running job on the device's current backbone version; returns its id."""
+    def start_job(self, device_id: str, kind: str, params: dict[str, Any], target: str | None = None) -> int:
+        """Open a running job on the device's current backbone version; returns its id.
+
+        A migration names the version it moves the device to as `target`."""
         kind = validate.choice("job kind", kind, JobKind)
         clean = validate.params(params)
+        if (kind == JobKind.MIGRATE) != (target is not None):
+            raise RegistryError("a migrate job needs a target version, and only a migrate job has one")
         with self._sessions.begin() as session:
             device = self._device(session, device_id)
+            target_id = self._backbone(session, target).id if target is not None else None
             now = utcnow()
             device.last_seen_at = now
             job = Job(
                 device_id=device.id,
                 backbone_version_id=device.backbone_version_id,
+                target_backbone_version_id=target_id,
                 kind=kind,
                 status=JobStatus.RUNNING.value,
                 created_at=now,
@@ -274,6 +305,18 @@ class Registry:
         log.info("job %d %s: %s", job_id, status.value, message)
         return job
 
+    def get_job(self, job_id: int) -> Job:
+        with self._sessions() as session:
+            return self._job(session, job_id)
+
+    def migration_jobs(self, device_id: str, target: str) -> list[Job]:
+        """The device's migrate jobs towards `target`, oldest first."""
+        with self._sessions() as session:
+            device, version = self._device(session, device_id), self._backbone(session, target)
+            query = select(Job).where(Job.device_id == device.id, Job.kind == JobKind.MIGRATE.value,
+                                      Job.target_backbone_version_id == version.id)
+            return list(session.scalars(query.order_by(Job.id)))
+
     def list_jobs(self, device_id: str | None = None, limit: int = 50) -> list[Job]:
         """The newest jobs first, of one device or of all."""
         if not validate.is_int(limit) or limit < 1:
@@ -285,11 +328,16 @@ class Registry:
             return list(session.scalars(query))
 
     @staticmethod
-    def _open_job(session: Session, job_id: int) -> Job:
+    def _job(session: Session, job_id: int) -> Job:
         job = session.get(Job, job_id)
         if job is None:
             newest = session.scalar(select(func.max(Job.id)))
             raise RegistryError(f"no job {job_id!r} (newest job id: {newest})")
+        return job
+
+    @classmethod
+    def _open_job(cls, session: Session, job_id: int) -> Job:
+        job = cls._job(session, job_id)
         if job.status not in _OPEN_JOB:
             raise RegistryError(f"job {job_id} is already {job.status}; only pending or running jobs can change")
         return job

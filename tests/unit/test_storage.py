@@ -73,9 +73,33 @@ def test_upgrade_from_empty_database_creates_schema_equal_to_models(db_url):
                 connection, opts={"version_table": db.VERSION_TABLE, "compare_type": True}
             )
             assert compare_metadata(context, Base.metadata) == []
-            assert context.get_current_revision() == "0001"
+            assert context.get_current_revision() == "0002"
     finally:
         engine.dispose()
+
+
+def test_upgrade_from_the_previous_schema_keeps_existing_records(db_url):
+    db.upgrade(db_url, "0001")
+    engine = db.create_registry_engine(db_url)
+    try:
+        with engine.begin() as connection:  # rows as plora 0001 wrote them
+            connection.execute(text(
+                "INSERT INTO backbone_versions (name, source, architecture, content_hash, seed, adapter_config, status, created_at)"
+                " VALUES ('v1', 'embedded', '{}', :hash, 7, '{}', 'active', CURRENT_TIMESTAMP)"), {"hash": HASH_A})
+            connection.execute(text(
+                "INSERT INTO devices (id, backbone_version_id, created_at) SELECT :id, id, CURRENT_TIMESTAMP FROM backbone_versions"), {"id": DEVICE_1})
+            connection.execute(text(
+                "INSERT INTO jobs (device_id, backbone_version_id, kind, status, created_at, params, tokens_processed, steps_done)"
+                " SELECT :id, id, 'personalize', 'succeeded', CURRENT_TIMESTAMP, '{}', 10, 2 FROM backbone_versions"), {"id": DEVICE_1})
+    finally:
+        engine.dispose()
+    registry = Registry(db.open_database(db_url))  # brings the schema to head
+    (old_job,) = registry.list_jobs(DEVICE_1)
+    assert (old_job.kind, old_job.status, old_job.steps_done, old_job.target_backbone_version_id) == ("personalize", "succeeded", 2, None)
+    assert registry.get_device(DEVICE_1).backbone_version_id == registry.get_backbone("v1").id
+    v2 = _backbone(registry, "v2", HASH_B)
+    job = registry.start_job(DEVICE_1, "migrate", {"method": "copy"}, target="v2")
+    assert registry.list_jobs(DEVICE_1)[0].target_backbone_version_id == v2.id == registry.get_job(job).target_backbone_version_id
 
 
 def test_opening_twice_in_one_process_and_again_after_close_is_harmless(db_url):
@@ -158,10 +182,23 @@ def test_device_is_bound_to_exactly_one_version_and_can_be_rebound(registry):
     assert registry.devices_on("v1") == [] and [d.id for d in registry.devices_on("v2")] == [DEVICE_1]
 
 
+def test_retire_is_refused_while_devices_are_bound_unless_forced(registry):
+    _backbone(registry)
+    _backbone(registry, "v2", HASH_B)
+    registry.register_device(DEVICE_1, "v1")
+    with pytest.raises(RegistryError, match="1 device.*still bound to 'v1'"):
+        registry.set_backbone_status("v1", "retired")
+    assert registry.get_backbone("v1").status == "active"
+    registry.bind_device(DEVICE_1, "v2")
+    assert registry.set_backbone_status("v1", "retired").status == "retired"
+    assert registry.set_backbone_status("v2", "retired", force=True).status == "retired"
+    assert [d.id for d in registry.devices_on("v2")] == [DEVICE_1]  # stranded, and said so by devices_on
+
+
 def test_retired_version_accepts_no_devices(registry):
     _backbone(registry)
     registry.register_device(DEVICE_1, "v1")
-    assert registry.set_backbone_status("v1", "retired").status == "retired"
+    assert registry.set_backbone_status("v1", "retired", force=True).status == "retired"
     for call in (lambda: registry.register_device(DEVICE_2, "v1"), lambda: registry.bind_device(DEVICE_1, "v1")):
         with pytest.raises(RegistryError, match="retired"):
             call()
@@ -200,7 +237,7 @@ def test_job_lifecycle_start_progress_finish(registry):
 def test_job_lifecycle_start_then_end_with_reason(registry, end, status):
     _backbone(registry)
     registry.register_device(DEVICE_1, "v1")
-    job_id = registry.start_job(DEVICE_1, "migrate", {})
+    job_id = registry.start_job(DEVICE_1, "evaluate", {})
     ended = getattr(registry, end)(job_id, "DataError: no training text")
     assert (ended.status, ended.reason, ended.metrics_after) == (status, "DataError: no training text", None)
     [listed] = registry.list_jobs(DEVICE_1)
@@ -259,3 +296,41 @@ def test_no_column_can_hold_a_blob(registry, db_url):
                 assert "BLOB" not in type_name and "BYTEA" not in type_name, f"{table}.{column['name']}"
     finally:
         engine.dispose()
+
+
+def test_a_version_is_found_by_the_stem_of_its_name_when_that_is_unambiguous(registry):
+    made = _backbone(registry, "smol-1a2b3c4d")
+    assert registry.get_backbone("smol").id == made.id
+    _backbone(registry, "smol-99999999", HASH_B)
+    with pytest.raises(RegistryError, match="could be any of 'smol-1a2b3c4d', 'smol-99999999'"):
+        registry.get_backbone("smol")
+    with pytest.raises(RegistryError, match="no backbone version 'smo'"):
+        registry.get_backbone("smo")
+    with pytest.raises(RegistryError, match="no backbone version 'sm%l'"):
+        registry.get_backbone("sm%l")  # LIKE wildcards in a name are literal
+
+
+def test_new_devices_go_to_the_version_activated_last(registry):
+    assert registry.default_backbone() is None
+    _backbone(registry, "v1")
+    _backbone(registry, "v2", HASH_B)
+    assert registry.default_backbone().name == "v2"
+    registry.set_backbone_status("v2", "deprecated")
+    assert registry.default_backbone().name == "v1"
+    registry.set_backbone_status("v2", "active")
+    assert registry.default_backbone().name == "v2"
+
+
+def test_migrate_jobs_name_their_target_and_are_found_by_it(registry):
+    _backbone(registry)
+    _backbone(registry, "v2", HASH_B)
+    registry.register_device(DEVICE_1, "v1")
+    with pytest.raises(RegistryError, match="needs a target"):
+        registry.start_job(DEVICE_1, "migrate", {})
+    with pytest.raises(RegistryError, match="only a migrate job"):
+        registry.start_job(DEVICE_1, "personalize", {}, target="v2")
+    first = registry.start_job(DEVICE_1, "migrate", {"method": "distill"}, target="v2")
+    registry.interrupt_job(first, "KeyboardInterrupt")
+    registry.start_job(DEVICE_1, "personalize", {})
+    assert [j.id for j in registry.migration_jobs(DEVICE_1, "v2")] == [first]
+    assert registry.migration_jobs(DEVICE_1, "v1") == []
