@@ -53,6 +53,11 @@ class BackboneSource:
     def is_gguf(self) -> bool:
         return self.path.suffix == ".gguf"
 
+    @property
+    def spec(self) -> str:
+        """The spec that loads this source again."""
+        return EMBEDDED if self.path.name == _EMBEDDED_GGUF else str(self.path)
+
 
 @dataclass
 class Backbone:

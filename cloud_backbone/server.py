@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc
 from plora.cloud_backbone.service import BackboneService, Limits, prepare_version
 from plora.cloud_backbone.servicer import SplitBackboneServicer
+from plora.cloud_backbone.versions import load_version
 from plora.storage.errors import ConfigError
 from plora.storage.paths import plora_home
 from plora.storage.registry import Registry
@@ -115,10 +117,17 @@ def start_service(
     tls: TLSFiles | None = None,
     http_port: int | None = None,
     http_host: str = "127.0.0.1",
+    registered: Sequence[str] = (),
 ) -> RunningServer:
-    """Load each backbone, prepare its device bundle and cloud half, and start serving."""
-    if len(set(specs)) != len(specs):
-        raise ConfigError(f"a backbone is listed twice: {specs}")
+    """Load each backbone, prepare its device bundle and cloud half, and start serving.
+
+    `specs` are backbones to host with adapter `config`; `registered` names versions from
+    the registry, each hosted with its own registered config."""
+    loaded = [(loading.load(spec), config) for spec in specs]
+    loaded += [load_version(registry.get_backbone(name)) for name in registered]
+    names = [backbone.identity(cfg).version for backbone, cfg in loaded]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a backbone version is listed twice: {names}")
     bundles = plora_home() / "bundles"
-    versions = [prepare_version(loading.load(spec), config, bundles) for spec in specs]
+    versions = [prepare_version(backbone, cfg, bundles) for backbone, cfg in loaded]
     return RunningServer(BackboneService(versions, registry, limits), host, port, tls, http_port, http_host)

@@ -24,6 +24,7 @@ from plora.cloud_backbone.protocol import BackboneIdentity, OpenSession
 from plora.cloud_backbone.protocol.wire import bundle_digest
 from plora.cloud_backbone.versions import ensure_version
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
+from plora.storage.models import BackboneStatus
 from plora.storage.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,10 @@ def export_device_bundle(backbone: Backbone, config: PrivateLoRAConfig, folder: 
 @dataclass
 class HostedVersion:
     half: CloudHalf
+    source: str  # the spec that loads it: "embedded" or a path
     bundle: Path
     bundle_sha256: str
     bundle_size: int
-    is_default: bool = False
 
     @property
     def identity(self) -> BackboneIdentity:
@@ -90,7 +91,7 @@ def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: 
     digest, size = bundle_digest(bundle)
     half = CloudHalf(backbone, config)
     half.enable_batching()
-    return HostedVersion(half, bundle, digest, size)
+    return HostedVersion(half, backbone.source.spec, bundle, digest, size)
 
 
 def _hash_token(token: str) -> str:
@@ -111,25 +112,35 @@ class BackboneService:
         if not versions:
             raise ConfigError("the service needs at least one backbone version to host")
         self.versions = {v.identity.version: v for v in versions}
-        versions[0].is_default = True
         self.registry = registry
         self.limits = limits
         self._sessions: dict[str, ServiceSession] = {}
         self._lock = threading.Lock()
         self.draining = False
         for version in versions:
-            ensure_version(registry, version.identity, version.identity.name)
+            ensure_version(registry, version.identity, version.source)
 
     def hosted(self, name: str = "") -> HostedVersion:
-        if not name:
-            return next(v for v in self.versions.values() if v.is_default)
-        if name not in self.versions:
-            raise VersionMismatchError(f"backbone version {name!r} is not hosted here; hosted: {sorted(self.versions)}")
-        return self.versions[name]
+        """A hosted version by name; with none, the one new devices are bound to: the
+        registry's default if hosted here, else the first hosted active version."""
+        if name:
+            if name not in self.versions:
+                raise VersionMismatchError(f"backbone version {name!r} is not hosted here; hosted: {sorted(self.versions)}")
+            return self.versions[name]
+        default = self.registry.default_backbone()
+        if default is not None and default.name in self.versions:
+            return self.versions[default.name]
+        for version in self.versions.values():
+            if self.registry.get_backbone(version.identity.version).status == BackboneStatus.ACTIVE:
+                return version
+        raise VersionMismatchError(f"no active version is hosted here; hosted: {sorted(self.versions)}")
 
     def register_device(self, backbone: str = "", label: str | None = None) -> tuple[str, str, HostedVersion]:
-        """A new device bound to a hosted version: (device id, token shown once, version)."""
+        """A new device bound to a hosted, active version: (device id, token shown once, version)."""
         version = self.hosted(backbone)
+        status = self.registry.get_backbone(version.identity.version).status
+        if status != BackboneStatus.ACTIVE:
+            raise VersionMismatchError(f"backbone version {version.identity.version!r} is {status}: it takes no new devices")
         device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
         self.registry.register_device(device_id, version.identity.version, label=label or None, token_hash=_hash_token(token))
         log.info("registered device %s on %s", device_id, version.identity.version)
@@ -156,6 +167,8 @@ class BackboneService:
                 f"({request.expected.name}, hash {request.expected.content_hash[:12]}); hosted: {sorted(self.versions)}"
             )
         version.identity.require_match(request.expected)
+        if self.registry.get_backbone(version.identity.version).status == BackboneStatus.RETIRED:
+            raise VersionMismatchError(f"backbone version {version.identity.version!r} is retired; migrate the device to a newer one")
         max_tokens = min(request.max_tokens or self.limits.max_tokens_per_session, self.limits.max_tokens_per_session)
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:

@@ -64,11 +64,11 @@ def status_for(err: PloraError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _hosted_proto(version: HostedVersion) -> pb.HostedBackbone:
+def _hosted_proto(version: HostedVersion, is_default: bool) -> pb.HostedBackbone:
     return pb.HostedBackbone(
         identity=wire.identity_to_proto(version.identity),
         bundle=pb.BundleInfo(sha256=version.bundle_sha256, size=version.bundle_size),
-        is_default=version.is_default,
+        is_default=is_default,
     )
 
 
@@ -200,10 +200,17 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
             device_id, token, version = self.service.register_device(request.backbone, request.label)
         except PloraError as err:
             self._abort(context, err)
-        return pb.RegisterReply(device_id=device_id, token=token, backbone=_hosted_proto(version))
+        return pb.RegisterReply(device_id=device_id, token=token, backbone=self._describe(version))
 
     def Describe(self, request, context):
-        return pb.DescribeReply(backbones=[_hosted_proto(v) for v in self.service.versions.values()])
+        return pb.DescribeReply(backbones=[self._describe(v) for v in self.service.versions.values()])
+
+    def _describe(self, version: HostedVersion) -> pb.HostedBackbone:
+        try:
+            default = self.service.hosted()
+        except PloraError:
+            default = None  # every hosted version is deprecated or retired
+        return _hosted_proto(version, version is default)
 
     def DownloadBundle(self, request, context):
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -10,58 +9,10 @@ from pathlib import Path
 
 import click
 
-from plora.cloud_backbone.privatelora import DEFAULT_TARGETS, TARGET_MODULES, PrivateLoRAConfig
-from plora.storage.errors import PloraError
+from plora.platform.cli_backbone import backbone
+from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly
 
 log = logging.getLogger("plora")
-
-
-def _fail_cleanly(command):
-    """Turn plora's own errors into one readable line (exit status 1), without a traceback."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except PloraError as err:
-            raise click.ClickException(f"{type(err).__name__}: {err}") from err
-
-    return run
-
-
-def adapter_options(command):
-    """The options that fix a PrivateLoRA configuration, shared by every command that makes one."""
-    options = [
-        click.option("--rank", default=64, show_default=True, help="r: width of u and of each r×r matrix M."),
-        click.option(
-            "--targets",
-            default=",".join(DEFAULT_TARGETS),
-            show_default=True,
-            help=f"Comma-separated projections to adapt in every layer, from: {', '.join(TARGET_MODULES)}.",
-        ),
-        click.option(
-            "--shared-a/--separate-a",
-            default=False,
-            show_default=True,
-            help="Share one A among projections that read the same input (q/k/v, gate/up): one r-vector per group goes down instead of one per projection.",
-        ),
-        click.option("--scale", default=1.0, show_default=True, help="s in y + s·(x·A·M)·B."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the public projections A and B."),
-        click.option(
-            "--device-layers",
-            default=0,
-            show_default=True,
-            help="How many of the first decoder layers run on the device. More layers hide the raw prompt embedding from the cloud.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _config(rank, targets, shared_a, scale, seed, device_layers) -> PrivateLoRAConfig:
-    names = tuple(t.strip() for t in targets.split(",") if t.strip())
-    return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, device_layers=device_layers)
 
 
 @click.group()
@@ -75,6 +26,9 @@ def main(verbose: int) -> None:
     """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+main.add_command(backbone)
 
 
 @main.group()
@@ -96,7 +50,7 @@ def device() -> None:
 @click.option("--label", default="", help="A label for this device in the service's registry.")
 @adapter_options
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str | None, label: str, **adapter) -> None:
     """Create a device in DIRECTORY bound to a backbone, with M = 0 (exactly the base model).
 
@@ -109,7 +63,7 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
     from plora.platform.runtime import init_device, is_address
 
     chosen = any(ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE for name in adapter)
-    config = _config(**adapter) if chosen or not is_address(backbone) else None
+    config = adapter_config(**adapter) if chosen or not is_address(backbone) else None
     ca_file = str(Path(tls_ca).resolve()) if tls_ca else None  # later commands may run from elsewhere
     endpoint = Endpoint(backbone, insecure, ca_file) if is_address(backbone) else None
     store = init_device(directory, backbone, config, endpoint, label)
@@ -132,7 +86,7 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
               help="Share of examples held out to pick the best M (used when there are at least 10 examples).")
 @click.option("--seed", default=0, show_default=True)
-@_fail_cleanly
+@fail_cleanly
 def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length, val_fraction, seed) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
     from tqdm import tqdm
@@ -168,7 +122,7 @@ def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length,
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int, help="Seed for sampling.")
 @click.option("--raw", is_flag=True, help="Do not wrap the prompt in the backbone's chat template.")
-@_fail_cleanly
+@fail_cleanly
 def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw) -> None:
     """Generate a reply with the personalized model, streaming it as it comes."""
     from plora.clients.generation import encode_prompt, stream_tokens
@@ -190,7 +144,7 @@ def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw) -
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--text", required=True, help="The text to score.")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], \"logprobs\": [...]} as JSON.")
-@_fail_cleanly
+@fail_cleanly
 def score(directory, text, as_json) -> None:
     """Log-probability of each token of TEXT given the ones before it, under the personalized model."""
     from plora.clients.generation import token_logprobs
@@ -206,86 +160,6 @@ def score(directory, text, as_json) -> None:
 
 
 @main.group()
-def backbone() -> None:
-    """Backbone versions and their public projections."""
-
-
-@backbone.command("serve")
-@click.option("--backbone", "specs", multiple=True, default=["embedded"], show_default=True,
-              help="Backbone to host (repeat to host several versions; the first is the default).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="gRPC port (0 picks a free one).")
-@click.option("--http-host", default="127.0.0.1", show_default=True,
-              help="Address for the unauthenticated health and metrics endpoints; keep it private.")
-@click.option("--http-port", default=9464, show_default=True, type=click.IntRange(0, 65535),
-              help="Port for /healthz, /readyz and Prometheus /metrics.")
-@click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server certificate (PEM).")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server private key (PEM).")
-@click.option("--insecure", is_flag=True, help="Serve plain text. Meant for loopback and tests only.")
-@click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-sessions-per-device", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens a session may cache.")
-@click.option("--max-message-mb", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--reply-timeout", default=30.0, show_default=True, help="Seconds to wait for a device's adapter reply.")
-@click.option("--idle-timeout", default=600.0, show_default=True, help="Seconds before an idle session is closed.")
-@adapter_options
-@_fail_cleanly
-def serve(specs, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
-          max_tokens, max_message_mb, reply_timeout, idle_timeout, **adapter) -> None:
-    """Serve the frozen cloud half of one or more backbones to devices over gRPC."""
-    import signal
-
-    from plora.cloud_backbone.server import TLSFiles, start_service
-    from plora.cloud_backbone.service import Limits
-    from plora.platform.jobs import registry
-
-    if insecure == bool(tls_cert or tls_key):
-        raise click.UsageError("give --tls-cert and --tls-key, or --insecure (plain text, for loopback only)")
-    if bool(tls_cert) != bool(tls_key):
-        raise click.UsageError("--tls-cert and --tls-key go together")
-    if insecure and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving plain text on %s: tokens and activations cross the network unencrypted", host)
-    limits = Limits(max_message_bytes=max_message_mb << 20, max_tokens_per_session=max_tokens, max_sessions=max_sessions,
-                    max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout)
-    tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
-    server = start_service(list(specs), _config(**adapter), registry(db), limits, host, port, tls, http_port, http_host)
-    for version in server.service.versions.values():
-        click.echo(f"hosting {version.identity.version} ({version.identity.name}, {version.identity.num_layers} layers)")
-    click.echo(f"listening on {host}:{server.port} ({'TLS' if tls else 'plain text'}); health and metrics on :{server.http_port}")
-    def shut_down(*_) -> None:
-        click.echo("shutting down: finishing sessions in flight", err=True)
-        server.stop()
-
-    signal.signal(signal.SIGTERM, shut_down)
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        shut_down()
-
-
-@backbone.command("export-public")
-@click.option("--backbone", "spec", default="embedded", show_default=True, help="Backbone spec, as for `device init`.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="safetensors file to write.")
-@adapter_options
-@_fail_cleanly
-def export_public(spec, out, **adapter) -> None:
-    """Write the public A and B the cloud applies, as layers.{i}.{module}.A / .B, for audit."""
-    from safetensors.torch import save_file
-
-    from plora.cloud_backbone import loading
-    from plora.cloud_backbone.compute import CloudHalf, public_tensors
-
-    config = _config(**{**adapter, "device_layers": 0})  # every layer's projections
-    loaded = loading.load(spec)
-    tensors = public_tensors(CloudHalf(loaded, config))
-    metadata = {"backbone_name": loaded.source.name, "backbone_hash": loaded.source.content_hash,
-                "adapter_config": json.dumps(config.to_dict())}
-    save_file(tensors, str(out), metadata=metadata)
-    click.echo(f"wrote {len(tensors)} tensors to {out}")
-
-
-@main.group()
 def jobs() -> None:
     """Personalization and migration jobs recorded in the registry."""
 
@@ -293,9 +167,9 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option("--device", "device_id", help="Only this device's jobs.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
+@db_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-@_fail_cleanly
+@fail_cleanly
 def jobs_list(device_id, limit, db, as_json) -> None:
     """The newest jobs first: device, status, steps, tokens and metrics before and after."""
     from plora.platform.jobs import registry
@@ -326,7 +200,7 @@ def bench() -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here too.")
 @click.option("--backbone", "spec", default="embedded", show_default=True)
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
-@_fail_cleanly
+@fail_cleanly
 def bench_split(json_path, spec, repeats) -> None:
     """Monolithic vs in-process split: forward tokens/s, a training step, greedy decode tokens/s."""
     from plora.platform.bench import run_split_bench
@@ -343,7 +217,7 @@ def bench_split(json_path, spec, repeats) -> None:
 @click.option("--backbone", "spec", default="embedded", show_default=True)
 @click.option("--devices", default=16, show_default=True, type=click.IntRange(min=1), help="Size of the concurrent fleet.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
-@_fail_cleanly
+@fail_cleanly
 def bench_serve(json_path, spec, devices, repeats) -> None:
     """The service over gRPC loopback: single and fleet decode, wire bytes, and training, as ratios."""
     from plora.platform.bench_serve import run_serve_bench
@@ -361,7 +235,7 @@ def bench_serve(json_path, spec, devices, repeats) -> None:
 @click.option("--personas", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--speakers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here too.")
-@_fail_cleanly
+@fail_cleanly
 def bench_quality(data_dir, personas, speakers, json_path) -> None:
     """Persona recall and generic-text loss; per-speaker gain of PrivateLoRA against PEFT LoRA."""
     from plora.platform import bench_quality as quality
@@ -384,7 +258,7 @@ def bench_quality(data_dir, personas, speakers, json_path) -> None:
               help="Folder for the fleet's devices, the report (report.md, before_after.png) and results.json.")
 @click.option("--devices", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's tuned 60).")
-@_fail_cleanly
+@fail_cleanly
 def demo(out, devices, steps) -> None:
     """The main job: a small fleet personalizes on the embedded backbone, before and after.
 
@@ -417,7 +291,7 @@ def fleet() -> None:
               help="Share of the devices sampled each round.")
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the devices (one sub-folder each) and rounds.jsonl.")
-@_fail_cleanly
+@fail_cleanly
 def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, root) -> None:
     """Personalize a fleet of devices in rounds, each against the same backbone service.
 
@@ -435,8 +309,8 @@ def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, r
 
 
 @fleet.command("status")
-@click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
-@_fail_cleanly
+@db_option
+@fail_cleanly
 def fleet_status(db) -> None:
     """Every registered device by backbone version, with its latest job."""
     from plora.platform.jobs import registry

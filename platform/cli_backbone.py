@@ -1,0 +1,241 @@
+"""`plora backbone ...`: the cloud provider's commands for backbone versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly
+from plora.storage.models import BackboneStatus
+
+log = logging.getLogger("plora")
+
+
+@click.group()
+def backbone() -> None:
+    """Backbone versions: serve, register and manage them, derive new ones, export their public projections."""
+
+
+@backbone.command("serve")
+@click.option("--backbone", "specs", multiple=True,
+              help="A backbone to host with the adapter options below (repeatable): 'embedded', a checkpoint folder or a .gguf file.")
+@click.option("--version", "versions", multiple=True, help="A registered version to host, with its own adapter config (repeatable).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="gRPC port (0 picks a free one).")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address for the unauthenticated health and metrics endpoints; keep it private.")
+@click.option("--http-port", default=9464, show_default=True, type=click.IntRange(0, 65535),
+              help="Port for /healthz, /readyz and Prometheus /metrics.")
+@db_option
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server private key (PEM).")
+@click.option("--insecure", is_flag=True, help="Serve plain text. Meant for loopback and tests only.")
+@click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-sessions-per-device", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens a session may cache.")
+@click.option("--max-message-mb", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--reply-timeout", default=30.0, show_default=True, help="Seconds to wait for a device's adapter reply.")
+@click.option("--idle-timeout", default=600.0, show_default=True, help="Seconds before an idle session is closed.")
+@adapter_options
+@fail_cleanly
+def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
+          max_tokens, max_message_mb, reply_timeout, idle_timeout, **adapter) -> None:
+    """Serve the frozen cloud half of one or more backbone versions to devices over gRPC.
+
+    With neither --backbone nor --version it hosts every registered version that is not
+    retired (old and new side by side while devices migrate), or the embedded backbone when
+    none is registered. New devices are bound to the active version activated last.
+    """
+    import signal
+
+    from plora.cloud_backbone.server import TLSFiles, start_service
+    from plora.cloud_backbone.service import Limits
+    from plora.platform.jobs import registry
+
+    if insecure == bool(tls_cert or tls_key):
+        raise click.UsageError("give --tls-cert and --tls-key, or --insecure (plain text, for loopback only)")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if insecure and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving plain text on %s: tokens and activations cross the network unencrypted", host)
+    limits = Limits(max_message_bytes=max_message_mb << 20, max_tokens_per_session=max_tokens, max_sessions=max_sessions,
+                    max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout)
+    tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
+    reg = registry(db)
+    if not specs and not versions:
+        versions = [v.name for v in reg.list_backbones() if v.status != BackboneStatus.RETIRED]
+        specs = () if versions else ("embedded",)
+    server = start_service(list(specs), adapter_config(**adapter), reg, limits, host, port, tls, http_port, http_host, versions)
+    for version in server.service.versions.values():
+        click.echo(f"hosting {version.identity.version} ({version.identity.name}, {version.identity.num_layers} layers)")
+    click.echo(f"listening on {host}:{server.port} ({'TLS' if tls else 'plain text'}); health and metrics on :{server.http_port}")
+    def shut_down(*_) -> None:
+        click.echo("shutting down: finishing sessions in flight", err=True)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        shut_down()
+
+
+@backbone.command("export-public")
+@click.option("--backbone", "spec", default="embedded", show_default=True, help="Backbone spec, as for `device init`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="safetensors file to write.")
+@adapter_options
+@fail_cleanly
+def export_public(spec, out, **adapter) -> None:
+    """Write the public A and B the cloud applies, as layers.{i}.{module}.A / .B, for audit."""
+    from safetensors.torch import save_file
+
+    from plora.cloud_backbone import loading
+    from plora.cloud_backbone.compute import CloudHalf, public_tensors
+
+    config = adapter_config(**{**adapter, "device_layers": 0})  # every layer's projections
+    loaded = loading.load(spec)
+    tensors = public_tensors(CloudHalf(loaded, config))
+    metadata = {"backbone_name": loaded.source.name, "backbone_hash": loaded.source.content_hash,
+                "adapter_config": json.dumps(config.to_dict())}
+    save_file(tensors, str(out), metadata=metadata)
+    click.echo(f"wrote {len(tensors)} tensors to {out}")
+
+
+def _version_row(version, devices: int) -> dict:
+    return {
+        "name": version.name, "status": version.status, "source": version.source, "content_hash": version.content_hash,
+        "architecture": version.architecture, "seed": version.seed, "adapter_config": version.adapter_config,
+        "parent": version.parent_id, "devices": devices, "created_at": version.created_at.isoformat(timespec="seconds"),
+        "activated_at": version.activated_at.isoformat(timespec="seconds") if version.activated_at else None,
+    }
+
+
+@backbone.command("register")
+@click.option("--backbone", "spec", default="embedded", show_default=True,
+              help="'embedded', a Hugging Face checkpoint folder or a .gguf file.")
+@db_option
+@adapter_options
+@fail_cleanly
+def register_version(spec, db, **adapter) -> None:
+    """Record a backbone, with an adapter configuration, as a version (idempotent).
+
+    The name is derived from the weights' hash and the adapter math, so the same weights with
+    another --seed are another version: fresh public projections, which M cannot simply follow.
+    """
+    from plora.cloud_backbone.versions import register
+    from plora.platform.jobs import registry
+
+    version = register(registry(db), spec, adapter_config(**adapter))
+    click.echo(f"{version.name}  ({version.status}; {version.architecture['num_layers']} layers, hash {version.content_hash[:12]})")
+
+
+@backbone.command("list")
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@fail_cleanly
+def list_versions(db, as_json) -> None:
+    """Every registered version with its status and how many devices are bound to it."""
+    from plora.platform.jobs import registry
+
+    reg = registry(db)
+    rows = [_version_row(v, len(reg.devices_on(v.name))) for v in reg.list_backbones()]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    default = reg.default_backbone()
+    click.echo(f"{'version':<36} {'status':<10} {'layers':>6} {'rank':>4} {'seed':>5} {'devices':>7}  created")
+    for row in rows:
+        mark = " *" if default and row["name"] == default.name else ""
+        click.echo(f"{row['name']:<36} {row['status']:<10} {row['architecture']['num_layers']:>6} "
+                   f"{row['adapter_config']['rank']:>4} {row['seed']:>5} {row['devices']:>7}  {row['created_at']}{mark}")
+    if default:
+        click.echo("* new devices are bound to this one")
+
+
+@backbone.command("show")
+@click.argument("version")
+@db_option
+@fail_cleanly
+def show_version(version, db) -> None:
+    """One version in full, as JSON: source, hash, architecture, adapter config, devices bound."""
+    from plora.platform.jobs import registry
+
+    reg = registry(db)
+    record = reg.get_backbone(version)
+    row = _version_row(record, len(reg.devices_on(record.name)))
+    row["parent"] = reg.get_backbone(record.parent_id).name if record.parent_id else None
+    click.echo(json.dumps(row, indent=2))
+
+
+def _set_status(version: str, status: str, db: str | None, force: bool = False) -> None:
+    from plora.platform.jobs import registry
+
+    reg = registry(db)
+    stranded = reg.devices_on(version) if force else []
+    record = reg.set_backbone_status(version, status, force=force)
+    click.echo(f"{record.name} is now {record.status}")
+    if stranded:
+        click.echo(f"stranded {len(stranded)} device(s) that no service will serve now: "
+                   + ", ".join(d.id for d in stranded), err=True)
+
+
+@backbone.command("activate")
+@click.argument("version")
+@db_option
+@fail_cleanly
+def activate(version, db) -> None:
+    """Make VERSION active: served, and the one new devices are bound to."""
+    _set_status(version, BackboneStatus.ACTIVE, db)
+
+
+@backbone.command("deprecate")
+@click.argument("version")
+@db_option
+@fail_cleanly
+def deprecate(version, db) -> None:
+    """Keep serving VERSION's devices, but bind no new ones to it."""
+    _set_status(version, BackboneStatus.DEPRECATED, db)
+
+
+@backbone.command("retire")
+@click.argument("version")
+@click.option("--force", is_flag=True, help="Retire although devices are still bound, stranding them (they are listed).")
+@db_option
+@fail_cleanly
+def retire(version, force, db) -> None:
+    """Stop serving VERSION. Refused while devices are bound to it: migrate them first."""
+    _set_status(version, BackboneStatus.RETIRED, db, force)
+
+
+@backbone.command("derive")
+@click.option("--from", "parent", required=True, help="The registered version to start from.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Public training data: JSONL (text, or prompt/response), plain text or CSV.")
+@click.option("--out", "name", required=True, help="Name of the new backbone (its folder under $PLORA_HOME/backbones).")
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=2e-5, show_default=True, help="AdamW learning rate for the decoder layers.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", type=int, help="Fresh public projections for the new version (default: the parent's seed).")
+@db_option
+@fail_cleanly
+def derive_version(parent, data_path, name, steps, lr, batch_size, max_length, seed, db) -> None:
+    """Fine-tune a version's decoder on public data and register the result as a new version.
+
+    Devices stay on the old version until `plora migrate` moves them.
+    """
+    from plora.platform.derive import derive
+    from plora.platform.jobs import registry
+
+    with click.progressbar(length=steps, label="fine-tuning the decoder", file=sys.stderr) as bar:
+        def progress(step, total, loss):
+            bar.label = f"fine-tuning the decoder (loss {loss:.3f})"
+            bar.update(1)
+
+        version = derive(registry(db), parent, data_path, name, steps, lr, batch_size, max_length, seed, progress)
+    click.echo(f"registered {version.name} (parent {parent}); migrate devices with `plora migrate --to {version.name}`")

@@ -1,0 +1,60 @@
+"""What every `plora` command shares: error reporting, adapter options, the registry option."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from plora.cloud_backbone.privatelora import DEFAULT_TARGETS, TARGET_MODULES, PrivateLoRAConfig
+from plora.storage.errors import PloraError
+
+db_option = click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
+
+
+def fail_cleanly(command):
+    """Turn plora's own errors into one readable line (exit status 1), without a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PloraError as err:
+            raise click.ClickException(f"{type(err).__name__}: {err}") from err
+
+    return run
+
+
+def adapter_options(command):
+    """The options that fix a PrivateLoRA configuration, shared by every command that makes one."""
+    options = [
+        click.option("--rank", default=64, show_default=True, help="r: width of u and of each r×r matrix M."),
+        click.option(
+            "--targets",
+            default=",".join(DEFAULT_TARGETS),
+            show_default=True,
+            help=f"Comma-separated projections to adapt in every layer, from: {', '.join(TARGET_MODULES)}.",
+        ),
+        click.option(
+            "--shared-a/--separate-a",
+            default=False,
+            show_default=True,
+            help="Share one A among projections that read the same input (q/k/v, gate/up): one r-vector per group goes down instead of one per projection.",
+        ),
+        click.option("--scale", default=1.0, show_default=True, help="s in y + s·(x·A·M)·B."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the public projections A and B."),
+        click.option(
+            "--device-layers",
+            default=0,
+            show_default=True,
+            help="How many of the first decoder layers run on the device. More layers hide the raw prompt embedding from the cloud.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def adapter_config(rank, targets, shared_a, scale, seed, device_layers) -> PrivateLoRAConfig:
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, device_layers=device_layers)

@@ -1,0 +1,80 @@
+"""`plora backbone derive`: how a provider ships an improved backbone.
+
+The operator fine-tunes the decoder of a registered version on public data, saves the result
+as a checkpoint folder under $PLORA_HOME/backbones, and registers it as a new version whose
+parent is the old one. Embeddings and LM head stay frozen, so the device's half of a derived
+version changes only where device-side layers do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from plora.clients.data import batches, collate, load_examples, tokenize
+from plora.clients.training import causal_lm_loss
+from plora.cloud_backbone.versions import load_version, register
+from plora.storage.errors import ConfigError
+from plora.storage.models import BackboneVersion
+from plora.storage.paths import plora_home
+from plora.storage.registry import Registry
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def derive(
+    reg: Registry,
+    parent: str,
+    data: Path,
+    name: str,
+    steps: int = 30,
+    lr: float = 2e-5,
+    batch_size: int = 4,
+    max_length: int = 256,
+    seed: int | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> BackboneVersion:
+    """Fine-tune `parent`'s decoder layers on `data` and register the result as version `name`.
+
+    `seed` gives the new version fresh public projections; by default it keeps the parent's."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"--out must be a lower-case name of letters, digits, '.', '_' or '-', got {name!r}")
+    folder = plora_home() / "backbones" / name
+    if folder.exists():
+        raise ConfigError(f"{folder} already exists; choose another name")
+    record = reg.get_backbone(parent)
+    backbone, config = load_version(record)
+    examples = tokenize(load_examples(data), backbone.tokenizer, max_length)
+    model, pad = backbone.model, backbone.tokenizer.pad_token_id
+    trained = list(model.get_decoder().layers.parameters())
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    model.train()
+    for step, batch in enumerate(itertools.islice(batches(examples, batch_size, seed=0, epochs=steps), steps), 1):
+        ids, labels = collate(batch, pad)
+        loss, _ = causal_lm_loss(model(input_ids=ids).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step:
+            on_step(step, steps, loss.item())
+    model.eval().requires_grad_(False)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".derive-"))
+    try:
+        model.save_pretrained(staging)
+        backbone.tokenizer.save_pretrained(staging)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    new_config = config if seed is None else replace(config, seed=seed)
+    return register(reg, str(folder), new_config, parent=record.name)
