@@ -284,7 +284,8 @@ def fleet() -> None:
 @click.option("--backbone", help="HOST:PORT of a backbone service on loopback, or a local backbone to serve for the run "
               "(default: the embedded one).")
 @click.option("--engine", default="simulation", show_default=True, type=click.Choice(["simulation", "deployment"]),
-              help="simulation: every device in this machine's Ray workers.")
+              help="simulation: every device in this machine's Ray workers; deployment: a Flower SuperLink and one "
+              "SuperNode per device on loopback, their logs under ROOT/flower/logs.")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
 @click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for M.")
 @click.option("--fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),

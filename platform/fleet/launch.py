@@ -1,8 +1,11 @@
 """Launching a fleet: a backbone service unless one is given, then the Flower apps over it.
 
 The simulation engine runs the ServerApp in this process and each device's ClientApp in a
-pool of Ray worker processes. All traffic stays on loopback: the devices reach the backbone
-service over gRPC on 127.0.0.1, and Flower's messages never leave the machine.
+pool of Ray worker processes; the deployment engine runs the same apps in Flower's own
+processes, a SuperLink and one SuperNode per device (see deployment.py). All traffic stays on
+loopback: the devices reach the backbone service over gRPC on 127.0.0.1, and Flower's messages
+never leave the machine. Either way each device reports its training steps in a progress file
+of its folder, which the launcher shows while the rounds run.
 
 How the settings reach the apps: `flwr.simulation.run_simulation` takes no run config (both
 apps see an empty `context.run_config`), so launch writes it as JSON to
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,12 +28,14 @@ from pathlib import Path
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet import task
+from plora.platform.fleet.deployment import run_deployment
 from plora.platform.jobs import registry
 from plora.platform.runtime import is_address
 from plora.storage.errors import ConfigError
 
 # flwr reads these when first imported and Ray when it starts; nothing of this module has
-# imported flwr yet, and both are imported only in _simulate, after this.
+# imported flwr yet, and both are imported only in _simulate, after this. Flower's processes
+# in deployment inherit them.
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -38,6 +45,7 @@ OFFLINE_ENV = {
 os.environ.update(OFFLINE_ENV)
 
 ENGINES = ("simulation", "deployment")
+PROGRESS_EVERY_S = 3.0
 
 
 def launch(
@@ -58,12 +66,13 @@ def launch(
 
     `backbone` is HOST:PORT of a running service, or a local backbone spec ("embedded", a
     checkpoint folder) to serve on a free loopback port for the length of the run (None means
-    "embedded"), with adapter `config`. `concurrency` caps the devices that train at once.
+    "embedded"), with adapter `config`. `concurrency` caps the devices that train at once in
+    simulation; in deployment every SuperNode trains as soon as it is asked.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "deployment":
-        raise ConfigError("deployment engine: not implemented yet; use --engine simulation")
+    if engine == "deployment" and concurrency is not None:
+        raise ConfigError("concurrency applies to the simulation engine; in deployment every SuperNode trains at once")
     if data != task.PERSONAS:
         if not Path(data).is_file():
             raise ConfigError(f"--data must be 'personas' or an existing JSONL file, got {data!r}")
@@ -76,9 +85,11 @@ def launch(
         echo(f"backbone service started on {backbone}")
     try:
         settings = task.FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction)
-        width = concurrency or min(devices, max(2, os.cpu_count() or 2))
-        with _progress_to(echo):
-            _simulate(settings, width)
+        with _progress_to(echo), _device_progress(root, echo):
+            if engine == "simulation":
+                _simulate(settings, concurrency or min(devices, max(2, os.cpu_count() or 2)))
+            else:
+                run_deployment(settings, echo)
     finally:
         if service is not None:
             service.stop(grace_s=1)
@@ -134,6 +145,41 @@ def _progress_to(echo: Callable[[str], None]) -> Iterator[None]:
         ours.removeHandler(handler)
         ours.setLevel(saved[0])
         ours.propagate, flwr.propagate = saved[1:]
+
+
+@contextmanager
+def _device_progress(root: Path, echo: Callable[[str], None]) -> Iterator[None]:
+    """Echo each device's latest training step every PROGRESS_EVERY_S while the fleet runs,
+    and once more at the end, so that every device's last step is shown."""
+    shown: dict[Path, float] = {}  # progress file -> modification time last shown
+
+    def show_news() -> None:
+        for path in sorted(root.glob(f"device-*/{task.PROGRESS_FILE}")):
+            try:
+                modified = path.stat().st_mtime
+                if modified <= shown.get(path, started):
+                    continue
+                progress = json.loads(path.read_text())
+            except FileNotFoundError:  # a device folder being set up or cleared
+                continue
+            shown[path] = modified
+            echo(f"{path.parent.name} round {progress['round']} step {progress['step']}/{progress['steps']} "
+                 f"loss {progress['loss']:.3f}")
+
+    def watch() -> None:
+        while not stop.wait(PROGRESS_EVERY_S):
+            show_news()
+
+    started = time.time()  # older progress files are a previous run's
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, name="fleet-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        show_news()
 
 
 def read_rounds(root: Path) -> list[dict]:

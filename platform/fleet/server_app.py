@@ -113,6 +113,10 @@ def _round_lines(server_round: int, trained: dict[int, dict], evaluated: dict[in
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if not log.hasHandlers():
+        # A process of Flower's own (the deployment engine): its standard error goes to the run's log stream.
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
     settings = FleetSettings.from_run_config(context.run_config)
     record = settings.fleet_root / ROUNDS_FILE
     record.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
 from plora.cloud_backbone.protocol import TrafficCounter
 from plora.platform.jobs import run_personalization
-from plora.platform.partition import holdout, partition, play_blocks
 from plora.platform.personas import make_persona, persona_recall
 from plora.platform.runtime import init_device, is_address, open_device
 from plora.storage.errors import ConfigError, DataError
@@ -33,6 +32,8 @@ MAX_LENGTH = 128
 TRAIN_FILE = "private/train.jsonl"
 HELDOUT_FILE = "private/heldout.jsonl"
 ROUNDS_FILE = "rounds.jsonl"  # under the fleet root: one line per device per round
+# In each device folder: the latest step of the device's running job, for the launcher to show.
+PROGRESS_FILE = "progress.json"
 # The simulation engine cannot hand a run config to its apps, so launch puts it here
 # (as JSON) before Ray starts; workers inherit it. A real run config wins key by key.
 RUN_CONFIG_ENV = "PLORA_FLEET_RUN_CONFIG"
@@ -129,6 +130,10 @@ def private_records(settings: FleetSettings, partition_id: int, num_partitions: 
     if settings.data == PERSONAS:
         persona = make_persona(seed=partition_id)
         return persona.train_records(), persona.heldout_records()
+    # Imported here: flwr-datasets takes seconds to import, and in deployment every message
+    # starts a fresh ClientApp process, which needs it only for a data file's first split.
+    from plora.platform.partition import holdout, partition, play_blocks
+
     path = Path(settings.data)
     if not path.is_file():
         raise ConfigError(f"data must be 'personas' or an existing data file, got {settings.data!r}")
@@ -171,9 +176,14 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
     device.model.link.taps.append(traffic)
     # A new seed each round shuffles the batches differently, so rounds do not repeat each other.
     train = TrainSettings(lr=settings.lr, steps=settings.steps, batch_size=settings.batch_size, seed=server_round)
+
+    def report(step: int, total: int, loss: float) -> None:
+        progress = {"round": server_round, "step": step, "steps": total, "loss": loss}
+        write_atomically(folder / PROGRESS_FILE, json.dumps(progress).encode())
+
     started = time.perf_counter()
     try:
-        outcome = run_personalization(device, folder / TRAIN_FILE, train, max_length=MAX_LENGTH, val_fraction=0.0)
+        outcome = run_personalization(device, folder / TRAIN_FILE, train, max_length=MAX_LENGTH, val_fraction=0.0, on_step=report)
     finally:
         device.close()
     result = outcome.result

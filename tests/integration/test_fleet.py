@@ -61,8 +61,8 @@ def is_small_scalar(value) -> bool:
 
 @pytest.mark.timeout(300)
 def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flower(server, tmp_path, flower_messages):
-    root = tmp_path / "fleet"
-    summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2)
+    root, echoed = tmp_path / "fleet", []
+    summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2, echo=echoed.append)
 
     assert [row["device"] for row in summary] == [f"device-{i:03d}" for i in range(DEVICES)]
     assert all(row["rounds"] == ROUNDS and row["failed"] == 0 and row["recall"] is not None for row in summary), summary
@@ -70,6 +70,9 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
     # Round 0 is the baseline evaluation, before any training.
     assert sorted((line["round"], line["partition_id"]) for line in lines) == [(r, p) for r in (0, 1, 2) for p in range(DEVICES)]
     assert all(row["recall_before"] is not None and row["heldout_loss_before"] is not None for row in summary)
+    # Each device's steps, from inside Ray's workers, reach the launcher: at least the last one.
+    for i in range(DEVICES):
+        assert any(line.startswith(f"device-{i:03d} round 2 step 2/2 loss ") for line in echoed), echoed
 
     jobs = registry().list_jobs(limit=100)
     personalized = [job for job in jobs if job.kind == "personalize"]

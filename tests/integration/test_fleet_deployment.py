@@ -1,0 +1,89 @@
+"""The fleet on Flower's deployment engine: a SuperLink and one SuperNode per device on
+loopback, each message answered by a fresh ClientApp process, on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import psutil
+import pytest
+
+# launch first: it switches flwr offline before anything imports it.
+from plora.platform.fleet.launch import launch  # isort: skip
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.platform.fleet import deployment
+from plora.platform.fleet.task import FleetSettings
+from plora.platform.jobs import registry
+from plora.storage.errors import TransportError
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICES = 2
+
+
+def flower_processes(fleet_root: Path) -> list[str]:
+    """Command lines of the processes still running with this fleet's FLWR_HOME."""
+    home = str(fleet_root / deployment.FLOWER_DIR)
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FLWR_HOME") == home:
+                found.append(" ".join(process.cmdline()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+@pytest.fixture
+def notes(tmp_path) -> Path:
+    # A data file rather than personas: no recall to generate, so each evaluation is quick.
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Note {i}: the locker code is {i * 37 % 1000:03d}."}) + "\n" for i in range(24)))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_a_deployed_fleet_trains_every_device_and_leaves_no_flower_process(tiny_checkpoint, tmp_path, notes):
+    root, lines = tmp_path / "fleet", []
+    # No service address: launch serves the checkpoint itself, as in simulation.
+    summary = launch(DEVICES, 1, data=str(notes), backbone=str(tiny_checkpoint), root=root, engine="deployment", steps=2,
+                     echo=lines.append, config=PrivateLoRAConfig(rank=4, device_layers=1))
+
+    assert [row["device"] for row in summary] == [f"device-{i:03d}" for i in range(DEVICES)]
+    assert all(row["rounds"] == 1 and row["failed"] == 0 and row["heldout_loss"] is not None for row in summary), summary
+    personalized = [job for job in registry().list_jobs(limit=100) if job.kind == "personalize"]
+    assert len(personalized) == DEVICES
+    assert all(job.status == "succeeded" and job.steps_done == 2 for job in personalized)
+    # The ServerApp's own lines come through the run's log stream, each device's steps through its progress file.
+    assert any("round 1/1: 2 devices trained, 0 failed" in line for line in lines), lines
+    for i in range(DEVICES):
+        assert any(line.startswith(f"device-{i:03d} round 1 step 2/2 loss ") for line in lines), lines
+        assert "Receiving: train message" in (root / "flower" / "logs" / f"supernode-{i:03d}.log").read_text()
+    assert not any(line.startswith("INFO") for line in lines)
+    assert flower_processes(root) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_run_raises_and_a_stopped_one_leaves_no_flower_process(tmp_path):
+    root = tmp_path / "fleet"
+    # The orchestrator cannot start its record: the ServerApp fails, yet `flwr log --stream` exits 0.
+    (root / "rounds.jsonl").mkdir(parents=True)
+    settings = FleetSettings(root, "127.0.0.1:1", devices=1)
+    with pytest.raises(TransportError, match="finished:failed"):
+        deployment.run_deployment(settings, echo=lambda line: None)
+    assert flower_processes(root) == []
+
+    def interrupt(line: str) -> None:
+        if line.startswith("Flower run "):  # submitted: SuperLink, SuperNode and ServerApp are up or starting
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        deployment.run_deployment(settings, echo=interrupt)
+    assert flower_processes(root) == []
+
+
+def test_the_committed_flower_app_is_the_one_launch_writes():
+    committed = tomllib.loads((REPO / "deploy" / "fleet-app" / "pyproject.toml").read_text())
+    written = deployment.flower_app(FleetSettings(Path("plora-fleet"), "127.0.0.1:50051"))
+    assert committed == written
