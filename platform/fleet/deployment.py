@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import psutil
 import tomli_w
@@ -104,12 +105,12 @@ class _Processes:
         self.env, self.logs = env, logs
         self.running: dict[str, subprocess.Popen] = {}
 
-    def __enter__(self) -> _Processes:
+    def __enter__(self) -> Self:
         return self
 
     def start(self, name: str, program: str, *args: str, pipe: bool = False) -> subprocess.Popen:
         with (self.logs / f"{name}.log").open("wb") as log_file:
-            # A session of its own: Ctrl-C reaches only the launcher, which then stops all in order.
+            # A session of its own: Ctrl-C reaches only the launcher, which then stops them all.
             process = subprocess.Popen(
                 [_executable(program), *args], env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
                 stdout=subprocess.PIPE if pipe else log_file, stderr=subprocess.STDOUT, text=pipe,
@@ -123,30 +124,32 @@ class _Processes:
                 raise TransportError(f"Flower's {name} exited with code {process.returncode}; see {self.logs / name}.log")
 
     def __exit__(self, *exc_info: object) -> None:
-        # Newest first: the log stream, then the SuperNodes, then the SuperLink.
-        for process in reversed(self.running.values()):
-            _stop_tree(process)
+        # All at once, each with what it started: waiting for each in turn adds up.
+        tree = [member for process in self.running.values() for member in _with_descendants(process.pid)]
+        for member in tree:
+            _signal(member, psutil.Process.terminate)
+        _, alive = psutil.wait_procs(tree, timeout=_STOP_S)
+        for member in alive:
+            log.warning("Flower process %d ignored SIGTERM; killing it", member.pid)
+            _signal(member, psutil.Process.kill)
+        psutil.wait_procs(alive, timeout=_STOP_S)
+        for process in self.running.values():
+            process.wait()  # psutil reaped them; this only settles Popen's own bookkeeping
 
 
-def _stop_tree(process: subprocess.Popen) -> None:
+def _with_descendants(pid: int) -> list[psutil.Process]:
     try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        process = psutil.Process(pid)
+        return [process, *process.children(recursive=True)]
     except psutil.NoSuchProcess:
-        tree = []
-    for member in tree:
-        try:
-            member.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=_STOP_S)
-    for member in alive:
-        log.warning("Flower process %d ignored SIGTERM; killing it", member.pid)
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=_STOP_S)
-    process.wait()  # reap it: psutil waited, but Popen keeps its own return code
+        return []
+
+
+def _signal(process: psutil.Process, send: Callable[[psutil.Process], None]) -> None:
+    try:
+        send(process)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def _executable(program: str) -> str:
@@ -159,8 +162,11 @@ def _executable(program: str) -> str:
 
 def _flwr(env: dict[str, str], *args: str) -> str:
     """A `flwr` command's standard output; a failed command raises TransportError with its messages."""
-    done = subprocess.run([_executable("flwr"), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=_STARTUP_S)
+    try:
+        done = subprocess.run([_executable("flwr"), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=_STARTUP_S, check=False)
+    except subprocess.TimeoutExpired as err:
+        raise TransportError(f"flwr {' '.join(args)} did not answer within {_STARTUP_S:.0f} s") from err
     if done.returncode != 0:
         raise TransportError(f"flwr {' '.join(args)} failed ({done.returncode}): {(done.stdout + done.stderr).strip()[-2000:]}")
     return done.stdout

@@ -24,7 +24,7 @@ from plora.cloud_backbone.protocol import TrafficCounter
 from plora.platform.jobs import run_personalization
 from plora.platform.personas import make_persona, persona_recall
 from plora.platform.runtime import init_device, is_address, open_device
-from plora.storage.errors import ConfigError, DataError
+from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
 
 PERSONAS = "personas"
