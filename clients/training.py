@@ -1,7 +1,9 @@
 """Training M on the device's own data, through whatever link the model runs on.
 
 Personal data is small: a few epochs over it overfit (held-out loss rises above the base
-model's), so when a validation split is given the best M seen on it is kept.
+model's), so when a validation split is given the best M seen on it is kept. Narrow data also
+moves the whole model, so by default every batch carries a few rows of anchor text (generic
+text the base model wrote, see clients.anchor) on which the loss adds KL(base || model).
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from plora.clients.anchor import AnchorSettings, base_model
 from plora.clients.checkpoint import Progress, TrainingCheckpoint
 from plora.clients.data import TokenizedExample, batches, collate
 from plora.clients.device_model import DeviceModel
+from plora.clients.distillation import TeacherTargets, distillation_loss, teacher_targets
 from plora.storage.errors import ConfigError
 
 
@@ -37,6 +41,8 @@ class TrainSettings:
     seed: int = 0
     eval_every: int | None = None
     """Steps between validation checks; default once per epoch."""
+    anchor: AnchorSettings | None = AnchorSettings()
+    """Keeping close to the base model on anchor text given to `personalize`; None: off."""
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -63,6 +69,7 @@ class TrainResult:
     val_before: float | None
     val_after: float | None
     best_step: int | None  # the step whose M was kept, when validating
+    anchor_kl: float | None = None  # KL(base || model) per anchor position at the last step
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,11 +108,26 @@ def _schedule(total: int, warmup_fraction: float) -> Callable[[int], float]:
 
 
 def fingerprint(train: list[TokenizedExample], settings: TrainSettings) -> str:
-    """Identifies a job by its data and settings, so a checkpoint resumes only the same job."""
+    """Identifies a job by its data and settings, so a checkpoint resumes only the same job.
+
+    Anchor text needs no part in it: the settings and the backbone determine it."""
     digest = hashlib.sha256(repr(settings).encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())
     return digest.hexdigest()
+
+
+def _anchor_batches(
+    model: DeviceModel, anchor: list[TokenizedExample], pad_id: int, settings: TrainSettings, total: int
+) -> Iterator[list[tuple[TokenizedExample, TeacherTargets]]]:
+    """Anchor rows with the base model's targets, for each of `total` steps."""
+    if settings.anchor is None:
+        raise ConfigError("anchor text was given but settings.anchor is None; pass anchor settings or no anchor")
+    # The base model is M = 0, not the M this device may hold from an earlier job.
+    with base_model(model):
+        targets = teacher_targets(model, anchor, pad_id, settings.anchor.top_k)
+    per_epoch = math.ceil(len(anchor) / settings.anchor.rows)
+    return batches(list(zip(anchor, targets)), settings.anchor.rows, settings.seed, epochs=math.ceil(total / per_epoch))
 
 
 def personalize(
@@ -117,8 +139,13 @@ def personalize(
     on_step: Callable[[int, int, float], None] | None = None,
     checkpoint: TrainingCheckpoint | None = None,
     checkpoint_every: int = 10,
+    anchor: list[TokenizedExample] | None = None,
 ) -> TrainResult:
     """Train the model's M on `train`. `on_step(step, total, loss)` reports progress.
+
+    With `anchor` text (clients.anchor.write_anchor), `settings.anchor.rows` of it join every
+    batch and the loss adds `settings.anchor.weight` times KL(base || model) on them; the
+    reported loss is the task's alone. Without it nothing holds the model near the base.
 
     With a checkpoint, progress is saved every `checkpoint_every` steps and a matching
     checkpoint left by an interrupted run is resumed: the same batches, in the same order,
@@ -141,18 +168,28 @@ def personalize(
         if val:
             progress.val_before = progress.best_score = evaluate(model, val, pad_id)
             best = [p.detach().clone() for p in params]
+    anchor_schedule = _anchor_batches(model, anchor, pad_id, settings, total) if anchor else itertools.repeat([])
     started, seconds_before = time.perf_counter(), progress.seconds
     model.train()
     schedule = batches(train, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch))
-    for batch in itertools.islice(schedule, progress.step, total):
-        ids, labels = collate(batch, pad_id)
-        loss, _ = causal_lm_loss(model(ids), labels)
+    anchor_weight, anchor_kl = (settings.anchor.weight if settings.anchor else 0.0), None
+    for batch, anchor_batch in itertools.islice(zip(schedule, anchor_schedule), progress.step, total):
+        anchor_rows = [example for example, _ in anchor_batch]
+        # One forward for both: each goes through the split with a network round trip per layer.
+        ids, labels = collate(batch + anchor_rows, pad_id)
+        logits = model(ids)
+        loss, _ = causal_lm_loss(logits[: len(batch)], labels[: len(batch)])
+        objective = loss
+        if anchor_batch:
+            kl = distillation_loss(logits[len(batch) :], [targets for _, targets in anchor_batch])
+            objective = loss + anchor_weight * kl
+            anchor_kl = kl.item()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         scheduler.step()
         progress.step += 1
-        progress.tokens += sum(len(e.input_ids) for e in batch)
+        progress.tokens += sum(len(e.input_ids) for e in batch + anchor_rows)
         progress.last_loss = loss.item()
         if progress.step == 1:
             progress.first_loss = progress.last_loss
@@ -180,4 +217,5 @@ def personalize(
         val_before=progress.val_before,
         val_after=progress.best_score if val else None,
         best_step=progress.best_step if val else None,
+        anchor_kl=anchor_kl,
     )

@@ -2,6 +2,8 @@
 
 The adapter on disk changes only when a job succeeds, so a job that fails (bad data,
 a crash) leaves the previous personalization in place and is marked failed with its reason.
+Unless the settings turn it off, a job first has the base model write its anchor text
+(clients.anchor), which keeps the personalized model close to the base on generic text.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from plora.clients.anchor import write_anchor
 from plora.clients.checkpoint import TrainingCheckpoint
 from plora.clients.data import TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord
@@ -74,6 +77,7 @@ def run_personalization(
     register(record, reg)
     params = {"lr": settings.lr, "batch_size": settings.batch_size, "max_length": max_length}
     params.update({k: v for k, v in (("steps", settings.steps), ("epochs", settings.epochs)) if v is not None})
+    params["anchor_weight"] = settings.anchor.weight if settings.anchor else 0.0
     try:
         examples = tokenize(load_examples(data_path), device.tokenizer, max_length)
     except PloraError as err:
@@ -91,7 +95,8 @@ def run_personalization(
         pad = device.tokenizer.pad_token_id
         measured_on = val or train
         before = evaluate(device.model, measured_on, pad)
-        result = personalize(device.model, train, pad, settings, val or None, on_step, checkpoint)
+        anchor = write_anchor(device.model, device.tokenizer, settings.anchor, settings.seed) if settings.anchor else None
+        result = personalize(device.model, train, pad, settings, val or None, on_step, checkpoint, anchor=anchor)
         after = result.val_after if val else evaluate(device.model, train, pad)
         device.save(device.steps + result.steps)
         checkpoint.clear()
@@ -102,10 +107,13 @@ def run_personalization(
         reg.interrupt_job(job_id, type(err).__name__)
         raise
     metric = "val_loss" if val else "train_loss"
+    metrics_after = {metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps}
+    if result.anchor_kl is not None:
+        metrics_after["anchor_kl"] = result.anchor_kl
     reg.finish_job(
         job_id,
         metrics_before={metric: before},
-        metrics_after={metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps},
+        metrics_after=metrics_after,
         tokens_processed=result.tokens,
         steps_done=result.steps,
     )

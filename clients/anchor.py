@@ -1,0 +1,118 @@
+"""Anchor text: generic text the base model writes itself, to keep personalization from
+costing general ability.
+
+Personal data is a few narrow examples. Trained on them alone, M moves the whole model: in
+`plora bench quality` the loss on generic text rose by 180%. Training therefore also pulls
+the model towards the base model (M = 0) on generic text, the anchor (see
+clients.training). The product ships no data set, so the device writes the anchor itself:
+the base model's own replies to a small built-in set of generic requests and its own
+continuations of a few plain-text openings, sampled with a fixed seed. Text the base model
+samples is where its distribution matters most, and the KL on it estimates how far the
+personalized model's whole output distribution has moved.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from plora.clients.data import IGNORE_INDEX, TokenizedExample
+from plora.clients.device_model import DeviceModel
+from plora.clients.generation import encode_prompt, stream_tokens
+from plora.storage.errors import ConfigError
+
+# Generic requests of many kinds; none asks about the user, whose answers are what
+# personalization is meant to change.
+REQUESTS = (
+    "A baker makes 24 muffins and sells 3 boxes of 6. How many muffins are left?",
+    "Tom has 5 apples and buys 3 times as many. How many apples does he have now?",
+    "A train travels 120 km in 2 hours. What is its average speed?",
+    "What is 15% of 80? Show your working.",
+    "Explain why the sky is blue.",
+    "How does a refrigerator keep food cold?",
+    "What causes the seasons on Earth?",
+    "Give three tips for writing a clear email.",
+    "Write a short poem about the sea.",
+    "Summarise the story of Cinderella in two sentences.",
+    "What is the difference between weather and climate?",
+    "How do I boil an egg?",
+    "Write a Python function that returns the largest number in a list.",
+    "What are the main causes of the French Revolution?",
+    "Suggest a name for a new coffee shop and explain the choice.",
+    "Why do cats purr?",
+)
+OPENINGS = (
+    "The history of the printing press begins",
+    "To solve the equation 3x + 7 = 22, we first",
+    "Photosynthesis is the process by which",
+    "Sarah had 12 pencils. She gave 4 to her friend and",
+    "The city council met on Tuesday to discuss",
+    "In mathematics, a prime number is",
+    "The recipe calls for two cups of flour,",
+    "When the first settlers arrived in the valley,",
+)
+
+
+@dataclass(frozen=True)
+class AnchorSettings:
+    """How personalization stays close to the base model on generic text."""
+
+    weight: float = 1.0
+    """Weight of KL(base || personalized) on the anchor, added to the task loss."""
+    rows: int = 4
+    """Anchor sequences mixed into every training batch."""
+    texts: int = 16
+    """Anchor sequences written before training, at most len(REQUESTS) + len(OPENINGS)."""
+    new_tokens: int = 48
+    """Tokens the base model writes per anchor sequence."""
+    top_k: int = 32
+    """Base-model tokens kept per position; the rest of the vocabulary is merged into one."""
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ConfigError(f"anchor weight must be > 0, got {self.weight}; turn the anchor off with anchor=None")
+        if not 1 <= self.texts <= len(REQUESTS) + len(OPENINGS):
+            raise ConfigError(f"anchor texts must be between 1 and {len(REQUESTS) + len(OPENINGS)}, got {self.texts}")
+        if min(self.rows, self.new_tokens, self.top_k) < 1:
+            raise ConfigError(
+                f"anchor rows, new_tokens and top_k must be >= 1, got {self.rows}, {self.new_tokens}, {self.top_k}"
+            )
+
+
+@contextmanager
+def base_model(model: DeviceModel) -> Iterator[DeviceModel]:
+    """The model with every M zeroed, i.e. the base model; the M it held is put back after."""
+    params = list(model.weights.parameters())
+    held = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, kept in zip(params, held):
+                p.copy_(kept)
+
+
+def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, seed: int) -> list[TokenizedExample]:
+    """The base model's own text on `settings.texts` built-in prompts; the same seed, the same text.
+
+    Only the written tokens are labelled: the prompt is ours, not the model's."""
+    prompts = [(p, True) for p in REQUESTS] + [(p, False) for p in OPENINGS]
+    rng = random.Random(seed)
+    chosen = rng.sample(prompts, settings.texts)
+    stop = {tokenizer.eos_token_id}
+    examples = []
+    with base_model(model):
+        for prompt, chat in chosen:
+            ids = encode_prompt(tokenizer, prompt, chat=chat)
+            written = list(stream_tokens(model, ids, settings.new_tokens, stop, temperature=1.0, seed=rng.randrange(2**31)))
+            if written:
+                examples.append(TokenizedExample(ids + written, [IGNORE_INDEX] * len(ids) + written))
+    return examples
