@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,26 +150,20 @@ def _progress_to(echo: Callable[[str], None]) -> Iterator[None]:
 def _device_progress(root: Path, echo: Callable[[str], None]) -> Iterator[None]:
     """Echo each device's latest training step every PROGRESS_EVERY_S while the fleet runs,
     and once more at the end, so that every device's last step is shown."""
-    shown: dict[Path, float] = {}  # progress file -> modification time last shown
+    shown = _progress_files(root)  # progress file -> modification time shown; these are a previous run's
 
     def show_news() -> None:
-        for path in sorted(root.glob(f"device-*/{task.PROGRESS_FILE}")):
-            try:
-                modified = path.stat().st_mtime
-                if modified <= shown.get(path, started):
-                    continue
+        for path, modified in _progress_files(root).items():
+            if shown.get(path) != modified:
+                shown[path] = modified
                 progress = json.loads(path.read_text())
-            except FileNotFoundError:  # a device folder being set up or cleared
-                continue
-            shown[path] = modified
-            echo(f"{path.parent.name} round {progress['round']} step {progress['step']}/{progress['steps']} "
-                 f"loss {progress['loss']:.3f}")
+                echo(f"{path.parent.name} round {progress['round']} step {progress['step']}/{progress['steps']} "
+                     f"loss {progress['loss']:.3f}")
 
     def watch() -> None:
         while not stop.wait(PROGRESS_EVERY_S):
             show_news()
 
-    started = time.time()  # older progress files are a previous run's
     stop = threading.Event()
     watcher = threading.Thread(target=watch, name="fleet-progress", daemon=True)
     watcher.start()
@@ -180,6 +173,11 @@ def _device_progress(root: Path, echo: Callable[[str], None]) -> Iterator[None]:
         stop.set()
         watcher.join()
         show_news()
+
+
+def _progress_files(root: Path) -> dict[Path, int]:
+    # Devices replace their file atomically, never remove it: a file found is whole and stays.
+    return {path: path.stat().st_mtime_ns for path in sorted(root.glob(f"device-*/{task.PROGRESS_FILE}"))}
 
 
 def read_rounds(root: Path) -> list[dict]:

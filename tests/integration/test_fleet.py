@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 # launch first: it switches flwr and Ray offline before either is imported.
-from plora.platform.fleet.launch import launch, read_rounds  # isort: skip
+from plora.platform.fleet.launch import _device_progress, launch, read_rounds  # isort: skip
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -20,7 +20,7 @@ from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet import client_app
-from plora.platform.fleet.task import FleetSettings, device_dir
+from plora.platform.fleet.task import PROGRESS_FILE, FleetSettings, device_dir
 from plora.platform.jobs import registry
 from plora.storage.errors import ConfigError
 
@@ -122,3 +122,15 @@ def test_settings_come_from_the_run_config_and_are_checked():
             FleetSettings.from_run_config(bad)
 
 
+def test_progress_shows_each_devices_latest_step_of_this_run_only(tmp_path):
+    def report(partition_id: int, step: int, loss: float) -> None:
+        path = device_dir(tmp_path, partition_id) / PROGRESS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"round": 1, "step": step, "steps": 4, "loss": loss}))
+
+    report(0, 4, 9.0)  # left by an earlier run
+    echoed = []
+    with _device_progress(tmp_path, echoed.append):
+        report(1, 1, 2.5)
+        report(1, 2, 2.25)
+    assert echoed == ["device-001 round 1 step 2/4 loss 2.250"]
