@@ -69,6 +69,7 @@ def run_deployment(settings: task.FleetSettings, echo: Callable[[str], None]) ->
     (flower / "app" / "pyproject.toml").write_text(tomli_w.dumps(flower_app(settings)))
     link_port, *node_ports = _free_ports(1 + settings.devices)
     link = f"127.0.0.1:{link_port}"
+    # An explicit address: `flwr` then uses this SuperLink and starts no local one of its own.
     (flower / "config.toml").write_text(tomli_w.dumps(
         {"superlink": {"default": CONNECTION, CONNECTION: {"address": link, "insecure": True}}}
     ))
