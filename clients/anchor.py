@@ -8,11 +8,13 @@ clients.training). The product ships no data set, so the device writes the ancho
 the base model's own replies to a small built-in set of generic requests and its own
 continuations of a few plain-text openings, sampled with a fixed seed. Text the base model
 samples is where its distribution matters most, and the KL on it estimates how far the
-personalized model's whole output distribution has moved.
+personalized model's whole output distribution has moved. The text depends only on the
+backbone, the settings and the seed, so a device can write it once and keep it (`text_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +100,11 @@ def base_model(model: DeviceModel) -> Iterator[DeviceModel]:
         with torch.no_grad():
             for p, kept in zip(params, held):
                 p.copy_(kept)
+
+
+def text_key(settings: AnchorSettings, seed: int) -> str:
+    """Equal for arguments that give the same anchor text on the same backbone."""
+    return hashlib.sha256(repr((REQUESTS, OPENINGS, settings.texts, settings.new_tokens, seed)).encode()).hexdigest()
 
 
 def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, seed: int) -> list[TokenizedExample]:

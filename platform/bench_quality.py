@@ -1,7 +1,9 @@
 """`plora bench quality`: what personalization buys, on the embedded backbone.
 
 - personas: held-out recall of private facts before and after, and the loss on generic text
-  (GSM8K answers) before and after, which must not get more than 5% worse;
+  (GSM8K answers) before and after, which must not get more than 5% worse; with the default
+  settings of a job (anchored to the base model, on anchor text the device writes itself) and,
+  for comparison, without the anchor;
 - speakers: per-speaker held-out NLL gain of PrivateLoRA against PEFT LoRA on the monolithic
   model, with the same data and the same number of steps.
 
@@ -13,24 +15,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import torch
 
+from plora.clients.anchor import write_anchor
 from plora.clients.data import batches, collate, tokenize
 from plora.clients.training import TrainSettings, causal_lm_loss, evaluate, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.platform.partition import holdout, partition, play_blocks
+from plora.platform.jobs import ANCHOR_SEED
 from plora.platform.personas import make_persona, persona_recall
 from plora.platform.runtime import split_embedded
 
+# The fleet's and the demo's job: 60 steps at lr 1e-2, anchored by default.
 PERSONA_SETTINGS = TrainSettings(lr=1e-2, steps=60, batch_size=4)
 
 
-def personas(data: Path, count: int, echo: Callable[[str], None]) -> list[dict]:
-    """Recall and generic-text loss before and after, one fresh device per persona."""
+def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool = True) -> list[dict]:
+    """Recall and generic-text loss before and after, one fresh device per persona; with
+    `compare`, also after the same job without the anchor, from M = 0 again."""
     generic_rows = [json.loads(line) for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
     rows = []
     for seed in range(count):
@@ -40,14 +47,31 @@ def personas(data: Path, count: int, echo: Callable[[str], None]) -> list[dict]:
         persona = make_persona(seed)
         train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, 128)
         generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, 256)
-        before = {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
-        personalize(model, train, tok.pad_token_id, PERSONA_SETTINGS)
-        after = {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
-        rows.append({"persona": seed, "before": before, "after": after,
-                     "generic_nll_change": after["generic_nll"] / before["generic_nll"] - 1})
-        echo(f"persona {seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, "
-             f"generic NLL {before['generic_nll']:.3f} -> {after['generic_nll']:.3f}")
+
+        def measure() -> dict:
+            return {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
+
+        before = measure()
+        # As a job does it: the anchor is written on the device, by the base model.
+        anchor = write_anchor(model, tok, PERSONA_SETTINGS.anchor, ANCHOR_SEED)
+        result = personalize(model, train, tok.pad_token_id, PERSONA_SETTINGS, anchor=anchor)
+        row = {"persona": seed, "before": before, **_after(measure(), before), "train_seconds": result.seconds}
+        echo(f"persona {seed}: recall {before['recall']:.0%} -> {row['after']['recall']:.0%}, generic NLL "
+             f"{before['generic_nll']:.3f} -> {row['after']['generic_nll']:.3f} ({row['generic_nll_change']:+.1%})")
+        if compare:
+            with torch.no_grad():
+                for m in model.weights.parameters():
+                    m.zero_()
+            personalize(model, train, tok.pad_token_id, replace(PERSONA_SETTINGS, anchor=None))
+            row["without_anchor"] = _after(measure(), before)
+            echo(f"persona {seed} without the anchor: recall {row['without_anchor']['after']['recall']:.0%}, "
+                 f"generic NLL change {row['without_anchor']['generic_nll_change']:+.1%}")
+        rows.append(row)
     return rows
+
+
+def _after(after: dict, before: dict) -> dict:
+    return {"after": after, "generic_nll_change": after["generic_nll"] / before["generic_nll"] - 1}
 
 
 def _lora_nll_gain(backbone, train, heldout, pad: int, settings: TrainSettings) -> tuple[float, float, int]:

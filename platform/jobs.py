@@ -2,18 +2,19 @@
 
 The adapter on disk changes only when a job succeeds, so a job that fails (bad data,
 a crash) leaves the previous personalization in place and is marked failed with its reason.
-Unless the settings turn it off, a job first has the base model write its anchor text
-(clients.anchor), which keeps the personalized model close to the base on generic text.
+Unless the settings turn it off, jobs keep the model close to the base on generic text, the
+anchor (clients.anchor), which the device's base model writes on its first job.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from plora.clients.anchor import write_anchor
+from plora.clients.anchor import AnchorSettings, text_key, write_anchor
 from plora.clients.checkpoint import TrainingCheckpoint
 from plora.clients.data import TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord
@@ -22,9 +23,12 @@ from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device
 from plora.storage.db import open_database
 from plora.storage.errors import PloraError, RegistryError
+from plora.storage.files import write_atomically
 from plora.storage.registry import Registry
 
 CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
+ANCHOR = "anchor.json"  # in the device folder: the anchor text its base model wrote
+ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 
 
 def registry(url: str | None = None) -> Registry:
@@ -48,6 +52,23 @@ def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) 
     random.Random(seed).shuffle(shuffled)
     n_val = int(len(shuffled) * fraction) if len(shuffled) >= 10 else 0
     return shuffled[n_val:], shuffled[:n_val]
+
+
+def device_anchor(device: Device, settings: AnchorSettings) -> list[TokenizedExample]:
+    """The device's anchor text: written by its base model on first use, then kept, since
+    writing it costs a generation pass and only the backbone and the settings change it."""
+    path = device.store.root / ANCHOR
+    key = f"{device.store.record.identity.version}/{text_key(settings, ANCHOR_SEED)}"
+    try:
+        kept = json.loads(path.read_text())
+        if kept["key"] == key:
+            return [TokenizedExample(ids, labels) for ids, labels in kept["examples"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: write it afresh
+    examples = write_anchor(device.model, device.tokenizer, settings, ANCHOR_SEED)
+    stored = {"key": key, "examples": [[e.input_ids, e.labels] for e in examples]}
+    write_atomically(path, json.dumps(stored).encode())
+    return examples
 
 
 @dataclass
@@ -95,7 +116,7 @@ def run_personalization(
         pad = device.tokenizer.pad_token_id
         measured_on = val or train
         before = evaluate(device.model, measured_on, pad)
-        anchor = write_anchor(device.model, device.tokenizer, settings.anchor, settings.seed) if settings.anchor else None
+        anchor = device_anchor(device, settings.anchor) if settings.anchor else None
         result = personalize(device.model, train, pad, settings, val or None, on_step, checkpoint, anchor=anchor)
         after = result.val_after if val else evaluate(device.model, train, pad)
         device.save(device.steps + result.steps)

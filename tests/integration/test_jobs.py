@@ -7,11 +7,14 @@ import json
 import pytest
 import torch
 
+from plora.clients.anchor import AnchorSettings
 from plora.clients.training import TrainSettings
 from plora.platform.jobs import CHECKPOINT, registry, run_personalization
 from plora.platform.runtime import init_device, open_device
 
-SETTINGS = TrainSettings(lr=0.05, steps=25, batch_size=2)
+# Anchored as jobs are by default, on less anchor text, which is quicker to write.
+SMALL_ANCHOR = AnchorSettings(texts=4, new_tokens=8)
+SETTINGS = TrainSettings(lr=0.05, steps=25, batch_size=2, anchor=SMALL_ANCHOR)
 
 
 @pytest.fixture
@@ -84,7 +87,7 @@ def test_jobs_list_shows_the_recorded_jobs(tmp_path, tiny_checkpoint, data):
     from plora.platform.cli import main
 
     init_device(tmp_path / "dev", str(tiny_checkpoint))
-    run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=3), val_fraction=0.0)
+    run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=3, anchor=SMALL_ANCHOR), val_fraction=0.0)
     table = CliRunner().invoke(main, ["jobs", "list"])
     assert table.exit_code == 0 and "succeeded" in table.output and "train_loss" in table.output
     lines = CliRunner().invoke(main, ["jobs", "list", "--json"]).stdout.splitlines()
@@ -100,8 +103,24 @@ def test_fleet_status_lists_devices_by_version_with_their_latest_job(tmp_path, t
 
     store = init_device(tmp_path / "dev", str(tiny_checkpoint))
     register(store.record, registry())
-    run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=2), val_fraction=0.0)
+    run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=2, anchor=SMALL_ANCHOR), val_fraction=0.0)
     result = CliRunner().invoke(main, ["fleet", "status"])
     assert result.exit_code == 0, result.output
     (row,) = [line for line in result.output.splitlines() if store.record.device_id[:12] in line]
     assert store.record.identity.version in row and "personalize succeeded, 2 steps" in row
+
+
+def test_the_anchor_text_is_written_once_per_device_and_used_by_every_job(tmp_path, tiny_checkpoint, data, monkeypatch):
+    from plora.platform import jobs
+
+    written = []
+    write = jobs.write_anchor
+    monkeypatch.setattr(jobs, "write_anchor", lambda *args: written.append(1) or write(*args))
+    init_device(tmp_path / "dev", str(tiny_checkpoint))
+    for seed in (0, 1):
+        settings = TrainSettings(lr=0.05, steps=2, seed=seed, anchor=SMALL_ANCHOR)
+        outcome = run_personalization(open_device(tmp_path / "dev"), data, settings, val_fraction=0.0)
+        assert outcome.result.anchor_kl is not None
+    assert len(written) == 1 and (tmp_path / "dev" / jobs.ANCHOR).is_file()
+    (job, _) = registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
+    assert "anchor_kl" in job.metrics_after
