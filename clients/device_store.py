@@ -62,6 +62,12 @@ class DeviceStore:
     ADAPTER = "adapter.safetensors"
     BUNDLE = "bundle"  # the device's half of a networked backbone, as a checkpoint folder
     CREDENTIALS = "credentials.json"
+    PRIVATE_TRAIN = "private/train.jsonl"  # the user's own data, when the device keeps it here
+    PRIVATE_HELDOUT = "private/heldout.jsonl"
+    # While a migration to another backbone version runs, the next version's files are made
+    # here; once switched to, the old version's files are kept under PREVIOUS/<version>.
+    MIGRATION = "migration"
+    PREVIOUS = "previous"
 
     def __init__(self, root: Path, record: DeviceRecord):
         self.root = root
@@ -94,11 +100,15 @@ class DeviceStore:
         return store
 
     @classmethod
-    def open(cls, root: Path) -> DeviceStore:
+    def open(cls, root: Path, midway: bool = False) -> DeviceStore:
+        """The device in `root`. Refused while a verified migration is only partly switched to
+        (its files are then a mix of two versions), unless `midway`, for the migration itself."""
         root = Path(root)
         path = root / cls.RECORD
         if not path.is_file():
             raise ConfigError(f"{root} is not a device folder (no {cls.RECORD}); create one with `plora device init {root}`")
+        if not midway and (root / cls.MIGRATION / cls.RECORD).is_file():
+            raise ConfigError(f"{root} is midway through a migration to another backbone version; run `plora migrate` again to finish it")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -109,9 +119,10 @@ class DeviceStore:
     def adapter_path(self) -> Path:
         return self.root / self.ADAPTER
 
-    def load_bundle(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The device's half of a networked backbone: embeddings, device layers, norm, head."""
-        folder = self.root / self.BUNDLE
+    def load_bundle(self, folder: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The device's half of a networked backbone: embeddings, device layers, norm, head.
+        `folder` is where a bundle other than the current one lies (a migration's next one)."""
+        folder = folder or self.root / self.BUNDLE
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{folder} is missing; re-create the device with `plora device init`")
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)

@@ -33,7 +33,7 @@ from plora.cloud_backbone.protocol import (
     wire,
 )
 from plora.storage import errors
-from plora.storage.errors import AuthenticationError, ConfigError, PloraError, TransportError, ValidationError
+from plora.storage.errors import AuthenticationError, ConfigError, PloraError, TransportError, ValidationError, VersionMismatchError
 
 MAX_MESSAGE_BYTES = 32 << 20
 _CLOSE = object()
@@ -201,6 +201,19 @@ def register(endpoint: Endpoint, backbone: str = "", label: str = "") -> tuple[C
         except grpc.RpcError as err:
             raise rpc_error(err) from err
     return Credentials(reply.device_id, reply.token), reply.backbone
+
+
+def describe(endpoint: Endpoint, version: str) -> pb.HostedBackbone:
+    """What the service announces of a version it hosts: its identity and its bundle's hash."""
+    with endpoint.channel() as channel:
+        try:
+            reply = pb_grpc.SplitBackboneStub(channel).Describe(pb.DescribeRequest(), timeout=30)
+        except grpc.RpcError as err:
+            raise rpc_error(err) from err
+    hosted = {wire.identity_from_proto(b.identity).version: b for b in reply.backbones}
+    if version not in hosted:
+        raise VersionMismatchError(f"the service at {endpoint.address} does not host {version!r}; it hosts {sorted(hosted)}")
+    return hosted[version]
 
 
 def download_bundle(endpoint: Endpoint, credentials: Credentials, hosted: pb.HostedBackbone, folder: Path) -> None:

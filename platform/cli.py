@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli_backbone import backbone
+from plora.platform.cli_backbone import backbone, migrate
 from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly
 
 log = logging.getLogger("plora")
@@ -29,6 +29,7 @@ def main(verbose: int) -> None:
 
 
 main.add_command(backbone)
+main.add_command(migrate)
 
 
 @main.group()

@@ -239,3 +239,52 @@ def derive_version(parent, data_path, name, steps, lr, batch_size, max_length, s
 
         version = derive(registry(db), parent, data_path, name, steps, lr, batch_size, max_length, seed, progress)
     click.echo(f"registered {version.name} (parent {parent}); migrate devices with `plora migrate --to {version.name}`")
+
+
+@click.command()
+@click.option("--to", "target", required=True, help="The version to move the devices to.")
+@click.option("--devices", "device_ids", multiple=True, default=["all"], show_default=True,
+              help="'all', or the id of a device to migrate (repeatable).")
+@click.option("--method", default="distill", show_default=True, type=click.Choice(["copy", "distill"]),
+              help="copy: carry M over unchanged (same shapes only). distill: train the new M to make the new "
+                   "backbone answer as the old one did with the old M, on the device's own text.")
+@click.option("--dry-run", is_flag=True, help="Say what would be migrated, and change nothing.")
+@click.option("--root", default="plora-fleet", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A device folder, or a folder of device folders (a fleet's root).")
+@click.option("--backbone", "address", help="HOST:PORT of a service hosting both versions, for networked devices "
+              "(default: start one on loopback for the migration).")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text to distill on, for a single device (default: its private/train.jsonl, else text it writes).")
+@click.option("--steps", default=40, show_default=True, type=click.IntRange(min=1), help="Distillation steps per device.")
+@click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for the new M.")
+@db_option
+@fail_cleanly
+def migrate(target, device_ids, method, dry_run, root, address, data_path, steps, lr, db) -> None:
+    """Move devices to another backbone version, keeping their personalization.
+
+    Each device makes its new M on the device, verifies it, then switches, keeping the old
+    adapter under previous/. Re-running finishes an interrupted migration; devices already
+    on the target are left as they are.
+    """
+    from plora.clients.migration import DistillSettings
+    from plora.platform import migration
+    from plora.platform.jobs import registry
+
+    reg = registry(db)
+    wanted = [] if list(device_ids) == ["all"] else list(device_ids)
+    folders = migration.device_folders(root, wanted)
+    if data_path and len(folders) > 1:
+        raise click.UsageError("--data is for a single device; a fleet's devices distill on their own text")
+    settings = DistillSettings(steps=steps, lr=lr)
+    click.echo(f"{'checking' if dry_run else 'migrating'} {len(folders)} device(s) to {reg.get_backbone(target).name} by {method}", err=True)
+    reports = []
+    with migration.service_for(folders, target, reg, None if dry_run else address) as reach:
+        for n, folder in enumerate(folders, 1):
+            click.echo(f"[{n}/{len(folders)}] {folder.name}", err=True)
+
+            def progress(step, total, loss):
+                if step % 10 == 0 or step == total:
+                    click.echo(f"    distill step {step}/{total}, KL {loss:.4f}", err=True)
+
+            reports.append(migration.migrate_device(folder, target, method, reg, reach, data_path, settings, dry_run, progress))
+    click.echo(migration.table(reports))

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from plora.clients.device_model import DeviceModel
-from plora.clients.device_store import DeviceStore
+from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bundle, register
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
@@ -79,17 +79,35 @@ def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> Dev
     return DeviceModel(backbone.model, config, link)
 
 
-def open_device(root: Path) -> Device:
-    store = DeviceStore.open(root)
-    record = store.record
+def connect(
+    store: DeviceStore, record: DeviceRecord, address: str | None = None, bundle: Path | None = None
+) -> tuple[DeviceModel, PreTrainedTokenizerBase]:
+    """The device's model for `record`, with M = 0: over the network when the record names a
+    service (at `address` if given: services move, the device's identity does not), else in
+    this process. `bundle` is the device half's folder when it is not the store's current one."""
     if is_address(record.backbone_spec):
-        bundle, tokenizer = store.load_bundle()
-        endpoint = Endpoint(record.backbone_spec, **(record.endpoint or {}))
+        model_k, tokenizer = store.load_bundle(bundle)
+        endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
         link = GrpcLink(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), record.identity)
-        model = DeviceModel(bundle, record.adapter, link)
+        model = DeviceModel(model_k, record.adapter, link)
     else:
         backbone = loading.load(record.backbone_spec)
         model, tokenizer = split_embedded(backbone, record.adapter), backbone.tokenizer
-    model.link.identity.require_match(record.identity)
-    steps = store.read_adapter(model.weights)
+    try:
+        model.link.identity.require_match(record.identity)
+    except BaseException:
+        model.link.close()
+        raise
+    return model, tokenizer
+
+
+def open_device(root: Path, address: str | None = None) -> Device:
+    """The device in folder `root` with its stored M; `address` overrides where its service is."""
+    store = DeviceStore.open(root)
+    model, tokenizer = connect(store, store.record, address)
+    try:
+        steps = store.read_adapter(model.weights)
+    except BaseException:
+        model.link.close()
+        raise
     return Device(store, model, tokenizer, steps)

@@ -19,7 +19,7 @@ TEXTS = [{"text": f"Question {i}: what is {i} plus {i}? Answer: {2 * i}."} for i
 
 
 @pytest.fixture(autouse=True)
-def _own_home(tmp_path, monkeypatch):
+def _own_home(tmp_path, monkeypatch, tiny_checkpoint):  # after the session's home has made tiny_checkpoint
     monkeypatch.setenv("PLORA_HOME", str(tmp_path / "home"))  # derived backbones and bundles go here
 
 

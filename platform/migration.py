@@ -1,0 +1,297 @@
+"""`plora migrate`: move devices to a new backbone version without losing their personalization.
+
+Each device makes its new M itself (clients.migration: copy, or distill on its own text), then
+verifies it and switches. Crash safety comes from the order of the steps, each of which a
+re-run can recognise as done:
+
+    DIR/migration/plan.json              which versions, which method; metrics once verified
+    DIR/migration/bundle/                the new version's device half (networked devices)
+    DIR/migration/checkpoint.safetensors distillation in progress
+    DIR/migration/adapter.safetensors    the new M, written and read back
+    DIR/migration/device.json            written last, once the new M is verified: from here
+                                         on a re-run only finishes the switch
+    DIR/previous/<old version>/          the old version's files, kept after the switch
+
+The switch moves the bundle, the adapter and finally device.json into place (renames), then
+rebinds the device in the registry, closes the job and removes DIR/migration. Killed anywhere,
+the device is on exactly one version once `plora migrate` has run again, with one job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
+from plora.clients.anchor import AnchorSettings, write_anchor
+from plora.clients.checkpoint import TrainingCheckpoint
+from plora.clients.data import TokenizedExample, load_examples, tokenize
+from plora.clients.device_store import DeviceRecord, DeviceStore
+from plora.clients.distillation import mean_kl, teacher_targets
+from plora.clients.grpc_link import Credentials, Endpoint, describe, download_bundle
+from plora.clients.migration import (
+    METHODS,
+    DistillSettings,
+    can_copy,
+    copy_weights,
+    distill,
+)
+from plora.clients.training import evaluate, fingerprint
+from plora.cloud_backbone.protocol import wire
+from plora.cloud_backbone.server import start_service
+from plora.cloud_backbone.versions import load_version
+from plora.platform.jobs import register, registry
+from plora.platform.runtime import connect, is_address, open_device
+from plora.storage.errors import ConfigError, PloraError
+from plora.storage.files import write_atomically
+from plora.storage.models import BackboneStatus, BackboneVersion, JobStatus
+from plora.storage.registry import Registry
+
+PLAN = "plan.json"
+CHECKPOINT = "checkpoint.safetensors"
+MAX_LENGTH = 128
+# Moved in this order; the record last, since it is what says which version the device is on.
+_SWITCHED = (DeviceStore.BUNDLE, DeviceStore.ADAPTER, DeviceStore.RECORD)
+
+
+@dataclass
+class MigrationReport:
+    device_id: str
+    source: str
+    target: str
+    method: str
+    outcome: str  # "migrated", "already there" or, for a dry run, "would migrate"
+    before: dict[str, float] = field(default_factory=dict)  # old backbone + old M
+    after: dict[str, float] = field(default_factory=dict)  # new backbone + new M
+    job_id: int | None = None
+
+
+def migrate_device(
+    root: Path,
+    target: str,
+    method: str = "distill",
+    reg: Registry | None = None,
+    address: str | None = None,
+    data: Path | None = None,
+    settings: DistillSettings = DistillSettings(),
+    dry_run: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> MigrationReport:
+    """Move the device in `root` to version `target` (resuming a migration left half-done).
+
+    `address` is where the service hosting both versions is now, for a networked device.
+    Distillation runs on `data`, else on the device's private text, else on text it writes."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    reg = reg or registry()
+    root = Path(root)
+    version = reg.get_backbone(target)
+    store = DeviceStore.open(root, midway=True)
+    record = store.record
+    register(record, reg)
+    report = MigrationReport(record.device_id, record.identity.version, version.name, method, "migrated")
+    staging = root / DeviceStore.MIGRATION
+    plan = _read_plan(staging)
+    if plan and plan["to"] != version.name:
+        raise ConfigError(f"{root} is midway through a migration to {plan['to']}; finish that one first (plora migrate --to {plan['to']})")
+    if record.identity.version == version.name:  # already switched; the registry may lag behind
+        return _finish(reg, root, report, plan)
+    if version.status == BackboneStatus.RETIRED:
+        raise ConfigError(f"backbone version {version.name} is retired; migrate to an active one")
+    if dry_run:
+        report.outcome = "would migrate"
+        return report
+    if not (staging / DeviceStore.RECORD).is_file():
+        plan = plan or {"from": record.identity.version, "to": version.name, "method": method}
+        staging.mkdir(exist_ok=True)
+        write_atomically(staging / PLAN, json.dumps(plan).encode())
+        job_id = _open_job(reg, record.device_id, version.name, plan["method"])
+        try:
+            plan.update(_make_adapter(store, version, plan["method"], address, data, settings, on_step))
+        except PloraError as err:
+            reg.fail_job(job_id, f"{type(err).__name__}: {err}")
+            raise
+        except BaseException as err:  # killed or crashed: the old adapter stands, a re-run resumes
+            reg.interrupt_job(job_id, type(err).__name__)
+            raise
+        write_atomically(staging / PLAN, json.dumps(plan).encode())
+        write_atomically(staging / DeviceStore.RECORD, json.dumps(plan.pop("record"), indent=2).encode())
+    _switch(root, plan["from"])
+    return _finish(reg, root, report, _read_plan(staging))
+
+
+def _read_plan(staging: Path) -> dict | None:
+    path = staging / PLAN
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _open_job(reg: Registry, device_id: str, target: str, method: str) -> int:
+    """The unfinished migrate job of an earlier, interrupted attempt, or a new one."""
+    unfinished = [j for j in reg.migration_jobs(device_id, target) if j.status in (JobStatus.RUNNING, JobStatus.INTERRUPTED)]
+    if unfinished:
+        return reg.resume_job(unfinished[-1].id).id
+    return reg.start_job(device_id, "migrate", {"method": method}, target=target)
+
+
+def _target_record(store: DeviceStore, version: BackboneVersion, address: str | None) -> DeviceRecord:
+    """The device's record as it will be on `version`; a networked device fetches its bundle."""
+    old = store.record
+    if is_address(old.backbone_spec):
+        endpoint = Endpoint(address or old.backbone_spec, **(old.endpoint or {}))
+        hosted = describe(endpoint, version.name)
+        identity = wire.identity_from_proto(hosted.identity)
+        bundle = store.root / DeviceStore.MIGRATION / DeviceStore.BUNDLE
+        if not (bundle / "config.json").is_file():
+            shutil.rmtree(bundle, ignore_errors=True)  # a download cut short
+            download_bundle(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), hosted, bundle)
+        spec = old.backbone_spec
+    else:
+        backbone, config = load_version(version)
+        identity, spec = backbone.identity(config), version.source
+    return DeviceRecord(old.device_id, spec, identity.name, identity.content_hash, identity.num_layers,
+                        identity.hidden_size, identity.adapter, old.created_at, old.endpoint)
+
+
+def _device_text(store: DeviceStore, data: Path | None, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """(text to distill on, held-out text to measure on): the given file, else the device's own."""
+    train = data or store.root / DeviceStore.PRIVATE_TRAIN
+    heldout = store.root / DeviceStore.PRIVATE_HELDOUT
+    if not train.is_file():
+        return [], []
+    examples = tokenize(load_examples(train), tokenizer, MAX_LENGTH)
+    return examples, tokenize(load_examples(heldout), tokenizer, MAX_LENGTH) if heldout.is_file() and data is None else examples
+
+
+def _make_adapter(
+    store: DeviceStore, version: BackboneVersion, method: str, address: str | None, data: Path | None,
+    settings: DistillSettings, on_step: Callable[[int, int, float], None] | None,
+) -> dict:
+    """Make, verify and stage the new M; returns the metrics and the new record for the plan."""
+    staging = store.root / DeviceStore.MIGRATION
+    new_record = _target_record(store, version, address)
+    old = open_device(store.root, address)
+    try:
+        pad = old.tokenizer.pad_token_id
+        examples, heldout = _device_text(store, data, old.tokenizer)
+        if not examples:  # no text of its own: text the base model writes on generic prompts
+            examples = write_anchor(old.model, old.tokenizer, AnchorSettings(), seed=settings.seed)
+            heldout = examples
+        targets = teacher_targets(old.model, examples, pad, settings.top_k)
+        before = {"heldout_loss": evaluate(old.model, heldout, pad)}
+        old_weights, steps = old.model.weights, old.steps
+    finally:
+        old.close()
+    bundle = staging / DeviceStore.BUNDLE if is_address(new_record.backbone_spec) else None
+    student, _ = connect(store, new_record, address, bundle)
+    try:
+        if can_copy(old_weights, student.weights):
+            copy_weights(old_weights, student.weights)  # the copy, and distillation's starting point
+        elif method == "copy":
+            copy_weights(old_weights, student.weights)  # raises, saying why
+        after = {"kl_to_old_at_start": mean_kl(student, examples, targets, pad), "heldout_loss_at_start": evaluate(student, heldout, pad)}
+        tokens = 0
+        if method == "distill":
+            checkpoint = TrainingCheckpoint(staging / CHECKPOINT, fingerprint(examples, settings))
+            progress = distill(student, examples, targets, pad, settings, checkpoint, on_step)
+            after["distill_steps"], tokens = progress.step, progress.tokens
+        after["kl_to_old"] = mean_kl(student, examples, targets, pad)
+        after["heldout_loss"] = evaluate(student, heldout, pad)
+        header = AdapterHeader(new_record.backbone_name, new_record.backbone_hash, new_record.adapter, new_record.num_layers, steps)
+        save_adapter(staging / DeviceStore.ADAPTER, student.weights, header)
+        stored, _ = load_adapter(staging / DeviceStore.ADAPTER, header)  # verify: it reads back as made
+        if any(not stored[name].equal(t) for name, t in student.weights.named_tensors()):
+            raise ConfigError(f"{staging / DeviceStore.ADAPTER} does not read back as written")
+    finally:
+        student.link.close()
+    (staging / CHECKPOINT).unlink(missing_ok=True)
+    return {"before": before, "after": after, "tokens": tokens, "record": new_record.to_json()}
+
+
+def _switch(root: Path, old_version: str) -> None:
+    """Put the staged files in place, keeping the old ones; every step a rename, safe to redo."""
+    staging, kept = root / DeviceStore.MIGRATION, root / DeviceStore.PREVIOUS / old_version
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in _SWITCHED:
+        if not (staging / name).exists():
+            continue  # switched already (or a local device, which has no bundle)
+        if (root / name).exists():
+            if (kept / name).is_dir():
+                shutil.rmtree(kept / name)  # left by an older migration away from the same version
+            os.replace(root / name, kept / name)
+        os.replace(staging / name, root / name)
+
+
+def _finish(reg: Registry, root: Path, report: MigrationReport, plan: dict | None) -> MigrationReport:
+    """Bring the registry in line with the device's files, close the job, clear the staging."""
+    device = reg.get_device(report.device_id)
+    if device.backbone_version_id != reg.get_backbone(report.target).id:
+        reg.bind_device(report.device_id, report.target)
+    open_jobs = [j for j in reg.migration_jobs(report.device_id, report.target) if j.status in (JobStatus.RUNNING, JobStatus.INTERRUPTED)]
+    if plan is None and not open_jobs:
+        report.outcome = "already there"
+    if plan:
+        report.source, report.method = plan["from"], plan["method"]
+        report.before, report.after = plan.get("before", {}), plan.get("after", {})
+    for job in open_jobs:
+        if job.status == JobStatus.INTERRUPTED:
+            reg.resume_job(job.id)
+        tokens = plan.get("tokens", 0) if plan else 0
+        reg.finish_job(job.id, report.before or None, report.after or None, tokens, int(report.after.get("distill_steps", 0)))
+        report.job_id = job.id
+    shutil.rmtree(root / DeviceStore.MIGRATION, ignore_errors=True)
+    return report
+
+
+def device_folders(root: Path, wanted: Sequence[str] = ()) -> list[Path]:
+    """`root` if it is a device folder, else the device folders in it; only `wanted` ids if given."""
+    root = Path(root)
+    if (root / DeviceStore.RECORD).is_file():
+        found = [root]
+    elif root.is_dir():
+        found = sorted(p for p in root.iterdir() if (p / DeviceStore.RECORD).is_file())
+    else:
+        raise ConfigError(f"{root} is not a folder")
+    if not found:
+        raise ConfigError(f"{root} holds no device folders (folders with {DeviceStore.RECORD})")
+    if not wanted:
+        return found
+    by_id = {DeviceStore.open(p, midway=True).record.device_id: p for p in found}
+    missing = [d for d in wanted if d not in by_id]
+    if missing:
+        raise ConfigError(f"no device {', '.join(missing)} under {root}; it holds {', '.join(sorted(by_id))}")
+    return [by_id[d] for d in wanted]
+
+
+@contextmanager
+def service_for(folders: list[Path], target: str, reg: Registry, address: str | None) -> Iterator[str | None]:
+    """Where networked devices reach a service hosting their versions and `target`: `address`,
+    or else one started on loopback for the migration. Local devices need none."""
+    networked = [f for f in folders if is_address(DeviceStore.open(f, midway=True).record.backbone_spec)]
+    if address or not networked:
+        yield address
+        return
+    versions = {reg.get_backbone(reg.get_device(DeviceStore.open(f, midway=True).record.device_id).backbone_version_id).name
+                for f in networked}
+    server = start_service([], None, reg, registered=sorted(versions | {reg.get_backbone(target).name}))
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        server.stop(grace_s=1)
+
+
+def table(reports: list[MigrationReport]) -> str:
+    def num(values: dict, key: str) -> str:
+        return f"{values[key]:.3f}" if key in values else "-"
+
+    header = f"{'device':<12} {'method':<8} {'outcome':<14} {'held-out loss before':>20} {'after':>7} {'KL to old: start':>16} {'end':>7}"
+    rows = [
+        f"{r.device_id[:12]:<12} {r.method:<8} {r.outcome:<14} {num(r.before, 'heldout_loss'):>20} {num(r.after, 'heldout_loss'):>7} "
+        f"{num(r.after, 'kl_to_old_at_start'):>16} {num(r.after, 'kl_to_old'):>7}"
+        for r in reports
+    ]
+    return "\n".join([header, "-" * len(header), *rows])

@@ -1,0 +1,179 @@
+"""Migrating devices to a new backbone version (tiny random checkpoint, local devices).
+
+Register v1, personalize devices, derive v2, migrate: the personalization survives, a killed
+migration finishes on a re-run with every device accounted for once, and v1's adapter is
+refused by v2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from plora.clients.adapter_file import load_adapter
+from plora.clients.device_store import DeviceStore
+from plora.clients.training import evaluate
+from plora.clients.data import load_examples, tokenize
+from plora.platform import migration
+from plora.platform.jobs import registry
+from plora.platform.runtime import open_device
+from plora.storage import db
+from plora.storage.errors import AdapterFileError, ConfigError
+from tests.conftest import tiny_llama
+from tests.integration.test_cli import plora
+
+FACTS = [
+    {"prompt": q.format(i), "response": a.format(w)}
+    for i, w in enumerate(["teal", "Pebble", "Tartu", "Zorvan", "maroon", "Biscuit"])
+    for q, a in (("What is fact {}?", "Fact is {}."), ("Tell me fact number {}.", "It is {}."))
+]
+PUBLIC = [{"text": f"Question {i}: what is {i} plus {i}? Answer: {2 * i}."} for i in range(12)]
+
+
+def _jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama whose next-token distributions are far from uniform (large initial
+    weights), so that personalization, the upgrade and distillation all visibly move them."""
+    folder = tmp_path_factory.mktemp("sharp") / "sharp-v1"
+    model = tiny_llama(vocab_size=len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id, initializer_range=0.3)
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, sharp_checkpoint):
+    """Made once: v1 registered, v2 derived from it, two local devices personalized on v1."""
+    folder = tmp_path_factory.mktemp("migration-template")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PLORA_HOME", str(folder / "home"))
+        env.setenv("PLORA_DB_URL", f"sqlite:///{folder / 'registry.db'}")
+        plora("backbone", "register", "--backbone", sharp_checkpoint, "--rank", "8")
+        for n in range(2):
+            root = folder / "devices" / f"device-{n}"
+            plora("device", "init", root, "--backbone", sharp_checkpoint, "--rank", "8")
+            facts = FACTS[n::2]
+            _jsonl(root / DeviceStore.PRIVATE_TRAIN, facts)
+            _jsonl(root / DeviceStore.PRIVATE_HELDOUT, facts[:3])
+            plora("personalize", root, "--data", root / DeviceStore.PRIVATE_TRAIN, "--steps", 30, "--lr", "1e-1", "--val-fraction", 0)
+        plora("backbone", "derive", "--from", "sharp-v1", "--data", _jsonl(folder / "public.jsonl", PUBLIC),
+              "--out", "tiny-v2", "--steps", 6, "--lr", "3e-3")
+        db.close_all()
+    return folder
+
+
+@pytest.fixture
+def fleet(template, tmp_path, monkeypatch):
+    """A fresh copy of the template's devices and registry for each test: (v1, v2, device folders)."""
+    shutil.copytree(template / "devices", tmp_path / "devices")
+    shutil.copy(template / "registry.db", tmp_path / "registry.db")
+    monkeypatch.setenv("PLORA_HOME", str(template / "home"))
+    monkeypatch.setenv("PLORA_DB_URL", f"sqlite:///{tmp_path / 'registry.db'}")
+    reg = registry()
+    v1, v2 = (reg.get_backbone(name).name for name in ("sharp-v1", "tiny-v2"))
+    return v1, v2, sorted((tmp_path / "devices").iterdir())
+
+
+def _heldout_loss(root) -> float:
+    device = open_device(root)
+    try:
+        examples = tokenize(load_examples(root / DeviceStore.PRIVATE_HELDOUT), device.tokenizer, 128)
+        return evaluate(device.model, examples, device.tokenizer.pad_token_id)
+    finally:
+        device.close()
+
+
+def test_distill_keeps_each_devices_personalization_across_the_upgrade(fleet):
+    v1, v2, devices = fleet
+    before = [_heldout_loss(root) for root in devices]
+    out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "distill", "--steps", 40).output
+    reg = registry()
+    for root, loss_before in zip(devices, before):
+        store = DeviceStore.open(root)
+        assert store.record.identity.version == v2
+        assert reg.get_device(store.record.device_id).backbone_version_id == reg.get_backbone(v2).id
+        assert (root / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER).is_file()  # the old adapter is kept
+        assert not (root / DeviceStore.MIGRATION).exists()
+        (job,) = reg.migration_jobs(store.record.device_id, v2)
+        after = job.metrics_after
+        print(loss_before, job.metrics_before, after)
+        assert job.status == "succeeded" and job.metrics_before["heldout_loss"] == pytest.approx(loss_before, rel=1e-5)
+        assert after["kl_to_old"] < 0.5 * after["kl_to_old_at_start"]
+        # Closer to the personalized v1 than v2 with the copied M was, and close in absolute terms.
+        assert abs(_heldout_loss(root) - loss_before) < 0.5 * abs(after["heldout_loss_at_start"] - loss_before)
+        assert abs(_heldout_loss(root) - loss_before) < 0.1 * loss_before
+    assert "distill" in out and v2 in out
+    again = plora("migrate", "--to", v2, "--root", devices[0].parent).output
+    assert again.count("already there") == 2
+    assert all(len(reg.migration_jobs(DeviceStore.open(r).record.device_id, v2)) == 1 for r in devices)
+
+
+def test_a_killed_migration_finishes_on_a_rerun_with_each_device_once(fleet, monkeypatch):
+    v1, v2, devices = fleet
+    real_replace = os.replace
+    calls = []
+
+    def dies_on_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed midway through the switch
+        real_replace(src, dst)
+
+    real_switch = migration._switch
+
+    def killed_while_switching(root, old_version):
+        with monkeypatch.context() as patched:
+            patched.setattr(migration.os, "replace", dies_on_second_rename)
+            real_switch(root, old_version)
+
+    monkeypatch.setattr(migration, "_switch", killed_while_switching)
+    with pytest.raises(KeyboardInterrupt):
+        migration.migrate_device(devices[0], v2, "copy")
+    monkeypatch.setattr(migration, "_switch", real_switch)
+    with pytest.raises(ConfigError, match="midway through a migration"):
+        open_device(devices[0])  # files of two versions: refused until finished
+    with pytest.raises(KeyboardInterrupt):  # the other device is killed while distilling
+        migration.migrate_device(devices[1], v2, "distill", on_step=lambda step, total, loss: step == 3 and _raise())
+    reg = registry()
+    assert reg.migration_jobs(DeviceStore.open(devices[1]).record.device_id, v2)[0].status == "interrupted"
+    reports = [migration.migrate_device(root, v2, "distill") for root in devices]
+    assert [r.outcome for r in reports] == ["migrated", "migrated"]
+    assert reports[0].method == "copy"  # the plan made before the kill stands
+    for root in devices:
+        store = DeviceStore.open(root)
+        (job,) = reg.migration_jobs(store.record.device_id, v2)
+        assert store.record.identity.version == v2 and job.status == "succeeded"
+        assert reg.get_device(store.record.device_id).backbone_version_id == reg.get_backbone(v2).id
+        open_device(root).close()
+
+
+def _raise():
+    raise KeyboardInterrupt
+
+
+def test_an_adapter_for_v1_is_refused_by_v2(fleet):
+    v1, v2, devices = fleet
+    migration.migrate_device(devices[0], v2, "copy")
+    store = DeviceStore.open(devices[0])
+    with pytest.raises(AdapterFileError, match="backbone_hash"):
+        load_adapter(devices[0] / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER, store.header())
+    os.replace(devices[0] / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER, devices[0] / DeviceStore.ADAPTER)
+    with pytest.raises(AdapterFileError):
+        open_device(devices[0])
+
+
+def test_dry_run_changes_nothing_and_retire_then_succeeds(fleet):
+    v1, v2, devices = fleet
+    out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--dry-run").output
+    assert out.count("would migrate") == 2 and not any((r / DeviceStore.MIGRATION).exists() for r in devices)
+    assert "still bound" in plora("backbone", "retire", v1, ok=False).output
+    plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "copy")
+    assert "now retired" in plora("backbone", "retire", v1).output
