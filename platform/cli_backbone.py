@@ -248,6 +248,9 @@ def derive_version(parent, data_path, name, steps, lr, batch_size, max_length, s
 @click.option("--method", default="distill", show_default=True, type=click.Choice(["copy", "distill"]),
               help="copy: carry M over unchanged (same shapes only). distill: train the new M to make the new "
                    "backbone answer as the old one did with the old M, on the device's own text.")
+@click.option("--engine", type=click.Choice(["direct", "simulation", "deployment"]),
+              help="direct: one device after another in this process. simulation or deployment: the fleet's devices "
+                   "at once as a Flower job (default for a fleet's root; direct for anything else).")
 @click.option("--dry-run", is_flag=True, help="Say what would be migrated, and change nothing.")
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A device folder, or a folder of device folders (a fleet's root).")
@@ -259,7 +262,7 @@ def derive_version(parent, data_path, name, steps, lr, batch_size, max_length, s
 @click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for the new M.")
 @db_option
 @fail_cleanly
-def migrate(target, device_ids, method, dry_run, root, address, data_path, steps, lr, db) -> None:
+def migrate(target, device_ids, method, engine, dry_run, root, address, data_path, steps, lr, db) -> None:
     """Move devices to another backbone version, keeping their personalization.
 
     Each device makes its new M on the device, verifies it, then switches, keeping the old
@@ -275,6 +278,20 @@ def migrate(target, device_ids, method, dry_run, root, address, data_path, steps
     folders = migration.device_folders(root, wanted)
     if data_path and len(folders) > 1:
         raise click.UsageError("--data is for a single device; a fleet's devices distill on their own text")
+    fleet = (root / "device-000" / "device.json").is_file()
+    engine = engine or ("simulation" if fleet and not wanted and not dry_run else "direct")
+    if engine != "direct":
+        if wanted or data_path or dry_run:
+            raise click.UsageError("--devices ID, --data and --dry-run go with --engine direct; a Flower job migrates the whole fleet")
+        from plora.platform.fleet.launch import launch_migration
+
+        lines = launch_migration(root, target, method, engine, address, steps, lr, echo=lambda line: click.echo(line, err=True))
+        click.echo(migration.fleet_table(lines, method))
+        failed = [line for line in lines if line["error"]]
+        if failed:
+            raise click.ClickException(f"{len(failed)} device(s) failed to migrate ({', '.join(sorted({line['error'] for line in failed}))}); "
+                                       "run the same command again to retry them")
+        return
     settings = DistillSettings(steps=steps, lr=lr)
     click.echo(f"{'checking' if dry_run else 'migrating'} {len(folders)} device(s) to {reg.get_backbone(target).name} by {method}", err=True)
     reports = []

@@ -284,6 +284,21 @@ def service_for(folders: list[Path], target: str, reg: Registry, address: str | 
         server.stop(grace_s=1)
 
 
+def fleet_table(lines: list[dict], method: str) -> str:
+    """The per-device lines of a Flower migration run, as `table` shows direct ones."""
+    reports = []
+    for line in lines:
+        metrics = line["metrics"]
+        outcome = line["error"] or ("migrated" if metrics.get("migrated") else "already there")
+        reports.append(MigrationReport(
+            device_id=f"device-{line['partition_id']:03d}" if line["partition_id"] is not None else f"node-{line['node_id']}",
+            source="", target="", method=method, outcome=outcome,
+            before={k.removeprefix("before_"): v for k, v in metrics.items() if k.startswith("before_")},
+            after={k.removeprefix("after_"): v for k, v in metrics.items() if k.startswith("after_")},
+        ))
+    return table(reports)
+
+
 def table(reports: list[MigrationReport]) -> str:
     def num(values: dict, key: str) -> str:
         return f"{values[key]:.3f}" if key in values else "-"

@@ -32,14 +32,17 @@ def _settings_of(context: Context) -> task.FleetSettings:
     return _settings[context.run_id]
 
 
-def _run_job(msg: Message, context: Context, job: Callable[[task.FleetSettings, int], dict[str, int | float]]) -> Message:
+def _run_job(
+    msg: Message, context: Context, job: Callable[[task.FleetSettings, int], dict[str, int | float]], enroll: bool = True
+) -> Message:
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     metrics: dict[str, int | float] = {"partition_id": partition_id}
     content = RecordDict()
     try:
         settings = _settings_of(context)
-        task.prepare_device(settings, partition_id, num_partitions)
+        if enroll:
+            task.prepare_device(settings, partition_id, num_partitions)
         metrics.update(job(settings, partition_id), failed=0)
     except (PloraError, OSError) as err:
         log.error("device %d: %s failed: %s: %s", partition_id, msg.metadata.message_type, type(err).__name__, err)
@@ -65,3 +68,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Measure this device's personalization on its held-out data."""
     return _run_job(msg, context, task.evaluate)
+
+
+@app.query("migrate")
+def migrate(msg: Message, context: Context) -> Message:
+    """Move this device to the run's target backbone version: its new M is made here."""
+    return _run_job(msg, context, task.migrate, enroll=False)

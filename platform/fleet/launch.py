@@ -26,6 +26,7 @@ from pathlib import Path
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
+from plora.platform import migration
 from plora.platform.fleet import task
 from plora.platform.fleet.deployment import run_deployment
 from plora.platform.jobs import registry
@@ -83,22 +84,57 @@ def launch(
         backbone = f"127.0.0.1:{service.port}"
         echo(f"backbone service started on {backbone}")
     try:
-        settings = task.FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction)
-        with _progress_to(echo), _device_progress(root, echo):
-            if engine == "simulation":
-                _simulate(settings, concurrency or min(devices, max(2, os.cpu_count() or 2)))
-            else:
-                run_deployment(settings, echo)
+        _run(task.FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction), engine, concurrency, echo)
     finally:
         if service is not None:
             service.stop(grace_s=1)
     return summarize(read_rounds(root))
 
 
+def launch_migration(
+    root: Path,
+    target: str,
+    method: str = "distill",
+    engine: str = "simulation",
+    backbone: str | None = None,
+    steps: int = 40,
+    lr: float = 1e-2,
+    echo: Callable[[str], None] = lambda line: None,
+) -> list[dict]:
+    """Migrate every device of the fleet at `root` to version `target`, each on its own device,
+    orchestrated by Flower; returns one line per device (as in migrations.jsonl).
+
+    `backbone` is HOST:PORT of a service hosting the devices' versions and the target; by
+    default one is started on loopback for the run."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    root = Path(root).resolve()
+    folders = migration.device_folders(root)
+    if folders != [task.device_dir(root, i) for i in range(len(folders))]:
+        raise ConfigError(f"{root} is not a fleet's root (device-000, device-001, ...); migrate its devices one by one instead")
+    reg = registry()
+    with migration.service_for(folders, target, reg, backbone) as address:
+        if address is None:
+            raise ConfigError(f"the devices under {root} use a local backbone; migrate them one by one instead")
+        echo(f"migrating {len(folders)} devices to {reg.get_backbone(target).name} by {method} through {address}")
+        settings = task.FleetSettings(root, address, devices=len(folders), steps=steps, lr=lr,
+                                      migrate_to=reg.get_backbone(target).name, migrate_method=method)
+        _run(settings, engine, None, echo)
+    path = root / task.MIGRATIONS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _run(settings: task.FleetSettings, engine: str, concurrency: int | None, echo: Callable[[str], None]) -> None:
+    with _progress_to(echo), _device_progress(settings.fleet_root, echo):
+        if engine == "simulation":
+            _simulate(settings, concurrency or min(settings.devices, max(2, os.cpu_count() or 2)))
+        else:
+            run_deployment(settings, echo)
+
+
 def _simulate(settings: task.FleetSettings, concurrency: int) -> None:
     import ray
     from flwr.simulation import run_simulation
-
     from plora.platform.fleet import client_app, server_app
 
     if ray.is_initialized():

@@ -18,7 +18,7 @@ import time
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from plora.platform.fleet.task import ROUNDS_FILE, FleetSettings
+from plora.platform.fleet.task import MIGRATIONS_FILE, ROUNDS_FILE, FleetSettings
 from plora.storage.errors import TransportError
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,9 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(logging.StreamHandler())
         log.setLevel(logging.INFO)
     settings = FleetSettings.from_run_config(context.run_config)
+    if settings.migrate_to:
+        _migrate(grid, settings)
+        return
     record = settings.fleet_root / ROUNDS_FILE
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text("")  # this run's record starts empty; the devices' adapters carry over
@@ -143,3 +146,19 @@ def main(grid: Grid, context: Context) -> None:
         mean = f"{sum(losses) / len(losses):.3f}" if losses else "n/a"
         log.info("round %d/%d: %d devices trained, %d failed; mean training loss after %s",
                  server_round, settings.rounds, len(lines) - failed, failed, mean)
+
+
+def _migrate(grid: Grid, settings: FleetSettings) -> None:
+    """Ask every device to move to the target version; one line per device in migrations.jsonl."""
+    record = settings.fleet_root / MIGRATIONS_FILE
+    record.write_text("")
+    nodes = _wait_for_nodes(grid, settings.devices, settings.reply_timeout)
+    log.info("migrating %d devices to %s by %s", len(nodes), settings.migrate_to, settings.migrate_method)
+    outcomes = _exchange(grid, nodes, "query.migrate", {}, settings.reply_timeout)
+    with record.open("a") as out:
+        for node in nodes:
+            outcome = outcomes[node]
+            out.write(json.dumps({"node_id": node, "partition_id": outcome["metrics"].get("partition_id"),
+                                  "error": outcome["error"], "metrics": outcome["metrics"]}) + "\n")
+    failed = sum(bool(outcomes[node]["error"]) for node in nodes)
+    log.info("migration to %s: %d devices done, %d failed", settings.migrate_to, len(nodes) - failed, failed)

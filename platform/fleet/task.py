@@ -18,10 +18,12 @@ from typing import get_type_hints
 from plora.clients.data import load_examples, tokenize
 from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Endpoint
+from plora.clients.migration import DistillSettings
 from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
 from plora.cloud_backbone.protocol import TrafficCounter
 from plora.platform.jobs import run_personalization
+from plora.platform.migration import migrate_device
 from plora.platform.personas import make_persona, persona_recall
 from plora.platform.runtime import init_device, is_address, open_device
 from plora.storage.errors import ConfigError
@@ -29,8 +31,9 @@ from plora.storage.files import write_atomically
 
 PERSONAS = "personas"
 MAX_LENGTH = 128
-TRAIN_FILE = "private/train.jsonl"
-HELDOUT_FILE = "private/heldout.jsonl"
+TRAIN_FILE = DeviceStore.PRIVATE_TRAIN
+HELDOUT_FILE = DeviceStore.PRIVATE_HELDOUT
+MIGRATIONS_FILE = "migrations.jsonl"  # under the fleet root: one line per device of a migration run
 ROUNDS_FILE = "rounds.jsonl"  # under the fleet root: one line per device per round
 # In each device folder: the latest step of the device's running job, for the launcher to show.
 PROGRESS_FILE = "progress.json"
@@ -61,6 +64,9 @@ class FleetSettings:
     """Share of the devices sampled for each round."""
     reply_timeout: float = 600.0
     """Seconds the orchestrator waits for devices to join, and for each round's replies."""
+    migrate_to: str = ""
+    """When set, the run migrates every device to this backbone version instead of training."""
+    migrate_method: str = "distill"
 
     def __post_init__(self) -> None:
         host = self.backbone.rsplit(":", 1)[0]
@@ -171,7 +177,7 @@ def _jsonl(records: list[dict]) -> bytes:
 def personalize(settings: FleetSettings, partition_id: int, server_round: int) -> dict[str, int | float]:
     """One personalization job on the device's private training data; returns scalar metrics."""
     folder = device_dir(settings.fleet_root, partition_id)
-    device = open_device(folder)
+    device = open_device(folder, settings.backbone)
     traffic = TrafficCounter()
     device.model.link.taps.append(traffic)
     # A new seed each round shuffles the batches differently, so rounds do not repeat each other.
@@ -204,7 +210,7 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
 def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
     """Held-out loss, and for personas the share of private facts recalled from held-out questions."""
     folder = device_dir(settings.fleet_root, partition_id)
-    device = open_device(folder)
+    device = open_device(folder, settings.backbone)
     try:
         metrics: dict[str, int | float] = {"adapter_steps": device.steps}
         if (folder / HELDOUT_FILE).exists():
@@ -214,4 +220,21 @@ def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | floa
             metrics["recall"] = persona_recall(device.model, device.tokenizer, make_persona(seed=partition_id))
     finally:
         device.close()
+    return metrics
+
+
+def migrate(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
+    """Move the device to `settings.migrate_to`, on the device; returns scalar metrics only."""
+    folder = device_dir(settings.fleet_root, partition_id)
+
+    def report(step: int, total: int, loss: float) -> None:
+        progress = {"round": "migration", "step": step, "steps": total, "loss": loss}
+        write_atomically(folder / PROGRESS_FILE, json.dumps(progress).encode())
+
+    distill = DistillSettings(steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size)
+    moved = migrate_device(folder, settings.migrate_to, settings.migrate_method, address=settings.backbone,
+                             settings=distill, on_step=report)
+    metrics: dict[str, int | float] = {"migrated": int(moved.outcome == "migrated"), "job_id": moved.job_id or 0}
+    metrics.update({f"before_{k}": v for k, v in moved.before.items()})
+    metrics.update({f"after_{k}": v for k, v in moved.after.items()})
     return metrics

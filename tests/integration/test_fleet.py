@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 # launch first: it switches flwr and Ray offline before either is imported.
-from plora.platform.fleet.launch import _device_progress, launch, read_rounds  # isort: skip
+from plora.platform.fleet.launch import _device_progress, launch, launch_migration, read_rounds  # isort: skip
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -19,6 +19,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
+from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app
 from plora.platform.fleet.task import PROGRESS_FILE, FleetSettings, device_dir
 from plora.platform.jobs import registry
@@ -59,7 +60,7 @@ def is_small_scalar(value) -> bool:
     return isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flower(server, tmp_path, flower_messages):
     root, echoed = tmp_path / "fleet", []
     summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2, echo=echoed.append)
@@ -93,6 +94,24 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
         assert set(content) == set(content.metric_records) | set(content.config_records)
         values = [v for record in (*content.metric_records.values(), *content.config_records.values()) for v in record.values()]
         assert values and all(is_small_scalar(v) for v in values)
+
+    # A backbone upgrade (fresh public projections), migrated as a Flower job: each device
+    # distills its new M itself, and only scalars cross Flower again.
+    reg, before = registry(), len(flower_messages)
+    v1 = reg.get_device(DeviceStore.open(device_dir(root, 0)).record.device_id).backbone_version_id
+    v2 = register_version(reg, str(server.service.versions[reg.get_backbone(v1).name].source),
+                          PrivateLoRAConfig(rank=4, device_layers=1, seed=1)).name
+    lines = launch_migration(root, v2, "distill", steps=2, echo=echoed.append)
+    assert sorted(line["partition_id"] for line in lines) == list(range(DEVICES))
+    assert all(line["error"] is None and line["metrics"]["migrated"] == 1 for line in lines), lines
+    for i in range(DEVICES):
+        device_id = DeviceStore.open(device_dir(root, i)).record.device_id
+        assert DeviceStore.open(device_dir(root, i)).record.identity.version == v2
+        assert reg.get_device(device_id).backbone_version_id == reg.get_backbone(v2).id
+        assert [job.status for job in reg.migration_jobs(device_id, v2)] == ["succeeded"]
+    migration_messages = flower_messages[before:]
+    assert len(migration_messages) == 2 * DEVICES
+    assert all(len(m.content.array_records) == 0 for m in migration_messages)
 
 
 def test_a_failed_device_job_is_reported_with_its_kind_and_no_message(tmp_path, monkeypatch):
