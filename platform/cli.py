@@ -230,6 +230,27 @@ def bench_serve(json_path, spec, devices, repeats) -> None:
         click.echo(f"wrote {json_path}")
 
 
+@bench.command("migrate")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding gsm8k/train.jsonl, the public data the derived version is fine-tuned on (e.g. ../shared/data).")
+@click.option("--persona", default=0, show_default=True, help="Seed of the synthetic persona the device personalizes on.")
+@click.option("--derive-steps", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--distill-steps", default=40, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here too.")
+@fail_cleanly
+def bench_migrate(data_dir, persona, derive_steps, distill_steps, json_path) -> None:
+    """Personalization kept across backbone upgrades: v1 + M against v2 with no, copied, distilled and retrained M."""
+    from plora.clients.migration import DistillSettings
+    from plora.platform.bench_migrate import run_migrate_bench
+
+    results = run_migrate_bench(data_dir, persona, lambda line: click.echo(line, err=True), derive_steps,
+                                DistillSettings(steps=distill_steps))
+    click.echo(results.table())
+    if json_path:
+        json_path.write_text(json.dumps(results.to_json(), indent=2))
+        click.echo(f"wrote {json_path}")
+
+
 @bench.command("quality")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding gsm8k/dev.jsonl and tinyshakespeare/input.txt (e.g. ../shared/data).")

@@ -40,13 +40,15 @@ def derive(
     max_length: int = 256,
     seed: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    folder: Path | None = None,
 ) -> BackboneVersion:
     """Fine-tune `parent`'s decoder layers on `data` and register the result as version `name`.
 
-    `seed` gives the new version fresh public projections; by default it keeps the parent's."""
+    `seed` gives the new version fresh public projections; by default it keeps the parent's.
+    The checkpoint goes to `folder` (default $PLORA_HOME/backbones/NAME), named NAME."""
     if not _NAME.fullmatch(name):
         raise ConfigError(f"--out must be a lower-case name of letters, digits, '.', '_' or '-', got {name!r}")
-    folder = plora_home() / "backbones" / name
+    folder = (folder or plora_home() / "backbones") / name
     if folder.exists():
         raise ConfigError(f"{folder} already exists; choose another name")
     record = reg.get_backbone(parent)
