@@ -28,7 +28,7 @@ from plora.storage.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch cross-entropy's default)
-ACCEPTED = "each example needs a 'text' field, or both a 'prompt' and a 'response' field"
+ACCEPTED = "each example needs a 'text' field, or both a 'prompt' and a 'response' field ('question' and 'answer' also do)"
 _EXAMPLE = '{"text": "..."} or {"prompt": "...", "response": "..."}'
 _FIELDS = {"text": ("text",), "prompt/response": ("prompt", "response")}
 T = TypeVar("T")
@@ -48,6 +48,9 @@ def _quote(line: str, limit: int = 60) -> str:
 
 def _record(path: Path, where: str, obj: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """(format name, the example's fields) of one JSON object or CSV row, validated."""
+    if "prompt" not in obj and "response" not in obj and ("question" in obj or "answer" in obj):
+        # The common question/answer schema (GSM8K's, for one) is a prompt and a response.
+        obj = {**obj, "prompt": obj.get("question"), "response": obj.get("answer")}
     has_text = obj.get("text") is not None
     has_pair = obj.get("prompt") is not None or obj.get("response") is not None
     if has_text and has_pair:

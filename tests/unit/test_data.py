@@ -33,11 +33,17 @@ def write(tmp_path: Path, name: str, content: str) -> Path:
             PAIRS,
         ),
         ("a.json", '{"text": "json extension"}\n', [{"text": "json extension"}]),
+        (
+            "a.jsonl",
+            '{"question": "What is the capital of France?", "answer": "Paris."}\n'
+            '{"question": "Say hi", "answer": "Hello there, friend!"}\n',
+            PAIRS,
+        ),
         ("a.csv", 'prompt,response\n"What is the capital of France?",Paris.\nSay hi,"Hello there, friend!"\n', PAIRS),
         ("a.csv", 'text\n"multi\nline"\nsecond\n', [{"text": "multi\nline"}, {"text": "second"}]),
         ("a.txt", "A whole diary.\nSecond line.\n", [{"text": "A whole diary.\nSecond line.\n"}]),
     ],
-    ids=["jsonl-text", "jsonl-prompt-response", "json", "csv-prompt-response", "csv-text", "txt"],
+    ids=["jsonl-text", "jsonl-prompt-response", "json", "jsonl-question-answer", "csv-prompt-response", "csv-text", "txt"],
 )
 def test_supported_files_load_as_datasets(tmp_path: Path, name: str, content: str, expected: list[dict]) -> None:
     dataset = load_examples(write(tmp_path, name, content))
