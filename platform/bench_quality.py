@@ -115,7 +115,8 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], steps: int | N
         tok = base.tokenizer
         train = tokenize(train_rows.select_columns(["text"]), tok, 256)
         heldout = tokenize(held_rows.select_columns(["text"]), tok, 256)
-        settings = TrainSettings(lr=2e-2, batch_size=4, steps=steps or max(1, len(train) // 4))  # about one epoch
+        # About one epoch; no anchor on either side, so the two adapters compare as they are.
+        settings = TrainSettings(lr=2e-2, batch_size=4, steps=steps or max(1, len(train) // 4), anchor=None)
         model = split_embedded(base, SPEAKER_CONFIG)
         p_before = evaluate(model, heldout, tok.pad_token_id)
         personalize(model, train, tok.pad_token_id, settings)
