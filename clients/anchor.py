@@ -123,6 +123,7 @@ def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, s
     with base_model(model):
         for prompt, chat in chosen:
             ids = encode_prompt(tokenizer, prompt, chat=chat)
-            text = ids + list(stream_tokens(model, ids, settings.new_tokens, stop, temperature=1.0, seed=rng.randrange(2**31)))
+            written = stream_tokens(model, ids, settings.new_tokens, stop, temperature=1.0, seed=rng.randrange(2**31))
+            text = ids + list(written)
             examples.append(TokenizedExample(text, text))
     return examples

@@ -26,8 +26,8 @@ from plora.clients.data import batches, collate, tokenize
 from plora.clients.training import TrainSettings, causal_lm_loss, evaluate, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
-from plora.platform.partition import holdout, partition, play_blocks
 from plora.platform.jobs import ANCHOR_SEED
+from plora.platform.partition import holdout, partition, play_blocks
 from plora.platform.personas import make_persona, persona_recall
 from plora.platform.runtime import split_embedded
 
@@ -47,15 +47,12 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
         persona = make_persona(seed)
         train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, 128)
         generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, 256)
-
-        def measure() -> dict:
-            return {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
-
-        before = measure()
+        before = _measure(model, tok, persona, generic)
         # As a job does it: the anchor is written on the device, by the base model.
         anchor = write_anchor(model, tok, PERSONA_SETTINGS.anchor, ANCHOR_SEED)
         result = personalize(model, train, tok.pad_token_id, PERSONA_SETTINGS, anchor=anchor)
-        row = {"persona": seed, "before": before, **_after(measure(), before), "train_seconds": result.seconds}
+        row = {"persona": seed, "before": before, **_after(_measure(model, tok, persona, generic), before),
+               "train_seconds": result.seconds}
         echo(f"persona {seed}: recall {before['recall']:.0%} -> {row['after']['recall']:.0%}, generic NLL "
              f"{before['generic_nll']:.3f} -> {row['after']['generic_nll']:.3f} ({row['generic_nll_change']:+.1%})")
         if compare:
@@ -63,11 +60,15 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
                 for m in model.weights.parameters():
                     m.zero_()
             personalize(model, train, tok.pad_token_id, replace(PERSONA_SETTINGS, anchor=None))
-            row["without_anchor"] = _after(measure(), before)
+            row["without_anchor"] = _after(_measure(model, tok, persona, generic), before)
             echo(f"persona {seed} without the anchor: recall {row['without_anchor']['after']['recall']:.0%}, "
                  f"generic NLL change {row['without_anchor']['generic_nll_change']:+.1%}")
         rows.append(row)
     return rows
+
+
+def _measure(model, tok, persona, generic) -> dict:
+    return {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
 
 
 def _after(after: dict, before: dict) -> dict:
