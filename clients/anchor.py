@@ -65,9 +65,9 @@ class AnchorSettings:
     """How personalization stays close to the base model on generic text."""
 
     weight: float = 3.0
-    """Weight of KL(base || personalized) on the anchor, added to the task loss. Measured on
-    a persona (60 steps, lr 1e-2): 3 beats 1 and also 10 and 30, which hold the task back and
-    still let generic text drift."""
+    """Weight of KL(base || personalized) on the anchor, added to the task loss. On persona 0
+    (60 steps, lr 1e-2, 12 to 16 anchor texts), recall / generic NLL change: weight 1 75% / +14%,
+    3 88% / +9.5%; 10 and 30 held the task back (50%, 0%) and still let generic text drift."""
     rows: int = 2
     """Anchor sequences mixed into every training batch."""
     texts: int = 24
