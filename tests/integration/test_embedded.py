@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import datasets
 import pytest
@@ -38,16 +37,14 @@ def test_split_greedy_generation_reproduces_the_base_model(base_model):
     assert "Paris" in backbone.tokenizer.decode(ours)
 
 
-def test_personalizing_on_private_facts_lowers_their_loss_within_a_minute():
+def test_personalizing_on_private_facts_halves_their_loss_in_twenty_steps():
     backbone = loading.load("embedded")
     split = split_embedded(backbone, PrivateLoRAConfig())
     tok = backbone.tokenizer
     persona = make_persona(seed=3, num_facts=4)
     train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, 64)
     before = evaluate(split, train, tok.pad_token_id)
-    started = time.perf_counter()
     personalize(split, train, tok.pad_token_id, TrainSettings(lr=1e-2, steps=20, batch_size=4))
-    assert time.perf_counter() - started < 60
     after = evaluate(split, train, tok.pad_token_id)
     assert after < 0.5 * before, (before, after)
 
