@@ -104,7 +104,6 @@ def test_distill_keeps_each_devices_personalization_across_the_upgrade(fleet):
         assert not (root / DeviceStore.MIGRATION).exists()
         (job,) = reg.migration_jobs(store.record.device_id, v2)
         after = job.metrics_after
-        print(loss_before, job.metrics_before, after)
         assert job.status == "succeeded" and job.metrics_before["heldout_loss"] == pytest.approx(loss_before, rel=1e-5)
         assert after["kl_to_old"] < 0.5 * after["kl_to_old_at_start"]
         # Closer to the personalized v1 than v2 with the copied M was, and close in absolute terms.
