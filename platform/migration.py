@@ -115,6 +115,7 @@ def migrate_device(
             plan.update(_make_adapter(store, version, plan["method"], address, data, settings, on_step))
         except PloraError as err:
             reg.fail_job(job_id, f"{type(err).__name__}: {err}")
+            (staging / PLAN).unlink()  # a clean failure: a re-run may choose again (say, distill after copy)
             raise
         except BaseException as err:  # killed or crashed: the old adapter stands, a re-run resumes
             reg.interrupt_job(job_id, type(err).__name__)

@@ -16,6 +16,7 @@ from plora.clients.adapter_file import load_adapter
 from plora.clients.device_store import DeviceStore
 from plora.clients.training import evaluate
 from plora.clients.data import load_examples, tokenize
+from plora.clients import migration as device_migration
 from plora.platform import migration
 from plora.platform.jobs import registry
 from plora.platform.runtime import open_device
@@ -167,6 +168,21 @@ def test_an_adapter_for_v1_is_refused_by_v2(fleet):
     os.replace(devices[0] / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER, devices[0] / DeviceStore.ADAPTER)
     with pytest.raises(AdapterFileError):
         open_device(devices[0])
+
+
+def test_a_failed_migration_leaves_the_device_as_it_was_and_can_be_retried_another_way(fleet, monkeypatch):
+    v1, v2, devices = fleet
+    real = device_migration.can_copy
+    for module in (migration, device_migration):  # as if the shapes differed
+        monkeypatch.setattr(module, "can_copy", lambda old, new: False)
+    with pytest.raises(ConfigError, match="use distill"):
+        migration.migrate_device(devices[0], v2, "copy")
+    assert DeviceStore.open(devices[0]).record.identity.version == v1
+    (failed,) = registry().migration_jobs(DeviceStore.open(devices[0]).record.device_id, v2)
+    assert failed.status == "failed" and "use distill" in failed.reason
+    for module in (migration, device_migration):
+        monkeypatch.setattr(module, "can_copy", real)
+    assert migration.migrate_device(devices[0], v2, "distill", settings=migration.DistillSettings(steps=2)).method == "distill"
 
 
 def test_dry_run_changes_nothing_and_retire_then_succeeds(fleet):
