@@ -23,13 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
-
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import BackboneIdentity
 from plora.storage.errors import ConfigError
 from plora.storage.paths import plora_home
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # plora shows its own progress; per-tensor bars are noise
@@ -129,17 +133,25 @@ def _converted_copy(source: BackboneSource) -> Path:
     # float32 by now, and refuses to save them while that mark is there.
     model.hf_quantizer = None
     del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a crash leaves no half-written copy behind
+        save_checkpoint(model, tokenizer, target)
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write a checkpoint folder atomically: `folder` appears complete or not at all."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _load_files(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

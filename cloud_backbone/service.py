@@ -10,20 +10,24 @@ import hashlib
 import hmac
 import logging
 import secrets
-import shutil
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from plora.cloud_backbone.compute import CloudHalf, CloudSession
-from plora.cloud_backbone.loading import Backbone
+from plora.cloud_backbone.loading import Backbone, save_checkpoint
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import BackboneIdentity, OpenSession
 from plora.cloud_backbone.protocol.wire import bundle_digest
 from plora.cloud_backbone.versions import ensure_version
-from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
+from plora.storage.errors import (
+    AuthenticationError,
+    CapacityError,
+    ConfigError,
+    RegistryError,
+    VersionMismatchError,
+)
 from plora.storage.models import BackboneStatus
 from plora.storage.registry import Registry
 
@@ -58,15 +62,7 @@ def export_device_bundle(backbone: Backbone, config: PrivateLoRAConfig, folder: 
     device_part = type(model)(config_k)
     kept = {k: v for k, v in model.state_dict().items() if k in device_part.state_dict()}
     device_part.load_state_dict(kept, strict=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".bundle-"))
-    try:
-        device_part.save_pretrained(staging)
-        backbone.tokenizer.save_pretrained(staging)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_checkpoint(device_part, backbone.tokenizer, folder)
 
 
 @dataclass

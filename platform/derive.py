@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from plora.clients.data import batches, collate, load_examples, tokenize
 from plora.clients.training import causal_lm_loss
+from plora.cloud_backbone.loading import save_checkpoint
 from plora.cloud_backbone.versions import load_version, register
 from plora.storage.errors import ConfigError
 from plora.storage.models import BackboneVersion
@@ -69,14 +67,6 @@ def derive(
         if on_step:
             on_step(step, steps, loss.item())
     model.eval().requires_grad_(False)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".derive-"))
-    try:
-        model.save_pretrained(staging)
-        backbone.tokenizer.save_pretrained(staging)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_checkpoint(model, backbone.tokenizer, folder)
     new_config = config if seed is None else replace(config, seed=seed)
     return register(reg, str(folder), new_config, parent=record.name)
