@@ -25,7 +25,7 @@ import torch
 
 from plora.clients.data import TokenizedExample
 from plora.clients.device_model import DeviceModel
-from plora.clients.generation import encode_prompt, stream_tokens
+from plora.clients.generation import encode_prompt, generate_batch
 from plora.storage.errors import ConfigError
 
 # Generic requests of many kinds; none asks about the user, whose answers are what
@@ -107,7 +107,9 @@ def base_model(model: DeviceModel) -> Iterator[DeviceModel]:
 
 def text_key(settings: AnchorSettings, seed: int) -> str:
     """Equal for arguments that give the same anchor text on the same backbone."""
-    return hashlib.sha256(repr((REQUESTS, OPENINGS, settings.texts, settings.new_tokens, seed)).encode()).hexdigest()
+    # "batch": the texts are sampled as one batch (generate_batch), which rounds differently.
+    written_as = (REQUESTS, OPENINGS, settings.texts, settings.new_tokens, seed, "batch")
+    return hashlib.sha256(repr(written_as).encode()).hexdigest()
 
 
 def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, seed: int) -> list[TokenizedExample]:
@@ -118,12 +120,8 @@ def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, s
     prompts = [(p, True) for p in REQUESTS] + [(p, False) for p in OPENINGS]
     rng = random.Random(seed)
     chosen = rng.sample(prompts, settings.texts)
-    stop = {tokenizer.eos_token_id}
-    examples = []
+    seeds = [rng.randrange(2**31) for _ in chosen]
+    encoded = [encode_prompt(tokenizer, prompt, chat=chat) for prompt, chat in chosen]
     with base_model(model):
-        for prompt, chat in chosen:
-            ids = encode_prompt(tokenizer, prompt, chat=chat)
-            written = stream_tokens(model, ids, settings.new_tokens, stop, temperature=1.0, seed=rng.randrange(2**31))
-            text = ids + list(written)
-            examples.append(TokenizedExample(text, text))
-    return examples
+        written = generate_batch(model, encoded, settings.new_tokens, {tokenizer.eos_token_id}, temperature=1.0, seeds=seeds)
+    return [TokenizedExample(ids + new, ids + new) for ids, new in zip(encoded, written)]

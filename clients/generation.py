@@ -51,6 +51,54 @@ def stream_tokens(
 
 
 @torch.no_grad()
+def generate_batch(
+    model: DeviceModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeds: list[int] | None = None,
+) -> list[list[int]]:
+    """New token ids for several prompts at once, each until a stop id (not kept) or the budget.
+
+    One pass through the split per token for the whole batch instead of one per prompt per
+    token, which is what makes a generation pass over many prompts affordable when every
+    pass costs a network round trip per layer. Prompts are left-padded and masked, so every
+    row's next token is the last column. Positions then start later in padded rows, which
+    RoPE does not notice (it depends on relative positions only), so a row's text is the one
+    it gets alone up to float rounding. Row i samples with its own generator, seeded seeds[i].
+    """
+    if not prompts or not all(prompts):
+        raise ConfigError("every prompt must be non-empty, and there must be at least one")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else [None] * len(prompts)
+    width = max(len(p) for p in prompts)
+    # Pad with a real token id: masked positions are never attended to, but must embed.
+    ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    logits = model(ids, CacheMode.START, mask)[:, -1]
+    written: list[list[int]] = [[] for _ in prompts]
+    running = list(range(len(prompts)))
+    for _ in range(max_new_tokens):
+        picks = [_pick(logits[i], temperature, top_p, generators[i]) for i in range(len(prompts))]
+        for i in list(running):
+            if picks[i] in stop_ids:
+                running.remove(i)
+            else:
+                written[i].append(picks[i])
+        if not running:
+            break
+        # Finished rows ride along (the cache is one batch); what they produce is dropped.
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+        logits = model(torch.tensor(picks)[:, None], CacheMode.EXTEND, mask)[:, -1]
+    return written
+
+
+@torch.no_grad()
 def token_logprobs(model: DeviceModel, token_ids: list[int]) -> list[float]:
     """log p(tokens[i] | tokens[:i]) for i >= 1."""
     if len(token_ids) < 2:

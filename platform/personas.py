@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from plora.clients.generation import encode_prompt, stream_tokens
+from plora.clients.generation import encode_prompt, generate_batch
 
 # kind: (question paraphrases, answer template, values). Values are unusual on purpose,
 # so that a base model cannot guess them.
@@ -98,9 +98,7 @@ def recalled(reply: str, fact: Fact) -> bool:
 
 def persona_recall(model, tokenizer, persona: Persona, max_new_tokens: int = 24) -> float:
     """Share of the persona's facts stated in greedy replies to their held-out questions."""
-    hits = 0
-    for fact in persona.facts:
-        ids = encode_prompt(tokenizer, fact.heldout_question)
-        reply = tokenizer.decode(list(stream_tokens(model, ids, max_new_tokens, {tokenizer.eos_token_id})), skip_special_tokens=True)
-        hits += recalled(reply, fact)
+    prompts = [encode_prompt(tokenizer, fact.heldout_question) for fact in persona.facts]
+    replies = generate_batch(model, prompts, max_new_tokens, {tokenizer.eos_token_id})
+    hits = sum(recalled(tokenizer.decode(reply, skip_special_tokens=True), fact) for reply, fact in zip(replies, persona.facts))
     return hits / len(persona.facts)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from plora.clients.device_model import DeviceModel
+from plora.clients.generation import generate_batch, stream_tokens
 from plora.cloud_backbone.compute import CloudHalf, public_tensors
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.cloud_backbone.protocol import CacheMode, InProcessLink, TrafficCounter
@@ -99,6 +100,20 @@ def test_cached_decoding_matches_full_recompute():
         steps = [split(ids[:, :6], CacheMode.START)[:, -1]]
         steps += [split(ids[:, t : t + 1], CacheMode.EXTEND)[:, -1] for t in range(6, 10)]
     assert torch.allclose(torch.stack(steps, 1), full[:, 5:], atol=1e-5)
+
+
+@pytest.mark.parametrize("device_layers", [0, 2])
+def test_batched_generation_matches_one_prompt_at_a_time(device_layers):
+    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers))
+    random_ms(split)
+    rng = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 96, (n,), generator=rng).tolist() for n in (9, 2, 5, 14)]
+    stop = {int(prompts[1][0])}  # a plausible token, so some rows may stop early
+    alone = [list(stream_tokens(split, p, 12, stop)) for p in prompts]
+    assert generate_batch(split, prompts, 12, stop) == alone
+    seeds = [11, 12, 13, 14]
+    sampled = [list(stream_tokens(split, p, 12, set(), temperature=1.0, seed=s)) for p, s in zip(prompts, seeds)]
+    assert generate_batch(split, prompts, 12, set(), temperature=1.0, seeds=seeds) == sampled
 
 
 def _private_tensor_ptrs(model: DeviceModel) -> set[int]:
