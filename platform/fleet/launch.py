@@ -193,8 +193,10 @@ def _device_progress(root: Path, echo: Callable[[str], None]) -> Iterator[None]:
             if shown.get(path) != modified:
                 shown[path] = modified
                 progress = json.loads(path.read_text())
-                echo(f"{path.parent.name} round {progress['round']} step {progress['step']}/{progress['steps']} "
-                     f"loss {progress['loss']:.3f}")
+                line = f"{path.parent.name} {progress['what']}"
+                if progress["step"] is not None:
+                    line += f" step {progress['step']}/{progress['steps']} loss {progress['loss']:.3f}"
+                echo(line)
 
     def watch() -> None:
         while not stop.wait(PROGRESS_EVERY_S):

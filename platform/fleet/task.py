@@ -174,6 +174,12 @@ def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
+def report_progress(folder: Path, what: str, step: int | None = None, steps: int | None = None, loss: float | None = None) -> None:
+    """What the device is doing, for the launcher to show: a phase, or a training step."""
+    progress = {"what": what, "step": step, "steps": steps, "loss": loss}
+    write_atomically(folder / PROGRESS_FILE, json.dumps(progress).encode())
+
+
 def personalize(settings: FleetSettings, partition_id: int, server_round: int) -> dict[str, int | float]:
     """One personalization job on the device's private training data; returns scalar metrics."""
     folder = device_dir(settings.fleet_root, partition_id)
@@ -184,9 +190,10 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
     train = TrainSettings(lr=settings.lr, steps=settings.steps, batch_size=settings.batch_size, seed=server_round)
 
     def report(step: int, total: int, loss: float) -> None:
-        progress = {"round": server_round, "step": step, "steps": total, "loss": loss}
-        write_atomically(folder / PROGRESS_FILE, json.dumps(progress).encode())
+        report_progress(folder, f"round {server_round}", step, total, loss)
 
+    # Before the first step: the first job also has the base model write its anchor text.
+    report_progress(folder, f"round {server_round}: preparing")
     started = time.perf_counter()
     try:
         outcome = run_personalization(device, folder / TRAIN_FILE, train, max_length=MAX_LENGTH, val_fraction=0.0, on_step=report)
@@ -210,6 +217,9 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
 def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
     """Held-out loss, and for personas the share of private facts recalled from held-out questions."""
     folder = device_dir(settings.fleet_root, partition_id)
+    if not (folder / PROGRESS_FILE).exists():
+        # The baseline, before any training: say so. Later, the last training step stays shown.
+        report_progress(folder, "evaluating")
     device = open_device(folder, settings.backbone)
     try:
         metrics: dict[str, int | float] = {"adapter_steps": device.steps}
@@ -228,8 +238,7 @@ def migrate(settings: FleetSettings, partition_id: int) -> dict[str, int | float
     folder = device_dir(settings.fleet_root, partition_id)
 
     def report(step: int, total: int, loss: float) -> None:
-        progress = {"round": "migration", "step": step, "steps": total, "loss": loss}
-        write_atomically(folder / PROGRESS_FILE, json.dumps(progress).encode())
+        report_progress(folder, "migration", step, total, loss)
 
     distill = DistillSettings(steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size)
     moved = migrate_device(folder, settings.migrate_to, settings.migrate_method, address=settings.backbone,

@@ -21,7 +21,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app
-from plora.platform.fleet.task import PROGRESS_FILE, FleetSettings, device_dir
+from plora.platform.fleet.task import FleetSettings, device_dir, report_progress
 from plora.platform.jobs import registry
 from plora.storage.errors import ConfigError
 
@@ -141,15 +141,16 @@ def test_settings_come_from_the_run_config_and_are_checked():
             FleetSettings.from_run_config(bad)
 
 
-def test_progress_shows_each_devices_latest_step_of_this_run_only(tmp_path):
-    def report(partition_id: int, step: int, loss: float) -> None:
-        path = device_dir(tmp_path, partition_id) / PROGRESS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"round": 1, "step": step, "steps": 4, "loss": loss}))
+def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_path):
+    def report(partition_id: int, what: str, step: int | None = None, loss: float | None = None) -> None:
+        folder = device_dir(tmp_path, partition_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        report_progress(folder, what, step, 4 if step else None, loss)
 
-    report(0, 4, 9.0)  # left by an earlier run
+    report(0, "round 1", 4, 9.0)  # left by an earlier run
     echoed = []
     with _device_progress(tmp_path, echoed.append):
-        report(1, 1, 2.5)
-        report(1, 2, 2.25)
-    assert echoed == ["device-001 round 1 step 2/4 loss 2.250"]
+        report(2, "evaluating")
+        report(1, "round 1", 1, 2.5)
+        report(1, "round 1", 2, 2.25)
+    assert sorted(echoed) == ["device-001 round 1 step 2/4 loss 2.250", "device-002 evaluating"]
