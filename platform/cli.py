@@ -279,7 +279,7 @@ def bench_quality(data_dir, personas, speakers, json_path) -> None:
 @click.option("--out", default="plora-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the fleet's devices, the report (report.md, before_after.png) and results.json.")
 @click.option("--devices", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's tuned 60).")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's tuned 90).")
 @fail_cleanly
 def demo(out, devices, steps) -> None:
     """The main job: a small fleet personalizes on the embedded backbone, before and after.
