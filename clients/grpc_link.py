@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,19 +97,27 @@ def _error_from(message: StepError) -> PloraError:
 
 
 class GrpcLink(SplitLink):
+    """The split protocol over one gRPC stream.
+
+    Replies are read on the calling thread, straight from the stream: a decode step makes a
+    round trip per adapted layer, and every hand-off between threads adds to each. The reply
+    timeout is kept by a watchdog thread that cancels the stream when a read overstays."""
+
     def __init__(self, endpoint: Endpoint, credentials: Credentials, expected: BackboneIdentity, reply_timeout_s: float = 120.0):
         super().__init__()
         self._timeout = reply_timeout_s
         self._channel = endpoint.channel()
         self._outbox: queue.Queue = queue.Queue()
-        self._inbox: queue.Queue = queue.Queue()
         self._step = 0
         self._broken: PloraError | None = None
+        self._deadline: float | None = None  # when the read in progress times out
+        self._timed_out = False
+        self._closed = threading.Event()
         self.wire_bytes = {"up": 0, "down": 0}  # serialized message bytes, before gRPC/HTTP2 framing
         self.wire_frames = 0
         stub = pb_grpc.SplitBackboneStub(self._channel)
         self._call = stub.Session(iter(self._outbox.get, _CLOSE), metadata=credentials.metadata())
-        threading.Thread(target=self._pump, name="plora-link", daemon=True).start()
+        threading.Thread(target=self._watch, name="plora-link-watchdog", daemon=True).start()
         self._send(OpenSession(expected))
         opened = self._receive()
         if not isinstance(opened, SessionOpened):
@@ -120,13 +129,12 @@ class GrpcLink(SplitLink):
     def identity(self) -> BackboneIdentity:
         return self._identity
 
-    def _pump(self) -> None:
-        try:
-            for frame in self._call:
-                self._inbox.put(frame)
-            self._inbox.put(TransportError("the service ended the session"))
-        except grpc.RpcError as err:
-            self._inbox.put(rpc_error(err))
+    def _watch(self) -> None:
+        while not self._closed.wait(min(1.0, self._timeout / 4)):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._timed_out = True
+                self._call.cancel()
 
     def _send(self, message) -> None:
         frame = wire.device_message(self._step, message)
@@ -134,18 +142,29 @@ class GrpcLink(SplitLink):
         self.wire_frames += 1
         self._outbox.put(frame)
 
+    def _next_frame(self) -> pb.CloudMessage:
+        self._deadline = time.monotonic() + self._timeout
+        try:
+            return next(self._call)
+        except StopIteration:
+            raise TransportError("the service ended the session") from None
+        except grpc.RpcError as err:
+            if self._timed_out:
+                raise TransportError(f"no answer from the backbone service within {self._timeout:g} s") from None
+            raise rpc_error(err) from None
+        finally:
+            self._deadline = None
+
     def _receive(self):
         if self._broken:
             raise self._broken
         try:
-            item = self._inbox.get(timeout=self._timeout)
-        except queue.Empty:
-            item = TransportError(f"no answer from the backbone service within {self._timeout:g} s")
-        if isinstance(item, PloraError):
-            self._break(item)
-        self.wire_bytes["down"] += item.ByteSize()
+            frame = self._next_frame()
+        except PloraError as err:
+            self._break(err)
+        self.wire_bytes["down"] += frame.ByteSize()
         self.wire_frames += 1
-        _, message = wire.parse_cloud_message(item, MAX_MESSAGE_BYTES // 2)  # elements: 2 bytes at the least
+        _, message = wire.parse_cloud_message(frame, MAX_MESSAGE_BYTES // 2)  # elements: 2 bytes at the least
         if isinstance(message, StepError):
             err = _error_from(message)
             if message.fatal:
@@ -189,6 +208,7 @@ class GrpcLink(SplitLink):
         return self._step_through(request, handler, BackwardResult)
 
     def close(self) -> None:
+        self._closed.set()
         self._outbox.put(_CLOSE)
         self._call.cancel()
         self._channel.close()

@@ -3,9 +3,10 @@
 A and B are the same for every user, so the cloud's adapter work for a mixed batch is two
 dense matmuls; only u·M differs, and each row's u goes to its own device. Sessions submit
 one-token decode steps; a scheduler thread gathers those that arrive together (it waits a
-few milliseconds for the sessions of the previous batch to come back), pads their KV caches
+few milliseconds for every session that decoded lately to come back), pads their KV caches
 to a common length, runs one forward, and hands every session its row and its new keys and
-values. A device that fails or times out fails its own row only: its u·M is replaced by
+values. In that forward, every row's request goes to its device before any reply is awaited.
+A session decoding alone skips all this and runs its own steps. A device that fails or times out fails its own row only: its u·M is replaced by
 zeros for the rest of that pass, its result is discarded, and the others go on.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ from plora.cloud_backbone.protocol import AdapterRequest, Phase
 from plora.storage.errors import PloraError
 
 log = logging.getLogger(__name__)
+
+COMPANY_WINDOW_S = 1.0  # sessions that made a decode step this recently are batched together
 
 
 @dataclass(eq=False)
@@ -56,11 +59,20 @@ class DecodeBatcher:
         self.gather_s = gather_s
         self._queue: list[_Ticket] = []
         self._cond = threading.Condition()
-        self._last_batch: set[int] = set()  # ids of the sessions in the previous batch
-        self._pool = ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="plora-fanout")
+        self._decoding: dict[int, float] = {}  # id of a session -> when it last made a decode step
         self.batches = 0
         self.rows = 0
         threading.Thread(target=self._schedule, name="plora-batcher", daemon=True).start()
+
+    def has_company(self, session) -> bool:
+        """Whether another session made a decode step lately. A lone decoder runs its steps
+        itself: batching would only add a hand-off to the scheduler and a copy of its cache."""
+        now = time.monotonic()
+        with self._cond:
+            self._decoding[id(session)] = now
+            for key in [k for k, seen in self._decoding.items() if now - seen > COMPANY_WINDOW_S]:
+                del self._decoding[key]
+            return len(self._decoding) > 1
 
     def step(self, session, hidden: torch.Tensor) -> torch.Tensor:
         """Run one decode step of `session` in the next batch; blocks until it ran."""
@@ -78,10 +90,10 @@ class DecodeBatcher:
             while not self._queue:
                 self._cond.wait()
             deadline = time.monotonic() + self.gather_s
-            # Wait for company, but not once every session of the previous batch (sessions
-            # decoding in lockstep) is back: then nobody else is likely to come soon.
+            # Wait for company, but not once every session decoding lately is queued: then
+            # nobody else is likely to come soon.
             while len(self._queue) < self.max_batch:
-                if self._last_batch and self._last_batch <= {id(t.session) for t in self._queue}:
+                if len({id(t.session) for t in self._queue}) >= len(self._decoding):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -93,7 +105,6 @@ class DecodeBatcher:
     def _schedule(self) -> None:
         while True:
             batch = self._gather()
-            self._last_batch = {id(t.session) for t in batch}
             try:
                 self._run(batch)
             except BaseException as err:  # a bug must not hang the callers
@@ -105,6 +116,23 @@ class DecodeBatcher:
                 self.rows += len(batch)
                 for ticket in batch:
                     ticket.done.set()
+
+    @staticmethod
+    def _ask_later(ticket: _Ticket, request: AdapterRequest) -> Callable[[], torch.Tensor] | None:
+        if ticket.error is None:
+            try:
+                return ticket.session.ask_later(request)
+            except PloraError as err:
+                ticket.error = err
+        return None
+
+    def _wait(self, ticket: _Ticket, wait: Callable[[], torch.Tensor] | None, group: str) -> torch.Tensor:
+        if wait is not None and ticket.error is None:
+            try:
+                return wait()
+            except PloraError as err:
+                ticket.error = err
+        return torch.zeros(1, 1, self.half.width(group, Phase.FORWARD, "up"))
 
     def _run(self, batch: list[_Ticket]) -> None:
         caches = [t.session.cache for t in batch]
@@ -123,16 +151,9 @@ class DecodeBatcher:
         hidden = torch.cat([t.hidden for t in batch])
 
         def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
-            def ask(i: int) -> torch.Tensor:
-                ticket = batch[i]
-                if ticket.error is None:
-                    try:
-                        return ticket.session.ask(AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1]))
-                    except PloraError as err:
-                        ticket.error = err
-                return torch.zeros(1, 1, self.half.width(group, Phase.FORWARD, "up"))
-
-            return torch.cat(list(self._pool.map(ask, range(len(batch)))))
+            # Every row's request goes out before any reply is awaited: the devices work in parallel.
+            waits = [self._ask_later(t, AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1])) for i, t in enumerate(batch)]
+            return torch.cat([self._wait(ticket, wait, group) for ticket, wait in zip(batch, waits)])
 
         with torch.no_grad(), self.half.slot.using(exchange):
             out = self.half.stack(

@@ -7,6 +7,8 @@ same code serve the in-process link and the network service.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -86,7 +88,21 @@ class CloudSession:
 
     def ask(self, request: AdapterRequest) -> torch.Tensor:
         """One adapter round trip, with the reply checked before it touches the graph."""
-        reply = self._handler(request)
+        return self.ask_later(request)()
+
+    def ask_later(self, request: AdapterRequest) -> Callable[[], torch.Tensor]:
+        """Send `request` now and return the wait for its checked reply.
+
+        A handler with `submit` (the network service's) sends without waiting, so a batch of
+        sessions has all its requests in flight at once; any other is simply called."""
+        submit = getattr(self._handler, "submit", None)
+        if submit is None:
+            reply = self._handler(request)
+            return lambda: self._checked(request, reply)
+        pending = submit(request)
+        return lambda: self._checked(request, pending.result())
+
+    def _checked(self, request: AdapterRequest, reply: object) -> torch.Tensor:
         if not isinstance(reply, AdapterReply):
             raise ValidationError(f"expected an AdapterReply, got {type(reply).__name__}")
         if (reply.layer, reply.group, reply.phase) != (request.layer, request.group, request.phase):
@@ -114,8 +130,11 @@ class CloudSession:
             hidden = hidden.detach().requires_grad_(True)
         self._handler = ask
         try:
-            if self.half.batcher and batchable(cache, hidden, request.train, request.attention_mask):
-                return ForwardResult(self.half.batcher.step(self, hidden))
+            batcher = self.half.batcher
+            # A prefill counts as decoding, so that sessions starting together batch from their first step.
+            company = batcher is not None and cache is not None and not request.train and batcher.has_company(self)
+            if company and batchable(cache, hidden, request.train, request.attention_mask):
+                return ForwardResult(batcher.step(self, hidden))
             with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
                 out = self.half.stack(
                     inputs_embeds=hidden,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -65,32 +65,47 @@ def _http_handler(server: RunningServer):
 
 
 class RunningServer:
-    """A started service. `port` is the bound gRPC port (useful with port 0)."""
+    """A started service. `port` is the bound gRPC port (useful with port 0).
+
+    gRPC's asyncio server runs on an event loop of its own thread, so that starting,
+    stopping and waiting stay plain calls for the command line and for tests."""
 
     def __init__(
         self, service: BackboneService, host: str, port: int, tls: TLSFiles | None, http_port: int | None, http_host: str = "127.0.0.1"
     ):
         self.service = service
         self.metrics = Metrics()
-        limits = service.limits
-        options = [
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-        ]
-        # Each session holds a pool thread for its stream; leave room for unary calls.
-        pool = futures.ThreadPoolExecutor(max_workers=limits.max_sessions + 8, thread_name_prefix="plora-grpc")
-        self.grpc = grpc.server(pool, options=options, maximum_concurrent_rpcs=limits.max_sessions + 8)
-        pb_grpc.add_SplitBackboneServicer_to_server(SplitBackboneServicer(service, self.metrics), self.grpc)
-        address = f"{host}:{port}"
-        self.port = self.grpc.add_secure_port(address, tls.credentials()) if tls else self.grpc.add_insecure_port(address)
-        if not self.port:
-            raise ConfigError(f"cannot listen on {address}")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="plora-grpc", daemon=True)
+        self._thread.start()
+        self.grpc, self.port = self._call(self._start(host, port, tls))
         self.http = None
         if http_port is not None:
             self.http = ThreadingHTTPServer((http_host, http_port), _http_handler(self))
             threading.Thread(target=self.http.serve_forever, name="plora-http", daemon=True).start()
-        self.grpc.start()
         log.info("serving %s on %s:%d", sorted(service.versions), host, self.port)
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _start(self, host: str, port: int, tls: TLSFiles | None) -> tuple[grpc.aio.Server, int]:
+        limits = self.service.limits
+        options = [
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+        ]
+        # Streams beyond the session limit are refused by the service; leave room for unary calls.
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_sessions + 8)
+        pb_grpc.add_SplitBackboneServicer_to_server(SplitBackboneServicer(self.service, self.metrics), server)
+        address = f"{host}:{port}"
+        try:
+            bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise ConfigError(f"cannot listen on {address}")
+        await server.start()
+        return server, bound
 
     @property
     def http_port(self) -> int | None:
@@ -99,12 +114,16 @@ class RunningServer:
     def stop(self, grace_s: float = 10.0) -> None:
         """Refuse new sessions, give those in flight `grace_s` to finish, then cancel them."""
         self.service.draining = True
-        self.grpc.stop(grace_s).wait()
+        if self._loop.is_running():
+            self._call(self.grpc.stop(grace_s))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
         if self.http:
             self.http.shutdown()
+            self.http = None
 
     def wait(self) -> None:
-        self.grpc.wait_for_termination()
+        self._thread.join()
 
 
 def start_service(

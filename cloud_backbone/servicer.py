@@ -1,18 +1,20 @@
 """The gRPC face of the backbone service: parse, check credentials, delegate, map errors.
 
-Each device session is one bidirectional stream. Inside a step the cloud's compute asks the
-device for u·M layer by layer, so the compute runs on a worker thread of its own while the
-stream's generator passes its outgoing messages on; a reader thread turns incoming frames
-into protocol messages. Every wait on the device is bounded by the reply timeout.
+The service runs on gRPC's asyncio API. Each device session is one bidirectional stream,
+served by a coroutine on the event loop that reads and writes the stream itself. A step's
+compute runs on a worker thread; inside it the cloud asks the device for u·M layer by layer,
+and each ask is one coroutine on the loop: write the request, read the reply. A round trip
+thus costs two hand-offs between the worker and the loop, which matters because a decode
+step makes one per adapted layer. Every wait on the device is bounded by the reply timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
@@ -29,7 +31,7 @@ from plora.cloud_backbone.protocol import (
     split_pb2_grpc as pb_grpc,
     wire,
 )
-from plora.cloud_backbone.service import BackboneService, HostedVersion
+from plora.cloud_backbone.service import BackboneService, HostedVersion, ServiceSession
 from plora.storage.errors import (
     AuthenticationError,
     CapacityError,
@@ -72,138 +74,149 @@ def _hosted_proto(version: HostedVersion, is_default: bool) -> pb.HostedBackbone
     )
 
 
-class _Ended(Exception):
-    """The device closed its stream or went away."""
+class _Ended(TransportError):
+    """The device closed its stream or went away. A TransportError, so that in a batch it
+    fails that device's row only."""
 
 
-_END = object()
+class DeviceAsker:
+    """The device handler a session's compute calls from its worker thread.
+
+    Calling it blocks until the reply; `submit` returns at once with a future, so a batch
+    of sessions can have all its requests in flight together (see batching.py)."""
+
+    def __init__(self, stream: SessionStream, step: int):
+        self._stream, self._step = stream, step
+
+    def submit(self, request: AdapterRequest) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._stream.exchange(self._step, request), self._stream.loop)
+
+    def __call__(self, request: AdapterRequest) -> AdapterReply:
+        return self.submit(request).result()
 
 
 class SessionStream:
-    """One device's session stream: a worker thread runs the steps, a reader thread parses."""
+    """One device's session stream, read and written only by coroutines on the loop."""
 
-    def __init__(self, service: BackboneService, metrics: Metrics, device_id: str, requests, context):
-        self.service, self.metrics, self.device_id = service, metrics, device_id
-        self._requests = requests
-        self._inbox: queue.Queue = queue.Queue()
-        self._outbox: queue.Queue = queue.Queue()
-        context.add_callback(lambda: self._inbox.put(_END))  # cancelled or disconnected
-        threading.Thread(target=self._read, name="plora-read", daemon=True).start()
-        threading.Thread(target=self._run, name="plora-step", daemon=True).start()
+    def __init__(self, service: BackboneService, metrics: Metrics, workers: ThreadPoolExecutor, device_id: str, context):
+        self.service, self.metrics, self.workers, self.device_id = service, metrics, workers, device_id
+        self.context = context
+        self.loop = asyncio.get_running_loop()
+        self._bytes_in, self._bytes_out = metrics.wire_bytes.labels("in"), metrics.wire_bytes.labels("out")
 
-    def responses(self) -> Iterator[pb.CloudMessage]:
-        while (item := self._outbox.get()) is not _END:
-            self.metrics.wire_bytes.labels("out").inc(item.ByteSize())
-            yield item
-
-    def _read(self) -> None:
+    async def _read(self, timeout: float, waiting_for: str):
         try:
-            for frame in self._requests:
-                self.metrics.wire_bytes.labels("in").inc(frame.ByteSize())
-                try:
-                    self._inbox.put(wire.parse_device_message(frame, self.service.limits.max_tensor_elements))
-                except ValidationError as err:
-                    self._inbox.put(err)  # the worker reports it; the stream goes on
-        except grpc.RpcError:
-            pass  # the device went away; the END below tells the worker
-        finally:
-            self._inbox.put(_END)
-
-    def _next(self, timeout: float, waiting_for: str):
-        try:
-            item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
+            frame = await asyncio.wait_for(self.context.read(), timeout)
+        except asyncio.TimeoutError:
             raise TransportError(f"no {waiting_for} from the device within {timeout:g} s; session closed") from None
-        if item is _END:
-            raise _Ended
-        if isinstance(item, Exception):
-            raise item
-        return item
+        except (asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
+            # The stream is over (cancelled, broken, or the server is stopping). Raised in an
+            # exchange, this reaches the worker as an error of this session, not of the batch.
+            raise _Ended(f"the device's stream ended: {type(err).__name__}") from None
+        if frame is grpc.aio.EOF:
+            raise _Ended("the device closed its stream")
+        self._bytes_in.inc(frame.ByteSize())
+        return wire.parse_device_message(frame, self.service.limits.max_tensor_elements)
 
-    def _send(self, step: int, message) -> None:
-        self._outbox.put(wire.cloud_message(step, message))
+    async def _write(self, step: int, message) -> None:
+        frame = wire.cloud_message(step, message)
+        self._bytes_out.inc(frame.ByteSize())
+        await self.context.write(frame)
 
-    def _run(self) -> None:
+    async def exchange(self, step: int, request: AdapterRequest) -> AdapterReply:
+        """One round trip: u down to the device, its reply back."""
+        started = time.perf_counter()
+        await self._write(step, request)
+        got_step, reply = await self._read(self.service.limits.reply_timeout_s, f"reply for layer {request.layer}")
+        if got_step != step:
+            raise ValidationError(f"reply belongs to step {got_step}, expected step {step}")
+        self.metrics.round_trip.labels(str(request.layer)).observe(time.perf_counter() - started)
+        return reply
+
+    async def serve(self) -> None:
         session = None
         try:
-            step, opening = self._next(self.service.limits.reply_timeout_s, "OpenSession")
+            step, opening = await self._read(self.service.limits.reply_timeout_s, "OpenSession")
             if not isinstance(opening, OpenSession):
                 raise SessionError(f"a session starts with OpenSession, got {type(opening).__name__}")
-            session = self.service.open_session(self.device_id, opening)
+            # open_session reads the registry: keep the database off the loop.
+            session = await asyncio.to_thread(self.service.open_session, self.device_id, opening)
             self.metrics.active_sessions.inc()
-            self._send(step, SessionOpened(session.session_id, session.version.identity, session.cloud.max_tokens))
+            await self._write(step, SessionOpened(session.session_id, session.version.identity, session.cloud.max_tokens))
             while True:
                 try:
-                    step, message = self._next(self.service.limits.idle_timeout_s, "step")
-                    self._serve_step(session, step, message)
+                    step, message = await self._read(self.service.limits.idle_timeout_s, "step")
+                    await self._serve_step(session, step, message)
                 except (ValidationError, SessionError, CapacityError) as err:
                     # The step failed; the session, and every other session, goes on.
                     self.metrics.step_errors.labels(type(err).__name__).inc()
-                    self._send(step, StepError(type(err).__name__, str(err)))
+                    await self._write(step, StepError(type(err).__name__, str(err)))
         except _Ended:
             pass
         except PloraError as err:
             self.metrics.step_errors.labels(type(err).__name__).inc()
-            self._send(0, StepError(type(err).__name__, str(err), fatal=True))
+            await self._write(0, StepError(type(err).__name__, str(err), fatal=True))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise  # the device went away or the server is stopping: nobody is left to tell
         except Exception as err:  # a bug: fail this session only, and keep the trace in the log
             log.exception("session of device %s failed", self.device_id)
             self.metrics.step_errors.labels("InternalError").inc()
-            self._send(0, StepError("InternalError", f"{type(err).__name__} in the service", fatal=True))
+            await self._write(0, StepError("InternalError", f"{type(err).__name__} in the service", fatal=True))
         finally:
             if session is not None:
                 self.service.close_session(session)
                 self.metrics.active_sessions.dec()
-            self._outbox.put(_END)
 
-    def _serve_step(self, session, step: int, message) -> None:
-        ask = self._asker(step)
+    async def _serve_step(self, session: ServiceSession, step: int, message) -> None:
+        ask = DeviceAsker(self, step)
         if isinstance(message, ForwardRequest):
-            result = session.cloud.forward(message, ask)
-            self.metrics.tokens.labels("train" if message.train else "forward").inc(message.hidden.shape[0] * message.hidden.shape[1])
+            compute = session.cloud.forward
         elif isinstance(message, BackwardRequest):
-            result = session.cloud.backward(message, ask)
+            compute = session.cloud.backward
         else:
             raise SessionError(f"expected ForwardRequest or BackwardRequest, got {type(message).__name__}")
-        self._send(step, result)
-
-    def _asker(self, step: int):
-        def ask(request: AdapterRequest) -> AdapterReply:
-            started = time.perf_counter()
-            self._send(step, request)
-            got_step, reply = self._next(self.service.limits.reply_timeout_s, f"reply for layer {request.layer}")
-            if got_step != step:
-                raise ValidationError(f"reply belongs to step {got_step}, expected step {step}")
-            self.metrics.round_trip.labels(str(request.layer)).observe(time.perf_counter() - started)
-            return reply
-
-        return ask
+        worker = self.loop.run_in_executor(self.workers, compute, message, ask)
+        try:
+            result = await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            # The stream is gone: its pending read fails, so the worker's ask fails and it ends
+            # soon. Wait for it, so the session is not closed under a running step.
+            await asyncio.wait([worker], timeout=self.service.limits.reply_timeout_s)
+            raise
+        if isinstance(message, ForwardRequest):
+            self.metrics.tokens.labels("train" if message.train else "forward").inc(message.hidden.shape[0] * message.hidden.shape[1])
+        await self._write(step, result)
 
 
 class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
     def __init__(self, service: BackboneService, metrics: Metrics):
         self.service = service
         self.metrics = metrics
+        # One worker per session the service admits, so a step never waits for a free thread.
+        self.workers = ThreadPoolExecutor(max_workers=service.limits.max_sessions, thread_name_prefix="plora-step")
 
-    def _authenticate(self, context) -> str:
+    async def _authenticate(self, context) -> str:
         metadata = dict(context.invocation_metadata())
         device_id = metadata.get(wire.DEVICE_HEADER, "")
         token = metadata.get("authorization", "").removeprefix("Bearer ")
-        self.service.authenticate(device_id, token)
+        await asyncio.to_thread(self.service.authenticate, device_id, token)
         return device_id
 
     @staticmethod
-    def _abort(context, err: PloraError):
-        context.abort(status_for(err), f"{type(err).__name__}: {err}")
+    async def _abort(context, err: PloraError):
+        await context.abort(status_for(err), f"{type(err).__name__}: {err}")
 
-    def Register(self, request, context):
+    async def Register(self, request, context):
         try:
-            device_id, token, version = self.service.register_device(request.backbone, request.label)
+            device_id, token, version = await asyncio.to_thread(self.service.register_device, request.backbone, request.label)
+            described = await asyncio.to_thread(self._describe, version)
         except PloraError as err:
-            self._abort(context, err)
-        return pb.RegisterReply(device_id=device_id, token=token, backbone=self._describe(version))
+            await self._abort(context, err)
+        return pb.RegisterReply(device_id=device_id, token=token, backbone=described)
 
-    def Describe(self, request, context):
-        return pb.DescribeReply(backbones=[self._describe(v) for v in self.service.versions.values()])
+    async def Describe(self, request, context):
+        described = await asyncio.to_thread(lambda: [self._describe(v) for v in self.service.versions.values()])
+        return pb.DescribeReply(backbones=described)
 
     def _describe(self, version: HostedVersion) -> pb.HostedBackbone:
         try:
@@ -212,17 +225,18 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
             default = None  # every hosted version is deprecated or retired
         return _hosted_proto(version, version is default)
 
-    def DownloadBundle(self, request, context):
+    async def DownloadBundle(self, request, context) -> AsyncIterator[pb.BundleChunk]:
         try:
-            self._authenticate(context)
-            version = self.service.hosted(request.backbone)
+            await self._authenticate(context)
+            version = await asyncio.to_thread(self.service.hosted, request.backbone)
         except PloraError as err:
-            self._abort(context, err)
-        yield from wire.chunked_bundle(version.bundle, BUNDLE_CHUNK)
+            await self._abort(context, err)
+        for chunk in wire.chunked_bundle(version.bundle, BUNDLE_CHUNK):
+            yield chunk
 
-    def Session(self, request_iterator, context):
+    async def Session(self, request_iterator, context):
         try:
-            device_id = self._authenticate(context)
+            device_id = await self._authenticate(context)
         except PloraError as err:
-            self._abort(context, err)
-        return SessionStream(self.service, self.metrics, device_id, request_iterator, context).responses()
+            await self._abort(context, err)
+        await SessionStream(self.service, self.metrics, self.workers, device_id, context).serve()
