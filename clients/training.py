@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from plora.clients.anchor import AnchorSettings, base_model
 from plora.clients.checkpoint import Progress, TrainingCheckpoint
-from plora.clients.data import TokenizedExample, batches, collate
+from plora.clients.data import IGNORE_INDEX, TokenizedExample, batches, collate
 from plora.clients.device_model import DeviceModel
 from plora.clients.distillation import TeacherTargets, distillation_loss, teacher_targets
 from plora.storage.errors import ConfigError
@@ -82,6 +82,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     count = int((shifted != -100).sum())
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
     return loss, count
+
+
+def labelled_loss(model: DeviceModel, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """causal_lm_loss(model(ids), labels), with the LM head applied only where a label is
+    predicted: for a prompt/response pair that is the response, a fraction of the row, and
+    with a vocabulary like SmolLM2's the head is a fifth of the model's work."""
+    targets = labels[:, 1:]
+    predicts = targets != IGNORE_INDEX
+    logits = model.lm_head(model.hidden_states(ids)[:, :-1][predicts])
+    return F.cross_entropy(logits, targets[predicts]), int(predicts.sum())
 
 
 @torch.no_grad()
@@ -175,17 +185,16 @@ def personalize(
     anchor_weight, anchor_kl = (settings.anchor.weight if settings.anchor else 0.0), None
     for batch, anchor_batch in itertools.islice(zip(schedule, anchor_schedule), progress.step, total):
         anchor_rows = [example for example, _ in anchor_batch]
-        # One forward for both: each goes through the split with a network round trip per layer.
-        ids, labels = collate(batch + anchor_rows, pad_id)
-        logits = model(ids)
-        loss, _ = causal_lm_loss(logits[: len(batch)], labels[: len(batch)])
-        objective = loss
-        if anchor_batch:
-            kl = distillation_loss(logits[len(batch) :], [targets for _, targets in anchor_batch])
-            objective = loss + anchor_weight * kl
-            anchor_kl = kl.item()
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        # The task's rows and the anchor's go through the model apart: anchor text is longer,
+        # and one batch would pad every task row to its width. The gradients add up.
+        loss, _ = labelled_loss(model, *collate(batch, pad_id))
+        loss.backward()
+        if anchor_batch:
+            anchor_ids, _ = collate(anchor_rows, pad_id)
+            kl = distillation_loss(model(anchor_ids), [targets for _, targets in anchor_batch])
+            (anchor_weight * kl).backward()
+            anchor_kl = kl.item()
         optimizer.step()
         scheduler.step()
         progress.step += 1

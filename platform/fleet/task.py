@@ -62,8 +62,10 @@ class FleetSettings:
     batch_size: int = 4
     fraction: float = 1.0
     """Share of the devices sampled for each round."""
-    reply_timeout: float = 600.0
-    """Seconds the orchestrator waits for devices to join, and for each round's replies."""
+    reply_timeout: float = 3600.0
+    """Seconds the orchestrator waits for devices to join, and for each round's replies. On a
+    small machine a round's devices train in turns, so a round takes several jobs' time: the
+    demo's 4 devices on 2 cores take about 10 minutes."""
     migrate_to: str = ""
     """When set, the run migrates every device to this backbone version instead of training."""
     migrate_method: str = "distill"

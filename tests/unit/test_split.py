@@ -13,6 +13,7 @@ import torch
 
 from plora.clients.device_model import DeviceModel
 from plora.clients.generation import generate_batch, stream_tokens
+from plora.clients.training import causal_lm_loss, labelled_loss
 from plora.cloud_backbone.compute import CloudHalf, public_tensors
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.cloud_backbone.protocol import CacheMode, InProcessLink, TrafficCounter
@@ -196,3 +197,22 @@ def test_public_projections_are_deterministic_orthonormal_and_seeded():
     assert torch.allclose(b @ b.T, torch.eye(4), atol=1e-5)  # orthonormal rows
     shared = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=4, shared_a=True)))
     assert torch.equal(shared["layers.2.self_attn.q_proj.A"], shared["layers.2.self_attn.v_proj.A"])
+
+
+def test_the_loss_on_labelled_positions_only_equals_the_full_causal_lm_loss_and_its_gradient():
+    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=1))
+    random_ms(split)
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :6] = -100  # a prompt
+    labels[2, 8:] = -100  # padding
+    grads = []
+    for loss_of in (lambda: causal_lm_loss(split(ids), labels), lambda: labelled_loss(split, ids, labels)):
+        split.zero_grad()
+        loss, count = loss_of()
+        loss.backward()
+        grads.append((loss.item(), count, [m.grad.clone() for m in split.weights.ms.values()]))
+    (full, full_count, full_grads), (part, part_count, part_grads) = grads
+    assert full_count == part_count == 4 + 4 + 2
+    assert abs(full - part) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full_grads, part_grads))
