@@ -6,8 +6,9 @@ one-token decode steps; a scheduler thread gathers those that arrive together (i
 few milliseconds for every session that decoded lately to come back), pads their KV caches
 to a common length, runs one forward, and hands every session its row and its new keys and
 values. In that forward, every row's request goes to its device before any reply is awaited.
-A session decoding alone skips all this and runs its own steps. A device that fails or times out fails its own row only: its u·M is replaced by
-zeros for the rest of that pass, its result is discarded, and the others go on.
+A session decoding alone skips all this and runs its own steps. A device that fails or times
+out fails its own row only: its u·M is replaced by zeros for the rest of that pass, its
+result is discarded, and the others go on.
 """
 
 from __future__ import annotations
