@@ -75,13 +75,24 @@ class RunningServer:
     ):
         self.service = service
         self.metrics = Metrics()
+        # Bind the HTTP port first: if it is taken, nothing has started yet.
+        self.http = None
+        if http_port is not None:
+            try:
+                self.http = ThreadingHTTPServer((http_host, http_port), _http_handler(self))
+            except OSError as err:
+                raise ConfigError(f"cannot listen on {http_host}:{http_port} for health and metrics: {err}") from err
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="plora-grpc", daemon=True)
         self._thread.start()
-        self.grpc, self.port = self._call(self._start(host, port, tls))
-        self.http = None
-        if http_port is not None:
-            self.http = ThreadingHTTPServer((http_host, http_port), _http_handler(self))
+        try:
+            self.grpc, self.port = self._call(self._start(host, port, tls))
+        except BaseException:
+            self._stop_loop()
+            if self.http:
+                self.http.server_close()
+            raise
+        if self.http:
             threading.Thread(target=self.http.serve_forever, name="plora-http", daemon=True).start()
         log.info("serving %s on %s:%d", sorted(service.versions), host, self.port)
 
@@ -93,6 +104,9 @@ class RunningServer:
         options = [
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
+            # gRPC shares a port with another server by default; a second service on the same
+            # port would take half the devices' sessions, so a taken port must be an error.
+            ("grpc.so_reuseport", 0),
         ]
         # Streams beyond the session limit are refused by the service; leave room for unary calls.
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_sessions + 8)
@@ -116,11 +130,15 @@ class RunningServer:
         self.service.draining = True
         if self._loop.is_running():
             self._call(self.grpc.stop(grace_s))
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            self._stop_loop()
         if self.http:
             self.http.shutdown()
+            self.http.server_close()
             self.http = None
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
 
     def wait(self) -> None:
         self._thread.join()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 import urllib.request
 
@@ -29,7 +30,7 @@ from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
 from plora.platform.jobs import registry
 from plora.platform.runtime import init_device, open_device, split_embedded
-from plora.storage.errors import AuthenticationError, CapacityError, TransportError, VersionMismatchError
+from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, TransportError, VersionMismatchError
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
@@ -220,3 +221,14 @@ def test_the_cli_works_over_the_network(server, tmp_path):
         result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
         assert result.exit_code == 0, (args, result.output)
     assert len(json.loads(result.stdout)["logprobs"]) > 3
+
+
+def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(server, tiny_checkpoint):
+    def serving_threads() -> set:
+        return {t for t in threading.enumerate() if t.name in ("plora-grpc", "plora-http")}
+
+    before = serving_threads()
+    for grpc_port, http_port in ((server.port, 0), (0, server.http_port)):
+        with pytest.raises(ConfigError, match="cannot listen"):
+            start_service([str(tiny_checkpoint)], CONFIG, registry(), port=grpc_port, http_port=http_port)
+    assert serving_threads() == before  # no event loop or HTTP thread left behind
