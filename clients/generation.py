@@ -25,6 +25,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return int(order[choice])
 
 
+def _check_sampling(temperature: float, top_p: float) -> None:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+
+
 @torch.no_grad()
 def stream_tokens(
     model: DeviceModel,
@@ -38,8 +43,7 @@ def stream_tokens(
     """Yield new token ids one by one, until a stop id (not yielded) or the budget runs out."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    _check_sampling(temperature, top_p)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     logits = model(torch.tensor([prompt_ids]), CacheMode.START)[0, -1]
     for _ in range(max_new_tokens):
@@ -71,8 +75,7 @@ def generate_batch(
     """
     if not prompts or not all(prompts):
         raise ConfigError("every prompt must be non-empty, and there must be at least one")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    _check_sampling(temperature, top_p)
     if seeds is not None and len(seeds) != len(prompts):
         raise ConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else [None] * len(prompts)

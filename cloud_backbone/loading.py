@@ -23,17 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import BackboneIdentity
 from plora.storage.errors import ConfigError
 from plora.storage.paths import plora_home
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # plora shows its own progress; per-tensor bars are noise

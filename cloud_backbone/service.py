@@ -21,13 +21,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import BackboneIdentity, OpenSession
 from plora.cloud_backbone.protocol.wire import bundle_digest
 from plora.cloud_backbone.versions import ensure_version
-from plora.storage.errors import (
-    AuthenticationError,
-    CapacityError,
-    ConfigError,
-    RegistryError,
-    VersionMismatchError,
-)
+from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
 from plora.storage.models import BackboneStatus
 from plora.storage.registry import Registry
 

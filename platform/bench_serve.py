@@ -135,10 +135,9 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         single = _DeviceProcess(context, Path(home) / "device0")
         fleet_devices = [open_device(Path(home) / f"device{i}") for i in range(1, fleet + 1)]
         mono = MonolithicModel(loading.load(spec), config)
-        prompt, new_tokens = PROMPT, NEW_TOKENS
 
         echo("single-device greedy decode: gRPC vs monolithic")
-        runs = {"grpc": lambda: single.call("decode"), "mono": _decode_run(mono, prompt, new_tokens)}
+        runs = {"grpc": lambda: single.call("decode"), "mono": _decode_run(mono, PROMPT, NEW_TOKENS)}
         rates = _alternate(runs, repeats)
         results.add("single_decode_ratio", _ratio(rates, "grpc", "mono"), ">= 0.85",
                     grpc_tok_s=statistics.median(rates["grpc"]), monolithic_tok_s=statistics.median(rates["mono"]))
@@ -149,7 +148,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
 
         echo(f"{fleet} concurrent devices vs monolithic batched decode of the base model at batch {fleet}")
         base = loading.load(spec).model
-        runs = {"fleet": _fleet_decode(fleet_devices, prompt, new_tokens), "mono": _base_batched_decode(base, fleet, len(prompt), new_tokens)}
+        runs = {"fleet": _fleet_decode(fleet_devices, PROMPT, NEW_TOKENS), "mono": _base_batched_decode(base, fleet, len(PROMPT), NEW_TOKENS)}
         rates = _alternate(runs, repeats)
         results.add(f"fleet{fleet}_decode_ratio", _ratio(rates, "fleet", "mono"), ">= 0.75",
                     fleet_tok_s=statistics.median(rates["fleet"]), monolithic_tok_s=statistics.median(rates["mono"]))

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
 from plora.clients.data import batches, collate, load_examples, tokenize
 from plora.clients.training import causal_lm_loss
 from plora.cloud_backbone.loading import save_checkpoint

@@ -128,8 +128,7 @@ def run_personalization(
         reg.interrupt_job(job_id, type(err).__name__)
         raise
     metric = "val_loss" if val else "train_loss"
-    metrics_after = {metric: after, "tokens_per_second": result.tokens_per_second}
-    metrics_after["best_step"] = result.best_step or result.steps
+    metrics_after = {metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps}
     if result.anchor_kl is not None:
         metrics_after["anchor_kl"] = result.anchor_kl
     reg.finish_job(
