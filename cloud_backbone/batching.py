@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from plora.cloud_backbone.protocol import AdapterRequest, Phase
-from plora.storage.errors import PloraError
+from plora.storage.errors import PloraError, SessionError
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,18 @@ class DecodeBatcher:
         self._queue: list[_Ticket] = []
         self._cond = threading.Condition()
         self._decoding: dict[int, float] = {}  # id of a session -> when it last made a decode step
+        self._closed = False
+        self._thread: threading.Thread | None = None  # the scheduler, started by the first step
         self.batches = 0
         self.rows = 0
-        threading.Thread(target=self._schedule, name="plora-batcher", daemon=True).start()
+
+    def close(self) -> None:
+        """Run the steps already queued, then stop the scheduler thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
 
     def has_company(self, session) -> bool:
         """Whether another session made a decode step lately. A lone decoder runs its steps
@@ -79,6 +88,11 @@ class DecodeBatcher:
         """Run one decode step of `session` in the next batch; blocks until it ran."""
         ticket = _Ticket(session, hidden)
         with self._cond:
+            if self._closed:
+                raise SessionError("the service is stopping")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._schedule, name="plora-batcher", daemon=True)
+                self._thread.start()
             self._queue.append(ticket)
             self._cond.notify_all()
         ticket.done.wait()
@@ -87,8 +101,11 @@ class DecodeBatcher:
         return ticket.result
 
     def _gather(self) -> list[_Ticket]:
+        """The next batch; empty once closed with nothing queued."""
         with self._cond:
             while not self._queue:
+                if self._closed:
+                    return []
                 self._cond.wait()
             deadline = time.monotonic() + self.gather_s
             # Wait for company, but not once every session decoding lately is queued: then
@@ -104,8 +121,7 @@ class DecodeBatcher:
             return batch
 
     def _schedule(self) -> None:
-        while True:
-            batch = self._gather()
+        while batch := self._gather():
             try:
                 self._run(batch)
             except BaseException as err:  # a bug must not hang the callers

@@ -50,6 +50,10 @@ class CloudHalf(nn.Module):
         """Run concurrent sessions' decode steps as one batch (see batching.py)."""
         self.batcher = DecodeBatcher(self, max_batch, gather_s)
 
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
     def open_session(self, max_tokens: int = 4096) -> CloudSession:
         return CloudSession(self, max_tokens)
 

@@ -73,24 +73,27 @@ class RunningServer:
     def __init__(
         self, service: BackboneService, host: str, port: int, tls: TLSFiles | None, http_port: int | None, http_host: str = "127.0.0.1"
     ):
-        self.service = service
+        self.service = service  # from here on, stopping the server closes it
         self.metrics = Metrics()
-        # Bind the HTTP port first: if it is taken, nothing has started yet.
+        self._servicer = SplitBackboneServicer(service, self.metrics)
         self.http = None
-        if http_port is not None:
-            try:
-                self.http = ThreadingHTTPServer((http_host, http_port), _http_handler(self))
-            except OSError as err:
-                raise ConfigError(f"cannot listen on {http_host}:{http_port} for health and metrics: {err}") from err
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="plora-grpc", daemon=True)
-        self._thread.start()
         try:
+            # Bind the HTTP port first: if it is taken, nothing has started yet.
+            if http_port is not None:
+                try:
+                    self.http = ThreadingHTTPServer((http_host, http_port), _http_handler(self))
+                except OSError as err:
+                    raise ConfigError(f"cannot listen on {http_host}:{http_port} for health and metrics: {err}") from err
+            self._thread.start()
             self.grpc, self.port = self._call(self._start(host, port, tls))
         except BaseException:
-            self._stop_loop()
+            if self._thread.is_alive():
+                self._stop_loop()
             if self.http:
                 self.http.server_close()
+            self._close_compute()
             raise
         if self.http:
             threading.Thread(target=self.http.serve_forever, name="plora-http", daemon=True).start()
@@ -110,7 +113,7 @@ class RunningServer:
         ]
         # Streams beyond the session limit are refused by the service; leave room for unary calls.
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_sessions + 8)
-        pb_grpc.add_SplitBackboneServicer_to_server(SplitBackboneServicer(self.service, self.metrics), server)
+        pb_grpc.add_SplitBackboneServicer_to_server(self._servicer, server)
         address = f"{host}:{port}"
         try:
             bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
@@ -131,10 +134,15 @@ class RunningServer:
         if self._loop.is_running():
             self._call(self.grpc.stop(grace_s))
             self._stop_loop()
+            self._close_compute()
         if self.http:
             self.http.shutdown()
             self.http.server_close()
             self.http = None
+
+    def _close_compute(self) -> None:
+        self._servicer.close()
+        self.service.close()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -170,6 +170,11 @@ class BackboneService:
             self._sessions[session.session_id] = session
         return session
 
+    def close(self) -> None:
+        """Stop every hosted version's decode batching; call once no session runs any more."""
+        for version in self.versions.values():
+            version.half.close()
+
     def close_session(self, session: ServiceSession) -> None:
         with self._lock:
             self._sessions.pop(session.session_id, None)

@@ -195,6 +195,10 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
         # One worker per session the service admits, so a step never waits for a free thread.
         self.workers = ThreadPoolExecutor(max_workers=service.limits.max_sessions, thread_name_prefix="plora-step")
 
+    def close(self) -> None:
+        """End the worker threads. Once the server has stopped, none has a step left to run."""
+        self.workers.shutdown(cancel_futures=True)
+
     async def _authenticate(self, context) -> str:
         metadata = dict(context.invocation_metadata())
         device_id = metadata.get(wire.DEVICE_HEADER, "")

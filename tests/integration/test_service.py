@@ -7,12 +7,14 @@ import json
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
 
 from plora.clients.data import TokenizedExample
+from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
@@ -223,12 +225,34 @@ def test_the_cli_works_over_the_network(server, tmp_path):
     assert len(json.loads(result.stdout)["logprobs"]) > 3
 
 
-def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(server, tiny_checkpoint):
-    def serving_threads() -> set:
-        return {t for t in threading.enumerate() if t.name in ("plora-grpc", "plora-http")}
+def serving_threads() -> set[threading.Thread]:
+    """The service's own threads: event loop, HTTP, decode batcher and step workers."""
+    return {t for t in threading.enumerate() if t.name.startswith(("plora-grpc", "plora-http", "plora-batcher", "plora-step"))}
 
+
+def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(server, tiny_checkpoint):
     before = serving_threads()
     for grpc_port, http_port in ((server.port, 0), (0, server.http_port)):
         with pytest.raises(ConfigError, match="cannot listen"):
             start_service([str(tiny_checkpoint)], CONFIG, registry(), port=grpc_port, http_port=http_port)
-    assert serving_threads() == before  # no event loop or HTTP thread left behind
+    assert serving_threads() == before  # no event loop, HTTP, batcher or worker thread left behind
+
+
+def test_a_stopped_service_leaves_no_thread_behind(tiny_checkpoint, tmp_path):
+    before = serving_threads()
+    running = start_service([str(tiny_checkpoint)], CONFIG, registry(), http_port=0)
+    endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
+    devices = []
+    for name in ("a", "b"):
+        init_device(tmp_path / name, endpoint.address, endpoint=endpoint)
+        devices.append(open_device(tmp_path / name))
+    # Two devices decoding at once: their steps go through the decode batcher.
+    with ThreadPoolExecutor(len(devices)) as pool:
+        outputs = list(pool.map(lambda d: list(stream_tokens(d.model, [1, 2, 3], 4, set())), devices))
+    assert [len(tokens) for tokens in outputs] == [4, 4]
+    started = serving_threads() - before
+    assert {t.name for t in started} >= {"plora-grpc", "plora-http", "plora-batcher", "plora-step_0", "plora-step_1"}
+    for device in devices:
+        device.close()
+    running.stop(grace_s=1)
+    assert not any(t.is_alive() for t in started)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
 from plora.cloud_backbone.protocol import AdapterReply, CacheMode, ForwardRequest
-from plora.storage.errors import ValidationError
+from plora.storage.errors import SessionError, ValidationError
 from tests.conftest import tiny_backbone
 
 CONFIG = PrivateLoRAConfig(rank=4)
@@ -92,3 +93,25 @@ def test_a_failing_device_fails_only_its_own_row():
     expected = decode(reference, *good)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(results["good"], expected))
     assert half.batcher.batches < half.batcher.rows  # the failing step was a shared batch
+
+
+def test_a_closed_batcher_stops_its_thread_and_refuses_steps():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.05)
+    before = set(threading.enumerate())
+    gen = torch.Generator().manual_seed(0)
+    barrier = threading.Barrier(2)
+    threads = [
+        threading.Thread(target=decode, args=(half, device(i), torch.randn(1, 3, 32, generator=gen), torch.randn(1, 2, 32, generator=gen), barrier))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    started = {t for t in set(threading.enumerate()) - before if t.name == "plora-batcher"}
+    assert half.batcher.rows > 0 and len(started) == 1  # the decode steps ran batched
+    half.close()
+    assert not any(t.is_alive() for t in started)
+    with pytest.raises(SessionError, match="stopping"):
+        half.batcher.step(half.open_session(), torch.zeros(1, 1, 32))
