@@ -7,12 +7,20 @@ u·M) competes with the service for the same cores, which a real fleet would not
 batched base model reads them once. So besides the wall-clock fleet ratio the bench reports
 what the fleet costs the cloud: the base model's CPU time per token, batched at the same
 size, over the service process's CPU time per token serving the fleet.
+
+Two ceilings say what this machine allows, measured in the same run. A decode step makes one
+round trip per adapted layer, so one device can decode no faster than the monolithic model
+plus that many bare round trips of the transport (the protocol's messages answered at once by
+a process that does nothing else). And a fleet sharing the cores with the cloud can decode no
+faster than the cores can supply the CPU time that the devices and the cloud spend per token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
+import queue
 import shutil
 import statistics
 import tempfile
@@ -22,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import psutil
 import torch
 from transformers import DynamicCache
@@ -31,13 +40,14 @@ from plora.clients.grpc_link import Endpoint
 from plora.clients.training import causal_lm_loss
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import CacheMode
+from plora.cloud_backbone.protocol import AdapterReply, AdapterRequest, CacheMode, Phase, split_pb2_grpc as pb_grpc, wire
 from plora.platform.bench import MonolithicModel, _rate
 from plora.platform.runtime import init_device, open_device
 
 # gRPC adds a 5-byte message prefix and HTTP/2 a 9-byte DATA frame header per message.
 FRAMING_BYTES = 14
 PROMPT, NEW_TOKENS = list(range(100, 116)), 32  # every decode figure: this prompt, this many new tokens
+BARE_ROUND_TRIPS = 2000
 
 
 @dataclass
@@ -50,10 +60,10 @@ class ServeBench:
         self.figures[name] = {"value": value, "target": target, **detail}
 
     def table(self) -> str:
-        lines = [f"{'figure':<22} {'value':>8}  {'target':<8} detail", "-" * 78]
+        lines = [f"{'figure':<24} {'value':>8}  {'target':<8} detail", "-" * 80]
         for name, f in self.figures.items():
             detail = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items() if k not in ("value", "target"))
-            lines.append(f"{name:<22} {f['value']:>8.3f}  {f['target']:<8} {detail}")
+            lines.append(f"{name:<24} {f['value']:>8.3f}  {f['target']:<8} {detail}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -141,6 +151,12 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         rates = _alternate(runs, repeats)
         results.add("single_decode_ratio", _ratio(rates, "grpc", "mono"), ">= 0.85",
                     grpc_tok_s=statistics.median(rates["grpc"]), monolithic_tok_s=statistics.median(rates["mono"]))
+        echo(f"{BARE_ROUND_TRIPS} bare round trips of the protocol's messages over gRPC loopback")
+        round_trip = bare_round_trip(context, config, BARE_ROUND_TRIPS)
+        round_trips = (mono.weights.num_layers - config.device_layers) * len(config.groups)
+        mono_s = 1 / statistics.median(rates["mono"])
+        results.add("single_decode_ceiling", mono_s / (mono_s + round_trips * round_trip), "report",
+                    round_trip_us=1e6 * round_trip, round_trips_per_token=round_trips)
 
         echo("wire bytes per decoded token")
         per_token, minimum = single.call("wire")
@@ -153,10 +169,13 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         results.add(f"fleet{fleet}_decode_ratio", _ratio(rates, "fleet", "mono"), ">= 0.75",
                     fleet_tok_s=statistics.median(rates["fleet"]), monolithic_tok_s=statistics.median(rates["mono"]))
         service = psutil.Process(server.pid)
-        cloud = _cpu_seconds_per_token(runs["fleet"], lambda: sum(service.cpu_times()[:2]))
-        alone = _cpu_seconds_per_token(runs["mono"], time.process_time)
-        results.add(f"fleet{fleet}_cloud_cpu_ratio", alone / cloud, "report",
-                    cloud_cpu_ms_per_token=1e3 * cloud, monolithic_cpu_ms_per_token=1e3 * alone)
+        # The fleet's devices are threads of this process, and nothing else here runs meanwhile.
+        cpu = _cpu_seconds_per_token(runs["fleet"], {"cloud": lambda: sum(service.cpu_times()[:2]), "devices": time.process_time})
+        alone = _cpu_seconds_per_token(runs["mono"], {"alone": time.process_time})["alone"]
+        results.add(f"fleet{fleet}_cloud_cpu_ratio", alone / cpu["cloud"], "report",
+                    cloud_cpu_ms_per_token=1e3 * cpu["cloud"], monolithic_cpu_ms_per_token=1e3 * alone)
+        results.add(f"fleet{fleet}_decode_ceiling", alone / (cpu["cloud"] + cpu["devices"]), "report",
+                    device_cpu_ms_per_token=1e3 * cpu["devices"])
 
         echo("fine-tuning: split over gRPC vs monolithic PEFT LoRA (r=16, q/k/v)")
         ids = _train_ids(base.config.vocab_size)
@@ -245,10 +264,68 @@ def _decode_wire_bytes(model, prompt: list[int], new_tokens: int) -> float:
     return (sum(link.wire_bytes.values()) - bytes_before + FRAMING_BYTES * frames) / new_tokens
 
 
-def _cpu_seconds_per_token(run: Callable[[], int], cpu_seconds: Callable[[], float]) -> float:
-    before = cpu_seconds()
+def _cpu_seconds_per_token(run: Callable[[], int], clocks: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """CPU seconds per token that one call of `run` costs on each of `clocks`."""
+    before = {name: clock() for name, clock in clocks.items()}
     tokens = run()
-    return (cpu_seconds() - before) / tokens
+    return {name: (clock() - before[name]) / tokens for name, clock in clocks.items()}
+
+
+def _bare_messages(config: PrivateLoRAConfig) -> tuple[AdapterRequest, AdapterReply]:
+    """One adapter round trip's request and reply at the configuration's widths."""
+    group, members = next(iter(config.groups.items()))
+    u = torch.zeros(1, 1, config.rank * config.a_count(group))
+    return AdapterRequest(0, group, Phase.FORWARD, u), AdapterReply(0, group, Phase.FORWARD, torch.zeros(1, 1, config.rank * len(members)))
+
+
+def _echo_serve(config: dict, ports) -> None:
+    """A Session stream that answers every device message at once with an adapter request."""
+    frame = wire.cloud_message(1, _bare_messages(PrivateLoRAConfig.from_dict(config))[0])
+
+    class Echo(pb_grpc.SplitBackboneServicer):
+        async def Session(self, requests, context):
+            async for _ in requests:
+                yield frame
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_SplitBackboneServicer_to_server(Echo(), server)
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bare_round_trip(context, config: PrivateLoRAConfig, count: int) -> float:
+    """Seconds per round trip of the split protocol's messages over gRPC loopback, sent and
+    read the way GrpcLink does, to a process that answers at once: serialize u·M, send it,
+    receive u, parse it. No compute and no checks on either side, so no round trip is faster."""
+    ports = context.Queue()
+    server = context.Process(target=_echo_serve, args=(config.to_dict(), ports), daemon=True)
+    server.start()
+    try:
+        endpoint = Endpoint(f"127.0.0.1:{ports.get(timeout=60)}", insecure=True)
+        request, reply = _bare_messages(config)
+        with endpoint.channel() as channel:
+            outbox: queue.Queue = queue.Queue()
+            call = pb_grpc.SplitBackboneStub(channel).Session(iter(outbox.get, None))
+
+            def once() -> None:
+                outbox.put(wire.device_message(1, reply))
+                wire.parse_cloud_message(next(call), request.tensor.numel())
+
+            once()  # connects
+            started = time.perf_counter()
+            for _ in range(count):
+                once()
+            elapsed = time.perf_counter() - started
+            outbox.put(None)
+            call.cancel()
+    finally:
+        server.terminate()
+        server.join()
+    return elapsed / count
 
 
 def _alternate(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, list[float]]:
