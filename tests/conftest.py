@@ -3,13 +3,20 @@ seconds; a few end-to-end tests use the real embedded SmolLM2 (marked `embedded`
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-# One PLORA_HOME for the whole run, so the embedded backbone is converted once; each test
-# still gets its own registry database (see _isolated_database).
-os.environ["PLORA_HOME"] = tempfile.mkdtemp(prefix="plora-test-home-")
+# One PLORA_HOME for the whole run, shared with the processes the tests start, so the
+# embedded backbone is converted once; each test still gets its own registry database (see
+# _isolated_database). The run's first process made it, and removes it at exit: it holds a
+# converted backbone of about 500 MB.
+if "PLORA_TEST_HOME" not in os.environ:
+    os.environ["PLORA_TEST_HOME"] = tempfile.mkdtemp(prefix="plora-test-home-")
+    atexit.register(shutil.rmtree, os.environ["PLORA_TEST_HOME"], ignore_errors=True)
+os.environ["PLORA_HOME"] = os.environ["PLORA_TEST_HOME"]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
