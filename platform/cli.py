@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from plora.platform.cli_backbone import backbone, migrate
-from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly
+from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
 
 log = logging.getLogger("plora")
 
@@ -281,12 +281,13 @@ def bench_quality(data_dir, personas, speakers, json_path) -> None:
 @click.option("--devices", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's tuned 90).")
 @fail_cleanly
+@stop_on_sigterm
 def demo(out, devices, steps) -> None:
     """The main job: a small fleet personalizes on the embedded backbone, before and after.
 
     Starts a backbone service on loopback, gives each device a synthetic persona of private
     facts, trains every device's M through the service, and reports held-out recall and loss.
-    Takes about 10 minutes on 2 CPU cores.
+    Takes about 13 minutes on 2 CPU cores.
     """
     from plora.platform.demo import run_demo
 
@@ -315,6 +316,7 @@ def fleet() -> None:
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the devices (one sub-folder each) and rounds.jsonl.")
 @fail_cleanly
+@stop_on_sigterm
 def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, root) -> None:
     """Personalize a fleet of devices in rounds, each against the same backbone service.
 

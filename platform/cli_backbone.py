@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly
+from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
 from plora.storage.models import BackboneStatus
 
 log = logging.getLogger("plora")
@@ -262,6 +262,7 @@ def derive_version(parent, data_path, name, steps, lr, batch_size, max_length, s
 @click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for the new M.")
 @db_option
 @fail_cleanly
+@stop_on_sigterm
 def migrate(target, device_ids, method, engine, dry_run, root, address, data_path, steps, lr, db) -> None:
     """Move devices to another backbone version, keeping their personalization.
 

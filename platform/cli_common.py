@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 
 import click
 
@@ -21,6 +22,25 @@ def fail_cleanly(command):
             return command(*args, **kwargs)
         except PloraError as err:
             raise click.ClickException(f"{type(err).__name__}: {err}") from err
+
+    return run
+
+
+def stop_on_sigterm(command):
+    """Take SIGTERM as Ctrl-C, so that a command told to stop (by kill, systemd, a container
+    runtime) still stops what it started: a backbone service, Ray, Flower's processes, which
+    run in sessions of their own and would otherwise outlive it."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return run
 

@@ -4,6 +4,9 @@ loopback, each message answered by a fresh ClientApp process, on a tiny random c
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -22,14 +25,17 @@ REPO = Path(__file__).resolve().parents[2]
 DEVICES = 2
 
 
-def flower_processes(fleet_root: Path) -> list[str]:
-    """Command lines of the processes still running with this fleet's FLWR_HOME."""
+def flower_processes(fleet_root: Path, kill: bool = False) -> list[str]:
+    """Command lines of the processes still running with this fleet's FLWR_HOME; with `kill`,
+    they are killed too, so that a failed test leaves none behind."""
     home = str(fleet_root / deployment.FLOWER_DIR)
     found = []
     for process in psutil.process_iter():
         try:
             if process.environ().get("FLWR_HOME") == home:
                 found.append(" ".join(process.cmdline()))
+                if kill:
+                    process.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return found
@@ -81,6 +87,31 @@ def test_a_failed_run_raises_and_a_stopped_one_leaves_no_flower_process(tmp_path
     with pytest.raises(KeyboardInterrupt):
         deployment.run_deployment(settings, echo=interrupt)
     assert flower_processes(root) == []
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_to_the_launcher_stops_every_flower_process(tiny_checkpoint, tmp_path, notes):
+    root = tmp_path / "fleet"
+    launcher = subprocess.Popen(
+        ["plora", "fleet", "launch", "--engine", "deployment", "--devices", "1", "--steps", "1000",
+         "--backbone", str(tiny_checkpoint), "--data", str(notes), "--root", str(root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in launcher.stderr:
+            if line.startswith("Flower run "):  # submitted: SuperLink, SuperNode and ServerApp are up or starting
+                break
+        deadline = time.monotonic() + 60
+        while not flower_processes(root) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert flower_processes(root), "the fleet's Flower processes never started"
+        launcher.send_signal(signal.SIGTERM)
+        launcher.communicate(timeout=60)
+        assert launcher.returncode != 0
+        assert flower_processes(root) == []
+    finally:
+        launcher.kill()
+        flower_processes(root, kill=True)
 
 
 def test_the_committed_flower_app_is_the_one_launch_writes():
