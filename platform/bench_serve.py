@@ -300,7 +300,8 @@ def _echo_serve(config: dict, ports) -> None:
 def bare_round_trip(context, config: PrivateLoRAConfig, count: int) -> float:
     """Seconds per round trip of the split protocol's messages over gRPC loopback, sent and
     read the way GrpcLink does, to a process that answers at once: serialize u·M, send it,
-    receive u, parse it. No compute and no checks on either side, so no round trip is faster."""
+    receive u, parse it. No compute and no checks on either side: what the transport alone costs
+    a round trip, as the device's link uses it."""
     ports = context.Queue()
     server = context.Process(target=_echo_serve, args=(config.to_dict(), ports), daemon=True)
     server.start()
