@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from plora.platform.fleet import task
 from plora.platform.fleet.deployment import run_deployment
 from plora.platform.jobs import registry
 from plora.platform.runtime import is_address
-from plora.storage.errors import ConfigError
+from plora.storage.errors import ConfigError, TransportError
 
 # flwr reads these when first imported and Ray when it starts; nothing of this module has
 # imported flwr yet, and both are imported only in _simulate, after this. Flower's processes
@@ -46,6 +47,8 @@ os.environ.update(OFFLINE_ENV)
 
 ENGINES = ("simulation", "deployment")
 PROGRESS_EVERY_S = 3.0
+RAY_STARTS = 2  # Ray gives its node a fixed 30 s to come up, which a busy small machine can miss
+log = logging.getLogger(__name__)
 
 
 def launch(
@@ -139,23 +142,41 @@ def _simulate(settings: task.FleetSettings, concurrency: int) -> None:
 
     if ray.is_initialized():
         raise ConfigError("Ray is already running in this process; the fleet needs to start it, so its workers get the run config")
-    backend_config = {
-        # One CPU per device and `concurrency` logical CPUs: that many devices train at once.
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": concurrency, "num_gpus": 0, "include_dashboard": False, "logging_level": "WARNING"},
-    }
+    # One CPU per device and `concurrency` logical CPUs (see _start_ray): that many devices train at once.
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     previous = os.environ.get(task.RUN_CONFIG_ENV)
     os.environ[task.RUN_CONFIG_ENV] = json.dumps(settings.to_run_config())
     server_app.stop_requested.clear()
     try:
+        _start_ray(concurrency)  # Flower's Ray backend uses a running Ray, and shuts it down at the end
         run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=settings.devices,
                        backend_config=backend_config)
     finally:
+        ray.shutdown()  # for a run that failed before Flower took Ray over; a no-op otherwise
         server_app.stop_requested.set()  # its thread outlives a crashed runtime otherwise
         if previous is None:
             os.environ.pop(task.RUN_CONFIG_ENV, None)
         else:
             os.environ[task.RUN_CONFIG_ENV] = previous
+
+
+def _start_ray(num_cpus: int) -> None:
+    """Start Ray for a simulation as Flower's Ray backend would, and once more if its node
+    misses Ray's start-up wait."""
+    import ray
+
+    # Flower passes its own sys.path to Ray's workers, so that they import the apps as it does.
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    for attempt in range(1, RAY_STARTS + 1):
+        try:
+            ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, logging_level="WARNING",
+                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+            return
+        except Exception as err:  # a plain Exception is what Ray raises when its node is late
+            ray.shutdown()  # the part of Ray that did start
+            if attempt == RAY_STARTS or "timed out during startup" not in str(err):
+                raise TransportError(f"Ray did not start: {err}") from err
+            log.warning("Ray's node did not come up within Ray's start-up wait; starting Ray once more")
 
 
 @contextmanager

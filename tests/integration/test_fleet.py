@@ -23,7 +23,7 @@ from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app
 from plora.platform.fleet.task import FleetSettings, device_dir, report_progress
 from plora.platform.jobs import registry
-from plora.storage.errors import ConfigError
+from plora.storage.errors import ConfigError, TransportError
 
 DEVICES, ROUNDS = 3, 2
 
@@ -154,3 +154,36 @@ def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_p
         report(1, "round 1", 1, 2.5)
         report(1, "round 1", 2, 2.25)
     assert sorted(echoed) == ["device-001 round 1 step 2/4 loss 2.250", "device-002 evaluating"]
+
+
+def test_ray_is_started_once_more_when_its_node_is_late_and_not_after_other_errors(monkeypatch):
+    import ray
+
+    from plora.platform.fleet import launch as launch_module
+
+    outcomes, calls = [], []
+
+    def init(**kwargs):
+        calls.append("init")
+        if outcomes:
+            raise outcomes.pop(0)
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    late = Exception("The current node timed out during startup. This could happen because ...")
+
+    outcomes[:] = [late]
+    launch_module._start_ray(2)
+    assert calls == ["init", "shutdown", "init"]
+
+    calls.clear()
+    outcomes[:] = [late, late]
+    with pytest.raises(TransportError, match="Ray did not start"):
+        launch_module._start_ray(2)
+    assert calls == ["init", "shutdown", "init", "shutdown"]
+
+    calls.clear()
+    outcomes[:] = [ValueError("bad argument")]
+    with pytest.raises(TransportError, match="bad argument"):
+        launch_module._start_ray(2)
+    assert calls == ["init", "shutdown"]
