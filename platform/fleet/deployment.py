@@ -44,6 +44,7 @@ COMPONENTS = {
 }
 _STARTUP_S = 60.0
 _POLL_S = 0.5
+_SWEEPS = 3  # rounds of stopping a run's processes, each for those started during the last
 _STOP_S = 5.0
 # flwr's own chatter in a run's log stream: its log lines ("INFO :      ...", coloured), the
 # connection `flwr log` uses and the app's installation. What is left is the ServerApp's.
@@ -125,17 +126,39 @@ class _Processes:
                 raise TransportError(f"Flower's {name} exited with code {process.returncode}; see {self.logs / name}.log")
 
     def __exit__(self, *exc_info: object) -> None:
-        # All at once, each with what it started: waiting for each in turn adds up.
         tree = [member for process in self.running.values() for member in _with_descendants(process.pid)]
-        for member in tree:
-            _signal(member, psutil.Process.terminate)
-        _, alive = psutil.wait_procs(tree, timeout=_STOP_S)
-        for member in alive:
-            log.warning("Flower process %d ignored SIGTERM; killing it", member.pid)
-            _signal(member, psutil.Process.kill)
-        psutil.wait_procs(alive, timeout=_STOP_S)
+        # Then again for any process started while the first were stopping (the SuperExec
+        # starts app processes): its parent's exit hands it to init, out of the tree, but it
+        # carries this run's FLWR_HOME.
+        for _ in range(_SWEEPS):
+            if not tree:
+                break
+            _stop(tree)
+            tree = _running_with_home(self.env["FLWR_HOME"])
         for process in self.running.values():
             process.wait()  # psutil reaped them; this only settles Popen's own bookkeeping
+
+
+def _stop(processes: list[psutil.Process]) -> None:
+    # All at once: waiting for each in turn adds up.
+    for member in processes:
+        _signal(member, psutil.Process.terminate)
+    _, alive = psutil.wait_procs(processes, timeout=_STOP_S)
+    for member in alive:
+        log.warning("Flower process %d ignored SIGTERM; killing it", member.pid)
+        _signal(member, psutil.Process.kill)
+    psutil.wait_procs(alive, timeout=_STOP_S)
+
+
+def _running_with_home(flwr_home: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get("FLWR_HOME") == flwr_home:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
 
 
 def _with_descendants(pid: int) -> list[psutil.Process]:

@@ -4,6 +4,7 @@ loopback, each message answered by a fresh ClientApp process, on a tiny random c
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -112,6 +113,33 @@ def test_sigterm_to_the_launcher_stops_every_flower_process(tiny_checkpoint, tmp
     finally:
         launcher.kill()
         flower_processes(root, kill=True)
+
+
+# Starts a process of its own on SIGTERM, as the SuperExec may while it is being stopped.
+SPAWNS_ON_SIGTERM = """
+import os, signal, subprocess, sys, time
+def spawn(*_):
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, spawn)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stopping_also_stops_a_process_started_while_stopping(tmp_path):
+    home = str(tmp_path / "flower")
+    (tmp_path / "logs").mkdir()
+    with deployment._Processes({**os.environ, "FLWR_HOME": home}, tmp_path / "logs") as processes:
+        processes.start("spawner", "python3", "-c", SPAWNS_ON_SIGTERM)
+        deadline = time.monotonic() + 30
+        while "ready" not in (tmp_path / "logs" / "spawner.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    try:
+        assert deployment._running_with_home(home) == []
+    finally:
+        for process in deployment._running_with_home(home):
+            process.kill()
 
 
 def test_the_committed_flower_app_is_the_one_launch_writes():
