@@ -29,15 +29,13 @@ DEVICES = 2
 def flower_processes(fleet_root: Path, kill: bool = False) -> list[str]:
     """Command lines of the processes still running with this fleet's FLWR_HOME; with `kill`,
     they are killed too, so that a failed test leaves none behind."""
-    home = str(fleet_root / deployment.FLOWER_DIR)
     found = []
-    for process in psutil.process_iter():
+    for process in deployment._running_with_home(str(fleet_root / deployment.FLOWER_DIR)):
         try:
-            if process.environ().get("FLWR_HOME") == home:
-                found.append(" ".join(process.cmdline()))
-                if kill:
-                    process.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            found.append(" ".join(process.cmdline()))
+            if kill:
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
             pass
     return found
 
@@ -136,10 +134,9 @@ def test_stopping_also_stops_a_process_started_while_stopping(tmp_path):
         while "ready" not in (tmp_path / "logs" / "spawner.log").read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
     try:
-        assert deployment._running_with_home(home) == []
+        assert flower_processes(tmp_path) == []
     finally:
-        for process in deployment._running_with_home(home):
-            process.kill()
+        flower_processes(tmp_path, kill=True)
 
 
 def test_the_committed_flower_app_is_the_one_launch_writes():
