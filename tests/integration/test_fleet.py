@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 # launch first: it switches flwr and Ray offline before either is imported.
-from plora.platform.fleet.launch import _device_progress, launch, launch_migration, read_rounds  # isort: skip
+from plora.platform.fleet.launch import _device_progress, _start_ray, launch, launch_migration, read_rounds  # isort: skip
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -159,8 +159,6 @@ def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_p
 def test_ray_is_started_once_more_when_its_node_is_late_and_not_after_other_errors(monkeypatch):
     import ray
 
-    from plora.platform.fleet import launch as launch_module
-
     outcomes, calls = [], []
 
     def init(**kwargs):
@@ -173,17 +171,17 @@ def test_ray_is_started_once_more_when_its_node_is_late_and_not_after_other_erro
     late = Exception("The current node timed out during startup. This could happen because ...")
 
     outcomes[:] = [late]
-    launch_module._start_ray(2)
+    _start_ray(2)
     assert calls == ["init", "shutdown", "init"]
 
     calls.clear()
     outcomes[:] = [late, late]
     with pytest.raises(TransportError, match="Ray did not start"):
-        launch_module._start_ray(2)
+        _start_ray(2)
     assert calls == ["init", "shutdown", "init", "shutdown"]
 
     calls.clear()
     outcomes[:] = [ValueError("bad argument")]
     with pytest.raises(TransportError, match="bad argument"):
-        launch_module._start_ray(2)
+        _start_ray(2)
     assert calls == ["init", "shutdown"]
