@@ -1,4 +1,4 @@
-"""The platform registry's tables: backbone versions, devices and jobs.
+"""The platform registry's tables: backbone versions, devices, jobs and enrollment tokens.
 
 The registry records only identities (ids, hashes), configurations and scalar metrics.
 No column can hold an adapter matrix, a tensor or user text: there are no binary
@@ -124,9 +124,31 @@ class Device(Base):
     token_hash: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime | None]
+    # Set by the operator: the service then refuses the device and ends its sessions.
+    revoked_at: Mapped[datetime | None]
 
     def __repr__(self) -> str:
         return f"Device(id={self.id!r}, backbone_version_id={self.backbone_version_id})"
+
+
+class EnrollmentToken(Base):
+    """The operator's permission for `uses` devices to enroll with a service, until it expires."""
+
+    __tablename__ = "enrollment_tokens"
+    __table_args__ = (CheckConstraint("uses_left >= 0 AND uses_left <= uses", name="uses_left"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # A hash of the token; the token itself is shown once, when it is issued.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str | None] = mapped_column(String(128))
+    uses: Mapped[int] = mapped_column(Integer)
+    uses_left: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return f"EnrollmentToken(id={self.id}, uses_left={self.uses_left}/{self.uses})"
 
 
 class Job(Base):

@@ -1,4 +1,5 @@
 """The platform registry: which backbone versions exist, which device uses which, and jobs.
+Enrollment tokens, revocation and forgetting devices are in device_lifecycle.py.
 
 It never holds a user's adapter matrix, tensors or user text: only ids, hashes,
 configurations and scalar metrics (see ``plora.storage.validate``). Every method runs
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from plora.storage import validate
+from plora.storage.device_lifecycle import DeviceLifecycle
 from plora.storage.errors import RegistryError
 from plora.storage.models import BackboneStatus, BackboneVersion, Device, Job, JobKind, JobStatus, utcnow
 
@@ -27,8 +29,8 @@ _OPEN_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 _SHOWN = 10  # names quoted in an error message, at most
 
 
-class Registry:
-    """Records of backbone versions, devices and jobs, over a SQLAlchemy sessionmaker."""
+class Registry(DeviceLifecycle):
+    """Records of backbone versions, devices, jobs and enrollment tokens, over a SQLAlchemy sessionmaker."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         # Returned objects are read after their session closes, so nothing may expire.
@@ -168,9 +170,17 @@ class Registry:
     # -- devices --------------------------------------------------------------------
 
     def register_device(
-        self, device_id: str, backbone_name: str, label: str | None = None, token_hash: str | None = None
+        self,
+        device_id: str,
+        backbone_name: str,
+        label: str | None = None,
+        token_hash: str | None = None,
+        enrollment_token: str | None = None,
     ) -> Device:
-        """Record a device on a version; an identical repeat returns the existing record."""
+        """Record a device on a version; an identical repeat returns the existing record.
+
+        With `enrollment_token`, a new device is recorded only if the token allows one more
+        enrollment, which it then uses up; otherwise this raises AuthenticationError."""
         validate.device_id(device_id)
         validate.text("label", label, optional=True)
         validate.text("token_hash", token_hash, optional=True)
@@ -188,6 +198,8 @@ class Registry:
                         f"{existing.backbone_version_id}) with other details; use bind_device to move it"
                     )
                 return existing
+            if enrollment_token is not None:
+                self._redeem(session, enrollment_token)
             device = Device(id=device_id, backbone_version_id=backbone.id, label=label, token_hash=token_hash)
             session.add(device)
         log.info("registered device %s on %r", device_id, backbone_name)
@@ -210,14 +222,6 @@ class Registry:
             backbone = self._backbone(session, backbone_name)
             query = select(Device).where(Device.backbone_version_id == backbone.id)
             return list(session.scalars(query.order_by(Device.created_at, Device.id)))
-
-    @staticmethod
-    def _device(session: Session, device_id: str) -> Device:
-        found = session.get(Device, device_id)
-        if found is None:
-            total = session.scalar(select(func.count()).select_from(Device))
-            raise RegistryError(f"no device {device_id!r} ({total} devices registered); register it first")
-        return found
 
     # -- jobs -----------------------------------------------------------------------
 

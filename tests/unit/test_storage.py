@@ -22,7 +22,7 @@ HASH_A, HASH_B = "a" * 64, "b" * 64
 DEVICE_1, DEVICE_2 = "0" * 31 + "1", "0" * 31 + "2"
 ARCH = {"model_type": "llama", "num_layers": 30, "hidden_size": 576, "vocab_size": 49152, "parameters": 134515008}
 ADAPTER = {"rank": 8, "targets": ["q_proj", "v_proj"]}
-TABLES = {"backbone_versions", "devices", "jobs"}
+TABLES = {"backbone_versions", "devices", "jobs", "enrollment_tokens"}
 
 POSTGRES_URL = os.environ.get("PLORA_TEST_POSTGRES_URL")
 
@@ -73,7 +73,7 @@ def test_upgrade_from_empty_database_creates_schema_equal_to_models(db_url):
                 connection, opts={"version_table": db.VERSION_TABLE, "compare_type": True}
             )
             assert compare_metadata(context, Base.metadata) == []
-            assert context.get_current_revision() == "0002"
+            assert context.get_current_revision() == "0003"
     finally:
         engine.dispose()
 
