@@ -6,17 +6,21 @@ one-token decode steps; a scheduler thread gathers those that arrive together (i
 few milliseconds for every session that decoded lately to come back), pads their KV caches
 to a common length, runs one forward, and hands every session its row and its new keys and
 values. In that forward, every row's request goes to its device before any reply is awaited.
-A session decoding alone skips all this and runs its own steps. A device that fails or times
-out fails its own row only: its u·M is replaced by zeros for the rest of that pass, its
-result is discarded, and the others go on.
+A session decoding alone skips all this and runs its own steps.
+
+A row's failure is its own, whatever it is: a device that sends garbage, disconnects, or
+answers later than the batch's late-reply budget (max(floor, factor × the median reply time of
+the rows that did answer)) is taken out of the batch. Its u·M is replaced by zeros for the rest
+of that pass, its result is discarded, its cache is left as it was, and the others go on.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
-from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from plora.cloud_backbone.protocol import AdapterRequest, Phase
-from plora.storage.errors import PloraError, SessionError
+from plora.storage.errors import PloraError, SessionError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,11 @@ def batchable(cache: DynamicCache | None, hidden: torch.Tensor, train: bool, att
 
 
 class DecodeBatcher:
-    def __init__(self, half, max_batch: int = 64, gather_s: float = 0.01):
+    def __init__(self, half, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0):
         self.half = half
         self.max_batch = max_batch
         self.gather_s = gather_s
+        self.late_floor_s, self.late_factor = late_floor_s, late_factor
         self._queue: list[_Ticket] = []
         self._cond = threading.Condition()
         self._decoding: dict[int, float] = {}  # id of a session -> when it last made a decode step
@@ -135,21 +140,44 @@ class DecodeBatcher:
                     ticket.done.set()
 
     @staticmethod
-    def _ask_later(ticket: _Ticket, request: AdapterRequest) -> Callable[[], torch.Tensor] | None:
+    def _submit(ticket: _Ticket, request: AdapterRequest) -> Future | None:
         if ticket.error is None:
             try:
-                return ticket.session.ask_later(request)
-            except PloraError as err:
-                ticket.error = err
+                return ticket.session.submit(request)
+            except Exception as err:  # any failure to send is this row's alone
+                ticket.error = err if isinstance(err, PloraError) else TransportError(f"cannot reach the device: {type(err).__name__}")
         return None
 
-    def _wait(self, ticket: _Ticket, wait: Callable[[], torch.Tensor] | None, group: str) -> torch.Tensor:
-        if wait is not None and ticket.error is None:
-            try:
-                return wait()
-            except PloraError as err:
-                ticket.error = err
-        return torch.zeros(1, 1, self.half.width(group, Phase.FORWARD, "up"))
+    def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], group: str) -> torch.Tensor:
+        """Every row's u·M; a row that failed or is late gets zeros and its error."""
+        started = time.monotonic()
+        waiting = {f: i for i, f in enumerate(futures) if f is not None}
+        times: list[float] = []
+        deadline = None  # set once the first reply is in
+        while waiting:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = wait(waiting, timeout=left, return_when=FIRST_COMPLETED)
+            if not done:
+                break
+            for future in done:
+                del waiting[future]
+                times.append(time.monotonic() - started)
+            deadline = started + max(self.late_floor_s, self.late_factor * statistics.median(times))
+        for future, i in waiting.items():
+            batch[i].error = TransportError(
+                f"the reply for layer {requests[i].layer} {group} came later than the batch's budget of "
+                f"{deadline - started:.3f} s; this step was taken out of its batch"
+            )
+        rows = []
+        for ticket, request, future in zip(batch, requests, futures):
+            if future is not None and ticket.error is None:
+                try:
+                    rows.append(ticket.session.checked(request, future, timeout=0))
+                    continue
+                except PloraError as err:
+                    ticket.error = err
+            rows.append(torch.zeros(1, 1, self.half.width(group, Phase.FORWARD, "up")))
+        return torch.cat(rows)
 
     def _run(self, batch: list[_Ticket]) -> None:
         caches = [t.session.cache for t in batch]
@@ -169,8 +197,9 @@ class DecodeBatcher:
 
         def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
             # Every row's request goes out before any reply is awaited: the devices work in parallel.
-            waits = [self._ask_later(t, AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1])) for i, t in enumerate(batch)]
-            return torch.cat([self._wait(ticket, wait, group) for ticket, wait in zip(batch, waits)])
+            requests = [AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1]) for i in range(len(batch))]
+            futures = [self._submit(t, r) for t, r in zip(batch, requests)]
+            return self._replies(batch, requests, futures, group)
 
         with torch.no_grad(), self.half.slot.using(exchange):
             out = self.half.stack(

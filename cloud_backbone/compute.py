@@ -7,13 +7,14 @@ same code serve the in-process link and the network service.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from plora.cloud_backbone.batching import DecodeBatcher, batchable
+from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice
 from plora.cloud_backbone.protocol import (
@@ -27,7 +28,7 @@ from plora.cloud_backbone.protocol import (
     ForwardResult,
     Phase,
 )
-from plora.storage.errors import SessionError, ValidationError
+from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError, quoted
 
 
 class CloudHalf(nn.Module):
@@ -44,18 +45,19 @@ class CloudHalf(nn.Module):
         self.identity = backbone.identity(config)
         self.stack = decoder_slice(backbone.model, config.device_layers, num_layers)
         self.slot = attach(self.stack.layers, config.device_layers, config)
+        self.costs = StepCosts.of(self.stack.config, num_layers - config.device_layers)
         self.batcher: DecodeBatcher | None = None
 
-    def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01) -> None:
+    def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0) -> None:
         """Run concurrent sessions' decode steps as one batch (see batching.py)."""
-        self.batcher = DecodeBatcher(self, max_batch, gather_s)
+        self.batcher = DecodeBatcher(self, max_batch, gather_s, late_floor_s, late_factor)
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
 
-    def open_session(self, max_tokens: int = 4096) -> CloudSession:
-        return CloudSession(self, max_tokens)
+    def open_session(self, max_tokens: int = 4096, max_step_tokens: int = 1 << 16, account: SessionAccount | None = None) -> CloudSession:
+        return CloudSession(self, max_tokens, max_step_tokens, account or MemoryBudget().open())
 
     def width(self, group: str, phase: Phase, direction: str) -> int:
         """The last dimension of a group's tensor: u and dL/du are a·r wide, u·M and its grad members·r."""
@@ -80,43 +82,62 @@ class _DeviceRoundTrip(torch.autograd.Function):
 
 class CloudSession:
     """One device's session: its KV cache and, between a training forward and its
-    backward, the cloud's autograd graph. It never holds M or any device parameter."""
+    backward, the cloud's autograd graph. It never holds M or any device parameter.
 
-    def __init__(self, half: CloudHalf, max_tokens: int):
+    A failed step leaves the session as it was before the step: its cache is truncated back
+    to its earlier length (`truncate`), or the earlier cache restored after a failed START.
+    Every byte it holds is declared to its account before it is allocated."""
+
+    def __init__(self, half: CloudHalf, max_tokens: int, max_step_tokens: int, account: SessionAccount):
         self.half = half
         self.identity = half.identity
         self.max_tokens = max_tokens
+        self.max_step_tokens = max_step_tokens
+        self.account = account
         self.cache: DynamicCache | None = None  # keys and values of the cloud layers
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None  # (input leaf, output)
         self._handler: DeviceHandler | None = None
 
     def ask(self, request: AdapterRequest) -> torch.Tensor:
         """One adapter round trip, with the reply checked before it touches the graph."""
-        return self.ask_later(request)()
+        return self.checked(request, self.submit(request))
 
-    def ask_later(self, request: AdapterRequest) -> Callable[[], torch.Tensor]:
-        """Send `request` now and return the wait for its checked reply.
+    def submit(self, request: AdapterRequest) -> Future:
+        """Send `request` now; the future holds the device's reply.
 
         A handler with `submit` (the network service's) sends without waiting, so a batch of
         sessions has all its requests in flight at once; any other is simply called."""
         submit = getattr(self._handler, "submit", None)
-        if submit is None:
-            reply = self._handler(request)
-            return lambda: self._checked(request, reply)
-        pending = submit(request)
-        return lambda: self._checked(request, pending.result())
+        if submit is not None:
+            return submit(request)
+        future = Future()
+        try:
+            future.set_result(self._handler(request))
+        except Exception as err:
+            future.set_exception(err)
+        return future
 
-    def _checked(self, request: AdapterRequest, reply: object) -> torch.Tensor:
-        if not isinstance(reply, AdapterReply):
-            raise ValidationError(f"expected an AdapterReply, got {type(reply).__name__}")
-        if (reply.layer, reply.group, reply.phase) != (request.layer, request.group, request.phase):
+    def checked(self, request: AdapterRequest, reply: Future, timeout: float | None = None) -> torch.Tensor:
+        """The reply's tensor, once it passed every check. Whatever went wrong on the way is
+        a PloraError of this session, never a foreign exception that could fail a batch."""
+        try:
+            answer = reply.result(timeout)
+        except PloraError:
+            raise
+        except BaseException as err:  # a cancelled or broken exchange, whatever its type
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise TransportError(f"no reply for layer {request.layer} {request.group}: {type(err).__name__}") from None
+        if not isinstance(answer, AdapterReply):
+            raise ValidationError(f"expected an AdapterReply, got {type(answer).__name__}")
+        if (answer.layer, answer.group, answer.phase) != (request.layer, request.group, request.phase):
             raise ValidationError(
-                f"reply for layer {reply.layer} {reply.group} {reply.phase.value}, "
+                f"reply for layer {answer.layer} {quoted(answer.group)} {answer.phase.value}, "
                 f"expected layer {request.layer} {request.group} {request.phase.value}"
             )
         expected = (*request.tensor.shape[:-1], self.half.width(request.group, request.phase, "up"))
-        check_tensor(reply.tensor, expected, f"layer {request.layer} {request.group} reply")
-        return reply.tensor
+        check_tensor(answer.tensor, expected, f"layer {request.layer} {request.group} reply")
+        return answer.tensor
 
     def _exchange(self, layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -125,11 +146,14 @@ class CloudSession:
 
     def forward(self, request: ForwardRequest, ask: DeviceHandler) -> ForwardResult:
         hidden = request.hidden
-        if hidden.dim() != 3:
-            raise ValidationError(f"hidden state must be (batch, tokens, {self.identity.hidden_size}), got {tuple(hidden.shape)}")
-        check_tensor(hidden, (*hidden.shape[:2], self.identity.hidden_size), "hidden state")
-        cache = self._cache_for(request.cache, hidden.shape)
-        self._graph = None  # a new step abandons an unfinished training step
+        batch, tokens = self._check_hidden(hidden)
+        past = self._past(request.cache, batch)
+        if request.attention_mask is not None:
+            check_mask(request.attention_mask, (batch, past + tokens))
+        self._drop_graph()  # a new step abandons an unfinished training step
+        self._hold_step(hidden, request.cache, batch, past + tokens, request.train)
+        previous, previous_length = self.cache, past
+        cache = self._cache_for(request.cache)
         if request.train:
             hidden = hidden.detach().requires_grad_(True)
         self._handler = ask
@@ -138,52 +162,124 @@ class CloudSession:
             # A prefill counts as decoding, so that sessions starting together batch from their first step.
             company = batcher is not None and cache is not None and not request.train and batcher.has_company(self)
             if company and batchable(cache, hidden, request.train, request.attention_mask):
-                return ForwardResult(batcher.step(self, hidden))
-            with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
-                out = self.half.stack(
-                    inputs_embeds=hidden,
-                    attention_mask=request.attention_mask,
-                    cache=cache,
-                    use_cache=cache is not None,
-                ).last_hidden_state
+                out = batcher.step(self, hidden)
+            else:
+                with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
+                    out = self.half.stack(
+                        inputs_embeds=hidden,
+                        attention_mask=request.attention_mask,
+                        cache=cache,
+                        use_cache=cache is not None,
+                    ).last_hidden_state
+        except BaseException:
+            if request.cache is CacheMode.START:
+                self.cache = previous
+            elif request.cache is CacheMode.EXTEND:
+                self.truncate(previous_length)
+            self._drop_graph()
+            raise
         finally:
             self._handler = None
+            self.account.hold("pending", 0)
+            self.account.hold("kv", self._kv_bytes())
         if request.train:
             self._graph = (hidden, out)
         return ForwardResult(out.detach())
 
-    def _cache_for(self, mode: CacheMode, shape: torch.Size) -> DynamicCache | None:
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` cached positions of every layer. It undoes a failed step
+        (layers below the failure were extended, the others not) and drops rejected drafts."""
+        for layer in self.cache.layers if self.cache is not None else ():
+            if getattr(layer, "is_initialized", False):
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+
+    def _check_hidden(self, hidden: torch.Tensor) -> tuple[int, int]:
+        d = self.identity.hidden_size
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValidationError(f"hidden state must be (batch, tokens, {d}), got {_shape(hidden)}")
+        batch, tokens = hidden.shape[:2]
+        if batch < 1 or tokens < 1:
+            raise ValidationError(f"hidden state {_shape(hidden)} is empty; send at least one token")
+        if batch * tokens > self.max_step_tokens:
+            raise CapacityError(
+                f"a step of {batch}×{tokens} tokens is over the service's limit of {self.max_step_tokens} per step; "
+                "send smaller batches or shorter chunks"
+            )
+        check_tensor(hidden, (batch, tokens, d), "hidden state")
+        return batch, tokens
+
+    def _past(self, mode: CacheMode, batch: int) -> int:
+        """Cached positions the step attends to, after checking the step fits the cache."""
+        if mode is not CacheMode.EXTEND:
+            return 0
+        if self.cache is None:
+            raise SessionError("EXTEND needs a cached sequence; start one with CacheMode.START")
+        past = self.cache.get_seq_length()
+        if past and self.cache.layers[0].keys.shape[0] != batch:
+            raise ValidationError(f"batch of {batch} does not match the cached batch of {self.cache.layers[0].keys.shape[0]}")
+        return past
+
+    def _hold_step(self, hidden: torch.Tensor, mode: CacheMode, batch: int, length: int, train: bool) -> None:
+        """Declare what the step will hold, before it allocates anything."""
+        if mode is not CacheMode.NONE and length > self.max_tokens:
+            raise SessionError(
+                f"session would hold {length} tokens, over its limit of {self.max_tokens}; start a new sequence"
+            )
+        costs, tokens = self.half.costs, hidden.shape[1]
+        try:
+            self.account.hold("pending", 2 * hidden.numel() * hidden.element_size())  # its input and its output
+            if mode is not CacheMode.NONE:
+                # A START keeps the old cache until it succeeds: count both.
+                kept = self._kv_bytes() if mode is CacheMode.START else 0
+                self.account.hold("kv", kept + batch * length * costs.kv_per_token)
+            if train:
+                self.account.hold("graph", costs.graph(batch, tokens, length - tokens))
+        except BaseException:
+            self.account.hold("pending", 0)
+            self.account.hold("kv", self._kv_bytes())
+            raise
+
+    def _cache_for(self, mode: CacheMode) -> DynamicCache | None:
         if mode is CacheMode.NONE:
             return None
         if mode is CacheMode.START:
             self.cache = DynamicCache(config=self.half.stack.config)
-        elif self.cache is None:
-            raise SessionError("EXTEND needs a cached sequence; start one with CacheMode.START")
-        elif self.cache.get_seq_length() and self.cache.layers[0].keys.shape[0] != shape[0]:
-            raise ValidationError(f"batch of {shape[0]} does not match the cached batch of {self.cache.layers[0].keys.shape[0]}")
-        if self.cache.get_seq_length() + shape[1] > self.max_tokens:
-            raise SessionError(
-                f"session would hold {self.cache.get_seq_length() + shape[1]} tokens, over its limit of {self.max_tokens}; "
-                "start a new sequence"
-            )
         return self.cache
+
+    def _kv_bytes(self) -> int:
+        if self.cache is None or not self.cache.get_seq_length():
+            return 0
+        batch = self.cache.layers[0].keys.shape[0]
+        return batch * self.cache.get_seq_length() * self.half.costs.kv_per_token
+
+    def _drop_graph(self) -> None:
+        self._graph = None
+        self.account.hold("graph", 0)
 
     def backward(self, request: BackwardRequest, ask: DeviceHandler) -> BackwardResult:
         if self._graph is None:
             raise SessionError("backward needs a preceding forward with train=True")
         hidden, out = self._graph
-        self._graph = None
-        check_tensor(request.grad_hidden, tuple(out.shape), "gradient of the hidden state")
-        self._handler = ask
         try:
+            check_tensor(request.grad_hidden, tuple(out.shape), "gradient of the hidden state")
+            self.account.hold("pending", 2 * hidden.numel() * hidden.element_size())
+            self._handler = ask
             torch.autograd.backward(out, request.grad_hidden)
         finally:
             self._handler = None
+            self._drop_graph()
+            self.account.hold("pending", 0)
         return BackwardResult(hidden.grad if request.want_input_grad else None)
 
     def close(self) -> None:
         self.cache = None
-        self._graph = None
+        self._drop_graph()
+        self.account.close()
+
+
+def _shape(value: object) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def check_tensor(tensor: object, shape: tuple[int, ...], what: str) -> None:
@@ -196,6 +292,21 @@ def check_tensor(tensor: object, shape: tuple[int, ...], what: str) -> None:
         raise ValidationError(f"{what}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
     if not torch.isfinite(tensor).all():
         raise ValidationError(f"{what}: contains NaN or infinity")
+
+
+def check_mask(mask: object, shape: tuple[int, int]) -> None:
+    """An attention mask is int64 of (batch, cached + new tokens), of 0 and 1 only, and every
+    row attends to at least one position."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.int64:
+        raise ValidationError(f"attention mask: expected an int64 tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValidationError(
+            f"attention mask: shape {tuple(mask.shape)}, expected {tuple(shape)} (batch, cached tokens + new tokens)"
+        )
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValidationError("attention mask: values must be 0 (padding) or 1 (a real token)")
+    if not mask.any(dim=1).all():
+        raise ValidationError("attention mask: a row masks every position; each row needs at least one real token")
 
 
 def public_tensors(half: CloudHalf) -> dict[str, torch.Tensor]:

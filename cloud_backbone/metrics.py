@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -21,6 +23,14 @@ class Metrics:
             registry=self.registry,
         )
         self.step_errors = Counter("plora_step_errors", "Failed steps, by error kind.", ["kind"], registry=self.registry)
+        self.accounted_bytes = Gauge(
+            "plora_accounted_bytes", "Bytes the sessions hold, by kind (kv, graph, pending).", ["kind"], registry=self.registry
+        )
+
+    def track_memory(self, used: Callable[[], dict[str, int]]) -> None:
+        """Report the memory budget's figures, read at each scrape."""
+        for kind in used():
+            self.accounted_bytes.labels(kind).set_function(lambda kind=kind: used()[kind])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

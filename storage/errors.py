@@ -47,3 +47,10 @@ class AuthenticationError(PloraError):
 
 class CapacityError(PloraError):
     """A limit of the service was reached (sessions, tokens, message size)."""
+
+
+def quoted(value: object, limit: int = 64) -> str:
+    """`value` as repr, cut to `limit` characters: strings from the other party end up in
+    errors and logs, and must not flood them."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…(+{len(text) - limit + 1} chars)"
