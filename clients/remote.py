@@ -21,7 +21,7 @@ from plora.cloud_backbone.protocol import (
     Phase,
     SplitLink,
 )
-from plora.storage.errors import ValidationError
+from plora.storage.errors import ValidationError, quoted
 
 
 class RemoteDecoder(nn.Module):
@@ -40,7 +40,7 @@ class RemoteDecoder(nn.Module):
         if needs_graph:
             return _RemoteStep.apply(hidden, self, cache, attention_mask, *ms)
         request = ForwardRequest(hidden, cache=cache, attention_mask=attention_mask)
-        return self.link.forward(request, self._answer_forward(kept=None)).hidden
+        return _check_result(self.link.forward(request, self._answer_forward(kept=None)).hidden, hidden, "hidden state")
 
     def _answer_forward(self, kept: dict | None):
         def answer(request: AdapterRequest) -> AdapterReply:
@@ -55,12 +55,37 @@ class RemoteDecoder(nn.Module):
 
 
 def _check_request(request: AdapterRequest, phase: Phase, weights: AdapterWeights) -> None:
+    """The cloud is checked like any other party: a request for a layer or group the device
+    does not have, or a tensor that is not a finite float32 (B, T, width), is refused before
+    it touches M or its gradient, so a broken or hostile service cannot corrupt the adapter."""
     config = weights.config
     if request.phase is not phase or request.group not in config.groups or not 0 <= request.layer < weights.num_layers:
         raise ValidationError(
-            f"unexpected adapter request: layer {request.layer} {request.group} {request.phase.value} "
+            f"unexpected adapter request: layer {request.layer} {quoted(request.group)} {request.phase.value} "
             f"during {phase.value}"
         )
+    members = len(config.groups[request.group])
+    width = config.rank * (config.a_count(request.group) if phase is Phase.FORWARD else members)
+    tensor = request.tensor
+    if tensor.dtype != torch.float32 or tensor.dim() != 3 or tensor.shape[-1] != width:
+        raise ValidationError(
+            f"adapter request for layer {request.layer} {request.group}: {tensor.dtype} of shape {tuple(tensor.shape)}, "
+            f"expected float32 of shape (batch, tokens, {width})"
+        )
+    if not torch.isfinite(tensor).all():
+        raise ValidationError(f"adapter request for layer {request.layer} {request.group} contains NaN or infinity")
+
+
+def _check_result(hidden: torch.Tensor, sent: torch.Tensor, what: str) -> torch.Tensor:
+    if hidden is None or hidden.dtype != torch.float32 or hidden.shape != sent.shape or not torch.isfinite(hidden).all():
+        raise ValidationError(
+            f"{what} from the service: {_describe(hidden)}, expected a finite float32 tensor of shape {tuple(sent.shape)}"
+        )
+    return hidden
+
+
+def _describe(tensor: torch.Tensor | None) -> str:
+    return "nothing" if tensor is None else f"{tensor.dtype} of shape {tuple(tensor.shape)}"
 
 
 class _RemoteStep(torch.autograd.Function):
@@ -69,29 +94,42 @@ class _RemoteStep(torch.autograd.Function):
         kept: dict[tuple[int, str], torch.Tensor] = {}
         request = ForwardRequest(hidden.detach(), cache=cache, train=True, attention_mask=attention_mask)
         result = remote.link.forward(request, remote._answer_forward(kept))
+        _check_result(result.hidden, hidden, "hidden state")
         ctx.remote, ctx.kept, ctx.want_input_grad = remote, kept, hidden.requires_grad
         return result.hidden
 
     @staticmethod
     def backward(ctx, grad_out):
         weights: AdapterWeights = ctx.remote.weights
-        grads: dict[int, torch.Tensor] = {}  # id(M) -> dL/dM
+        # Kept per group, not summed as they come: a link that retries the backward on a new
+        # session asks for some groups again, and each must count once.
+        group_grads: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, group) -> dL/dM per member
 
         def answer(request: AdapterRequest) -> AdapterReply:
             _check_request(request, Phase.BACKWARD, weights)
             u = ctx.kept.get((request.layer, request.group))
             if u is None:
                 raise ValidationError(f"backward for layer {request.layer} {request.group}, which forward never saw")
+            if request.tensor.shape[:-1] != u.shape[:-1]:
+                raise ValidationError(
+                    f"backward for layer {request.layer} {request.group} has shape {tuple(request.tensor.shape)}; "
+                    f"its forward had {tuple(u.shape[:-1])} tokens"
+                )
             ms = weights.group_ms(request.layer, request.group)
             with torch.enable_grad():
                 u_leaf = u.detach().requires_grad_(True)
                 m_leaves = [m.detach().requires_grad_(True) for m in ms]
                 v = group_products(u_leaf, m_leaves, weights.config.shared_a)
                 grad_u, *grad_ms = torch.autograd.grad(v, [u_leaf, *m_leaves], request.tensor)
-            for m, g in zip(ms, grad_ms):
-                grads[id(m)] = grads[id(m)] + g if id(m) in grads else g
+            group_grads[request.layer, request.group] = grad_ms
             return AdapterReply(request.layer, request.group, Phase.BACKWARD, grad_u)
 
         result = ctx.remote.link.backward(BackwardRequest(grad_out.contiguous(), ctx.want_input_grad), answer)
+        if ctx.want_input_grad:
+            _check_result(result.grad_input, grad_out, "gradient of the hidden state")
+        grads: dict[int, torch.Tensor] = {}  # id(M) -> dL/dM
+        for (layer, group), grad_ms in group_grads.items():
+            for m, g in zip(weights.group_ms(layer, group), grad_ms):
+                grads[id(m)] = grads[id(m)] + g if id(m) in grads else g
         ms = list(weights.ms.values())
         return (result.grad_input, None, None, None, *[grads.get(id(m)) for m in ms])
