@@ -8,15 +8,18 @@ two links apart.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from plora.clients.recovery import ConnectionLost, RetryPolicy, SequenceHistory
 from plora.cloud_backbone.protocol import (
     AdapterRequest,
     BackboneIdentity,
@@ -34,8 +37,9 @@ from plora.cloud_backbone.protocol import (
     wire,
 )
 from plora.storage import errors
-from plora.storage.errors import AuthenticationError, ConfigError, PloraError, TransportError, ValidationError, VersionMismatchError
+from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, PloraError, TransportError, ValidationError, VersionMismatchError
 
+log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 32 << 20
 _CLOSE = object()
 
@@ -84,8 +88,8 @@ def rpc_error(err: grpc.RpcError) -> PloraError:
     code, detail = err.code(), err.details() or ""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthenticationError(detail)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return TransportError(f"the backbone service is unreachable: {detail}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return ConnectionLost(f"the backbone service is unreachable or went away ({code.name}: {detail})")
     return TransportError(f"{code.name}: {detail}")
 
 
@@ -96,38 +100,49 @@ def _error_from(message: StepError) -> PloraError:
     return kind(message.message)
 
 
-class GrpcLink(SplitLink):
-    """The split protocol over one gRPC stream.
+class _Session:
+    """One cloud session: one gRPC stream, on a channel of its own.
 
     Replies are read on the calling thread, straight from the stream: a decode step makes a
     round trip per adapted layer, and every hand-off between threads adds to each. The reply
-    timeout is kept by a watchdog thread that cancels the stream when a read overstays."""
+    timeout is kept by a watchdog thread that cancels the stream when a read overstays.
+    A step that fails in any way but a refusal the service reports leaves the session `over`:
+    its stream is closed, since neither side knows how far the other got."""
 
-    def __init__(self, endpoint: Endpoint, credentials: Credentials, expected: BackboneIdentity, reply_timeout_s: float = 120.0):
-        super().__init__()
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        credentials: Credentials,
+        expected: BackboneIdentity,
+        reply_timeout_s: float,
+        count: Callable[[str, int], None],
+    ):
         self._timeout = reply_timeout_s
+        self._count = count  # (direction, serialized bytes) of each frame
+        # A channel per session: a channel that saw the service go away waits out gRPC's own
+        # reconnect backoff, up to minutes, and the link's retry policy is the one to obey.
         self._channel = endpoint.channel()
         self._outbox: queue.Queue = queue.Queue()
         self._step = 0
-        self._broken: PloraError | None = None
         self._deadline: float | None = None  # when the read in progress times out
         self._timed_out = False
         self._closed = threading.Event()
-        self.wire_bytes = {"up": 0, "down": 0}  # serialized message bytes, before gRPC/HTTP2 framing
-        self.wire_frames = 0
+        self.over = False
         stub = pb_grpc.SplitBackboneStub(self._channel)
         self._call = stub.Session(iter(self._outbox.get, _CLOSE), metadata=credentials.metadata())
         threading.Thread(target=self._watch, name="plora-link-watchdog", daemon=True).start()
-        self._send(OpenSession(expected))
-        opened = self._receive()
-        if not isinstance(opened, SessionOpened):
-            raise ValidationError(f"expected SessionOpened, got {type(opened).__name__}")
-        self._identity = opened.identity
-        self.session_id = opened.session_id
-
-    @property
-    def identity(self) -> BackboneIdentity:
-        return self._identity
+        try:
+            self._send(OpenSession(expected))
+            opened = self._receive()
+            if isinstance(opened, StepError):
+                raise _error_from(opened)
+            if not isinstance(opened, SessionOpened):
+                raise ValidationError(f"expected SessionOpened, got {type(opened).__name__}")
+        except BaseException:
+            self.close()
+            raise
+        self.identity: BackboneIdentity = opened.identity
+        self.session_id: str = opened.session_id
 
     def _watch(self) -> None:
         while not self._closed.wait(min(1.0, self._timeout / 4)):
@@ -138,80 +153,155 @@ class GrpcLink(SplitLink):
 
     def _send(self, message) -> None:
         frame = wire.device_message(self._step, message)
-        self.wire_bytes["up"] += frame.ByteSize()
-        self.wire_frames += 1
+        self._count("up", frame.ByteSize())
         self._outbox.put(frame)
 
-    def _next_frame(self) -> pb.CloudMessage:
+    def _receive(self):
         self._deadline = time.monotonic() + self._timeout
         try:
-            return next(self._call)
+            frame = next(self._call)
         except StopIteration:
-            raise TransportError("the service ended the session") from None
+            raise ConnectionLost("the service ended the session stream") from None
         except grpc.RpcError as err:
             if self._timed_out:
-                raise TransportError(f"no answer from the backbone service within {self._timeout:g} s") from None
+                raise ConnectionLost(f"no answer from the backbone service within {self._timeout:g} s") from None
             raise rpc_error(err) from None
         finally:
             self._deadline = None
-
-    def _receive(self):
-        if self._broken:
-            raise self._broken
-        try:
-            frame = self._next_frame()
-        except PloraError as err:
-            self._break(err)
-        self.wire_bytes["down"] += frame.ByteSize()
-        self.wire_frames += 1
+        self._count("down", frame.ByteSize())
         _, message = wire.parse_cloud_message(frame, MAX_MESSAGE_BYTES // 2)  # elements: 2 bytes at the least
-        if isinstance(message, StepError):
-            err = _error_from(message)
-            if message.fatal:
-                self._break(err)
-            raise err
         return message
 
-    def _break(self, err: PloraError):
-        self._broken = TransportError(f"the session is over: {err}")
-        self.close()
-        raise err
-
-    def _step_through(self, request, handler: DeviceHandler, final: type):
-        if self._broken:
-            raise self._broken
+    def step(self, request, handler: DeviceHandler, final: type):
+        """Send `request`, answer the cloud's adapter requests with `handler`, return its `final` reply."""
         self._step += 1
-        self._record("up", request)
-        self._send(request)
-        answer = self._recorded(handler)
-        while True:
+        try:
+            self._send(request)
             message = self._receive()
-            if isinstance(message, AdapterRequest):
-                try:
-                    reply = answer(message)
-                except BaseException as err:
-                    # The service waits mid-step for this reply; the session cannot go on.
-                    self._broken = TransportError(f"the session ended in a failed step: {err}")
-                    self.close()
-                    raise
-                self._send(reply)
-            elif isinstance(message, final):
-                self._record("down", message)
-                return message
-            else:
+            while isinstance(message, AdapterRequest):
+                self._send(handler(message))
+                message = self._receive()
+            if isinstance(message, StepError) and message.fatal:
+                raise _error_from(message)
+            if not isinstance(message, (final, StepError)):
                 raise ValidationError(f"unexpected {type(message).__name__} from the service during a step")
-
-    def forward(self, request: ForwardRequest, handler: DeviceHandler) -> ForwardResult:
-        return self._step_through(request, handler, ForwardResult)
-
-    def backward(self, request: BackwardRequest, handler: DeviceHandler) -> BackwardResult:
-        return self._step_through(request, handler, BackwardResult)
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(message, StepError):
+            raise _error_from(message)  # the service refused this step; the session goes on
+        return message
 
     def close(self) -> None:
+        self.over = True
         self._closed.set()
         self._outbox.put(_CLOSE)
         self._call.cancel()
         self._channel.close()
+
+
+class GrpcLink(SplitLink):
+    """The split protocol over gRPC, on one session at a time.
+
+    A step that loses its connection (`ConnectionLost`: the service unreachable or restarted,
+    the stream broken or ended, no reply in time) is tried again on a new session, as `retry`
+    allows. The new session is first brought to the state of the lost one by replaying the
+    device's own requests (`SequenceHistory`): the cached sequence being decoded, and the
+    training forward whose backward is to be retried. A training step reaches the optimizer
+    only once its backward succeeded, so a retried step applies its update once.
+
+    The first session is opened once, without retrying: a wrong address or credential is
+    reported at once."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        credentials: Credentials,
+        expected: BackboneIdentity,
+        reply_timeout_s: float = 120.0,
+        retry: RetryPolicy = RetryPolicy(),
+    ):
+        super().__init__()
+        self.retry = retry
+        self._endpoint, self._credentials, self._expected, self._timeout = endpoint, credentials, expected, reply_timeout_s
+        self._history = SequenceHistory()
+        self._closed = False
+        self.wire_bytes = {"up": 0, "down": 0}  # serialized message bytes, before gRPC/HTTP2 framing
+        self.wire_frames = 0
+        self._session: _Session | None = self._new_session()
+        self._identity = self._session.identity
+
+    @property
+    def identity(self) -> BackboneIdentity:
+        return self._identity
+
+    @property
+    def session_id(self) -> str | None:
+        """The current session's id; None after a lost session, until the next step opens another."""
+        return self._session.session_id if self._session else None
+
+    def _count(self, direction: str, size: int) -> None:
+        self.wire_bytes[direction] += size
+        self.wire_frames += 1
+
+    def _new_session(self) -> _Session:
+        return _Session(self._endpoint, self._credentials, self._expected, self._timeout, self._count)
+
+    def _reopen(self) -> _Session:
+        try:
+            session = self._new_session()
+        except CapacityError as err:
+            # A full service has room again once it notices that the lost sessions are gone.
+            raise ConnectionLost(f"the service has no room for a new session yet: {err}") from err
+        try:
+            session.identity.require_match(self._identity)
+            replay = self._history.replay()
+            for request, handler in replay:
+                self._exchange(session, request, handler, ForwardResult)
+        except BaseException:
+            session.close()
+            raise
+        log.info("new session %s: replayed %d forward steps, %d cached tokens", session.session_id, len(replay), self._history.cached_tokens)
+        return session
+
+    def _exchange(self, session: _Session, request, handler: DeviceHandler, final: type):
+        self._record("up", request)
+        result = session.step(request, self._recorded(handler), final)
+        self._record("down", result)
+        return result
+
+    def _step(self, request, handler: DeviceHandler, final: type, what: str):
+        if self._closed:
+            raise TransportError("this link is closed; open the device again for a new one")
+
+        def attempt():
+            if self._session is None:
+                self._session = self._reopen()
+            session = self._session
+            try:
+                return self._exchange(session, request, handler, final)
+            finally:
+                if session.over:
+                    self._session = None
+
+        return self.retry.run(attempt, what)
+
+    def forward(self, request: ForwardRequest, handler: DeviceHandler) -> ForwardResult:
+        self._history.forward_started()
+        result = self._step(request, handler, ForwardResult, "forward step")
+        self._history.forwarded(request, handler)
+        return result
+
+    def backward(self, request: BackwardRequest, handler: DeviceHandler) -> BackwardResult:
+        try:
+            return self._step(request, handler, BackwardResult, "backward step")
+        finally:
+            self._history.backward_finished()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            self._session.close()
 
 
 def register(endpoint: Endpoint, backbone: str = "", label: str = "") -> tuple[Credentials, pb.HostedBackbone]:

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from plora.clients.device_model import DeviceModel
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bundle, register
+from plora.clients.recovery import RetryPolicy
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
@@ -80,15 +81,16 @@ def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> Dev
 
 
 def connect(
-    store: DeviceStore, record: DeviceRecord, address: str | None = None, bundle: Path | None = None
+    store: DeviceStore, record: DeviceRecord, address: str | None = None, bundle: Path | None = None, retry: RetryPolicy = RetryPolicy()
 ) -> tuple[DeviceModel, PreTrainedTokenizerBase]:
     """The device's model for `record`, with M = 0: over the network when the record names a
     service (at `address` if given: services move, the device's identity does not), else in
-    this process. `bundle` is the device half's folder when it is not the store's current one."""
+    this process. `bundle` is the device half's folder when it is not the store's current one.
+    `retry` says how long a network step that lost its connection is tried again."""
     if is_address(record.backbone_spec):
         model_k, tokenizer = store.load_bundle(bundle)
         endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
-        link = GrpcLink(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), record.identity)
+        link = GrpcLink(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), record.identity, retry=retry)
         model = DeviceModel(model_k, record.adapter, link)
     else:
         backbone = loading.load(record.backbone_spec)
@@ -101,10 +103,10 @@ def connect(
     return model, tokenizer
 
 
-def open_device(root: Path, address: str | None = None) -> Device:
+def open_device(root: Path, address: str | None = None, retry: RetryPolicy = RetryPolicy()) -> Device:
     """The device in folder `root` with its stored M; `address` overrides where its service is."""
     store = DeviceStore.open(root)
-    model, tokenizer = connect(store, store.record, address)
+    model, tokenizer = connect(store, store.record, address, retry=retry)
     try:
         steps = store.read_adapter(model.weights)
     except BaseException:

@@ -16,6 +16,7 @@ import torch
 from plora.clients.data import TokenizedExample
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink
+from plora.clients.recovery import RetryPolicy
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
@@ -199,6 +200,7 @@ def test_graceful_shutdown_refuses_new_sessions_and_ends_open_ones(server, devic
         device.model(torch.tensor([[1, 2, 3]]))
     init_device(tmp_path / "late", endpoint.address, endpoint=endpoint)
     server.stop(grace_s=0.5)
+    device.model.link.retry = RetryPolicy(budget_s=1.0)  # the default waits a minute for the service to come back
     with pytest.raises(TransportError):
         device.model(torch.tensor([[4]]))
     with pytest.raises(TransportError):
