@@ -14,7 +14,8 @@ One step of the split, as the device sees it:
 
 The device computes dL/dM = u^T·dL/d(u·M) itself from the u it kept; M and its gradient
 never appear in any message. Every message of a link passes through `SplitLink._record`,
-the one place where the traffic can be observed (metrics, tests, privacy audits).
+the one place where the traffic can be observed (metrics, tests, privacy audits); so do the
+messages of a step that a link retries on a new session, and of the replay before it.
 
 Training and generation code see only `SplitLink`. `InProcessLink` runs the cloud in the
 same process; a network link implements the same interface.
@@ -174,7 +175,12 @@ class TrafficCounter:
 
 
 class DeviceHandler(Protocol):
-    """The device's answer to the cloud's adapter requests."""
+    """The device's answer to the cloud's adapter requests.
+
+    A link may ask it again for a request it already answered: a network link that lost its
+    session replays the step on a new one. So an answer depends on the request alone, and
+    whatever a handler keeps (u for the backward, dL/dM) is stored per (layer, group),
+    never accumulated."""
 
     def __call__(self, request: AdapterRequest) -> AdapterReply: ...
 
