@@ -1,0 +1,157 @@
+"""The noisy neighbour of `plora bench serve`: an honest device decoding while a hostile one
+sends malformed frames into the same batches.
+
+The attacker is an enrolled device in a process of its own. It decodes one token at a time,
+so that its steps join the honest device's batches, and answers each adapter request with a
+broken reply (bytes protobuf cannot parse, a reply of the wrong width, NaN), at a fixed rate of
+frames per second. Its steps fail; the honest device's must not slow down. The baseline is the
+honest device decoding while an idle process burns the CPU time the attacker used, so that the
+ratio measures what the attack costs through the service, not the cores the attacker took.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import queue
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from plora.clients.grpc_link import Credentials, Endpoint
+from plora.cloud_backbone.protocol import (
+    AdapterReply,
+    AdapterRequest,
+    CacheMode,
+    ForwardRequest,
+    OpenSession,
+    StepError,
+    split_pb2 as pb,
+    wire,
+)
+from plora.clients.device_store import DeviceStore
+
+SESSION_METHOD = "/plora.split.v1.SplitBackbone/Session"
+
+
+def _broken_replies(request: AdapterRequest, step: int) -> list[bytes]:
+    """Three ways to answer `request` wrongly, each one frame."""
+    wrong_width = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:-1], 3))
+    nan = AdapterReply(request.layer, request.group, request.phase, torch.full_like(request.tensor, float("nan")))
+    return [b"\xff\xff\xff\xff", *(wire.device_message(step, m).SerializeToString() for m in (wrong_width, nan))]
+
+
+def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> None:
+    store = DeviceStore.open(folder)
+    credentials = Credentials.load(folder / DeviceStore.CREDENTIALS)
+    identity = store.record.identity
+    outbox: queue.Queue = queue.Queue()
+    interval, frames, due = 1.0 / frames_per_s, 0, time.monotonic()
+
+    def send(step: int, message) -> None:
+        outbox.put(message if isinstance(message, bytes) else wire.device_message(step, message).SerializeToString())
+
+    def paced(step: int, message) -> None:
+        nonlocal frames, due
+        due = max(due + interval, time.monotonic())
+        time.sleep(max(0.0, due - time.monotonic()))
+        send(step, message)
+        frames += 1
+
+    with Endpoint(address, insecure=True).channel() as channel:
+        session = channel.stream_stream(SESSION_METHOD, request_serializer=bytes, response_deserializer=pb.CloudMessage.FromString)
+        answers = session(iter(outbox.get, None), metadata=credentials.metadata())
+
+        def receive():
+            return wire.parse_cloud_message(next(answers), 1 << 24)[1]
+
+        send(0, OpenSession(identity))
+        receive()
+        hidden = torch.randn(1, 4, identity.hidden_size)
+        send(1, ForwardRequest(hidden, CacheMode.START))  # an honest prefill, so that its decode steps batch
+        while isinstance(message := receive(), AdapterRequest):
+            send(1, AdapterReply(message.layer, message.group, message.phase,
+                                 torch.zeros(*message.tensor.shape[:-1], _width(identity, message))))
+        started, cpu = time.monotonic(), time.process_time()
+        for step in itertools.count(2):
+            if stop.is_set():
+                break
+            paced(step, ForwardRequest(hidden[:, :1], CacheMode.EXTEND))
+            message = receive()
+            if isinstance(message, AdapterRequest):
+                paced(step, _broken_replies(message, step)[step % 3])
+                message = receive()
+            if not isinstance(message, StepError) or message.fatal:
+                raise RuntimeError(f"the attacker expected its step to fail alone, got {message}")
+        elapsed = time.monotonic() - started
+        outbox.put(None)
+        answers.cancel()
+    report.put((frames / elapsed, (time.process_time() - cpu) / elapsed))
+
+
+def _width(identity, request: AdapterRequest) -> int:
+    config = identity.adapter
+    return config.rank * len(config.groups[request.group])
+
+
+def _burn(share: float, stop, report) -> None:
+    """Keep `share` of one core busy, in 10 ms periods, until stopped."""
+    while not stop.is_set():
+        busy_until = time.perf_counter() + 0.01 * share
+        while time.perf_counter() < busy_until:
+            pass
+        time.sleep(0.01 * (1 - share))
+    report.put(None)
+
+
+class Neighbour:
+    """A process next to the honest device: the attacker, or a burner of its CPU share."""
+
+    def __init__(self, context, target, *args):
+        self.stop, self.report = context.Event(), context.Queue()
+        self.process = context.Process(target=target, args=(*args, self.stop, self.report), daemon=True)
+        self.process.start()
+
+    def close(self):
+        """What the process reported when it stopped."""
+        self.stop.set()
+        try:
+            return self.report.get(timeout=60)
+        except queue.Empty:
+            raise RuntimeError("a noisy-neighbour process failed; its traceback is above") from None
+        finally:
+            self.process.join(timeout=10)
+            if self.process.is_alive():
+                self.process.kill()
+
+
+def measure(context: multiprocessing.context.BaseContext, decode, attacker: Path, address: str, frames_per_s: float, repeats: int) -> dict:
+    """The honest device's decode rate under attack over its rate beside a process burning the
+    attacker's CPU share, alternated `repeats` times."""
+    attacked, baseline, rates, shares = [], [], [], []
+    for _ in range(repeats):
+        attack = Neighbour(context, _attack, attacker, address, frames_per_s)
+        time.sleep(1.0)  # the attacker's session is open and its steps are coming
+        attacked.append(_timed(decode))
+        rate, share = attack.close()
+        rates.append(rate)
+        shares.append(share)
+        burner = Neighbour(context, _burn, min(1.0, share))
+        baseline.append(_timed(decode))
+        burner.close()
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {
+        "ratio": median(attacked) / median(baseline),
+        "attacked_tok_s": median(attacked),
+        "baseline_tok_s": median(baseline),
+        "attack_frames_per_s": median(rates),
+        "attacker_cpu_share": median(shares),
+    }
+
+
+def _timed(run) -> float:
+    started = time.perf_counter()
+    tokens = run()
+    return tokens / (time.perf_counter() - started)

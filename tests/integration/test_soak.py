@@ -1,0 +1,113 @@
+"""Soak: many sessions of several enrolled devices decode and train against a real
+`plora backbone serve` process; no step fails and the service's memory returns to zero.
+
+CI runs 32 sessions (8 devices in 4 device processes) on the tiny model for 30 s.
+`make soak` runs the embedded model for 10 minutes: PLORA_SOAK_BACKBONE=embedded,
+PLORA_SOAK_SECONDS=600. The figures (p50/p99 step latency, the service's RSS growth from the
+first third to the end) are logged, and written as JSON to $PLORA_SOAK_REPORT if set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from plora.clients.grpc_link import Endpoint
+from plora.platform.jobs import registry
+from plora.platform.runtime import init_device
+from tests.conftest import REPO
+
+log = logging.getLogger(__name__)
+
+SECONDS = float(os.environ.get("PLORA_SOAK_SECONDS", "30"))
+DEVICES, PROCESSES, SESSIONS_PER_DEVICE = 8, 4, 4
+
+
+class ServiceProcess:
+    """`plora backbone serve` in a process of its own, on free ports."""
+
+    def __init__(self, backbone: str, *options: str):
+        command = ["plora", "backbone", "serve", "--backbone", backbone,
+                   "--insecure", "--port", "0", "--http-port", "0", *options]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in self.process.stdout:
+            lines.append(line)
+            if found := re.search(r"listening on [^:]+:(\d+) .*metrics on :(\d+)", line):
+                self.port, self.http_port = int(found[1]), int(found[2])
+                return
+        raise AssertionError("the service did not start:\n" + "".join(lines))
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10).read().decode()
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(plora_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+    def idle(self) -> bool:
+        figures = self.metrics()
+        held = [v for k, v in figures.items() if k.startswith("plora_accounted_bytes")]
+        return len(held) == 3 and not any(held) and figures.get("plora_active_sessions") == 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.process.stdout.close()
+
+
+def test_many_sessions_decode_and_train_without_a_single_error(tmp_path, request):
+    backbone = os.environ.get("PLORA_SOAK_BACKBONE") or str(request.getfixturevalue("tiny_checkpoint"))
+    tiny = os.environ.get("PLORA_SOAK_BACKBONE") is None
+    service = ServiceProcess(backbone, *(["--rank", "4", "--device-layers", "1"] if tiny else []))
+    try:
+        endpoint = Endpoint(f"127.0.0.1:{service.port}", insecure=True)
+        _, token = registry().issue_enrollment_token(uses=DEVICES)
+        folders = [tmp_path / f"device-{i}" for i in range(DEVICES)]
+        for folder in folders:
+            init_device(folder, endpoint.address, endpoint=endpoint, enroll_token=token)
+        per_process = DEVICES // PROCESSES
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.soak_device", str(SECONDS), *map(str, folders[p * per_process : (p + 1) * per_process]),
+                 "--sessions", str(SESSIONS_PER_DEVICE)],
+                cwd=REPO, stdout=subprocess.PIPE, text=True,
+            )
+            for p in range(PROCESSES)
+        ]
+        time.sleep(SECONDS / 3)
+        rss_early = psutil.Process(service.process.pid).memory_info().rss
+        reports = [json.loads(w.communicate(timeout=SECONDS + 300)[0]) for w in workers]
+        rss_late = psutil.Process(service.process.pid).memory_info().rss
+        errors = [e for r in reports for e in r["errors"]]
+        latencies = sorted(x for r in reports for x in r["latencies"])
+        figures = {
+            "sessions": sum(r["sessions"] for r in reports),
+            "steps": len(latencies),
+            "p50_step_s": statistics.median(latencies),
+            "p99_step_s": latencies[int(0.99 * (len(latencies) - 1))],
+            "rss_growth": rss_late / rss_early - 1,
+            "errors": len(errors),
+        }
+        log.warning("soak figures: %s", figures)
+        if os.environ.get("PLORA_SOAK_REPORT"):
+            Path(os.environ["PLORA_SOAK_REPORT"]).write_text(json.dumps(figures, indent=2))
+        assert figures["sessions"] == DEVICES * SESSIONS_PER_DEVICE and figures["steps"] > figures["sessions"]
+        assert errors == []
+        deadline = time.monotonic() + 5
+        while not service.idle() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert service.idle(), service.metrics()
+    finally:
+        service.stop()
