@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -38,6 +37,7 @@ from plora.cloud_backbone.protocol import (
 )
 from plora.storage import errors
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, PloraError, TransportError, ValidationError, VersionMismatchError
+from plora.storage.files import write_atomically
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 32 << 20
@@ -69,10 +69,9 @@ class Credentials:
         return [(wire.DEVICE_HEADER, self.device_id), ("authorization", f"Bearer {self.token}")]
 
     def save(self, path: Path) -> None:
-        """Owner-only permissions: the token is the device's password."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"device_id": self.device_id, "token": self.token}, fh)
+        """Atomically, and owner-only even where the file existed with a wider mode: the token is
+        the device's password. (write_atomically's new file is 0600 and replaces the old one.)"""
+        write_atomically(path, json.dumps({"device_id": self.device_id, "token": self.token}).encode())
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
@@ -304,13 +303,27 @@ class GrpcLink(SplitLink):
             self._session.close()
 
 
-def register(endpoint: Endpoint, backbone: str = "", label: str = "") -> tuple[Credentials, pb.HostedBackbone]:
+def register(endpoint: Endpoint, enroll_token: str = "", backbone: str = "", label: str = "") -> tuple[Credentials, pb.HostedBackbone]:
+    """Enroll a new device with the service, with an enrollment token the operator issued
+    (`plora backbone enroll create`); without one only a service with open enrollment accepts it."""
+    request = pb.RegisterRequest(backbone=backbone, label=label, enroll_token=enroll_token)
     with endpoint.channel() as channel:
         try:
-            reply = pb_grpc.SplitBackboneStub(channel).Register(pb.RegisterRequest(backbone=backbone, label=label), timeout=30)
+            reply = pb_grpc.SplitBackboneStub(channel).Register(request, timeout=30)
         except grpc.RpcError as err:
             raise rpc_error(err) from err
     return Credentials(reply.device_id, reply.token), reply.backbone
+
+
+def forget(endpoint: Endpoint, credentials: Credentials) -> dict[str, int]:
+    """Have the service delete everything it keeps about the device, its credential included.
+    Returns what it deleted: records by kind."""
+    with endpoint.channel() as channel:
+        try:
+            reply = pb_grpc.SplitBackboneStub(channel).ForgetDevice(pb.ForgetRequest(), metadata=credentials.metadata(), timeout=30)
+        except grpc.RpcError as err:
+            raise rpc_error(err) from err
+    return dict(reply.removed)
 
 
 def describe(endpoint: Endpoint, version: str) -> pb.HostedBackbone:

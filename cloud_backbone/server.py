@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from plora.cloud_backbone import loading
+from plora.cloud_backbone.device_access import Enrollment
 from plora.cloud_backbone.metrics import Metrics
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc
@@ -163,11 +164,13 @@ def start_service(
     http_port: int | None = None,
     http_host: str = "127.0.0.1",
     registered: Sequence[str] = (),
+    enrollment: Enrollment = Enrollment(),
 ) -> RunningServer:
     """Load each backbone, prepare its device bundle and cloud half, and start serving.
 
     `specs` are backbones to host with adapter `config`; `registered` names versions from
-    the registry, each hosted with its own registered config."""
+    the registry, each hosted with its own registered config. Devices enroll as `enrollment`
+    says: by default only with an enrollment token from the registry."""
     loaded = [(loading.load(spec), config) for spec in specs]
     loaded += [load_version(registry.get_backbone(name)) for name in registered]
     names = [backbone.identity(cfg).version for backbone, cfg in loaded]
@@ -175,4 +178,4 @@ def start_service(
         raise ConfigError(f"a backbone version is listed twice: {names}")
     bundles = plora_home() / "bundles"
     versions = [prepare_version(backbone, cfg, bundles) for backbone, cfg in loaded]
-    return RunningServer(BackboneService(versions, registry, limits), host, port, tls, http_port, http_host)
+    return RunningServer(BackboneService(versions, registry, limits, enrollment), host, port, tls, http_port, http_host)

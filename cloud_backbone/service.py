@@ -6,26 +6,31 @@ It knows nothing of gRPC. The servicer parses, checks and maps errors; this modu
 from __future__ import annotations
 
 import copy
-import hashlib
 import hmac
 import logging
-import secrets
 import threading
 import uuid
+from collections.abc import Callable
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
 from plora.cloud_backbone.compute import CloudHalf, CloudSession
+from plora.cloud_backbone.device_access import Enrollment, OpenEnrollmentGate, RevocationWatcher
 from plora.cloud_backbone.loading import Backbone, save_checkpoint
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import BackboneIdentity, OpenSession
 from plora.cloud_backbone.protocol.wire import bundle_digest
 from plora.cloud_backbone.versions import ensure_version
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
-from plora.storage.models import BackboneStatus
+from plora.storage.models import BackboneStatus, utcnow
 from plora.storage.registry import Registry
+from plora.storage.tokens import hash_token, new_token
 
 log = logging.getLogger(__name__)
+
+LAST_SEEN_EVERY = timedelta(minutes=1)
+"""How stale a device's last-seen time may get: updating it costs a registry write."""
 
 
 @dataclass(frozen=True)
@@ -84,21 +89,26 @@ def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: 
     return HostedVersion(half, backbone.source.spec, bundle, digest, size)
 
 
-def _hash_token(token: str) -> str:
-    # Tokens are 256-bit random, so a plain hash is as good as a slow KDF here.
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 @dataclass
 class ServiceSession:
     session_id: str
     device_id: str
     version: HostedVersion
     cloud: CloudSession
+    on_end: Callable[[str], None] | None = None
+    """Set by whoever serves the session, right after it opens: ends it from any thread."""
+
+    def end(self, reason: str) -> None:
+        """End the session for `reason` (its device was revoked or forgotten). Before `on_end` is
+        set this does nothing, and the revocation watcher asks again a moment later."""
+        if self.on_end is not None:
+            self.on_end(reason)
 
 
 class BackboneService:
-    def __init__(self, versions: list[HostedVersion], registry: Registry, limits: Limits = Limits()):
+    def __init__(
+        self, versions: list[HostedVersion], registry: Registry, limits: Limits = Limits(), enrollment: Enrollment = Enrollment()
+    ):
         if not versions:
             raise ConfigError("the service needs at least one backbone version to host")
         self.versions = {v.identity.version: v for v in versions}
@@ -109,6 +119,9 @@ class BackboneService:
         self.draining = False
         for version in versions:
             ensure_version(registry, version.identity, version.source)
+        self._open_enrollment = OpenEnrollmentGate(enrollment)
+        self._revocations = RevocationWatcher(registry, self._live_devices, self.end_sessions_of)
+        self._revocations.start()
 
     def hosted(self, name: str = "") -> HostedVersion:
         """A hosted version by name; with none, the one new devices are bound to: the
@@ -125,27 +138,46 @@ class BackboneService:
                 return version
         raise VersionMismatchError(f"no active version is hosted here; hosted: {sorted(self.versions)}")
 
-    def register_device(self, backbone: str = "", label: str | None = None) -> tuple[str, str, HostedVersion]:
-        """A new device bound to a hosted, active version: (device id, token shown once, version)."""
+    def register_device(
+        self, backbone: str = "", label: str | None = None, enroll_token: str = ""
+    ) -> tuple[str, str, HostedVersion]:
+        """A new device bound to a hosted, active version: (device id, token shown once, version).
+
+        It needs an enrollment token the operator issued, whose use it takes up, unless
+        enrollment is open (rate limited)."""
+        if not enroll_token:
+            self._open_enrollment.admit()
         version = self.hosted(backbone)
         status = self.registry.get_backbone(version.identity.version).status
         if status != BackboneStatus.ACTIVE:
             raise VersionMismatchError(f"backbone version {version.identity.version!r} is {status}: it takes no new devices")
-        device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
-        self.registry.register_device(device_id, version.identity.version, label=label or None, token_hash=_hash_token(token))
-        log.info("registered device %s on %s", device_id, version.identity.version)
+        device_id, token = uuid.uuid4().hex, new_token()
+        self.registry.register_device(device_id, version.identity.version, label=label or None, token_hash=hash_token(token),
+                                      enrollment_token=enroll_token or None)
+        log.info("registered device %s on %s (%s)", device_id, version.identity.version,
+                 "enrollment token" if enroll_token else "open enrollment")
         return device_id, token, version
 
-    def authenticate(self, device_id: str, token: str) -> None:
+    def authenticate(self, device_id: str, token: str, allow_revoked: bool = False) -> None:
+        """Check a device's credentials. A revoked device is refused, except where `allow_revoked`:
+        a revoked device may still have itself forgotten."""
         if not device_id or not token:
             raise AuthenticationError("missing device credentials; send x-plora-device and a bearer token")
         try:
-            stored = self.registry.get_device(device_id).token_hash
+            device = self.registry.get_device(device_id)
         except RegistryError:
-            stored = None
+            device = None
+        stored = device.token_hash if device is not None else None
         # Compare even for unknown devices, so timing does not reveal which ids exist.
-        if not hmac.compare_digest(stored or "", _hash_token(token)) or stored is None:
+        if not hmac.compare_digest(stored or "", hash_token(token)) or stored is None:
             raise AuthenticationError(f"wrong credentials for device {device_id!r}")
+        if device.revoked_at is not None and not allow_revoked:
+            raise AuthenticationError(
+                f"device {device_id} was revoked by the service's operator on {device.revoked_at:%Y-%m-%d %H:%M} UTC; "
+                "ask the operator, or enroll a new device"
+            )
+        if device.last_seen_at is None or utcnow() - device.last_seen_at > LAST_SEEN_EVERY:
+            self.registry.touch_device(device_id)
 
     def open_session(self, device_id: str, request: OpenSession) -> ServiceSession:
         if self.draining:
@@ -171,7 +203,9 @@ class BackboneService:
         return session
 
     def close(self) -> None:
-        """Stop every hosted version's decode batching; call once no session runs any more."""
+        """Stop the revocation watcher and every hosted version's decode batching; call once no
+        session runs any more."""
+        self._revocations.stop()
         for version in self.versions.values():
             version.half.close()
 
@@ -179,6 +213,25 @@ class BackboneService:
         with self._lock:
             self._sessions.pop(session.session_id, None)
         session.cloud.close()
+
+    def _live_devices(self) -> set[str]:
+        with self._lock:
+            return {s.device_id for s in self._sessions.values()}
+
+    def end_sessions_of(self, device_id: str, reason: str) -> None:
+        """End every live session of the device, from any thread."""
+        with self._lock:
+            theirs = [s for s in self._sessions.values() if s.device_id == device_id]
+        for session in theirs:
+            session.end(reason)
+
+    def forget_device(self, device_id: str) -> dict[str, int]:
+        """Delete everything the service keeps about the device, and end its sessions; returns
+        the records deleted, by kind. This is the one place that forgets a device: whatever
+        comes to keep data about devices (audit captures, reported job metadata) deletes it here."""
+        removed = self.registry.forget_device(device_id)
+        self.end_sessions_of(device_id, "the device was forgotten")
+        return removed
 
     @property
     def active_sessions(self) -> int:

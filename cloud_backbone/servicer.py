@@ -103,6 +103,8 @@ class SessionStream:
         self.context = context
         self.loop = asyncio.get_running_loop()
         self._bytes_in, self._bytes_out = metrics.wire_bytes.labels("in"), metrics.wire_bytes.labels("out")
+        self._serving: asyncio.Task | None = None  # while the session is open: the task serving it
+        self._ended_for: str | None = None  # why the service ended the session, if it did
 
     async def _read(self, timeout: float, waiting_for: str):
         try:
@@ -141,6 +143,7 @@ class SessionStream:
                 raise SessionError(f"a session starts with OpenSession, got {type(opening).__name__}")
             # open_session reads the registry: keep the database off the loop.
             session = await asyncio.to_thread(self.service.open_session, self.device_id, opening)
+            self._serving, session.on_end = asyncio.current_task(), self.end
             self.metrics.active_sessions.inc()
             await self._write(step, SessionOpened(session.session_id, session.version.identity, session.cloud.max_tokens))
             while True:
@@ -157,15 +160,30 @@ class SessionStream:
             self.metrics.step_errors.labels(type(err).__name__).inc()
             await self._write(0, StepError(type(err).__name__, str(err), fatal=True))
         except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise  # the device went away or the server is stopping: nobody is left to tell
+            if self._ended_for is None:
+                raise  # the device went away or the server is stopping: nobody is left to tell
         except Exception as err:  # a bug: fail this session only, and keep the trace in the log
             log.exception("session of device %s failed", self.device_id)
             self.metrics.step_errors.labels("InternalError").inc()
             await self._write(0, StepError("InternalError", f"{type(err).__name__} in the service", fatal=True))
         finally:
+            self._serving = None
             if session is not None:
                 self.service.close_session(session)
                 self.metrics.active_sessions.dec()
+        if self._ended_for is not None:
+            asyncio.current_task().uncancel()  # the cancel was end()'s, and ends here
+            await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, f"AuthenticationError: {self._ended_for}")
+
+    def end(self, reason: str) -> None:
+        """End the session from any thread, telling the device `reason` with UNAUTHENTICATED:
+        its device was revoked or forgotten. A step in flight finishes first."""
+        self.loop.call_soon_threadsafe(self._end, reason)
+
+    def _end(self, reason: str) -> None:
+        if self._serving is not None and self._ended_for is None:
+            self._ended_for = reason
+            self._serving.cancel()
 
     async def _serve_step(self, session: ServiceSession, step: int, message) -> None:
         ask = DeviceAsker(self, step)
@@ -199,11 +217,11 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
         """End the worker threads. Once the server has stopped, none has a step left to run."""
         self.workers.shutdown(cancel_futures=True)
 
-    async def _authenticate(self, context) -> str:
+    async def _authenticate(self, context, allow_revoked: bool = False) -> str:
         metadata = dict(context.invocation_metadata())
         device_id = metadata.get(wire.DEVICE_HEADER, "")
         token = metadata.get("authorization", "").removeprefix("Bearer ")
-        await asyncio.to_thread(self.service.authenticate, device_id, token)
+        await asyncio.to_thread(self.service.authenticate, device_id, token, allow_revoked)
         return device_id
 
     @staticmethod
@@ -212,11 +230,22 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
 
     async def Register(self, request, context):
         try:
-            device_id, token, version = await asyncio.to_thread(self.service.register_device, request.backbone, request.label)
+            device_id, token, version = await asyncio.to_thread(
+                self.service.register_device, request.backbone, request.label, request.enroll_token
+            )
             described = await asyncio.to_thread(self._describe, version)
         except PloraError as err:
             await self._abort(context, err)
         return pb.RegisterReply(device_id=device_id, token=token, backbone=described)
+
+    async def ForgetDevice(self, request, context):
+        try:
+            # A revoked device may still have itself forgotten.
+            device_id = await self._authenticate(context, allow_revoked=True)
+            removed = await asyncio.to_thread(self.service.forget_device, device_id)
+        except PloraError as err:
+            await self._abort(context, err)
+        return pb.ForgetReply(removed=removed)
 
     async def Describe(self, request, context):
         described = await asyncio.to_thread(lambda: [self._describe(v) for v in self.service.versions.values()])

@@ -11,7 +11,8 @@
 #              `plora backbone serve --insecure --port 50051`
 #   ROOT       folder for the devices, rounds.jsonl and Flower's state and logs (default plora-fleet)
 #   KEY=VALUE  more of the run config (deploy/fleet-app/pyproject.toml), e.g. rounds=3 steps=20
-#              'data="/abs/path/notes.jsonl"' (strings in double quotes)
+#              'data="/abs/path/notes.jsonl"' (strings in double quotes); new devices need
+#              "enroll-token=\"$(plora backbone enroll create --uses DEVICES)\"" (the service's registry)
 # Ports: the SuperLink on $SUPERLINK_PORT (default 9300), SuperNode i on $SUPERLINK_PORT + 1 + i.
 # Exits non-zero unless the run completed; every process it started is stopped on exit.
 set -euo pipefail

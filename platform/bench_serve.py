@@ -43,6 +43,8 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import AdapterReply, AdapterRequest, CacheMode, Phase, split_pb2_grpc as pb_grpc, wire
 from plora.platform.bench import MonolithicModel, _rate
 from plora.platform.runtime import init_device, open_device
+from plora.storage.db import open_database
+from plora.storage.registry import Registry
 
 # gRPC adds a 5-byte message prefix and HTTP/2 a 9-byte DATA frame header per message.
 FRAMING_BYTES = 14
@@ -70,8 +72,12 @@ class ServeBench:
         return {"backbone": self.backbone, "config": self.config, "figures": self.figures}
 
 
+def _bench_registry_url(home: str) -> str:
+    return f"sqlite:///{home}/bench.db"  # a throwaway registry; converted backbones are reused
+
+
 def _serve(spec: str, config: dict, home: str, ports) -> None:
-    os.environ["PLORA_DB_URL"] = f"sqlite:///{home}/bench.db"  # a throwaway registry; converted backbones are reused
+    os.environ["PLORA_DB_URL"] = _bench_registry_url(home)
     from plora.cloud_backbone.server import start_service
     from plora.cloud_backbone.service import Limits
     from plora.platform.jobs import registry
@@ -140,8 +146,9 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         port = ports.get(timeout=600)
         endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
         echo(f"service up on port {port}; enrolling {fleet + 1} devices")
+        _, token = Registry(open_database(_bench_registry_url(home))).issue_enrollment_token(fleet + 1)
         for i in range(fleet + 1):
-            init_device(Path(home) / f"device{i}", endpoint.address, endpoint=endpoint)
+            init_device(Path(home) / f"device{i}", endpoint.address, endpoint=endpoint, enroll_token=token)
         single = _DeviceProcess(context, Path(home) / "device0")
         fleet_devices = [open_device(Path(home) / f"device{i}") for i in range(1, fleet + 1)]
         mono = MonolithicModel(loading.load(spec), config)

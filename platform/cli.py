@@ -49,15 +49,19 @@ def device() -> None:
 @click.option("--insecure", is_flag=True, help="Talk to the service in plain text (loopback only).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate to trust for the service.")
 @click.option("--label", default="", help="A label for this device in the service's registry.")
+@click.option("--enroll-token", envvar="PLORA_ENROLL_TOKEN", default="",
+              help="The enrollment token the service's operator gave you (or set $PLORA_ENROLL_TOKEN).")
 @adapter_options
 @click.pass_context
 @fail_cleanly
-def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str | None, label: str, **adapter) -> None:
+def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str | None, label: str, enroll_token: str,
+                **adapter) -> None:
     """Create a device in DIRECTORY bound to a backbone, with M = 0 (exactly the base model).
 
-    With HOST:PORT the device registers with the service, receives its credential and
-    downloads the device bundle (tokenizer, embeddings, device layers, norm, LM head),
-    verifying its hash. The service fixes the adapter configuration.
+    With HOST:PORT the device enrolls with the service using an enrollment token from its
+    operator, receives its credential and downloads the device bundle (tokenizer,
+    embeddings, device layers, norm, LM head), verifying its hash. The service fixes the
+    adapter configuration.
     """
     from plora.clients.grpc_link import Endpoint
     from plora.platform.jobs import register, registry
@@ -67,12 +71,40 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
     config = adapter_config(**adapter) if chosen or not is_address(backbone) else None
     ca_file = str(Path(tls_ca).resolve()) if tls_ca else None  # later commands may run from elsewhere
     endpoint = Endpoint(backbone, insecure, ca_file) if is_address(backbone) else None
-    store = init_device(directory, backbone, config, endpoint, label)
+    if enroll_token and endpoint is None:
+        raise click.UsageError("--enroll-token is for enrolling with a backbone service (--backbone HOST:PORT)")
+    store = init_device(directory, backbone, config, endpoint, label, enroll_token)
     if endpoint is None:
         register(store.record, registry())
     record = store.record
     click.echo(f"device {record.device_id} created in {directory}")
     click.echo(f"backbone {record.backbone_name} ({record.backbone_hash[:12]}), {record.num_layers} layers; {record.adapter}")
+
+
+@device.command("forget")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@click.option("--backbone", "address", help="HOST:PORT of the device's service, if it has moved.")
+@fail_cleanly
+def device_forget(directory: Path, yes: bool, address: str | None) -> None:
+    """Remove this device from its service and delete DIRECTORY.
+
+    The service deletes everything it keeps about the device: its registry rows, its jobs and
+    its credential. Then the folder goes, with the adapter and any private data in it. If the
+    service cannot be reached, nothing is deleted.
+    """
+    from plora.clients.device_store import DeviceStore
+    from plora.platform.jobs import registry
+    from plora.platform.runtime import forget_device, is_address
+
+    record = DeviceStore.open(directory, midway=True).record
+    where = f"the service at {address or record.backbone_spec}" if is_address(record.backbone_spec) else "the local registry"
+    if not yes:
+        click.confirm(f"Forget device {record.device_id}: remove it from {where} and delete {directory} with its adapter "
+                      "and everything else in it?", abort=True)
+    removed = forget_device(directory, registry(), address)
+    records = ", ".join(f"{count} {kind}" for kind, count in sorted(removed.items())) or "no records"
+    click.echo(f"device {record.device_id} forgotten: {records} deleted from {where}; {directory} deleted")
 
 
 @main.command()

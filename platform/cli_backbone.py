@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
+from plora.platform.cli_enroll import devices, enroll
 from plora.storage.models import BackboneStatus
 
 log = logging.getLogger("plora")
@@ -17,7 +18,12 @@ log = logging.getLogger("plora")
 
 @click.group()
 def backbone() -> None:
-    """Backbone versions: serve, register and manage them, derive new ones, export their public projections."""
+    """Backbone versions: serve, register and manage them, derive new ones, export their public projections.
+    Enrollment tokens and the devices enrolled."""
+
+
+backbone.add_command(enroll)
+backbone.add_command(devices)
 
 
 @backbone.command("serve")
@@ -40,18 +46,35 @@ def backbone() -> None:
 @click.option("--max-message-mb", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--reply-timeout", default=30.0, show_default=True, help="Seconds to wait for a device's adapter reply.")
 @click.option("--idle-timeout", default=600.0, show_default=True, help="Seconds before an idle session is closed.")
+@click.option("--first-frame-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a new session stream may take to send its first frame before it is closed.")
+@click.option("--write-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a device may leave a message unread before its session is closed.")
+@click.option("--max-step-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Batch × tokens of one step a device may send.")
+@click.option("--session-memory-mb", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Memory one session may hold on the service: KV cache, training graph and the step in flight.")
+@click.option("--memory-budget-mb", type=click.IntRange(min=1),
+              help="Memory every session together may hold. [default: half of this machine's memory]")
+@click.option("--open-enrollment", is_flag=True,
+              help="Enroll devices that bring no enrollment token: anyone who reaches the port. Rate limited; for closed networks.")
+@click.option("--open-enrollment-rate", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Devices per minute that --open-enrollment takes; more are refused (RESOURCE_EXHAUSTED).")
 @adapter_options
 @fail_cleanly
 def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
-          max_tokens, max_message_mb, reply_timeout, idle_timeout, **adapter) -> None:
+          max_tokens, max_message_mb, reply_timeout, idle_timeout, first_frame_timeout, write_timeout, max_step_tokens,
+          session_memory_mb, memory_budget_mb, open_enrollment, open_enrollment_rate, **adapter) -> None:
     """Serve the frozen cloud half of one or more backbone versions to devices over gRPC.
 
     With neither --backbone nor --version it hosts every registered version that is not
     retired (old and new side by side while devices migrate), or the embedded backbone when
-    none is registered. New devices are bound to the active version activated last.
+    none is registered. New devices are bound to the active version activated last. They
+    enroll with a token from `plora backbone enroll create`, unless --open-enrollment.
     """
     import signal
 
+    from plora.cloud_backbone.device_access import Enrollment
     from plora.cloud_backbone.server import TLSFiles, start_service
     from plora.cloud_backbone.service import Limits
     from plora.platform.jobs import registry
@@ -62,17 +85,24 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
         raise click.UsageError("--tls-cert and --tls-key go together")
     if insecure and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving plain text on %s: tokens and activations cross the network unencrypted", host)
+    memory = {"total_memory_bytes": memory_budget_mb << 20} if memory_budget_mb else {}
     limits = Limits(max_message_bytes=max_message_mb << 20, max_tokens_per_session=max_tokens, max_sessions=max_sessions,
-                    max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout)
+                    max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout,
+                    first_frame_timeout_s=first_frame_timeout, write_timeout_s=write_timeout, max_step_tokens=max_step_tokens,
+                    session_memory_bytes=session_memory_mb << 20, **memory)
     tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
     reg = registry(db)
     if not specs and not versions:
         versions = [v.name for v in reg.list_backbones() if v.status != BackboneStatus.RETIRED]
         specs = () if versions else ("embedded",)
-    server = start_service(list(specs), adapter_config(**adapter), reg, limits, host, port, tls, http_port, http_host, versions)
+    enrollment = Enrollment(open=open_enrollment, per_minute=open_enrollment_rate)
+    server = start_service(list(specs), adapter_config(**adapter), reg, limits, host, port, tls, http_port, http_host, versions,
+                           enrollment)
     for version in server.service.versions.values():
         click.echo(f"hosting {version.identity.version} ({version.identity.name}, {version.identity.num_layers} layers)")
     click.echo(f"listening on {host}:{server.port} ({'TLS' if tls else 'plain text'}); health and metrics on :{server.http_port}")
+    click.echo(f"enrollment: open to anyone who reaches the port, {open_enrollment_rate} device(s) per minute" if open_enrollment
+               else "enrollment: with a token from `plora backbone enroll create`")
     def shut_down(*_) -> None:
         click.echo("shutting down: finishing sessions in flight", err=True)
         server.stop()

@@ -17,15 +17,19 @@ from transformers import PreTrainedTokenizerBase
 
 from plora.clients.device_model import DeviceModel
 from plora.clients.device_store import DeviceRecord, DeviceStore
-from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bundle, register
+from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bundle, forget, register
 from plora.clients.recovery import RetryPolicy
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import InProcessLink, wire
-from plora.storage.errors import ConfigError
+from plora.storage.errors import AuthenticationError, ConfigError, TransportError
+from plora.storage.files import write_atomically
+from plora.storage.registry import Registry
 
 _ADDRESS = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5}")
+# In a device folder being forgotten: the service has forgotten the device, only the folder is left.
+FORGOTTEN = ".forgotten"
 
 
 def is_address(spec: str) -> bool:
@@ -48,12 +52,19 @@ class Device:
 
 
 def init_device(
-    root: Path, backbone_spec: str, config: PrivateLoRAConfig | None = None, endpoint: Endpoint | None = None, label: str = ""
+    root: Path,
+    backbone_spec: str,
+    config: PrivateLoRAConfig | None = None,
+    endpoint: Endpoint | None = None,
+    label: str = "",
+    enroll_token: str = "",
 ) -> DeviceStore:
     """Create a device folder bound to a backbone, with M = 0.
 
     A local backbone takes `config` (default PrivateLoRAConfig()); a service fixes the
-    adapter configuration itself, and `config`, if given, must agree with it.
+    adapter configuration itself, and `config`, if given, must agree with it. A service
+    enrolls the device with `enroll_token`, issued by its operator (`plora backbone enroll
+    create`, or Registry.issue_enrollment_token); only one with open enrollment takes none.
     """
     root = Path(root)
     if (root / DeviceStore.RECORD).exists():
@@ -62,7 +73,7 @@ def init_device(
         identity = loading.load(backbone_spec).identity(config or PrivateLoRAConfig())
         return DeviceStore.create(root, backbone_spec, identity)
     endpoint = endpoint or Endpoint(backbone_spec)
-    credentials, hosted = register(endpoint, label=label)
+    credentials, hosted = register(endpoint, enroll_token, label=label)
     identity = wire.identity_from_proto(hosted.identity)
     if config is not None and config != identity.adapter:
         raise ConfigError(f"the service at {backbone_spec} serves adapter config {identity.adapter}, not {config}; drop the adapter options")
@@ -72,6 +83,34 @@ def init_device(
     credentials.save(root / DeviceStore.CREDENTIALS)
     transport = {"insecure": endpoint.insecure, "ca_file": endpoint.ca_file}
     return DeviceStore.create(root, backbone_spec, identity, endpoint=transport, device_id=credentials.device_id)
+
+
+def forget_device(root: Path, reg: Registry, address: str | None = None) -> dict[str, int]:
+    """Remove the device in folder `root` from its service (registry rows, jobs, credential and
+    whatever else the service keeps about it) and from the local registry `reg`, then delete
+    the folder. Returns the records deleted, by kind.
+
+    If the service cannot be reached, nothing is deleted and this raises TransportError. A
+    device bound to a local backbone has no service: only `reg` and the folder hold it."""
+    root = Path(root)
+    record = DeviceStore.open(root, midway=True).record
+    removed: dict[str, int] = {}
+    if is_address(record.backbone_spec) and not (root / FORGOTTEN).exists():
+        endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
+        retry = f"run `plora device forget {root}` again"
+        try:
+            removed = forget(endpoint, Credentials.load(root / DeviceStore.CREDENTIALS))
+        except AuthenticationError as err:
+            raise AuthenticationError(f"{err}. If an earlier forget reached the service, it has forgotten this device "
+                                      f"already, and only the folder is left: delete {root} yourself") from err
+        except TransportError as err:
+            raise TransportError(f"{err}. Nothing was deleted; {retry} once the service at {endpoint.address} is "
+                                 "reachable, with --backbone HOST:PORT if it has moved") from err
+        write_atomically(root / FORGOTTEN, b"")  # a re-run after a failed delete skips the service
+    for kind, count in reg.forget_device(record.device_id).items():
+        removed[kind] = removed.get(kind, 0) + count
+    shutil.rmtree(root)
+    return removed
 
 
 def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> DeviceModel:

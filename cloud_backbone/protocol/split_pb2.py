@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bsplit.proto\x12\x0eplora.split.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.plora.split.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"t\n\rAdapterConfig\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x10\n\x08shared_a\x18\x03 \x01(\x08\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\rdevice_layers\x18\x06 \x01(\r\"\x8f\x01\n\x10\x42\x61\x63kboneIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12.\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1d.plora.split.v1.AdapterConfig\"U\n\x0bOpenSession\x12\x32\n\x08\x65xpected\x18\x01 \x01(\x0b\x32 .plora.split.v1.BackboneIdentity\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\"k\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x32\n\x08identity\x18\x02 \x01(\x0b\x32 .plora.split.v1.BackboneIdentity\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\"\xa1\x01\n\x0e\x46orwardRequest\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\x12(\n\x05\x63\x61\x63he\x18\x02 \x01(\x0e\x32\x19.plora.split.v1.CacheMode\x12\r\n\x05train\x18\x03 \x01(\x08\x12.\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"|\n\x0e\x41\x64\x61pterRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05group\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.plora.split.v1.Phase\x12&\n\x06tensor\x18\x04 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"z\n\x0c\x41\x64\x61pterReply\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05group\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.plora.split.v1.Phase\x12&\n\x06tensor\x18\x04 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"7\n\rForwardResult\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"W\n\x0f\x42\x61\x63kwardRequest\x12+\n\x0bgrad_hidden\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\x12\x17\n\x0fwant_input_grad\x18\x02 \x01(\x08\"<\n\x0e\x42\x61\x63kwardResult\x12*\n\ngrad_input\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"9\n\tStepError\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"\xe9\x01\n\rDeviceMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12+\n\x04open\x18\x02 \x01(\x0b\x32\x1b.plora.split.v1.OpenSessionH\x00\x12\x31\n\x07\x66orward\x18\x03 \x01(\x0b\x32\x1e.plora.split.v1.ForwardRequestH\x00\x12\x33\n\x08\x62\x61\x63kward\x18\x04 \x01(\x0b\x32\x1f.plora.split.v1.BackwardRequestH\x00\x12-\n\x05reply\x18\x05 \x01(\x0b\x32\x1c.plora.split.v1.AdapterReplyH\x00\x42\x06\n\x04\x62ody\"\x9a\x02\n\x0c\x43loudMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12/\n\x06opened\x18\x02 \x01(\x0b\x32\x1d.plora.split.v1.SessionOpenedH\x00\x12\x31\n\x07request\x18\x03 \x01(\x0b\x32\x1e.plora.split.v1.AdapterRequestH\x00\x12\x30\n\x07\x66orward\x18\x04 \x01(\x0b\x32\x1d.plora.split.v1.ForwardResultH\x00\x12\x32\n\x08\x62\x61\x63kward\x18\x05 \x01(\x0b\x32\x1e.plora.split.v1.BackwardResultH\x00\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.plora.split.v1.StepErrorH\x00\x42\x06\n\x04\x62ody\"2\n\x0fRegisterRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"*\n\nBundleInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x84\x01\n\x0eHostedBackbone\x12\x32\n\x08identity\x18\x01 \x01(\x0b\x32 .plora.split.v1.BackboneIdentity\x12*\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x1a.plora.split.v1.BundleInfo\x12\x12\n\nis_default\x18\x03 \x01(\x08\"c\n\rRegisterReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x30\n\x08\x62\x61\x63kbone\x18\x03 \x01(\x0b\x32\x1e.plora.split.v1.HostedBackbone\"\x11\n\x0f\x44\x65scribeRequest\"B\n\rDescribeReply\x12\x31\n\tbackbones\x18\x01 \x03(\x0b\x32\x1e.plora.split.v1.HostedBackbone\"!\n\rBundleRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\"7\n\x0b\x42undleChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04*>\n\tCacheMode\x12\x0e\n\nCACHE_NONE\x10\x00\x12\x0f\n\x0b\x43\x41\x43HE_START\x10\x01\x12\x10\n\x0c\x43\x41\x43HE_EXTEND\x10\x02*.\n\x05Phase\x12\x11\n\rPHASE_FORWARD\x10\x00\x12\x12\n\x0ePHASE_BACKWARD\x10\x01\x32\xc3\x02\n\rSplitBackbone\x12J\n\x08Register\x12\x1f.plora.split.v1.RegisterRequest\x1a\x1d.plora.split.v1.RegisterReply\x12J\n\x08\x44\x65scribe\x12\x1f.plora.split.v1.DescribeRequest\x1a\x1d.plora.split.v1.DescribeReply\x12N\n\x0e\x44ownloadBundle\x12\x1d.plora.split.v1.BundleRequest\x1a\x1b.plora.split.v1.BundleChunk0\x01\x12J\n\x07Session\x12\x1d.plora.split.v1.DeviceMessage\x1a\x1c.plora.split.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bsplit.proto\x12\x0eplora.split.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.plora.split.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"t\n\rAdapterConfig\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x10\n\x08shared_a\x18\x03 \x01(\x08\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\rdevice_layers\x18\x06 \x01(\r\"\x8f\x01\n\x10\x42\x61\x63kboneIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12.\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1d.plora.split.v1.AdapterConfig\"U\n\x0bOpenSession\x12\x32\n\x08\x65xpected\x18\x01 \x01(\x0b\x32 .plora.split.v1.BackboneIdentity\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\"k\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x32\n\x08identity\x18\x02 \x01(\x0b\x32 .plora.split.v1.BackboneIdentity\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\"\xa1\x01\n\x0e\x46orwardRequest\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\x12(\n\x05\x63\x61\x63he\x18\x02 \x01(\x0e\x32\x19.plora.split.v1.CacheMode\x12\r\n\x05train\x18\x03 \x01(\x08\x12.\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"|\n\x0e\x41\x64\x61pterRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05group\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.plora.split.v1.Phase\x12&\n\x06tensor\x18\x04 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"z\n\x0c\x41\x64\x61pterReply\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05group\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.plora.split.v1.Phase\x12&\n\x06tensor\x18\x04 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"7\n\rForwardResult\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"W\n\x0f\x42\x61\x63kwardRequest\x12+\n\x0bgrad_hidden\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\x12\x17\n\x0fwant_input_grad\x18\x02 \x01(\x08\"<\n\x0e\x42\x61\x63kwardResult\x12*\n\ngrad_input\x18\x01 \x01(\x0b\x32\x16.plora.split.v1.Tensor\"9\n\tStepError\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"\xe9\x01\n\rDeviceMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12+\n\x04open\x18\x02 \x01(\x0b\x32\x1b.plora.split.v1.OpenSessionH\x00\x12\x31\n\x07\x66orward\x18\x03 \x01(\x0b\x32\x1e.plora.split.v1.ForwardRequestH\x00\x12\x33\n\x08\x62\x61\x63kward\x18\x04 \x01(\x0b\x32\x1f.plora.split.v1.BackwardRequestH\x00\x12-\n\x05reply\x18\x05 \x01(\x0b\x32\x1c.plora.split.v1.AdapterReplyH\x00\x42\x06\n\x04\x62ody\"\x9a\x02\n\x0c\x43loudMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12/\n\x06opened\x18\x02 \x01(\x0b\x32\x1d.plora.split.v1.SessionOpenedH\x00\x12\x31\n\x07request\x18\x03 \x01(\x0b\x32\x1e.plora.split.v1.AdapterRequestH\x00\x12\x30\n\x07\x66orward\x18\x04 \x01(\x0b\x32\x1d.plora.split.v1.ForwardResultH\x00\x12\x32\n\x08\x62\x61\x63kward\x18\x05 \x01(\x0b\x32\x1e.plora.split.v1.BackwardResultH\x00\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.plora.split.v1.StepErrorH\x00\x42\x06\n\x04\x62ody\"H\n\x0fRegisterRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x14\n\x0c\x65nroll_token\x18\x03 \x01(\t\"*\n\nBundleInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x84\x01\n\x0eHostedBackbone\x12\x32\n\x08identity\x18\x01 \x01(\x0b\x32 .plora.split.v1.BackboneIdentity\x12*\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x1a.plora.split.v1.BundleInfo\x12\x12\n\nis_default\x18\x03 \x01(\x08\"c\n\rRegisterReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x30\n\x08\x62\x61\x63kbone\x18\x03 \x01(\x0b\x32\x1e.plora.split.v1.HostedBackbone\"\x11\n\x0f\x44\x65scribeRequest\"B\n\rDescribeReply\x12\x31\n\tbackbones\x18\x01 \x03(\x0b\x32\x1e.plora.split.v1.HostedBackbone\"\x0f\n\rForgetRequest\"x\n\x0b\x46orgetReply\x12\x39\n\x07removed\x18\x01 \x03(\x0b\x32(.plora.split.v1.ForgetReply.RemovedEntry\x1a.\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"!\n\rBundleRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\"7\n\x0b\x42undleChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04*>\n\tCacheMode\x12\x0e\n\nCACHE_NONE\x10\x00\x12\x0f\n\x0b\x43\x41\x43HE_START\x10\x01\x12\x10\n\x0c\x43\x41\x43HE_EXTEND\x10\x02*.\n\x05Phase\x12\x11\n\rPHASE_FORWARD\x10\x00\x12\x12\n\x0ePHASE_BACKWARD\x10\x01\x32\x8f\x03\n\rSplitBackbone\x12J\n\x08Register\x12\x1f.plora.split.v1.RegisterRequest\x1a\x1d.plora.split.v1.RegisterReply\x12J\n\x08\x44\x65scribe\x12\x1f.plora.split.v1.DescribeRequest\x1a\x1d.plora.split.v1.DescribeReply\x12N\n\x0e\x44ownloadBundle\x12\x1d.plora.split.v1.BundleRequest\x1a\x1b.plora.split.v1.BundleChunk0\x01\x12J\n\x0c\x46orgetDevice\x12\x1d.plora.split.v1.ForgetRequest\x1a\x1b.plora.split.v1.ForgetReply\x12J\n\x07Session\x12\x1d.plora.split.v1.DeviceMessage\x1a\x1c.plora.split.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'split_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2281
-  _globals['_DTYPE']._serialized_end=2362
-  _globals['_CACHEMODE']._serialized_start=2364
-  _globals['_CACHEMODE']._serialized_end=2426
-  _globals['_PHASE']._serialized_start=2428
-  _globals['_PHASE']._serialized_end=2474
+  _globals['_FORGETREPLY_REMOVEDENTRY']._loaded_options = None
+  _globals['_FORGETREPLY_REMOVEDENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=2442
+  _globals['_DTYPE']._serialized_end=2523
+  _globals['_CACHEMODE']._serialized_start=2525
+  _globals['_CACHEMODE']._serialized_end=2587
+  _globals['_PHASE']._serialized_start=2589
+  _globals['_PHASE']._serialized_end=2635
   _globals['_TENSOR']._serialized_start=31
   _globals['_TENSOR']._serialized_end=106
   _globals['_ADAPTERCONFIG']._serialized_start=108
@@ -67,21 +69,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOUDMESSAGE']._serialized_start=1486
   _globals['_CLOUDMESSAGE']._serialized_end=1768
   _globals['_REGISTERREQUEST']._serialized_start=1770
-  _globals['_REGISTERREQUEST']._serialized_end=1820
-  _globals['_BUNDLEINFO']._serialized_start=1822
-  _globals['_BUNDLEINFO']._serialized_end=1864
-  _globals['_HOSTEDBACKBONE']._serialized_start=1867
-  _globals['_HOSTEDBACKBONE']._serialized_end=1999
-  _globals['_REGISTERREPLY']._serialized_start=2001
-  _globals['_REGISTERREPLY']._serialized_end=2100
-  _globals['_DESCRIBEREQUEST']._serialized_start=2102
-  _globals['_DESCRIBEREQUEST']._serialized_end=2119
-  _globals['_DESCRIBEREPLY']._serialized_start=2121
-  _globals['_DESCRIBEREPLY']._serialized_end=2187
-  _globals['_BUNDLEREQUEST']._serialized_start=2189
-  _globals['_BUNDLEREQUEST']._serialized_end=2222
-  _globals['_BUNDLECHUNK']._serialized_start=2224
-  _globals['_BUNDLECHUNK']._serialized_end=2279
-  _globals['_SPLITBACKBONE']._serialized_start=2477
-  _globals['_SPLITBACKBONE']._serialized_end=2800
+  _globals['_REGISTERREQUEST']._serialized_end=1842
+  _globals['_BUNDLEINFO']._serialized_start=1844
+  _globals['_BUNDLEINFO']._serialized_end=1886
+  _globals['_HOSTEDBACKBONE']._serialized_start=1889
+  _globals['_HOSTEDBACKBONE']._serialized_end=2021
+  _globals['_REGISTERREPLY']._serialized_start=2023
+  _globals['_REGISTERREPLY']._serialized_end=2122
+  _globals['_DESCRIBEREQUEST']._serialized_start=2124
+  _globals['_DESCRIBEREQUEST']._serialized_end=2141
+  _globals['_DESCRIBEREPLY']._serialized_start=2143
+  _globals['_DESCRIBEREPLY']._serialized_end=2209
+  _globals['_FORGETREQUEST']._serialized_start=2211
+  _globals['_FORGETREQUEST']._serialized_end=2226
+  _globals['_FORGETREPLY']._serialized_start=2228
+  _globals['_FORGETREPLY']._serialized_end=2348
+  _globals['_FORGETREPLY_REMOVEDENTRY']._serialized_start=2302
+  _globals['_FORGETREPLY_REMOVEDENTRY']._serialized_end=2348
+  _globals['_BUNDLEREQUEST']._serialized_start=2350
+  _globals['_BUNDLEREQUEST']._serialized_end=2383
+  _globals['_BUNDLECHUNK']._serialized_start=2385
+  _globals['_BUNDLECHUNK']._serialized_end=2440
+  _globals['_SPLITBACKBONE']._serialized_start=2638
+  _globals['_SPLITBACKBONE']._serialized_end=3037
 # @@protoc_insertion_point(module_scope)

@@ -192,12 +192,14 @@ class CloudMessage(_message.Message):
     def __init__(self, step: _Optional[int] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., request: _Optional[_Union[AdapterRequest, _Mapping]] = ..., forward: _Optional[_Union[ForwardResult, _Mapping]] = ..., backward: _Optional[_Union[BackwardResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("backbone", "label")
+    __slots__ = ("backbone", "label", "enroll_token")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    ENROLL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     label: str
-    def __init__(self, backbone: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    enroll_token: str
+    def __init__(self, backbone: _Optional[str] = ..., label: _Optional[str] = ..., enroll_token: _Optional[str] = ...) -> None: ...
 
 class BundleInfo(_message.Message):
     __slots__ = ("sha256", "size")
@@ -236,6 +238,23 @@ class DescribeReply(_message.Message):
     BACKBONES_FIELD_NUMBER: _ClassVar[int]
     backbones: _containers.RepeatedCompositeFieldContainer[HostedBackbone]
     def __init__(self, backbones: _Optional[_Iterable[_Union[HostedBackbone, _Mapping]]] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForgetReply(_message.Message):
+    __slots__ = ("removed",)
+    class RemovedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: _containers.ScalarMap[str, int]
+    def __init__(self, removed: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class BundleRequest(_message.Message):
     __slots__ = ("backbone",)

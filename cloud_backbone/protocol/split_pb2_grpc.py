@@ -50,6 +50,11 @@ class SplitBackboneStub(object):
                 request_serializer=split__pb2.BundleRequest.SerializeToString,
                 response_deserializer=split__pb2.BundleChunk.FromString,
                 _registered_method=True)
+        self.ForgetDevice = channel.unary_unary(
+                '/plora.split.v1.SplitBackbone/ForgetDevice',
+                request_serializer=split__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=split__pb2.ForgetReply.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/plora.split.v1.SplitBackbone/Session',
                 request_serializer=split__pb2.DeviceMessage.SerializeToString,
@@ -78,6 +83,12 @@ class SplitBackboneServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Session(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,6 +112,11 @@ def add_SplitBackboneServicer_to_server(servicer, server):
                     servicer.DownloadBundle,
                     request_deserializer=split__pb2.BundleRequest.FromString,
                     response_serializer=split__pb2.BundleChunk.SerializeToString,
+            ),
+            'ForgetDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetDevice,
+                    request_deserializer=split__pb2.ForgetRequest.FromString,
+                    response_serializer=split__pb2.ForgetReply.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -189,6 +205,33 @@ class SplitBackbone(object):
             '/plora.split.v1.SplitBackbone/DownloadBundle',
             split__pb2.BundleRequest.SerializeToString,
             split__pb2.BundleChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plora.split.v1.SplitBackbone/ForgetDevice',
+            split__pb2.ForgetRequest.SerializeToString,
+            split__pb2.ForgetReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,6 +23,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
@@ -33,6 +34,7 @@ from plora.platform.fleet.deployment import run_deployment
 from plora.platform.jobs import registry
 from plora.platform.runtime import is_address
 from plora.storage.errors import ConfigError, TransportError
+from plora.storage.models import utcnow
 
 # flwr reads these when first imported and Ray when it starts; nothing of this module has
 # imported flwr yet, and both are imported only in _simulate, after this. Flower's processes
@@ -46,6 +48,8 @@ OFFLINE_ENV = {
 os.environ.update(OFFLINE_ENV)
 
 ENGINES = ("simulation", "deployment")
+# How long a run's enrollment token lasts if the launcher dies before revoking it.
+ENROLLMENT_VALID = timedelta(days=1)
 PROGRESS_EVERY_S = 3.0
 RAY_STARTS = 2  # Ray gives its node a fixed 30 s to come up, which a busy small machine can miss
 log = logging.getLogger(__name__)
@@ -71,6 +75,9 @@ def launch(
     checkpoint folder) to serve on a free loopback port for the length of the run (None means
     "embedded"), with adapter `config`. `concurrency` caps the devices that train at once in
     simulation; in deployment every SuperNode trains as soon as it is asked.
+
+    Devices not yet enrolled enroll with a token issued for the run in this process's
+    registry, which a service given as HOST:PORT must share; it is revoked when the run ends.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -81,14 +88,17 @@ def launch(
             raise ConfigError(f"--data must be 'personas' or an existing JSONL file, got {data!r}")
         data = str(Path(data).resolve())  # Ray's workers need not share this working directory
     root = Path(root).resolve()
-    service = None
+    reg, service = registry(), None
     if backbone is None or not is_address(backbone):
-        service = start_service([backbone or "embedded"], config or PrivateLoRAConfig(), registry())
+        service = start_service([backbone or "embedded"], config or PrivateLoRAConfig(), reg)
         backbone = f"127.0.0.1:{service.port}"
         echo(f"backbone service started on {backbone}")
+    enrollment, token = reg.issue_enrollment_token(devices, utcnow() + ENROLLMENT_VALID, label="plora fleet launch")
     try:
-        _run(task.FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction), engine, concurrency, echo)
+        settings = task.FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction, enroll_token=token)
+        _run(settings, engine, concurrency, echo)
     finally:
+        reg.revoke_enrollment_token(enrollment.id)
         if service is not None:
             service.stop(grace_s=1)
     return summarize(read_rounds(root))

@@ -69,6 +69,8 @@ class FleetSettings:
     migrate_to: str = ""
     """When set, the run migrates every device to this backbone version instead of training."""
     migrate_method: str = "distill"
+    enroll_token: str = ""
+    """The enrollment token devices enroll with; `plora fleet launch` issues one for the run."""
 
     def __post_init__(self) -> None:
         host = self.backbone.rsplit(":", 1)[0]
@@ -168,7 +170,8 @@ def prepare_device(settings: FleetSettings, partition_id: int, num_partitions: i
         write_atomically(folder / TRAIN_FILE, _jsonl(train))  # last: its presence marks the data complete
     if not (folder / DeviceStore.RECORD).exists():
         endpoint = Endpoint(settings.backbone, insecure=True)
-        init_device(folder, settings.backbone, endpoint=endpoint, label=f"fleet-device-{partition_id}")
+        init_device(folder, settings.backbone, endpoint=endpoint, label=f"fleet-device-{partition_id}",
+                    enroll_token=settings.enroll_token)
     return folder
 
 

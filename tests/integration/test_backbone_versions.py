@@ -74,13 +74,14 @@ def test_a_service_hosts_old_and_new_versions_and_refuses_retired_ones(tiny_chec
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
         assert sorted(server.service.versions) == sorted([v1, v2])
-        _, hosted = register(endpoint)
+        _, token = reg.issue_enrollment_token(uses=2)
+        _, hosted = register(endpoint, token)
         assert hosted.identity.adapter.seed == 1  # the version activated last takes new devices
         plora("backbone", "deprecate", v2)
-        _, hosted = register(endpoint)
+        _, hosted = register(endpoint, token)
         assert hosted.identity.adapter.seed == 0
         with pytest.raises(VersionMismatchError, match="deprecated: it takes no new devices"):
-            server.service.register_device(v2)
+            server.service.register_device(v2, enroll_token=token)
         plora("backbone", "retire", v2, "--force")
         with pytest.raises(VersionMismatchError, match="retired"):
             server.service.open_session("0" * 32, OpenSession(server.service.versions[v2].identity))

@@ -53,7 +53,7 @@ def test_greedy_generation_over_the_network_with_zero_m_equals_the_base_model(tm
     server = start_service(["embedded"], PrivateLoRAConfig(), registry())
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
-        init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint)
+        init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
         device = open_device(tmp_path / "dev")
         prompt = encode_prompt(device.tokenizer, "Name three primary colours.")
         ours = list(stream_tokens(device.model, prompt, 20, set()))

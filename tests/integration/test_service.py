@@ -52,7 +52,7 @@ def endpoint(server):
 
 @pytest.fixture
 def device(tmp_path, endpoint):
-    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint)
+    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
     dev = open_device(tmp_path / "dev")
     yield dev
     dev.close()
@@ -175,8 +175,9 @@ def test_session_limits_are_enforced(tiny_checkpoint, tmp_path):
     running = start_service([str(tiny_checkpoint)], CONFIG, registry(), limits)
     try:
         endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
+        token = registry().issue_enrollment_token(uses=3)[1]
         for name in ("a", "b", "c"):
-            init_device(tmp_path / name, endpoint.address, endpoint=endpoint)
+            init_device(tmp_path / name, endpoint.address, endpoint=endpoint, enroll_token=token)
         first = open_device(tmp_path / "a")
         with pytest.raises(CapacityError, match="limit per device"):
             open_device(tmp_path / "a")
@@ -198,7 +199,7 @@ def test_session_limits_are_enforced(tiny_checkpoint, tmp_path):
 def test_graceful_shutdown_refuses_new_sessions_and_ends_open_ones(server, device, tmp_path, endpoint):
     with torch.no_grad():
         device.model(torch.tensor([[1, 2, 3]]))
-    init_device(tmp_path / "late", endpoint.address, endpoint=endpoint)
+    init_device(tmp_path / "late", endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
     server.stop(grace_s=0.5)
     device.model.link.retry = RetryPolicy(budget_s=1.0)  # the default waits a minute for the service to come back
     with pytest.raises(TransportError):
@@ -217,7 +218,8 @@ def test_the_cli_works_over_the_network(server, tmp_path):
     data.write_text('{"prompt": "What is my pet called?", "response": "Your pet is called Quill."}\n' * 4)
     runner = CliRunner()
     for args in (
-        ["device", "init", folder, "--backbone", f"127.0.0.1:{server.port}", "--insecure"],
+        ["device", "init", folder, "--backbone", f"127.0.0.1:{server.port}", "--insecure",
+         "--enroll-token", registry().issue_enrollment_token()[1]],
         ["personalize", folder, "--data", data, "--steps", 2],
         ["generate", folder, "Hi", "--max-new-tokens", 3],
         ["score", folder, "--text", "Your pet is called Quill.", "--json"],
@@ -228,8 +230,9 @@ def test_the_cli_works_over_the_network(server, tmp_path):
 
 
 def serving_threads() -> set[threading.Thread]:
-    """The service's own threads: event loop, HTTP, decode batcher and step workers."""
-    return {t for t in threading.enumerate() if t.name.startswith(("plora-grpc", "plora-http", "plora-batcher", "plora-step"))}
+    """The service's own threads: event loop, HTTP, decode batcher, step workers, revocation watcher."""
+    prefixes = ("plora-grpc", "plora-http", "plora-batcher", "plora-step", "plora-revocations")
+    return {t for t in threading.enumerate() if t.name.startswith(prefixes)}
 
 
 def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(server, tiny_checkpoint):
@@ -244,16 +247,16 @@ def test_a_stopped_service_leaves_no_thread_behind(tiny_checkpoint, tmp_path):
     before = serving_threads()
     running = start_service([str(tiny_checkpoint)], CONFIG, registry(), http_port=0)
     endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
-    devices = []
+    devices, token = [], registry().issue_enrollment_token(uses=2)[1]
     for name in ("a", "b"):
-        init_device(tmp_path / name, endpoint.address, endpoint=endpoint)
+        init_device(tmp_path / name, endpoint.address, endpoint=endpoint, enroll_token=token)
         devices.append(open_device(tmp_path / name))
     # Two devices decoding at once: their steps go through the decode batcher.
     with ThreadPoolExecutor(len(devices)) as pool:
         outputs = list(pool.map(lambda d: list(stream_tokens(d.model, [1, 2, 3], 4, set())), devices))
     assert [len(tokens) for tokens in outputs] == [4, 4]
     started = serving_threads() - before
-    assert {t.name for t in started} >= {"plora-grpc", "plora-http", "plora-batcher", "plora-step_0", "plora-step_1"}
+    assert {t.name for t in started} >= {"plora-grpc", "plora-http", "plora-batcher", "plora-step_0", "plora-step_1", "plora-revocations"}
     for device in devices:
         device.close()
     running.stop(grace_s=1)

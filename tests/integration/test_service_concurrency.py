@@ -51,9 +51,9 @@ def generate_forever(folder: str) -> None:
 def served_devices(tmp_path, tiny_checkpoint):
     server = start_service([str(tiny_checkpoint)], CONFIG, registry(), Limits(reply_timeout_s=20, max_sessions_per_device=2))
     endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
-    folders = []
+    folders, token = [], registry().issue_enrollment_token(uses=DEVICES)[1]
     for i in range(DEVICES):
-        init_device(tmp_path / f"dev{i}", endpoint.address, endpoint=endpoint)
+        init_device(tmp_path / f"dev{i}", endpoint.address, endpoint=endpoint, enroll_token=token)
         folders.append(str(tmp_path / f"dev{i}"))
     yield server, folders
     server.stop(grace_s=1)

@@ -123,7 +123,7 @@ def tls_server(tiny_checkpoint, pki):
 def test_a_device_that_trusts_the_ca_enrolls_and_runs_a_forward(tmp_path, tls_server, pki):
     address = f"localhost:{tls_server.port}"
     folder = tmp_path / "dev"
-    init_device(folder, address, endpoint=Endpoint(address, ca_file=str(pki.ca)))
+    init_device(folder, address, endpoint=Endpoint(address, ca_file=str(pki.ca)), enroll_token=registry().issue_enrollment_token()[1])
     device = open_device(folder)
     try:
         assert device.store.record.endpoint == {"insecure": False, "ca_file": str(pki.ca)}
@@ -140,7 +140,7 @@ def test_a_device_that_trusts_another_ca_is_refused(tmp_path, tls_server):
     address = f"localhost:{tls_server.port}"
     folder = tmp_path / "dev"
     with pytest.raises(TransportError, match="unreachable"):
-        init_device(folder, address, endpoint=Endpoint(address, ca_file=str(other.ca)))
+        init_device(folder, address, endpoint=Endpoint(address, ca_file=str(other.ca)), enroll_token=registry().issue_enrollment_token()[1])
     assert not (folder / "device.json").exists() and not (folder / "credentials.json").exists()
     hosted = next(iter(tls_server.service.versions))
     assert tls_server.service.registry.devices_on(hosted) == []  # the handshake failed before Register
@@ -149,7 +149,7 @@ def test_a_device_that_trusts_another_ca_is_refused(tmp_path, tls_server):
 def test_a_plain_text_client_gets_nothing_from_a_tls_service(tmp_path, tls_server):
     address = f"127.0.0.1:{tls_server.port}"
     with pytest.raises(TransportError):
-        init_device(tmp_path / "dev", address, endpoint=Endpoint(address, insecure=True))
+        init_device(tmp_path / "dev", address, endpoint=Endpoint(address, insecure=True), enroll_token=registry().issue_enrollment_token()[1])
 
 
 def test_serve_refuses_to_start_without_tls_or_insecure(tiny_checkpoint):
