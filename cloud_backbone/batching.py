@@ -11,7 +11,8 @@ A session decoding alone skips all this and runs its own steps.
 A row's failure is its own, whatever it is: a device that sends garbage, disconnects, or
 answers later than the batch's late-reply budget (max(floor, factor × the median reply time of
 the rows that did answer)) is taken out of the batch. Its u·M is replaced by zeros for the rest
-of that pass, its result is discarded, its cache is left as it was, and the others go on.
+of that pass, its result is discarded, its cache is left as it was, and the others go on. A late
+row is not failed: its session runs the step again on its own (a slow link is no fault).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ from plora.storage.errors import PloraError, SessionError, TransportError
 log = logging.getLogger(__name__)
 
 COMPANY_WINDOW_S = 1.0  # sessions that made a decode step this recently are batched together
+
+
+class LateReply(TransportError):
+    """A row's reply missed its batch's budget. The session runs the step again on its own
+    once `pending`, the reply still on its way, has come (or failed)."""
+
+    def __init__(self, message: str, pending: Future):
+        super().__init__(message)
+        self.pending = pending
 
 
 @dataclass(eq=False)
@@ -164,9 +174,10 @@ class DecodeBatcher:
                 times.append(time.monotonic() - started)
             deadline = started + max(self.late_floor_s, self.late_factor * statistics.median(times))
         for future, i in waiting.items():
-            batch[i].error = TransportError(
+            batch[i].error = LateReply(
                 f"the reply for layer {requests[i].layer} {group} came later than the batch's budget of "
-                f"{deadline - started:.3f} s; this step was taken out of its batch"
+                f"{deadline - started:.3f} s; this step was taken out of its batch",
+                future,
             )
         rows = []
         for ticket, request, future in zip(batch, requests, futures):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from plora.cloud_backbone.batching import DecodeBatcher, batchable
+from plora.cloud_backbone.batching import DecodeBatcher, LateReply, batchable
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice
@@ -161,9 +161,10 @@ class CloudSession:
             batcher = self.half.batcher
             # A prefill counts as decoding, so that sessions starting together batch from their first step.
             company = batcher is not None and cache is not None and not request.train and batcher.has_company(self)
+            out = None
             if company and batchable(cache, hidden, request.train, request.attention_mask):
-                out = batcher.step(self, hidden)
-            else:
+                out = self._batched(batcher, hidden)
+            if out is None:
                 with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
                     out = self.half.stack(
                         inputs_embeds=hidden,
@@ -185,6 +186,15 @@ class CloudSession:
         if request.train:
             self._graph = (hidden, out)
         return ForwardResult(out.detach())
+
+    def _batched(self, batcher: DecodeBatcher, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The step run in the next batch; None when the device's reply came too late for the
+        batch, and the step must run alone."""
+        try:
+            return batcher.step(self, hidden)
+        except LateReply as late:
+            late.pending.exception()  # let the late reply arrive; its exchange's own timeout bounds the wait
+            return None
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` cached positions of every layer. It undoes a failed step
@@ -222,9 +232,10 @@ class CloudSession:
 
     def _hold_step(self, hidden: torch.Tensor, mode: CacheMode, batch: int, length: int, train: bool) -> None:
         """Declare what the step will hold, before it allocates anything."""
-        if mode is not CacheMode.NONE and length > self.max_tokens:
-            raise SessionError(
-                f"session would hold {length} tokens, over its limit of {self.max_tokens}; start a new sequence"
+        if mode is not CacheMode.NONE and batch * length > self.max_tokens:
+            raise CapacityError(
+                f"session would hold {batch}×{length} cached positions, over its limit of {self.max_tokens}; "
+                "start a new sequence, or send fewer rows"
             )
         costs, tokens = self.half.costs, hidden.shape[1]
         try:

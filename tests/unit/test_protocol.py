@@ -17,7 +17,7 @@ from plora.cloud_backbone.protocol import (
     ForwardRequest,
     Phase,
 )
-from plora.storage.errors import SessionError, ValidationError, VersionMismatchError
+from plora.storage.errors import CapacityError, SessionError, ValidationError, VersionMismatchError
 from tests.conftest import tiny_backbone
 
 CONFIG = PrivateLoRAConfig(rank=4)
@@ -83,9 +83,15 @@ def test_session_state_rules(session):
     with pytest.raises(SessionError, match="preceding forward"):
         session.backward(BackwardRequest(torch.zeros(1, 5, 32)), honest)
     session.forward(ForwardRequest(hidden(10), cache=CacheMode.START), honest)
-    with pytest.raises(SessionError, match="over its limit of 16"):
+    with pytest.raises(CapacityError, match="over its limit of 16"):
         session.forward(ForwardRequest(hidden(7), cache=CacheMode.EXTEND), honest)
     session.forward(ForwardRequest(hidden(6), cache=CacheMode.EXTEND), honest)  # exactly at the limit
+
+
+def test_the_token_limit_counts_the_positions_of_every_row(session):
+    with pytest.raises(CapacityError, match=r"2×10 cached positions"):
+        session.forward(ForwardRequest(torch.randn(2, 10, 32), cache=CacheMode.START), honest)
+    session.forward(ForwardRequest(torch.randn(2, 8, 32), cache=CacheMode.START), honest)
 
 
 def test_backward_checks_the_gradient_and_is_single_use(session):
