@@ -53,7 +53,13 @@ class Endpoint:
     ca_file: str | None = None  # a CA bundle to trust; None = gRPC's bundled public roots
 
     def channel(self) -> grpc.Channel:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Pings during a call find a dead service in 40 s; the service accepts one per 10 s.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ]
         if self.insecure:
             return grpc.insecure_channel(self.address, options=options)
         root = Path(self.ca_file).read_bytes() if self.ca_file else None
@@ -89,14 +95,24 @@ def rpc_error(err: grpc.RpcError) -> PloraError:
         return AuthenticationError(detail)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return ConnectionLost(f"the backbone service is unreachable or went away ({code.name}: {detail})")
+    # The service aborts with "<plora error class>: <message>"; anything else is a transport failure.
+    name, _, message = detail.partition(": ")
+    if code in _REFUSALS and _plora_class(name) is not None:
+        return _plora_class(name)(message)
     return TransportError(f"{code.name}: {detail}")
 
 
+# Status codes the service uses to refuse a call for a reason the device should act on.
+_REFUSALS = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
+
+
+def _plora_class(name: str) -> type[PloraError] | None:
+    kind = getattr(errors, name, None)
+    return kind if isinstance(kind, type) and issubclass(kind, PloraError) else None
+
+
 def _error_from(message: StepError) -> PloraError:
-    kind = getattr(errors, message.kind, None)
-    if not (isinstance(kind, type) and issubclass(kind, PloraError)):
-        kind = TransportError
-    return kind(message.message)
+    return (_plora_class(message.kind) or TransportError)(message.message)
 
 
 class _Session:

@@ -16,9 +16,8 @@ from plora.cloud_backbone import loading
 from plora.cloud_backbone.device_access import Enrollment
 from plora.cloud_backbone.metrics import Metrics
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc
 from plora.cloud_backbone.service import BackboneService, Limits, prepare_version
-from plora.cloud_backbone.servicer import SplitBackboneServicer
+from plora.cloud_backbone.servicer import SplitBackboneServicer, add_to_server
 from plora.cloud_backbone.versions import load_version
 from plora.storage.errors import ConfigError
 from plora.storage.paths import plora_home
@@ -76,6 +75,7 @@ class RunningServer:
     ):
         self.service = service  # from here on, stopping the server closes it
         self.metrics = Metrics()
+        self.metrics.track_memory(service.memory.used)
         self._servicer = SplitBackboneServicer(service, self.metrics)
         self.http = None
         self._loop = asyncio.new_event_loop()
@@ -111,10 +111,18 @@ class RunningServer:
             # gRPC shares a port with another server by default; a second service on the same
             # port would take half the devices' sessions, so a taken port must be an error.
             ("grpc.so_reuseport", 0),
+            # Keepalive finds devices that vanished without closing their connection; devices
+            # may ping as often as every 10 s (plora's client pings every 30 s).
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
-        # Streams beyond the session limit are refused by the service; leave room for unary calls.
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_sessions + 8)
-        pb_grpc.add_SplitBackboneServicer_to_server(self._servicer, server)
+        # Each kind of call has its own budget in the servicer, so that a flood of one kind
+        # cannot starve the others; gRPC's own cap only bounds what is left (unauthenticated calls).
+        budgets = limits.max_sessions + limits.max_bundle_downloads + 3 * limits.max_unary_calls
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=2 * budgets)
+        add_to_server(self._servicer, server)
         address = f"{host}:{port}"
         try:
             bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
@@ -177,5 +185,5 @@ def start_service(
     if len(set(names)) != len(names):
         raise ConfigError(f"a backbone version is listed twice: {names}")
     bundles = plora_home() / "bundles"
-    versions = [prepare_version(backbone, cfg, bundles) for backbone, cfg in loaded]
+    versions = [prepare_version(backbone, cfg, bundles, limits) for backbone, cfg in loaded]
     return RunningServer(BackboneService(versions, registry, limits, enrollment), host, port, tls, http_port, http_host)

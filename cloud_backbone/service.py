@@ -8,13 +8,15 @@ from __future__ import annotations
 import copy
 import hmac
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from plora.cloud_backbone.budget import MemoryBudget
 from plora.cloud_backbone.compute import CloudHalf, CloudSession
 from plora.cloud_backbone.device_access import Enrollment, OpenEnrollmentGate, RevocationWatcher
 from plora.cloud_backbone.loading import Backbone, save_checkpoint
@@ -33,16 +35,39 @@ LAST_SEEN_EVERY = timedelta(minutes=1)
 """How stale a device's last-seen time may get: updating it costs a registry write."""
 
 
+def _half_of_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 @dataclass(frozen=True)
 class Limits:
     max_message_bytes: int = 32 << 20
     max_tokens_per_session: int = 4096
+    max_step_tokens: int = 8192
+    """Batch × tokens of one forward or backward step."""
     max_sessions: int = 64
     max_sessions_per_device: int = 4
+    """Streams a device may hold, open or still opening."""
+    session_memory_bytes: int = 4 << 30
+    """KV cache, training graph and the step in flight of one session (see budget.py)."""
+    total_memory_bytes: int = field(default_factory=_half_of_memory)
+    """The same, for every session together."""
+    first_frame_timeout_s: float = 5.0
+    """A stream that has not sent OpenSession by then is closed."""
     reply_timeout_s: float = 30.0
     """How long the service waits for a device's adapter reply before failing its session."""
+    write_timeout_s: float = 10.0
+    """How long a write to a device may wait for it to read, before its session is closed."""
+    late_reply_floor_s: float = 0.25
+    late_reply_factor: float = 5.0
+    """A row of a batched step is taken out of the batch once its reply is later than
+    max(floor, factor × the median reply time of the batch's other rows)."""
     idle_timeout_s: float = 600.0
     """A session with no step for this long is closed and its memory freed."""
+    max_bundle_downloads: int = 4
+    bundle_timeout_s: float = 600.0
+    max_unary_calls: int = 16
+    """Register and Describe calls in flight, each; more are refused, not queued."""
 
     @property
     def max_tensor_elements(self) -> int:
@@ -77,7 +102,7 @@ class HostedVersion:
         return self.half.identity
 
 
-def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: Path) -> HostedVersion:
+def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: Path, limits: Limits = Limits()) -> HostedVersion:
     """Prepare a backbone version for serving: its device bundle first, then its cloud half
     (which takes the decoder layers out of the model)."""
     bundle = bundle_root / backbone.identity(config).version
@@ -85,7 +110,7 @@ def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: 
         export_device_bundle(backbone, config, bundle)
     digest, size = bundle_digest(bundle)
     half = CloudHalf(backbone, config)
-    half.enable_batching()
+    half.enable_batching(late_floor_s=limits.late_reply_floor_s, late_factor=limits.late_reply_factor)
     return HostedVersion(half, backbone.source.spec, bundle, digest, size)
 
 
@@ -116,6 +141,7 @@ class BackboneService:
         self.limits = limits
         self._sessions: dict[str, ServiceSession] = {}
         self._lock = threading.Lock()
+        self.memory = MemoryBudget(limits.total_memory_bytes, limits.session_memory_bytes)
         self.draining = False
         for version in versions:
             ensure_version(registry, version.identity, version.source)
@@ -198,7 +224,8 @@ class BackboneService:
             mine = sum(s.device_id == device_id for s in self._sessions.values())
             if mine >= self.limits.max_sessions_per_device:
                 raise CapacityError(f"device {device_id} already has {mine} sessions, the limit per device")
-            session = ServiceSession(uuid.uuid4().hex, device_id, version, version.half.open_session(max_tokens))
+            cloud = version.half.open_session(max_tokens, self.limits.max_step_tokens, self.memory.open())
+            session = ServiceSession(uuid.uuid4().hex, device_id, version, cloud)
             self._sessions[session.session_id] = session
         return session
 
@@ -236,3 +263,7 @@ class BackboneService:
     @property
     def active_sessions(self) -> int:
         return len(self._sessions)
+
+    def accounted_bytes(self) -> dict[str, int]:
+        """Bytes the sessions hold, per kind (kv, graph, pending)."""
+        return self.memory.used()

@@ -5,18 +5,27 @@ served by a coroutine on the event loop that reads and writes the stream itself.
 compute runs on a worker thread; inside it the cloud asks the device for u·M layer by layer,
 and each ask is one coroutine on the loop: write the request, read the reply. A round trip
 thus costs two hand-offs between the worker and the loop, which matters because a decode
-step makes one per adapted layer. Every wait on the device is bounded by the reply timeout.
+step makes one per adapted layer.
+
+Every device is hostile until its bytes are checked, and whatever one does ends at its own
+session: an undecodable frame is a ValidationError of that step, a broken stream ends that
+session only, every wait on a device (its first frame, each reply, each write) has a deadline,
+and each kind of call has its own concurrency budget, so that a flood of one kind (streams
+that never open, registrations, downloads) cannot starve the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf import message_factory
 
 from plora.cloud_backbone.metrics import Metrics
 from plora.cloud_backbone.protocol import (
@@ -42,6 +51,7 @@ from plora.storage.errors import (
     TransportError,
     ValidationError,
     VersionMismatchError,
+    quoted,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,44 @@ STATUS = {
     TransportError: grpc.StatusCode.UNAVAILABLE,
 }
 BUNDLE_CHUNK = 1 << 20
+MAX_ERROR_CHARS = 1000  # what a device is told, or the log keeps, of one error
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request protobuf could not parse. The servicer's lenient deserializers return it
+    instead of raising, so that the handler answers INVALID_ARGUMENT (or a step error) where
+    gRPC would answer UNKNOWN and log a traceback."""
+
+    expected: str
+
+
+def _lenient(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, or anything else a hostile frame provokes
+            return Undecodable(message_class.__name__)
+
+    return parse
+
+
+def add_to_server(servicer: SplitBackboneServicer, server) -> None:
+    """Register every method of split.proto's service with lenient deserializers."""
+    service = pb.DESCRIPTOR.services_by_name["SplitBackbone"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        reply = message_factory.GetMessageClass(method.output_type)
+        make = kinds[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request),
+                                     response_serializer=reply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def status_for(err: PloraError) -> grpc.StatusCode:
@@ -87,9 +135,12 @@ class DeviceAsker:
 
     def __init__(self, stream: SessionStream, step: int):
         self._stream, self._step = stream, step
+        self.sent: list[Future] = []
 
     def submit(self, request: AdapterRequest) -> Future:
-        return asyncio.run_coroutine_threadsafe(self._stream.exchange(self._step, request), self._stream.loop)
+        future = asyncio.run_coroutine_threadsafe(self._stream.exchange(self._step, request), self._stream.loop)
+        self.sent.append(future)
+        return future
 
     def __call__(self, request: AdapterRequest) -> AdapterReply:
         return self.submit(request).result()
@@ -100,45 +151,66 @@ class SessionStream:
 
     def __init__(self, service: BackboneService, metrics: Metrics, workers: ThreadPoolExecutor, device_id: str, context):
         self.service, self.metrics, self.workers, self.device_id = service, metrics, workers, device_id
+        self.limits = service.limits
         self.context = context
         self.loop = asyncio.get_running_loop()
         self._bytes_in, self._bytes_out = metrics.wire_bytes.labels("in"), metrics.wire_bytes.labels("out")
         self._serving: asyncio.Task | None = None  # while the session is open: the task serving it
         self._ended_for: str | None = None  # why the service ended the session, if it did
+        self._warned = False  # one log line per session for malformed input, never a flood
 
     async def _read(self, timeout: float, waiting_for: str):
         try:
             frame = await asyncio.wait_for(self.context.read(), timeout)
         except asyncio.TimeoutError:
-            raise TransportError(f"no {waiting_for} from the device within {timeout:g} s; session closed") from None
-        except (asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
+            raise _Ended(f"no {waiting_for} from the device within {timeout:g} s; session closed") from None
+        except (asyncio.CancelledError, Exception) as err:
             # The stream is over (cancelled, broken, or the server is stopping). Raised in an
             # exchange, this reaches the worker as an error of this session, not of the batch.
             raise _Ended(f"the device's stream ended: {type(err).__name__}") from None
         if frame is grpc.aio.EOF:
             raise _Ended("the device closed its stream")
+        if isinstance(frame, Undecodable):
+            raise ValidationError(f"a frame that is not a DeviceMessage (while waiting for {waiting_for})")
         self._bytes_in.inc(frame.ByteSize())
-        return wire.parse_device_message(frame, self.service.limits.max_tensor_elements)
+        try:
+            return wire.parse_device_message(frame, self.limits.max_tensor_elements)
+        except PloraError:
+            raise
+        except Exception as err:  # the parser must not let a foreign error out, whatever the frame
+            raise ValidationError(f"malformed DeviceMessage: {type(err).__name__}") from None
 
     async def _write(self, step: int, message) -> None:
         frame = wire.cloud_message(step, message)
         self._bytes_out.inc(frame.ByteSize())
-        await self.context.write(frame)
+        try:
+            await asyncio.wait_for(self.context.write(frame), self.limits.write_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Ended(f"the device read nothing for {self.limits.write_timeout_s:g} s; session closed") from None
+        except (asyncio.CancelledError, Exception) as err:
+            raise _Ended(f"cannot write to the device: {type(err).__name__}") from None
 
     async def exchange(self, step: int, request: AdapterRequest) -> AdapterReply:
-        """One round trip: u down to the device, its reply back."""
+        """One round trip: u down to the device, its reply back. Fails only with a PloraError."""
         started = time.perf_counter()
         await self._write(step, request)
-        got_step, reply = await self._read(self.service.limits.reply_timeout_s, f"reply for layer {request.layer}")
+        got_step, reply = await self._read(self.limits.reply_timeout_s, f"reply for layer {request.layer}")
         if got_step != step:
             raise ValidationError(f"reply belongs to step {got_step}, expected step {step}")
         self.metrics.round_trip.labels(str(request.layer)).observe(time.perf_counter() - started)
         return reply
 
+    def _note(self, err: PloraError) -> None:
+        self.metrics.step_errors.labels(type(err).__name__).inc()
+        if not self._warned and isinstance(err, ValidationError):
+            self._warned = True
+            log.warning("device %s sent malformed input (further cases of this session are not logged): %s",
+                        quoted(self.device_id), quoted(str(err), 300))
+
     async def serve(self) -> None:
         session = None
         try:
-            step, opening = await self._read(self.service.limits.reply_timeout_s, "OpenSession")
+            step, opening = await self._read(self.limits.first_frame_timeout_s, "OpenSession")
             if not isinstance(opening, OpenSession):
                 raise SessionError(f"a session starts with OpenSession, got {type(opening).__name__}")
             # open_session reads the registry: keep the database off the loop.
@@ -148,24 +220,33 @@ class SessionStream:
             await self._write(step, SessionOpened(session.session_id, session.version.identity, session.cloud.max_tokens))
             while True:
                 try:
-                    step, message = await self._read(self.service.limits.idle_timeout_s, "step")
+                    step, message = await self._read(self.limits.idle_timeout_s, "step")
                     await self._serve_step(session, step, message)
-                except (ValidationError, SessionError, CapacityError) as err:
-                    # The step failed; the session, and every other session, goes on.
-                    self.metrics.step_errors.labels(type(err).__name__).inc()
-                    await self._write(step, StepError(type(err).__name__, str(err)))
+                except _Ended:
+                    raise
+                except (ValidationError, SessionError, CapacityError, TransportError) as err:
+                    # The step failed and the session's state is as before it; the session, and
+                    # every other session, goes on.
+                    self._note(err)
+                    await self._write(step, StepError(type(err).__name__, str(err)[:MAX_ERROR_CHARS]))
         except _Ended:
             pass
         except PloraError as err:
-            self.metrics.step_errors.labels(type(err).__name__).inc()
-            await self._write(0, StepError(type(err).__name__, str(err), fatal=True))
+            self._note(err)
+            try:
+                await self._write(0, StepError(type(err).__name__, str(err)[:MAX_ERROR_CHARS], fatal=True))
+            except _Ended:
+                pass
         except (asyncio.CancelledError, grpc.aio.AbortError):
             if self._ended_for is None:
                 raise  # the device went away or the server is stopping: nobody is left to tell
         except Exception as err:  # a bug: fail this session only, and keep the trace in the log
-            log.exception("session of device %s failed", self.device_id)
+            log.exception("session of device %s failed", quoted(self.device_id))
             self.metrics.step_errors.labels("InternalError").inc()
-            await self._write(0, StepError("InternalError", f"{type(err).__name__} in the service", fatal=True))
+            try:
+                await self._write(0, StepError("InternalError", f"{type(err).__name__} in the service", fatal=True))
+            except _Ended:
+                pass
         finally:
             self._serving = None
             if session is not None:
@@ -199,19 +280,60 @@ class SessionStream:
         except asyncio.CancelledError:
             # The stream is gone: its pending read fails, so the worker's ask fails and it ends
             # soon. Wait for it, so the session is not closed under a running step.
-            await asyncio.wait([worker], timeout=self.service.limits.reply_timeout_s)
+            await asyncio.wait([worker], timeout=self.limits.reply_timeout_s)
+            if worker.done() and not worker.cancelled():
+                worker.exception()  # retrieved: nobody is left to tell
             raise
+        finally:
+            await self._settle(ask)
         if isinstance(message, ForwardRequest):
             self.metrics.tokens.labels("train" if message.train else "forward").inc(message.hidden.shape[0] * message.hidden.shape[1])
         await self._write(step, result)
+
+    async def _settle(self, ask: DeviceAsker) -> None:
+        """Wait for the exchanges a step left behind (a row taken out of its batch while its
+        reply was still on the way), so that the next read of the stream is the next step's."""
+        left = [asyncio.wrap_future(f) for f in ask.sent if not f.done()]
+        if left:
+            await asyncio.wait(left, timeout=self.limits.reply_timeout_s)
+            for future in left:
+                if not future.done():
+                    raise _Ended("a reply the session owed never came")
+                future.exception()  # retrieved: its error was the step's, already reported
+
+
+class _Slots:
+    """At most `limit` calls of one kind at once; one more is refused at once, never queued.
+    Used on the event loop only, so it needs no lock."""
+
+    def __init__(self, kind: str, limit: int):
+        self.kind, self.limit, self.used = kind, limit, 0
+
+    @contextmanager
+    def taken(self):
+        if self.used >= self.limit:
+            raise CapacityError(f"the service already runs its limit of {self.limit} {self.kind}; retry later")
+        self.used += 1
+        try:
+            yield
+        finally:
+            self.used -= 1
 
 
 class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
     def __init__(self, service: BackboneService, metrics: Metrics):
         self.service = service
         self.metrics = metrics
+        limits = service.limits
         # One worker per session the service admits, so a step never waits for a free thread.
-        self.workers = ThreadPoolExecutor(max_workers=service.limits.max_sessions, thread_name_prefix="plora-step")
+        self.workers = ThreadPoolExecutor(max_workers=limits.max_sessions, thread_name_prefix="plora-step")
+        self.sessions = _Slots("sessions (open or opening)", limits.max_sessions)
+        self.downloads = _Slots("bundle downloads", limits.max_bundle_downloads)
+        self.registrations = _Slots("registrations", limits.max_unary_calls)
+        self.descriptions = _Slots("Describe calls", limits.max_unary_calls)
+        self.authentications = _Slots("authentications", limits.max_unary_calls)
+        self.forgets = _Slots("ForgetDevice calls", limits.max_unary_calls)
+        self._streams_of: collections.Counter[str] = collections.Counter()  # device id -> streams, open or opening
 
     def close(self) -> None:
         """End the worker threads. Once the server has stopped, none has a step left to run."""
@@ -221,34 +343,50 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
         metadata = dict(context.invocation_metadata())
         device_id = metadata.get(wire.DEVICE_HEADER, "")
         token = metadata.get("authorization", "").removeprefix("Bearer ")
-        await asyncio.to_thread(self.service.authenticate, device_id, token, allow_revoked)
+        with self.authentications.taken():
+            await asyncio.to_thread(self.service.authenticate, device_id, token, allow_revoked)
         return device_id
 
     @staticmethod
     async def _abort(context, err: PloraError):
-        await context.abort(status_for(err), f"{type(err).__name__}: {err}")
+        await context.abort(status_for(err), f"{type(err).__name__}: {str(err)[:MAX_ERROR_CHARS]}")
+
+    @staticmethod
+    def _parsed(request):
+        if isinstance(request, Undecodable):
+            raise ValidationError(f"the request is not a {request.expected}")
+        return request
 
     async def Register(self, request, context):
         try:
-            device_id, token, version = await asyncio.to_thread(
-                self.service.register_device, request.backbone, request.label, request.enroll_token
-            )
-            described = await asyncio.to_thread(self._describe, version)
+            request = self._parsed(request)
+            with self.registrations.taken():
+                device_id, token, version = await asyncio.to_thread(
+                    self.service.register_device, request.backbone, request.label, request.enroll_token
+                )
+                described = await asyncio.to_thread(self._describe, version)
         except PloraError as err:
             await self._abort(context, err)
         return pb.RegisterReply(device_id=device_id, token=token, backbone=described)
 
     async def ForgetDevice(self, request, context):
         try:
-            # A revoked device may still have itself forgotten.
-            device_id = await self._authenticate(context, allow_revoked=True)
-            removed = await asyncio.to_thread(self.service.forget_device, device_id)
+            self._parsed(request)
+            with self.forgets.taken():
+                # A revoked device may still have itself forgotten.
+                device_id = await self._authenticate(context, allow_revoked=True)
+                removed = await asyncio.to_thread(self.service.forget_device, device_id)
         except PloraError as err:
             await self._abort(context, err)
         return pb.ForgetReply(removed=removed)
 
     async def Describe(self, request, context):
-        described = await asyncio.to_thread(lambda: [self._describe(v) for v in self.service.versions.values()])
+        try:
+            self._parsed(request)
+            with self.descriptions.taken():
+                described = await asyncio.to_thread(lambda: [self._describe(v) for v in self.service.versions.values()])
+        except PloraError as err:
+            await self._abort(context, err)
         return pb.DescribeReply(backbones=described)
 
     def _describe(self, version: HostedVersion) -> pb.HostedBackbone:
@@ -258,18 +396,39 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
             default = None  # every hosted version is deprecated or retired
         return _hosted_proto(version, version is default)
 
-    async def DownloadBundle(self, request, context) -> AsyncIterator[pb.BundleChunk]:
+    async def DownloadBundle(self, request, context) -> None:
+        limits = self.service.limits
         try:
-            await self._authenticate(context)
-            version = await asyncio.to_thread(self.service.hosted, request.backbone)
+            request = self._parsed(request)
+            with self.downloads.taken():
+                await self._authenticate(context)
+                version = await asyncio.to_thread(self.service.hosted, request.backbone)
+                chunks = wire.chunked_bundle(version.bundle, BUNDLE_CHUNK)
+                deadline = time.monotonic() + limits.bundle_timeout_s
+                # File reads go to a thread, so a slow disk never stalls the loop's sessions.
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                    left = deadline - time.monotonic()
+                    try:
+                        await asyncio.wait_for(context.write(chunk), max(0.0, min(left, limits.write_timeout_s)))
+                    except asyncio.TimeoutError:
+                        raise TransportError(f"the bundle download did not finish within {limits.bundle_timeout_s:g} s, "
+                                             f"or the device read nothing for {limits.write_timeout_s:g} s") from None
         except PloraError as err:
             await self._abort(context, err)
-        for chunk in wire.chunked_bundle(version.bundle, BUNDLE_CHUNK):
-            yield chunk
 
     async def Session(self, request_iterator, context):
         try:
             device_id = await self._authenticate(context)
+            if self._streams_of[device_id] >= self.service.limits.max_sessions_per_device:
+                raise CapacityError(f"device {quoted(device_id)} already holds {self._streams_of[device_id]} sessions "
+                                    "(open or opening), the limit per device; close one first")
+            with self.sessions.taken():
+                self._streams_of[device_id] += 1
+                try:
+                    await SessionStream(self.service, self.metrics, self.workers, device_id, context).serve()
+                finally:
+                    self._streams_of[device_id] -= 1
+                    if not self._streams_of[device_id]:
+                        del self._streams_of[device_id]
         except PloraError as err:
             await self._abort(context, err)
-        await SessionStream(self.service, self.metrics, self.workers, device_id, context).serve()

@@ -41,6 +41,7 @@ from plora.clients.training import causal_lm_loss
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import AdapterReply, AdapterRequest, CacheMode, Phase, split_pb2_grpc as pb_grpc, wire
+from plora.platform import bench_neighbour
 from plora.platform.bench import MonolithicModel, _rate
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
@@ -50,6 +51,7 @@ from plora.storage.registry import Registry
 FRAMING_BYTES = 14
 PROMPT, NEW_TOKENS = list(range(100, 116)), 32  # every decode figure: this prompt, this many new tokens
 BARE_ROUND_TRIPS = 2000
+NOISY_FRAMES_PER_S = 200
 
 
 @dataclass
@@ -145,9 +147,9 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     try:
         port = ports.get(timeout=600)
         endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
-        echo(f"service up on port {port}; enrolling {fleet + 1} devices")
-        _, token = Registry(open_database(_bench_registry_url(home))).issue_enrollment_token(fleet + 1)
-        for i in range(fleet + 1):
+        echo(f"service up on port {port}; enrolling {fleet + 2} devices")
+        _, token = Registry(open_database(_bench_registry_url(home))).issue_enrollment_token(fleet + 2)
+        for i in range(fleet + 2):  # the last one is the noisy neighbour
             init_device(Path(home) / f"device{i}", endpoint.address, endpoint=endpoint, enroll_token=token)
         single = _DeviceProcess(context, Path(home) / "device0")
         fleet_devices = [open_device(Path(home) / f"device{i}") for i in range(1, fleet + 1)]
@@ -164,6 +166,11 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         mono_s = 1 / statistics.median(rates["mono"])
         results.add("single_decode_ceiling", mono_s / (mono_s + round_trips * round_trip), "report",
                     round_trip_us=1e6 * round_trip, round_trips_per_token=round_trips)
+
+        echo(f"noisy neighbour: single-device decode while a hostile device sends {NOISY_FRAMES_PER_S} broken frames/s into its batches")
+        noisy = bench_neighbour.measure(context, runs["grpc"], Path(home) / f"device{fleet + 1}", endpoint.address,
+                                        NOISY_FRAMES_PER_S, repeats)
+        results.add("noisy_neighbour_ratio", noisy.pop("ratio"), ">= 0.9", **noisy)
 
         echo("wire bytes per decoded token")
         per_token, minimum = single.call("wire")
@@ -197,7 +204,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     finally:
         server.terminate()
         server.join()
-        shutil.rmtree(home, ignore_errors=True)  # 17 device bundles: about 2 GB
+        shutil.rmtree(home, ignore_errors=True)  # 18 device bundles: about 2 GB
     return results
 
 
