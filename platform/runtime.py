@@ -97,15 +97,14 @@ def forget_device(root: Path, reg: Registry, address: str | None = None) -> dict
     removed: dict[str, int] = {}
     if is_address(record.backbone_spec) and not (root / FORGOTTEN).exists():
         endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
-        retry = f"run `plora device forget {root}` again"
         try:
             removed = forget(endpoint, Credentials.load(root / DeviceStore.CREDENTIALS))
         except AuthenticationError as err:
             raise AuthenticationError(f"{err}. If an earlier forget reached the service, it has forgotten this device "
                                       f"already, and only the folder is left: delete {root} yourself") from err
         except TransportError as err:
-            raise TransportError(f"{err}. Nothing was deleted; {retry} once the service at {endpoint.address} is "
-                                 "reachable, with --backbone HOST:PORT if it has moved") from err
+            raise TransportError(f"{err}. Nothing was deleted; run `plora device forget {root}` again once the service at "
+                                 f"{endpoint.address} is reachable, with --backbone HOST:PORT if it has moved") from err
         write_atomically(root / FORGOTTEN, b"")  # a re-run after a failed delete skips the service
     for kind, count in reg.forget_device(record.device_id).items():
         removed[kind] = removed.get(kind, 0) + count

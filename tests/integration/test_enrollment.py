@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy.orm import sessionmaker
 
+from plora.clients.device_store import DeviceStore
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint, register
 from plora.cloud_backbone.device_access import Enrollment
@@ -21,6 +22,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2 as pb, split_pb2_grpc as pb_grpc
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
+from plora.platform import runtime
 from plora.platform.cli import main
 from plora.platform.jobs import registry
 from plora.platform.runtime import init_device, open_device
@@ -144,12 +146,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_forget_removes_the_device_from_the_service_and_deletes_its_folder(server, endpoint, tmp_path):
+def test_forget_removes_the_device_from_the_service_and_deletes_its_folder(server, endpoint, tmp_path, monkeypatch):
     token = registry().issue_enrollment_token(uses=2)[1]
     folder, neighbour = tmp_path / "dev", tmp_path / "neighbour"
     for path in (folder, neighbour):
         init_device(path, endpoint.address, endpoint=endpoint, enroll_token=token)
-    device_id = open_device(folder).store.record.device_id
+    device_id = DeviceStore.open(folder).record.device_id
     registry().start_job(device_id, "personalize", {"lr": 0.01})  # a job recorded while it was in use
     runner = CliRunner()
 
@@ -165,7 +167,16 @@ def test_forget_removes_the_device_from_the_service_and_deletes_its_folder(serve
     with pytest.raises(RegistryError, match="no device"):
         registry().get_device(device_id)
     assert registry().list_jobs() == []
-    assert open_device(neighbour).store.record.device_id in {d.id for d in registry().list_devices()}
+    assert [d.id for d in registry().list_devices()] == [DeviceStore.open(neighbour).record.device_id]
+
+    # Forgotten by the service but the folder not deleted (a crash, a busy disk): a re-run finishes
+    # the job without the service, which would no longer know the device.
+    with monkeypatch.context() as patched:
+        patched.setattr(runtime.shutil, "rmtree", lambda path: (_ for _ in ()).throw(OSError("disk busy")))
+        assert runner.invoke(main, ["device", "forget", str(neighbour), "--yes"]).exit_code == 1
+    assert registry().list_devices() == [] and (neighbour / runtime.FORGOTTEN).exists()
+    again = runner.invoke(main, ["device", "forget", str(neighbour), "--yes"])
+    assert again.exit_code == 0 and not neighbour.exists(), again.output
 
 
 def test_forget_a_device_of_a_local_backbone_clears_the_local_registry(tmp_path, tiny_checkpoint):
