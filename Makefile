@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test demo test
+.PHONY: install install-test demo test fuzz
 
 install:
 	$(PIP) install -q -e .
@@ -18,3 +18,12 @@ demo: install
 
 test: install-test
 	$(PYTHON) -m pytest
+
+# The hostile-device suite at length: FUZZ_FRAMES hostile frames of seed FUZZ_SEED (a new one
+# each run unless given; it is printed) against the embedded backbone, phase reports as it goes.
+FUZZ_SEED ?= $(shell date +%s)
+FUZZ_FRAMES ?= 200000
+FUZZ_BACKBONE ?= embedded
+fuzz: install-test
+	PLORA_FUZZ_SEED=$(FUZZ_SEED) PLORA_FUZZ_FRAMES=$(FUZZ_FRAMES) PLORA_FUZZ_BACKBONE=$(FUZZ_BACKBONE) \
+		$(PYTHON) -m pytest tests/integration/test_hostile.py -k seeded_attack -o log_cli=true --log-cli-level=INFO
