@@ -91,14 +91,14 @@ class Credentials:
 def rpc_error(err: grpc.RpcError) -> PloraError:
     """A plora error for a failed call, keeping the service's message."""
     code, detail = err.code(), err.details() or ""
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return AuthenticationError(detail)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return ConnectionLost(f"the backbone service is unreachable or went away ({code.name}: {detail})")
     # The service aborts with "<plora error class>: <message>"; anything else is a transport failure.
     name, _, message = detail.partition(": ")
     if code in _REFUSALS and _plora_class(name) is not None:
         return _plora_class(name)(message)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(message if name == AuthenticationError.__name__ else detail)
     return TransportError(f"{code.name}: {detail}")
 
 

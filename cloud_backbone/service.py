@@ -67,7 +67,7 @@ class Limits:
     max_bundle_downloads: int = 4
     bundle_timeout_s: float = 600.0
     max_unary_calls: int = 16
-    """Register and Describe calls in flight, each; more are refused, not queued."""
+    """Register, Describe, ForgetDevice and authentication calls in flight, each; more are refused, not queued."""
 
     @property
     def max_tensor_elements(self) -> int:
