@@ -4,7 +4,8 @@ sends malformed frames into the same batches.
 The attacker is an enrolled device in a process of its own. It decodes one token at a time,
 so that its steps join the honest device's batches, and answers each adapter request with a
 broken reply (bytes protobuf cannot parse, a reply of the wrong width, NaN), at a fixed rate of
-frames per second. Its steps fail; the honest device's must not slow down. The baseline is the
+frames per second (at most: it waits for each answer, so a slow service caps its rate, which is
+reported). Its steps fail; the honest device's must not slow down. The baseline is the
 honest device decoding while an idle process burns the CPU time the attacker used, so that the
 ratio measures what the attack costs through the service, not the cores the attacker took.
 """
@@ -17,9 +18,10 @@ import queue
 import time
 from pathlib import Path
 
-import grpc
+import psutil
 import torch
 
+from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint
 from plora.cloud_backbone.protocol import (
     AdapterReply,
@@ -31,7 +33,6 @@ from plora.cloud_backbone.protocol import (
     split_pb2 as pb,
     wire,
 )
-from plora.clients.device_store import DeviceStore
 
 SESSION_METHOD = "/plora.split.v1.SplitBackbone/Session"
 
@@ -74,7 +75,7 @@ def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> No
         while isinstance(message := receive(), AdapterRequest):
             send(1, AdapterReply(message.layer, message.group, message.phase,
                                  torch.zeros(*message.tensor.shape[:-1], _width(identity, message))))
-        started, cpu = time.monotonic(), time.process_time()
+        started = time.monotonic()
         for step in itertools.count(2):
             if stop.is_set():
                 break
@@ -88,7 +89,7 @@ def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> No
         elapsed = time.monotonic() - started
         outbox.put(None)
         answers.cancel()
-    report.put((frames / elapsed, (time.process_time() - cpu) / elapsed))
+    report.put(frames / elapsed)
 
 
 def _width(identity, request: AdapterRequest) -> int:
@@ -134,11 +135,11 @@ def measure(context: multiprocessing.context.BaseContext, decode, attacker: Path
     for _ in range(repeats):
         attack = Neighbour(context, _attack, attacker, address, frames_per_s)
         time.sleep(1.0)  # the attacker's session is open and its steps are coming
+        cpu, wall = _cpu(attack.process.pid), time.perf_counter()
         attacked.append(_timed(decode))
-        rate, share = attack.close()
-        rates.append(rate)
-        shares.append(share)
-        burner = Neighbour(context, _burn, min(1.0, share))
+        shares.append((_cpu(attack.process.pid) - cpu) / (time.perf_counter() - wall))
+        rates.append(attack.close())
+        burner = Neighbour(context, _burn, min(1.0, shares[-1]))
         baseline.append(_timed(decode))
         burner.close()
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
@@ -149,6 +150,11 @@ def measure(context: multiprocessing.context.BaseContext, decode, attacker: Path
         "attack_frames_per_s": median(rates),
         "attacker_cpu_share": median(shares),
     }
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _timed(run) -> float:
