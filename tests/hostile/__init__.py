@@ -1,7 +1,7 @@
 """Hostile devices against a live backbone service (issue 11): a seeded generator of attacks.
 
-`attacker` holds the judge and the raw-gRPC device that plays attacks; `kinds` the kinds of
-hostile input and the seeded plan. `run` plays the plan against a service with several
+`judge` holds the rules a refusal must follow, `attacker` the raw-gRPC device that plays
+attacks, `kinds` the kinds of hostile input and the seeded plan. `run` plays the plan against a service with several
 enrolled hostile devices at once, until enough hostile frames were sent; `AttackProcess` does so
 in a process of its own. Used by tests/integration/test_hostile.py, and by `make fuzz`.
 """
@@ -16,14 +16,13 @@ from collections.abc import Callable
 
 import psutil
 
-from tests.hostile.attacker import (
-    CLOSE_WITHIN_S, KNOWN_KINDS, MAPPED_STATUSES, SLACK_S, Answer, Attacker, Broken, Report, Target, hidden, tensor, verdict,
-)
+from tests.hostile.attacker import CLOSE_WITHIN_S, SLACK_S, Attacker, Target, hidden, tensor
+from tests.hostile.judge import STATUS_OF, Broken, Report
 from tests.hostile.kinds import KINDS, Kind, plan
 
 __all__ = [
-    "CLOSE_WITHIN_S", "KINDS", "KNOWN_KINDS", "MAPPED_STATUSES", "SLACK_S", "Answer", "Attacker", "Broken", "Kind", "Report",
-    "AttackProcess", "Target", "hidden", "plan", "play_one", "run", "tensor", "verdict",
+    "CLOSE_WITHIN_S", "KINDS", "SLACK_S", "STATUS_OF", "AttackProcess", "Attacker", "Broken", "Kind", "Report", "Target", "hidden",
+    "plan", "play_one", "run", "tensor",
 ]
 
 

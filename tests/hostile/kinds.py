@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from plora.cloud_backbone.protocol import OpenSession, split_pb2 as pb, wire
 
-from tests.hostile.attacker import (
-    CAPACITY, FLOOD_STREAMS, MAX_MESSAGE, SESSION, SLACK_S, VALID, Attacker, RawStream, answer_of, hidden, tensor, verdict,
-)
+from tests.hostile.attacker import FLOOD_STREAMS, SLACK_S, Attacker, RawStream, hidden, tensor
+from tests.hostile.judge import CAPACITY, SESSION, VALID, answer_of, verdict
 
 # How often a kind comes after the first round, by what it costs the service: a refused frame of an
 # open session is cheap, a new stream costs an authentication, an attack inside a step costs a

@@ -54,7 +54,7 @@ ATTACKERS = 8
 HONEST = 2
 HONEST_PAUSE_S = 0.2
 RSS_GROWTH = 1.10  # between two identical attack phases, after a warm-up
-ATOL = 1e-5
+ATOL = 1e-5  # of a tensor's scale: batching changes the order of float sums, and the embedded model's hidden states reach 100s
 NO_RETRY = RetryPolicy(budget_s=0)  # an honest device counts a lost session as the error it is
 
 
@@ -173,6 +173,11 @@ def fleet(serve, tmp_path_factory) -> Fleet:
 # --- honest devices ----------------------------------------------------------------------------
 
 
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference between `a` and `b`, relative to b's largest magnitude (at least 1)."""
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
 @dataclass
 class Trace:
     """What an honest device got from a round of work."""
@@ -186,13 +191,13 @@ class Trace:
             return f"greedy tokens {other.tokens}, alone {self.tokens}"
         if [h.shape for h in other.hidden] != [h.shape for h in self.hidden]:
             return f"{len(other.hidden)} hidden states, alone {len(self.hidden)}"
-        gaps = [float((a - b).abs().max()) for a, b in zip(self.hidden, other.hidden)]
+        gaps = [gap(a, b) for a, b in zip(self.hidden, other.hidden)]
         if max(gaps, default=0.0) > ATOL:
-            first = next(i for i, gap in enumerate(gaps) if gap > ATOL)
-            return (f"hidden states differ from those alone by up to {max(gaps):.2e}, first at step {first} of {len(gaps)} "
-                    f"(of shape {tuple(self.hidden[first].shape)})")
-        if not torch.allclose(other.ms, self.ms, atol=ATOL):
-            return f"M differs from M alone by up to {float((other.ms - self.ms).abs().max()):.2e}"
+            first = next(i for i, g in enumerate(gaps) if g > ATOL)
+            return (f"hidden states differ from those alone by up to {max(gaps):.2e} of their scale, first at step {first} "
+                    f"of {len(gaps)} (of shape {tuple(self.hidden[first].shape)})")
+        if gap(other.ms, self.ms) > ATOL:
+            return f"M differs from M alone by up to {gap(other.ms, self.ms):.2e} of its scale"
         return None
 
 
@@ -342,7 +347,7 @@ def test_honest_devices_are_unharmed_by_a_seeded_attack(serve, fleet, record_pro
 def test_the_suite_expects_the_statuses_the_service_maps_refusals_to():
     from plora.cloud_backbone.servicer import STATUS
 
-    assert {kind.__name__: status.name for kind, status in STATUS.items()} == hostile.attacker.STATUS_OF
+    assert {kind.__name__: status.name for kind, status in STATUS.items()} == hostile.STATUS_OF
 
 
 # --- one kind at a time ------------------------------------------------------------------------
@@ -428,6 +433,6 @@ def test_a_refused_step_leaves_the_session_as_it_was(refusal, batched, serve, fl
         results, problems = both(), []
     (after_refusal, report), (twin, _) = results
     problems += [report.summary()] * bool(report.findings)
-    if after_refusal is not None and not torch.allclose(after_refusal, twin, atol=ATOL):
-        problems.append(f"the decode step after the refused one differs from the twin's by {float((after_refusal - twin).abs().max()):.2e}")
+    if after_refusal is not None and gap(after_refusal, twin) > ATOL:
+        problems.append(f"the decode step after the refused one differs from the twin's by {gap(after_refusal, twin):.2e} of its scale")
     assert not problems, "\n".join(problems)
