@@ -5,9 +5,7 @@ knows the device, fails the step with a clear error."""
 from __future__ import annotations
 
 import logging
-import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from plora.cloud_backbone.server import start_service
 from plora.platform.jobs import registry
 from plora.platform.runtime import init_device, open_device
 from plora.storage.errors import AuthenticationError, TransportError
+from tests.service_process import TINY_ADAPTER, ServeProcess
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 # Waits capped at 1 s, so the device is back within a second of the service; a budget far
@@ -38,28 +37,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-class ServiceProcess:
-    """`plora backbone serve` on a fixed port, sharing the test's registry (PLORA_DB_URL)."""
-
-    def __init__(self, checkpoint: Path, port: int, output: Path):
-        args = ["plora", "backbone", "serve", "--insecure", "--port", str(port), "--http-port", "0",
-                "--backbone", str(checkpoint), "--rank", "4", "--device-layers", "1"]
-        self.output = output
-        with output.open("w") as sink:
-            self.process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
-
-    def wait_until_listening(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while "listening on" not in self.output.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"`plora backbone serve` did not start:\n{self.output.read_text()[-3000:]}")
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
 
 
 def enroll(root: Path, endpoint: Endpoint) -> None:
@@ -86,7 +63,7 @@ class KillPoint:
 def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_step(tiny_checkpoint, tmp_path, caplog):
     port = free_port()
     endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
-    service = ServiceProcess(tiny_checkpoint, port, tmp_path / "serve-1.log")
+    service = ServeProcess(tiny_checkpoint, tmp_path / "serve-1.log", *TINY_ADAPTER, port=port)
     try:
         service.wait_until_listening()
         enroll(tmp_path / "dev", endpoint)
@@ -125,12 +102,12 @@ def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_
                 thread.start()
             assert in_generation.parked.wait(PARK_TIMEOUT_S) and in_training.parked.wait(PARK_TIMEOUT_S)
             service.kill()
-            service = ServiceProcess(tiny_checkpoint, port, tmp_path / "serve-2.log")
+            service = ServeProcess(tiny_checkpoint, tmp_path / "serve-2.log", *TINY_ADAPTER, port=port)
             in_generation.resume.set()
             in_training.resume.set()
             for thread in threads:
                 thread.join(300)
-        assert outcome.get("tokens") == expected_tokens, service.output.read_text()[-3000:]
+        assert outcome.get("tokens") == expected_tokens, service.log.read_text()[-3000:]
         trained = outcome.get("trained")
         assert trained is not None and trained.steps == settings.steps and steps_done == [1, 2, 3, 4]
         for m, expected in zip(training.model.weights.ms.values(), expected_ms):

@@ -12,21 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
-import pytest
 
 from plora.clients.grpc_link import Endpoint
 from plora.platform.jobs import registry
 from plora.platform.runtime import init_device
 from tests.conftest import REPO
+from tests.service_process import TINY_ADAPTER, ServeProcess
 
 log = logging.getLogger(__name__)
 
@@ -34,45 +32,12 @@ SECONDS = float(os.environ.get("PLORA_SOAK_SECONDS", "30"))
 DEVICES, PROCESSES, SESSIONS_PER_DEVICE = 8, 4, 4
 
 
-class ServiceProcess:
-    """`plora backbone serve` in a process of its own, on free ports."""
-
-    def __init__(self, backbone: str, *options: str):
-        command = ["plora", "backbone", "serve", "--backbone", backbone,
-                   "--insecure", "--port", "0", "--http-port", "0", *options]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in self.process.stdout:
-            lines.append(line)
-            if found := re.search(r"listening on [^:]+:(\d+) .*metrics on :(\d+)", line):
-                self.port, self.http_port = int(found[1]), int(found[2])
-                return
-        raise AssertionError("the service did not start:\n" + "".join(lines))
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10).read().decode()
-        return {m[1]: float(m[2]) for m in re.finditer(r"^(plora_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
-
-    def idle(self) -> bool:
-        figures = self.metrics()
-        held = [v for k, v in figures.items() if k.startswith("plora_accounted_bytes")]
-        return len(held) == 3 and not any(held) and figures.get("plora_active_sessions") == 0
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.process.stdout.close()
-
-
 def test_many_sessions_decode_and_train_without_a_single_error(tmp_path, request):
     backbone = os.environ.get("PLORA_SOAK_BACKBONE") or str(request.getfixturevalue("tiny_checkpoint"))
     tiny = os.environ.get("PLORA_SOAK_BACKBONE") is None
-    service = ServiceProcess(backbone, *(["--rank", "4", "--device-layers", "1"] if tiny else []))
+    service = ServeProcess(backbone, tmp_path / "serve.log", *(TINY_ADAPTER if tiny else ())).wait_until_listening()
     try:
-        endpoint = Endpoint(f"127.0.0.1:{service.port}", insecure=True)
+        endpoint = Endpoint(service.address, insecure=True)
         _, token = registry().issue_enrollment_token(uses=DEVICES)
         folders = [tmp_path / f"device-{i}" for i in range(DEVICES)]
         for folder in folders:
