@@ -20,6 +20,8 @@ from tests.hostile.attacker import CLOSE_WITHIN_S, SLACK_S, Attacker, Target, hi
 from tests.hostile.judge import STATUS_OF, Broken, Report
 from tests.hostile.kinds import KINDS, Kind, plan
 
+Devices = tuple[list[tuple[str, str]], list[tuple[str, str]]]  # an attacker's two devices' call metadata (see Attacker)
+
 __all__ = [
     "CLOSE_WITHIN_S", "KINDS", "SLACK_S", "STATUS_OF", "AttackProcess", "Attacker", "Broken", "Kind", "Report", "Target", "hidden",
     "plan", "play_one", "run", "tensor",
@@ -27,7 +29,7 @@ __all__ = [
 
 
 async def _attack(
-    target: Target, devices: list[list[tuple[str, str]]], seed: int, frames: int, keep_going: Callable[[], bool],
+    target: Target, devices: list[Devices], seed: int, frames: int, keep_going: Callable[[], bool],
     alive: Callable[[], bool], deadline: float,
 ) -> Report:
     report = Report(seed, crowded=True)
@@ -47,20 +49,20 @@ async def _attack(
         finally:
             await attacker.close()
 
-    await asyncio.gather(*(work(Attacker(target, metadata, report)) for metadata in devices))
+    await asyncio.gather(*(work(Attacker(target, metadata, report, spare)) for metadata, spare in devices))
     return report
 
 
 def run(
     target: Target,
-    devices: list[list[tuple[str, str]]],
+    devices: list[Devices],
     seed: int,
     frames: int,
     keep_going: Callable[[], bool] = lambda: False,
     alive: Callable[[], bool] = lambda: True,
     time_limit_s: float = 600.0,
 ) -> Report:
-    """Play attacks of `seed` with one attacker per device (its call metadata) until `frames`
+    """Play attacks of `seed` with one attacker per pair of devices until `frames`
     hostile frames were sent and `keep_going()` is false."""
     return asyncio.run(_attack(target, devices, seed, frames, keep_going, alive, time.monotonic() + time_limit_s))
 
@@ -81,7 +83,7 @@ class AttackProcess:
     """`run` in a process of its own, so that the attackers' CPU is not taken from honest devices
     in this one (real devices have machines of their own). Started once; attacks on command."""
 
-    def __init__(self, target: Target, devices: list[list[tuple[str, str]]], service_pid: int):
+    def __init__(self, target: Target, devices: list[Devices], service_pid: int):
         context = multiprocessing.get_context("spawn")
         self._commands, self._stop, self._results = context.Queue(), context.Event(), context.Queue()
         self._child = context.Process(
@@ -112,13 +114,14 @@ class AttackProcess:
             self._child.kill()
 
 
-def play_one(target: Target, metadata: list[tuple[str, str]], kind: Kind, seed: int, training_share: float = 0.3) -> Report:
+def play_one(target: Target, devices: Devices, kind: Kind, seed: int, training_share: float = 0.3) -> Report:
     """One attack of `kind`, by one device, checking the session after a refused step: a case of
     a table of hostile inputs."""
 
     async def attack() -> Report:
         report = Report(seed)
-        attacker = Attacker(target, metadata, report)
+        metadata, spare = devices
+        attacker = Attacker(target, metadata, report, spare)
         attacker.training_share, attacker.check_share = training_share, 1.0
         try:
             await attacker.play(kind, 0, seed)

@@ -37,6 +37,12 @@ def _raw(frame: bytes) -> bytes:
     return frame
 
 
+def _status(code: grpc.StatusCode, details: str | None, debug: str | None) -> Answer:
+    # Where an INTERNAL or UNKNOWN came from (a reset stream, the transport) is in gRPC's debug string.
+    where = f" [{debug}]" if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and debug else ""
+    return Answer("status", code.name, detail=(details or "") + where)
+
+
 # --- a raw session stream ------------------------------------------------------------------------
 
 
@@ -44,14 +50,22 @@ class RawStream:
     """A Session stream that sends raw bytes, so that a frame can be anything at all."""
 
     def __init__(self, channel: grpc.aio.Channel, metadata: list[tuple[str, str]]):
+        self.channel, self.metadata = channel, metadata
         session = channel.stream_stream(METHOD + "Session", request_serializer=_raw, response_deserializer=pb.CloudMessage.FromString)
         self.call = session(metadata=metadata)
 
-    async def send(self, frame: bytes | pb.DeviceMessage) -> None:
+    def again(self) -> RawStream:
+        """A new stream like this one."""
+        return RawStream(self.channel, self.metadata)
+
+    async def send(self, frame: bytes | pb.DeviceMessage) -> bool:
+        """Whether the frame went out. When the service ended the stream first, gRPC's asyncio
+        client reports an INTERNAL status of its own in place of the service's."""
         try:
             await self.call.write(frame if isinstance(frame, bytes) else frame.SerializeToString())
+            return True
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            pass  # the service ended the stream already; the next read says how
+            return False
 
     async def read(self, timeout: float) -> pb.CloudMessage | Answer:
         try:
@@ -59,9 +73,9 @@ class RawStream:
         except asyncio.TimeoutError:
             return Answer("silence", detail=f"{timeout:g} s")
         except grpc.aio.AioRpcError as err:
-            return Answer("status", err.code().name, detail=err.details() or "")
+            return _status(err.code(), err.details(), err.debug_error_string())
         if message is grpc.aio.EOF:
-            return Answer("status", (await self.call.code()).name, detail=await self.call.details() or "")
+            return _status(await self.call.code(), await self.call.details(), await self.call.debug_error_string())
         return message
 
     def cancel(self) -> None:
@@ -109,8 +123,13 @@ def hidden(rng: random.Random, batch: int, tokens: int, width: int) -> pb.Tensor
 class Attacker:
     """One enrolled hostile device. It holds at most one session, and plays attacks one by one."""
 
-    def __init__(self, target: Target, metadata: list[tuple[str, str]], report: Report):
+    def __init__(self, target: Target, metadata: list[tuple[str, str]], report: Report, spare: list[tuple[str, str]] | None = None):
+        """`metadata` and `spare` are the call metadata of two enrolled devices. Sessions are the
+        first's; streams whose first frame is the attack are the spare's, which holds no session:
+        the service counts an opening stream as its device's, and would refuse it for the device's
+        session limit before reading its first frame."""
         self.target, self.metadata, self.report = target, metadata, report
+        self.spare = spare or metadata
         self.channel = self.connect()
         self.current: RawStream | None = None
         self.cached = False  # the current session holds a sequence of one row
@@ -151,7 +170,8 @@ class Attacker:
         return Broken(f"{what}: {answer}")
 
     def stream(self, metadata: list[tuple[str, str]] | None = None) -> RawStream:
-        return RawStream(self.channel, self.metadata if metadata is None else metadata)
+        """A new stream, by default of the spare device: one whose first frame is the attack."""
+        return RawStream(self.channel, self.spare if metadata is None else metadata)
 
     def drop(self) -> float:
         """Cancel the current session's stream, if any; when it was dropped."""
@@ -181,7 +201,7 @@ class Attacker:
         """A new session, retried until `deadline` while the service still counts this device's
         last one (or, during a flood of silent streams, while the flood lasts)."""
         while True:
-            stream = self.stream()
+            stream = self.stream(self.metadata)
             await stream.send(wire.device_message(0, OpenSession(self.target.identity)))
             got = answer_of(await stream.read(self.patience_s))
             if got.what == "opened":
@@ -255,10 +275,17 @@ class Attacker:
     async def refused(
         self, frame: bytes | pb.DeviceMessage, expect: frozenset[str] | None, stream: RawStream | None = None, in_step: bool = False
     ) -> Answer:
-        """Send one hostile frame and judge the answer (see `judged`)."""
+        """Send one hostile frame and judge the answer (see `judged`). A new stream the service
+        ended before its first frame went out is tried again, twice; its status is lost."""
         self.report.frames += 1
-        await (stream or self.current).send(frame)
-        return await self.judged(expect, stream, in_step)
+        for _ in range(3):
+            if await (stream or self.current).send(frame) or stream is None:
+                return await self.judged(expect, stream, in_step)
+            stream.cancel()
+            stream = stream.again()
+        stream.cancel()
+        self.report.load_refusals += 1
+        return Answer("unsent")
 
     async def judged(self, expect: frozenset[str] | None, stream: RawStream | None = None, in_step: bool = False) -> Answer:
         """Read the answer to a hostile frame and judge it. A session that cannot go on is
@@ -327,4 +354,4 @@ class Attacker:
             await call(request, metadata=metadata, timeout=self.patience_s)
             return Answer("result", detail=f"{method} succeeded")
         except grpc.aio.AioRpcError as err:
-            return Answer("status", err.code().name, detail=err.details() or "")
+            return _status(err.code(), err.details(), err.debug_error_string())

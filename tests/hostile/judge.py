@@ -56,7 +56,7 @@ class Answer:
 
     def __str__(self) -> str:
         fatal = " (fatal)" if self.fatal else ""
-        return f"{self.what} {self.name}{fatal}: {self.detail[:160]!r}"
+        return f"{self.what} {self.name}{fatal}: {self.detail[:300]!r}"
 
 
 def answer_of(message: pb.CloudMessage | Answer) -> Answer:

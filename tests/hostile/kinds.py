@@ -169,7 +169,7 @@ async def invalid_adapter_config(a: Attacker, rng: random.Random) -> None:
 
 @attack(STREAM, frozenset({"AuthenticationError"}))
 async def wrong_credentials(a: Attacker, rng: random.Random) -> None:
-    device, token = a.metadata[0][1], a.metadata[1][1]
+    device, token = a.spare[0][1], a.spare[1][1]
     metadata = rng.choice([
         [(wire.DEVICE_HEADER, device), ("authorization", "Bearer not-the-token")],
         [(wire.DEVICE_HEADER, "f" * 32), ("authorization", token)],
@@ -184,7 +184,7 @@ async def wrong_credentials(a: Attacker, rng: random.Random) -> None:
 async def session_flood(a: Attacker, rng: random.Random) -> None:
     await a.session()  # the one session this device may hold
     for _ in range(rng.randrange(1, 4)):
-        await a.refused(_opening(a), CAPACITY, a.stream())
+        await a.refused(_opening(a), CAPACITY, a.stream(a.metadata))
 
 
 @attack(0, None)
@@ -361,9 +361,15 @@ for _field in ("layer", "group", "phase", "step"):
 async def slow_reply(a: Attacker, rng: random.Random) -> None:
     """A valid reply, late. Serving it and refusing it (a late row taken out of its batch) are both right."""
     request = await a.mid_step(rng)
-    await asyncio.sleep(rng.uniform(0.05, 0.6))
+    delay = rng.uniform(0.05, 0.6)
+    await asyncio.sleep(delay)
     a.report.frames += 1
-    await a.current.send(a.reply_to(request))
+    if not await a.current.send(a.reply_to(request)):  # the service ended the session meanwhile; how is lost
+        if not a.report.crowded:
+            a.report.find(a.kind, a.index, f"the session ended before a reply {delay:.2f} s late, within the reply timeout")
+        a.report.load_refusals += a.report.crowded
+        a.drop()
+        return
     got = answer_of(await a.run_step())
     problem = None if got.what == "result" else verdict(got, None)
     if problem:

@@ -142,7 +142,8 @@ def accounting_problems(sessions: float, accounted: dict | None, expected_sessio
 class Fleet:
     honest: list[Path]
     neighbour: Path
-    hostile: list[list[tuple[str, str]]]  # each hostile device's call metadata
+    hostile: list[hostile.Devices]  # each attacker's two devices
+    twin: list[tuple[str, str]]  # one more hostile device's call metadata
     target: hostile.Target
 
 
@@ -158,16 +159,17 @@ def serve(tiny_checkpoint, tmp_path_factory):
 def fleet(serve, tmp_path_factory) -> Fleet:
     """Honest devices with their bundles, and hostile devices with credentials only, all enrolled
     with a token the operator issued."""
-    _, token = registry(serve.db_url).issue_enrollment_token(HONEST + 2 + ATTACKERS, utcnow() + timedelta(hours=2), "hostile suite")
+    _, token = registry(serve.db_url).issue_enrollment_token(HONEST + 2 + 2 * ATTACKERS, utcnow() + timedelta(hours=2), "hostile suite")
     endpoint = Endpoint(serve.address, insecure=True)
     root = tmp_path_factory.mktemp("hostile-devices")
     folders = [root / f"honest-{i}" for i in range(HONEST)] + [root / "neighbour"]
     for folder in folders:
         init_device(folder, serve.address, endpoint=endpoint, enroll_token=token)
-    enrolled = [register(endpoint, token, label=f"hostile-{i}") for i in range(ATTACKERS + 1)]
+    enrolled = [register(endpoint, token, label=f"hostile-{i}") for i in range(2 * ATTACKERS + 1)]
     identity = wire.identity_from_proto(enrolled[0][1].identity)
     target = hostile.Target(serve.address, identity, REPLY_TIMEOUT_S, WRITE_TIMEOUT_S, FIRST_FRAME_TIMEOUT_S, MAX_TOKENS, MAX_MESSAGE_MB << 20)
-    return Fleet(folders[:-1], folders[-1], [credentials.metadata() for credentials, _ in enrolled], target)
+    metadata = [credentials.metadata() for credentials, _ in enrolled]
+    return Fleet(folders[:-1], folders[-1], list(zip(metadata[:ATTACKERS], metadata[ATTACKERS:-1])), metadata[-1], target)
 
 
 # --- honest devices ----------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def test_honest_devices_are_unharmed_by_a_seeded_attack(serve, fleet, record_pro
     tracebacks = serve.tracebacks()
     phases = [("warm-up", SEED, FRAMES // 10), ("attack A", SEED + 1, 9 * FRAMES // 20), ("attack B", SEED + 1, 9 * FRAMES // 20)]
     problems, rss, sent, attacked = [], {}, 0, set()
-    attackers = hostile.AttackProcess(fleet.target, fleet.hostile[:ATTACKERS], serve.process.pid)
+    attackers = hostile.AttackProcess(fleet.target, fleet.hostile, serve.process.pid)
     request.addfinalizer(attackers.close)
     processes = {"service": serve.process.pid, "honest devices": os.getpid(), "attackers": attackers.pid}
     for name, seed, frames in phases:
@@ -425,7 +427,7 @@ def test_a_refused_step_leaves_the_session_as_it_was(refusal, batched, serve, fl
     """The next decode step of a session whose step was refused equals a twin session's that never saw the refused step."""
 
     def both():
-        return [asyncio.run(decode_after(fleet.target, metadata, name)) for metadata, name in ((fleet.hostile[0], refusal), (fleet.hostile[-1], "none"))]
+        return [asyncio.run(decode_after(fleet.target, metadata, name)) for metadata, name in ((fleet.hostile[0][0], refusal), (fleet.twin, "none"))]
 
     if batched:
         results, problems = with_neighbour(serve, neighbour, both)
