@@ -139,7 +139,7 @@ class Attacker:
         # After a refused step, how often the session's next valid step is checked right away:
         # a valid step costs the service 20 times what a refused frame costs, and the attacks that
         # follow in the same session run valid steps anyway. A table of single attacks checks always.
-        self.check_share = 0.05
+        self.check_share = 0.02
 
     def connect(self) -> grpc.aio.Channel:
         options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]

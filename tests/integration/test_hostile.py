@@ -52,7 +52,7 @@ MAX_TOKENS = 4096
 MAX_MESSAGE_MB = 32
 ATTACKERS = 8
 HONEST = 2
-HONEST_PAUSE_S = 0.2
+HONEST_PAUSE_S = 0.4
 RSS_GROWTH = 1.10  # between two identical attack phases, after a warm-up
 ATOL = 1e-5  # of a tensor's scale: batching changes the order of float sums, and the embedded model's hidden states reach 100s
 NO_RETRY = RetryPolicy(budget_s=0)  # an honest device counts a lost session as the error it is
@@ -358,7 +358,7 @@ def test_the_suite_expects_the_statuses_the_service_maps_refusals_to():
 @pytest.fixture(scope="module")
 def neighbour(serve, fleet):
     """An honest device that decodes greedily, with its solo result and what its idle session holds."""
-    device = HonestDevice(fleet.neighbour, seed=7, rounds=1, decode=6, train_steps=0)
+    device = HonestDevice(fleet.neighbour, seed=7, rounds=1, decode=3, train_steps=0)
     baseline = device.play()
     _, held = serve.settled(sessions=1)
     yield device, baseline, held
