@@ -17,12 +17,8 @@ import asyncio
 import logging
 import os
 import random
-import re
-import signal
-import subprocess
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +37,7 @@ from plora.cloud_backbone.protocol import ForwardResult, split_pb2 as pb, wire
 from plora.platform.jobs import registry
 from plora.platform.runtime import init_device, open_device
 from plora.storage.models import utcnow
+from tests.service_process import TINY_ADAPTER, ServeProcess
 
 log = logging.getLogger(__name__)
 
@@ -58,72 +55,29 @@ ATOL = 1e-5  # of a tensor's scale: batching changes the order of float sums, an
 NO_RETRY = RetryPolicy(budget_s=0)  # an honest device counts a lost session as the error it is
 
 
-class ServeProcess:
-    """A `plora backbone serve` process, seen through its output, /metrics and /proc."""
+def serve_options(db_url: str) -> list[str]:
+    return ["--db", db_url, *TINY_ADAPTER, "--reply-timeout", str(REPLY_TIMEOUT_S), "--write-timeout", str(WRITE_TIMEOUT_S),
+            "--first-frame-timeout", str(FIRST_FRAME_TIMEOUT_S), "--max-tokens", str(MAX_TOKENS), "--max-message-mb", str(MAX_MESSAGE_MB),
+            # One session per device: a device that reopens right after dropping one measures how soon it was closed.
+            "--max-sessions-per-device", "1"]
 
-    def __init__(self, backbone: str, db_url: str, log_path: Path):
-        self.db_url, self.log_path = db_url, log_path
-        args = ["plora", "backbone", "serve", "--backbone", backbone, "--insecure", "--port", "0", "--http-port", "0",
-                "--db", db_url, "--rank", "4", "--device-layers", "1", "--reply-timeout", str(REPLY_TIMEOUT_S),
-                "--write-timeout", str(WRITE_TIMEOUT_S), "--first-frame-timeout", str(FIRST_FRAME_TIMEOUT_S),
-                "--max-tokens", str(MAX_TOKENS), "--max-message-mb", str(MAX_MESSAGE_MB),
-                # One session per device: a device that reopens right after dropping one measures how soon it was closed.
-                "--max-sessions-per-device", "1"]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
-        listening = self._wait_for(r"listening on (\S+):(\d+) .*health and metrics on :(\d+)", 300)
-        self.address, self.http_port = f"127.0.0.1:{listening[2]}", int(listening[3])
 
-    def _wait_for(self, pattern: str, timeout_s: float) -> re.Match:
-        found: list[re.Match] = []
+def settled(serve: ServeProcess, sessions: int = 0, held: dict | None = None) -> tuple[float, dict | None]:
+    """Wait up to CLOSE_WITHIN_S (and slack) for `sessions` open sessions holding `held` accounted
+    bytes by kind (default: none). Returns what the service reports last: (open sessions,
+    accounted bytes by kind or None if it exports no such gauge)."""
+    deadline = time.monotonic() + hostile.CLOSE_WITHIN_S + hostile.SLACK_S
+    while True:
+        found = serve.metrics()
+        accounted = {k: v for k, v in found.items() if k.startswith("plora_accounted_bytes{")} or None
+        state = (found.get("plora_active_sessions", -1.0), accounted)
+        if not accounting_problems(*state, sessions, held) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
 
-        def read() -> None:
-            for line in self.process.stdout:
-                if match := re.search(pattern, line):
-                    found.append(match)
-                    return
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not found:
-            self.stop()
-            pytest.fail(f"`plora backbone serve` did not start within {timeout_s} s:\n{self.log_path.read_text()[-3000:]}")
-        return found[0]
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10).read().decode()
-        return {name: float(value) for name, value in re.findall(r"^(plora_\S+) (\S+)$", text, re.M)}
-
-    def settled(self, sessions: int = 0, held: dict | None = None) -> tuple[float, dict | None]:
-        """Wait up to CLOSE_WITHIN_S (and slack) for `sessions` open sessions holding `held`
-        accounted bytes by kind (default: none). Returns what the service reports last:
-        (open sessions, accounted bytes by kind or None if it exports no such gauge)."""
-        deadline = time.monotonic() + hostile.CLOSE_WITHIN_S + hostile.SLACK_S
-        while True:
-            found = self.metrics()
-            accounted = {k: v for k, v in found.items() if k.startswith("plora_accounted_bytes{")} or None
-            state = (found.get("plora_active_sessions", -1.0), accounted)
-            if not accounting_problems(*state, sessions, held) or time.monotonic() > deadline:
-                return state
-            time.sleep(0.05)
-
-    def rss(self) -> int:
-        return psutil.Process(self.process.pid).memory_info().rss
-
-    def tracebacks(self) -> int:
-        return self.log_path.read_text(errors="replace").count("Traceback (most recent call last)")
+def tracebacks(serve: ServeProcess) -> int:
+    return serve.log.read_text(errors="replace").count("Traceback (most recent call last)")
 
 
 def accounting_problems(sessions: float, accounted: dict | None, expected_sessions: int, held: dict | None) -> list[str]:
@@ -148,18 +102,23 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def serve(tiny_checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile-service")
-    process = ServeProcess(BACKBONE or str(tiny_checkpoint), f"sqlite:///{folder / 'registry.db'}", folder / "serve.log")
-    yield process
+def db_url(tmp_path_factory) -> str:
+    """The service's registry: module-wide, like the service."""
+    return f"sqlite:///{tmp_path_factory.mktemp('hostile-registry') / 'registry.db'}"
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_checkpoint, tmp_path_factory, db_url):
+    process = ServeProcess(BACKBONE or tiny_checkpoint, tmp_path_factory.mktemp("hostile-service") / "serve.log", *serve_options(db_url))
+    yield process.wait_until_listening()
     process.stop()
 
 
 @pytest.fixture(scope="module")
-def fleet(serve, tmp_path_factory) -> Fleet:
+def fleet(serve, tmp_path_factory, db_url) -> Fleet:
     """Honest devices with their bundles, and hostile devices with credentials only, all enrolled
     with a token the operator issued."""
-    _, token = registry(serve.db_url).issue_enrollment_token(HONEST + 2 + 2 * ATTACKERS, utcnow() + timedelta(hours=2), "hostile suite")
+    _, token = registry(db_url).issue_enrollment_token(HONEST + 2 + 2 * ATTACKERS, utcnow() + timedelta(hours=2), "hostile suite")
     endpoint = Endpoint(serve.address, insecure=True)
     root = tmp_path_factory.mktemp("hostile-devices")
     folders = [root / f"honest-{i}" for i in range(HONEST)] + [root / "neighbour"]
@@ -302,7 +261,7 @@ def test_honest_devices_are_unharmed_by_a_seeded_attack(serve, fleet, record_pro
     baselines = [device.play() for device in honest]  # each alone, before any attack
     for device in honest:
         device.close()
-    tracebacks = serve.tracebacks()
+    logged = tracebacks(serve)
     phases = [("warm-up", SEED, FRAMES // 10), ("attack A", SEED + 1, 9 * FRAMES // 20), ("attack B", SEED + 1, 9 * FRAMES // 20)]
     problems, rss, sent, attacked = [], {}, 0, set()
     attackers = hostile.AttackProcess(fleet.target, fleet.hostile, serve.process.pid)
@@ -318,8 +277,8 @@ def test_honest_devices_are_unharmed_by_a_seeded_attack(serve, fleet, record_pro
         honest_problems = [problem for load in loads for problem in load.finish()]
         for device in honest:
             device.close()
-        sessions, accounted = serve.settled()
-        rss[name] = serve.rss()
+        sessions, accounted = settled(serve)
+        rss[name] = psutil.Process(serve.process.pid).memory_info().rss
         cpu = {who: round(now - cpu[who], 1) for who, now in cpu_seconds(**processes).items()}
         sent += report.frames
         attacked |= set(report.attacks)
@@ -331,12 +290,12 @@ def test_honest_devices_are_unharmed_by_a_seeded_attack(serve, fleet, record_pro
                  report.summary())
         problems += [f"{name}: {report.summary()}"] * bool(report.findings)
         problems += [f"{name}: {p}" for p in honest_problems + accounting_problems(sessions, accounted, 0, None)]
-        if not serve.alive():
+        if serve.process.poll() is not None:
             break
     record_property("service_rss_mib", {name: round(value / 2**20, 1) for name, value in rss.items()})
     record_property("hostile_frames", sent)
-    if serve.tracebacks() > tracebacks:
-        problems.append(f"the service logged {serve.tracebacks() - tracebacks} tracebacks (see {serve.log_path})")
+    if tracebacks(serve) > logged:
+        problems.append(f"the service logged {tracebacks(serve) - logged} tracebacks (see {serve.log})")
     if sent < FRAMES:
         problems.append(f"only {sent} of {FRAMES} hostile frames were sent")
     if len(attacked) < len(hostile.KINDS):
@@ -360,7 +319,7 @@ def neighbour(serve, fleet):
     """An honest device that decodes greedily, with its solo result and what its idle session holds."""
     device = HonestDevice(fleet.neighbour, seed=7, rounds=1, decode=3, train_steps=0)
     baseline = device.play()
-    _, held = serve.settled(sessions=1)
+    _, held = settled(serve, sessions=1)
     yield device, baseline, held
     device.close()
 
@@ -376,7 +335,7 @@ def with_neighbour(serve, neighbour, act):
         result = act()
     finally:
         problems = load.finish()
-    return result, problems + accounting_problems(*serve.settled(sessions=1, held=held), 1, held)
+    return result, problems + accounting_problems(*settled(serve, sessions=1, held=held), 1, held)
 
 
 TABLE = [pytest.param(name, 0.0, id=name) for name in sorted(hostile.KINDS)] + [
@@ -387,11 +346,11 @@ TABLE = [pytest.param(name, 0.0, id=name) for name in sorted(hostile.KINDS)] + [
 @pytest.mark.parametrize(("name", "training_share"), TABLE)
 def test_each_hostile_input_gets_its_own_refusal_and_spares_a_neighbour(name, training_share, serve, fleet, neighbour):
     kind = hostile.KINDS[name]
-    tracebacks = serve.tracebacks()
+    logged = tracebacks(serve)
     report, problems = with_neighbour(serve, neighbour, lambda: hostile.play_one(fleet.target, fleet.hostile[0], kind, SEED, training_share))
     problems += [report.summary()] * bool(report.findings)
-    if serve.tracebacks() > tracebacks:
-        problems.append(f"the service logged {serve.tracebacks() - tracebacks} tracebacks")
+    if tracebacks(serve) > logged:
+        problems.append(f"the service logged {tracebacks(serve) - logged} tracebacks")
     assert not problems, f"{name}, expecting {sorted(kind.expect or ['any proper refusal'])} (seed {SEED}):\n" + "\n".join(problems)
 
 
