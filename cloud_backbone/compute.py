@@ -193,7 +193,11 @@ class CloudSession:
         try:
             return batcher.step(self, hidden)
         except LateReply as late:
-            late.pending.exception()  # let the late reply arrive; its exchange's own timeout bounds the wait
+            # Let the late reply arrive (its exchange's own timeout bounds the wait); a device
+            # that never replied fails its step.
+            error = late.pending.exception()
+            if error is not None:
+                raise error
             return None
 
     def truncate(self, length: int) -> None:

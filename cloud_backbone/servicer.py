@@ -107,6 +107,12 @@ def add_to_server(servicer: SplitBackboneServicer, server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
+def kind_of(err: PloraError) -> str:
+    """The plora exception class a device is told of: the service's private refinements of
+    one (a stream that ended, a deadline) go by the public class they refine."""
+    return next(k.__name__ for k in type(err).__mro__ if k.__module__ == PloraError.__module__)
+
+
 def status_for(err: PloraError) -> grpc.StatusCode:
     for kind in type(err).__mro__:
         if kind in STATUS:
@@ -125,6 +131,11 @@ def _hosted_proto(version: HostedVersion, is_default: bool) -> pb.HostedBackbone
 class _Ended(TransportError):
     """The device closed its stream or went away. A TransportError, so that in a batch it
     fails that device's row only."""
+
+
+class _Deadline(TransportError):
+    """The device sent nothing in time. The session is over (a frame may still come, out of
+    step), and the device is told why, if it still listens."""
 
 
 class DeviceAsker:
@@ -163,7 +174,7 @@ class SessionStream:
         try:
             frame = await asyncio.wait_for(self.context.read(), timeout)
         except asyncio.TimeoutError:
-            raise _Ended(f"no {waiting_for} from the device within {timeout:g} s; session closed") from None
+            raise _Deadline(f"no {waiting_for} from the device within {timeout:g} s; session closed") from None
         except (asyncio.CancelledError, Exception) as err:
             # The stream is over (cancelled, broken, or the server is stopping). Raised in an
             # exchange, this reaches the worker as an error of this session, not of the batch.
@@ -201,7 +212,7 @@ class SessionStream:
         return reply
 
     def _note(self, err: PloraError) -> None:
-        self.metrics.step_errors.labels(type(err).__name__).inc()
+        self.metrics.step_errors.labels(kind_of(err)).inc()
         if not self._warned and isinstance(err, ValidationError):
             self._warned = True
             log.warning("device %s sent malformed input (further cases of this session are not logged): %s",
@@ -220,21 +231,24 @@ class SessionStream:
             await self._write(step, SessionOpened(session.session_id, session.version.identity, session.cloud.max_tokens))
             while True:
                 try:
-                    step, message = await self._read(self.limits.idle_timeout_s, "step")
+                    try:
+                        step, message = await self._read(self.limits.idle_timeout_s, "step")
+                    except _Deadline:
+                        return  # idle: the session ends quietly, and the device opens a new one on its next step
                     await self._serve_step(session, step, message)
-                except _Ended:
+                except (_Ended, _Deadline):
                     raise
                 except (ValidationError, SessionError, CapacityError, TransportError) as err:
                     # The step failed and the session's state is as before it; the session, and
                     # every other session, goes on.
                     self._note(err)
-                    await self._write(step, StepError(type(err).__name__, str(err)[:MAX_ERROR_CHARS]))
+                    await self._write(step, StepError(kind_of(err), str(err)[:MAX_ERROR_CHARS]))
         except _Ended:
             pass
         except PloraError as err:
             self._note(err)
             try:
-                await self._write(0, StepError(type(err).__name__, str(err)[:MAX_ERROR_CHARS], fatal=True))
+                await self._write(0, StepError(kind_of(err), str(err)[:MAX_ERROR_CHARS], fatal=True))
             except _Ended:
                 pass
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -294,11 +308,13 @@ class SessionStream:
         """Wait for the exchanges a step left behind (a row taken out of its batch while its
         reply was still on the way), so that the next read of the stream is the next step's."""
         left = [asyncio.wrap_future(f) for f in ask.sent if not f.done()]
+        for future in left:  # retrieved whenever they end, even after this wait gave up on them
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
         if left:
             await asyncio.wait(left, timeout=self.limits.reply_timeout_s)
             for future in left:
                 if not future.done():
-                    raise _Ended("a reply the session owed never came")
+                    raise _Deadline("a reply the session owed never came")
                 future.exception()  # retrieved: its error was the step's, already reported
 
 
@@ -349,7 +365,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
 
     @staticmethod
     async def _abort(context, err: PloraError):
-        await context.abort(status_for(err), f"{type(err).__name__}: {str(err)[:MAX_ERROR_CHARS]}")
+        await context.abort(status_for(err), f"{kind_of(err)}: {str(err)[:MAX_ERROR_CHARS]}")
 
     @staticmethod
     def _parsed(request):
