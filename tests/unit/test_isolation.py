@@ -95,14 +95,14 @@ def test_a_late_row_leaves_its_batch_without_delaying_the_others_and_runs_alone(
     half = CloudHalf(tiny_backbone(), CONFIG)
     half.enable_batching(gather_s=0.5, late_floor_s=0.25, late_factor=5.0)
     good = (device(0), hidden(1, 4), hidden(1, 2))
-    late = (LateHandler(device(1), delay_s=3.0), hidden(1, 4), hidden(1, 2))
+    late = (LateHandler(device(1), delay_s=1.0), hidden(1, 4), hidden(1, 2))
     results, errors, took = run_together(half, {"good": good, "late": late})
     assert errors == {}
     reference = CloudHalf(tiny_backbone(), CONFIG)
     for name, (handler, prompt, steps) in (("good", good), ("late", late)):
         expected = decode(reference, device(0 if name == "good" else 1), prompt, steps)
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(results[name], expected)), name
-    # Two decode steps of 4 layers; waiting for the late device would hold the good one 2 × 3 s.
+    # Two decode steps of 4 layers; waiting for the late device would hold the good one 2 × 1 s.
     assert took["good"] < 0.5 + 2 * 4 * 0.25 + 2.0 < took["late"]
 
 
