@@ -117,11 +117,12 @@ def _schedule(total: int, warmup_fraction: float) -> Callable[[int], float]:
     return factor
 
 
-def fingerprint(train: list[TokenizedExample], settings: TrainSettings) -> str:
-    """Identifies a job by its data and settings, so a checkpoint resumes only the same job.
+def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
+    """Identifies a job by its data, settings and the backbone version it trains M for, so a
+    checkpoint resumes only the same job (a migrated device's old checkpoint is not).
 
     Anchor text needs no part in it: the settings and the backbone determine it."""
-    digest = hashlib.sha256(repr(settings).encode())
+    digest = hashlib.sha256(repr((settings, backbone)).encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())
     return digest.hexdigest()
@@ -157,9 +158,10 @@ def personalize(
     batch and the loss adds `settings.anchor.weight` times KL(base || model) on them; the
     reported loss is the task's alone. Without it nothing holds the model near the base.
 
-    With a checkpoint, progress is saved every `checkpoint_every` steps and a matching
-    checkpoint left by an interrupted run is resumed: the same batches, in the same order,
-    from the step after the last one saved.
+    With a checkpoint, progress is saved every `checkpoint_every` steps and after the last
+    one, and a matching checkpoint left by an interrupted run is resumed: the same batches, in
+    the same order, from the step after the last one saved. The last save lets a job that
+    was killed after training, before its result was kept, finish without training again.
     """
     if not train:
         raise ConfigError("no training examples")
@@ -178,7 +180,8 @@ def personalize(
         if val:
             progress.val_before = progress.best_score = evaluate(model, val, pad_id)
             best = [p.detach().clone() for p in params]
-    anchor_schedule = _anchor_batches(model, anchor, pad_id, settings, total) if anchor else itertools.repeat([])
+    left = progress.step < total  # nothing is, when resuming a job killed after training
+    anchor_schedule = _anchor_batches(model, anchor, pad_id, settings, total) if anchor and left else itertools.repeat([])
     started, seconds_before = time.perf_counter(), progress.seconds
     model.train()
     schedule = batches(train, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch))
@@ -210,7 +213,7 @@ def personalize(
                 progress.best_score, progress.best_step = score, progress.step
                 best = [p.detach().clone() for p in params]
         progress.seconds = seconds_before + time.perf_counter() - started
-        if checkpoint and progress.step % checkpoint_every == 0 and progress.step < total:
+        if checkpoint and (progress.step % checkpoint_every == 0 or progress.step == total):
             checkpoint.save(progress, params, best, optimizer, scheduler)
     model.eval()
     if best is not None:

@@ -119,8 +119,10 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
               help="Share of examples held out to pick the best M (used when there are at least 10 examples).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Steps between checkpoints, from which a killed or failed job resumes when run again.")
 @fail_cleanly
-def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length, val_fraction, seed) -> None:
+def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length, val_fraction, seed, checkpoint_every) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
     from tqdm import tqdm
 
@@ -138,7 +140,7 @@ def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length,
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
-        outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, progress)
+        outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, progress, checkpoint_every=checkpoint_every)
     result = outcome.result
     click.echo(f"job {outcome.job_id}: {result.steps} steps, {result.tokens_per_second:.0f} tokens/s; "
                f"training loss {result.first_loss:.3f} -> {result.last_loss:.3f}")

@@ -4,31 +4,47 @@ The adapter on disk changes only when a job succeeds, so a job that fails (bad d
 a crash) leaves the previous personalization in place and is marked failed with its reason.
 Unless the settings turn it off, jobs keep the model close to the base on generic text, the
 anchor (clients.anchor), which the device's base model writes on its first job.
+
+No ending of a job blocks the device. Every run is a job of its own: one that finds a
+checkpoint of the same data and settings (left by a job that failed, was interrupted or was
+killed) resumes it and records where from, in its params; any other starts afresh. A run
+first takes the device's lock, and then closes as interrupted whatever job of the device the
+registry still shows open: with the lock held, no process runs it any more.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from plora.clients.anchor import AnchorSettings, text_key, write_anchor
-from plora.clients.checkpoint import TrainingCheckpoint
+from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import TokenizedExample, load_examples, tokenize
-from plora.clients.device_store import DeviceRecord
+from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device
+from plora.storage.crashpoints import crash_point
 from plora.storage.db import open_database
-from plora.storage.errors import PloraError, RegistryError
-from plora.storage.files import write_atomically
+from plora.storage.errors import ConfigError, PloraError, RegistryError
+from plora.storage.files import discard_partial_writes, write_atomically
+from plora.storage.models import JobStatus
 from plora.storage.registry import Registry
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
 ANCHOR = "anchor.json"  # in the device folder: the anchor text its base model wrote
 ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
+LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
+ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
 
 
 def registry(url: str | None = None) -> Registry:
@@ -79,6 +95,33 @@ class JobOutcome:
     loss_after: float
 
 
+@contextmanager
+def device_job(store: DeviceStore, reg: Registry) -> Iterator[None]:
+    """Run a job on the device alone, after clearing up what a killed job left behind.
+
+    The lock is an flock, which the kernel drops with its holder, SIGKILL included: once it
+    is held, no other process runs a job on this device, so an open job in the registry, or a
+    half-written temp file in the folder, was left by a process that is gone."""
+    fd = os.open(store.root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 16, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(
+                f"{store.root} is busy: process {holder} is running a job on it; wait for it to end, or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        discard_partial_writes(store.root, (CHECKPOINT, ANCHOR, DeviceStore.ADAPTER, DeviceStore.RECORD))
+        for job_id in reg.interrupt_abandoned_jobs(store.record.device_id, ABANDONED):
+            log.warning("job %d of device %s was left open by a process that is gone; closed as interrupted",
+                        job_id, store.record.device_id)
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_personalization(
     device: Device,
     data_path: Path,
@@ -87,15 +130,47 @@ def run_personalization(
     val_fraction: float = 0.1,
     on_step: Callable[[int, int, float], None] | None = None,
     reg: Registry | None = None,
+    checkpoint_every: int = 10,
 ) -> JobOutcome:
     """Train the device's M on a local file, save it, and record the job.
 
     Progress is checkpointed on the device; running the same job again after an interruption
-    resumes it, under the same job id.
+    or a failure resumes it, under a new job whose params name the job and step resumed.
     """
     reg = reg or registry()
+    register(device.store.record, reg)
+    with device_job(device.store, reg):
+        return _personalization_job(device, data_path, settings, max_length, val_fraction, on_step, reg, checkpoint_every)
+
+
+def _resumable(checkpoint: TrainingCheckpoint, device_id: str, reg: Registry) -> Resumable | None:
+    """The checkpoint's job, unless that job succeeded: then its result is the adapter already,
+    and the checkpoint only outlived it because the process was killed before removing it."""
+    found = checkpoint.resumable()
+    if found is None:
+        return None
+    try:
+        job = reg.get_job(found.job["id"])
+        done = job.device_id == device_id and job.status == JobStatus.SUCCEEDED
+    except RegistryError:
+        done = False  # a registry that never knew the job: the device's progress still counts
+    if done:
+        checkpoint.clear()
+        return None
+    return found
+
+
+def _personalization_job(
+    device: Device,
+    data_path: Path,
+    settings: TrainSettings,
+    max_length: int,
+    val_fraction: float,
+    on_step: Callable[[int, int, float], None] | None,
+    reg: Registry,
+    checkpoint_every: int,
+) -> JobOutcome:
     record = device.store.record
-    register(record, reg)
     params = {"lr": settings.lr, "batch_size": settings.batch_size, "max_length": max_length}
     params.update({k: v for k, v in (("steps", settings.steps), ("epochs", settings.epochs)) if v is not None})
     params["anchor_weight"] = settings.anchor.weight if settings.anchor else 0.0
@@ -105,26 +180,32 @@ def run_personalization(
         reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
         raise
     train, val = split_holdout(examples, val_fraction, settings.seed)
-    checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, settings))
-    checkpoint.job_id = checkpoint.stored_job()
-    if checkpoint.job_id is not None:
-        reg.resume_job(checkpoint.job_id)
-    else:
-        checkpoint.job_id = reg.start_job(record.device_id, "personalize", params)
-    job_id = checkpoint.job_id
+    checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, settings, record.identity.version))
+    resumed = _resumable(checkpoint, record.device_id, reg)
+    if resumed:
+        params.update(resumed_from_job=resumed.job["id"], resumed_from_step=resumed.step)
+    job_id = reg.start_job(record.device_id, "personalize", params)
+    if resumed:
+        log.info("job %d resumes job %d from its step %d", job_id, resumed.job["id"], resumed.step)
+    crash_point("personalize:job-started")
     try:
         pad = device.tokenizer.pad_token_id
         measured_on = val or train
-        before = evaluate(device.model, measured_on, pad)
+        # What the job started from is measured once: on resuming, the adapter may already
+        # hold the job's result (killed after saving it), so the first run's figures stand.
+        job = resumed.job if resumed else {"adapter_steps": device.steps, "loss_before": evaluate(device.model, measured_on, pad)}
+        checkpoint.job = {**job, "id": job_id}
+        before = job["loss_before"]
         anchor = device_anchor(device, settings.anchor) if settings.anchor else None
-        result = personalize(device.model, train, pad, settings, val or None, on_step, checkpoint, anchor=anchor)
+        result = personalize(device.model, train, pad, settings, val or None, on_step, checkpoint, checkpoint_every, anchor)
+        crash_point("personalize:trained")
         after = result.val_after if val else evaluate(device.model, train, pad)
-        device.save(device.steps + result.steps)
-        checkpoint.clear()
+        device.save(job["adapter_steps"] + result.steps)
+        crash_point("personalize:adapter-saved")
     except (PloraError, OSError) as err:
         reg.fail_job(job_id, f"{type(err).__name__}: {err}")
         raise
-    except BaseException as err:  # a crash or Ctrl-C: the job did not finish, the old adapter stands
+    except BaseException as err:  # a crash or Ctrl-C: the job did not finish; a re-run resumes it
         reg.interrupt_job(job_id, type(err).__name__)
         raise
     metric = "val_loss" if val else "train_loss"
@@ -138,4 +219,7 @@ def run_personalization(
         tokens_processed=result.tokens,
         steps_done=result.steps,
     )
+    crash_point("personalize:job-finished")
+    # Removed only now: until the job is recorded as succeeded, a re-run resumes from it.
+    checkpoint.clear()
     return JobOutcome(job_id, result, before, after)

@@ -4,6 +4,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from plora.storage.crashpoints import crash_point
+
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename, then fsync the folder: without that last
@@ -14,6 +16,7 @@ def write_atomically(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point(f"mid-write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -23,3 +26,12 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def discard_partial_writes(folder: Path, names: tuple[str, ...]) -> None:
+    """Remove the temp files of `names` that a killed write_atomically left in `folder`.
+
+    Only safe while nothing else writes there, e.g. under the folder owner's lock."""
+    for name in names:
+        for stray in Path(folder).glob(f".{name}.*"):
+            stray.unlink(missing_ok=True)

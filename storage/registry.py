@@ -301,6 +301,21 @@ class Registry(DeviceLifecycle):
         """Mark a job stopped from outside (shutdown, cancel); ``reason`` as in fail_job."""
         return self._end(job_id, JobStatus.INTERRUPTED, reason)
 
+    def interrupt_abandoned_jobs(self, device_id: str, reason: str) -> list[int]:
+        """Close as interrupted every job of the device still pending or running; their ids.
+
+        Only for the device's own next run, once it knows that no job of its runs any more:
+        what is still open then was left by a process killed before it could close it."""
+        message = validate.reason(reason)
+        with self._sessions.begin() as session:
+            query = select(Job).where(Job.device_id == device_id, Job.status.in_(_OPEN_JOB)).order_by(Job.id)
+            abandoned = list(session.scalars(query))
+            for job in abandoned:
+                job.status, job.reason, job.ended_at = JobStatus.INTERRUPTED.value, message, utcnow()
+        for job in abandoned:
+            log.info("job %d interrupted: %s", job.id, message)
+        return [job.id for job in abandoned]
+
     def _end(self, job_id: int, status: JobStatus, reason: str) -> Job:
         message = validate.reason(reason)
         with self._sessions.begin() as session:

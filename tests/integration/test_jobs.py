@@ -41,7 +41,7 @@ def ms(device) -> torch.Tensor:
     return torch.cat([m.detach().flatten() for m in device.model.weights.ms.values()])
 
 
-def test_an_interrupted_job_resumes_under_its_id_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_checkpoint, data):
+def test_an_interrupted_job_resumes_under_a_new_job_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_checkpoint, data):
     for name in ("straight", "interrupted"):
         init_device(tmp_path / name, str(tiny_checkpoint))
     straight = open_device(tmp_path / "straight")
@@ -60,9 +60,10 @@ def test_an_interrupted_job_resumes_under_its_id_and_ends_where_an_uninterrupted
     device = open_device(tmp_path / "interrupted")
     outcome = run_personalization(device, data, SETTINGS, val_fraction=0.0, on_step=lambda s, t, l: resumed_steps.append(s))
     assert resumed_steps[0] == 11 and resumed_steps[-1] == 25  # from the last checkpoint, step 10
-    assert outcome.job_id == job.id
-    (job,) = registry().list_jobs(device.store.record.device_id)
-    assert job.status == "succeeded" and job.steps_done == 25
+    resumed, interrupted = registry().list_jobs(device.store.record.device_id)
+    assert outcome.job_id == resumed.id != interrupted.id and interrupted.status == "interrupted"
+    assert resumed.params["resumed_from_job"] == interrupted.id and resumed.params["resumed_from_step"] == 10
+    assert resumed.status == "succeeded" and resumed.steps_done == 25
     assert not (device.store.root / CHECKPOINT).exists()
     assert torch.allclose(ms(device), ms(straight), atol=1e-5)
 
