@@ -12,9 +12,10 @@ re-run can recognise as done:
                                          on a re-run only finishes the switch
     DIR/previous/<old version>/          the old version's files, kept after the switch
 
-The switch moves the bundle, the adapter and finally device.json into place (renames), then
-rebinds the device in the registry, closes the job and removes DIR/migration. Killed anywhere,
-the device is on exactly one version once `plora migrate` has run again, with one job.
+The switch moves the bundle, the adapter and finally device.json into place (renames; the old
+device.json is copied aside, never moved, so the folder always has one), then rebinds the device
+in the registry, closes the job and removes DIR/migration. Killed anywhere, the device is on
+exactly one version once `plora migrate` has run again, with one job (tests/integration/test_kill).
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from plora.clients.training import evaluate, fingerprint
 from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import load_version
-from plora.platform.jobs import register, registry
+from plora.platform.jobs import device_job, register, registry
 from plora.platform.runtime import connect, is_address, open_device
+from plora.storage.crashpoints import crash_point
 from plora.storage.errors import ConfigError, PloraError
-from plora.storage.files import write_atomically
+from plora.storage.files import discard_partial_writes, write_atomically
 from plora.storage.models import BackboneStatus, BackboneVersion, JobStatus
 from plora.storage.registry import Registry
 
@@ -96,34 +98,48 @@ def migrate_device(
     register(record, reg)
     report = MigrationReport(record.device_id, record.identity.version, version.name, method, "migrated")
     staging = root / DeviceStore.MIGRATION
-    plan = _read_plan(staging)
+    switched = record.identity.version == version.name
+    if dry_run:
+        _check_target(root, _read_plan(staging), version, switched)
+        report.outcome = "already there" if switched else "would migrate"
+        return report
+    with device_job(store, reg):
+        discard_partial_writes(staging, (PLAN, CHECKPOINT, DeviceStore.ADAPTER, DeviceStore.RECORD))
+        plan = _read_plan(staging)
+        _check_target(root, plan, version, switched)
+        if switched:  # the registry may lag behind
+            return _finish(reg, root, report, plan)
+        if not (staging / DeviceStore.RECORD).is_file():
+            plan = plan or {"from": record.identity.version, "to": version.name, "method": method}
+            staging.mkdir(exist_ok=True)
+            write_atomically(staging / PLAN, json.dumps(plan).encode())
+            crash_point("migrate:plan-written")
+            job_id = _open_job(reg, record.device_id, version.name, plan["method"])
+            crash_point("migrate:job-started")
+            try:
+                plan.update(_make_adapter(store, version, plan["method"], address, data, settings, on_step))
+            except PloraError as err:
+                reg.fail_job(job_id, f"{type(err).__name__}: {err}")
+                (staging / PLAN).unlink()  # a clean failure: a re-run may choose again (say, distill after copy)
+                raise
+            except BaseException as err:  # killed or crashed: the old adapter stands, a re-run resumes
+                reg.interrupt_job(job_id, type(err).__name__)
+                raise
+            crash_point("migrate:adapter-verified")
+            write_atomically(staging / PLAN, json.dumps(plan).encode())
+            write_atomically(staging / DeviceStore.RECORD, json.dumps(plan.pop("record"), indent=2).encode())
+            crash_point("migrate:staged")
+        _switch(root, plan["from"])
+        return _finish(reg, root, report, _read_plan(staging))
+
+
+def _check_target(root: Path, plan: dict | None, version: BackboneVersion, switched: bool) -> None:
+    """Refuse a target other than the one a half-done migration is heading to, or a retired
+    one (unless the device is on it already: then only the registry is left to bring in line)."""
     if plan and plan["to"] != version.name:
         raise ConfigError(f"{root} is midway through a migration to {plan['to']}; finish that one first (plora migrate --to {plan['to']})")
-    if record.identity.version == version.name:  # already switched; the registry may lag behind
-        return _finish(reg, root, report, plan)
-    if version.status == BackboneStatus.RETIRED:
+    if not switched and version.status == BackboneStatus.RETIRED:
         raise ConfigError(f"backbone version {version.name} is retired; migrate to an active one")
-    if dry_run:
-        report.outcome = "would migrate"
-        return report
-    if not (staging / DeviceStore.RECORD).is_file():
-        plan = plan or {"from": record.identity.version, "to": version.name, "method": method}
-        staging.mkdir(exist_ok=True)
-        write_atomically(staging / PLAN, json.dumps(plan).encode())
-        job_id = _open_job(reg, record.device_id, version.name, plan["method"])
-        try:
-            plan.update(_make_adapter(store, version, plan["method"], address, data, settings, on_step))
-        except PloraError as err:
-            reg.fail_job(job_id, f"{type(err).__name__}: {err}")
-            (staging / PLAN).unlink()  # a clean failure: a re-run may choose again (say, distill after copy)
-            raise
-        except BaseException as err:  # killed or crashed: the old adapter stands, a re-run resumes
-            reg.interrupt_job(job_id, type(err).__name__)
-            raise
-        write_atomically(staging / PLAN, json.dumps(plan).encode())
-        write_atomically(staging / DeviceStore.RECORD, json.dumps(plan.pop("record"), indent=2).encode())
-    _switch(root, plan["from"])
-    return _finish(reg, root, report, _read_plan(staging))
 
 
 def _read_plan(staging: Path) -> dict | None:
@@ -197,7 +213,7 @@ def _make_adapter(
         after = {"kl_to_old_at_start": mean_kl(student, examples, targets, pad), "heldout_loss_at_start": evaluate(student, heldout, pad)}
         tokens = 0
         if method == "distill":
-            checkpoint = TrainingCheckpoint(staging / CHECKPOINT, fingerprint(examples, settings))
+            checkpoint = TrainingCheckpoint(staging / CHECKPOINT, fingerprint(examples, settings, version.name))
             progress = distill(student, examples, targets, pad, settings, checkpoint, on_step)
             after["distill_steps"], tokens = progress.step, progress.tokens
         after["kl_to_old"] = mean_kl(student, examples, targets, pad)
@@ -214,17 +230,26 @@ def _make_adapter(
 
 
 def _switch(root: Path, old_version: str) -> None:
-    """Put the staged files in place, keeping the old ones; every step a rename, safe to redo."""
+    """Put the staged files in place, keeping the old ones; every step safe to redo.
+
+    The record is copied aside and then replaced in one rename, never moved away first: a
+    folder killed between two renames would hold no record, and would not be a device any
+    more (`plora migrate --root` would even take the staging folder for one)."""
     staging, kept = root / DeviceStore.MIGRATION, root / DeviceStore.PREVIOUS / old_version
     kept.mkdir(parents=True, exist_ok=True)
     for name in _SWITCHED:
         if not (staging / name).exists():
             continue  # switched already (or a local device, which has no bundle)
-        if (root / name).exists():
+        if name == DeviceStore.RECORD:
+            discard_partial_writes(kept, (name,))  # a copy cut short by a kill
+            write_atomically(kept / name, (root / name).read_bytes())
+        elif (root / name).exists():
             if (kept / name).is_dir():
                 shutil.rmtree(kept / name)  # left by an older migration away from the same version
             os.replace(root / name, kept / name)
+        crash_point(f"migrate:kept:{name}")
         os.replace(staging / name, root / name)
+        crash_point(f"migrate:switched:{name}")
 
 
 def _finish(reg: Registry, root: Path, report: MigrationReport, plan: dict | None) -> MigrationReport:
@@ -232,6 +257,7 @@ def _finish(reg: Registry, root: Path, report: MigrationReport, plan: dict | Non
     device = reg.get_device(report.device_id)
     if device.backbone_version_id != reg.get_backbone(report.target).id:
         reg.bind_device(report.device_id, report.target)
+    crash_point("migrate:rebound")
     open_jobs = [j for j in reg.migration_jobs(report.device_id, report.target) if j.status in (JobStatus.RUNNING, JobStatus.INTERRUPTED)]
     if plan is None and not open_jobs:
         report.outcome = "already there"
@@ -244,6 +270,7 @@ def _finish(reg: Registry, root: Path, report: MigrationReport, plan: dict | Non
         tokens = plan.get("tokens", 0) if plan else 0
         reg.finish_job(job.id, report.before or None, report.after or None, tokens, int(report.after.get("distill_steps", 0)))
         report.job_id = job.id
+    crash_point("migrate:job-finished")
     shutil.rmtree(root / DeviceStore.MIGRATION, ignore_errors=True)
     return report
 
