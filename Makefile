@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test demo test fuzz
+.PHONY: install install-test demo test fuzz soak
 
 install:
 	$(PIP) install -q -e .
@@ -27,3 +27,7 @@ FUZZ_BACKBONE ?= embedded
 fuzz: install-test
 	PLORA_FUZZ_SEED=$(FUZZ_SEED) PLORA_FUZZ_FRAMES=$(FUZZ_FRAMES) PLORA_FUZZ_BACKBONE=$(FUZZ_BACKBONE) \
 		$(PYTHON) -m pytest tests/integration/test_hostile.py -k seeded_attack -o log_cli=true --log-cli-level=INFO
+
+# Kill anywhere, longer: 20 random instants for personalize and 10 for migrate.
+soak: install-test
+	PLORA_KILL_INSTANTS=20 PLORA_KILL_MIGRATE_INSTANTS=10 $(PYTHON) -m pytest -s tests/integration/test_kill.py
