@@ -180,7 +180,9 @@ class Case:
                 os.kill(process.pid, signal.SIGKILL)
                 killed = True
             process.join(0.01)
-        assert process.exitcode is not None, f"{self.name}: plora {args[0]} did not end within 300 s"
+        if process.exitcode is None:
+            os.kill(process.pid, signal.SIGKILL)
+            pytest.fail(f"{self.name}: plora {args[0]} did not end within 300 s:\n{self.log()}")
         return Ran(process.exitcode, cpu_s, killed)
 
     def log(self) -> str:
