@@ -29,5 +29,7 @@ fuzz: install-test
 		$(PYTHON) -m pytest tests/integration/test_hostile.py -k seeded_attack -o log_cli=true --log-cli-level=INFO
 
 # Kill anywhere, longer: 20 random instants for personalize and 10 for migrate.
+# Then 10 minutes of 32 sessions decoding and training on the embedded model.
 soak: install-test
 	PLORA_KILL_INSTANTS=20 PLORA_KILL_MIGRATE_INSTANTS=10 $(PYTHON) -m pytest -s tests/integration/test_kill.py
+	PLORA_SOAK_BACKBONE=embedded PLORA_SOAK_SECONDS=600 $(PYTHON) -m pytest -s -o log_cli=true tests/integration/test_soak.py
