@@ -14,7 +14,7 @@ from plora.storage import db, device_lifecycle
 from plora.storage.errors import AuthenticationError, RegistryError
 from plora.storage.models import Base, Device, utcnow
 from plora.storage.registry import Registry
-from tests.unit.test_storage import DEVICE_1, DEVICE_2, HASH_A, _backbone, db_url, registry  # noqa: F401 (fixtures)
+from tests.unit.test_storage import DEVICE_1, DEVICE_2, _backbone, db_url, registry, write_early_rows  # noqa: F401 (fixtures)
 
 DEVICE_3 = "0" * 31 + "3"
 
@@ -130,14 +130,7 @@ def test_migration_0003_upgrades_and_downgrades_keeping_devices_and_jobs(db_url)
     engine = db.create_registry_engine(db_url)
     try:
         with engine.begin() as connection:  # rows as plora 0002 wrote them
-            connection.execute(text(
-                "INSERT INTO backbone_versions (name, source, architecture, content_hash, seed, adapter_config, status, created_at)"
-                " VALUES ('v1', 'embedded', '{}', :hash, 7, '{}', 'active', CURRENT_TIMESTAMP)"), {"hash": HASH_A})
-            connection.execute(text(
-                "INSERT INTO devices (id, backbone_version_id, created_at) SELECT :id, id, CURRENT_TIMESTAMP FROM backbone_versions"), {"id": DEVICE_1})
-            connection.execute(text(
-                "INSERT INTO jobs (device_id, backbone_version_id, kind, status, created_at, params, tokens_processed, steps_done)"
-                " SELECT :id, id, 'personalize', 'succeeded', CURRENT_TIMESTAMP, '{}', 10, 2 FROM backbone_versions"), {"id": DEVICE_1})
+            write_early_rows(connection)
         db.upgrade(db_url, "0003")
         registry = Registry(db.open_database(db_url))
         assert registry.get_device(DEVICE_1).revoked_at is None

@@ -78,19 +78,24 @@ def test_upgrade_from_empty_database_creates_schema_equal_to_models(db_url):
         engine.dispose()
 
 
+def write_early_rows(connection) -> None:
+    """A backbone version, a device and a job, as the first schemas (0001, 0002) stored them."""
+    connection.execute(text(
+        "INSERT INTO backbone_versions (name, source, architecture, content_hash, seed, adapter_config, status, created_at)"
+        " VALUES ('v1', 'embedded', '{}', :hash, 7, '{}', 'active', CURRENT_TIMESTAMP)"), {"hash": HASH_A})
+    connection.execute(text(
+        "INSERT INTO devices (id, backbone_version_id, created_at) SELECT :id, id, CURRENT_TIMESTAMP FROM backbone_versions"), {"id": DEVICE_1})
+    connection.execute(text(
+        "INSERT INTO jobs (device_id, backbone_version_id, kind, status, created_at, params, tokens_processed, steps_done)"
+        " SELECT :id, id, 'personalize', 'succeeded', CURRENT_TIMESTAMP, '{}', 10, 2 FROM backbone_versions"), {"id": DEVICE_1})
+
+
 def test_upgrade_from_the_previous_schema_keeps_existing_records(db_url):
     db.upgrade(db_url, "0001")
     engine = db.create_registry_engine(db_url)
     try:
         with engine.begin() as connection:  # rows as plora 0001 wrote them
-            connection.execute(text(
-                "INSERT INTO backbone_versions (name, source, architecture, content_hash, seed, adapter_config, status, created_at)"
-                " VALUES ('v1', 'embedded', '{}', :hash, 7, '{}', 'active', CURRENT_TIMESTAMP)"), {"hash": HASH_A})
-            connection.execute(text(
-                "INSERT INTO devices (id, backbone_version_id, created_at) SELECT :id, id, CURRENT_TIMESTAMP FROM backbone_versions"), {"id": DEVICE_1})
-            connection.execute(text(
-                "INSERT INTO jobs (device_id, backbone_version_id, kind, status, created_at, params, tokens_processed, steps_done)"
-                " SELECT :id, id, 'personalize', 'succeeded', CURRENT_TIMESTAMP, '{}', 10, 2 FROM backbone_versions"), {"id": DEVICE_1})
+            write_early_rows(connection)
     finally:
         engine.dispose()
     registry = Registry(db.open_database(db_url))  # brings the schema to head
