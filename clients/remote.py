@@ -64,8 +64,7 @@ def _check_request(request: AdapterRequest, phase: Phase, weights: AdapterWeight
             f"unexpected adapter request: layer {request.layer} {quoted(request.group)} {request.phase.value} "
             f"during {phase.value}"
         )
-    members = len(config.groups[request.group])
-    width = config.rank * (config.a_count(request.group) if phase is Phase.FORWARD else members)
+    width = config.width(request.group, a_side=phase is Phase.FORWARD)  # u, or dL/d(u·M)
     tensor = request.tensor
     if tensor.dtype != torch.float32 or tensor.dim() != 3 or tensor.shape[-1] != width:
         raise ValidationError(

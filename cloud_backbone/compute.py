@@ -61,9 +61,7 @@ class CloudHalf(nn.Module):
 
     def width(self, group: str, phase: Phase, direction: str) -> int:
         """The last dimension of a group's tensor: u and dL/du are a·r wide, u·M and its grad members·r."""
-        a_side = (phase is Phase.FORWARD) == (direction == "down")
-        members = len(self.config.groups[group])
-        return self.config.rank * (self.config.a_count(group) if a_side else members)
+        return self.config.width(group, a_side=(phase is Phase.FORWARD) == (direction == "down"))
 
 
 class _DeviceRoundTrip(torch.autograd.Function):

@@ -105,6 +105,11 @@ class PrivateLoRAConfig:
         """How many r-vectors the cloud sends for one token of this group."""
         return 1 if self.shared_a else len(self.groups[group])
 
+    def width(self, group: str, a_side: bool) -> int:
+        """The last dimension of a group's tensors: a_count·r on A's side (u and dL/du),
+        members·r on M's output side (u·M and its gradient)."""
+        return self.rank * (self.a_count(group) if a_side else len(self.groups[group]))
+
     def to_dict(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
 

@@ -74,7 +74,7 @@ def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> No
         send(1, ForwardRequest(hidden, CacheMode.START))  # an honest prefill, so that its decode steps batch
         while isinstance(message := receive(), AdapterRequest):
             send(1, AdapterReply(message.layer, message.group, message.phase,
-                                 torch.zeros(*message.tensor.shape[:-1], _width(identity, message))))
+                                 torch.zeros(*message.tensor.shape[:-1], identity.adapter.width(message.group, a_side=False))))
         started = time.monotonic()
         for step in itertools.count(2):
             if stop.is_set():
@@ -90,11 +90,6 @@ def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> No
         outbox.put(None)
         answers.cancel()
     report.put(frames / elapsed)
-
-
-def _width(identity, request: AdapterRequest) -> int:
-    config = identity.adapter
-    return config.rank * len(config.groups[request.group])
 
 
 def _burn(share: float, stop, report) -> None:
