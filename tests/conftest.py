@@ -4,6 +4,7 @@ seconds; a few end-to-end tests use the real embedded SmolLM2 (marked `embedded`
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -26,9 +27,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 
 from plora.cloud_backbone import loading  # noqa: E402
 from plora.cloud_backbone.loading import Backbone, BackboneSource  # noqa: E402
+from tests.postgres import PostgresServerError, throwaway_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 TINY = dict(
     vocab_size=96,
@@ -76,3 +77,19 @@ def tiny_checkpoint(tmp_path_factory, smol_tokenizer) -> Path:
     tiny_llama(vocab_size=len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A SQLAlchemy URL of a PostgreSQL server over TCP: PLORA_TEST_POSTGRES_URL when set, else a
+    throwaway server started for this run (tests/postgres.py) and stopped at its end."""
+    if url := os.environ.get("PLORA_TEST_POSTGRES_URL"):
+        yield url
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(throwaway_server())
+        except PostgresServerError as error:
+            message = f"the PostgreSQL server for the registry tests did not start: {error}"
+            raise pytest.fail.Exception(message, pytrace=False) from None
+        yield url

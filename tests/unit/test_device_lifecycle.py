@@ -1,6 +1,6 @@
 """The registry's device lifecycle: enrollment tokens, revocation, forgetting, and migration 0003.
 
-Runs on SQLite, and on PostgreSQL too when PLORA_TEST_POSTGRES_URL is set (see test_storage).
+Runs on SQLite and on PostgreSQL, as test_storage does.
 """
 
 import threading

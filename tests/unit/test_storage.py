@@ -1,10 +1,10 @@
 """The platform registry: schema and migrations, records, and what it refuses to store.
 
-Runs on SQLite in tmp_path; set PLORA_TEST_POSTGRES_URL to a throwaway PostgreSQL
-database to run every test there too (its registry tables are dropped first).
+Every test runs on SQLite in tmp_path and on PostgreSQL: the run's throwaway server, or the
+database PLORA_TEST_POSTGRES_URL names (see the postgres_url fixture). The registry tables
+are dropped before each PostgreSQL test.
 """
 
-import os
 from datetime import timezone
 
 import pytest
@@ -24,8 +24,6 @@ ARCH = {"model_type": "llama", "num_layers": 30, "hidden_size": 576, "vocab_size
 ADAPTER = {"rank": 8, "targets": ["q_proj", "v_proj"]}
 TABLES = {"backbone_versions", "devices", "jobs", "enrollment_tokens"}
 
-POSTGRES_URL = os.environ.get("PLORA_TEST_POSTGRES_URL")
-
 
 def _reset_postgres(url: str) -> None:
     engine = db.create_registry_engine(url)
@@ -37,17 +35,12 @@ def _reset_postgres(url: str) -> None:
         engine.dispose()
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.skipif(not POSTGRES_URL, reason="PLORA_TEST_POSTGRES_URL unset")),
-    ]
-)
+@pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'registry.db'}"
     else:
-        url = POSTGRES_URL
+        url = request.getfixturevalue("postgres_url")
         _reset_postgres(url)
     yield url
     db.close_all()
