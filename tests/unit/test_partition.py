@@ -7,7 +7,6 @@ import pytest
 
 from plora.platform.partition import holdout, partition, play_blocks
 from plora.storage.errors import ConfigError, DataError
-from tests.conftest import SHARED_DATA
 
 ROWS = datasets.Dataset.from_list(
     [{"user": u, "label": i % 3, "text": f"{u} line {i}"} for i, u in enumerate(["ann"] * 6 + ["bob"] * 4 + ["cy"] * 2)]
@@ -45,11 +44,20 @@ def test_too_little_data_for_the_fleet_is_a_data_error():
         partition(ROWS, "iid", 13)
 
 
-def test_play_blocks_give_one_speaker_per_block():
-    blocks = play_blocks(SHARED_DATA / "tinyshakespeare" / "input.txt")
-    speakers = set(blocks["speaker"])
-    assert "GLOUCESTER" in speakers and len(speakers) > 100
-    assert all(text and not text.endswith(":") for text in blocks["text"][:50])
+def test_play_blocks_give_one_speaker_per_block(tmp_path):
+    play = tmp_path / "play.txt"
+    play.write_text(
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+        "All:\nSpeak, speak.\n\n"
+        "ACT I\n\n"  # a line without a speaker is no block
+        "GLOUCESTER:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;\n\n"
+        "LADY ANNE:\nFoul devil, for God's sake, hence!\n\n\n"
+        "First Citizen:\nWe are accounted poor citizens.\n"
+    )
+    blocks = play_blocks(play)
+    assert blocks["speaker"] == ["First Citizen", "All", "GLOUCESTER", "LADY ANNE", "First Citizen"]
+    assert blocks["text"][2] == "Now is the winter of our discontent\nMade glorious summer by this sun of York;"
+    assert all(text and not text.endswith(":") for text in blocks["text"])
 
 
 def test_holdout_keeps_at_least_one_example_out(tmp_path):
