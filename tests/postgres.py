@@ -2,34 +2,40 @@
 
 The binaries are the pip package pgserver's (in the `test` extra), so no system PostgreSQL
 is needed. The server listens on 127.0.0.1 on a free port, trusts every local connection,
-keeps its data in a temporary folder, and is stopped and deleted at the end. PostgreSQL
+keeps its data in a temporary folder, and is stopped and deleted at the end, or stopped by
+the kernel when the test process dies first. PostgreSQL
 refuses to run as root; under root (as in CI) it runs as the user `nobody`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SUPERUSER = "plora"
 DATABASE = "postgres"
 UNPRIVILEGED_USER = "nobody"
-COMMAND_TIMEOUT_S = 60
+TIMEOUT_S = 60
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # Durability is pointless for data deleted at the end, and fsync is the slow part of both
 # initdb and every commit on a loaded machine.
 SERVER_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
 class PostgresServerError(RuntimeError):
-    """The throwaway server could not be set up, started or stopped."""
+    """The throwaway server could not be set up or started."""
 
 
 def _pgserver_installation() -> Path:
@@ -64,21 +70,39 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(command: list, folder: Path, run_as: dict, log: Path | None = None) -> None:
+def _die_with_this_process() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel stop the server when the test process dies.
+
+    The fixture's teardown does not run when the run is killed, e.g. by pytest-timeout's
+    thread method, which ends the process on a hang; the server must not outlive it.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    # Runs in the child after it dropped root: a change of user clears the setting.
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGQUIT)
+
+
+def _initdb(binaries: Path, data: Path, folder: Path, run_as: dict) -> None:
+    command = [binaries / "initdb", "-D", data, "-U", SUPERUSER, "--auth=trust", "--no-sync", "--encoding=UTF8",
+               "--locale=C", "--no-instructions"]
     try:
-        subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, **run_as)
+        subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True, timeout=TIMEOUT_S, **run_as)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-        outcome = f"ran past {COMMAND_TIMEOUT_S} s" if isinstance(error, subprocess.TimeoutExpired) else f"exited with status {error.returncode}"
-        server_log = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else "(none)"
-        raise PostgresServerError(
-            f"{' '.join(map(str, command))} {outcome}\nits output: {error.stdout or ''}{error.stderr or ''}\nserver log: {server_log}"
-        ) from None
+        raise PostgresServerError(f"initdb failed ({error}): {error.stdout or ''}{error.stderr or ''}") from None
 
 
-def _stop(binaries: Path, data: Path, folder: Path, run_as: dict) -> None:
-    if (data / "postmaster.pid").exists():
-        # Immediate: the data is deleted next, so a clean shutdown's checkpoint is wasted time.
-        _run([binaries / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"], folder, run_as)
+def _wait_until_ready(server: subprocess.Popen, data: Path, log: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise PostgresServerError(f"the server exited with status {server.returncode}; its log:\n{log.read_text()}")
+        with contextlib.suppress(FileNotFoundError):
+            # The postmaster writes its state, space-padded, on the eighth line of its lock file.
+            if [line.strip() for line in (data / "postmaster.pid").read_text().splitlines()[7:8]] == ["ready"]:
+                return
+        time.sleep(0.05)
+    raise PostgresServerError(f"the server was not ready after {TIMEOUT_S} s; its log:\n{log.read_text()}")
 
 
 @contextlib.contextmanager
@@ -87,7 +111,7 @@ def throwaway_server() -> Iterator[str]:
     installation = _pgserver_installation()
     run_as = _run_as()
     folder = Path(tempfile.mkdtemp(prefix="plora-postgres-"))
-    data, log = folder / "data", folder / "data" / "server.log"
+    data, log = folder / "data", folder / "server.log"
     binaries = installation / "bin"
     try:
         if run_as:
@@ -102,17 +126,23 @@ def throwaway_server() -> Iterator[str]:
                 shutil.copytree(bundled_libraries, folder / bundled_libraries.name, symlinks=True)
             binaries = copy / "bin"
             os.chown(folder, run_as["user"], run_as["group"])
-        _run([binaries / "initdb", "-D", data, "-U", SUPERUSER, "--auth=trust", "--no-sync", "--encoding=UTF8",
-              "--locale=C", "--no-instructions"], folder, run_as)
+        _initdb(binaries, data, folder, run_as)
         port = _free_port()
-        settings = {**SERVER_SETTINGS, "listen_addresses": "'127.0.0.1'", "port": str(port),
-                    "unix_socket_directories": f"'{data}'"}
-        with open(data / "postgresql.conf", "a", encoding="utf-8") as conf:
-            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        settings = {**SERVER_SETTINGS, "listen_addresses": "127.0.0.1", "port": str(port), "unix_socket_directories": str(data)}
+        command = [binaries / "postgres", "-D", data, *(f"--{name}={value}" for name, value in settings.items())]
+        with open(log, "w") as log_file:
+            server = subprocess.Popen(command, cwd=folder, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                      preexec_fn=_die_with_this_process(), **run_as)
         try:
-            _run([binaries / "pg_ctl", "-D", data, "-l", log, "-w", "-t", str(COMMAND_TIMEOUT_S), "start"], folder, run_as, log)
+            _wait_until_ready(server, data, log)
             yield f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
         finally:
-            _stop(binaries, data, folder, run_as)
+            # Immediate shutdown: the data is deleted next, so a clean checkpoint is wasted time.
+            server.send_signal(signal.SIGQUIT)
+            try:
+                server.wait(TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
