@@ -1,10 +1,10 @@
 """A throwaway PostgreSQL server for the registry tests, started by the test run itself.
 
 The binaries are the pip package pgserver's (in the `test` extra), so no system PostgreSQL
-is needed. The server listens on 127.0.0.1 on a free port, trusts every local connection,
-keeps its data in a temporary folder, and is stopped and deleted at the end, or stopped by
-the kernel when the test process dies first. PostgreSQL
-refuses to run as root; under root (as in CI) it runs as the user `nobody`.
+is needed. The server listens on 127.0.0.1 on a free port, trusts every local connection and
+keeps its data in a temporary folder. It is stopped and its folder deleted at the end; if the
+test process dies first, the kernel stops it (the folder then stays behind in /tmp).
+PostgreSQL refuses to run as root; under root (as in CI) it runs as the user `nobody`.
 """
 
 from __future__ import annotations
