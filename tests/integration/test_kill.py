@@ -151,7 +151,7 @@ def _cpu_s(pid: int, last: float) -> float:
 class Ran:
     status: int  # the exit status; -9 after a SIGKILL
     cpu_s: float  # CPU seconds used, as last seen
-    killed_by_test: bool
+    killed_by_test: bool  # the test's SIGKILL ended it
 
 
 @dataclass
@@ -183,7 +183,8 @@ class Case:
         if process.exitcode is None:
             os.kill(process.pid, signal.SIGKILL)
             pytest.fail(f"{self.name}: plora {args[0]} did not end within 300 s:\n{self.log()}")
-        return Ran(process.exitcode, cpu_s, killed)
+        # A kill sent as the process was exiting finds it already done: it ended first.
+        return Ran(process.exitcode, cpu_s, killed and process.exitcode == -signal.SIGKILL)
 
     def log(self) -> str:
         path = self.folder / "log.txt"
