@@ -16,7 +16,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from plora.clients.remote import RemoteDecoder
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, attach, decoder_slice, local_exchange
-from plora.cloud_backbone.protocol import CacheMode, SplitLink
+from plora.cloud_backbone.protocol.link import SplitLink
+from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.storage.errors import VersionMismatchError
 
 

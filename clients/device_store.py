@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
-from plora.cloud_backbone.protocol import BackboneIdentity
+from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from plora.clients.device_model import DeviceModel
-from plora.cloud_backbone.protocol import CacheMode
+from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.storage.errors import ConfigError
 
 

@@ -19,21 +19,18 @@ from pathlib import Path
 import grpc
 
 from plora.clients.recovery import ConnectionLost, RetryPolicy, SequenceHistory
-from plora.cloud_backbone.protocol import (
+from plora.cloud_backbone.protocol import bundle, split_pb2 as pb, split_pb2_grpc as pb_grpc, wire
+from plora.cloud_backbone.protocol.link import DeviceHandler, SplitLink
+from plora.cloud_backbone.protocol.messages import (
     AdapterRequest,
     BackboneIdentity,
     BackwardRequest,
     BackwardResult,
-    DeviceHandler,
     ForwardRequest,
     ForwardResult,
     OpenSession,
     SessionOpened,
-    SplitLink,
     StepError,
-    split_pb2 as pb,
-    split_pb2_grpc as pb_grpc,
-    wire,
 )
 from plora.storage import errors
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, PloraError, TransportError, ValidationError, VersionMismatchError
@@ -362,6 +359,6 @@ def download_bundle(endpoint: Endpoint, credentials: Credentials, hosted: pb.Hos
         stub = pb_grpc.SplitBackboneStub(channel)
         try:
             chunks = stub.DownloadBundle(pb.BundleRequest(backbone=identity.version), metadata=credentials.metadata(), timeout=600)
-            wire.receive_bundle(chunks, folder, hosted.bundle.sha256, max_bytes=hosted.bundle.size)
+            bundle.receive_bundle(chunks, folder, hosted.bundle.sha256, max_bytes=hosted.bundle.size)
         except grpc.RpcError as err:
             raise rpc_error(err) from err

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from plora.cloud_backbone.protocol import CacheMode, DeviceHandler, ForwardRequest
+from plora.cloud_backbone.protocol.link import DeviceHandler
+from plora.cloud_backbone.protocol.messages import CacheMode, ForwardRequest
 from plora.storage.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)

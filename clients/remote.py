@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from plora.cloud_backbone.privatelora import AdapterWeights, group_products
-from plora.cloud_backbone.protocol import (
+from plora.cloud_backbone.protocol.link import SplitLink
+from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     AdapterRequest,
     BackwardRequest,
     CacheMode,
     ForwardRequest,
     Phase,
-    SplitLink,
 )
 from plora.storage.errors import ValidationError, quoted
 

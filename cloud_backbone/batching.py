@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from plora.cloud_backbone.protocol import AdapterRequest, Phase
+from plora.cloud_backbone.protocol.messages import AdapterRequest, Phase
 from plora.storage.errors import PloraError, SessionError, TransportError
 
 log = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ from plora.cloud_backbone.batching import DecodeBatcher, LateReply, batchable
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice
-from plora.cloud_backbone.protocol import (
+from plora.cloud_backbone.protocol.link import DeviceHandler
+from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     AdapterRequest,
     BackwardRequest,
     BackwardResult,
     CacheMode,
-    DeviceHandler,
     ForwardRequest,
     ForwardResult,
     Phase,

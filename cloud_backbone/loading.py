@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import BackboneIdentity
+from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import ConfigError
 from plora.storage.paths import plora_home
 

@@ -28,7 +28,8 @@ import grpc
 from google.protobuf import message_factory
 
 from plora.cloud_backbone.metrics import Metrics
-from plora.cloud_backbone.protocol import (
+from plora.cloud_backbone.protocol import bundle, split_pb2 as pb, split_pb2_grpc as pb_grpc, wire
+from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     AdapterRequest,
     BackwardRequest,
@@ -36,9 +37,6 @@ from plora.cloud_backbone.protocol import (
     OpenSession,
     SessionOpened,
     StepError,
-    split_pb2 as pb,
-    split_pb2_grpc as pb_grpc,
-    wire,
 )
 from plora.cloud_backbone.service import BackboneService, HostedVersion, ServiceSession
 from plora.storage.errors import (
@@ -419,7 +417,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
             with self.downloads.taken():
                 await self._authenticate(context)
                 version = await asyncio.to_thread(self.service.hosted, request.backbone)
-                chunks = wire.chunked_bundle(version.bundle, BUNDLE_CHUNK)
+                chunks = bundle.chunked_bundle(version.bundle, BUNDLE_CHUNK)
                 deadline = time.monotonic() + limits.bundle_timeout_s
                 # File reads go to a thread, so a slow disk never stalls the loop's sessions.
                 while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:

@@ -32,11 +32,10 @@ from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerp
 from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device
 from plora.storage.crashpoints import crash_point
-from plora.storage.db import open_database
 from plora.storage.errors import ConfigError, PloraError, RegistryError
 from plora.storage.files import discard_partial_writes, write_atomically
 from plora.storage.models import JobStatus
-from plora.storage.registry import Registry
+from plora.storage.registry import Registry, open_registry
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,6 @@ ANCHOR = "anchor.json"  # in the device folder: the anchor text its base model w
 ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
 ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
-
-
-def registry(url: str | None = None) -> Registry:
-    return Registry(open_database(url))
 
 
 def register(record: DeviceRecord, reg: Registry) -> None:
@@ -137,7 +132,7 @@ def run_personalization(
     Progress is checkpointed on the device; running the same job again after an interruption
     or a failure resumes it, under a new job whose params name the job and step resumed.
     """
-    reg = reg or registry()
+    reg = reg or open_registry()
     register(device.store.record, reg)
     with device_job(device.store, reg):
         return _personalization_job(device, data_path, settings, max_length, val_fraction, on_step, reg, checkpoint_every)

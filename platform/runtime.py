@@ -22,7 +22,8 @@ from plora.clients.recovery import RetryPolicy
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import InProcessLink, wire
+from plora.cloud_backbone.protocol import wire
+from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.storage.errors import AuthenticationError, ConfigError, TransportError
 from plora.storage.files import write_atomically
 from plora.storage.registry import Registry

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from plora.storage import validate
+from plora.storage.db import open_database
 from plora.storage.device_lifecycle import DeviceLifecycle
 from plora.storage.errors import RegistryError
 from plora.storage.models import BackboneStatus, BackboneVersion, Device, Job, JobKind, JobStatus, utcnow
@@ -360,3 +361,8 @@ class Registry(DeviceLifecycle):
         if job.status not in _OPEN_JOB:
             raise RegistryError(f"job {job_id} is already {job.status}; only pending or running jobs can change")
         return job
+
+
+def open_registry(url: str | None = None) -> Registry:
+    """The registry at `url` (default: $PLORA_DB_URL, else SQLite under $PLORA_HOME), migrated to head."""
+    return Registry(open_database(url))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from plora.cloud_backbone.protocol import CacheMode
+from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.platform.runtime import Device, open_device
 
 PROMPT_TOKENS, NEW_TOKENS, TRAIN_TOKENS = 12, 8, 16

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
-from plora.platform import migration
+from plora.platform.versions import migration
 from plora.platform.fleet import task
 from plora.platform.fleet.deployment import run_deployment
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.platform.runtime import is_address
 from plora.storage.errors import ConfigError, TransportError
 from plora.storage.models import utcnow
@@ -88,7 +88,7 @@ def launch(
             raise ConfigError(f"--data must be 'personas' or an existing JSONL file, got {data!r}")
         data = str(Path(data).resolve())  # Ray's workers need not share this working directory
     root = Path(root).resolve()
-    reg, service = registry(), None
+    reg, service = open_registry(), None
     if backbone is None or not is_address(backbone):
         service = start_service([backbone or "embedded"], config or PrivateLoRAConfig(), reg)
         backbone = f"127.0.0.1:{service.port}"
@@ -125,7 +125,7 @@ def launch_migration(
     folders = migration.device_folders(root)
     if folders != [task.device_dir(root, i) for i in range(len(folders))]:
         raise ConfigError(f"{root} is not a fleet's root (device-000, device-001, ...); migrate its devices one by one instead")
-    reg = registry()
+    reg = open_registry()
     with migration.service_for(folders, target, reg, backbone) as address:
         if address is None:
             raise ConfigError(f"the devices under {root} use a local backbone; migrate them one by one instead")

@@ -21,10 +21,10 @@ from plora.clients.grpc_link import Endpoint
 from plora.clients.migration import DistillSettings
 from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
-from plora.cloud_backbone.protocol import TrafficCounter
+from plora.cloud_backbone.protocol.link import TrafficCounter
 from plora.platform.jobs import run_personalization
-from plora.platform.migration import migrate_device
-from plora.platform.personas import make_persona, persona_recall
+from plora.platform.versions.migration import migrate_device
+from plora.platform.fleet.personas import make_persona, persona_recall
 from plora.platform.runtime import init_device, is_address, open_device
 from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
@@ -142,7 +142,7 @@ def private_records(settings: FleetSettings, partition_id: int, num_partitions: 
         return persona.train_records(), persona.heldout_records()
     # Imported here: flwr-datasets takes seconds to import, and in deployment every message
     # starts a fresh ClientApp process, which needs it only for a data file's first split.
-    from plora.platform.partition import holdout, partition, play_blocks
+    from plora.platform.fleet.partition import holdout, partition, play_blocks
 
     path = Path(settings.data)
     if not path.is_file():

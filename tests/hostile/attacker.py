@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from plora.cloud_backbone.protocol import BackboneIdentity, OpenSession, split_pb2 as pb, wire
+from plora.cloud_backbone.protocol import split_pb2 as pb, wire
+from plora.cloud_backbone.protocol.messages import BackboneIdentity, OpenSession
 from tests.hostile.judge import LOAD, Answer, Broken, Busy, Report, answer_of, verdict
 
 if TYPE_CHECKING:

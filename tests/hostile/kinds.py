@@ -13,7 +13,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from plora.cloud_backbone.protocol import OpenSession, split_pb2 as pb, wire
+from plora.cloud_backbone.protocol import split_pb2 as pb, wire
+from plora.cloud_backbone.protocol.messages import OpenSession
 
 from tests.hostile.attacker import FLOOD_STREAMS, SLACK_S, Attacker, RawStream, hidden, tensor
 from tests.hostile.judge import CAPACITY, SESSION, VALID, answer_of, verdict

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from plora.clients.grpc_link import Endpoint, register
-from plora.cloud_backbone.protocol import OpenSession
+from plora.cloud_backbone.protocol.messages import OpenSession
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import load_version
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.storage.errors import VersionMismatchError
 from tests.integration.test_cli import plora
 
@@ -41,7 +41,7 @@ def test_register_is_idempotent_and_a_new_seed_is_a_new_version(tiny_checkpoint,
 
 
 def test_status_changes_and_retire_is_guarded_while_devices_are_bound(v1):
-    reg = registry()
+    reg = open_registry()
     reg.register_device("f" * 32, v1)
     assert "now deprecated" in plora("backbone", "deprecate", v1).output
     assert "now active" in plora("backbone", "activate", v1).output
@@ -55,7 +55,7 @@ def test_derive_fine_tunes_the_decoder_and_registers_a_child_version(tmp_path, v
     data = tmp_path / "public.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TEXTS))
     out = plora("backbone", "derive", "--from", v1, "--data", data, "--out", "tiny-v2", "--steps", "3", "--lr", "1e-3").output
-    reg = registry()
+    reg = open_registry()
     child = reg.get_backbone("tiny-v2")
     assert child.name in out and child.parent_id == reg.get_backbone(v1).id
     assert child.content_hash != reg.get_backbone(v1).content_hash and child.adapter_config == reg.get_backbone(v1).adapter_config
@@ -69,7 +69,7 @@ def test_derive_fine_tunes_the_decoder_and_registers_a_child_version(tmp_path, v
 
 def test_a_service_hosts_old_and_new_versions_and_refuses_retired_ones(tiny_checkpoint, v1):
     v2 = plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4", "--seed", "1").output.split()[0]
-    reg = registry()
+    reg = open_registry()
     server = start_service([], None, reg, registered=[v1, v2])
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)

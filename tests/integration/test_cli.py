@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from plora.clients.adapter_file import read_adapter
 from plora.clients.generation import token_logprobs
-from plora.platform.cli import main
-from plora.platform.jobs import registry
+from plora.platform.cli.main import main
+from plora.storage.registry import open_registry
 from plora.platform.runtime import open_device
 from tests.conftest import REPO
 
@@ -59,14 +59,14 @@ def test_init_creates_a_base_model_device_registered_in_the_database(device_dir)
     tensors, header = read_adapter(device_dir / "adapter.safetensors")
     assert record["adapter"]["device_layers"] == 1 and header.steps == 0
     assert all(torch.count_nonzero(t) == 0 for t in tensors.values())  # M = 0
-    assert registry().get_device(record["device_id"]).backbone_version_id is not None
+    assert open_registry().get_device(record["device_id"]).backbone_version_id is not None
 
 
 def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file):
     result = plora("personalize", device_dir, "--data", facts_file, "--steps", 30, "--lr", "1e-1")
     assert "adapter saved" in result.output
     device_id = json.loads((device_dir / "device.json").read_text())["device_id"]
-    (job,) = registry().list_jobs(device_id)
+    (job,) = open_registry().list_jobs(device_id)
     assert job.status == "succeeded" and job.steps_done == 30 and job.tokens_processed > 0
     # A tiny random model starts near ln(vocab); the real backbone is tested in test_embedded.
     assert job.metrics_after["train_loss"] < job.metrics_before["train_loss"] - 0.1
@@ -141,7 +141,7 @@ def test_bad_data_fails_clearly_and_keeps_the_previous_adapter(tmp_path, device_
     assert "DataError" in result.output and message in result.output
     assert (device_dir / "adapter.safetensors").read_bytes() == before
     device_id = json.loads((device_dir / "device.json").read_text())["device_id"]
-    latest = registry().list_jobs(device_id)[0]
+    latest = open_registry().list_jobs(device_id)[0]
     assert latest.status == "failed" and "DataError" in latest.reason
 
 

@@ -14,8 +14,8 @@ from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.clients.grpc_link import Endpoint
 from plora.cloud_backbone.server import start_service
-from plora.platform.jobs import registry
-from plora.platform.personas import make_persona
+from plora.storage.registry import open_registry
+from plora.platform.fleet.personas import make_persona
 from plora.platform.runtime import init_device, open_device, split_embedded
 
 pytestmark = pytest.mark.embedded
@@ -50,10 +50,10 @@ def test_personalizing_on_private_facts_halves_their_loss_in_twenty_steps():
 
 
 def test_greedy_generation_over_the_network_with_zero_m_equals_the_base_model(tmp_path, base_model):
-    server = start_service(["embedded"], PrivateLoRAConfig(), registry())
+    server = start_service(["embedded"], PrivateLoRAConfig(), open_registry())
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
-        init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
+        init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=open_registry().issue_enrollment_token()[1])
         device = open_device(tmp_path / "dev")
         prompt = encode_prompt(device.tokenizer, "Name three primary colours.")
         ours = list(stream_tokens(device.model, prompt, 20, set()))

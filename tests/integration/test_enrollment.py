@@ -23,8 +23,8 @@ from plora.cloud_backbone.protocol import split_pb2 as pb, split_pb2_grpc as pb_
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
 from plora.platform import runtime
-from plora.platform.cli import main
-from plora.platform.jobs import registry
+from plora.platform.cli.main import main
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device
 from plora.storage import db, device_lifecycle
 from plora.storage.errors import AuthenticationError, RegistryError
@@ -35,7 +35,7 @@ CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
 
 def serve(tiny_checkpoint, enrollment: Enrollment = Enrollment()):
-    return start_service([str(tiny_checkpoint)], CONFIG, registry(), Limits(reply_timeout_s=5), enrollment=enrollment)
+    return start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits(reply_timeout_s=5), enrollment=enrollment)
 
 
 @pytest.fixture
@@ -66,23 +66,23 @@ def other_process_registry() -> Registry:
 
 
 def test_a_token_enrolls_its_uses_and_wrong_used_up_or_expired_tokens_are_unauthenticated(endpoint, monkeypatch):
-    record, token = registry().issue_enrollment_token(uses=2)
+    record, token = open_registry().issue_enrollment_token(uses=2)
     for _ in range(2):
         credentials, _ = register(endpoint, token)
-        assert registry().get_device(credentials.device_id).revoked_at is None
+        assert open_registry().get_device(credentials.device_id).revoked_at is None
     with pytest.raises(AuthenticationError, match=f"enrollment token {record.id} is used up"):
         register(endpoint, token)
     with pytest.raises(AuthenticationError, match="not one this service issued"):
         register(endpoint, "a-guessed-token")
     with pytest.raises(AuthenticationError, match="only devices that bring an enrollment token"):
         register(endpoint)
-    expiring, expiring_token = registry().issue_enrollment_token(uses=1, expires_at=utcnow() + timedelta(hours=1))
+    expiring, expiring_token = open_registry().issue_enrollment_token(uses=1, expires_at=utcnow() + timedelta(hours=1))
     later = utcnow() + timedelta(hours=2)
     monkeypatch.setattr(device_lifecycle, "utcnow", lambda: later)  # the service runs in this process
     with pytest.raises(AuthenticationError, match=f"enrollment token {expiring.id} expired"):
         register(endpoint, expiring_token)
     assert register_status(endpoint, "a-guessed-token") == register_status(endpoint) == grpc.StatusCode.UNAUTHENTICATED
-    assert len(registry().list_devices()) == 2
+    assert len(open_registry().list_devices()) == 2
 
 
 def test_open_enrollment_must_be_asked_for_and_is_rate_limited(tiny_checkpoint):
@@ -90,15 +90,15 @@ def test_open_enrollment_must_be_asked_for_and_is_rate_limited(tiny_checkpoint):
     try:
         endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
         assert [register_status(endpoint) for _ in range(4)] == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
-        _, token = registry().issue_enrollment_token(uses=1)
+        _, token = open_registry().issue_enrollment_token(uses=1)
         assert register_status(endpoint, token) == grpc.StatusCode.OK  # a token does not wait for the open bucket
-        assert len(registry().list_devices()) == 4
+        assert len(open_registry().list_devices()) == 4
     finally:
         running.stop(grace_s=0.5)
 
 
 def test_revoking_a_device_from_another_process_ends_its_live_sessions_within_a_second_and_refuses_it(server, endpoint, tmp_path):
-    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
+    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=open_registry().issue_enrollment_token()[1])
     decoding, idle = open_device(tmp_path / "dev"), open_device(tmp_path / "dev")
     with torch.no_grad():
         idle.model(torch.tensor([[1, 2, 3]]))  # open, then quiet: no step in flight when the revoke comes
@@ -137,7 +137,7 @@ def test_revoking_a_device_from_another_process_ends_its_live_sessions_within_a_
     # A revoked device can still have itself forgotten.
     result = CliRunner().invoke(main, ["device", "forget", str(tmp_path / "dev"), "--yes"])
     assert result.exit_code == 0, result.output
-    assert registry().list_devices() == [] and not (tmp_path / "dev").exists()
+    assert open_registry().list_devices() == [] and not (tmp_path / "dev").exists()
 
 
 def free_port() -> int:
@@ -147,34 +147,34 @@ def free_port() -> int:
 
 
 def test_forget_removes_the_device_from_the_service_and_deletes_its_folder(server, endpoint, tmp_path, monkeypatch):
-    token = registry().issue_enrollment_token(uses=2)[1]
+    token = open_registry().issue_enrollment_token(uses=2)[1]
     folder, neighbour = tmp_path / "dev", tmp_path / "neighbour"
     for path in (folder, neighbour):
         init_device(path, endpoint.address, endpoint=endpoint, enroll_token=token)
     device_id = DeviceStore.open(folder).record.device_id
-    registry().start_job(device_id, "personalize", {"lr": 0.01})  # a job recorded while it was in use
+    open_registry().start_job(device_id, "personalize", {"lr": 0.01})  # a job recorded while it was in use
     runner = CliRunner()
 
     unreachable = runner.invoke(main, ["device", "forget", str(folder), "--yes", "--backbone", f"127.0.0.1:{free_port()}"])
     assert unreachable.exit_code == 1 and "Nothing was deleted" in unreachable.output and "again" in unreachable.output
     declined = runner.invoke(main, ["device", "forget", str(folder)], input="n\n")
     assert declined.exit_code == 1 and "Aborted" in declined.output
-    assert (folder / "device.json").is_file() and registry().get_device(device_id) and registry().list_jobs(device_id)
+    assert (folder / "device.json").is_file() and open_registry().get_device(device_id) and open_registry().list_jobs(device_id)
 
     forgotten = runner.invoke(main, ["device", "forget", str(folder), "--yes"])
     assert forgotten.exit_code == 0, forgotten.output
     assert "1 devices, 1 jobs" in forgotten.output and not folder.exists()
     with pytest.raises(RegistryError, match="no device"):
-        registry().get_device(device_id)
-    assert registry().list_jobs() == []
-    assert [d.id for d in registry().list_devices()] == [DeviceStore.open(neighbour).record.device_id]
+        open_registry().get_device(device_id)
+    assert open_registry().list_jobs() == []
+    assert [d.id for d in open_registry().list_devices()] == [DeviceStore.open(neighbour).record.device_id]
 
     # Forgotten by the service but the folder not deleted (a crash, a busy disk): a re-run finishes
     # the job without the service, which would no longer know the device.
     with monkeypatch.context() as patched:
         patched.setattr(runtime.shutil, "rmtree", lambda path: (_ for _ in ()).throw(OSError("disk busy")))
         assert runner.invoke(main, ["device", "forget", str(neighbour), "--yes"]).exit_code == 1
-    assert registry().list_devices() == [] and (neighbour / runtime.FORGOTTEN).exists()
+    assert open_registry().list_devices() == [] and (neighbour / runtime.FORGOTTEN).exists()
     again = runner.invoke(main, ["device", "forget", str(neighbour), "--yes"])
     assert again.exit_code == 0 and not neighbour.exists(), again.output
 
@@ -183,12 +183,12 @@ def test_forget_a_device_of_a_local_backbone_clears_the_local_registry(tmp_path,
     from plora.platform.jobs import register as register_locally
 
     store = init_device(tmp_path / "dev", str(tiny_checkpoint), CONFIG)
-    register_locally(store.record, registry())
-    registry().start_job(store.record.device_id, "personalize", {"lr": 0.01})
+    register_locally(store.record, open_registry())
+    open_registry().start_job(store.record.device_id, "personalize", {"lr": 0.01})
     result = CliRunner().invoke(main, ["device", "forget", str(tmp_path / "dev"), "--yes"])
     assert result.exit_code == 0, result.output
     assert "the local registry" in result.output and not (tmp_path / "dev").exists()
-    assert registry().list_devices() == [] and registry().list_jobs() == []
+    assert open_registry().list_devices() == [] and open_registry().list_jobs() == []
 
 
 def test_the_operator_commands_issue_list_and_revoke(endpoint, tmp_path):
@@ -200,7 +200,7 @@ def test_the_operator_commands_issue_list_and_revoke(endpoint, tmp_path):
     init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=token)
     listed = runner.invoke(main, ["backbone", "enroll", "list"]).output.splitlines()
     assert "1/2" in listed[1] and "valid" in listed[1] and "lab" in listed[1] and token not in "".join(listed)
-    (device,) = registry().list_devices()
+    (device,) = open_registry().list_devices()
     assert device.id in runner.invoke(main, ["backbone", "devices", "list"]).output
     assert runner.invoke(main, ["backbone", "devices", "revoke", device.id]).exit_code == 0
     assert '"revoked_at": null' not in runner.invoke(main, ["backbone", "devices", "list", "--json"]).output

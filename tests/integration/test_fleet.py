@@ -22,7 +22,7 @@ from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app
 from plora.platform.fleet.task import FleetSettings, device_dir, report_progress
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.storage.errors import ConfigError, TransportError
 
 DEVICES, ROUNDS = 3, 2
@@ -30,7 +30,7 @@ DEVICES, ROUNDS = 3, 2
 
 @pytest.fixture
 def server(tiny_checkpoint):
-    running = start_service([str(tiny_checkpoint)], PrivateLoRAConfig(rank=4, device_layers=1), registry())
+    running = start_service([str(tiny_checkpoint)], PrivateLoRAConfig(rank=4, device_layers=1), open_registry())
     yield running
     running.stop(grace_s=1)
 
@@ -75,7 +75,7 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
     for i in range(DEVICES):
         assert any(line.startswith(f"device-{i:03d} round 2 step 2/2 loss ") for line in echoed), echoed
 
-    jobs = registry().list_jobs(limit=100)
+    jobs = open_registry().list_jobs(limit=100)
     personalized = [job for job in jobs if job.kind == "personalize"]
     assert len(personalized) == DEVICES * ROUNDS
     assert all(job.status == "succeeded" and job.steps_done == 2 and job.metrics_after for job in personalized)
@@ -97,7 +97,7 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
 
     # A backbone upgrade (fresh public projections), migrated as a Flower job: each device
     # distills its new M itself, and only scalars cross Flower again.
-    reg, before = registry(), len(flower_messages)
+    reg, before = open_registry(), len(flower_messages)
     v1 = reg.get_device(DeviceStore.open(device_dir(root, 0)).record.device_id).backbone_version_id
     v2 = register_version(reg, str(server.service.versions[reg.get_backbone(v1).name].source),
                           PrivateLoRAConfig(rank=4, device_layers=1, seed=1)).name

@@ -19,7 +19,7 @@ from plora.platform.fleet.launch import launch  # isort: skip
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.platform.fleet import deployment
 from plora.platform.fleet.task import FleetSettings
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.storage.errors import TransportError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def test_a_deployed_fleet_trains_every_device_and_leaves_no_flower_process(tiny_
 
     assert [row["device"] for row in summary] == [f"device-{i:03d}" for i in range(DEVICES)]
     assert all(row["rounds"] == 1 and row["failed"] == 0 and row["heldout_loss"] is not None for row in summary), summary
-    personalized = [job for job in registry().list_jobs(limit=100) if job.kind == "personalize"]
+    personalized = [job for job in open_registry().list_jobs(limit=100) if job.kind == "personalize"]
     assert len(personalized) == DEVICES
     assert all(job.status == "succeeded" and job.steps_done == 2 for job in personalized)
     # The ServerApp's own lines come through the run's log stream, each device's steps through its progress file.

@@ -33,8 +33,9 @@ from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint, register
 from plora.clients.recovery import RetryPolicy
 from plora.clients.training import TrainSettings, personalize
-from plora.cloud_backbone.protocol import ForwardResult, split_pb2 as pb, wire
-from plora.platform.jobs import registry
+from plora.cloud_backbone.protocol import split_pb2 as pb, wire
+from plora.cloud_backbone.protocol.messages import ForwardResult
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device
 from plora.storage.models import utcnow
 from tests.service_process import TINY_ADAPTER, ServeProcess
@@ -118,7 +119,7 @@ def serve(tiny_checkpoint, tmp_path_factory, db_url):
 def fleet(serve, tmp_path_factory, db_url) -> Fleet:
     """Honest devices with their bundles, and hostile devices with credentials only, all enrolled
     with a token the operator issued."""
-    _, token = registry(db_url).issue_enrollment_token(HONEST + 2 + 2 * ATTACKERS, utcnow() + timedelta(hours=2), "hostile suite")
+    _, token = open_registry(db_url).issue_enrollment_token(HONEST + 2 + 2 * ATTACKERS, utcnow() + timedelta(hours=2), "hostile suite")
     endpoint = Endpoint(serve.address, insecure=True)
     root = tmp_path_factory.mktemp("hostile-devices")
     folders = [root / f"honest-{i}" for i in range(HONEST)] + [root / "neighbour"]

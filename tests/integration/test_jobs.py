@@ -9,7 +9,8 @@ import torch
 
 from plora.clients.anchor import AnchorSettings
 from plora.clients.training import TrainSettings
-from plora.platform.jobs import CHECKPOINT, registry, run_personalization
+from plora.platform.jobs import CHECKPOINT, run_personalization
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device
 
 # Anchored as jobs are by default, on less anchor text, which is quicker to write.
@@ -51,7 +52,7 @@ def test_an_interrupted_job_resumes_under_a_new_job_and_ends_where_an_uninterrup
     adapter_before = device.store.adapter_path.read_bytes()
     with pytest.raises(Interrupt):
         run_personalization(device, data, SETTINGS, val_fraction=0.0, on_step=stop_at(13))
-    (job,) = registry().list_jobs(device.store.record.device_id)
+    (job,) = open_registry().list_jobs(device.store.record.device_id)
     assert job.status == "interrupted"
     assert (device.store.root / CHECKPOINT).is_file()
     assert device.store.adapter_path.read_bytes() == adapter_before  # the old adapter stands
@@ -60,7 +61,7 @@ def test_an_interrupted_job_resumes_under_a_new_job_and_ends_where_an_uninterrup
     device = open_device(tmp_path / "interrupted")
     outcome = run_personalization(device, data, SETTINGS, val_fraction=0.0, on_step=lambda s, t, l: resumed_steps.append(s))
     assert resumed_steps[0] == 11 and resumed_steps[-1] == 25  # from the last checkpoint, step 10
-    resumed, interrupted = registry().list_jobs(device.store.record.device_id)
+    resumed, interrupted = open_registry().list_jobs(device.store.record.device_id)
     assert outcome.job_id == resumed.id != interrupted.id and interrupted.status == "interrupted"
     assert resumed.params["resumed_from_job"] == interrupted.id and resumed.params["resumed_from_step"] == 10
     assert resumed.status == "succeeded" and resumed.steps_done == 25
@@ -78,14 +79,14 @@ def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, tiny_checkpoint, da
     steps = []
     run_personalization(open_device(tmp_path / "dev"), other, SETTINGS, val_fraction=0.0, on_step=lambda s, t, l: steps.append(s))
     assert steps[0] == 1
-    statuses = sorted(j.status for j in registry().list_jobs(device.store.record.device_id))
+    statuses = sorted(j.status for j in open_registry().list_jobs(device.store.record.device_id))
     assert statuses == ["interrupted", "succeeded"]
 
 
 def test_jobs_list_shows_the_recorded_jobs(tmp_path, tiny_checkpoint, data):
     from click.testing import CliRunner
 
-    from plora.platform.cli import main
+    from plora.platform.cli.main import main
 
     init_device(tmp_path / "dev", str(tiny_checkpoint))
     run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=3, anchor=SMALL_ANCHOR), val_fraction=0.0)
@@ -99,11 +100,11 @@ def test_jobs_list_shows_the_recorded_jobs(tmp_path, tiny_checkpoint, data):
 def test_fleet_status_lists_devices_by_version_with_their_latest_job(tmp_path, tiny_checkpoint, data):
     from click.testing import CliRunner
 
-    from plora.platform.cli import main
+    from plora.platform.cli.main import main
     from plora.platform.jobs import register
 
     store = init_device(tmp_path / "dev", str(tiny_checkpoint))
-    register(store.record, registry())
+    register(store.record, open_registry())
     run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=2, anchor=SMALL_ANCHOR), val_fraction=0.0)
     result = CliRunner().invoke(main, ["fleet", "status"])
     assert result.exit_code == 0, result.output
@@ -123,5 +124,5 @@ def test_the_anchor_text_is_written_once_per_device_and_used_by_every_job(tmp_pa
         outcome = run_personalization(open_device(tmp_path / "dev"), data, settings, val_fraction=0.0)
         assert outcome.result.anchor_kl is not None
     assert len(written) == 1 and (tmp_path / "dev" / jobs.ANCHOR).is_file()
-    (job, _) = registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
+    (job, _) = open_registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
     assert "anchor_kl" in job.metrics_after

@@ -34,7 +34,8 @@ from plora.clients.checkpoint import TrainingCheckpoint
 from plora.clients.data import TokenizedExample
 from plora.clients.device_store import DeviceStore
 from plora.clients.training import TrainSettings, fingerprint
-from plora.platform.jobs import LOCK, device_anchor, device_job, registry
+from plora.platform.jobs import LOCK, device_anchor, device_job
+from plora.storage.registry import open_registry
 from plora.platform.runtime import open_device
 from plora.storage import db
 from plora.storage.crashpoints import ENV as CRASH_AT
@@ -78,7 +79,7 @@ FACTS = [{"text": f"My fact number {i} is {w}."} for i, w in enumerate(["teal", 
 # --- running the CLI in a process of its own --------------------------------------------------
 
 _forks = multiprocessing.get_context("forkserver")
-_forks.set_forkserver_preload(["tests.integration.test_kill", "plora.platform.jobs", "plora.platform.migration"])
+_forks.set_forkserver_preload(["tests.integration.test_kill", "plora.platform.jobs", "plora.platform.versions.migration"])
 # Set before the fork server starts: it then reads this backbone's files once, and every
 # command it forks gets a copy instead of reading them again (a migration reads them three
 # times). What is under test is what the commands write, not how they read a checkpoint folder.
@@ -108,7 +109,7 @@ def _cli_process(args: list[str], env: dict[str, str], log: str, fail_after_chec
     torch.set_num_threads(1)  # two cases run at once on two cores
     if fail_after_checkpoint:
         _link_fails_after_first_checkpoint()
-    from plora.platform.cli import main
+    from plora.platform.cli.main import main
 
     main([str(a) for a in args], prog_name="plora")
 
@@ -222,7 +223,7 @@ def template(tmp_path_factory, tiny_checkpoint):
         device_anchor(device, AnchorSettings())  # what every first job would write; written once here
         device.close()
         v1 = device.store.record.identity.version
-        (v2,) = [b.name for b in registry().list_backbones() if b.name != v1]
+        (v2,) = [b.name for b in open_registry().list_backbones() if b.name != v1]
         db.close_all()
     lines = "".join(json.dumps(fact) + "\n" for fact in FACTS)
     (folder / "data.jsonl").write_text(lines)
@@ -265,7 +266,7 @@ def _check_recovered(case: Case, kind: str, version: str) -> list:
     """The device is whole after its re-run; returns its jobs of `kind`, oldest first."""
     store = DeviceStore.open(case.root)
     assert store.record.identity.version == version, case.name
-    reg = registry(case.db_url)
+    reg = open_registry(case.db_url)
     assert reg.get_backbone(reg.get_device(store.record.device_id).backbone_version_id).name == version, case.name
     jobs = sorted(reg.list_jobs(store.record.device_id), key=lambda j: j.id)
     assert not [j for j in jobs if j.status in ("running", "pending")], f"{case.name}: jobs left open: {jobs}"
@@ -390,7 +391,7 @@ def test_a_job_that_failed_after_its_checkpoint_is_resumed_under_a_new_job(templ
         lambda: failing.run(_personalize(failing), fail_after_checkpoint=True).status,
     ])
     assert statuses == [0, 1], f"{statuses}:\n{failing.log()}"
-    (failed,) = registry(failing.db_url).list_jobs(DeviceStore.open(failing.root).record.device_id)
+    (failed,) = open_registry(failing.db_url).list_jobs(DeviceStore.open(failing.root).record.device_id)
     assert failed.status == "failed" and "TransportError" in failed.reason
 
     _rerun(failing, _personalize(failing))
@@ -406,7 +407,7 @@ def test_a_job_that_failed_after_its_checkpoint_is_resumed_under_a_new_job(templ
 def test_a_device_runs_one_job_at_a_time_and_its_lock_dies_with_its_holder(template, tmp_path):
     case = _case(template, tmp_path, "busy")
     store = DeviceStore.open(case.root)
-    reg = registry(case.db_url)
+    reg = open_registry(case.db_url)
     with device_job(store, reg):
         running = reg.start_job(store.record.device_id, "personalize", {})
         with pytest.raises(ConfigError, match=f"busy: process {os.getpid()} is running a job"):

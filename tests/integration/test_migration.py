@@ -17,8 +17,8 @@ from plora.clients.device_store import DeviceStore
 from plora.clients.training import evaluate
 from plora.clients.data import load_examples, tokenize
 from plora.clients import migration as device_migration
-from plora.platform import migration
-from plora.platform.jobs import registry
+from plora.platform.versions import migration
+from plora.storage.registry import open_registry
 from plora.platform.runtime import open_device
 from plora.storage import db
 from plora.storage.errors import AdapterFileError, ConfigError
@@ -78,7 +78,7 @@ def fleet(template, tmp_path, monkeypatch):
     shutil.copy(template / "registry.db", tmp_path / "registry.db")
     monkeypatch.setenv("PLORA_HOME", str(template / "home"))
     monkeypatch.setenv("PLORA_DB_URL", f"sqlite:///{tmp_path / 'registry.db'}")
-    reg = registry()
+    reg = open_registry()
     v1, v2 = (reg.get_backbone(name).name for name in ("sharp-v1", "tiny-v2"))
     return v1, v2, sorted((tmp_path / "devices").iterdir())
 
@@ -96,7 +96,7 @@ def test_distill_keeps_each_devices_personalization_across_the_upgrade(fleet):
     v1, v2, devices = fleet
     before = [_heldout_loss(root) for root in devices]
     out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "distill", "--steps", 40).output
-    reg = registry()
+    reg = open_registry()
     for root, loss_before in zip(devices, before):
         store = DeviceStore.open(root)
         assert store.record.identity.version == v2
@@ -142,7 +142,7 @@ def test_a_killed_migration_finishes_on_a_rerun_with_each_device_once(fleet, mon
         open_device(devices[0])  # files of two versions: refused until finished
     with pytest.raises(KeyboardInterrupt):  # the other device is killed while distilling
         migration.migrate_device(devices[1], v2, "distill", on_step=lambda step, total, loss: step == 3 and _raise())
-    reg = registry()
+    reg = open_registry()
     assert reg.migration_jobs(DeviceStore.open(devices[1]).record.device_id, v2)[0].status == "interrupted"
     reports = [migration.migrate_device(root, v2, "distill") for root in devices]
     assert [r.outcome for r in reports] == ["migrated", "migrated"]
@@ -178,7 +178,7 @@ def test_a_failed_migration_leaves_the_device_as_it_was_and_can_be_retried_anoth
     with pytest.raises(ConfigError, match="use distill"):
         migration.migrate_device(devices[0], v2, "copy")
     assert DeviceStore.open(devices[0]).record.identity.version == v1
-    (failed,) = registry().migration_jobs(DeviceStore.open(devices[0]).record.device_id, v2)
+    (failed,) = open_registry().migration_jobs(DeviceStore.open(devices[0]).record.device_id, v2)
     assert failed.status == "failed" and "use distill" in failed.reason
     for module in (migration, device_migration):
         monkeypatch.setattr(module, "can_copy", real)

@@ -19,9 +19,9 @@ from plora.clients.grpc_link import Endpoint
 from plora.clients.recovery import RetryPolicy
 from plora.clients.training import TrainResult, TrainSettings, personalize
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import AdapterReply, CacheMode, ForwardRequest, Phase
+from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, Phase
 from plora.cloud_backbone.server import start_service
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device
 from plora.storage.errors import AuthenticationError, TransportError
 from tests.service_process import TINY_ADAPTER, ServeProcess
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def enroll(root: Path, endpoint: Endpoint) -> None:
-    init_device(root, endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
+    init_device(root, endpoint.address, endpoint=endpoint, enroll_token=open_registry().issue_enrollment_token()[1])
 
 
 class KillPoint:
@@ -129,7 +129,7 @@ def in_process_service(tiny_checkpoint):
     port, running = free_port(), []
 
     def start(reg=None):
-        running.append(start_service([str(tiny_checkpoint)], CONFIG, reg or registry(), port=port))
+        running.append(start_service([str(tiny_checkpoint)], CONFIG, reg or open_registry(), port=port))
         return running[-1]
 
     start.endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
@@ -145,7 +145,7 @@ def test_a_service_that_no_longer_knows_the_device_fails_the_step_at_once(in_pro
     with torch.no_grad():
         device.model(torch.tensor([[1, 2, 3]]))
     first.stop(grace_s=0)
-    in_process_service(registry(f"sqlite:///{tmp_path / 'another-registry.db'}"))  # same port, no such device
+    in_process_service(open_registry(f"sqlite:///{tmp_path / 'another-registry.db'}"))  # same port, no such device
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="plora.clients.recovery"), pytest.raises(AuthenticationError):
         with torch.no_grad():

@@ -20,18 +20,11 @@ from plora.clients.recovery import RetryPolicy
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import (
-    AdapterReply,
-    CacheMode,
-    ForwardRequest,
-    OpenSession,
-    Phase,
-    split_pb2_grpc as pb_grpc,
-    wire,
-)
+from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
+from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, OpenSession, Phase
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device, split_embedded
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, TransportError, VersionMismatchError
 
@@ -40,7 +33,7 @@ CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
 @pytest.fixture
 def server(tiny_checkpoint):
-    running = start_service([str(tiny_checkpoint)], CONFIG, registry(), Limits(reply_timeout_s=5), http_port=0)
+    running = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits(reply_timeout_s=5), http_port=0)
     yield running
     running.stop(grace_s=1)
 
@@ -52,7 +45,7 @@ def endpoint(server):
 
 @pytest.fixture
 def device(tmp_path, endpoint):
-    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
+    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=open_registry().issue_enrollment_token()[1])
     dev = open_device(tmp_path / "dev")
     yield dev
     dev.close()
@@ -173,10 +166,10 @@ def test_health_and_metrics(server, device):
 def test_session_limits_are_enforced(tiny_checkpoint, tmp_path):
     # Long enough an idle timeout that no session expires while the next device loads its model.
     limits = Limits(max_sessions_per_device=1, max_sessions=2, idle_timeout_s=5.0)
-    running = start_service([str(tiny_checkpoint)], CONFIG, registry(), limits)
+    running = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), limits)
     try:
         endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
-        token = registry().issue_enrollment_token(uses=3)[1]
+        token = open_registry().issue_enrollment_token(uses=3)[1]
         for name in ("a", "b", "c"):
             init_device(tmp_path / name, endpoint.address, endpoint=endpoint, enroll_token=token)
         first = open_device(tmp_path / "a")
@@ -204,7 +197,7 @@ def test_session_limits_are_enforced(tiny_checkpoint, tmp_path):
 def test_graceful_shutdown_refuses_new_sessions_and_ends_open_ones(server, device, tmp_path, endpoint):
     with torch.no_grad():
         device.model(torch.tensor([[1, 2, 3]]))
-    init_device(tmp_path / "late", endpoint.address, endpoint=endpoint, enroll_token=registry().issue_enrollment_token()[1])
+    init_device(tmp_path / "late", endpoint.address, endpoint=endpoint, enroll_token=open_registry().issue_enrollment_token()[1])
     server.stop(grace_s=0.5)
     device.model.link.retry = RetryPolicy(budget_s=1.0)  # the default waits a minute for the service to come back
     with pytest.raises(TransportError):
@@ -216,7 +209,7 @@ def test_graceful_shutdown_refuses_new_sessions_and_ends_open_ones(server, devic
 def test_the_cli_works_over_the_network(server, tmp_path):
     from click.testing import CliRunner
 
-    from plora.platform.cli import main
+    from plora.platform.cli.main import main
 
     folder = tmp_path / "cli-dev"
     data = tmp_path / "data.jsonl"
@@ -224,7 +217,7 @@ def test_the_cli_works_over_the_network(server, tmp_path):
     runner = CliRunner()
     for args in (
         ["device", "init", folder, "--backbone", f"127.0.0.1:{server.port}", "--insecure",
-         "--enroll-token", registry().issue_enrollment_token()[1]],
+         "--enroll-token", open_registry().issue_enrollment_token()[1]],
         ["personalize", folder, "--data", data, "--steps", 2],
         ["generate", folder, "Hi", "--max-new-tokens", 3],
         ["score", folder, "--text", "Your pet is called Quill.", "--json"],
@@ -244,15 +237,15 @@ def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(server, tiny_c
     before = serving_threads()
     for grpc_port, http_port in ((server.port, 0), (0, server.http_port)):
         with pytest.raises(ConfigError, match="cannot listen"):
-            start_service([str(tiny_checkpoint)], CONFIG, registry(), port=grpc_port, http_port=http_port)
+            start_service([str(tiny_checkpoint)], CONFIG, open_registry(), port=grpc_port, http_port=http_port)
     assert serving_threads() == before  # no event loop, HTTP, batcher or worker thread left behind
 
 
 def test_a_stopped_service_leaves_no_thread_behind(tiny_checkpoint, tmp_path):
     before = serving_threads()
-    running = start_service([str(tiny_checkpoint)], CONFIG, registry(), http_port=0)
+    running = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), http_port=0)
     endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
-    devices, token = [], registry().issue_enrollment_token(uses=2)[1]
+    devices, token = [], open_registry().issue_enrollment_token(uses=2)[1]
     for name in ("a", "b"):
         init_device(tmp_path / name, endpoint.address, endpoint=endpoint, enroll_token=token)
         devices.append(open_device(tmp_path / name))

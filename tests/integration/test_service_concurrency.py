@@ -14,7 +14,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
 from plora.clients.grpc_link import Endpoint
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
@@ -49,9 +49,9 @@ def generate_forever(folder: str) -> None:
 
 @pytest.fixture
 def served_devices(tmp_path, tiny_checkpoint):
-    server = start_service([str(tiny_checkpoint)], CONFIG, registry(), Limits(reply_timeout_s=20, max_sessions_per_device=2))
+    server = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits(reply_timeout_s=20, max_sessions_per_device=2))
     endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
-    folders, token = [], registry().issue_enrollment_token(uses=DEVICES)[1]
+    folders, token = [], open_registry().issue_enrollment_token(uses=DEVICES)[1]
     for i in range(DEVICES):
         init_device(tmp_path / f"dev{i}", endpoint.address, endpoint=endpoint, enroll_token=token)
         folders.append(str(tmp_path / f"dev{i}"))

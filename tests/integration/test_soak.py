@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from plora.clients.grpc_link import Endpoint
-from plora.platform.jobs import registry
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device
 from tests.conftest import REPO
 from tests.service_process import TINY_ADAPTER, ServeProcess
@@ -38,7 +38,7 @@ def test_many_sessions_decode_and_train_without_a_single_error(tmp_path, request
     service = ServeProcess(backbone, tmp_path / "serve.log", *(TINY_ADAPTER if tiny else ())).wait_until_listening()
     try:
         endpoint = Endpoint(service.address, insecure=True)
-        _, token = registry().issue_enrollment_token(uses=DEVICES)
+        _, token = open_registry().issue_enrollment_token(uses=DEVICES)
         folders = [tmp_path / f"device-{i}" for i in range(DEVICES)]
         for folder in folders:
             init_device(folder, endpoint.address, endpoint=endpoint, enroll_token=token)

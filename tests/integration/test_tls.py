@@ -18,8 +18,8 @@ from plora.clients.grpc_link import Endpoint
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import TLSFiles, start_service
 from plora.cloud_backbone.service import Limits
-from plora.platform.cli import main
-from plora.platform.jobs import registry
+from plora.platform.cli.main import main
+from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device
 from plora.storage.errors import TransportError
 
@@ -114,7 +114,7 @@ def pki(tmp_path) -> Pki:
 
 @pytest.fixture
 def tls_server(tiny_checkpoint, pki):
-    running = start_service([str(tiny_checkpoint)], CONFIG, registry(), Limits(reply_timeout_s=5),
+    running = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits(reply_timeout_s=5),
                             host="127.0.0.1", port=0, tls=TLSFiles(pki.cert, pki.key))
     yield running
     running.stop(grace_s=1)
@@ -123,7 +123,7 @@ def tls_server(tiny_checkpoint, pki):
 def test_a_device_that_trusts_the_ca_enrolls_and_runs_a_forward(tmp_path, tls_server, pki):
     address = f"localhost:{tls_server.port}"
     folder = tmp_path / "dev"
-    init_device(folder, address, endpoint=Endpoint(address, ca_file=str(pki.ca)), enroll_token=registry().issue_enrollment_token()[1])
+    init_device(folder, address, endpoint=Endpoint(address, ca_file=str(pki.ca)), enroll_token=open_registry().issue_enrollment_token()[1])
     device = open_device(folder)
     try:
         assert device.store.record.endpoint == {"insecure": False, "ca_file": str(pki.ca)}
@@ -140,7 +140,7 @@ def test_a_device_that_trusts_another_ca_is_refused(tmp_path, tls_server):
     address = f"localhost:{tls_server.port}"
     folder = tmp_path / "dev"
     with pytest.raises(TransportError, match="unreachable"):
-        init_device(folder, address, endpoint=Endpoint(address, ca_file=str(other.ca)), enroll_token=registry().issue_enrollment_token()[1])
+        init_device(folder, address, endpoint=Endpoint(address, ca_file=str(other.ca)), enroll_token=open_registry().issue_enrollment_token()[1])
     assert not (folder / "device.json").exists() and not (folder / "credentials.json").exists()
     hosted = next(iter(tls_server.service.versions))
     assert tls_server.service.registry.devices_on(hosted) == []  # the handshake failed before Register
@@ -149,7 +149,7 @@ def test_a_device_that_trusts_another_ca_is_refused(tmp_path, tls_server):
 def test_a_plain_text_client_gets_nothing_from_a_tls_service(tmp_path, tls_server):
     address = f"127.0.0.1:{tls_server.port}"
     with pytest.raises(TransportError):
-        init_device(tmp_path / "dev", address, endpoint=Endpoint(address, insecure=True), enroll_token=registry().issue_enrollment_token()[1])
+        init_device(tmp_path / "dev", address, endpoint=Endpoint(address, insecure=True), enroll_token=open_registry().issue_enrollment_token()[1])
 
 
 def test_serve_refuses_to_start_without_tls_or_insecure(tiny_checkpoint):

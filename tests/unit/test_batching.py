@@ -9,7 +9,7 @@ import torch
 
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
-from plora.cloud_backbone.protocol import AdapterReply, CacheMode, ForwardRequest
+from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest
 from plora.storage.errors import SessionError, ValidationError
 from tests.conftest import tiny_backbone
 

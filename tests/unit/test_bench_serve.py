@@ -6,7 +6,7 @@ import multiprocessing
 import time
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.platform.bench_serve import _cpu_seconds_per_token, bare_round_trip
+from plora.platform.bench.serve import _cpu_seconds_per_token, bare_round_trip
 
 
 def test_bare_round_trip_answers_every_message_and_times_each():

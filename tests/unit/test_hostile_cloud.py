@@ -9,7 +9,14 @@ import torch
 from plora.clients.device_model import DeviceModel
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import AdapterReply, AdapterRequest, BackwardResult, ForwardResult, InProcessLink, Phase
+from plora.cloud_backbone.protocol.link import InProcessLink
+from plora.cloud_backbone.protocol.messages import (
+    AdapterReply,
+    AdapterRequest,
+    BackwardResult,
+    ForwardResult,
+    Phase,
+)
 from plora.storage.errors import ValidationError
 from tests.conftest import tiny_backbone
 

@@ -13,7 +13,7 @@ import torch
 from plora.cloud_backbone.budget import MemoryBudget
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import BackwardRequest, CacheMode, ForwardRequest
+from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, ForwardRequest
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError
 from tests.conftest import tiny_backbone
 from tests.unit.test_batching import decode, device

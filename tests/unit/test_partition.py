@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from plora.platform.partition import holdout, partition, play_blocks
+from plora.platform.fleet.partition import holdout, partition, play_blocks
 from plora.storage.errors import ConfigError, DataError
 
 ROWS = datasets.Dataset.from_list(

@@ -9,7 +9,7 @@ import torch
 
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import (
+from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     BackboneIdentity,
     BackwardRequest,

@@ -15,7 +15,8 @@ from plora.clients.grpc_link import rpc_error
 from plora.clients.recovery import ConnectionLost, RetryPolicy, SequenceHistory
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import CacheMode, ForwardRequest, InProcessLink
+from plora.cloud_backbone.protocol.link import InProcessLink
+from plora.cloud_backbone.protocol.messages import CacheMode, ForwardRequest
 from plora.storage.errors import AuthenticationError, CapacityError, TransportError, ValidationError, VersionMismatchError
 from tests.conftest import tiny_backbone
 

@@ -9,12 +9,22 @@ import pytest
 import torch
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import (
-    AdapterReply, AdapterRequest, BackboneIdentity, BackwardRequest, BackwardResult, CacheMode,
-    ForwardRequest, ForwardResult, OpenSession, Phase, SessionOpened, StepError,
+from plora.cloud_backbone.protocol.messages import (
+    AdapterReply,
+    AdapterRequest,
+    BackboneIdentity,
+    BackwardRequest,
+    BackwardResult,
+    CacheMode,
+    ForwardRequest,
+    ForwardResult,
+    OpenSession,
+    Phase,
+    SessionOpened,
+    StepError,
 )
 from plora.cloud_backbone.protocol import split_pb2 as pb
-from plora.cloud_backbone.protocol import wire
+from plora.cloud_backbone.protocol import bundle, wire
 from plora.storage.errors import ValidationError
 
 LIMIT = 1 << 20
@@ -204,16 +214,16 @@ def _make_bundle(folder: Path) -> Path:
 
 def test_bundle_round_trip_creates_identical_files(tmp_path):
     source = _make_bundle(tmp_path / "src")
-    digest, size = wire.bundle_digest(source)
-    chunks = list(wire.chunked_bundle(source, chunk_size=1000))
+    digest, size = bundle.bundle_digest(source)
+    chunks = list(bundle.chunked_bundle(source, chunk_size=1000))
     assert [c.file for c in chunks if c.last] == ["config.json", "empty.txt", "model.safetensors"]
     assert size == sum(len(c.data) for c in chunks)
     target = tmp_path / "dst"
-    wire.receive_bundle(chunks, target, digest, max_bytes=size)
+    bundle.receive_bundle(chunks, target, digest, max_bytes=size)
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in source.iterdir())
     for p in source.iterdir():
         assert (target / p.name).read_bytes() == p.read_bytes()
-    assert wire.bundle_digest(target) == (digest, size)
+    assert bundle.bundle_digest(target) == (digest, size)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no staging left over
 
 
@@ -222,7 +232,7 @@ def test_bundle_replaces_an_existing_folder(tmp_path):
     target = tmp_path / "dst"
     target.mkdir()
     (target / "stale.bin").write_bytes(b"old")
-    wire.receive_bundle(wire.chunked_bundle(source, 64), target, wire.bundle_digest(source)[0], 1 << 20)
+    bundle.receive_bundle(bundle.chunked_bundle(source, 64), target, bundle.bundle_digest(source)[0], 1 << 20)
     assert not (target / "stale.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 
@@ -235,13 +245,13 @@ def test_digest_cannot_be_kept_by_moving_bytes_across_files(tmp_path):
     b = tmp_path / "b"
     b.mkdir()
     (b / "x").write_bytes(b"12y\x0034")  # what name, NUL, bytes without sizes would confuse with `a`
-    assert wire.bundle_digest(a)[0] != wire.bundle_digest(b)[0]
+    assert bundle.bundle_digest(a)[0] != bundle.bundle_digest(b)[0]
 
 
 def _refused(tmp_path, chunks, digest="0" * 64, max_bytes=1 << 20, match=""):
     target = tmp_path / "dst"
     with pytest.raises(ValidationError, match=match):
-        wire.receive_bundle(chunks, target, digest, max_bytes)
+        bundle.receive_bundle(chunks, target, digest, max_bytes)
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "src"] == []  # no staging folder either
 
@@ -253,14 +263,14 @@ def test_bundle_bad_names_are_refused(tmp_path, name):
 
 def test_bundle_over_size_is_refused(tmp_path):
     source = _make_bundle(tmp_path / "src")
-    digest, size = wire.bundle_digest(source)
-    _refused(tmp_path, wire.chunked_bundle(source, 100), digest, max_bytes=size - 1, match="over")
+    digest, size = bundle.bundle_digest(source)
+    _refused(tmp_path, bundle.chunked_bundle(source, 100), digest, max_bytes=size - 1, match="over")
 
 
 def test_bundle_digest_mismatch_is_refused_and_shows_both(tmp_path):
     source = _make_bundle(tmp_path / "src")
-    digest, _ = wire.bundle_digest(source)
-    _refused(tmp_path, wire.chunked_bundle(source, 100), "f" * 64, match=f"{digest}.*{'f' * 64}")
+    digest, _ = bundle.bundle_digest(source)
+    _refused(tmp_path, bundle.chunked_bundle(source, 100), "f" * 64, match=f"{digest}.*{'f' * 64}")
 
 
 def test_bundle_interleaved_files_are_refused(tmp_path):

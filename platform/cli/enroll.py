@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import click
 
-from plora.platform.cli_common import db_option, fail_cleanly
+from plora.platform.cli.common import db_option, fail_cleanly
 from plora.storage.models import utcnow
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -50,9 +50,9 @@ def enroll_create(uses, expires, label, db) -> None:
 
     A device enrolls with it by `plora device init DIR --backbone HOST:PORT --enroll-token TOKEN`.
     """
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    record, token = registry(db).issue_enrollment_token(uses, utcnow() + expires, label)
+    record, token = open_registry(db).issue_enrollment_token(uses, utcnow() + expires, label)
     click.echo(f"enrollment token {record.id}: {uses} use(s), valid until {_when(record.expires_at)} UTC. "
                "It is shown only now:", err=True)
     click.echo(token)
@@ -63,11 +63,11 @@ def enroll_create(uses, expires, label, db) -> None:
 @fail_cleanly
 def enroll_list(db) -> None:
     """Every enrollment token: uses left, expiry, revocation. Never the tokens themselves."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
     now = utcnow()
     click.echo(f"{'id':>4} {'uses left':>10} {'created':<16} {'expires':<16} {'state':<8} label")
-    for token in registry(db).list_enrollment_tokens():
+    for token in open_registry(db).list_enrollment_tokens():
         expired = token.expires_at is not None and token.expires_at <= now
         state = "revoked" if token.revoked_at else "expired" if expired else "used up" if not token.uses_left else "valid"
         click.echo(f"{token.id:>4} {f'{token.uses_left}/{token.uses}':>10} {_when(token.created_at):<16} "
@@ -80,9 +80,9 @@ def enroll_list(db) -> None:
 @fail_cleanly
 def enroll_revoke(token_id, db) -> None:
     """Allow no more enrollments with token TOKEN_ID. Devices it enrolled stay enrolled."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    registry(db).revoke_enrollment_token(token_id)
+    open_registry(db).revoke_enrollment_token(token_id)
     click.echo(f"enrollment token {token_id} revoked")
 
 
@@ -97,9 +97,9 @@ def devices() -> None:
 @fail_cleanly
 def devices_list(db, as_json) -> None:
     """Every device: id, label, backbone version, when it enrolled, was last seen and was revoked."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    reg = registry(db)
+    reg = open_registry(db)
     versions = {v.id: v.name for v in reg.list_backbones()}
     found = reg.list_devices()
     if as_json:
@@ -121,7 +121,7 @@ def devices_list(db, as_json) -> None:
 def devices_revoke(device_id, db) -> None:
     """Refuse device DEVICE_ID from now on. A service on this registry ends its live sessions
     within a second; the device's owner can still have it forgotten (`plora device forget`)."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    registry(db).revoke_device(device_id)
+    open_registry(db).revoke_device(device_id)
     click.echo(f"device {device_id} revoked; its live sessions end within a second")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli_backbone import backbone, migrate
-from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
+from plora.platform.cli.backbone import backbone, migrate
+from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
 
 log = logging.getLogger("plora")
 
@@ -64,7 +64,8 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
     adapter configuration.
     """
     from plora.clients.grpc_link import Endpoint
-    from plora.platform.jobs import register, registry
+    from plora.platform.jobs import register
+    from plora.storage.registry import open_registry
     from plora.platform.runtime import init_device, is_address
 
     chosen = any(ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE for name in adapter)
@@ -75,7 +76,7 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
         raise click.UsageError("--enroll-token is for enrolling with a backbone service (--backbone HOST:PORT)")
     store = init_device(directory, backbone, config, endpoint, label, enroll_token)
     if endpoint is None:
-        register(store.record, registry())
+        register(store.record, open_registry())
     record = store.record
     click.echo(f"device {record.device_id} created in {directory}")
     click.echo(f"backbone {record.backbone_name} ({record.backbone_hash[:12]}), {record.num_layers} layers; {record.adapter}")
@@ -94,7 +95,7 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
     service cannot be reached, nothing is deleted.
     """
     from plora.clients.device_store import DeviceStore
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
     from plora.platform.runtime import forget_device, is_address
 
     record = DeviceStore.open(directory, midway=True).record
@@ -102,7 +103,7 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
     if not yes:
         click.confirm(f"Forget device {record.device_id}: remove it from {where} and delete {directory} with its adapter "
                       "and everything else in it?", abort=True)
-    removed = forget_device(directory, registry(), address)
+    removed = forget_device(directory, open_registry(), address)
     records = ", ".join(f"{count} {kind}" for kind, count in sorted(removed.items())) or "no records"
     click.echo(f"device {record.device_id} forgotten: {records} deleted from {where}; {directory} deleted")
 
@@ -207,9 +208,9 @@ def jobs() -> None:
 @fail_cleanly
 def jobs_list(device_id, limit, db, as_json) -> None:
     """The newest jobs first: device, status, steps, tokens and metrics before and after."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    found = registry(db).list_jobs(device_id, limit)
+    found = open_registry(db).list_jobs(device_id, limit)
     if as_json:
         for job in found:
             fields = ("id", "device_id", "kind", "status", "steps_done", "tokens_processed", "metrics_before", "metrics_after", "reason")
@@ -238,7 +239,7 @@ def bench() -> None:
 @fail_cleanly
 def bench_split(json_path, spec, repeats) -> None:
     """Monolithic vs in-process split: forward tokens/s, a training step, greedy decode tokens/s."""
-    from plora.platform.bench import run_split_bench
+    from plora.platform.bench.split import run_split_bench
 
     results = run_split_bench(spec, repeats, echo=lambda line: click.echo(line, err=True))
     click.echo(results.table())
@@ -255,7 +256,7 @@ def bench_split(json_path, spec, repeats) -> None:
 @fail_cleanly
 def bench_serve(json_path, spec, devices, repeats) -> None:
     """The service over gRPC loopback: single and fleet decode, wire bytes, and training, as ratios."""
-    from plora.platform.bench_serve import run_serve_bench
+    from plora.platform.bench.serve import run_serve_bench
 
     results = run_serve_bench(spec, devices, repeats, echo=lambda line: click.echo(line, err=True))
     click.echo(results.table())
@@ -275,7 +276,7 @@ def bench_serve(json_path, spec, devices, repeats) -> None:
 def bench_migrate(data_dir, persona, derive_steps, distill_steps, json_path) -> None:
     """Personalization kept across backbone upgrades: v1 + M against v2 with no, copied, distilled and retrained M."""
     from plora.clients.migration import DistillSettings
-    from plora.platform.bench_migrate import run_migrate_bench
+    from plora.platform.bench.migrate import run_migrate_bench
 
     results = run_migrate_bench(data_dir, persona, lambda line: click.echo(line, err=True), derive_steps,
                                 DistillSettings(steps=distill_steps))
@@ -294,7 +295,7 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, json_path) -> 
 @fail_cleanly
 def bench_quality(data_dir, personas, speakers, json_path) -> None:
     """Persona recall and generic-text loss; per-speaker gain of PrivateLoRA against PEFT LoRA."""
-    from plora.platform import bench_quality as quality
+    from plora.platform.bench import quality
 
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
     results = {"personas": quality.personas(data_dir, personas, echo), "speakers": quality.speakers(data_dir, speakers, echo)}
@@ -323,7 +324,7 @@ def demo(out, devices, steps) -> None:
     facts, trains every device's M through the service, and reports held-out recall and loss.
     Takes about 13 minutes on 2 CPU cores.
     """
-    from plora.platform.demo import run_demo
+    from plora.platform.fleet.demo import run_demo
 
     run_demo(out, click.echo, steps=steps, devices=devices)
 
@@ -372,9 +373,9 @@ def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, r
 @fail_cleanly
 def fleet_status(db) -> None:
     """Every registered device by backbone version, with its latest job."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    reg = registry(db)
+    reg = open_registry(db)
     click.echo(f"{'version':<34} {'status':<10} {'device':<12} {'jobs':>4}  latest job")
     for version in reg.list_backbones():
         for device in reg.devices_on(version.name):

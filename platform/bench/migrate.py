@@ -23,11 +23,11 @@ from plora.clients.migration import DistillSettings
 from plora.clients.training import evaluate
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.versions import register
-from plora.platform.bench_quality import PERSONA_SETTINGS
-from plora.platform.derive import derive
+from plora.platform.bench.quality import PERSONA_SETTINGS
+from plora.platform.versions.derive import derive
 from plora.platform.jobs import run_personalization
-from plora.platform.migration import migrate_device
-from plora.platform.personas import make_persona, persona_recall
+from plora.platform.versions.migration import migrate_device
+from plora.platform.fleet.personas import make_persona, persona_recall
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry

@@ -46,7 +46,8 @@ from plora.clients.training import evaluate, fingerprint
 from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import load_version
-from plora.platform.jobs import device_job, register, registry
+from plora.platform.jobs import device_job, register
+from plora.storage.registry import open_registry
 from plora.platform.runtime import connect, is_address, open_device
 from plora.storage.crashpoints import crash_point
 from plora.storage.errors import ConfigError, PloraError
@@ -90,7 +91,7 @@ def migrate_device(
     Distillation runs on `data`, else on the device's private text, else on text it writes."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
-    reg = reg or registry()
+    reg = reg or open_registry()
     root = Path(root)
     version = reg.get_backbone(target)
     store = DeviceStore.open(root, midway=True)

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from plora.clients.generation import stream_tokens
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, attach, local_exchange
-from plora.cloud_backbone.protocol import CacheMode
+from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.platform.runtime import split_embedded
 
 TARGET = 0.95

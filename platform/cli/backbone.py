@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli_common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
-from plora.platform.cli_enroll import devices, enroll
+from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
+from plora.platform.cli.enroll import devices, enroll
 from plora.storage.models import BackboneStatus
 
 log = logging.getLogger("plora")
@@ -77,7 +77,7 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
     from plora.cloud_backbone.device_access import Enrollment
     from plora.cloud_backbone.server import TLSFiles, start_service
     from plora.cloud_backbone.service import Limits
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
     if insecure == bool(tls_cert or tls_key):
         raise click.UsageError("give --tls-cert and --tls-key, or --insecure (plain text, for loopback only)")
@@ -91,7 +91,7 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
                     first_frame_timeout_s=first_frame_timeout, write_timeout_s=write_timeout, max_step_tokens=max_step_tokens,
                     session_memory_bytes=session_memory_mb << 20, **memory)
     tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
-    reg = registry(db)
+    reg = open_registry(db)
     if not specs and not versions:
         versions = [v.name for v in reg.list_backbones() if v.status != BackboneStatus.RETIRED]
         specs = () if versions else ("embedded",)
@@ -157,9 +157,9 @@ def register_version(spec, db, **adapter) -> None:
     another --seed are another version: fresh public projections, which M cannot simply follow.
     """
     from plora.cloud_backbone.versions import register
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    version = register(registry(db), spec, adapter_config(**adapter))
+    version = register(open_registry(db), spec, adapter_config(**adapter))
     click.echo(f"{version.name}  ({version.status}; {version.architecture['num_layers']} layers, hash {version.content_hash[:12]})")
 
 
@@ -169,9 +169,9 @@ def register_version(spec, db, **adapter) -> None:
 @fail_cleanly
 def list_versions(db, as_json) -> None:
     """Every registered version with its status and how many devices are bound to it."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    reg = registry(db)
+    reg = open_registry(db)
     rows = [_version_row(v, len(reg.devices_on(v.name))) for v in reg.list_backbones()]
     if as_json:
         for row in rows:
@@ -193,9 +193,9 @@ def list_versions(db, as_json) -> None:
 @fail_cleanly
 def show_version(version, db) -> None:
     """One version in full, as JSON: source, hash, architecture, adapter config, devices bound."""
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    reg = registry(db)
+    reg = open_registry(db)
     record = reg.get_backbone(version)
     row = _version_row(record, len(reg.devices_on(record.name)))
     row["parent"] = reg.get_backbone(record.parent_id).name if record.parent_id else None
@@ -203,9 +203,9 @@ def show_version(version, db) -> None:
 
 
 def _set_status(version: str, status: str, db: str | None, force: bool = False) -> None:
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    reg = registry(db)
+    reg = open_registry(db)
     stranded = reg.devices_on(version) if force else []
     record = reg.set_backbone_status(version, status, force=force)
     click.echo(f"{record.name} is now {record.status}")
@@ -259,15 +259,15 @@ def derive_version(parent, data_path, name, steps, lr, batch_size, max_length, s
 
     Devices stay on the old version until `plora migrate` moves them.
     """
-    from plora.platform.derive import derive
-    from plora.platform.jobs import registry
+    from plora.platform.versions.derive import derive
+    from plora.storage.registry import open_registry
 
     with click.progressbar(length=steps, label="fine-tuning the decoder", file=sys.stderr) as bar:
         def progress(step, total, loss):
             bar.label = f"fine-tuning the decoder (loss {loss:.3f})"
             bar.update(1)
 
-        version = derive(registry(db), parent, data_path, name, steps, lr, batch_size, max_length, seed, progress)
+        version = derive(open_registry(db), parent, data_path, name, steps, lr, batch_size, max_length, seed, progress)
     click.echo(f"registered {version.name} (parent {parent}); migrate devices with `plora migrate --to {version.name}`")
 
 
@@ -301,10 +301,10 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
     on the target are left as they are.
     """
     from plora.clients.migration import DistillSettings
-    from plora.platform import migration
-    from plora.platform.jobs import registry
+    from plora.platform.versions import migration
+    from plora.storage.registry import open_registry
 
-    reg = registry(db)
+    reg = open_registry(db)
     wanted = [] if list(device_ids) == ["all"] else list(device_ids)
     folders = migration.device_folders(root, wanted)
     if data_path and len(folders) > 1:

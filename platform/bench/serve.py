@@ -40,9 +40,10 @@ from plora.clients.grpc_link import Endpoint
 from plora.clients.training import causal_lm_loss
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import AdapterReply, AdapterRequest, CacheMode, Phase, split_pb2_grpc as pb_grpc, wire
-from plora.platform import bench_neighbour
-from plora.platform.bench import MonolithicModel, _rate
+from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
+from plora.cloud_backbone.protocol.messages import AdapterReply, AdapterRequest, CacheMode, Phase
+from plora.platform.bench import neighbour
+from plora.platform.bench.split import MonolithicModel, _rate
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry
@@ -82,9 +83,9 @@ def _serve(spec: str, config: dict, home: str, ports) -> None:
     os.environ["PLORA_DB_URL"] = _bench_registry_url(home)
     from plora.cloud_backbone.server import start_service
     from plora.cloud_backbone.service import Limits
-    from plora.platform.jobs import registry
+    from plora.storage.registry import open_registry
 
-    server = start_service([spec], PrivateLoRAConfig.from_dict(config), registry(), Limits(max_sessions_per_device=4))
+    server = start_service([spec], PrivateLoRAConfig.from_dict(config), open_registry(), Limits(max_sessions_per_device=4))
     ports.put(server.port)
     server.wait()
 
@@ -168,7 +169,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
                     round_trip_us=1e6 * round_trip, round_trips_per_token=round_trips)
 
         echo(f"noisy neighbour: single-device decode while a hostile device sends {NOISY_FRAMES_PER_S} broken frames/s into its batches")
-        noisy = bench_neighbour.measure(context, runs["grpc"], Path(home) / f"device{fleet + 1}", endpoint.address,
+        noisy = neighbour.measure(context, runs["grpc"], Path(home) / f"device{fleet + 1}", endpoint.address,
                                         NOISY_FRAMES_PER_S, repeats)
         results.add("noisy_neighbour_ratio", noisy.pop("ratio"), ">= 0.9", **noisy)
 

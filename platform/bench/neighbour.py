@@ -23,15 +23,14 @@ import torch
 
 from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint
-from plora.cloud_backbone.protocol import (
+from plora.cloud_backbone.protocol import split_pb2 as pb, wire
+from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     AdapterRequest,
     CacheMode,
     ForwardRequest,
     OpenSession,
     StepError,
-    split_pb2 as pb,
-    wire,
 )
 
 SESSION_METHOD = "/plora.split.v1.SplitBackbone/Session"

@@ -27,8 +27,8 @@ from plora.clients.training import TrainSettings, causal_lm_loss, evaluate, pers
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.platform.jobs import ANCHOR_SEED
-from plora.platform.partition import holdout, partition, play_blocks
-from plora.platform.personas import make_persona, persona_recall
+from plora.platform.fleet.partition import holdout, partition, play_blocks
+from plora.platform.fleet.personas import make_persona, persona_recall
 from plora.platform.runtime import split_embedded
 
 # A persona job as it should run: anchored (the default), 90 steps at lr 5e-3. Measured on

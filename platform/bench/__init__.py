@@ -1,0 +1,1 @@
+"""`plora bench ...`: measurements of the split, the service, personalization quality and migration."""
