@@ -2,7 +2,7 @@
 
 The partitioners are flwr-datasets': natural (one user per device, e.g. one speaker of a
 play), IID, and Dirichlet over a label column. The product ships no data set; these read the
-user's files, and the tests and benchmarks read theirs from ../shared/data.
+user's files; the benchmarks take a data folder as an argument, and the tests write their own.
 """
 
 from __future__ import annotations
