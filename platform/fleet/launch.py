@@ -48,6 +48,9 @@ OFFLINE_ENV = {
 os.environ.update(OFFLINE_ENV)
 
 ENGINES = ("simulation", "deployment")
+# What a device is doing, as its progress file says: (device, phase, step, total, loss); the
+# last three are None while it is in a phase without training steps.
+DeviceProgress = Callable[[str, str, int | None, int | None, float | None], None]
 # How long a run's enrollment token lasts if the launcher dies before revoking it.
 ENROLLMENT_VALID = timedelta(days=1)
 PROGRESS_EVERY_S = 3.0
@@ -68,6 +71,7 @@ def launch(
     echo: Callable[[str], None] = lambda line: None,
     config: PrivateLoRAConfig | None = None,
     concurrency: int | None = None,
+    on_device: DeviceProgress | None = None,
 ) -> list[dict]:
     """Run `rounds` personalization rounds on `devices` devices; returns one summary per device.
 
@@ -78,6 +82,7 @@ def launch(
 
     Devices not yet enrolled enroll with a token issued for the run in this process's
     registry, which a service given as HOST:PORT must share; it is revoked when the run ends.
+    Each device's progress goes to `on_device`, or else to `echo` as a line.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -96,7 +101,7 @@ def launch(
     enrollment, token = reg.issue_enrollment_token(devices, utcnow() + ENROLLMENT_VALID, label="plora fleet launch")
     try:
         settings = task.FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction, enroll_token=token)
-        _run(settings, engine, concurrency, echo)
+        _run(settings, engine, concurrency, echo, on_device or echo_progress(echo))
     finally:
         reg.revoke_enrollment_token(enrollment.id)
         if service is not None:
@@ -113,6 +118,7 @@ def launch_migration(
     steps: int = 40,
     lr: float = 1e-2,
     echo: Callable[[str], None] = lambda line: None,
+    on_device: DeviceProgress | None = None,
 ) -> list[dict]:
     """Migrate every device of the fleet at `root` to version `target`, each on its own device,
     orchestrated by Flower; returns one line per device (as in migrations.jsonl).
@@ -132,13 +138,14 @@ def launch_migration(
         echo(f"migrating {len(folders)} devices to {reg.get_backbone(target).name} by {method} through {address}")
         settings = task.FleetSettings(root, address, devices=len(folders), steps=steps, lr=lr,
                                       migrate_to=reg.get_backbone(target).name, migrate_method=method)
-        _run(settings, engine, None, echo)
+        _run(settings, engine, None, echo, on_device or echo_progress(echo))
     path = root / task.MIGRATIONS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _run(settings: task.FleetSettings, engine: str, concurrency: int | None, echo: Callable[[str], None]) -> None:
-    with _progress_to(echo), _device_progress(settings.fleet_root, echo):
+def _run(settings: task.FleetSettings, engine: str, concurrency: int | None, echo: Callable[[str], None],
+         on_device: DeviceProgress) -> None:
+    with _progress_to(echo), _device_progress(settings.fleet_root, on_device):
         if engine == "simulation":
             _simulate(settings, concurrency or min(settings.devices, max(2, os.cpu_count() or 2)))
         else:
@@ -213,10 +220,19 @@ def _progress_to(echo: Callable[[str], None]) -> Iterator[None]:
         ours.propagate, flwr.propagate = saved[1:]
 
 
+def echo_progress(echo: Callable[[str], None]) -> DeviceProgress:
+    """Device progress as plain lines, for callers that show no live board."""
+
+    def show(device: str, phase: str, step: int | None, total: int | None, loss: float | None) -> None:
+        echo(f"{device} {phase}" if step is None else f"{device} {phase} step {step}/{total} loss {loss:.3f}")
+
+    return show
+
+
 @contextmanager
-def _device_progress(root: Path, echo: Callable[[str], None]) -> Iterator[None]:
-    """Echo each device's latest training step every PROGRESS_EVERY_S while the fleet runs,
-    and once more at the end, so that every device's last step is shown."""
+def _device_progress(root: Path, on_device: DeviceProgress) -> Iterator[None]:
+    """Pass each device's latest phase or training step to `on_device` every PROGRESS_EVERY_S
+    while the fleet runs, and once more at the end, so that every device's last step is shown."""
     shown = _progress_files(root)  # progress file -> modification time shown; these are a previous run's
 
     def show_news() -> None:
@@ -224,10 +240,7 @@ def _device_progress(root: Path, echo: Callable[[str], None]) -> Iterator[None]:
             if shown.get(path) != modified:
                 shown[path] = modified
                 progress = json.loads(path.read_text())
-                line = f"{path.parent.name} {progress['what']}"
-                if progress["step"] is not None:
-                    line += f" step {progress['step']}/{progress['steps']} loss {progress['loss']:.3f}"
-                echo(line)
+                on_device(path.parent.name, progress["what"], progress["step"], progress["steps"], progress["loss"])
 
     def watch() -> None:
         while not stop.wait(PROGRESS_EVERY_S):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 # launch first: it switches flwr and Ray offline before either is imported.
-from plora.platform.fleet.launch import _device_progress, _start_ray, launch, launch_migration, read_rounds  # isort: skip
+from plora.platform.fleet.launch import _device_progress, _start_ray, echo_progress, launch, launch_migration, read_rounds  # isort: skip
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -149,7 +149,7 @@ def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_p
 
     report(0, "round 1", 4, 9.0)  # left by an earlier run
     echoed = []
-    with _device_progress(tmp_path, echoed.append):
+    with _device_progress(tmp_path, echo_progress(echoed.append)):
         report(2, "evaluating")
         report(1, "round 1", 1, 2.5)
         report(1, "round 1", 2, 2.25)
