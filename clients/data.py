@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch cross-entropy's default)
 ACCEPTED = "each example needs a 'text' field, or both a 'prompt' and a 'response' field ('question' and 'answer' also do)"
+DEVICE_JOB_MAX_LENGTH = 128
+"""Tokens per example in the jobs the platform runs on a device's own records (fleet rounds,
+migration, the persona benchmarks, the demo), which are short notes and question/answer pairs
+(`tokenize` cuts a longer text into pieces and truncates a longer pair). `plora personalize`
+has its own --max-length."""
 _EXAMPLE = '{"text": "..."} or {"prompt": "...", "response": "..."}'
 _FIELDS = {"text": ("text",), "prompt/response": ("prompt", "response")}
 T = TypeVar("T")

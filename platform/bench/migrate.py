@@ -17,23 +17,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from plora.clients.data import load_examples, tokenize
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
 from plora.clients.device_store import DeviceStore
 from plora.clients.migration import DistillSettings
 from plora.clients.training import evaluate
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.versions import register
-from plora.platform.bench.quality import PERSONA_SETTINGS
 from plora.platform.versions.derive import derive
 from plora.platform.jobs import run_personalization
 from plora.platform.versions.migration import migrate_device
-from plora.platform.fleet.personas import make_persona, persona_recall
+from plora.platform.fleet.personas import PERSONA_JOB, make_persona, persona_recall
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry
 
 KINDS = ("derived", "fresh-seed")
-MAX_LENGTH = 128
 
 
 @dataclass
@@ -55,7 +53,7 @@ class MigrateBench:
 def _measure(root: Path, persona) -> dict:
     device = open_device(root)
     try:
-        heldout = tokenize(load_examples(root / DeviceStore.PRIVATE_HELDOUT), device.tokenizer, MAX_LENGTH)
+        heldout = tokenize(load_examples(root / DeviceStore.PRIVATE_HELDOUT), device.tokenizer, DEVICE_JOB_MAX_LENGTH)
         return {"recall": persona_recall(device.model, device.tokenizer, persona),
                 "heldout_loss": evaluate(device.model, heldout, device.tokenizer.pad_token_id)}
     finally:
@@ -73,7 +71,7 @@ def _new_device(root: Path, spec: str, config: PrivateLoRAConfig, persona) -> Pa
 def _personalize(root: Path, reg: Registry) -> None:
     device = open_device(root)
     try:
-        run_personalization(device, root / DeviceStore.PRIVATE_TRAIN, PERSONA_SETTINGS, MAX_LENGTH, val_fraction=0.0, reg=reg)
+        run_personalization(device, root / DeviceStore.PRIVATE_TRAIN, PERSONA_JOB, DEVICE_JOB_MAX_LENGTH, val_fraction=0.0, reg=reg)
     finally:
         device.close()
 

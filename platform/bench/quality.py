@@ -22,19 +22,14 @@ import datasets
 import torch
 
 from plora.clients.anchor import write_anchor
-from plora.clients.data import batches, collate, tokenize
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH, batches, collate, tokenize
 from plora.clients.training import TrainSettings, causal_lm_loss, evaluate, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.platform.jobs import ANCHOR_SEED
 from plora.platform.fleet.partition import holdout, partition, play_blocks
-from plora.platform.fleet.personas import make_persona, persona_recall
+from plora.platform.fleet.personas import PERSONA_JOB, make_persona, persona_recall
 from plora.platform.runtime import split_embedded
-
-# A persona job as it should run: anchored (the default), 90 steps at lr 5e-3. Measured on
-# personas 0 and 1: recall 100% and 100%, generic NLL -1.2% and +1.8%. At lr 7e-3 and 60 steps:
-# 88% and 100%, +2.5% and +5.7%; at lr 1e-2 and 60 steps: 100% on persona 0, but +7.5%.
-PERSONA_SETTINGS = TrainSettings(lr=5e-3, steps=90, batch_size=4)
 
 
 def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool = True) -> list[dict]:
@@ -47,12 +42,12 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
         tok = backbone.tokenizer
         model = split_embedded(backbone, PrivateLoRAConfig())
         persona = make_persona(seed)
-        train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, 128)
+        train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, DEVICE_JOB_MAX_LENGTH)
         generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, 256)
         before = _measure(model, tok, persona, generic)
         # As a job does it: the anchor is written on the device, by the base model.
-        anchor = write_anchor(model, tok, PERSONA_SETTINGS.anchor, ANCHOR_SEED)
-        result = personalize(model, train, tok.pad_token_id, PERSONA_SETTINGS, anchor=anchor)
+        anchor = write_anchor(model, tok, PERSONA_JOB.anchor, ANCHOR_SEED)
+        result = personalize(model, train, tok.pad_token_id, PERSONA_JOB, anchor=anchor)
         row = {"persona": seed, "before": before, **_after(_measure(model, tok, persona, generic), before),
                "train_seconds": result.seconds}
         echo(f"persona {seed}: recall {before['recall']:.0%} -> {row['after']['recall']:.0%}, generic NLL "
@@ -61,7 +56,7 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
             with torch.no_grad():
                 for m in model.weights.parameters():
                     m.zero_()
-            personalize(model, train, tok.pad_token_id, replace(PERSONA_SETTINGS, anchor=None))
+            personalize(model, train, tok.pad_token_id, replace(PERSONA_JOB, anchor=None))
             row["without_anchor"] = _after(_measure(model, tok, persona, generic), before)
             echo(f"persona {seed} without the anchor: recall {row['without_anchor']['after']['recall']:.0%}, "
                  f"generic NLL change {row['without_anchor']['generic_nll_change']:+.1%}")

@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
-from plora.clients.data import load_examples, tokenize
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
 from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Endpoint
 from plora.clients.migration import DistillSettings
@@ -30,7 +30,6 @@ from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
 
 PERSONAS = "personas"
-MAX_LENGTH = 128
 TRAIN_FILE = DeviceStore.PRIVATE_TRAIN
 HELDOUT_FILE = DeviceStore.PRIVATE_HELDOUT
 MIGRATIONS_FILE = "migrations.jsonl"  # under the fleet root: one line per device of a migration run
@@ -201,7 +200,7 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
     report_progress(folder, f"round {server_round}: preparing")
     started = time.perf_counter()
     try:
-        outcome = run_personalization(device, folder / TRAIN_FILE, train, max_length=MAX_LENGTH, val_fraction=0.0, on_step=report)
+        outcome = run_personalization(device, folder / TRAIN_FILE, train, max_length=DEVICE_JOB_MAX_LENGTH, val_fraction=0.0, on_step=report)
     finally:
         device.close()
     result = outcome.result
@@ -229,7 +228,7 @@ def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | floa
     try:
         metrics: dict[str, int | float] = {"adapter_steps": device.steps}
         if (folder / HELDOUT_FILE).exists():
-            examples = tokenize(load_examples(folder / HELDOUT_FILE), device.tokenizer, MAX_LENGTH)
+            examples = tokenize(load_examples(folder / HELDOUT_FILE), device.tokenizer, DEVICE_JOB_MAX_LENGTH)
             metrics["heldout_loss"] = heldout_loss(device.model, examples, device.tokenizer.pad_token_id)
         if settings.data == PERSONAS:
             metrics["recall"] = persona_recall(device.model, device.tokenizer, make_persona(seed=partition_id))

@@ -31,7 +31,7 @@ from pathlib import Path
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.clients.anchor import AnchorSettings, write_anchor
 from plora.clients.checkpoint import TrainingCheckpoint
-from plora.clients.data import TokenizedExample, load_examples, tokenize
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.distillation import mean_kl, teacher_targets
 from plora.clients.grpc_link import Credentials, Endpoint, describe, download_bundle
@@ -57,7 +57,6 @@ from plora.storage.registry import Registry
 
 PLAN = "plan.json"
 CHECKPOINT = "checkpoint.safetensors"
-MAX_LENGTH = 128
 # Moved in this order; the record last, since it is what says which version the device is on.
 _SWITCHED = (DeviceStore.BUNDLE, DeviceStore.ADAPTER, DeviceStore.RECORD)
 
@@ -181,8 +180,8 @@ def _device_text(store: DeviceStore, data: Path | None, tokenizer) -> tuple[list
     heldout = store.root / DeviceStore.PRIVATE_HELDOUT
     if not train.is_file():
         return [], []
-    examples = tokenize(load_examples(train), tokenizer, MAX_LENGTH)
-    return examples, tokenize(load_examples(heldout), tokenizer, MAX_LENGTH) if heldout.is_file() and data is None else examples
+    examples = tokenize(load_examples(train), tokenizer, DEVICE_JOB_MAX_LENGTH)
+    return examples, tokenize(load_examples(heldout), tokenizer, DEVICE_JOB_MAX_LENGTH) if heldout.is_file() and data is None else examples
 
 
 def _make_adapter(
