@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from plora.platform.fleet import task
+from plora.platform.fleet.settings import FleetSettings
 from plora.storage.errors import PloraError
 
 log = logging.getLogger(__name__)
@@ -23,17 +24,17 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 # Parsed once per run in each worker process; handlers run many times per run.
-_settings: dict[int, task.FleetSettings] = {}
+_settings: dict[int, FleetSettings] = {}
 
 
-def _settings_of(context: Context) -> task.FleetSettings:
+def _settings_of(context: Context) -> FleetSettings:
     if context.run_id not in _settings:
-        _settings[context.run_id] = task.FleetSettings.from_run_config(context.run_config)
+        _settings[context.run_id] = FleetSettings.from_run_config(context.run_config)
     return _settings[context.run_id]
 
 
 def _run_job(
-    msg: Message, context: Context, job: Callable[[task.FleetSettings, int], dict[str, int | float]], enroll: bool = True
+    msg: Message, context: Context, job: Callable[[FleetSettings, int], dict[str, int | float]], enroll: bool = True
 ) -> Message:
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
@@ -57,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     """Personalize this device's M for one round, with the round's steps and learning rate."""
     config = msg.content["config"]
 
-    def job(settings: task.FleetSettings, partition_id: int) -> dict[str, int | float]:
+    def job(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
         this_round = dataclasses.replace(settings, steps=int(config["steps"]), lr=float(config["lr"]))
         return task.personalize(this_round, partition_id, int(config["round"]))
 

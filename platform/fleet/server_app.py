@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from plora.platform.fleet.task import MIGRATIONS_FILE, ROUNDS_FILE, FleetSettings
+from plora.platform.fleet.settings import MIGRATIONS_FILE, ORCHESTRATOR_TAG, ROUNDS_FILE, FleetSettings
 from plora.storage.errors import TransportError
 
 log = logging.getLogger(__name__)
@@ -26,25 +25,16 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.1
 
 app = ServerApp()
-# Set by whoever hosts this ServerApp in a thread (launch, in simulation) when the devices'
-# runtime has ended, so that the orchestrator stops waiting for replies that cannot come.
-stop_requested = threading.Event()
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
     """The connected nodes, once `wanted` of them have joined; SuperNodes join after the ServerApp starts."""
     deadline = time.monotonic() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < wanted:
-        _check_stop()
         if time.monotonic() > deadline:
             raise TransportError(f"only {len(nodes)} of {wanted} devices joined within {timeout:.0f} s")
         time.sleep(_POLL_S)
     return nodes
-
-
-def _check_stop() -> None:
-    if stop_requested.is_set():
-        raise TransportError("the fleet was stopped: the runtime that runs the devices has ended")
 
 
 def _sample(nodes: list[int], fraction: float, server_round: int) -> list[int]:
@@ -67,8 +57,8 @@ def _outcome(reply: Message) -> dict:
 def _exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, timeout: float) -> dict[int, dict]:
     """Send one message to each node and gather the outcomes, keyed by node id.
 
-    Grid.send_and_receive would do, but it cannot be interrupted, so it would outlive a
-    simulation runtime that crashed under it by the whole timeout."""
+    Not Grid.send_and_receive: in deployment it looks for replies only every 3 s, and it
+    returns none until all are in, where this logs each one as it comes."""
     messages = [
         Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node, message_type=message_type) for node in nodes
     ]
@@ -76,7 +66,6 @@ def _exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, tim
     outcomes = {}
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
-        _check_stop()
         for reply in grid.pull_messages(list(waiting)):
             node = waiting.pop(reply.metadata.reply_to_message_id)
             outcomes[node] = _outcome(reply)
@@ -113,10 +102,14 @@ def _round_lines(server_round: int, trained: dict[int, dict], evaluated: dict[in
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    if not log.hasHandlers():
-        # A process of Flower's own (the deployment engine): its standard error goes to the run's log stream.
-        log.addHandler(logging.StreamHandler())
+    if not log.handlers:
+        # This runs in a process of Flower's own, whose output goes to the run's log stream;
+        # the tag tells the launcher these lines from Flower's.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"{ORCHESTRATOR_TAG}%(message)s"))
+        log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False
     settings = FleetSettings.from_run_config(context.run_config)
     if settings.migrate_to:
         _migrate(grid, settings)

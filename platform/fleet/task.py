@@ -8,12 +8,8 @@ between rounds and runs. Every function here opens the device, does one job and 
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import get_type_hints
 
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
 from plora.clients.device_store import DeviceStore
@@ -22,112 +18,16 @@ from plora.clients.migration import DistillSettings
 from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
 from plora.cloud_backbone.protocol.link import TrafficCounter
-from plora.platform.jobs import run_personalization
-from plora.platform.versions.migration import migrate_device
 from plora.platform.fleet.personas import make_persona, persona_recall
-from plora.platform.runtime import init_device, is_address, open_device
+from plora.platform.fleet.settings import PERSONAS, PROGRESS_FILE, FleetSettings, device_dir
+from plora.platform.jobs import run_personalization
+from plora.platform.runtime import init_device, open_device
+from plora.platform.versions.migration import migrate_device
 from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
 
-PERSONAS = "personas"
 TRAIN_FILE = DeviceStore.PRIVATE_TRAIN
 HELDOUT_FILE = DeviceStore.PRIVATE_HELDOUT
-MIGRATIONS_FILE = "migrations.jsonl"  # under the fleet root: one line per device of a migration run
-ROUNDS_FILE = "rounds.jsonl"  # under the fleet root: one line per device per round
-# In each device folder: the latest step of the device's running job, for the launcher to show.
-PROGRESS_FILE = "progress.json"
-# The simulation engine cannot hand a run config to its apps, so launch puts it here
-# (as JSON) before Ray starts; workers inherit it. A real run config wins key by key.
-RUN_CONFIG_ENV = "PLORA_FLEET_RUN_CONFIG"
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-@dataclass(frozen=True)
-class FleetSettings:
-    """One fleet run. Run-config keys are the field names with hyphens ("fleet-root")."""
-
-    fleet_root: Path
-    """Folder holding one sub-folder per device, and rounds.jsonl."""
-    backbone: str
-    """HOST:PORT of the backbone service, on loopback: the fleet talks plain text."""
-    data: str = PERSONAS
-    """Either "personas" (a synthetic persona per device) or a JSONL file split among the devices."""
-    devices: int = 1
-    """Devices the orchestrator waits for before the first round."""
-    rounds: int = 1
-    steps: int = 10
-    """Optimizer steps per device per round."""
-    lr: float = 1e-2
-    batch_size: int = 4
-    fraction: float = 1.0
-    """Share of the devices sampled for each round."""
-    reply_timeout: float = 3600.0
-    """Seconds the orchestrator waits for devices to join, and for each round's replies. On a
-    small machine a round's devices train in turns, so a round takes several jobs' time: the
-    demo's 4 devices on 2 cores take about 10 minutes."""
-    migrate_to: str = ""
-    """When set, the run migrates every device to this backbone version instead of training."""
-    migrate_method: str = "distill"
-    enroll_token: str = ""
-    """The enrollment token devices enroll with; `plora fleet launch` issues one for the run."""
-
-    def __post_init__(self) -> None:
-        host = self.backbone.rsplit(":", 1)[0]
-        if not is_address(self.backbone) or host not in _LOOPBACK:
-            raise ConfigError(f"backbone must be HOST:PORT on loopback (the fleet talks plain text), got {self.backbone!r}")
-        if min(self.devices, self.rounds, self.steps, self.batch_size) < 1:
-            raise ConfigError(
-                f"devices, rounds, steps and batch-size must be >= 1, got {self.devices}, {self.rounds}, {self.steps}, {self.batch_size}"
-            )
-        if not (0 < self.fraction <= 1 and self.lr > 0 and self.reply_timeout > 0):
-            raise ConfigError(f"need 0 < fraction <= 1, lr > 0, reply-timeout > 0; got {self.fraction}, {self.lr}, {self.reply_timeout}")
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, object]) -> FleetSettings:
-        given = {**_environment_config(), **run_config}
-        hints = get_type_hints(cls)
-        values = {}
-        for field in fields(cls):
-            key = field.name.replace("_", "-")
-            if key in given:
-                values[field.name] = _convert(key, given[key], hints[field.name])
-            elif field.default is MISSING:
-                raise ConfigError(f"the run config lacks {key!r}; it has {sorted(given)}")
-        return cls(**values)
-
-    def to_run_config(self) -> dict[str, str | int | float]:
-        return {f.name.replace("_", "-"): _plain(getattr(self, f.name)) for f in fields(self)}
-
-
-def _plain(value: object) -> str | int | float:
-    return str(value) if isinstance(value, Path) else value  # type: ignore[return-value]
-
-
-def _environment_config() -> dict[str, object]:
-    raw = os.environ.get(RUN_CONFIG_ENV)
-    if not raw:
-        return {}
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"${RUN_CONFIG_ENV} is not JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ConfigError(f"${RUN_CONFIG_ENV} must be a JSON object, got {type(config).__name__}")
-    return config
-
-
-def _convert(key: str, value: object, kind: type) -> object:
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (str, Path) and isinstance(value, str):
-        return kind(value)
-    raise ConfigError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
-
-
-def device_dir(root: Path, partition_id: int) -> Path:
-    return Path(root) / f"device-{partition_id:03d}"
 
 
 def private_records(settings: FleetSettings, partition_id: int, num_partitions: int) -> tuple[list[dict], list[dict]]:
@@ -169,7 +69,7 @@ def prepare_device(settings: FleetSettings, partition_id: int, num_partitions: i
         write_atomically(folder / TRAIN_FILE, _jsonl(train))  # last: its presence marks the data complete
     if not (folder / DeviceStore.RECORD).exists():
         endpoint = Endpoint(settings.backbone, insecure=True)
-        init_device(folder, settings.backbone, endpoint=endpoint, label=f"fleet-device-{partition_id}",
+        init_device(folder, settings.backbone, endpoint=endpoint, label=f"fleet {folder.name}",
                     enroll_token=settings.enroll_token)
     return folder
 

@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-# launch first: it switches flwr and Ray offline before either is imported.
-from plora.platform.fleet.launch import _device_progress, _start_ray, echo_progress, launch, launch_migration, read_rounds  # isort: skip
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+from safetensors.torch import load_file
 
 from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import register as register_version
-from plora.platform.fleet import client_app
-from plora.platform.fleet.task import FleetSettings, device_dir, report_progress
+from plora.platform.fleet import client_app, superlink
+from plora.platform.fleet.launch import _device_progress, echo_progress, launch, launch_migration, read_rounds
+from plora.platform.fleet.settings import FleetSettings, device_dir
+from plora.platform.fleet.task import report_progress
+from plora.storage.errors import ConfigError
 from plora.storage.registry import open_registry
-from plora.storage.errors import ConfigError, TransportError
+from tests.integration.fleet_helpers import MESSAGES_ENV, SPY_APP, flower_processes
 
+REPO = Path(__file__).resolve().parents[2]
 DEVICES, ROUNDS = 3, 2
 
 
@@ -36,34 +38,31 @@ def server(tiny_checkpoint):
 
 
 @pytest.fixture
-def flower_messages(monkeypatch) -> list[Message]:
-    """Every message the ServerApp sends and every reply it receives."""
-    seen: list[Message] = []
-    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
-
-    def spy_push(self, messages):
-        messages = list(messages)
-        seen.extend(messages)
-        return push(self, messages)
-
-    def spy_pull(self, message_ids):
-        replies = list(pull(self, message_ids))
-        seen.extend(replies)
-        return replies
-
-    monkeypatch.setattr(InMemoryGrid, "push_messages", spy_push)
-    monkeypatch.setattr(InMemoryGrid, "pull_messages", spy_pull)
-    return seen
+def flower_messages(tmp_path, monkeypatch) -> Path:
+    """Where the ServerApp, in Flower's process, records every message it sends and every reply
+    it receives (fleet_helpers.spy_app), one JSON line each."""
+    path = tmp_path / "flower-messages.jsonl"
+    monkeypatch.setenv(MESSAGES_ENV, str(path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setitem(superlink.COMPONENTS, "serverapp", SPY_APP)
+    return path
 
 
-def is_small_scalar(value) -> bool:
-    return isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64)
+def read_messages(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def is_small_scalar(value: dict) -> bool:
+    return value["type"] in ("bool", "int", "float") or (value["type"] == "str" and len(value["value"]) <= 64)
 
 
 @pytest.mark.timeout(600)
-def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flower(server, tmp_path, flower_messages):
+def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flower(server, tmp_path, flower_messages, offline_probe):
     root, echoed = tmp_path / "fleet", []
     summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2, echo=echoed.append)
+    assert flower_processes(root) == []  # no SuperLink, no Ray left behind
+    # The ServerApp's process and Ray's workers went offline themselves: this launcher set no flags.
+    assert {"flwr-simulation", "default_worker.py"} <= offline_probe.offline_kinds()
 
     assert [row["device"] for row in summary] == [f"device-{i:03d}" for i in range(DEVICES)]
     assert all(row["rounds"] == ROUNDS and row["failed"] == 0 and row["recall"] is not None for row in summary), summary
@@ -74,6 +73,9 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
     # Each device's steps, from inside Ray's workers, reach the launcher: at least the last one.
     for i in range(DEVICES):
         assert any(line.startswith(f"device-{i:03d} round 2 step 2/2 loss ") for line in echoed), echoed
+    # The orchestrator's lines come through the run's log stream, and nothing of Flower's chatter.
+    assert any(f"round 2/2: {DEVICES} devices trained, 0 failed" in line for line in echoed), echoed
+    assert not any(line.startswith(("INFO", "WARNING", "(ClientAppActor")) for line in echoed), echoed
 
     jobs = open_registry().list_jobs(limit=100)
     personalized = [job for job in jobs if job.kind == "personalize"]
@@ -85,19 +87,17 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
         assert a.keys() == b.keys()
         assert any(not torch.equal(a[name], b[name]) for name in a), "two devices hold the same M"
 
-    sent = [m for m in flower_messages if m.metadata.message_type in ("train", "evaluate") and not m.metadata.reply_to_message_id]
-    assert len(sent) == DEVICES * (2 * ROUNDS + 1) and len(flower_messages) == 2 * len(sent)
-    for message in flower_messages:
-        assert not message.has_error()
-        content = message.content
-        assert len(content.array_records) == 0
-        assert set(content) == set(content.metric_records) | set(content.config_records)
-        values = [v for record in (*content.metric_records.values(), *content.config_records.values()) for v in record.values()]
-        assert values and all(is_small_scalar(v) for v in values)
+    messages = read_messages(flower_messages)
+    sent = [m for m in messages if m["type"] in ("train", "evaluate") and not m["reply"]]
+    assert len(sent) == DEVICES * (2 * ROUNDS + 1) and len(messages) == 2 * len(sent)
+    for message in messages:
+        assert not message["error"]
+        assert message["array_records"] == 0 and message["records"] == message["metric_and_config_records"]
+        assert message["values"] and all(is_small_scalar(v) for v in message["values"]), message
 
     # A backbone upgrade (fresh public projections), migrated as a Flower job: each device
     # distills its new M itself, and only scalars cross Flower again.
-    reg, before = open_registry(), len(flower_messages)
+    reg, before = open_registry(), len(messages)
     v1 = reg.get_device(DeviceStore.open(device_dir(root, 0)).record.device_id).backbone_version_id
     v2 = register_version(reg, str(server.service.versions[reg.get_backbone(v1).name].source),
                           PrivateLoRAConfig(rank=4, device_layers=1, seed=1)).name
@@ -109,9 +109,10 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
         assert DeviceStore.open(device_dir(root, i)).record.identity.version == v2
         assert reg.get_device(device_id).backbone_version_id == reg.get_backbone(v2).id
         assert [job.status for job in reg.migration_jobs(device_id, v2)] == ["succeeded"]
-    migration_messages = flower_messages[before:]
+    migration_messages = read_messages(flower_messages)[before:]
     assert len(migration_messages) == 2 * DEVICES
-    assert all(len(m.content.array_records) == 0 for m in migration_messages)
+    assert all(not m["error"] and m["array_records"] == 0 for m in migration_messages)
+    assert flower_processes(root) == []
 
 
 def test_a_failed_device_job_is_reported_with_its_kind_and_no_message(tmp_path, monkeypatch):
@@ -154,34 +155,3 @@ def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_p
         report(1, "round 1", 1, 2.5)
         report(1, "round 1", 2, 2.25)
     assert sorted(echoed) == ["device-001 round 1 step 2/4 loss 2.250", "device-002 evaluating"]
-
-
-def test_ray_is_started_once_more_when_its_node_is_late_and_not_after_other_errors(monkeypatch):
-    import ray
-
-    outcomes, calls = [], []
-
-    def init(**kwargs):
-        calls.append("init")
-        if outcomes:
-            raise outcomes.pop(0)
-
-    monkeypatch.setattr(ray, "init", init)
-    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
-    late = Exception("The current node timed out during startup. This could happen because ...")
-
-    outcomes[:] = [late]
-    _start_ray(2)
-    assert calls == ["init", "shutdown", "init"]
-
-    calls.clear()
-    outcomes[:] = [late, late]
-    with pytest.raises(TransportError, match="Ray did not start"):
-        _start_ray(2)
-    assert calls == ["init", "shutdown", "init", "shutdown"]
-
-    calls.clear()
-    outcomes[:] = [ValueError("bad argument")]
-    with pytest.raises(TransportError, match="bad argument"):
-        _start_ray(2)
-    assert calls == ["init", "shutdown"]

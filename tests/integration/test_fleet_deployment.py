@@ -11,33 +11,18 @@ import time
 import tomllib
 from pathlib import Path
 
-import psutil
 import pytest
 
-# launch first: it switches flwr offline before anything imports it.
-from plora.platform.fleet.launch import launch  # isort: skip
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.platform.fleet import deployment
-from plora.platform.fleet.task import FleetSettings
-from plora.storage.registry import open_registry
+from plora.platform.fleet import superlink
+from plora.platform.fleet.launch import launch
+from plora.platform.fleet.settings import FleetSettings
 from plora.storage.errors import TransportError
+from plora.storage.registry import open_registry
+from tests.integration.fleet_helpers import flower_processes
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = 2
-
-
-def flower_processes(fleet_root: Path, kill: bool = False) -> list[str]:
-    """Command lines of the processes still running with this fleet's FLWR_HOME; with `kill`,
-    they are killed too, so that a failed test leaves none behind."""
-    found = []
-    for process in deployment._running_with_home(str(fleet_root / deployment.FLOWER_DIR)):
-        try:
-            found.append(" ".join(process.cmdline()))
-            if kill:
-                process.kill()
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    return found
 
 
 @pytest.fixture
@@ -76,7 +61,7 @@ def test_a_failed_run_raises_and_a_stopped_one_leaves_no_flower_process(tmp_path
     (root / "rounds.jsonl").mkdir(parents=True)
     settings = FleetSettings(root, "127.0.0.1:1", devices=1)
     with pytest.raises(TransportError, match="finished:failed"):
-        deployment.run_deployment(settings, echo=lambda line: None)
+        superlink.run_app(settings, "deployment", echo=lambda line: None)
     assert flower_processes(root) == []
 
     def interrupt(line: str) -> None:
@@ -84,7 +69,7 @@ def test_a_failed_run_raises_and_a_stopped_one_leaves_no_flower_process(tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        deployment.run_deployment(settings, echo=interrupt)
+        superlink.run_app(settings, "deployment", echo=interrupt)
     assert flower_processes(root) == []
 
 
@@ -128,7 +113,7 @@ time.sleep(60)
 def test_stopping_also_stops_a_process_started_while_stopping(tmp_path):
     home = str(tmp_path / "flower")
     (tmp_path / "logs").mkdir()
-    with deployment._Processes({**os.environ, "FLWR_HOME": home}, tmp_path / "logs") as processes:
+    with superlink._Processes({**os.environ, "FLWR_HOME": home}, tmp_path / "logs") as processes:
         processes.start("spawner", "python3", "-c", SPAWNS_ON_SIGTERM)
         deadline = time.monotonic() + 30
         while "ready" not in (tmp_path / "logs" / "spawner.log").read_text() and time.monotonic() < deadline:
@@ -141,5 +126,5 @@ def test_stopping_also_stops_a_process_started_while_stopping(tmp_path):
 
 def test_the_committed_flower_app_is_the_one_launch_writes():
     committed = tomllib.loads((REPO / "deploy" / "fleet-app" / "pyproject.toml").read_text())
-    written = deployment.flower_app(FleetSettings(Path("plora-fleet"), "127.0.0.1:50051"))
+    written = superlink.flower_app(FleetSettings(Path("plora-fleet"), "127.0.0.1:50051"))
     assert committed == written

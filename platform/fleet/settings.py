@@ -1,0 +1,107 @@
+"""The settings of a fleet run and the names of the fleet's files: the one source of both.
+
+A run's settings reach Flower's apps in one way only, as the Flower App's run config
+(pyproject.toml's [tool.flwr.app.config], see superlink.flower_app), on either engine. The
+defaults below are the fleet's: the launcher's and the committed Flower App's (deploy/fleet-app).
+This module imports nothing heavy, so that the command line can take its defaults from here
+without loading a model library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import get_type_hints
+
+from plora.storage.errors import ConfigError
+
+ENGINES = ("simulation", "deployment")
+PERSONAS = "personas"
+"""The `data` that gives each device a synthetic persona (personas.py) instead of a data file."""
+ROUNDS_FILE = "rounds.jsonl"  # under the fleet root: one line per device per round
+MIGRATIONS_FILE = "migrations.jsonl"  # under the fleet root: one line per device of a migration run
+PROGRESS_FILE = "progress.json"
+"""In each device folder: the latest phase or step of the device's running job, for the launcher."""
+ORCHESTRATOR_TAG = "orchestrator: "
+"""Starts each of the ServerApp's log lines, so the launcher tells them from Flower's in the run's log."""
+_LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """One fleet run. Run-config keys are the field names with hyphens ("fleet-root")."""
+
+    fleet_root: Path
+    """Folder holding one sub-folder per device, and rounds.jsonl."""
+    backbone: str
+    """HOST:PORT of the backbone service, on loopback: the fleet talks plain text."""
+    data: str = PERSONAS
+    """Either "personas" (a synthetic persona per device) or a JSONL file split among the devices."""
+    devices: int = 3
+    """Devices the orchestrator waits for before the first round."""
+    rounds: int = 2
+    steps: int = 10
+    """Optimizer steps per device per round."""
+    lr: float = 1e-2
+    batch_size: int = 4
+    fraction: float = 1.0
+    """Share of the devices sampled for each round."""
+    reply_timeout: float = 3600.0
+    """Seconds the orchestrator waits for devices to join, and for each round's replies. On a
+    small machine a round's devices train in turns, so a round takes several jobs' time: the
+    demo's 4 devices on 2 cores take about 10 minutes."""
+    migrate_to: str = ""
+    """When set, the run migrates every device to this backbone version instead of training."""
+    migrate_method: str = "distill"
+    enroll_token: str = ""
+    """The enrollment token devices enroll with; `plora fleet launch` issues one for the run."""
+
+    def __post_init__(self) -> None:
+        host, _, port = self.backbone.rpartition(":")
+        if host not in _LOOPBACK or not (port.isdigit() and len(port) <= 5):
+            raise ConfigError(f"backbone must be HOST:PORT on loopback (the fleet talks plain text), got {self.backbone!r}")
+        if min(self.devices, self.rounds, self.steps, self.batch_size) < 1:
+            raise ConfigError(
+                f"devices, rounds, steps and batch-size must be >= 1, got {self.devices}, {self.rounds}, {self.steps}, {self.batch_size}"
+            )
+        if not (0 < self.fraction <= 1 and self.lr > 0 and self.reply_timeout > 0):
+            raise ConfigError(f"need 0 < fraction <= 1, lr > 0, reply-timeout > 0; got {self.fraction}, {self.lr}, {self.reply_timeout}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> FleetSettings:
+        hints = get_type_hints(cls)
+        values = {}
+        for field in fields(cls):
+            key = field.name.replace("_", "-")
+            if key in run_config:
+                values[field.name] = _convert(key, run_config[key], hints[field.name])
+            elif field.default is MISSING:
+                raise ConfigError(f"the run config lacks {key!r}; it has {sorted(run_config)}")
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, str | int | float]:
+        return {f.name.replace("_", "-"): _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: object) -> str | int | float:
+    return str(value) if isinstance(value, Path) else value  # type: ignore[return-value]
+
+
+def _convert(key: str, value: object, kind: type) -> object:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (str, Path) and isinstance(value, str):
+        return kind(value)
+    raise ConfigError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
+
+
+def device_name(partition_id: int) -> str:
+    """The folder, under the fleet root, of the device with this partition id; also its name in tables."""
+    return f"device-{partition_id:03d}"
+
+
+def device_dir(root: Path, partition_id: int) -> Path:
+    return Path(root) / device_name(partition_id)

@@ -1,0 +1,297 @@
+"""A fleet run on Flower's own runtime: `flwr run` against a SuperLink of the launcher's own.
+
+Both engines run the same Flower App, whose run config (pyproject.toml's [tool.flwr.app.config],
+written under the fleet root) is the only way a run's settings reach the apps:
+- simulation: `flower-superlink --simulation` starts one `flwr-simulation` process for the run,
+  which runs the ServerApp and, in a pool of Ray workers, every device's ClientApp;
+- deployment: a SuperLink and one SuperNode per device, as on a real fleet of phones and PCs:
+  the SuperLink starts the ServerApp, and each SuperNode a fresh ClientApp process per message.
+
+Not Flower's own local SuperLink (`address = ":local:"`, which `flwr run` starts by itself): it
+always runs with --simulation, so it cannot serve SuperNodes; it listens on fixed ports (39091,
+39093), so two fleets on one machine would share it; and `flwr run` leaves it running, detached,
+after the run. Here the SuperLink gets free ports, and it and everything Flower started under it
+(the SuperExec, the app processes, Ray's daemons and workers) are stopped before `run_app`
+returns, even on failure or Ctrl-C. Flower keeps its state in a private FLWR_HOME under the fleet
+root, never the user's; all the processes' logs and the run's whole log stream go there too.
+deploy/fleet-local.sh runs the deployment engine the same way, by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Self
+
+import psutil
+import tomli_w
+
+from plora.platform.fleet.settings import ENGINES, ORCHESTRATOR_TAG, FleetSettings
+from plora.storage.errors import ConfigError, TransportError
+
+log = logging.getLogger(__name__)
+
+FLOWER_DIR = "flower"
+"""Under the fleet root: FLWR_HOME (config.toml, installed apps), the Flower App, logs/."""
+CONNECTION = "fleet"
+"""The SuperLink connection's name in $FLWR_HOME/config.toml."""
+COMPONENTS = {
+    "serverapp": "plora.platform.fleet.server_app:app",
+    "clientapp": "plora.platform.fleet.client_app:app",
+}
+# Flower's processes inherit these: no telemetry, no update check, no pip install of the App's
+# dependencies (plora is installed already, and the fleet may have no network), no Ray usage report.
+FLOWER_OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+RAY_STARTS = 2  # Ray gives its node a fixed 30 s to come up, which a busy small machine can miss
+RAY_LATE = "timed out during startup"
+"""What Ray's error says, in the run's log, when its node missed that wait."""
+_STARTUP_S = 60.0
+_POLL_S = 0.5
+_SWEEPS = 3  # rounds of stopping a run's processes, each for those started during the last
+_STOP_S = 5.0
+
+
+def flower_app(settings: FleetSettings) -> dict:
+    """The Flower App of a fleet run, as pyproject.toml's content: components and run config."""
+    return {
+        "project": {"name": "plora-fleet", "version": "1.0.0", "description": "A plora fleet: personalization rounds.",
+                    "license": "Apache-2.0"},
+        "tool": {"flwr": {"app": {"publisher": "plora", "components": COMPONENTS, "config": settings.to_run_config()}}},
+    }
+
+
+def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], concurrency: int | None = None) -> None:
+    """Run the fleet's Flower App on `engine` until the run ends; raises TransportError unless it
+    completed. The orchestrator's log lines go to `echo`.
+
+    `concurrency` is how many devices train at once in simulation (by default one per CPU, up to
+    the fleet's size); in deployment every SuperNode trains as soon as it is asked."""
+    check_engine(engine, concurrency)
+    flower = settings.fleet_root / FLOWER_DIR
+    (flower / "app").mkdir(parents=True, exist_ok=True)
+    (flower / "logs").mkdir(exist_ok=True)
+    (flower / "app" / "pyproject.toml").write_text(tomli_w.dumps(flower_app(settings)))
+    simulation = engine == "simulation"
+    link_port, *node_ports = _free_ports(1 if simulation else 1 + settings.devices)
+    link = f"127.0.0.1:{link_port}"
+    # An explicit address: `flwr` then uses this SuperLink and starts no local one of its own.
+    (flower / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": CONNECTION, CONNECTION: {"address": link, "insecure": True}}}
+    ))
+    env = {**os.environ, **FLOWER_OFFLINE_ENV, "FLWR_HOME": str(flower), "PYTHONUNBUFFERED": "1"}
+    with _Processes(env, flower / "logs") as processes:
+        processes.start("superlink", "flower-superlink", "--insecure", *(["--simulation"] * simulation),
+                        "--host", "127.0.0.1", "--port", str(link_port))
+        _wait_until_up(link, processes)
+        for partition_id, port in enumerate(node_ports):
+            node_config = f"partition-id={partition_id} num-partitions={settings.devices}"
+            processes.start(f"supernode-{partition_id:03d}", "flower-supernode", "--insecure", "--superlink", link,
+                            "--port", str(port), "--node-config", node_config)
+        federation = ["--federation-config", _simulation_config(settings.devices, concurrency)] if simulation else []
+        attempts = RAY_STARTS if simulation else 1
+        for attempt in range(1, attempts + 1):
+            run = _one_run(processes, link, federation, echo)
+            if run["status"] == "finished:completed":
+                return
+            if not run["ray_late"] or attempt == attempts:
+                raise TransportError(f"Flower run {run['run-id']} ended {run['status']} ({run['status-details']}); "
+                                     f"its log and the SuperLink's are in {flower / 'logs'}")
+            log.warning("Ray's node did not come up within Ray's start-up wait; running the fleet once more")
+
+
+def check_engine(engine: str, concurrency: int | None) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "deployment" and concurrency is not None:
+        raise ConfigError("concurrency applies to the simulation engine; in deployment every SuperNode trains at once")
+
+
+def _simulation_config(devices: int, concurrency: int | None) -> str:
+    # One CPU per device and `concurrency` logical CPUs for Ray: that many devices train at once.
+    cpus = concurrency or min(devices, max(2, os.cpu_count() or 2))
+    return (f"num-supernodes={devices} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+            f'init-args-num-cpus={cpus} init-args-num-gpus=0 init-args-logging-level="WARNING"')
+
+
+def _one_run(processes: _Processes, link: str, federation: list[str], echo: Callable[[str], None]) -> dict:
+    """Submit the App, follow its log stream to the end, and return its entry in `flwr ls`,
+    with "ray_late" saying whether the log told of Ray's node missing its start-up wait."""
+    env, app = processes.env, str(Path(processes.env["FLWR_HOME"]) / "app")
+    run_id = _flwr(env, "run", app, CONNECTION, *federation, "--format", "json")["run-id"]
+    run_log = processes.logs / f"run-{run_id}.log"
+    echo(f"Flower run {run_id} on the SuperLink at {link}; logs in {processes.logs}")
+    stream = processes.start(f"run-{run_id}", "flwr", "log", run_id, CONNECTION, "--stream", pipe=True)
+    ray_late = threading.Event()
+    reader = threading.Thread(target=_follow, args=(stream, run_log, echo, ray_late), daemon=True)
+    reader.start()
+    while stream.poll() is None:  # the log stream ends with the run
+        processes.check_running()
+        time.sleep(_POLL_S)
+    reader.join(timeout=_STOP_S)
+    # `flwr log --stream` (like `flwr run --stream`) exits 0 whatever became of the run: ask.
+    run = _flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json")["runs"][0]
+    return {**run, "ray_late": ray_late.is_set()}
+
+
+def _follow(stream: subprocess.Popen, run_log: Path, echo: Callable[[str], None], ray_late: threading.Event) -> None:
+    """Keep the whole log stream in `run_log`, and pass on the orchestrator's own lines."""
+    with run_log.open("w") as kept:
+        for line in stream.stdout:
+            kept.write(line)
+            kept.flush()
+            if RAY_LATE in line:
+                ray_late.set()
+            if line.startswith(ORCHESTRATOR_TAG):
+                echo(line.removeprefix(ORCHESTRATOR_TAG).rstrip())
+
+
+class _Processes:
+    """Flower processes started for one run, each with its log file; on exit, each is stopped
+    together with everything it started (Flower's SuperExec and app processes, Ray)."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.running: dict[str, subprocess.Popen] = {}
+        self.services: set[str] = set()  # those that must run until the end; the others are log streams
+
+    def __enter__(self) -> Self:
+        return self
+
+    def start(self, name: str, program: str, *args: str, pipe: bool = False) -> subprocess.Popen:
+        """Start a process that runs until the end, its output in logs/NAME.log; or, with
+        `pipe`, one whose output (text) the caller reads, which may end before."""
+        output = subprocess.PIPE if pipe else (self.logs / f"{name}.log").open("wb")
+        try:
+            # A session of its own: Ctrl-C reaches only the launcher, which then stops them all.
+            process = subprocess.Popen(
+                [_executable(program), *args], env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
+                stdout=output, stderr=subprocess.STDOUT, text=pipe,
+            )
+        finally:
+            if not pipe:
+                output.close()
+        self.running[name] = process
+        if not pipe:
+            self.services.add(name)
+        return process
+
+    def check_running(self) -> None:
+        for name in self.services:
+            if (process := self.running[name]).poll() is not None:
+                raise TransportError(f"Flower's {name} exited with code {process.returncode}; see {self.logs / name}.log")
+
+    def __exit__(self, *exc_info: object) -> None:
+        tree = [member for process in self.running.values() for member in _with_descendants(process.pid)]
+        # Then again for any process started while the first were stopping (the SuperExec
+        # starts app processes): its parent's exit hands it to init, out of the tree, but it
+        # carries this run's FLWR_HOME.
+        for _ in range(_SWEEPS):
+            if not tree:
+                break
+            _stop(tree)
+            tree = _running_with_home(self.env["FLWR_HOME"])
+        for process in self.running.values():
+            process.wait()  # psutil reaped them; this only settles Popen's own bookkeeping
+
+
+def _stop(processes: list[psutil.Process]) -> None:
+    # All at once: waiting for each in turn adds up.
+    for member in processes:
+        _signal(member, psutil.Process.terminate)
+    _, alive = psutil.wait_procs(processes, timeout=_STOP_S)
+    for member in alive:
+        log.warning("Flower process %d ignored SIGTERM; killing it", member.pid)
+        _signal(member, psutil.Process.kill)
+    psutil.wait_procs(alive, timeout=_STOP_S)
+
+
+def _running_with_home(flwr_home: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get("FLWR_HOME") == flwr_home:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _with_descendants(pid: int) -> list[psutil.Process]:
+    try:
+        process = psutil.Process(pid)
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(process: psutil.Process, send: Callable[[psutil.Process], None]) -> None:
+    try:
+        send(process)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _executable(program: str) -> str:
+    # Flower's commands from this interpreter's environment first, whatever PATH says.
+    found = shutil.which(program, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        raise ConfigError(f"{program} not found next to {sys.executable} or on PATH; install flwr 1.42 (pip install 'flwr==1.42.*')")
+    return found
+
+
+def _flwr(env: dict[str, str], *args: str) -> dict:
+    """A `flwr ... --format json` command's answer; a failed command raises TransportError with
+    its messages. It may fail with exit code 0, saying so only in its JSON ("success": false)."""
+    try:
+        done = subprocess.run([_executable("flwr"), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=_STARTUP_S, check=False)
+    except subprocess.TimeoutExpired as err:
+        raise TransportError(f"flwr {' '.join(args)} did not answer within {_STARTUP_S:.0f} s") from err
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        answer = {}
+    if done.returncode != 0 or answer.get("success") is not True:
+        said = answer.get("error-message") or (done.stdout + done.stderr).strip()[-2000:]
+        raise TransportError(f"flwr {' '.join(args)} failed (exit code {done.returncode}): {said}")
+    return answer
+
+
+def _free_ports(count: int) -> list[int]:
+    # All bound at once, so no two are the same; released just before Flower binds them.
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_until_up(address: str, processes: _Processes) -> None:
+    deadline = time.monotonic() + _STARTUP_S
+    while True:
+        processes.check_running()
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TransportError(f"the SuperLink at {address} did not come up within {_STARTUP_S:.0f} s") from None
+            time.sleep(_POLL_S)

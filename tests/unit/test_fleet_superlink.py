@@ -1,0 +1,84 @@
+"""A fleet's run on Flower's runtime, without starting Flower: which failed runs are run once
+more, and what of a run's log stream reaches the launcher."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from plora.platform.fleet import superlink
+from plora.platform.fleet.settings import ORCHESTRATOR_TAG, FleetSettings
+from plora.storage.errors import TransportError
+
+RAY_ERROR = "ERROR :   An exception occured!! The current node timed out during startup. This could happen because ...\n"
+
+
+def follow(lines: list[str], run_log) -> tuple[list[str], bool]:
+    echoed, ray_late = [], threading.Event()
+    superlink._follow(SimpleNamespace(stdout=iter(lines)), run_log, echoed.append, ray_late)
+    return echoed, ray_late.is_set()
+
+
+def test_the_run_log_is_kept_whole_and_only_the_orchestrators_lines_are_passed_on(tmp_path):
+    lines = [
+        "\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n",
+        f"{ORCHESTRATOR_TAG}round 1/2: 3 devices trained, 0 failed; mean training loss after 2.5\n",
+        "(ClientAppActor pid=7) WARNING :   Manually terminating ClientAppActor\n",
+    ]
+    echoed, ray_late = follow(lines, tmp_path / "run.log")
+    assert echoed == ["round 1/2: 3 devices trained, 0 failed; mean training loss after 2.5"]
+    assert (tmp_path / "run.log").read_text() == "".join(lines)
+    assert not ray_late
+    assert follow([lines[0], RAY_ERROR], tmp_path / "run.log") == ([], True)
+
+
+@pytest.fixture
+def outcomes(monkeypatch) -> list[tuple[str, bool]]:
+    """Flower's processes left out, and each run ending as the next (status, Ray was late) says."""
+    planned: list[tuple[str, bool]] = []
+
+    class NoProcesses:
+        def __init__(self, env, logs) -> None: ...
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info) -> None: ...
+
+        def start(self, name, program, *args, pipe=False) -> None: ...
+
+    def one_run(processes, link, federation, echo) -> dict:
+        status, ray_late = planned.pop(0)
+        return {"run-id": "7", "status": status, "status-details": "N/A", "ray_late": ray_late}
+
+    monkeypatch.setattr(superlink, "_Processes", NoProcesses)
+    monkeypatch.setattr(superlink, "_wait_until_up", lambda address, processes: None)
+    monkeypatch.setattr(superlink, "_one_run", one_run)
+    return planned
+
+
+@pytest.mark.parametrize("engine", superlink.ENGINES)
+def test_a_simulation_is_run_once_more_only_when_rays_node_was_late(tmp_path, outcomes, engine):
+    settings = FleetSettings(tmp_path / "fleet", "127.0.0.1:1", devices=2)
+    late, completed, failed = ("finished:failed", True), ("finished:completed", False), ("finished:failed", False)
+
+    outcomes[:] = [late, completed]
+    if engine == "simulation":
+        superlink.run_app(settings, engine, echo=lambda line: None)
+        assert outcomes == []
+    else:  # no Ray in deployment: a failed run is failed
+        with pytest.raises(TransportError, match="finished:failed"):
+            superlink.run_app(settings, engine, echo=lambda line: None)
+        assert outcomes == [completed]
+
+    outcomes[:] = [late, late, completed]
+    with pytest.raises(TransportError, match="finished:failed"):
+        superlink.run_app(settings, engine, echo=lambda line: None)
+    assert len(outcomes) == (1 if engine == "simulation" else 2)
+
+    outcomes[:] = [failed, completed]
+    with pytest.raises(TransportError, match=r"Flower run 7 ended finished:failed \(N/A\)"):
+        superlink.run_app(settings, engine, echo=lambda line: None)
+    assert outcomes == [completed]
