@@ -10,23 +10,38 @@ continuations of a few plain-text openings, sampled with a fixed seed. Text the 
 samples is where its distribution matters most, and the KL on it estimates how far the
 personalized model's whole output distribution has moved. The text depends only on the
 backbone, the settings and the seed, so a device can write it once and keep it (`text_key`).
+
+Training needs the base model's next-token distributions on that text (an `Anchor`): a
+forward pass over all of it, most of a short job's time. They depend only on the text, the
+backbone version and top_k, so a device keeps them too (`kept_anchor`), in a file it checks
+before every use and computes afresh when it is missing, stale or damaged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_tensors
 
 from plora.clients.data import TokenizedExample
 from plora.clients.device_model import DeviceModel
+from plora.clients.distillation import TeacherTargets, labelled_positions, teacher_targets
 from plora.clients.generation import encode_prompt, generate_batch
 from plora.storage.errors import ConfigError
+from plora.storage.files import write_atomically
+
+log = logging.getLogger(__name__)
+
+TARGETS_FORMAT = "plora-anchor-targets/1"
 
 # Generic requests of many kinds; none asks about the user, whose answers are what
 # personalization is meant to change.
@@ -125,3 +140,99 @@ def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, s
     with base_model(model):
         written = generate_batch(model, encoded, settings.new_tokens, {tokenizer.eos_token_id}, temperature=1.0, seeds=seeds)
     return [TokenizedExample(ids + new, ids + new) for ids, new in zip(encoded, written)]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Anchor text and the base model's next-token distributions on it, what training mixes in."""
+
+    examples: list[TokenizedExample]
+    targets: list[TeacherTargets]  # one per example: the base model's (M = 0), not the device's M
+    pad_id: int
+
+
+def anchor_of(model: DeviceModel, examples: list[TokenizedExample], pad_id: int, top_k: int) -> Anchor:
+    """The base model's top-k distributions on `examples`, whatever M the model holds now."""
+    with base_model(model):
+        return Anchor(examples, teacher_targets(model, examples, pad_id, top_k), pad_id)
+
+
+def kept_anchor(path: Path, model: DeviceModel, examples: list[TokenizedExample], pad_id: int, top_k: int,
+                backbone: str) -> Anchor:
+    """`anchor_of`, kept in `path` for the next job: read back when it was made for this very
+    text, backbone version and top_k and reads back intact, else computed and written afresh."""
+    key = _targets_key(examples, top_k, backbone)
+    targets = _read_targets(path, key, examples, top_k)
+    if targets is not None:
+        return Anchor(examples, targets, pad_id)
+    anchor = anchor_of(model, examples, pad_id, top_k)
+    tensors = _targets_tensors(anchor.targets)
+    metadata = {"format": TARGETS_FORMAT, "key": key, "checksum": _checksum(tensors, key)}
+    write_atomically(path, save_tensors(tensors, metadata=metadata))
+    return anchor
+
+
+def _targets_key(examples: list[TokenizedExample], top_k: int, backbone: str) -> str:
+    """Equal exactly when the base model's targets are: the same token ids, version and top_k.
+    The text itself, not only `text_key`: anchor text written again elsewhere may differ."""
+    digest = hashlib.sha256(repr((backbone, top_k)).encode())
+    for example in examples:
+        digest.update(repr((example.input_ids, example.labels)).encode())
+    return digest.hexdigest()
+
+
+_FIELDS = ("positions", "top_ids", "top_logprobs", "rest_logprob")
+
+
+def _targets_tensors(targets: list[TeacherTargets]) -> dict[str, torch.Tensor]:
+    return {f"{i}.{field}": getattr(t, field).contiguous() for i, t in enumerate(targets) for field in _FIELDS}
+
+
+def _checksum(tensors: dict[str, torch.Tensor], key: str) -> str:
+    """sha256 over the key and every tensor's name, dtype, shape and bytes, which the
+    safetensors parser alone would accept damaged."""
+    digest = hashlib.sha256(f"{TARGETS_FORMAT}\n{key}\n".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_targets(path: Path, key: str, examples: list[TokenizedExample], top_k: int) -> list[TeacherTargets] | None:
+    """The targets kept in `path` if they are the ones `key` names and read back intact; else None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if metadata.get("format") != TARGETS_FORMAT or metadata.get("key") != key:
+            log.info("%s holds the targets of other anchor text, backbone or top_k: computing them afresh", path)
+            return None
+        if metadata.get("checksum") != _checksum(tensors, key):
+            raise ValueError("its checksum does not match its content")
+        if len(tensors) != len(_FIELDS) * len(examples):
+            raise ValueError(f"{len(tensors)} tensors for {len(examples)} anchor texts")
+        targets = [TeacherTargets(**{field: tensors[f"{i}.{field}"] for field in _FIELDS}) for i in range(len(examples))]
+        for example, target in zip(examples, targets):
+            _check_targets(target, example, top_k)
+        return targets
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
+        # Kept targets only save time: a damaged file is computed again, never trusted.
+        log.warning("%s is unusable (%s); computing the anchor's targets afresh", path, err)
+        return None
+
+
+def _check_targets(target: TeacherTargets, example: TokenizedExample, top_k: int) -> None:
+    """What teacher_targets makes for `example`: its labelled positions, top_k ids and log-probabilities each."""
+    positions = labelled_positions(example)
+    n = len(positions)
+    shapes = {"top_ids": (torch.int32, (n, top_k)), "top_logprobs": (torch.float32, (n, top_k)),
+              "rest_logprob": (torch.float32, (n,))}
+    if target.positions.dtype != positions.dtype or not torch.equal(target.positions, positions):
+        raise ValueError("positions that are not the anchor text's labelled positions")
+    for field, (dtype, shape) in shapes.items():
+        tensor = getattr(target, field)
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{field} of {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")

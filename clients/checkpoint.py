@@ -1,6 +1,6 @@
-"""Checkpoints of a personalization job in progress, so an interrupted job resumes.
+"""Checkpoints of a training job in progress (clients.training.train), so an interrupted job resumes.
 
-One safetensors file holds M, the best M seen on validation, and AdamW's moments; its
+One safetensors file holds the parameters (M), the best seen on validation, and AdamW's moments; its
 metadata holds the progress counters, the scheduler's state, a fingerprint of the job (data
 and settings), so a checkpoint is only ever resumed by the same job, and the caller's own
 record of the job (its registry id, say) as a small JSON object. Writes are atomic.
@@ -35,6 +35,7 @@ class Progress:
     best_score: float | None = None
     best_step: int = 0
     seconds: float = 0.0  # training time so far, across resumptions
+    anchor_kl: float | None = None  # KL(base || model) per anchor position at the last step, if anchored
 
 
 @dataclass(frozen=True)

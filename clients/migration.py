@@ -8,18 +8,15 @@ to the cloud; the old model's distributions and both Ms stay on the device.
 
 from __future__ import annotations
 
-import itertools
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from plora.clients.checkpoint import Progress, TrainingCheckpoint
-from plora.clients.data import TokenizedExample, batches, collate
+from plora.clients.data import TokenizedExample, collate
 from plora.clients.device_model import DeviceModel
 from plora.clients.distillation import TeacherTargets, distillation_loss
+from plora.clients.training import OnStep, TrainSettings, tokens_in, train
 from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.storage.errors import ConfigError
 
@@ -38,6 +35,11 @@ class DistillSettings:
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.top_k) < 1 or not self.lr > 0:
             raise ConfigError(f"steps, batch_size and top_k must be >= 1 and lr > 0; got {self}")
+
+    def training(self) -> TrainSettings:
+        """The loop's settings: warm-up over a tenth of the steps and a cosine to 10% of lr,
+        as for personalization; no anchor, since the old model's distributions hold it."""
+        return TrainSettings(lr=self.lr, batch_size=self.batch_size, steps=self.steps, seed=self.seed, anchor=None)
 
 
 def can_copy(old: AdapterWeights, new: AdapterWeights) -> bool:
@@ -59,44 +61,17 @@ def distill(
     pad_id: int,
     settings: DistillSettings,
     checkpoint: TrainingCheckpoint | None = None,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: OnStep | None = None,
     checkpoint_every: int = 10,
 ) -> Progress:
-    """Train the student's M towards the teacher's distributions; resumes a matching checkpoint."""
+    """Train the student's M towards the teacher's distributions with clients.training's loop,
+    which resumes a matching checkpoint."""
     if not examples or len(examples) != len(targets):
         raise ConfigError(f"distill needs examples with one teacher target each, got {len(examples)} and {len(targets)}")
-    params = list(student.weights.parameters())
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    # Cosine decay to 10% after a short warm-up, as for personalization.
-    warmup = max(1, settings.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (step + 1) / warmup if step < warmup
-        else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup))),
-    )
-    restored = checkpoint.restore(params, optimizer, scheduler) if checkpoint else None
-    progress = restored[0] if restored else Progress()
-    pairs = list(zip(examples, targets))
-    per_epoch = math.ceil(len(pairs) / settings.batch_size)
-    schedule = batches(pairs, settings.batch_size, settings.seed, epochs=math.ceil(settings.steps / per_epoch))
-    started, seconds_before = time.perf_counter(), progress.seconds
-    student.train()
-    for batch in itertools.islice(schedule, progress.step, settings.steps):
-        ids, _ = collate([example for example, _ in batch], pad_id)
-        loss = distillation_loss(student(ids), [target for _, target in batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        progress.step += 1
-        progress.tokens += sum(len(example.input_ids) for example, _ in batch)
-        progress.last_loss = loss.item()
-        if progress.step == 1:
-            progress.first_loss = progress.last_loss
-        progress.seconds = seconds_before + time.perf_counter() - started
-        if on_step:
-            on_step(progress.step, settings.steps, progress.last_loss)
-        if checkpoint and progress.step % checkpoint_every == 0 and progress.step < settings.steps:
-            checkpoint.save(progress, params, None, optimizer, scheduler)
-    student.eval()
-    return progress
+
+    def batch_loss(batch: list[tuple[TokenizedExample, TeacherTargets]]) -> tuple[torch.Tensor, int]:
+        rows = [example for example, _ in batch]
+        return distillation_loss(student(collate(rows, pad_id)[0]), [target for _, target in batch]), tokens_in(rows)
+
+    return train(student, list(student.weights.parameters()), batch_loss, list(zip(examples, targets)),
+                 settings.training(), checkpoint=checkpoint, checkpoint_every=checkpoint_every, on_step=on_step)

@@ -1,4 +1,12 @@
-"""Training M on the device's own data, through whatever link the model runs on.
+"""The one training loop, and personalization on it.
+
+`train` runs the optimizer steps of everything plora trains: personalization (M on the
+device's own data, here), distillation to a new backbone version (clients.migration),
+deriving a backbone (platform.versions.derive) and the benchmarks' baselines. Each gives its
+parameters, its data and the loss of one batch; the loop owns the rest: AdamW, a learning-rate
+schedule from transformers, batches in a seeded order, anchor rows mixed into every batch,
+the best parameters seen on validation, checkpoints that an interrupted job resumes exactly,
+and progress reported as `on_step(step, total, loss)`.
 
 Personal data is small: a few epochs over it overfit (held-out loss rises above the base
 model's), so when a validation split is given the best M seen on it is kept. Narrow data also
@@ -12,18 +20,27 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
 
-from plora.clients.anchor import AnchorSettings, base_model
+from plora.clients.anchor import Anchor, AnchorSettings
 from plora.clients.checkpoint import Progress, TrainingCheckpoint
 from plora.clients.data import IGNORE_INDEX, TokenizedExample, batches, collate
 from plora.clients.device_model import DeviceModel
-from plora.clients.distillation import TeacherTargets, distillation_loss, teacher_targets
+from plora.clients.distillation import TeacherTargets, distillation_loss
 from plora.storage.errors import ConfigError
+
+T = TypeVar("T")
+BatchLoss = Callable[[list[T]], tuple[torch.Tensor, int]]
+"""A batch of a job's data -> (its loss, to backpropagate; the tokens it put through the model)."""
+OnStep = Callable[[int, int, float], None]
+"""on_step(step, total, loss): called after each optimizer step with the batch's loss."""
 
 
 @dataclass(frozen=True)
@@ -105,18 +122,6 @@ def evaluate(model: DeviceModel, examples: list[TokenizedExample], pad_id: int, 
     return total / max(count, 1)
 
 
-def _schedule(total: int, warmup_fraction: float) -> Callable[[int], float]:
-    warmup = max(1, int(total * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10%
-
-    return factor
-
-
 def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
     """Identifies a job by its data, settings and the backbone version it trains M for, so a
     checkpoint resumes only the same job (a migrated device's old checkpoint is not).
@@ -128,48 +133,92 @@ def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
     return digest.hexdigest()
 
 
+def tokens_in(examples: Sequence[TokenizedExample]) -> int:
+    """Tokens a batch puts through the model, padding excluded."""
+    return sum(len(example.input_ids) for example in examples)
+
+
+def causal_lm_batch_loss(logits_of: Callable[[torch.Tensor], torch.Tensor], pad_id: int) -> BatchLoss:
+    """A BatchLoss: the causal LM loss of a batch of TokenizedExample, with `logits_of` mapping
+    (B, T) ids to (B, T, vocab) logits (a model without plora's split, say)."""
+
+    def batch_loss(batch: list[TokenizedExample]) -> tuple[torch.Tensor, int]:
+        ids, labels = collate(batch, pad_id)
+        return causal_lm_loss(logits_of(ids), labels)[0], tokens_in(batch)
+
+    return batch_loss
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate schedule of `transformers.get_scheduler`, warming up over the first
+    `TrainSettings.warmup_fraction` of the steps (at least one)."""
+
+    name: str = "cosine_warmup_with_min_lr"
+    min_lr_rate: float | None = 0.1
+    """Where the cosine_*_min_lr schedules end, as a share of lr; None for the others."""
+
+    def make(self, optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float) -> LambdaLR:
+        options = None if self.min_lr_rate is None else {"min_lr_rate": self.min_lr_rate}
+        warmup = max(1, int(total * warmup_fraction))
+        return get_scheduler(self.name, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                             scheduler_specific_kwargs=options)
+
+
+COSINE_TO_10_PERCENT = Schedule()
+"""Personalization's and distillation's: from lr/warmup up to lr at the end of the warm-up,
+then a cosine down to 10% of lr at the last step."""
+CONSTANT = Schedule("constant", None)
+
+
 def _anchor_batches(
-    model: DeviceModel, anchor: list[TokenizedExample], pad_id: int, settings: TrainSettings, total: int
+    anchor: Anchor, settings: AnchorSettings, seed: int, total: int
 ) -> Iterator[list[tuple[TokenizedExample, TeacherTargets]]]:
-    """Anchor rows with the base model's targets, for each of `total` steps."""
-    if settings.anchor is None:
-        raise ConfigError("anchor text was given but settings.anchor is None; pass anchor settings or no anchor")
-    # The base model is M = 0, not the M this device may hold from an earlier job.
-    with base_model(model):
-        targets = teacher_targets(model, anchor, pad_id, settings.anchor.top_k)
-    per_epoch = math.ceil(len(anchor) / settings.anchor.rows)
-    return batches(list(zip(anchor, targets)), settings.anchor.rows, settings.seed, epochs=math.ceil(total / per_epoch))
+    """Anchor rows with their targets, for each of `total` steps."""
+    per_epoch = math.ceil(len(anchor.examples) / settings.rows)
+    return batches(list(zip(anchor.examples, anchor.targets)), settings.rows, seed, epochs=math.ceil(total / per_epoch))
 
 
-def personalize(
-    model: DeviceModel,
-    train: list[TokenizedExample],
-    pad_id: int,
-    settings: TrainSettings = TrainSettings(),
-    val: list[TokenizedExample] | None = None,
-    on_step: Callable[[int, int, float], None] | None = None,
+def train(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    batch_loss: BatchLoss,
+    data: Sequence[T],
+    settings: TrainSettings,
+    *,
+    schedule: Schedule = COSINE_TO_10_PERCENT,
+    anchor: Anchor | None = None,
+    validate: Callable[[], float] | None = None,
     checkpoint: TrainingCheckpoint | None = None,
     checkpoint_every: int = 10,
-    anchor: list[TokenizedExample] | None = None,
-) -> TrainResult:
-    """Train the model's M on `train`. `on_step(step, total, loss)` reports progress.
+    on_step: OnStep | None = None,
+) -> Progress:
+    """Train `params` by AdamW on `batch_loss` over batches of `data`, `settings.total_steps`
+    optimizer steps. `model` is in training mode while the loop runs, in eval mode after.
 
-    With `anchor` text (clients.anchor.write_anchor), `settings.anchor.rows` of it join every
-    batch and the loss adds `settings.anchor.weight` times KL(base || model) on them; the
-    reported loss is the task's alone. Without it nothing holds the model near the base.
+    With `anchor`, `settings.anchor.rows` of its rows join every batch and the loss adds
+    `settings.anchor.weight` times KL(base || model) on them, with `model(ids)` as the model's
+    logits; the loss reported is the batch's alone.
 
-    With a checkpoint, progress is saved every `checkpoint_every` steps and after the last
-    one, and a matching checkpoint left by an interrupted run is resumed: the same batches, in
-    the same order, from the step after the last one saved. The last save lets a job that
-    was killed after training, before its result was kept, finish without training again.
+    With `validate` (lower is better), it runs before training, every `settings.eval_every`
+    steps (default once per epoch) and after the last one, and the parameters it scored best
+    are kept.
+
+    With a checkpoint, progress is saved every `checkpoint_every` steps and after the last one,
+    and a matching checkpoint left by an interrupted run is resumed: the same batches in the
+    same order, from the step after the last one saved, to the same parameters. The last save
+    lets a job killed after training, before its result was kept, finish without training again.
     """
-    if not train:
+    if not data:
         raise ConfigError("no training examples")
-    total = settings.total_steps(len(train))
-    params = list(model.weights.parameters())
+    if anchor is not None and settings.anchor is None:
+        raise ConfigError("anchor text was given but settings.anchor is None; pass anchor settings or no anchor")
+    if anchor is not None and not anchor.examples:
+        raise ConfigError("the anchor holds no text; pass anchor text, or no anchor")
+    total = settings.total_steps(len(data))
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, settings.warmup_fraction))
-    per_epoch = math.ceil(len(train) / settings.batch_size)
+    scheduler = schedule.make(optimizer, total, settings.warmup_fraction)
+    per_epoch = math.ceil(len(data) / settings.batch_size)
     eval_every = settings.eval_every or per_epoch
 
     restored = checkpoint.restore(params, optimizer, scheduler) if checkpoint else None
@@ -177,38 +226,35 @@ def personalize(
         progress, best = restored
     else:
         progress, best = Progress(), None
-        if val:
-            progress.val_before = progress.best_score = evaluate(model, val, pad_id)
+        if validate:
+            progress.val_before = progress.best_score = validate()
             best = [p.detach().clone() for p in params]
-    left = progress.step < total  # nothing is, when resuming a job killed after training
-    anchor_schedule = _anchor_batches(model, anchor, pad_id, settings, total) if anchor and left else itertools.repeat([])
+    step_batches = batches(data, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch))
+    anchor_batches = _anchor_batches(anchor, settings.anchor, settings.seed, total) if anchor else itertools.repeat([])
     started, seconds_before = time.perf_counter(), progress.seconds
     model.train()
-    schedule = batches(train, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch))
-    anchor_weight, anchor_kl = (settings.anchor.weight if settings.anchor else 0.0), None
-    for batch, anchor_batch in itertools.islice(zip(schedule, anchor_schedule), progress.step, total):
-        anchor_rows = [example for example, _ in anchor_batch]
+    for batch, anchor_batch in itertools.islice(zip(step_batches, anchor_batches), progress.step, total):
         optimizer.zero_grad(set_to_none=True)
-        # The task's rows and the anchor's go through the model apart: anchor text is longer,
-        # and one batch would pad every task row to its width. The gradients add up.
-        loss, _ = labelled_loss(model, *collate(batch, pad_id))
+        # The batch and the anchor's rows go through the model apart: anchor text is longer,
+        # and one batch would pad every row to its width. The gradients add up.
+        loss, tokens = batch_loss(batch)
         loss.backward()
         if anchor_batch:
-            anchor_ids, _ = collate(anchor_rows, pad_id)
-            kl = distillation_loss(model(anchor_ids), [targets for _, targets in anchor_batch])
-            (anchor_weight * kl).backward()
-            anchor_kl = kl.item()
+            rows = [example for example, _ in anchor_batch]
+            kl = distillation_loss(model(collate(rows, anchor.pad_id)[0]), [targets for _, targets in anchor_batch])
+            (settings.anchor.weight * kl).backward()
+            progress.anchor_kl, tokens = kl.item(), tokens + tokens_in(rows)
         optimizer.step()
         scheduler.step()
         progress.step += 1
-        progress.tokens += sum(len(e.input_ids) for e in batch + anchor_rows)
+        progress.tokens += tokens
         progress.last_loss = loss.item()
         if progress.step == 1:
             progress.first_loss = progress.last_loss
         if on_step:
             on_step(progress.step, total, progress.last_loss)
-        if val and (progress.step % eval_every == 0 or progress.step == total):
-            score = evaluate(model, val, pad_id)
+        if validate and (progress.step % eval_every == 0 or progress.step == total):
+            score = validate()
             if score < progress.best_score:
                 progress.best_score, progress.best_step = score, progress.step
                 best = [p.detach().clone() for p in params]
@@ -220,6 +266,32 @@ def personalize(
         with torch.no_grad():
             for p, kept in zip(params, best):
                 p.copy_(kept)
+    return progress
+
+
+def personalize(
+    model: DeviceModel,
+    examples: list[TokenizedExample],
+    pad_id: int,
+    settings: TrainSettings = TrainSettings(),
+    val: list[TokenizedExample] | None = None,
+    on_step: OnStep | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
+    checkpoint_every: int = 10,
+    anchor: Anchor | None = None,
+) -> TrainResult:
+    """Train the model's M on `examples` with `train`: the causal LM loss on their
+    labelled tokens, validated on `val`, anchored on `anchor` (clients.anchor: `kept_anchor`
+    on a device). Without an anchor nothing holds the model near the base."""
+
+    def batch_loss(batch: list[TokenizedExample]) -> tuple[torch.Tensor, int]:
+        return labelled_loss(model, *collate(batch, pad_id))[0], tokens_in(batch)
+
+    progress = train(
+        model, list(model.weights.parameters()), batch_loss, examples, settings,
+        anchor=anchor, validate=(lambda: evaluate(model, val, pad_id)) if val else None,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, on_step=on_step,
+    )
     return TrainResult(
         steps=progress.step,
         tokens=progress.tokens,
@@ -229,5 +301,5 @@ def personalize(
         val_before=progress.val_before,
         val_after=progress.best_score if val else None,
         best_step=progress.best_step if val else None,
-        anchor_kl=anchor_kl,
+        anchor_kl=progress.anchor_kl,
     )

@@ -3,7 +3,8 @@
 The adapter on disk changes only when a job succeeds, so a job that fails (bad data,
 a crash) leaves the previous personalization in place and is marked failed with its reason.
 Unless the settings turn it off, jobs keep the model close to the base on generic text, the
-anchor (clients.anchor), which the device's base model writes on its first job.
+anchor (clients.anchor), which the device's base model writes on its first job, and whose
+base-model targets the first job computes and every later one reads back.
 
 No ending of a job blocks the device. Every run is a job of its own: one that finds a
 checkpoint of the same data and settings (left by a job that failed, was interrupted or was
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from plora.clients.anchor import AnchorSettings, text_key, write_anchor
+from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, text_key, write_anchor
 from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
 ANCHOR = "anchor.json"  # in the device folder: the anchor text its base model wrote
+ANCHOR_TARGETS = "anchor-targets.safetensors"  # next to it: the base model's targets on that text
 ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
 ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
@@ -65,11 +67,18 @@ def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) 
     return shuffled[n_val:], shuffled[:n_val]
 
 
-def device_anchor(device: Device, settings: AnchorSettings) -> list[TokenizedExample]:
-    """The device's anchor text: written by its base model on first use, then kept, since
-    writing it costs a generation pass and only the backbone and the settings change it."""
+def device_anchor(device: Device, settings: AnchorSettings) -> Anchor:
+    """The device's anchor: its text and the base model's targets on it, made on first use and
+    then kept, since making them costs a generation and a forward pass over the text, and only
+    the backbone and the settings change them."""
+    version = device.store.record.identity.version
+    return kept_anchor(device.store.root / ANCHOR_TARGETS, device.model, _anchor_text(device, settings, version),
+                       device.tokenizer.pad_token_id, settings.top_k, version)
+
+
+def _anchor_text(device: Device, settings: AnchorSettings, version: str) -> list[TokenizedExample]:
     path = device.store.root / ANCHOR
-    key = f"{device.store.record.identity.version}/{text_key(settings, ANCHOR_SEED)}"
+    key = f"{version}/{text_key(settings, ANCHOR_SEED)}"
     try:
         kept = json.loads(path.read_text())
         if kept["key"] == key:
@@ -108,7 +117,7 @@ def device_job(store: DeviceStore, reg: Registry) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        discard_partial_writes(store.root, (CHECKPOINT, ANCHOR, DeviceStore.ADAPTER, DeviceStore.RECORD))
+        discard_partial_writes(store.root, (CHECKPOINT, ANCHOR, ANCHOR_TARGETS, DeviceStore.ADAPTER, DeviceStore.RECORD))
         for job_id in reg.interrupt_abandoned_jobs(store.record.device_id, ABANDONED):
             log.warning("job %d of device %s was left open by a process that is gone; closed as interrupted",
                         job_id, store.record.device_id)
@@ -192,7 +201,8 @@ def _personalization_job(
         checkpoint.job = {**job, "id": job_id}
         before = job["loss_before"]
         anchor = device_anchor(device, settings.anchor) if settings.anchor else None
-        result = personalize(device.model, train, pad, settings, val or None, on_step, checkpoint, checkpoint_every, anchor)
+        result = personalize(device.model, train, pad, settings, val or None, on_step=on_step, checkpoint=checkpoint,
+                             checkpoint_every=checkpoint_every, anchor=anchor)
         crash_point("personalize:trained")
         after = result.val_after if val else evaluate(device.model, train, pad)
         device.save(job["adapter_steps"] + result.steps)

@@ -21,9 +21,9 @@ from pathlib import Path
 import datasets
 import torch
 
-from plora.clients.anchor import write_anchor
-from plora.clients.data import DEVICE_JOB_MAX_LENGTH, batches, collate, tokenize
-from plora.clients.training import TrainSettings, causal_lm_loss, evaluate, personalize
+from plora.clients.anchor import anchor_of, write_anchor
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH, tokenize
+from plora.clients.training import CONSTANT, TrainSettings, causal_lm_batch_loss, evaluate, personalize, train
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.platform.jobs import ANCHOR_SEED
@@ -46,7 +46,8 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
         generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, 256)
         before = _measure(model, tok, persona, generic)
         # As a job does it: the anchor is written on the device, by the base model.
-        anchor = write_anchor(model, tok, PERSONA_JOB.anchor, ANCHOR_SEED)
+        anchor = anchor_of(model, write_anchor(model, tok, PERSONA_JOB.anchor, ANCHOR_SEED), tok.pad_token_id,
+                           PERSONA_JOB.anchor.top_k)
         result = personalize(model, train, tok.pad_token_id, PERSONA_JOB, anchor=anchor)
         row = {"persona": seed, "before": before, **_after(_measure(model, tok, persona, generic), before),
                "train_seconds": result.seconds}
@@ -72,7 +73,7 @@ def _after(after: dict, before: dict) -> dict:
     return {"after": after, "generic_nll_change": after["generic_nll"] / before["generic_nll"] - 1}
 
 
-def _lora_nll_gain(backbone, train, heldout, pad: int, settings: TrainSettings) -> tuple[float, float, int]:
+def _lora_nll_gain(backbone, examples, heldout, pad: int, settings: TrainSettings) -> tuple[float, float, int]:
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(backbone.model, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"]))
@@ -82,17 +83,9 @@ def _lora_nll_gain(backbone, train, heldout, pad: int, settings: TrainSettings) 
 
     before = evaluate(logits, heldout, pad)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    model.train()
-    for step, batch in enumerate(batches(train, settings.batch_size, settings.seed, epochs=100)):
-        if step == settings.steps:
-            break
-        ids, labels = collate(batch, pad)
-        loss, _ = causal_lm_loss(logits(ids), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    # LoRA's usual rate, constant, with torch's default weight decay, as the README's figures were measured.
+    train(model, params, causal_lm_batch_loss(logits, pad), examples, replace(settings, lr=1e-3, weight_decay=0.01),
+          schedule=CONSTANT)
     return before, evaluate(logits, heldout, pad), sum(p.numel() for p in params)
 
 

@@ -8,16 +8,12 @@ version changes only where device-side layers do.
 
 from __future__ import annotations
 
-import itertools
 import re
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from plora.clients.data import batches, collate, load_examples, tokenize
-from plora.clients.training import causal_lm_loss
+from plora.clients.data import load_examples, tokenize
+from plora.clients.training import CONSTANT, OnStep, TrainSettings, causal_lm_batch_loss, train
 from plora.cloud_backbone.loading import save_checkpoint
 from plora.cloud_backbone.versions import load_version, register
 from plora.storage.errors import ConfigError
@@ -38,7 +34,7 @@ def derive(
     batch_size: int = 4,
     max_length: int = 256,
     seed: int | None = None,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: OnStep | None = None,
     folder: Path | None = None,
 ) -> BackboneVersion:
     """Fine-tune `parent`'s decoder layers on `data` and register the result as version `name`.
@@ -57,17 +53,11 @@ def derive(
     trained = list(model.get_decoder().layers.parameters())
     for p in trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
-    model.train()
-    for step, batch in enumerate(itertools.islice(batches(examples, batch_size, seed=0, epochs=steps), steps), 1):
-        ids, labels = collate(batch, pad)
-        loss, _ = causal_lm_loss(model(input_ids=ids).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if on_step:
-            on_step(step, steps, loss.item())
-    model.eval().requires_grad_(False)
+    loss = causal_lm_batch_loss(lambda ids: model(input_ids=ids).logits, pad)
+    # A constant rate, as derived versions have always been made (bench migrate measured those).
+    settings = TrainSettings(lr=lr, batch_size=batch_size, steps=steps, anchor=None)
+    train(model, trained, loss, examples, settings, schedule=CONSTANT, on_step=on_step)
+    model.requires_grad_(False)
     save_checkpoint(model, backbone.tokenizer, folder)
     new_config = config if seed is None else replace(config, seed=seed)
     return register(reg, str(folder), new_config, parent=record.name)

@@ -112,17 +112,21 @@ def test_fleet_status_lists_devices_by_version_with_their_latest_job(tmp_path, t
     assert store.record.identity.version in row and "personalize succeeded, 2 steps" in row
 
 
-def test_the_anchor_text_is_written_once_per_device_and_used_by_every_job(tmp_path, tiny_checkpoint, data, monkeypatch):
+def test_the_anchor_and_its_targets_are_made_once_per_device_and_used_by_every_job(tmp_path, tiny_checkpoint, data, monkeypatch):
+    from plora.clients import anchor
     from plora.platform import jobs
 
-    written = []
-    write = jobs.write_anchor
+    written, computed = [], []
+    write, compute = jobs.write_anchor, anchor.teacher_targets
     monkeypatch.setattr(jobs, "write_anchor", lambda *args: written.append(1) or write(*args))
+    monkeypatch.setattr(anchor, "teacher_targets", lambda *args: computed.append(1) or compute(*args))
     init_device(tmp_path / "dev", str(tiny_checkpoint))
     for seed in (0, 1):
         settings = TrainSettings(lr=0.05, steps=2, seed=seed, anchor=SMALL_ANCHOR)
         outcome = run_personalization(open_device(tmp_path / "dev"), data, settings, val_fraction=0.0)
         assert outcome.result.anchor_kl is not None
     assert len(written) == 1 and (tmp_path / "dev" / jobs.ANCHOR).is_file()
+    # The base model's forward over the anchor text, most of a short job, runs on the first job only.
+    assert len(computed) == 1 and (tmp_path / "dev" / jobs.ANCHOR_TARGETS).is_file()
     (job, _) = open_registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
     assert "anchor_kl" in job.metrics_after

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora.clients.anchor import OPENINGS, REQUESTS, AnchorSettings, base_model, write_anchor
+from plora.clients.anchor import OPENINGS, REQUESTS, Anchor, AnchorSettings, anchor_of, base_model, write_anchor
 from plora.clients.data import IGNORE_INDEX, TokenizedExample, collate
 from plora.clients.distillation import distillation_loss, labelled_positions, mean_kl, teacher_targets
 from plora.clients.training import TrainSettings, personalize
@@ -129,7 +129,7 @@ def test_bad_inputs_are_config_errors():
     with pytest.raises(ConfigError, match="anchor"):
         AnchorSettings(weight=0)
     with pytest.raises(ConfigError, match="settings.anchor is None"):
-        personalize(tiny_split(), examples, PAD, TrainSettings(steps=1, anchor=None), anchor=examples)
+        personalize(tiny_split(), examples, PAD, TrainSettings(steps=1, anchor=None), anchor=Anchor(examples, targets, PAD))
 
 
 # Narrow data: one short sequence repeated, which a high learning rate overfits.
@@ -147,7 +147,7 @@ def _distance_from_base(model) -> float:
 def test_the_anchor_keeps_a_trained_model_closer_to_the_base_on_unseen_text():
     free, anchored = peaked_split(), peaked_split()
     free_result = personalize(free, NARROW, PAD, ANCHORED)  # no anchor text: nothing holds it
-    anchored_result = personalize(anchored, NARROW, PAD, ANCHORED, anchor=GENERIC)
+    anchored_result = personalize(anchored, NARROW, PAD, ANCHORED, anchor=anchor_of(anchored, GENERIC, PAD, ANCHORED.anchor.top_k))
     assert free_result.anchor_kl is None and anchored_result.anchor_kl is not None
     assert _distance_from_base(anchored) < 0.5 * _distance_from_base(free)
     assert anchored_result.last_loss < 0.5 * anchored_result.first_loss  # and the task is still learned
@@ -157,7 +157,7 @@ def test_the_anchor_is_the_base_model_even_when_the_device_already_holds_a_train
     model = peaked_split()
     random_ms(model, std=0.3)  # an earlier round's M
     before = _distance_from_base(model)
-    personalize(model, NARROW, PAD, ANCHORED, anchor=GENERIC)
+    personalize(model, NARROW, PAD, ANCHORED, anchor=anchor_of(model, GENERIC, PAD, ANCHORED.anchor.top_k))
     # Anchored to the M it started from, it would end further from the base (1.15 against 1.03).
     assert _distance_from_base(model) < 0.9 * before
 
