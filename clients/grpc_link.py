@@ -28,6 +28,7 @@ from plora.cloud_backbone.protocol.messages import (
     BackwardResult,
     ForwardRequest,
     ForwardResult,
+    HostedBackbone,
     OpenSession,
     SessionOpened,
     StepError,
@@ -316,7 +317,7 @@ class GrpcLink(SplitLink):
             self._session.close()
 
 
-def register(endpoint: Endpoint, enroll_token: str = "", backbone: str = "", label: str = "") -> tuple[Credentials, pb.HostedBackbone]:
+def register(endpoint: Endpoint, enroll_token: str = "", backbone: str = "", label: str = "") -> tuple[Credentials, HostedBackbone]:
     """Enroll a new device with the service, with an enrollment token the operator issued
     (`plora backbone enroll create`); without one only a service with open enrollment accepts it."""
     request = pb.RegisterRequest(backbone=backbone, label=label, enroll_token=enroll_token)
@@ -325,7 +326,7 @@ def register(endpoint: Endpoint, enroll_token: str = "", backbone: str = "", lab
             reply = pb_grpc.SplitBackboneStub(channel).Register(request, timeout=30)
         except grpc.RpcError as err:
             raise rpc_error(err) from err
-    return Credentials(reply.device_id, reply.token), reply.backbone
+    return Credentials(reply.device_id, reply.token), wire.hosted_from_proto(reply.backbone)
 
 
 def forget(endpoint: Endpoint, credentials: Credentials) -> dict[str, int]:
@@ -339,26 +340,26 @@ def forget(endpoint: Endpoint, credentials: Credentials) -> dict[str, int]:
     return dict(reply.removed)
 
 
-def describe(endpoint: Endpoint, version: str) -> pb.HostedBackbone:
+def describe(endpoint: Endpoint, version: str) -> HostedBackbone:
     """What the service announces of a version it hosts: its identity and its bundle's hash."""
     with endpoint.channel() as channel:
         try:
             reply = pb_grpc.SplitBackboneStub(channel).Describe(pb.DescribeRequest(), timeout=30)
         except grpc.RpcError as err:
             raise rpc_error(err) from err
-    hosted = {wire.identity_from_proto(b.identity).version: b for b in reply.backbones}
+    hosted = {h.identity.version: h for h in map(wire.hosted_from_proto, reply.backbones)}
     if version not in hosted:
         raise VersionMismatchError(f"the service at {endpoint.address} does not host {version!r}; it hosts {sorted(hosted)}")
     return hosted[version]
 
 
-def download_bundle(endpoint: Endpoint, credentials: Credentials, hosted: pb.HostedBackbone, folder: Path) -> None:
+def download_bundle(endpoint: Endpoint, credentials: Credentials, hosted: HostedBackbone, folder: Path) -> None:
     """Fetch the device bundle and keep it only if its hash is the one the service announced."""
-    identity = wire.identity_from_proto(hosted.identity)
     with endpoint.channel() as channel:
         stub = pb_grpc.SplitBackboneStub(channel)
         try:
-            chunks = stub.DownloadBundle(pb.BundleRequest(backbone=identity.version), metadata=credentials.metadata(), timeout=600)
-            bundle.receive_bundle(chunks, folder, hosted.bundle.sha256, max_bytes=hosted.bundle.size)
+            request = pb.BundleRequest(backbone=hosted.identity.version)
+            chunks = stub.DownloadBundle(request, metadata=credentials.metadata(), timeout=600)
+            bundle.receive_bundle(chunks, folder, hosted.bundle_sha256, max_bytes=hosted.bundle_size)
         except grpc.RpcError as err:
             raise rpc_error(err) from err

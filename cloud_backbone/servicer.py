@@ -34,6 +34,7 @@ from plora.cloud_backbone.protocol.messages import (
     AdapterRequest,
     BackwardRequest,
     ForwardRequest,
+    HostedBackbone,
     OpenSession,
     SessionOpened,
     StepError,
@@ -119,11 +120,7 @@ def status_for(err: PloraError) -> grpc.StatusCode:
 
 
 def _hosted_proto(version: HostedVersion, is_default: bool) -> pb.HostedBackbone:
-    return pb.HostedBackbone(
-        identity=wire.identity_to_proto(version.identity),
-        bundle=pb.BundleInfo(sha256=version.bundle_sha256, size=version.bundle_size),
-        is_default=is_default,
-    )
+    return wire.hosted_to_proto(HostedBackbone(version.identity, version.bundle_sha256, version.bundle_size, is_default))
 
 
 class _Ended(TransportError):

@@ -22,7 +22,6 @@ from plora.clients.recovery import RetryPolicy
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.storage.errors import AuthenticationError, ConfigError, TransportError
 from plora.storage.files import write_atomically
@@ -75,7 +74,7 @@ def init_device(
         return DeviceStore.create(root, backbone_spec, identity)
     endpoint = endpoint or Endpoint(backbone_spec)
     credentials, hosted = register(endpoint, enroll_token, label=label)
-    identity = wire.identity_from_proto(hosted.identity)
+    identity = hosted.identity
     if config is not None and config != identity.adapter:
         raise ConfigError(f"the service at {backbone_spec} serves adapter config {identity.adapter}, not {config}; drop the adapter options")
     root.mkdir(parents=True, exist_ok=True)

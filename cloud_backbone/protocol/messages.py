@@ -87,6 +87,17 @@ class SessionOpened:
 
 
 @dataclass(frozen=True)
+class HostedBackbone:
+    """A version a service hosts, as it announces it (on Register and Describe): the device
+    keeps a downloaded bundle only if its digest and size are these."""
+
+    identity: BackboneIdentity
+    bundle_sha256: str  # hex, over the bundle's files (protocol.bundle.bundle_digest)
+    bundle_size: int  # bytes
+    is_default: bool = False  # the version the service binds new devices to
+
+
+@dataclass(frozen=True)
 class StepError:
     """A failed step, as the device learns of it. `kind` names a plora exception class."""
 

@@ -1,7 +1,9 @@
 """The protocol's dataclasses to and from their protobuf form (split.proto).
 
-With bundle.py, the only module besides the transports that imports the generated protobuf
-code: training, generation and the cloud session see the dataclasses of protocol.messages.
+With bundle.py, the only module besides the transports (the servicer, the device's gRPC
+link) that imports the generated protobuf code: training, generation, the cloud session and
+the platform see the dataclasses of protocol.messages, and tools that speak the session
+stream raw (benchmarks, a hostile neighbour) its frames as bytes.
 
 Everything read here comes from the other party and is checked before use: tensors are rebuilt
 from raw bytes with typed dtype and shape (never unpickled), and any malformed field raises
@@ -11,10 +13,12 @@ from raw bytes with typed dtype and shape (never unpickled), and any malformed f
 from __future__ import annotations
 
 import math
+import re
 import sys
 from contextlib import contextmanager
 
 import torch
+from google.protobuf.message import DecodeError
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import (
@@ -26,6 +30,7 @@ from plora.cloud_backbone.protocol.messages import (
     CacheMode,
     ForwardRequest,
     ForwardResult,
+    HostedBackbone,
     OpenSession,
     Phase,
     SessionOpened,
@@ -35,12 +40,14 @@ from plora.cloud_backbone.protocol import split_pb2 as pb
 from plora.storage.errors import ConfigError, ValidationError
 
 DEVICE_HEADER = "x-plora-device"  # call metadata naming the device; its token goes in "authorization: Bearer"
+SERVICE = pb.DESCRIPTOR.services_by_name["SplitBackbone"].full_name
+SESSION_METHOD = f"/{SERVICE}/Session"  # the session stream's gRPC method path
 MAX_DIMS = 4  # every tensor of the protocol is at most (B, T, d) or a (B, T) mask
 _DTYPES = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16, pb.INT64: torch.int64}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _CACHE = {CacheMode.NONE: pb.CACHE_NONE, CacheMode.START: pb.CACHE_START, CacheMode.EXTEND: pb.CACHE_EXTEND}
 _PHASE = {Phase.FORWARD: pb.PHASE_FORWARD, Phase.BACKWARD: pb.PHASE_BACKWARD}
-# A plain file name: no separators, no "..", no hidden files, nothing a filesystem could reinterpret.
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # --- tensors -------------------------------------------------------------------------------
@@ -155,6 +162,26 @@ def _identity(msg, field: str) -> BackboneIdentity:
     return identity_from_proto(getattr(msg, field))
 
 
+def hosted_to_proto(hosted: HostedBackbone) -> pb.HostedBackbone:
+    with _encoding(hosted):
+        return pb.HostedBackbone(
+            identity=identity_to_proto(hosted.identity),
+            bundle=pb.BundleInfo(sha256=hosted.bundle_sha256, size=hosted.bundle_size),
+            is_default=hosted.is_default,
+        )
+
+
+def hosted_from_proto(msg: pb.HostedBackbone) -> HostedBackbone:
+    if not msg.HasField("bundle"):
+        raise ValidationError("HostedBackbone.bundle is missing; a bundle's digest and size are required")
+    sha256, size = msg.bundle.sha256, msg.bundle.size
+    if not _SHA256.fullmatch(sha256):
+        raise ValidationError(f"the bundle's digest is {sha256[:80]!r}; expected 64 lowercase hex digits (a SHA-256)")
+    if size == 0:
+        raise ValidationError("the bundle's size is 0 bytes; a device bundle holds at least its model files")
+    return HostedBackbone(_identity(msg, "identity"), sha256, size, msg.is_default)
+
+
 # --- the session stream ----------------------------------------------------------------------
 
 
@@ -233,6 +260,25 @@ def cloud_message(step: int, message) -> pb.CloudMessage:
                     "AdapterRequest, ForwardResult, BackwardResult or StepError"
                 )
         return pb.CloudMessage(step=step, **body)
+
+
+def device_frame(step: int, message) -> bytes:
+    """A device-to-cloud message as the bytes of one frame of the session stream."""
+    return device_message(step, message).SerializeToString()
+
+
+def cloud_frame(step: int, message) -> bytes:
+    """A cloud-to-device message as the bytes of one frame of the session stream."""
+    return cloud_message(step, message).SerializeToString()
+
+
+def parse_cloud_frame(data: bytes, max_elements: int) -> tuple[int, object]:
+    """(step, message) from one frame of the session stream as the cloud sent it."""
+    try:
+        msg = pb.CloudMessage.FromString(data)
+    except DecodeError as err:
+        raise ValidationError(f"a {len(data)}-byte frame is not a CloudMessage: {err}") from err
+    return parse_cloud_message(msg, max_elements)
 
 
 def parse_cloud_message(msg: pb.CloudMessage, max_elements: int) -> tuple[int, object]:

@@ -23,7 +23,7 @@ import torch
 
 from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint
-from plora.cloud_backbone.protocol import split_pb2 as pb, wire
+from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     AdapterRequest,
@@ -33,14 +33,12 @@ from plora.cloud_backbone.protocol.messages import (
     StepError,
 )
 
-SESSION_METHOD = "/plora.split.v1.SplitBackbone/Session"
-
 
 def _broken_replies(request: AdapterRequest, step: int) -> list[bytes]:
     """Three ways to answer `request` wrongly, each one frame."""
     wrong_width = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:-1], 3))
     nan = AdapterReply(request.layer, request.group, request.phase, torch.full_like(request.tensor, float("nan")))
-    return [b"\xff\xff\xff\xff", *(wire.device_message(step, m).SerializeToString() for m in (wrong_width, nan))]
+    return [b"\xff\xff\xff\xff", *(wire.device_frame(step, m) for m in (wrong_width, nan))]
 
 
 def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> None:
@@ -51,7 +49,7 @@ def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> No
     interval, frames, due = 1.0 / frames_per_s, 0, time.monotonic()
 
     def send(step: int, message) -> None:
-        outbox.put(message if isinstance(message, bytes) else wire.device_message(step, message).SerializeToString())
+        outbox.put(message if isinstance(message, bytes) else wire.device_frame(step, message))
 
     def paced(step: int, message) -> None:
         nonlocal frames, due
@@ -61,11 +59,11 @@ def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> No
         frames += 1
 
     with Endpoint(address, insecure=True).channel() as channel:
-        session = channel.stream_stream(SESSION_METHOD, request_serializer=bytes, response_deserializer=pb.CloudMessage.FromString)
+        session = channel.stream_stream(wire.SESSION_METHOD)  # frames as bytes, both ways
         answers = session(iter(outbox.get, None), metadata=credentials.metadata())
 
         def receive():
-            return wire.parse_cloud_message(next(answers), 1 << 24)[1]
+            return wire.parse_cloud_frame(next(answers), 1 << 24)[1]
 
         send(0, OpenSession(identity))
         receive()

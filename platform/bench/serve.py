@@ -40,7 +40,7 @@ from plora.clients.grpc_link import Endpoint
 from plora.clients.training import causal_lm_loss
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
-from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
+from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.protocol.messages import AdapterReply, AdapterRequest, CacheMode, Phase
 from plora.platform.bench import neighbour
 from plora.platform.bench.split import MonolithicModel, _rate
@@ -295,16 +295,16 @@ def _bare_messages(config: PrivateLoRAConfig) -> tuple[AdapterRequest, AdapterRe
 
 def _echo_serve(config: dict, ports) -> None:
     """A Session stream that answers every device message at once with an adapter request."""
-    frame = wire.cloud_message(1, _bare_messages(PrivateLoRAConfig.from_dict(config))[0])
+    frame = wire.cloud_frame(1, _bare_messages(PrivateLoRAConfig.from_dict(config))[0])
 
-    class Echo(pb_grpc.SplitBackboneServicer):
-        async def Session(self, requests, context):
-            async for _ in requests:
-                yield frame
+    async def session(requests, context):
+        async for _ in requests:
+            yield frame
 
     async def serve() -> None:
         server = grpc.aio.server()
-        pb_grpc.add_SplitBackboneServicer_to_server(Echo(), server)
+        handler = grpc.stream_stream_rpc_method_handler(session)  # frames as bytes, both ways
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(wire.SERVICE, {"Session": handler}),))
         ports.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -325,11 +325,11 @@ def bare_round_trip(context, config: PrivateLoRAConfig, count: int) -> float:
         request, reply = _bare_messages(config)
         with endpoint.channel() as channel:
             outbox: queue.Queue = queue.Queue()
-            call = pb_grpc.SplitBackboneStub(channel).Session(iter(outbox.get, None))
+            call = channel.stream_stream(wire.SESSION_METHOD)(iter(outbox.get, None))
 
             def once() -> None:
-                outbox.put(wire.device_message(1, reply))
-                wire.parse_cloud_message(next(call), request.tensor.numel())
+                outbox.put(wire.device_frame(1, reply))
+                wire.parse_cloud_frame(next(call), request.tensor.numel())
 
             once()  # connects
             started = time.perf_counter()

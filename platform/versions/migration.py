@@ -43,7 +43,6 @@ from plora.clients.migration import (
     distill,
 )
 from plora.clients.training import evaluate, fingerprint
-from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import load_version
 from plora.platform.jobs import device_job, register
@@ -161,7 +160,7 @@ def _target_record(store: DeviceStore, version: BackboneVersion, address: str | 
     if is_address(old.backbone_spec):
         endpoint = Endpoint(address or old.backbone_spec, **(old.endpoint or {}))
         hosted = describe(endpoint, version.name)
-        identity = wire.identity_from_proto(hosted.identity)
+        identity = hosted.identity
         bundle = store.root / DeviceStore.MIGRATION / DeviceStore.BUNDLE
         if not (bundle / "config.json").is_file():
             shutil.rmtree(bundle, ignore_errors=True)  # a download cut short

@@ -18,6 +18,7 @@ from plora.cloud_backbone.protocol.messages import (
     CacheMode,
     ForwardRequest,
     ForwardResult,
+    HostedBackbone,
     OpenSession,
     Phase,
     SessionOpened,
@@ -114,6 +115,41 @@ def test_invalid_adapter_config_is_a_validation_error():
     msg.adapter.rank = 0
     with pytest.raises(ValidationError, match="rank"):
         wire.identity_from_proto(msg)
+
+
+HOSTED = HostedBackbone(IDENTITY, "0f" * 32, 12345, is_default=True)
+
+
+def test_a_hosted_version_round_trips():
+    decoded = wire.hosted_from_proto(pb.HostedBackbone.FromString(wire.hosted_to_proto(HOSTED).SerializeToString()))
+    assert decoded == HOSTED
+
+
+@pytest.mark.parametrize(
+    "mangle, match",
+    [
+        (lambda m: m.ClearField("bundle"), "bundle is missing"),
+        (lambda m: m.ClearField("identity"), "identity is missing"),
+        (lambda m: setattr(m.bundle, "sha256", "../../etc"), "64 lowercase hex"),
+        (lambda m: setattr(m.bundle, "sha256", "0F" * 32), "64 lowercase hex"),
+        (lambda m: setattr(m.bundle, "size", 0), "size is 0"),
+    ],
+    ids=["no bundle", "no identity", "digest not hex", "digest upper case", "empty bundle"],
+)
+def test_a_malformed_hosted_version_is_refused(mangle, match):
+    msg = wire.hosted_to_proto(HOSTED)
+    mangle(msg)
+    with pytest.raises(ValidationError, match=match):
+        wire.hosted_from_proto(msg)
+
+
+def test_frames_round_trip_and_garbage_is_a_validation_error():
+    step, decoded = wire.parse_cloud_frame(wire.cloud_frame(3, CLOUD_MESSAGES[1]), LIMIT)
+    assert step == 3
+    _same_message(decoded, CLOUD_MESSAGES[1])
+    assert pb.DeviceMessage.FromString(wire.device_frame(4, DEVICE_MESSAGES[0])).step == 4
+    with pytest.raises(ValidationError, match="4-byte frame is not a CloudMessage"):
+        wire.parse_cloud_frame(b"\xff\xff\xff\xff", LIMIT)
 
 
 def test_messages_going_the_wrong_way_are_refused():
