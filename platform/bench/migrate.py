@@ -38,14 +38,6 @@ KINDS = ("derived", "fresh-seed")
 class MigrateBench:
     rows: list[dict]
 
-    def table(self) -> str:
-        header = f"{'upgrade':<11} {'model':<22} {'recall':>6} {'held-out loss':>13} {'gain kept (loss)':>16} {'gain kept (recall)':>18}"
-        lines = [header, "-" * len(header)]
-        for row in self.rows:
-            kept = [f"{row[k]:.0%}" if row.get(k) is not None else "-" for k in ("loss_gain_kept", "recall_gain_kept")]
-            lines.append(f"{row['upgrade']:<11} {row['model']:<22} {row['recall']:>6.0%} {row['heldout_loss']:>13.3f} {kept[0]:>16} {kept[1]:>18}")
-        return "\n".join(lines)
-
     def to_json(self) -> dict:
         return {"rows": self.rows}
 

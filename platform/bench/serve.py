@@ -64,12 +64,10 @@ class ServeBench:
     def add(self, name: str, value: float, target: str, **detail) -> None:
         self.figures[name] = {"value": value, "target": target, **detail}
 
-    def table(self) -> str:
-        lines = [f"{'figure':<24} {'value':>8}  {'target':<8} detail", "-" * 80]
-        for name, f in self.figures.items():
-            detail = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items() if k not in ("value", "target"))
-            lines.append(f"{name:<24} {f['value']:>8.3f}  {f['target']:<8} {detail}")
-        return "\n".join(lines)
+    def rows(self) -> list[dict]:
+        """One row per figure: its value, its target and the measurements behind it."""
+        return [{"figure": name, "value": f["value"], "target": f["target"],
+                 "detail": {k: v for k, v in f.items() if k not in ("value", "target")}} for name, f in self.figures.items()]
 
     def to_json(self) -> dict:
         return {"backbone": self.backbone, "config": self.config, "figures": self.figures}

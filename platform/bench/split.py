@@ -65,14 +65,10 @@ class SplitBench:
     config: dict
     figures: list[Figure]
 
-    def table(self) -> str:
-        lines = [f"{'figure':<24} {'monolithic':>12} {'split':>12} {'ratio':>7}  target", "-" * 66]
-        for f in self.figures:
-            lines.append(
-                f"{f.name + ' (' + f.unit + ')':<24} {statistics.median(f.monolithic):>12.1f} "
-                f"{statistics.median(f.split):>12.1f} {f.ratio:>7.3f}  >= {TARGET}"
-            )
-        return "\n".join(lines)
+    def rows(self) -> list[dict]:
+        """One row per figure: the medians of both sides, their ratio and its target."""
+        return [{"figure": f.name, "unit": f.unit, "monolithic": statistics.median(f.monolithic),
+                 "split": statistics.median(f.split), "ratio": f.ratio, "target": TARGET} for f in self.figures]
 
     def to_json(self) -> dict:
         return {

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
 
-from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly, stop_on_sigterm
+from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly
 from plora.platform.cli.enroll import devices, enroll
+from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, show
 from plora.storage.models import BackboneStatus
 
 log = logging.getLogger("plora")
@@ -163,27 +163,27 @@ def register_version(spec, db, **adapter) -> None:
     click.echo(f"{version.name}  ({version.status}; {version.architecture['num_layers']} layers, hash {version.content_hash[:12]})")
 
 
+VERSION_COLUMNS = (
+    Column("version", lambda row: row["name"] + (" *" if row["default"] else "")), Column("status", "status"),
+    Column("layers", lambda row: row["architecture"]["num_layers"]), Column("rank", lambda row: row["adapter_config"]["rank"]),
+    Column("seed", "seed"), Column("devices", "devices"), Column("created", "created_at"),
+)
+
+
 @backbone.command("list")
 @db_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 def list_versions(db, as_json) -> None:
     """Every registered version with its status and how many devices are bound to it."""
     from plora.storage.registry import open_registry
 
     reg = open_registry(db)
-    rows = [_version_row(v, len(reg.devices_on(v.name))) for v in reg.list_backbones()]
-    if as_json:
-        for row in rows:
-            click.echo(json.dumps(row))
-        return
     default = reg.default_backbone()
-    click.echo(f"{'version':<36} {'status':<10} {'layers':>6} {'rank':>4} {'seed':>5} {'devices':>7}  created")
-    for row in rows:
-        mark = " *" if default and row["name"] == default.name else ""
-        click.echo(f"{row['name']:<36} {row['status']:<10} {row['architecture']['num_layers']:>6} "
-                   f"{row['adapter_config']['rank']:>4} {row['seed']:>5} {row['devices']:>7}  {row['created_at']}{mark}")
-    if default:
+    rows = [{**_version_row(v, len(reg.devices_on(v.name))), "default": default is not None and v.name == default.name}
+            for v in reg.list_backbones()]
+    show(rows, VERSION_COLUMNS, as_json)
+    if default and not as_json:
         click.echo("* new devices are bound to this one")
 
 
@@ -199,7 +199,7 @@ def show_version(version, db) -> None:
     record = reg.get_backbone(version)
     row = _version_row(record, len(reg.devices_on(record.name)))
     row["parent"] = reg.get_backbone(record.parent_id).name if record.parent_id else None
-    click.echo(json.dumps(row, indent=2))
+    print_json(row)
 
 
 def _set_status(version: str, status: str, db: str | None, force: bool = False) -> None:
@@ -262,77 +262,9 @@ def derive_version(parent, data_path, name, steps, lr, batch_size, max_length, s
     from plora.platform.versions.derive import derive
     from plora.storage.registry import open_registry
 
-    with click.progressbar(length=steps, label="fine-tuning the decoder", file=sys.stderr) as bar:
-        def progress(step, total, loss):
-            bar.label = f"fine-tuning the decoder (loss {loss:.3f})"
-            bar.update(1)
-
-        version = derive(open_registry(db), parent, data_path, name, steps, lr, batch_size, max_length, seed, progress)
+    with Board(f"deriving {name} from {parent} on {data_path}") as board:
+        board.update(name, "loading")
+        version = derive(open_registry(db), parent, data_path, name, steps, lr, batch_size, max_length, seed,
+                         board.steps(name, "fine-tuning the decoder"))
+        board.done(name, "registered")
     click.echo(f"registered {version.name} (parent {parent}); migrate devices with `plora migrate --to {version.name}`")
-
-
-@click.command()
-@click.option("--to", "target", required=True, help="The version to move the devices to.")
-@click.option("--devices", "device_ids", multiple=True, default=["all"], show_default=True,
-              help="'all', or the id of a device to migrate (repeatable).")
-@click.option("--method", default="distill", show_default=True, type=click.Choice(["copy", "distill"]),
-              help="copy: carry M over unchanged (same shapes only). distill: train the new M to make the new "
-                   "backbone answer as the old one did with the old M, on the device's own text.")
-@click.option("--engine", type=click.Choice(["direct", "simulation", "deployment"]),
-              help="direct: one device after another in this process. simulation or deployment: the fleet's devices "
-                   "at once as a Flower job (default for a fleet's root; direct for anything else).")
-@click.option("--dry-run", is_flag=True, help="Say what would be migrated, and change nothing.")
-@click.option("--root", default="plora-fleet", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A device folder, or a folder of device folders (a fleet's root).")
-@click.option("--backbone", "address", help="HOST:PORT of a service hosting both versions, for networked devices "
-              "(default: start one on loopback for the migration).")
-@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Text to distill on, for a single device (default: its private/train.jsonl, else text it writes).")
-@click.option("--steps", default=40, show_default=True, type=click.IntRange(min=1), help="Distillation steps per device.")
-@click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for the new M.")
-@db_option
-@fail_cleanly
-@stop_on_sigterm
-def migrate(target, device_ids, method, engine, dry_run, root, address, data_path, steps, lr, db) -> None:
-    """Move devices to another backbone version, keeping their personalization.
-
-    Each device makes its new M on the device, verifies it, then switches, keeping the old
-    adapter under previous/. Re-running finishes an interrupted migration; devices already
-    on the target are left as they are.
-    """
-    from plora.clients.migration import DistillSettings
-    from plora.platform.versions import migration
-    from plora.storage.registry import open_registry
-
-    reg = open_registry(db)
-    wanted = [] if list(device_ids) == ["all"] else list(device_ids)
-    folders = migration.device_folders(root, wanted)
-    if data_path and len(folders) > 1:
-        raise click.UsageError("--data is for a single device; a fleet's devices distill on their own text")
-    fleet = (root / "device-000" / "device.json").is_file()
-    engine = engine or ("simulation" if fleet and not wanted and not dry_run else "direct")
-    if engine != "direct":
-        if wanted or data_path or dry_run:
-            raise click.UsageError("--devices ID, --data and --dry-run go with --engine direct; a Flower job migrates the whole fleet")
-        from plora.platform.fleet.launch import launch_migration
-
-        lines = launch_migration(root, target, method, engine, address, steps, lr, echo=lambda line: click.echo(line, err=True))
-        click.echo(migration.fleet_table(lines, method))
-        failed = [line for line in lines if line["error"]]
-        if failed:
-            raise click.ClickException(f"{len(failed)} device(s) failed to migrate ({', '.join(sorted({line['error'] for line in failed}))}); "
-                                       "run the same command again to retry them")
-        return
-    settings = DistillSettings(steps=steps, lr=lr)
-    click.echo(f"{'checking' if dry_run else 'migrating'} {len(folders)} device(s) to {reg.get_backbone(target).name} by {method}", err=True)
-    reports = []
-    with migration.service_for(folders, target, reg, None if dry_run else address) as reach:
-        for n, folder in enumerate(folders, 1):
-            click.echo(f"[{n}/{len(folders)}] {folder.name}", err=True)
-
-            def progress(step, total, loss):
-                if step % 10 == 0 or step == total:
-                    click.echo(f"    distill step {step}/{total}, KL {loss:.4f}", err=True)
-
-            reports.append(migration.migrate_device(folder, target, method, reg, reach, data_path, settings, dry_run, progress))
-    click.echo(migration.table(reports))

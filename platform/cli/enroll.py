@@ -4,13 +4,13 @@ live sessions end within a second, also when the service runs in another process
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime, timedelta
 
 import click
 
 from plora.platform.cli.common import db_option, fail_cleanly
+from plora.platform.cli.output import JSON_HELP, Column, show
 from plora.storage.models import utcnow
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -58,20 +58,29 @@ def enroll_create(uses, expires, label, db) -> None:
     click.echo(token)
 
 
+TOKEN_COLUMNS = (
+    Column("id", "id"), Column("uses left", lambda row: f"{row['uses_left']}/{row['uses']}"),
+    Column("created", lambda row: _when(row["created_at"])), Column("expires", lambda row: _when(row["expires_at"], "never")),
+    Column("state", "state"), Column("label", "label"),
+)
+
+
 @enroll.command("list")
 @db_option
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
-def enroll_list(db) -> None:
+def enroll_list(db, as_json) -> None:
     """Every enrollment token: uses left, expiry, revocation. Never the tokens themselves."""
     from plora.storage.registry import open_registry
 
     now = utcnow()
-    click.echo(f"{'id':>4} {'uses left':>10} {'created':<16} {'expires':<16} {'state':<8} label")
+    rows = []
     for token in open_registry(db).list_enrollment_tokens():
         expired = token.expires_at is not None and token.expires_at <= now
         state = "revoked" if token.revoked_at else "expired" if expired else "used up" if not token.uses_left else "valid"
-        click.echo(f"{token.id:>4} {f'{token.uses_left}/{token.uses}':>10} {_when(token.created_at):<16} "
-                   f"{_when(token.expires_at, 'never'):<16} {state:<8} {token.label or ''}")
+        rows.append({"id": token.id, "uses_left": token.uses_left, "uses": token.uses, "created_at": token.created_at,
+                     "expires_at": token.expires_at, "revoked_at": token.revoked_at, "state": state, "label": token.label})
+    show(rows, TOKEN_COLUMNS, as_json)
 
 
 @enroll.command("revoke")
@@ -91,9 +100,16 @@ def devices() -> None:
     """The devices enrolled with the service: list them, revoke one."""
 
 
+DEVICE_COLUMNS = (
+    Column("device", "id"), Column("label", "label"), Column("version", "version"),
+    Column("created", lambda row: _when(row["created_at"])), Column("last seen", lambda row: _when(row["last_seen_at"])),
+    Column("revoked", lambda row: _when(row["revoked_at"], "")),
+)
+
+
 @devices.command("list")
 @db_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 def devices_list(db, as_json) -> None:
     """Every device: id, label, backbone version, when it enrolled, was last seen and was revoked."""
@@ -101,17 +117,9 @@ def devices_list(db, as_json) -> None:
 
     reg = open_registry(db)
     versions = {v.id: v.name for v in reg.list_backbones()}
-    found = reg.list_devices()
-    if as_json:
-        for d in found:
-            stamps = {f: getattr(d, f).isoformat(timespec="seconds") if getattr(d, f) else None
-                      for f in ("created_at", "last_seen_at", "revoked_at")}
-            click.echo(json.dumps({"id": d.id, "label": d.label, "version": versions[d.backbone_version_id], **stamps}))
-        return
-    click.echo(f"{'device':<32} {'label':<20} {'version':<36} {'created':<16} {'last seen':<16} revoked")
-    for d in found:
-        click.echo(f"{d.id:<32} {(d.label or '')[:20]:<20} {versions[d.backbone_version_id]:<36} {_when(d.created_at):<16} "
-                   f"{_when(d.last_seen_at):<16} {_when(d.revoked_at, '')}")
+    rows = [{"id": d.id, "label": d.label, "version": versions[d.backbone_version_id], "created_at": d.created_at,
+             "last_seen_at": d.last_seen_at, "revoked_at": d.revoked_at} for d in reg.list_devices()]
+    show(rows, DEVICE_COLUMNS, as_json)
 
 
 @devices.command("revoke")

@@ -177,7 +177,8 @@ def read_rounds(root: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _label(line: dict) -> str:
+def device_label(line: dict) -> str:
+    """The device a line of rounds.jsonl or migrations.jsonl is about."""
     pid = line["partition_id"]
     return device_name(pid) if pid is not None else f"node-{line['node_id']}"
 
@@ -186,7 +187,7 @@ def summarize(lines: list[dict]) -> list[dict]:
     """One row per device: baseline and last evaluation, training losses, traffic and failures."""
     by_device: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
-        by_device[_label(line)].append(line)
+        by_device[device_label(line)].append(line)
     rows = []
     for device, history in sorted(by_device.items()):
         baseline = next((line["evaluate"] for line in history if line["round"] == 0), {})
@@ -208,17 +209,3 @@ def summarize(lines: list[dict]) -> list[dict]:
             "bytes_exchanged": sum(line["train"].get("bytes_exchanged", 0) for line in history),
         })
     return rows
-
-def table(rows: list[dict]) -> str:
-    def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    header = (f"{'device':<12} {'rounds':>6} {'failed':>6} {'recall before':>13} {'recall after':>12} "
-              f"{'held-out loss before':>20} {'after':>6} {'train tok/s':>11} {'MB exchanged':>12}")
-    body = [
-        f"{r['device']:<12} {r['rounds']:>6} {r['failed']:>6} {num(r['recall_before'], '.0%'):>13} {num(r['recall'], '.0%'):>12} "
-        f"{num(r['heldout_loss_before'], '.3f'):>20} {num(r['heldout_loss'], '.3f'):>6} "
-        f"{num(r['tokens_per_second'], '.0f'):>11} {r['bytes_exchanged'] / 1e6:>12.1f}"
-        for r in rows
-    ]
-    return "\n".join([header, "-" * len(header), *body])

@@ -309,31 +309,3 @@ def service_for(folders: list[Path], target: str, reg: Registry, address: str | 
         yield f"127.0.0.1:{server.port}"
     finally:
         server.stop(grace_s=1)
-
-
-def fleet_table(lines: list[dict], method: str) -> str:
-    """The per-device lines of a Flower migration run, as `table` shows direct ones."""
-    reports = []
-    for line in lines:
-        metrics = line["metrics"]
-        outcome = line["error"] or ("migrated" if metrics.get("migrated") else "already there")
-        reports.append(MigrationReport(
-            device_id=f"device-{line['partition_id']:03d}" if line["partition_id"] is not None else f"node-{line['node_id']}",
-            source="", target="", method=method, outcome=outcome,
-            before={k.removeprefix("before_"): v for k, v in metrics.items() if k.startswith("before_")},
-            after={k.removeprefix("after_"): v for k, v in metrics.items() if k.startswith("after_")},
-        ))
-    return table(reports)
-
-
-def table(reports: list[MigrationReport]) -> str:
-    def num(values: dict, key: str) -> str:
-        return f"{values[key]:.3f}" if key in values else "-"
-
-    header = f"{'device':<12} {'method':<8} {'outcome':<14} {'held-out loss before':>20} {'after':>7} {'KL to old: start':>16} {'end':>7}"
-    rows = [
-        f"{r.device_id[:12]:<12} {r.method:<8} {r.outcome:<14} {num(r.before, 'heldout_loss'):>20} {num(r.after, 'heldout_loss'):>7} "
-        f"{num(r.after, 'kl_to_old_at_start'):>16} {num(r.after, 'kl_to_old'):>7}"
-        for r in reports
-    ]
-    return "\n".join([header, "-" * len(header), *rows])

@@ -33,7 +33,7 @@ def test_register_is_idempotent_and_a_new_seed_is_a_new_version(tiny_checkpoint,
     assert plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4").output.split()[0] == v1
     fresh = plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4", "--seed", "1").output.split()[0]
     assert fresh != v1
-    rows = [json.loads(line) for line in plora("backbone", "list", "--json").output.splitlines()]
+    rows = json.loads(plora("backbone", "list", "--json").stdout)
     assert [(r["name"], r["status"], r["seed"], r["devices"]) for r in rows] == [(v1, "active", 0, 0), (fresh, "active", 1, 0)]
     shown = json.loads(plora("backbone", "show", v1).output)
     assert shown["architecture"]["num_layers"] == 4 and shown["adapter_config"]["rank"] == 4
@@ -54,7 +54,7 @@ def test_status_changes_and_retire_is_guarded_while_devices_are_bound(v1):
 def test_derive_fine_tunes_the_decoder_and_registers_a_child_version(tmp_path, v1):
     data = tmp_path / "public.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TEXTS))
-    out = plora("backbone", "derive", "--from", v1, "--data", data, "--out", "tiny-v2", "--steps", "3", "--lr", "1e-3").output
+    out = plora("backbone", "derive", "--from", v1, "--data", data, "--out", "tiny-v2", "--steps", "3", "--lr", "1e-3").stdout
     reg = open_registry()
     child = reg.get_backbone("tiny-v2")
     assert child.name in out and child.parent_id == reg.get_backbone(v1).id

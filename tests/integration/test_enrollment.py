@@ -3,6 +3,7 @@ tokens, open enrollment and its rate limit, revocation of live sessions, forgett
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -198,13 +199,16 @@ def test_the_operator_commands_issue_list_and_revoke(endpoint, tmp_path):
     token = created.stdout.strip()
     assert len(token) >= 40 and "\n" not in token  # the token alone on stdout, for scripts
     init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=token)
-    listed = runner.invoke(main, ["backbone", "enroll", "list"]).output.splitlines()
-    assert "1/2" in listed[1] and "valid" in listed[1] and "lab" in listed[1] and token not in "".join(listed)
+    listed = runner.invoke(main, ["backbone", "enroll", "list"]).stdout
+    header, _, row = listed.splitlines()
+    assert "uses left" in header and "1/2" in row and "valid" in row and row.rstrip().endswith("lab") and token not in listed
     (device,) = open_registry().list_devices()
     assert device.id in runner.invoke(main, ["backbone", "devices", "list"]).output
     assert runner.invoke(main, ["backbone", "devices", "revoke", device.id]).exit_code == 0
-    assert '"revoked_at": null' not in runner.invoke(main, ["backbone", "devices", "list", "--json"]).output
+    (revoked,) = json.loads(runner.invoke(main, ["backbone", "devices", "list", "--json"]).stdout)
+    assert revoked["id"] == device.id and revoked["revoked_at"]
     assert runner.invoke(main, ["backbone", "enroll", "revoke", "1"]).exit_code == 0
-    assert "revoked" in runner.invoke(main, ["backbone", "enroll", "list"]).output.splitlines()[1]
+    (token_row,) = json.loads(runner.invoke(main, ["backbone", "enroll", "list", "--json"]).stdout)
+    assert token_row["state"] == "revoked" and token_row["revoked_at"] and token not in json.dumps(token_row)
     bad = runner.invoke(main, ["backbone", "enroll", "create", "--expires", "7 weeks"])
     assert bad.exit_code == 2 and "not a duration" in bad.output

@@ -92,8 +92,7 @@ def test_jobs_list_shows_the_recorded_jobs(tmp_path, tiny_checkpoint, data):
     run_personalization(open_device(tmp_path / "dev"), data, TrainSettings(lr=0.05, steps=3, anchor=SMALL_ANCHOR), val_fraction=0.0)
     table = CliRunner().invoke(main, ["jobs", "list"])
     assert table.exit_code == 0 and "succeeded" in table.output and "train_loss" in table.output
-    lines = CliRunner().invoke(main, ["jobs", "list", "--json"]).stdout.splitlines()
-    (job,) = [json.loads(line) for line in lines]
+    (job,) = json.loads(CliRunner().invoke(main, ["jobs", "list", "--json"]).stdout)
     assert job["status"] == "succeeded" and job["steps_done"] == 3 and job["ended_at"]
 
 

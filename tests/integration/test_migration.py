@@ -95,7 +95,7 @@ def _heldout_loss(root) -> float:
 def test_distill_keeps_each_devices_personalization_across_the_upgrade(fleet):
     v1, v2, devices = fleet
     before = [_heldout_loss(root) for root in devices]
-    out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "distill", "--steps", 40).output
+    out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "distill", "--steps", 40).stdout
     reg = open_registry()
     for root, loss_before in zip(devices, before):
         store = DeviceStore.open(root)
@@ -111,7 +111,7 @@ def test_distill_keeps_each_devices_personalization_across_the_upgrade(fleet):
         assert abs(_heldout_loss(root) - loss_before) < 0.5 * abs(after["heldout_loss_at_start"] - loss_before)
         assert abs(_heldout_loss(root) - loss_before) < 0.1 * loss_before
     assert "distill" in out and v2 in out
-    again = plora("migrate", "--to", v2, "--root", devices[0].parent).output
+    again = plora("migrate", "--to", v2, "--root", devices[0].parent).stdout
     assert again.count("already there") == 2
     assert all(len(reg.migration_jobs(DeviceStore.open(r).record.device_id, v2)) == 1 for r in devices)
 
@@ -187,7 +187,7 @@ def test_a_failed_migration_leaves_the_device_as_it_was_and_can_be_retried_anoth
 
 def test_dry_run_changes_nothing_and_retire_then_succeeds(fleet):
     v1, v2, devices = fleet
-    out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--dry-run").output
+    out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--dry-run").stdout
     assert out.count("would migrate") == 2 and not any((r / DeviceStore.MIGRATION).exists() for r in devices)
     assert "still bound" in plora("backbone", "retire", v1, ok=False).output
     plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "copy")

@@ -1,0 +1,126 @@
+"""`plora bench ...`: each bench prints a table of its figures (or, with --json, its full results
+as JSON on stdout) and with --out also writes those results to a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from plora.platform.cli.common import fail_cleanly
+from plora.platform.cli.output import JSON_HELP, Column, print_json, say, show
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: a table of figures on stdout (--json: the full results as JSON), --out PATH to keep them."""
+
+
+def results_options(command):
+    """--json and --out, the same on every bench."""
+    command = click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+                           help="Also write the full results to this JSON file.")(command)
+    return click.option("--json", "as_json", is_flag=True, help=f"{JSON_HELP} The full results, as --out writes them.")(command)
+
+
+def _keep(document: dict, out_path: Path | None) -> None:
+    if out_path:
+        out_path.write_text(json.dumps(document, indent=2))
+        say(f"wrote {out_path}")
+
+
+def _detail(row: dict) -> str:
+    return ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row["detail"].items())
+
+
+SPLIT_COLUMNS = (
+    Column("figure", lambda row: f"{row['figure']} ({row['unit']})"), Column("monolithic", "monolithic", ".1f"),
+    Column("split", "split", ".1f"), Column("ratio", "ratio", ".3f"), Column("target", lambda row: f">= {row['target']}"),
+)
+SERVE_COLUMNS = (Column("figure", "figure"), Column("value", "value", ".3f"), Column("target", "target"), Column("detail", _detail))
+MIGRATE_COLUMNS = (
+    Column("upgrade", "upgrade"), Column("model", "model"), Column("recall", "recall", ".0%"),
+    Column("held-out loss", "heldout_loss", ".3f"), Column("gain kept (loss)", "loss_gain_kept", ".0%"),
+    Column("gain kept (recall)", "recall_gain_kept", ".0%"),
+)
+PERSONA_COLUMNS = (
+    Column("persona", "persona"), Column("recall before", lambda row: row["before"]["recall"], ".0%"),
+    Column("after", lambda row: row["after"]["recall"], ".0%"),
+    Column("generic NLL before", lambda row: row["before"]["generic_nll"], ".3f"),
+    Column("after", lambda row: row["after"]["generic_nll"], ".3f"), Column("change", "generic_nll_change", "+.1%"),
+    Column("without the anchor: recall", lambda row: row.get("without_anchor", {}).get("after", {}).get("recall"), ".0%"),
+    Column("change", lambda row: row.get("without_anchor", {}).get("generic_nll_change"), "+.1%"),
+)
+SPEAKER_COLUMNS = (
+    Column("speaker", "speaker"), Column("PrivateLoRA gain (nats)", lambda row: row["privatelora"]["gain"], ".3f"),
+    Column("LoRA gain", lambda row: row["lora"]["gain"], ".3f"), Column("gain ratio", "gain_ratio", ".0%"),
+    Column("parameters, of LoRA's", "param_ratio", ".1%"),
+)
+
+
+@bench.command("split")
+@results_options
+@click.option("--backbone", "spec", default="embedded", show_default=True)
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
+@fail_cleanly
+def bench_split(as_json, out_path, spec, repeats) -> None:
+    """Monolithic vs in-process split: forward tokens/s, a training step, greedy decode tokens/s."""
+    from plora.platform.bench.split import run_split_bench
+
+    results = run_split_bench(spec, repeats, echo=say)
+    _keep(results.to_json(), out_path)
+    show(results.rows(), SPLIT_COLUMNS, as_json, document=results.to_json())
+
+
+@bench.command("serve")
+@results_options
+@click.option("--backbone", "spec", default="embedded", show_default=True)
+@click.option("--devices", default=16, show_default=True, type=click.IntRange(min=1), help="Size of the concurrent fleet.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
+@fail_cleanly
+def bench_serve(as_json, out_path, spec, devices, repeats) -> None:
+    """The service over gRPC loopback: single and fleet decode, wire bytes, and training, as ratios."""
+    from plora.platform.bench.serve import run_serve_bench
+
+    results = run_serve_bench(spec, devices, repeats, echo=say)
+    _keep(results.to_json(), out_path)
+    show(results.rows(), SERVE_COLUMNS, as_json, document=results.to_json())
+
+
+@bench.command("migrate")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding gsm8k/train.jsonl, the public data the derived version is fine-tuned on (e.g. ../shared/data).")
+@click.option("--persona", default=0, show_default=True, help="Seed of the synthetic persona the device personalizes on.")
+@click.option("--derive-steps", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--distill-steps", default=40, show_default=True, type=click.IntRange(min=1))
+@results_options
+@fail_cleanly
+def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_path) -> None:
+    """Personalization kept across backbone upgrades: v1 + M against v2 with no, copied, distilled and retrained M."""
+    from plora.clients.migration import DistillSettings
+    from plora.platform.bench.migrate import run_migrate_bench
+
+    results = run_migrate_bench(data_dir, persona, say, derive_steps, DistillSettings(steps=distill_steps))
+    _keep(results.to_json(), out_path)
+    show(results.rows, MIGRATE_COLUMNS, as_json, document=results.to_json())
+
+
+@bench.command("quality")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding gsm8k/dev.jsonl and tinyshakespeare/input.txt (e.g. ../shared/data).")
+@click.option("--personas", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--speakers", default=2, show_default=True, type=click.IntRange(min=0))
+@results_options
+@fail_cleanly
+def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
+    """Persona recall and generic-text loss; per-speaker gain of PrivateLoRA against PEFT LoRA."""
+    from plora.platform.bench import quality
+
+    results = {"personas": quality.personas(data_dir, personas, say), "speakers": quality.speakers(data_dir, speakers, say)}
+    _keep(results, out_path)
+    if as_json:
+        print_json(results)
+        return
+    show(results["personas"], PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
+    show(results["speakers"], SPEAKER_COLUMNS, False, title="Shakespeare speakers: held-out NLL gain, PrivateLoRA against LoRA")

@@ -1,0 +1,210 @@
+"""The device owner's commands: `plora device ...`, `personalize`, `generate`, `score` and `jobs`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly
+from plora.platform.cli.output import JSON_HELP, Board, Column, show
+
+
+@click.group()
+def device() -> None:
+    """Create and forget personal devices."""
+
+
+@device.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--backbone",
+    default="embedded",
+    show_default=True,
+    help="'embedded' (SmolLM2-135M-Instruct, cloud half in this process), a local checkpoint folder or .gguf file, "
+    "or HOST:PORT of a backbone service.",
+)
+@click.option("--insecure", is_flag=True, help="Talk to the service in plain text (loopback only).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate to trust for the service.")
+@click.option("--label", default="", help="A label for this device in the service's registry.")
+@click.option("--enroll-token", envvar="PLORA_ENROLL_TOKEN", default="",
+              help="The enrollment token the service's operator gave you (or set $PLORA_ENROLL_TOKEN).")
+@adapter_options
+@click.pass_context
+@fail_cleanly
+def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str | None, label: str, enroll_token: str,
+                **adapter) -> None:
+    """Create a device in DIRECTORY bound to a backbone, with M = 0 (exactly the base model).
+
+    With HOST:PORT the device enrolls with the service using an enrollment token from its
+    operator, receives its credential and downloads the device bundle (tokenizer,
+    embeddings, device layers, norm, LM head), verifying its hash. The service fixes the
+    adapter configuration.
+    """
+    from plora.clients.grpc_link import Endpoint
+    from plora.platform.jobs import register
+    from plora.platform.runtime import init_device, is_address
+    from plora.storage.registry import open_registry
+
+    chosen = any(ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE for name in adapter)
+    config = adapter_config(**adapter) if chosen or not is_address(backbone) else None
+    ca_file = str(Path(tls_ca).resolve()) if tls_ca else None  # later commands may run from elsewhere
+    endpoint = Endpoint(backbone, insecure, ca_file) if is_address(backbone) else None
+    if enroll_token and endpoint is None:
+        raise click.UsageError("--enroll-token is for enrolling with a backbone service (--backbone HOST:PORT)")
+    store = init_device(directory, backbone, config, endpoint, label, enroll_token)
+    if endpoint is None:
+        register(store.record, open_registry())
+    record = store.record
+    click.echo(f"device {record.device_id} created in {directory}")
+    identity = record.identity
+    click.echo(f"backbone {identity.name} ({identity.content_hash[:12]}), {identity.num_layers} layers; {identity.adapter}")
+
+
+@device.command("forget")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@click.option("--backbone", "address", help="HOST:PORT of the device's service, if it has moved.")
+@fail_cleanly
+def device_forget(directory: Path, yes: bool, address: str | None) -> None:
+    """Remove this device from its service and delete DIRECTORY.
+
+    The service deletes everything it keeps about the device: its registry rows, its jobs and
+    its credential. Then the folder goes, with the adapter and any private data in it. If the
+    service cannot be reached, nothing is deleted.
+    """
+    from plora.clients.device_store import DeviceStore
+    from plora.platform.runtime import forget_device, is_address
+    from plora.storage.registry import open_registry
+
+    record = DeviceStore.open(directory, midway=True).record
+    where = f"the service at {address or record.backbone_spec}" if is_address(record.backbone_spec) else "the local registry"
+    if not yes:
+        click.confirm(f"Forget device {record.device_id}: remove it from {where} and delete {directory} with its adapter "
+                      "and everything else in it?", abort=True)
+    removed = forget_device(directory, open_registry(), address)
+    records = ", ".join(f"{count} {kind}" for kind, count in sorted(removed.items())) or "no records"
+    click.echo(f"device {record.device_id} forgotten: {records} deleted from {where}; {directory} deleted")
+
+
+@click.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL with 'text' or 'prompt'+'response' per line, a CSV with those columns, or a .txt file.")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to run.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data (default 2).")
+@click.option("--lr", default=5e-3, show_default=True, help="AdamW learning rate for M.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Share of examples held out to pick the best M (used when there are at least 10 examples).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Steps between checkpoints, from which a killed or failed job resumes when run again.")
+@fail_cleanly
+def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length, val_fraction, seed, checkpoint_every) -> None:
+    """Train this device's M on local data. Nothing of the data leaves the device."""
+    from plora.clients.training import TrainSettings
+    from plora.platform.jobs import run_personalization
+    from plora.platform.runtime import open_device
+
+    if steps is not None and epochs is not None:
+        raise click.UsageError("give --steps or --epochs, not both")
+    settings = TrainSettings(lr=lr, batch_size=batch_size, steps=steps, epochs=epochs, seed=seed)
+    dev = open_device(directory)
+    name = directory.resolve().name
+    with Board(f"personalizing {directory} on {data_path}") as board:
+        board.update(name, "preparing")  # a first job also has the base model write its anchor text
+        outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, board.steps(name, "training"),
+                                      checkpoint_every=checkpoint_every)
+        board.done(name, "saved")
+    result = outcome.result
+    click.echo(f"job {outcome.job_id}: {result.steps} steps, {result.tokens_per_second:.0f} tokens/s; "
+               f"training loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
+    which = "validation" if result.val_before is not None else "training-set"
+    click.echo(f"{which} loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f}")
+    click.echo(f"adapter saved to {dev.store.adapter_path}")
+
+
+@click.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--raw", is_flag=True, help="Do not wrap the prompt in the backbone's chat template.")
+@fail_cleanly
+def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw) -> None:
+    """Generate a reply with the personalized model, streaming it as it comes."""
+    from plora.clients.generation import encode_prompt, stream_tokens
+    from plora.platform.runtime import open_device
+
+    dev = open_device(directory)
+    ids = encode_prompt(dev.tokenizer, prompt, chat=not raw)
+    new: list[int] = []
+    shown = ""
+    for token in stream_tokens(dev.model, ids, max_new_tokens, {dev.tokenizer.eos_token_id}, temperature, top_p, seed):
+        new.append(token)
+        text = dev.tokenizer.decode(new, skip_special_tokens=True)
+        click.echo(text[len(shown):], nl=False)
+        shown = text
+    click.echo()
+
+
+@click.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--text", required=True, help="The text to score.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], \"logprobs\": [...]} as JSON on stdout.")
+@fail_cleanly
+def score(directory, text, as_json) -> None:
+    """Log-probability of each token of TEXT given the ones before it, under the personalized model."""
+    from plora.clients.generation import token_logprobs
+    from plora.platform.runtime import open_device
+
+    dev = open_device(directory)
+    tokens = dev.tokenizer(text)["input_ids"]
+    logprobs = token_logprobs(dev.model, tokens)
+    if as_json:
+        click.echo(json.dumps({"tokens": tokens, "logprobs": logprobs}))
+    else:
+        click.echo(f"{len(tokens)} tokens, mean log-prob {sum(logprobs) / len(logprobs):.4f}")
+
+
+@click.group()
+def jobs() -> None:
+    """Personalization and migration jobs recorded in the registry."""
+
+
+def _metrics(values: dict | None) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in (values or {}).items() if isinstance(v, float))
+
+
+def _job_outcome(job: dict) -> str:
+    if job["status"] == "succeeded":
+        return f"{_metrics(job['metrics_before'])} -> {_metrics(job['metrics_after'])}"
+    return job["reason"] or ""
+
+
+JOB_COLUMNS = (
+    Column("job", "id"), Column("device", lambda job: job["device_id"][:12]), Column("kind", "kind"),
+    Column("status", "status"), Column("steps", "steps_done"), Column("tokens", "tokens_processed"),
+    Column("before -> after, or why it ended", _job_outcome),
+)
+
+
+@jobs.command("list")
+@click.option("--device", "device_id", help="Only this device's jobs.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@db_option
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@fail_cleanly
+def jobs_list(device_id, limit, db, as_json) -> None:
+    """The newest jobs first: device, status, steps, tokens and metrics before and after."""
+    from plora.storage.registry import open_registry
+
+    fields = ("id", "device_id", "kind", "status", "steps_done", "tokens_processed", "metrics_before", "metrics_after",
+              "reason", "started_at", "ended_at")
+    rows = [{f: getattr(job, f) for f in fields} for job in open_registry(db).list_jobs(device_id, limit)]
+    show(rows, JOB_COLUMNS, as_json)
