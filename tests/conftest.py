@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from plora.storage.offline import OFFLINE_ENV, go_offline
+
+go_offline()  # like every plora entry point, before anything imports Hugging Face's libraries
 
 # One PLORA_HOME for the whole run, shared with the processes the tests start, so the
 # embedded backbone is converted once; each test still gets its own registry database (see
@@ -18,8 +23,6 @@ if "PLORA_TEST_HOME" not in os.environ:
     os.environ["PLORA_TEST_HOME"] = tempfile.mkdtemp(prefix="plora-test-home-")
     atexit.register(shutil.rmtree, os.environ["PLORA_TEST_HOME"], ignore_errors=True)
 os.environ["PLORA_HOME"] = os.environ["PLORA_TEST_HOME"]
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -30,6 +33,7 @@ from plora.cloud_backbone.loading import Backbone, BackboneSource  # noqa: E402
 from tests.postgres import PostgresServerError, throwaway_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+OFFLINE_PROBE = Path(__file__).resolve().parent / "offline_probe"
 
 TINY = dict(
     vocab_size=96,
@@ -57,6 +61,37 @@ def tiny_backbone(seed: int = 0, **overrides) -> Backbone:
 @pytest.fixture(autouse=True)
 def _isolated_database(tmp_path, monkeypatch):
     monkeypatch.setenv("PLORA_DB_URL", f"sqlite:///{tmp_path / 'registry.db'}")
+
+
+class OfflineProbe:
+    """What the processes a test started said when they first imported huggingface_hub."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def offline_kinds(self) -> set[str]:
+        """The programs (e.g. "plora", "default_worker.py" for Ray's workers) whose processes
+        imported huggingface_hub, every one of them offline by then; fails on any that was not."""
+        records = [json.loads(path.read_text()) for path in sorted(self.folder.glob("*.json"))]
+        online = [record for record in records if not record["offline"]]
+        assert not online, f"processes imported huggingface_hub before going offline: {online}"
+        return {Path(record["argv"][0]).name for record in records}
+
+
+@pytest.fixture
+def offline_probe(tmp_path, monkeypatch) -> OfflineProbe:
+    """Processes this test starts begin without the offline flags, as on a machine where
+    nobody set them, and each records whether it had gone offline itself by the time it first
+    imported huggingface_hub; one that had not fails there (tests/offline_probe). For tests
+    that start plora's entry points (the CLI, Flower's app processes, Ray's workers), not
+    helpers that rely on inheriting this process's environment."""
+    folder = tmp_path / "offline-probe"
+    folder.mkdir()
+    for flag in OFFLINE_ENV:
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(OFFLINE_PROBE), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PLORA_OFFLINE_PROBE", str(folder))
+    return OfflineProbe(folder)
 
 
 @pytest.fixture(scope="session")

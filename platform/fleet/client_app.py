@@ -15,6 +15,10 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from plora.storage.offline import go_offline
+
+go_offline()  # Flower's processes start here: offline before the imports below load Hugging Face's libraries
+
 from plora.platform.fleet import task
 from plora.platform.fleet.settings import FleetSettings
 from plora.storage.errors import PloraError

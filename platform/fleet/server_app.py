@@ -17,6 +17,10 @@ import time
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from plora.storage.offline import go_offline
+
+go_offline()  # Flower's processes start here: offline before the imports below load Hugging Face's libraries
+
 from plora.platform.fleet.settings import MIGRATIONS_FILE, ORCHESTRATOR_TAG, ROUNDS_FILE, FleetSettings
 from plora.storage.errors import TransportError
 

@@ -60,7 +60,7 @@ class KillPoint:
                     raise TimeoutError("the test never released the link")
 
 
-def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_step(tiny_checkpoint, tmp_path, caplog):
+def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_step(tiny_checkpoint, tmp_path, caplog, offline_probe):
     port = free_port()
     endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
     service = ServeProcess(tiny_checkpoint, tmp_path / "serve-1.log", *TINY_ADAPTER, port=port)
@@ -114,6 +114,7 @@ def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_
             assert torch.allclose(m, expected, atol=1e-6, rtol=0)
         # It recovered on new sessions, and said so.
         assert {generating.model.link.session_id, training.model.link.session_id}.isdisjoint(sessions_before)
+        assert offline_probe.offline_kinds() == {"plora"}  # both services went offline themselves
         warnings = [r.getMessage() for r in caplog.records]
         for what in ("forward step", "backward step"):
             assert any(f"the {what} failed (attempt 1)" in w and "retry budget left" in w for w in warnings), warnings
