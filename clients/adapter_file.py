@@ -6,6 +6,11 @@ content hash), the adapter configuration, the layer count and the training progr
 sha256 `checksum` over every tensor and every other metadata entry catches corruption that
 the safetensors parser alone would accept (flipped bytes inside the tensor data).
 
+In memory the identity is a `BackboneIdentity`. On disk the keys are still those of the
+first plora-adapter/1 files, so every adapter ever written loads, and older plora reads new
+ones. The file does not record the hidden size: the content hash, which it does record,
+fixes it, so an adapter is always read against the identity it is expected to fit.
+
 Writes are atomic (temp file, fsync, rename, fsync of the directory), so a crash leaves
 either the previous file or the new one at the path, never a mixture. Reads never modify
 the file: a damaged adapter is the user's only copy of their personalization.
@@ -17,16 +22,16 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, m_name
+from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import AdapterFileError, ConfigError
 from plora.storage.files import write_atomically
 
@@ -40,28 +45,17 @@ _SPLIT_ONLY_FIELDS = frozenset({"device_layers"})
 
 @dataclass(frozen=True)
 class AdapterHeader:
-    """What an adapter file says about itself, apart from the tensors and bookkeeping."""
+    """What an adapter file says about itself, apart from the tensors and bookkeeping: the
+    backbone version it personalizes and the optimizer steps it was trained for."""
 
-    backbone_name: str
-    backbone_hash: str
-    config: PrivateLoRAConfig
-    num_layers: int
+    identity: BackboneIdentity
     steps: int = 0
 
 
-class AdapterIdentity(Protocol):
-    """What `load_adapter` compares against: an `AdapterHeader` or anything shaped like it."""
-
-    backbone_name: str
-    backbone_hash: str
-    config: PrivateLoRAConfig
-    num_layers: int
-
-
-def _fix_hint(path: Path) -> str:
-    return (
-        f"The file was left untouched. Restore it from a backup (such as {path}.bak) "
-        "or re-run personalize to train a new adapter."
+def _refusal(path: Path, what: str) -> AdapterFileError:
+    return AdapterFileError(
+        f"cannot use adapter file {path}: {what}. The file was left untouched. Restore it from a backup "
+        f"(such as {path}.bak) or re-run personalize to train a new adapter."
     )
 
 
@@ -112,17 +106,18 @@ def _tensor_problems(tensors: dict[str, torch.Tensor], config: PrivateLoRAConfig
 def save_adapter(path: str | os.PathLike, weights: AdapterWeights | dict[str, torch.Tensor], header: AdapterHeader) -> None:
     """Write the adapter atomically: `path` holds the old file or the complete new one."""
     path = Path(path)
+    identity = header.identity
     raw = dict(weights.named_tensors()) if isinstance(weights, AdapterWeights) else dict(weights)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in raw.items()}
-    problems = _tensor_problems(tensors, header.config, header.num_layers)
+    problems = _tensor_problems(tensors, identity.adapter, identity.num_layers)
     if problems:
         raise AdapterFileError(f"refusing to write adapter {path}: " + "; ".join(problems))
     metadata = {
         "format": FORMAT,
-        "backbone_name": header.backbone_name,
-        "backbone_hash": header.backbone_hash,
-        "adapter_config": json.dumps(header.config.to_dict(), sort_keys=True),
-        "num_layers": str(header.num_layers),
+        "backbone_name": identity.name,
+        "backbone_hash": identity.content_hash,
+        "adapter_config": json.dumps(identity.adapter.to_dict(), sort_keys=True),
+        "num_layers": str(identity.num_layers),
         "steps": str(header.steps),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -139,13 +134,8 @@ def _parse_header(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterHeader]:
-    """Read and verify an adapter file; raises AdapterFileError on anything not intact."""
-    path = Path(path)
-
-    def refuse(what: str) -> AdapterFileError:
-        return AdapterFileError(f"cannot use adapter file {path}: {what}. {_fix_hint(path)}")
-
+def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of an intact adapter file: whole, of our format, checksum right."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -154,72 +144,59 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adap
             "or run personalize to create one."
         ) from None
     except OSError as err:
-        raise refuse(f"it cannot be read ({err.strerror or err})") from err
+        raise _refusal(path, f"it cannot be read ({err.strerror or err})") from err
     if not data:
-        raise refuse("it is empty (0 bytes), probably cut off by an interrupted copy")
+        raise _refusal(path, "it is empty (0 bytes), probably cut off by an interrupted copy")
     try:
         tensors = safetensors.torch.load(data)
         metadata = _parse_header(data)
     except (SafetensorError, ValueError) as err:
-        raise refuse(f"it is not a valid safetensors file, it is truncated or corrupt ({err})") from err
-
+        raise _refusal(path, f"it is not a valid safetensors file, it is truncated or corrupt ({err})") from err
     if metadata.get("format") != FORMAT:
-        raise refuse(f"unknown format {metadata.get('format')!r}, expected {FORMAT!r}")
+        raise _refusal(path, f"unknown format {metadata.get('format')!r}, expected {FORMAT!r}")
     if metadata.get("checksum") != checksum(tensors, metadata):
-        raise refuse("the checksum does not match the contents, so the file is corrupt")
-    try:
-        header = AdapterHeader(
-            backbone_name=metadata["backbone_name"],
-            backbone_hash=metadata["backbone_hash"],
-            config=PrivateLoRAConfig.from_dict(json.loads(metadata["adapter_config"])),
-            num_layers=int(metadata["num_layers"]),
-            steps=int(metadata["steps"]),
-        )
-    except KeyError as err:
-        raise refuse(f"the metadata lacks {err.args[0]!r}") from None
-    except (ValueError, TypeError, ConfigError) as err:
-        raise refuse(f"the metadata is invalid ({err})") from err
-    problems = _tensor_problems(tensors, header.config, header.num_layers)
-    if problems:
-        raise refuse("; ".join(problems))
-    return tensors, header
+        raise _refusal(path, "the checksum does not match the contents, so the file is corrupt")
+    return tensors, metadata
 
 
 def _display(value: object) -> str:
-    return json.dumps(list(value)) if isinstance(value, tuple) else str(value)
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
-def load_adapter(path: str | os.PathLike, expect: AdapterIdentity) -> tuple[dict[str, torch.Tensor], AdapterHeader]:
-    """`read_adapter`, refusing a file made for another backbone, layer count or adapter config.
+def load_adapter(path: str | os.PathLike, expect: BackboneIdentity) -> tuple[dict[str, torch.Tensor], AdapterHeader]:
+    """Read and verify an adapter file; raises AdapterFileError on anything not intact, and on
+    a file made for another backbone, layer count or adapter config than `expect`.
 
     `device_layers` may differ: it moves computation between device and cloud but gives the
     same model for the same M. A different backbone name with the same content hash is the
     same backbone under another label, so it is only logged.
     """
     path = Path(path)
-    tensors, header = read_adapter(path)
-    diffs = []
-    if header.backbone_hash != expect.backbone_hash:
-        diffs.append(("backbone_hash", header.backbone_hash, expect.backbone_hash))
-    if header.num_layers != expect.num_layers:
-        diffs.append(("num_layers", header.num_layers, expect.num_layers))
-    for f in fields(PrivateLoRAConfig):
-        if f.name in _SPLIT_ONLY_FIELDS:
-            continue
-        mine, theirs = getattr(header.config, f.name), getattr(expect.config, f.name)
-        if mine != theirs:
-            diffs.append((f.name, mine, theirs))
+    tensors, metadata = _read_verified(path)
+    try:
+        config = PrivateLoRAConfig.from_dict(json.loads(metadata["adapter_config"]))
+        identity = BackboneIdentity(metadata["backbone_name"], metadata["backbone_hash"], int(metadata["num_layers"]),
+                                    expect.hidden_size, config)
+        header = AdapterHeader(identity, int(metadata["steps"]))
+    except KeyError as err:
+        raise _refusal(path, f"the metadata lacks {err.args[0]!r}") from None
+    except (ValueError, TypeError, ConfigError) as err:
+        raise _refusal(path, f"the metadata is invalid ({err})") from err
+    problems = _tensor_problems(tensors, identity.adapter, identity.num_layers)
+    if problems:
+        raise _refusal(path, "; ".join(problems))
+    diffs = {k: v for k, v in identity.differences(expect).items() if k not in _SPLIT_ONLY_FIELDS}
     if diffs:
-        listed = "; ".join(f"{name}: file={_display(a)} expected={_display(b)}" for name, a, b in diffs)
+        listed = "; ".join(f"{name}: file={_display(a)} expected={_display(b)}" for name, (a, b) in diffs.items())
         raise AdapterFileError(
             f"adapter file {path} was made for another backbone or adapter configuration "
-            f"(file backbone {header.backbone_name!r}, expected {expect.backbone_name!r}): {listed}. "
+            f"(file backbone {identity.name!r}, expected {expect.name!r}): {listed}. "
             "The file was left untouched; use an adapter trained for this backbone version, "
             "or re-run personalize with the expected configuration."
         )
-    if header.backbone_name != expect.backbone_name:
+    if identity.name != expect.name:
         log.warning(
             "adapter %s names backbone %r, expected %r; the content hash matches, so it is used",
-            path, header.backbone_name, expect.backbone_name,
+            path, identity.name, expect.name,
         )
     return tensors, header

@@ -30,29 +30,35 @@ FORMAT = "plora-device/1"
 class DeviceRecord:
     device_id: str
     backbone_spec: str  # how to reach the backbone: "embedded", a local path, or host:port
-    backbone_name: str
-    backbone_hash: str
-    num_layers: int
-    hidden_size: int
-    adapter: PrivateLoRAConfig
+    identity: BackboneIdentity  # the backbone version this device was made for
     created_at: str
     endpoint: dict | None = None  # for a networked backbone: {"insecure": bool, "ca_file": str | None}
 
-    @property
-    def identity(self) -> BackboneIdentity:
-        """The backbone and adapter math this device was made for."""
-        return BackboneIdentity(self.backbone_name, self.backbone_hash, self.num_layers, self.hidden_size, self.adapter)
-
     def to_json(self) -> dict:
-        return {"format": FORMAT, **{k: v for k, v in vars(self).items() if k != "adapter"}, "adapter": self.adapter.to_dict()}
+        # The form of plora-device/1 since the first device, the identity's fields flat under
+        # these names: every folder ever written opens, and older plora opens new ones.
+        identity = self.identity
+        return {
+            "format": FORMAT,
+            "device_id": self.device_id,
+            "backbone_spec": self.backbone_spec,
+            "backbone_name": identity.name,
+            "backbone_hash": identity.content_hash,
+            "num_layers": identity.num_layers,
+            "hidden_size": identity.hidden_size,
+            "created_at": self.created_at,
+            "endpoint": self.endpoint,
+            "adapter": identity.adapter.to_dict(),
+        }
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> DeviceRecord:
         if data.get("format") != FORMAT:
             raise ConfigError(f"{where} has format {data.get('format')!r}, expected {FORMAT!r}")
         try:
-            fields = {k: data[k] for k in cls.__dataclass_fields__ if k not in ("adapter", "endpoint")}
-            return cls(**fields, adapter=PrivateLoRAConfig.from_dict(data["adapter"]), endpoint=data.get("endpoint"))
+            identity = BackboneIdentity(data["backbone_name"], data["backbone_hash"], data["num_layers"], data["hidden_size"],
+                                        PrivateLoRAConfig.from_dict(data["adapter"]))
+            return cls(data["device_id"], data["backbone_spec"], identity, data["created_at"], data.get("endpoint"))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"{where} is missing or has a malformed field: {err}") from err
 
@@ -86,11 +92,7 @@ class DeviceStore:
         record = DeviceRecord(
             device_id=device_id or uuid.uuid4().hex,
             backbone_spec=backbone_spec,
-            backbone_name=identity.name,
-            backbone_hash=identity.content_hash,
-            num_layers=identity.num_layers,
-            hidden_size=identity.hidden_size,
-            adapter=identity.adapter,
+            identity=identity,
             endpoint=endpoint,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
@@ -131,15 +133,11 @@ class DeviceStore:
             tokenizer.pad_token = tokenizer.eos_token
         return model.eval().requires_grad_(False), tokenizer
 
-    def header(self, steps: int = 0) -> AdapterHeader:
-        r = self.record
-        return AdapterHeader(r.backbone_name, r.backbone_hash, r.adapter, r.num_layers, steps)
-
     def read_adapter(self, weights: AdapterWeights) -> int:
         """Load the stored M into `weights`; returns the steps it was trained for."""
-        tensors, header = load_adapter(self.adapter_path, self.header())
+        tensors, header = load_adapter(self.adapter_path, self.record.identity)
         weights.load_named_tensors(tensors)
         return header.steps
 
     def write_adapter(self, weights: AdapterWeights, steps: int) -> None:
-        save_adapter(self.adapter_path, weights, self.header(steps))
+        save_adapter(self.adapter_path, weights, AdapterHeader(self.record.identity, steps))

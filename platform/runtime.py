@@ -129,10 +129,10 @@ def connect(
         model_k, tokenizer = store.load_bundle(bundle)
         endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
         link = GrpcLink(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), record.identity, retry=retry)
-        model = DeviceModel(model_k, record.adapter, link)
+        model = DeviceModel(model_k, record.identity.adapter, link)
     else:
         backbone = loading.load(record.backbone_spec)
-        model, tokenizer = split_embedded(backbone, record.adapter), backbone.tokenizer
+        model, tokenizer = split_embedded(backbone, record.identity.adapter), backbone.tokenizer
     try:
         model.link.identity.require_match(record.identity)
     except BaseException:

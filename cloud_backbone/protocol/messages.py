@@ -44,7 +44,8 @@ class CacheMode(enum.Enum):
 
 @dataclass(frozen=True)
 class BackboneIdentity:
-    """What both halves must agree on before any tensor moves."""
+    """What both halves must agree on before any tensor moves; the one record of a backbone
+    version's identity, which device records and adapter files embed."""
 
     name: str
     content_hash: str
@@ -58,11 +59,15 @@ class BackboneIdentity:
         digest = hashlib.sha256(json.dumps(self._math(), sort_keys=True).encode()).hexdigest()
         return f"{self.name}-{digest[:8]}"
 
+    def differences(self, other: BackboneIdentity) -> dict[str, tuple[object, object]]:
+        """Each field fixing the math that differs, by name: (this identity's value, `other`'s)."""
+        mine, theirs = self._math(), other._math()
+        return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+
     def require_match(self, other: BackboneIdentity) -> None:
         """Raise unless `other` (what a device expects) is this backbone, adapter config and split point."""
-        mine, theirs = self._math(), other._math()
-        if mine != theirs:
-            diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        diff = other.differences(self)
+        if diff:
             raise VersionMismatchError(
                 "backbone/adapter mismatch; (expected by the device, served) per field: "
                 + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())

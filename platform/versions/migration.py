@@ -169,8 +169,7 @@ def _target_record(store: DeviceStore, version: BackboneVersion, address: str | 
     else:
         backbone, config = load_version(version)
         identity, spec = backbone.identity(config), version.source
-    return DeviceRecord(old.device_id, spec, identity.name, identity.content_hash, identity.num_layers,
-                        identity.hidden_size, identity.adapter, old.created_at, old.endpoint)
+    return DeviceRecord(old.device_id, spec, identity, old.created_at, old.endpoint)
 
 
 def _device_text(store: DeviceStore, data: Path | None, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
@@ -217,9 +216,8 @@ def _make_adapter(
             after["distill_steps"], tokens = progress.step, progress.tokens
         after["kl_to_old"] = mean_kl(student, examples, targets, pad)
         after["heldout_loss"] = evaluate(student, heldout, pad)
-        header = AdapterHeader(new_record.backbone_name, new_record.backbone_hash, new_record.adapter, new_record.num_layers, steps)
-        save_adapter(staging / DeviceStore.ADAPTER, student.weights, header)
-        stored, _ = load_adapter(staging / DeviceStore.ADAPTER, header)  # verify: it reads back as made
+        save_adapter(staging / DeviceStore.ADAPTER, student.weights, AdapterHeader(new_record.identity, steps))
+        stored, _ = load_adapter(staging / DeviceStore.ADAPTER, new_record.identity)  # verify: it reads back as made
         if any(not stored[name].equal(t) for name, t in student.weights.named_tensors()):
             raise ConfigError(f"{staging / DeviceStore.ADAPTER} does not read back as written")
     finally:

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from plora.clients.adapter_file import read_adapter
+from plora.clients.adapter_file import load_adapter
+from plora.clients.device_store import DeviceStore
 from plora.clients.generation import token_logprobs
 from plora.platform.cli.main import main
 from plora.storage.registry import open_registry
@@ -56,7 +57,7 @@ def test_console_script_is_installed_and_explains_itself():
 
 def test_init_creates_a_base_model_device_registered_in_the_database(device_dir):
     record = json.loads((device_dir / "device.json").read_text())
-    tensors, header = read_adapter(device_dir / "adapter.safetensors")
+    tensors, header = load_adapter(device_dir / "adapter.safetensors", DeviceStore.open(device_dir).record.identity)
     assert record["adapter"]["device_layers"] == 1 and header.steps == 0
     assert all(torch.count_nonzero(t) == 0 for t in tensors.values())  # M = 0
     assert open_registry().get_device(record["device_id"]).backbone_version_id is not None
@@ -70,7 +71,7 @@ def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file)
     assert job.status == "succeeded" and job.steps_done == 30 and job.tokens_processed > 0
     # A tiny random model starts near ln(vocab); the real backbone is tested in test_embedded.
     assert job.metrics_after["train_loss"] < job.metrics_before["train_loss"] - 0.1
-    tensors, header = read_adapter(device_dir / "adapter.safetensors")
+    tensors, header = load_adapter(device_dir / "adapter.safetensors", DeviceStore.open(device_dir).record.identity)
     assert header.steps == 30 and any(torch.count_nonzero(t) for t in tensors.values())
 
 

@@ -258,7 +258,7 @@ def _migrate(case: Case, v2: str) -> list:
 
 def _adapter(case: Case) -> tuple[dict[str, torch.Tensor], int]:
     store = DeviceStore.open(case.root)  # refused while a migration is half switched
-    tensors, header = load_adapter(store.adapter_path, store.header())  # checks the checksum and the binding
+    tensors, header = load_adapter(store.adapter_path, store.record.identity)  # checks the checksum and the binding
     return tensors, header.steps
 
 

@@ -163,8 +163,8 @@ def test_an_adapter_for_v1_is_refused_by_v2(fleet):
     v1, v2, devices = fleet
     migration.migrate_device(devices[0], v2, "copy")
     store = DeviceStore.open(devices[0])
-    with pytest.raises(AdapterFileError, match="backbone_hash"):
-        load_adapter(devices[0] / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER, store.header())
+    with pytest.raises(AdapterFileError, match="content_hash"):
+        load_adapter(devices[0] / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER, store.record.identity)
     os.replace(devices[0] / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER, devices[0] / DeviceStore.ADAPTER)
     with pytest.raises(AdapterFileError):
         open_device(devices[0])

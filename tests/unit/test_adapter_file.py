@@ -11,16 +11,22 @@ import safetensors.torch
 import torch
 
 from plora.clients import adapter_file
-from plora.clients.adapter_file import AdapterHeader, load_adapter, read_adapter, save_adapter
+from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, m_name
+from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import AdapterFileError
 
 CONFIG = PrivateLoRAConfig(rank=4, targets=("q", "v"), seed=3, device_layers=1)
-HEADER = AdapterHeader("smol-test", "ab" * 32, CONFIG, num_layers=3, steps=17)
+IDENTITY = BackboneIdentity("smol-test", "ab" * 32, num_layers=3, hidden_size=8, adapter=CONFIG)
+HEADER = AdapterHeader(IDENTITY, steps=17)
+
+
+def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], AdapterHeader]:
+    return load_adapter(path, IDENTITY)
 
 
 def make_weights(seed: int = 0) -> AdapterWeights:
-    weights = AdapterWeights(CONFIG, HEADER.num_layers)
+    weights = AdapterWeights(CONFIG, IDENTITY.num_layers)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in weights.ms.values():
@@ -55,7 +61,7 @@ def test_round_trip_preserves_half_precision_dtype(tmp_path: Path, dtype: torch.
 
 def test_loaded_tensors_fit_adapter_weights(saved: Path) -> None:
     tensors, header = read_adapter(saved)
-    weights = AdapterWeights(header.config, header.num_layers)
+    weights = AdapterWeights(header.identity.adapter, header.identity.num_layers)
     weights.load_named_tensors(tensors)
     assert torch.equal(weights.ms["2_v"], make_weights().ms["2_v"].detach())
 
@@ -190,20 +196,26 @@ def test_save_refuses_malformed_m(tmp_path: Path, change, problem) -> None:
         save_adapter(tmp_path / "a.safetensors", tensors, HEADER)
 
 
+def _expecting(**changes: object) -> BackboneIdentity:
+    """IDENTITY with some fields of its own or of its adapter config changed."""
+    config = {k: changes.pop(k) for k in list(changes) if k in PrivateLoRAConfig.__dataclass_fields__}
+    return dataclasses.replace(IDENTITY, **changes, adapter=dataclasses.replace(CONFIG, **config))
+
+
 @pytest.mark.parametrize(
     "expect, field",
     [
-        (dataclasses.replace(HEADER, backbone_hash="cd" * 32), "backbone_hash"),
-        (dataclasses.replace(HEADER, config=dataclasses.replace(CONFIG, rank=8)), "rank"),
-        (dataclasses.replace(HEADER, config=dataclasses.replace(CONFIG, targets=("q", "k", "v"))), "targets"),
-        (dataclasses.replace(HEADER, config=dataclasses.replace(CONFIG, seed=4)), "seed"),
-        (dataclasses.replace(HEADER, config=dataclasses.replace(CONFIG, shared_a=True)), "shared_a"),
-        (dataclasses.replace(HEADER, config=dataclasses.replace(CONFIG, scale=2.0)), "scale"),
-        (dataclasses.replace(HEADER, num_layers=4), "num_layers"),
+        (_expecting(content_hash="cd" * 32), "content_hash"),
+        (_expecting(rank=8), "rank"),
+        (_expecting(targets=("q", "k", "v")), "targets"),
+        (_expecting(seed=4), "seed"),
+        (_expecting(shared_a=True), "shared_a"),
+        (_expecting(scale=2.0), "scale"),
+        (_expecting(num_layers=4), "num_layers"),
     ],
-    ids=["backbone-hash", "rank", "targets", "seed", "shared-a", "scale", "num-layers"],
+    ids=["content-hash", "rank", "targets", "seed", "shared-a", "scale", "num-layers"],
 )
-def test_identity_mismatch_is_refused_naming_the_field(saved: Path, expect: AdapterHeader, field: str) -> None:
+def test_identity_mismatch_is_refused_naming_the_field(saved: Path, expect: BackboneIdentity, field: str) -> None:
     before = saved.read_bytes()
     with pytest.raises(AdapterFileError) as info:
         load_adapter(saved, expect)
@@ -214,20 +226,26 @@ def test_identity_mismatch_is_refused_naming_the_field(saved: Path, expect: Adap
 
 
 def test_mismatch_message_lists_every_differing_field(saved: Path) -> None:
-    expect = dataclasses.replace(HEADER, backbone_hash="00", config=dataclasses.replace(CONFIG, rank=8, seed=5))
+    expect = _expecting(content_hash="00", rank=8, seed=5)
     with pytest.raises(AdapterFileError) as info:
         load_adapter(saved, expect)
-    assert all(f"{f}: file=" in str(info.value) for f in ("backbone_hash", "rank", "seed"))
+    assert all(f"{f}: file=" in str(info.value) for f in ("content_hash", "rank", "seed"))
     assert "rank: file=4 expected=8" in str(info.value)
+    assert 'targets: file=["q", "v"]' in str(_refused(saved, _expecting(targets=("q", "k", "v"))))
+
+
+def _refused(path: Path, expect: BackboneIdentity) -> AdapterFileError:
+    with pytest.raises(AdapterFileError) as info:
+        load_adapter(path, expect)
+    return info.value
 
 
 @pytest.mark.parametrize("device_layers", [0, 2])
 def test_other_split_point_is_accepted(saved: Path, device_layers: int) -> None:
-    expect = dataclasses.replace(HEADER, config=dataclasses.replace(CONFIG, device_layers=device_layers), steps=0)
-    tensors, header = load_adapter(saved, expect)
+    tensors, header = load_adapter(saved, _expecting(device_layers=device_layers))
     assert header == HEADER and len(tensors) == 6
 
 
 def test_other_backbone_name_with_same_hash_is_accepted(saved: Path) -> None:
-    _, header = load_adapter(saved, dataclasses.replace(HEADER, backbone_name="renamed"))
-    assert header.backbone_name == "smol-test"
+    _, header = load_adapter(saved, dataclasses.replace(IDENTITY, name="renamed"))
+    assert header.identity.name == "smol-test"
