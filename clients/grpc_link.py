@@ -248,11 +248,6 @@ class GrpcLink(SplitLink):
     def identity(self) -> BackboneIdentity:
         return self._identity
 
-    @property
-    def session_id(self) -> str | None:
-        """The current session's id; None after a lost session, until the next step opens another."""
-        return self._session.session_id if self._session else None
-
     def _count(self, direction: str, size: int) -> None:
         self.wire_bytes[direction] += size
         self.wire_frames += 1

@@ -71,21 +71,12 @@ def _alembic_config(url: str) -> Config:
     return config
 
 
-def _upgrade_engine(engine: Engine, revision: str) -> None:
+def _upgrade_to_head(engine: Engine) -> None:
     config = _alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-    log.info("registry schema at %s on %s", revision, engine.url.render_as_string(hide_password=True))
-
-
-def upgrade(url: str, revision: str = "head") -> None:
-    """Migrate the database at ``url`` to ``revision``."""
-    engine = create_registry_engine(url)
-    try:
-        _upgrade_engine(engine, revision)
-    finally:
-        engine.dispose()
+        command.upgrade(config, "head")
+    log.info("registry schema at head on %s", engine.url.render_as_string(hide_password=True))
 
 
 def open_database(url: str | None = None) -> sessionmaker[Session]:
@@ -100,7 +91,7 @@ def open_database(url: str | None = None) -> sessionmaker[Session]:
         if engine is None:
             engine = create_registry_engine(url)
             try:
-                _upgrade_engine(engine, "head")
+                _upgrade_to_head(engine)
             except BaseException:
                 engine.dispose()
                 raise

@@ -36,9 +36,10 @@ class BackboneStatus(enum.StrEnum):
 
 
 class JobKind(enum.StrEnum):
+    # Databases made by revision 0001 also accept "evaluate" in jobs.kind, a kind no plora
+    # ever wrote; narrowing their CHECK would copy the jobs table on SQLite for nothing.
     PERSONALIZE = "personalize"
     MIGRATE = "migrate"
-    EVALUATE = "evaluate"
 
 
 class JobStatus(enum.StrEnum):

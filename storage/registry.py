@@ -97,18 +97,6 @@ class Registry(DeviceLifecycle):
         with self._sessions() as session:
             return self._backbone(session, name_or_id)
 
-    def find_backbone(self, content_hash: str, seed: int, adapter_config: dict[str, Any]) -> BackboneVersion | None:
-        """The version with these weights, seed and adapter configuration, if registered."""
-        config = validate.config("adapter_config", adapter_config)
-        with self._sessions() as session:
-            candidates = session.scalars(
-                select(BackboneVersion)
-                .where(BackboneVersion.content_hash == content_hash, BackboneVersion.seed == seed)
-                .order_by(BackboneVersion.id)
-            )
-            # JSON equality is not portable in SQL, so the (few) candidates compare here.
-            return next((c for c in candidates if c.adapter_config == config), None)
-
     def list_backbones(self) -> list[BackboneVersion]:
         with self._sessions() as session:
             return list(session.scalars(select(BackboneVersion).order_by(BackboneVersion.id)))
@@ -265,13 +253,6 @@ class Registry(DeviceLifecycle):
             job.status, job.reason, job.ended_at = JobStatus.RUNNING.value, None, None
         log.info("job %d resumed", job_id)
         return job
-
-    def update_job_progress(self, job_id: int, steps_done: int, tokens_processed: int) -> None:
-        steps = validate.count("steps_done", steps_done)
-        tokens = validate.count("tokens_processed", tokens_processed)
-        with self._sessions.begin() as session:
-            job = self._open_job(session, job_id)
-            job.steps_done, job.tokens_processed = steps, tokens
 
     def finish_job(
         self,

@@ -1,8 +1,8 @@
 """Splitting a data set across a simulated fleet, one private partition per device.
 
 The partitioners are flwr-datasets': natural (one user per device, e.g. one speaker of a
-play), IID, and Dirichlet over a label column. The product ships no data set; these read the
-user's files; the benchmarks take a data folder as an argument, and the tests write their own.
+play) and IID. The product ships no data set; these read the user's files; the benchmarks
+take a data folder as an argument, and the tests write their own.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
 
 from plora.storage.errors import ConfigError, DataError
 
-SCHEMES = ("natural", "iid", "dirichlet")
+SCHEMES = ("natural", "iid")
 _SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]*[A-Za-z]):$")
 
 
@@ -37,13 +37,12 @@ def partition(
     scheme: str,
     num_partitions: int,
     partition_by: str | None = None,
-    alpha: float = 0.5,
     seed: int = 0,
 ) -> list[datasets.Dataset]:
     """`num_partitions` disjoint partitions of `dataset`.
 
     natural: the `num_partitions` largest groups of `partition_by` (e.g. speakers), one each.
-    iid: shuffled equal shares. dirichlet: label shares drawn from Dir(alpha) over `partition_by`.
+    iid: shuffled equal shares.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown partition scheme {scheme!r}; choose from {SCHEMES}")
@@ -51,9 +50,9 @@ def partition(
         raise ConfigError(f"need at least one partition, got {num_partitions}")
     if num_partitions > len(dataset):
         raise DataError(f"cannot make {num_partitions} partitions of {len(dataset)} examples; use more data or fewer devices")
-    if scheme != "iid" and (partition_by is None or partition_by not in dataset.column_names):
-        raise ConfigError(f"{scheme} partitioning needs a column to partition by; the data has {dataset.column_names}")
     if scheme == "natural":
+        if partition_by is None or partition_by not in dataset.column_names:
+            raise ConfigError(f"natural partitioning needs a column to partition by; the data has {dataset.column_names}")
         groups = [g for g, _ in Counter(dataset[partition_by]).most_common(num_partitions)]
         if len(groups) < num_partitions:
             raise ConfigError(f"only {len(groups)} distinct {partition_by!r} values for {num_partitions} devices")
@@ -63,12 +62,8 @@ def partition(
         partitioner.dataset = dataset
         by_group = {p[partition_by][0]: p for p in (partitioner.load_partition(i) for i in range(num_partitions))}
         return [by_group[g] for g in groups]  # largest group first, stable across runs
-    if scheme == "iid":
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-        partitioner.dataset = dataset.shuffle(seed=seed)
-    else:
-        partitioner = DirichletPartitioner(num_partitions, partition_by, alpha, min_partition_size=1, seed=seed)
-        partitioner.dataset = dataset
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    partitioner.dataset = dataset.shuffle(seed=seed)
     return [partitioner.load_partition(i) for i in range(num_partitions)]
 
 

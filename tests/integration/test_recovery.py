@@ -90,14 +90,13 @@ def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_
         in_training = KillPoint(lambda m: isinstance(m, AdapterReply) and m.phase is Phase.BACKWARD and len(steps_done) == 2, nth=2)
         generating.model.link.taps.append(in_generation)
         training.model.link.taps.append(in_training)
-        sessions_before = {generating.model.link.session_id, training.model.link.session_id}
         outcome: dict = {}
         threads = [  # daemons: a failed test leaves no thread retrying behind it
             threading.Thread(target=lambda: outcome.update(tokens=list(stream_tokens(generating.model, prompt, new_tokens, set()))),
                              daemon=True),
             threading.Thread(target=lambda: outcome.update(trained=train(lambda step, total, loss: steps_done.append(step))), daemon=True),
         ]
-        with caplog.at_level(logging.WARNING, logger="plora.clients.recovery"):
+        with caplog.at_level(logging.WARNING, logger="plora.clients.recovery"), caplog.at_level(logging.INFO, logger="plora.clients.grpc_link"):
             for thread in threads:
                 thread.start()
             assert in_generation.parked.wait(PARK_TIMEOUT_S) and in_training.parked.wait(PARK_TIMEOUT_S)
@@ -112,8 +111,9 @@ def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_
         assert trained is not None and trained.steps == settings.steps and steps_done == [1, 2, 3, 4]
         for m, expected in zip(training.model.weights.ms.values(), expected_ms):
             assert torch.allclose(m, expected, atol=1e-6, rtol=0)
-        # It recovered on new sessions, and said so.
-        assert {generating.model.link.session_id, training.model.link.session_id}.isdisjoint(sessions_before)
+        # It recovered on new sessions, one for each link at least, and said so.
+        reopened = [r.getMessage() for r in caplog.records if r.name == "plora.clients.grpc_link" and r.getMessage().startswith("new session ")]
+        assert len(reopened) >= 2, reopened
         assert offline_probe.offline_kinds() == {"plora"}  # both services went offline themselves
         warnings = [r.getMessage() for r in caplog.records]
         for what in ("forward step", "backward step"):

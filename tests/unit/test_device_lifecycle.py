@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from alembic import command
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 
@@ -14,7 +15,7 @@ from plora.storage import db, device_lifecycle
 from plora.storage.errors import AuthenticationError, RegistryError
 from plora.storage.models import Base, Device, utcnow
 from plora.storage.registry import Registry
-from tests.unit.test_storage import DEVICE_1, DEVICE_2, _backbone, db_url, registry, write_early_rows  # noqa: F401 (fixtures)
+from tests.unit.test_storage import DEVICE_1, DEVICE_2, _backbone, db_url, registry, schema_at, write_early_rows  # noqa: F401 (fixtures)
 
 DEVICE_3 = "0" * 31 + "3"
 
@@ -126,29 +127,24 @@ def test_forgetting_a_device_leaves_no_row_that_refers_to_it(registry, db_url):
 
 
 def test_migration_0003_upgrades_and_downgrades_keeping_devices_and_jobs(db_url):
-    db.upgrade(db_url, "0002")
+    schema_at(db_url, "0002")
     engine = db.create_registry_engine(db_url)
     try:
         with engine.begin() as connection:  # rows as plora 0002 wrote them
             write_early_rows(connection)
-        db.upgrade(db_url, "0003")
+        schema_at(db_url, "0003")
         registry = Registry(db.open_database(db_url))
         assert registry.get_device(DEVICE_1).revoked_at is None
         registry.issue_enrollment_token(uses=3)
         registry.revoke_device(DEVICE_1)
         db.close_all()
-        with engine.begin() as connection:  # the downgrade as alembic runs it, on the same settings
-            config = db._alembic_config(db_url)
-            config.attributes["connection"] = connection
-            from alembic import command
-
-            command.downgrade(config, "0002")
+        schema_at(db_url, "0002", command.downgrade)
         with engine.connect() as connection:
             schema = inspect(connection)
             assert "enrollment_tokens" not in schema.get_table_names()
             assert "revoked_at" not in {c["name"] for c in schema.get_columns("devices")}
             assert connection.scalar(text("SELECT count(*) FROM jobs WHERE device_id = :id"), {"id": DEVICE_1}) == 1
-        db.upgrade(db_url, "0003")
+        schema_at(db_url, "0003")
         assert Registry(db.open_database(db_url)).get_device(DEVICE_1).revoked_at is None
     finally:
         engine.dispose()

@@ -1,1 +1,1 @@
-"""Alembic revision scripts, applied in order by ``plora.storage.db.upgrade``."""
+"""Alembic revision scripts, applied in order by ``plora.storage.db.open_database``."""
