@@ -8,6 +8,7 @@ import click
 
 from plora.platform.cli.common import db_option, fail_cleanly, stop_on_sigterm
 from plora.platform.cli.output import JSON_HELP, Board, Column, say, show
+from plora.platform.fleet.settings import ENGINES, PERSONAS, FleetSettings
 
 FLEET_COLUMNS = (
     Column("device", "device"), Column("rounds", "rounds"), Column("failed", "failed"),
@@ -23,18 +24,18 @@ def fleet() -> None:
 
 
 @fleet.command("launch")
-@click.option("--devices", default=3, show_default=True, type=click.IntRange(min=1), help="Devices in the fleet.")
-@click.option("--data", default="personas", show_default=True,
+@click.option("--devices", default=FleetSettings.devices, show_default=True, type=click.IntRange(min=1), help="Devices in the fleet.")
+@click.option("--data", default=PERSONAS, show_default=True,
               help="'personas' (a synthetic persona per device) or a JSONL file dealt out among the devices.")
-@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--rounds", default=FleetSettings.rounds, show_default=True, type=click.IntRange(min=1))
 @click.option("--backbone", help="HOST:PORT of a backbone service on loopback, or a local backbone to serve for the run "
               "(default: the embedded one).")
-@click.option("--engine", default="simulation", show_default=True, type=click.Choice(["simulation", "deployment"]),
+@click.option("--engine", default=ENGINES[0], show_default=True, type=click.Choice(ENGINES),
               help="simulation: every device in this machine's Ray workers; deployment: a Flower SuperLink and one "
               "SuperNode per device on loopback, their logs under ROOT/flower/logs.")
-@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
-@click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for M.")
-@click.option("--fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--steps", default=FleetSettings.steps, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
+@click.option("--lr", default=FleetSettings.lr, show_default=True, help="AdamW learning rate for M.")
+@click.option("--fraction", default=FleetSettings.fraction, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Share of the devices sampled each round.")
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the devices (one sub-folder each) and rounds.jsonl.")

@@ -66,7 +66,9 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
     adapter under previous/. Re-running finishes an interrupted migration; devices already
     on the target are left as they are.
     """
+    from plora.clients.device_store import DeviceStore
     from plora.clients.migration import DistillSettings
+    from plora.platform.fleet.settings import device_dir
     from plora.platform.versions import migration
     from plora.storage.registry import open_registry
 
@@ -75,7 +77,7 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
     folders = migration.device_folders(root, wanted)
     if data_path and len(folders) > 1:
         raise click.UsageError("--data is for a single device; a fleet's devices distill on their own text")
-    fleet = (root / "device-000" / "device.json").is_file()
+    fleet = (device_dir(root, 0) / DeviceStore.RECORD).is_file()
     engine = engine or ("simulation" if fleet and not wanted and not dry_run else "direct")
     name = reg.get_backbone(target).name
     title = f"{'checking' if dry_run else 'migrating'} {len(folders)} device(s) to {name} by {method}"
