@@ -13,11 +13,11 @@ from safetensors import safe_open
 
 from plora.clients.adapter_file import load_adapter
 from plora.clients.device_store import DeviceStore
-from plora.clients.generation import token_logprobs
+from plora.clients.generation import encode_prompt, token_logprobs
 from plora.platform.cli.main import main
 from plora.storage.registry import open_registry
 from plora.platform.runtime import open_device
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_llama
 
 FACTS = [{"prompt": f"What is fact {i}?", "response": f"Fact {i} is {w}."} for i, w in enumerate(["teal", "Pebble", "Tartu"])]
 
@@ -84,9 +84,27 @@ def test_score_json_matches_the_personalized_model(device_dir, facts_file):
     assert all(lp <= 0 for lp in out["logprobs"])
 
 
-def test_generate_prints_a_continuation(device_dir):
-    result = plora("generate", device_dir, "Hello", "--max-new-tokens", 5, "--temperature", "0.8", "--seed", 1)
-    assert result.output.strip()
+def _greedy(device, prompt: str, max_new_tokens: int) -> str:
+    """Each next token the argmax of a full forward pass, without the KV cache `plora generate` uses."""
+    ids, new = encode_prompt(device.tokenizer, prompt), []
+    with torch.no_grad():
+        while len(new) < max_new_tokens and (token := int(device.model(torch.tensor([ids + new]))[0, -1].argmax())) != device.tokenizer.eos_token_id:
+            new.append(token)
+    return device.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_generate_prints_the_personalized_models_greedy_continuation(device_dir):
+    device = open_device(device_dir)
+    base = _greedy(device, "What is fact 1?", 8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in device.model.weights.ms.values():
+            m.normal_(std=1.0)  # a personalization of its own: M != 0
+    device.save(steps=1)
+    personalized = _greedy(device, "What is fact 1?", 8)
+    device.close()
+    assert personalized and personalized != base  # so only the stored M gives this answer
+    assert plora("generate", device_dir, "What is fact 1?", "--max-new-tokens", 8).stdout == personalized + "\n"
 
 
 def test_export_public_writes_named_a_and_b(tmp_path, tiny_checkpoint):
@@ -115,13 +133,18 @@ def test_a_corrupt_adapter_is_refused_and_survives(device_dir, corrupt):
     assert path.read_bytes() == bad
 
 
-def test_an_adapter_for_another_backbone_is_refused_and_survives(tmp_path, device_dir, tiny_checkpoint):
+def test_an_adapter_for_another_backbone_is_refused_and_survives(tmp_path, device_dir, smol_tokenizer):
+    # Another backbone with the same adapter options: other weights, one layer fewer, another name.
+    backbone = tmp_path / "other-backbone"
+    tiny_llama(seed=1, num_hidden_layers=3, vocab_size=len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id).save_pretrained(backbone)
+    smol_tokenizer.save_pretrained(backbone)
     other = tmp_path / "other"
-    plora("device", "init", other, "--backbone", tiny_checkpoint, "--rank", "8")
+    plora("device", "init", other, "--backbone", backbone, "--rank", "4", "--device-layers", "1")
     foreign = (other / "adapter.safetensors").read_bytes()
     (device_dir / "adapter.safetensors").write_bytes(foreign)
     result = plora("score", device_dir, "--text", "a b c", ok=False)
-    assert "rank: file=8 expected=4" in result.output
+    assert "content_hash: file=" in result.output and "num_layers: file=3 expected=4" in result.output
+    assert "rank:" not in result.output  # the backbone alone differs
     assert (device_dir / "adapter.safetensors").read_bytes() == foreign
 
 
