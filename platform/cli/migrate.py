@@ -88,7 +88,7 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
 
         with Board(f"{title} on the {engine} engine", loss_name="KL") as board:
             lines = launch_migration(root, target, method, engine, address, steps, lr, echo=board.say, on_device=board.update)
-        show(_fleet_rows(lines, method), MIGRATION_COLUMNS, as_json)
+        show(_fleet_rows(lines, method), MIGRATION_COLUMNS, as_json, title=title)
         failed = [line for line in lines if line["error"]]
         if failed:
             raise click.ClickException(f"{len(failed)} device(s) failed to migrate ({', '.join(sorted({line['error'] for line in failed}))}); "
@@ -104,4 +104,4 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
                                               board.steps(folder.name, "distilling"))
             board.done(folder.name, report.outcome)
             reports.append(report)
-    show([asdict(report) for report in reports], MIGRATION_COLUMNS, as_json)
+    show([asdict(report) for report in reports], MIGRATION_COLUMNS, as_json, title=title)

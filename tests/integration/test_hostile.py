@@ -126,7 +126,7 @@ def fleet(serve, tmp_path_factory, db_url) -> Fleet:
     for folder in folders:
         init_device(folder, serve.address, endpoint=endpoint, enroll_token=token)
     enrolled = [register(endpoint, token, label=f"hostile-{i}") for i in range(2 * ATTACKERS + 1)]
-    identity = wire.identity_from_proto(enrolled[0][1].identity)
+    identity = enrolled[0][1].identity
     target = hostile.Target(serve.address, identity, REPLY_TIMEOUT_S, WRITE_TIMEOUT_S, FIRST_FRAME_TIMEOUT_S, MAX_TOKENS, MAX_MESSAGE_MB << 20)
     metadata = [credentials.metadata() for credentials, _ in enrolled]
     return Fleet(folders[:-1], folders[-1], list(zip(metadata[:ATTACKERS], metadata[ATTACKERS:-1])), metadata[-1], target)
