@@ -231,21 +231,28 @@ def _plot(devices: tuple[DeviceReport, ...]) -> bytes:
 
     names = [d.device for d in devices]
     x = list(range(len(devices)))
-    fig, (recall, loss, generic) = plt.subplots(1, 3, figsize=(14, 4))
-    for axis, before, after, title in (
-        (recall, [d.recall_before for d in devices], [d.recall_after for d in devices], "held-out recall"),
-        (loss, [d.heldout_loss_before for d in devices], [d.heldout_loss_after for d in devices], "held-out loss (nats/token)"),
+    fig, (recall, loss, generic) = plt.subplots(1, 3, figsize=(14, 4.4))
+    for axis, before, after, title, scale, label in (
+        (recall, [d.recall_before for d in devices], [d.recall_after for d in devices], "held-out recall (%)", 100, "{:.0f}"),
+        (loss, [d.heldout_loss_before for d in devices], [d.heldout_loss_after for d in devices], "held-out loss (nats/token)",
+         1, "{:.2f}"),
     ):
-        axis.bar([i - 0.2 for i in x], [v or 0 for v in before], 0.4, label="base model")
-        axis.bar([i + 0.2 for i in x], [v or 0 for v in after], 0.4, label="personalized")
+        for offset, values, name in ((-0.2, before, "base model"), (0.2, after, "personalized")):
+            bars = axis.bar([i + offset for i in x], [scale * (v or 0) for v in values], 0.4, label=name,
+                            color="tab:gray" if name == "base model" else "tab:green")
+            axis.bar_label(bars, [label.format(scale * v) if v is not None else "–" for v in values], fontsize=8)
         axis.set_title(title)
-        axis.legend()
-    generic.bar(x, [100 * (d.generic_change or 0) for d in devices], 0.5, color="tab:gray")
+        axis.margins(y=0.15)
+    changes = [d.generic_change for d in devices]
+    bars = generic.bar(x, [100 * (c or 0) for c in changes], 0.5, color="tab:blue")
+    generic.bar_label(bars, [f"{100 * c:+.1f}%" if c is not None else "–" for c in changes], fontsize=8)
     generic.axhline(0, color="black", linewidth=0.8)
     generic.set_title("generic-text loss change (%)")
+    generic.margins(y=0.15)
     for axis in (recall, loss, generic):
         axis.set_xticks(x, names, rotation=20)
-    fig.tight_layout()
+    fig.legend(*recall.get_legend_handles_labels(), loc="upper center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
