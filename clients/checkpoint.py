@@ -33,9 +33,11 @@ class Progress:
     last_loss: float = float("nan")
     val_before: float | None = None
     best_score: float | None = None
+    last_score: float | None = None  # the latest validation check's
     best_step: int = 0
     seconds: float = 0.0  # training time so far, across resumptions
     anchor_kl: float | None = None  # KL(base || model) per anchor position at the last step, if anchored
+    stopped_early: bool = False  # validation stopped improving (TrainSettings.patience); nothing is left to run
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class TrainSettings:
     seed: int = 0
     eval_every: int | None = None
     """Steps between validation checks; default once per epoch."""
+    patience: int | None = None
+    """Stop after this many validation checks in a row without a new best; None: run every step."""
     anchor: AnchorSettings | None = AnchorSettings()
     """Keeping close to the base model on anchor text given to `personalize`; None: off."""
 
@@ -68,6 +70,9 @@ class TrainSettings:
             raise ConfigError(f"steps must be >= 1 and epochs > 0, got steps={self.steps} epochs={self.epochs}")
         if not self.lr > 0 or self.batch_size < 1:
             raise ConfigError(f"lr must be > 0 and batch_size >= 1, got lr={self.lr} batch_size={self.batch_size}")
+        if (self.eval_every is not None and self.eval_every < 1) or (self.patience is not None and self.patience < 1):
+            raise ConfigError(f"eval_every and patience must be >= 1 or None, got eval_every={self.eval_every} "
+                              f"patience={self.patience}")
 
     def total_steps(self, examples: int) -> int:
         per_epoch = math.ceil(examples / self.batch_size)
@@ -87,6 +92,8 @@ class TrainResult:
     val_after: float | None
     best_step: int | None  # the step whose M was kept, when validating
     anchor_kl: float | None = None  # KL(base || model) per anchor position at the last step
+    stopped_early: bool = False  # validation stopped improving for `patience` checks before the last step
+    val_last: float | None = None  # the last validation check's loss, kept or not
 
     @property
     def tokens_per_second(self) -> float:
@@ -127,7 +134,9 @@ def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
     checkpoint resumes only the same job (a migrated device's old checkpoint is not).
 
     Anchor text needs no part in it: the settings and the backbone determine it."""
-    digest = hashlib.sha256(repr((settings, backbone)).encode())
+    # A setting added since (patience) stays out of it while unset, so a checkpoint an older
+    # plora left still resumes.
+    digest = hashlib.sha256(repr((settings, backbone)).replace(", patience=None", "").encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())
     return digest.hexdigest()
@@ -189,6 +198,7 @@ def train(
     schedule: Schedule = COSINE_TO_10_PERCENT,
     anchor: Anchor | None = None,
     validate: Callable[[], float] | None = None,
+    val_before: float | None = None,
     checkpoint: TrainingCheckpoint | None = None,
     checkpoint_every: int = 10,
     on_step: OnStep | None = None,
@@ -202,7 +212,9 @@ def train(
 
     With `validate` (lower is better), it runs before training, every `settings.eval_every`
     steps (default once per epoch) and after the last one, and the parameters it scored best
-    are kept.
+    are kept (the starting ones, exactly, if no step beat them). `val_before` is the starting
+    parameters' score when the caller has it already, saving that first pass. With
+    `settings.patience`, training stops after that many checks in a row without a new best.
 
     With a checkpoint, progress is saved every `checkpoint_every` steps and after the last one,
     and a matching checkpoint left by an interrupted run is resumed: the same batches in the
@@ -227,13 +239,15 @@ def train(
     else:
         progress, best = Progress(), None
         if validate:
-            progress.val_before = progress.best_score = validate()
+            progress.val_before = progress.best_score = validate() if val_before is None else val_before
             best = [p.detach().clone() for p in params]
     step_batches = batches(data, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch))
     anchor_batches = _anchor_batches(anchor, settings.anchor, settings.seed, total) if anchor else itertools.repeat([])
     started, seconds_before = time.perf_counter(), progress.seconds
     model.train()
-    for batch, anchor_batch in itertools.islice(zip(step_batches, anchor_batches), progress.step, total):
+    # A run that stopped early and was checkpointed there has nothing left to do.
+    end = progress.step if progress.stopped_early else total
+    for batch, anchor_batch in itertools.islice(zip(step_batches, anchor_batches), progress.step, end):
         optimizer.zero_grad(set_to_none=True)
         # The batch and the anchor's rows go through the model apart: anchor text is longer,
         # and one batch would pad every row to its width. The gradients add up.
@@ -254,13 +268,19 @@ def train(
         if on_step:
             on_step(progress.step, total, progress.last_loss)
         if validate and (progress.step % eval_every == 0 or progress.step == total):
-            score = validate()
+            score = progress.last_score = validate()
             if score < progress.best_score:
                 progress.best_score, progress.best_step = score, progress.step
                 best = [p.detach().clone() for p in params]
+            # Checks fall on multiples of eval_every, so those since the best one can be counted
+            # from the two step numbers; nothing more needs keeping across a resumption.
+            stale = progress.step // eval_every - progress.best_step // eval_every
+            progress.stopped_early = bool(settings.patience) and stale >= settings.patience and progress.step < total
         progress.seconds = seconds_before + time.perf_counter() - started
-        if checkpoint and (progress.step % checkpoint_every == 0 or progress.step == total):
+        if checkpoint and (progress.step % checkpoint_every == 0 or progress.step == total or progress.stopped_early):
             checkpoint.save(progress, params, best, optimizer, scheduler)
+        if progress.stopped_early:
+            break
     model.eval()
     if best is not None:
         with torch.no_grad():
@@ -279,6 +299,7 @@ def personalize(
     checkpoint: TrainingCheckpoint | None = None,
     checkpoint_every: int = 10,
     anchor: Anchor | None = None,
+    val_before: float | None = None,
 ) -> TrainResult:
     """Train the model's M on `examples` with `train`: the causal LM loss on their
     labelled tokens, validated on `val`, anchored on `anchor` (clients.anchor: `kept_anchor`
@@ -289,7 +310,7 @@ def personalize(
 
     progress = train(
         model, list(model.weights.parameters()), batch_loss, examples, settings,
-        anchor=anchor, validate=(lambda: evaluate(model, val, pad_id)) if val else None,
+        anchor=anchor, validate=(lambda: evaluate(model, val, pad_id)) if val else None, val_before=val_before,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, on_step=on_step,
     )
     return TrainResult(
@@ -302,4 +323,6 @@ def personalize(
         val_after=progress.best_score if val else None,
         best_step=progress.best_step if val else None,
         anchor_kl=progress.anchor_kl,
+        stopped_early=progress.stopped_early,
+        val_last=progress.last_score if val else None,
     )

@@ -29,6 +29,7 @@ from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, text_key, 
 from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
+from plora.clients.search import LrSearch, SearchResult, personalization_settings, search_lr
 from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device
@@ -46,6 +47,13 @@ ANCHOR_TARGETS = "anchor-targets.safetensors"  # next to it: the base model's ta
 ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
 ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
+
+# How a job's learning rate was selected, as its record says (params["selection"]).
+SEARCHED = "searched"
+PINNED = "pinned by --lr"
+FIXED_FEW = "fixed: fewer than 10 examples"
+FIXED_NO_VALIDATION = "fixed: no validation split"
+FIXED_FEW_STEPS = "fixed: too few steps to search"
 
 
 def register(record: DeviceRecord, reg: Registry) -> None:
@@ -97,6 +105,15 @@ class JobOutcome:
     result: TrainResult
     loss_before: float  # on validation if there is one, else on the training set
     loss_after: float
+    selection: str = PINNED  # how the learning rate was selected: SEARCHED, PINNED or one of the FIXED_*
+    lr: float | None = None  # the rate M was trained at; None when the search found none worth training
+    search: SearchResult | None = None  # the trials, when searched in this run (not when resumed)
+
+    @property
+    def improved(self) -> bool | None:
+        """Whether M beat the starting M on validation (else the job kept the starting M
+        exactly); None without a validation split."""
+        return None if self.result.val_before is None else bool(self.result.best_step)
 
 
 @contextmanager
@@ -129,22 +146,38 @@ def device_job(store: DeviceStore, reg: Registry) -> Iterator[None]:
 def run_personalization(
     device: Device,
     data_path: Path,
-    settings: TrainSettings,
+    settings: TrainSettings | None = None,
     max_length: int = 256,
     val_fraction: float = 0.1,
     on_step: Callable[[int, int, float], None] | None = None,
     reg: Registry | None = None,
     checkpoint_every: int = 10,
+    search: LrSearch | None = None,
+    on_search_step: Callable[[int, int, float], None] | None = None,
 ) -> JobOutcome:
     """Train the device's M on a local file, save it, and record the job.
 
+    With `search`, the job picks its learning rate on the device from its validation split
+    (clients.search: a few candidate rates tried briefly, the best run for the whole budget,
+    stopping early when validation stops improving; at most about twice a plain job's work);
+    if no candidate beats the starting M, the job keeps the starting M. Without a validation
+    split (fewer than 10 examples), or with a budget too small to search, it trains at
+    `settings.lr` instead. Without `search`, `settings.lr` is pinned. With no settings at all,
+    the job runs the default settings and searches. The job's record says which selection it
+    used, what was tried and what was kept. `on_search_step` reports the trials' steps.
+
     Progress is checkpointed on the device; running the same job again after an interruption
-    or a failure resumes it, under a new job whose params name the job and step resumed.
+    or a failure resumes it, under a new job whose params name the job and step resumed. A
+    searched job resumes at the rate it chose (its trials are redone only when it was killed
+    during them).
     """
+    if settings is None:
+        settings, search = TrainSettings(), search or LrSearch()
     reg = reg or open_registry()
     register(device.store.record, reg)
     with device_job(device.store, reg):
-        return _personalization_job(device, data_path, settings, max_length, val_fraction, on_step, reg, checkpoint_every)
+        return _personalization_job(device, data_path, settings, max_length, val_fraction, on_step, reg, checkpoint_every,
+                                    search, on_search_step)
 
 
 def _resumable(checkpoint: TrainingCheckpoint, device_id: str, reg: Registry) -> Resumable | None:
@@ -164,6 +197,14 @@ def _resumable(checkpoint: TrainingCheckpoint, device_id: str, reg: Registry) ->
     return found
 
 
+def _selection(search: LrSearch | None, examples: int, train: list, val: list, settings: TrainSettings) -> str:
+    if search is None:
+        return PINNED
+    if not val:
+        return FIXED_FEW if examples < 10 else FIXED_NO_VALIDATION
+    return SEARCHED if search.trial_steps(settings.total_steps(len(train))) >= 1 else FIXED_FEW_STEPS
+
+
 def _personalization_job(
     device: Device,
     data_path: Path,
@@ -173,6 +214,8 @@ def _personalization_job(
     on_step: Callable[[int, int, float], None] | None,
     reg: Registry,
     checkpoint_every: int,
+    search: LrSearch | None = None,
+    on_search_step: Callable[[int, int, float], None] | None = None,
 ) -> JobOutcome:
     record = device.store.record
     params = {"lr": settings.lr, "batch_size": settings.batch_size, "max_length": max_length}
@@ -184,7 +227,17 @@ def _personalization_job(
         reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
         raise
     train, val = split_holdout(examples, val_fraction, settings.seed)
-    checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, settings, record.identity.version))
+    selection = _selection(search, len(examples), train, val, settings)
+    searching = selection == SEARCHED
+    params["selection"] = selection
+    if searching:  # the rate is the job's to choose: its record says which it tried
+        del params["lr"]
+        params.update(lr_candidates=list(search.candidates), patience=settings.patience or search.patience)
+    elif settings.patience:
+        params["patience"] = settings.patience
+    # A searched job is identified by its search, not by the rate it will choose.
+    job_settings = (settings, search) if searching else settings
+    checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, job_settings, record.identity.version))
     resumed = _resumable(checkpoint, record.device_id, reg)
     if resumed:
         params.update(resumed_from_job=resumed.job["id"], resumed_from_step=resumed.step)
@@ -201,8 +254,23 @@ def _personalization_job(
         checkpoint.job = {**job, "id": job_id}
         before = job["loss_before"]
         anchor = device_anchor(device, settings.anchor) if settings.anchor else None
-        result = personalize(device.model, train, pad, settings, val or None, on_step=on_step, checkpoint=checkpoint,
-                             checkpoint_every=checkpoint_every, anchor=anchor)
+        found, lr, chosen_by = None, settings.lr, {}
+        if searching:
+            chosen_by = job.get("search", {})
+            if not chosen_by:  # not chosen yet (a job resumed after choosing skips its trials)
+                found = search_lr(device.model, train, val, pad, settings, search, val_before=before, anchor=anchor,
+                                  on_step=on_search_step)
+                chosen_by = found.as_metrics()
+                # Kept with every checkpoint of the run that follows, so a re-run resumes it at this rate.
+                checkpoint.job = {**checkpoint.job, "search": chosen_by}
+            lr = chosen_by.get("lr")
+        if lr is None:  # no candidate beat the starting M: there is nothing worth training
+            log.info("job %d: no learning rate beat the starting M on validation; keeping it", job_id)
+            result = TrainResult(0, 0, 0.0, float("nan"), float("nan"), before, before, 0)
+        else:
+            run = personalization_settings(settings, search, lr) if searching else settings
+            result = personalize(device.model, train, pad, run, val or None, on_step=on_step, checkpoint=checkpoint,
+                                 checkpoint_every=checkpoint_every, anchor=anchor, val_before=before if searching else None)
         crash_point("personalize:trained")
         after = result.val_after if val else evaluate(device.model, train, pad)
         device.save(job["adapter_steps"] + result.steps)
@@ -217,6 +285,11 @@ def _personalization_job(
     metrics_after = {metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps}
     if result.anchor_kl is not None:
         metrics_after["anchor_kl"] = result.anchor_kl
+    metrics_after.update(chosen_by, selection=selection, stopped_early=result.stopped_early)
+    if lr is not None:
+        metrics_after["lr"] = lr
+    if val:  # False: no step beat the starting M, which the job kept
+        metrics_after.update(improved=bool(result.best_step), best_step=result.best_step)
     reg.finish_job(
         job_id,
         metrics_before={metric: before},
@@ -227,4 +300,4 @@ def _personalization_job(
     crash_point("personalize:job-finished")
     # Removed only now: until the job is recorded as succeeded, a re-run resumes from it.
     checkpoint.clear()
-    return JobOutcome(job_id, result, before, after)
+    return JobOutcome(job_id, result, before, after, selection, lr, found)

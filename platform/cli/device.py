@@ -94,7 +94,15 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
               help="JSONL with 'text' or 'prompt'+'response' per line, a CSV with those columns, or a .txt file.")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to run.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data (default 2).")
-@click.option("--lr", default=5e-3, show_default=True, help="AdamW learning rate for M.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Pin AdamW's learning rate for M. By default the job chooses it on the device: it tries 2e-3, 6e-3 "
+                   "and 2e-2 from the current M for a quarter of the steps each, runs the one best on the validation "
+                   "split for all the steps, and keeps the current M if none beats it (at most about twice the work "
+                   "of a pinned job). With fewer than 10 examples there is no validation split, and it trains at 5e-3.")
+@click.option("--patience", type=click.IntRange(min=1),
+              help="Stop after this many validation checks in a row without improvement, keeping the best M "
+                   "[default: 2 when the rate is chosen, off when pinned].")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Steps between validation checks [default: one epoch].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
@@ -103,28 +111,49 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
 @click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Steps between checkpoints, from which a killed or failed job resumes when run again.")
 @fail_cleanly
-def personalize(directory, data_path, steps, epochs, lr, batch_size, max_length, val_fraction, seed, checkpoint_every) -> None:
+def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, batch_size, max_length, val_fraction, seed,
+                checkpoint_every) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
+    from plora.clients.search import LrSearch
     from plora.clients.training import TrainSettings
     from plora.platform.jobs import run_personalization
     from plora.platform.runtime import open_device
 
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
-    settings = TrainSettings(lr=lr, batch_size=batch_size, steps=steps, epochs=epochs, seed=seed)
+    settings = TrainSettings(lr=lr or TrainSettings.lr, batch_size=batch_size, steps=steps, epochs=epochs, seed=seed,
+                             eval_every=eval_every, patience=patience)
     dev = open_device(directory)
     name = directory.resolve().name
     with Board(f"personalizing {directory} on {data_path}") as board:
         board.update(name, "preparing")  # a first job also has the base model write its anchor text
         outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, board.steps(name, "training"),
-                                      checkpoint_every=checkpoint_every)
+                                      checkpoint_every=checkpoint_every, search=None if lr else LrSearch(),
+                                      on_search_step=board.steps(name, "trying learning rates"))
         board.done(name, "saved")
+    _summary(outcome)
+    click.echo(f"adapter saved to {dev.store.adapter_path}")
+
+
+def _summary(outcome) -> None:
+    """What a personalization job chose, ran and kept."""
     result = outcome.result
-    click.echo(f"job {outcome.job_id}: {result.steps} steps, {result.tokens_per_second:.0f} tokens/s; "
-               f"training loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
+    if outcome.search:
+        tried = ", ".join(f"{t.lr:g} ({t.val_loss:.3f})" for t in outcome.search.trials)
+        click.echo(f"learning rates tried, validation loss after {outcome.search.steps // len(outcome.search.trials)} "
+                   f"steps (starting M {outcome.search.start_loss:.3f}): {tried}")
+    rate = f"{outcome.lr:g}" if outcome.lr is not None else "none (no rate beat the starting M)"
+    click.echo(f"learning rate: {rate}; selection: {outcome.selection}")
+    if result.steps:
+        stopped = f", stopped early (kept step {result.best_step})" if result.stopped_early else ""
+        click.echo(f"job {outcome.job_id}: {result.steps} steps{stopped}, {result.tokens_per_second:.0f} tokens/s; "
+                   f"training loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
+    else:
+        click.echo(f"job {outcome.job_id}: no training run")
     which = "validation" if result.val_before is not None else "training-set"
     click.echo(f"{which} loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f}")
-    click.echo(f"adapter saved to {dev.store.adapter_path}")
+    if outcome.improved is False:
+        click.echo("no gain on validation: the starting M is kept")
 
 
 @click.command()

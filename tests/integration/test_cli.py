@@ -65,7 +65,7 @@ def test_init_creates_a_base_model_device_registered_in_the_database(device_dir)
 
 def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file):
     result = plora("personalize", device_dir, "--data", facts_file, "--steps", 30, "--lr", "1e-1")
-    assert "adapter saved" in result.output
+    assert "adapter saved" in result.output and "learning rate: 0.1; selection: pinned by --lr" in result.output
     device_id = json.loads((device_dir / "device.json").read_text())["device_id"]
     (job,) = open_registry().list_jobs(device_id)
     assert job.status == "succeeded" and job.steps_done == 30 and job.tokens_processed > 0
@@ -76,7 +76,8 @@ def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file)
 
 
 def test_score_json_matches_the_personalized_model(device_dir, facts_file):
-    plora("personalize", device_dir, "--data", facts_file, "--steps", 5)
+    trained = plora("personalize", device_dir, "--data", facts_file, "--steps", 5)
+    assert "learning rate: 0.005; selection: fixed: fewer than 10 examples" in trained.output  # 3 facts: no search
     out = json.loads(plora("score", device_dir, "--text", "Fact 1 is Pebble.", "--json").stdout)
     assert len(out["logprobs"]) == len(out["tokens"]) - 1
     device = open_device(device_dir)

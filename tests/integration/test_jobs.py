@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from plora.clients.anchor import AnchorSettings
+from plora.clients.search import LrSearch, trial_key
 from plora.clients.training import TrainSettings
 from plora.platform.jobs import CHECKPOINT, run_personalization
 from plora.storage.registry import open_registry
@@ -129,3 +131,110 @@ def test_the_anchor_and_its_targets_are_made_once_per_device_and_used_by_every_j
     assert len(computed) == 1 and (tmp_path / "dev" / jobs.ANCHOR_TARGETS).is_file()
     (job, _) = open_registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
     assert "anchor_kl" in job.metrics_after
+
+
+# --- choosing the learning rate (clients.search) -------------------------------------------------
+
+SEARCH = LrSearch((0.02, 0.05, 0.15), trial_fraction=0.25)  # rates about 3x apart that suit the tiny model
+SEARCHED = TrainSettings(steps=12, batch_size=2, anchor=None)  # no anchor text to write: quicker
+
+
+def _lines(path, records) -> object:
+    path.write_text("".join(json.dumps(x) + "\n" for x in records))
+    return path
+
+
+@pytest.fixture
+def facts(tmp_path):
+    """Enough examples for a validation split (2 of 20), in one pattern: training on some helps on the others."""
+    return _lines(tmp_path / "facts.jsonl", [{"text": f"Question {i}? Answer {i} is {i * 7}."} for i in range(20)])
+
+
+def _counted(monkeypatch) -> dict[str, int]:
+    """Optimizer steps and validation passes of the jobs that follow, counted where they run."""
+    from plora.clients import search, training
+    from plora.platform import jobs
+
+    counts = {"steps": 0, "validations": 0}
+    evaluate = training.evaluate
+
+    def counting(*args, **kwargs):
+        counts["validations"] += 1
+        return evaluate(*args, **kwargs)
+
+    for module in (training, search, jobs):
+        monkeypatch.setattr(module, "evaluate", counting)
+    return counts
+
+
+def test_a_searched_job_costs_at_most_twice_a_plain_one_records_what_it_tried_and_resumes_at_its_rate(
+        tmp_path, tiny_checkpoint, facts, monkeypatch):
+    counts = _counted(monkeypatch)
+
+    def step(*_):
+        counts["steps"] += 1
+
+    cost, outcomes = {}, {}
+    for kind, search in (("plain", None), ("searched", SEARCH)):
+        init_device(tmp_path / kind, str(tiny_checkpoint))
+        counts.update(steps=0, validations=0)
+        outcomes[kind] = run_personalization(open_device(tmp_path / kind), facts, SEARCHED, max_length=32, on_step=step,
+                                             on_search_step=step, search=search)
+        cost[kind] = dict(counts)
+    budget, outcome = SEARCHED.steps, outcomes["searched"]
+    assert cost["plain"]["steps"] == budget
+    assert cost["searched"]["steps"] == budget + len(SEARCH.candidates) * SEARCH.trial_steps(budget)  # 1.75x here
+    assert sum(cost["searched"].values()) <= 2 * sum(cost["plain"].values()), cost
+
+    (job,) = open_registry().list_jobs(open_device(tmp_path / "searched").store.record.device_id)
+    assert job.params["selection"] == "searched" == outcome.selection
+    assert "lr" not in job.params and job.params["lr_candidates"] == list(SEARCH.candidates)
+    trials = {lr: job.metrics_after[trial_key(lr)] for lr in SEARCH.candidates}
+    assert trials == {t.lr: t.val_loss for t in outcome.search.trials}
+    assert job.metrics_after["lr"] == outcome.lr == min(trials, key=trials.get)
+    assert trials[outcome.lr] < job.metrics_before["val_loss"]
+    assert job.metrics_after["best_step"] == outcome.result.best_step > 0 and job.metrics_after["improved"] is True
+    assert job.metrics_after["stopped_early"] is outcome.result.stopped_early
+
+    # Interrupted after choosing its rate, the job resumes at that rate without trying any again.
+    init_device(tmp_path / "interrupted", str(tiny_checkpoint))
+    device = open_device(tmp_path / "interrupted")
+    with pytest.raises(Interrupt):
+        run_personalization(device, facts, SEARCHED, max_length=32, search=SEARCH, on_step=stop_at(7), checkpoint_every=5)
+    searched = []
+    resumed = run_personalization(open_device(tmp_path / "interrupted"), facts, SEARCHED, max_length=32, search=SEARCH,
+                                  on_search_step=lambda *_: searched.append(1), checkpoint_every=5)
+    assert not searched and resumed.lr == outcome.lr and resumed.search is None
+    assert torch.allclose(ms(open_device(tmp_path / "interrupted")), ms(open_device(tmp_path / "searched")), atol=1e-6)
+    job, _ = open_registry().list_jobs(device.store.record.device_id)  # newest first
+    assert job.params["resumed_from_step"] == 5
+    assert {k: v for k, v in job.metrics_after.items() if k.startswith("val_loss_at")} == {
+        trial_key(lr): loss for lr, loss in trials.items()}
+
+
+def test_a_job_on_data_that_does_not_generalize_keeps_the_starting_m_and_says_so(tmp_path, tiny_checkpoint, smol_tokenizer):
+    # Random tokens: what the job learns of its training rows only makes the held-out ones less likely.
+    generator = torch.Generator().manual_seed(0)
+    texts = [smol_tokenizer.decode(torch.randint(1000, 40000, (24,), generator=generator)) for _ in range(20)]
+    data = _lines(tmp_path / "noise.jsonl", [{"text": text} for text in texts])
+    init_device(tmp_path / "dev", str(tiny_checkpoint))
+    device = open_device(tmp_path / "dev")
+    anchored = replace(SEARCHED, anchor=SMALL_ANCHOR)  # as jobs are by default: the trials carry anchor rows
+    outcome = run_personalization(device, data, anchored, max_length=32, search=SEARCH)
+    assert outcome.improved is False and outcome.lr is None and outcome.result.steps == 0
+    assert outcome.loss_after == outcome.loss_before
+    assert torch.count_nonzero(ms(open_device(tmp_path / "dev"))) == 0  # M = 0, exactly, as on a fresh device
+    (job,) = open_registry().list_jobs(device.store.record.device_id)
+    assert job.status == "succeeded" and job.metrics_after["improved"] is False and "lr" not in job.metrics_after
+    assert all(job.metrics_after[trial_key(lr)] >= job.metrics_before["val_loss"] for lr in SEARCH.candidates)
+
+
+def test_below_10_examples_a_job_trains_at_the_fixed_rate_and_records_why(tmp_path, tiny_checkpoint, data):
+    init_device(tmp_path / "dev", str(tiny_checkpoint))
+    device = open_device(tmp_path / "dev")
+    searched = []
+    settings = replace(SEARCHED, lr=0.05, steps=2)
+    outcome = run_personalization(device, data, settings, search=SEARCH, on_search_step=lambda *_: searched.append(1))
+    (job,) = open_registry().list_jobs(device.store.record.device_id)
+    assert job.params["selection"] == outcome.selection == "fixed: fewer than 10 examples" and not searched
+    assert job.metrics_after["lr"] == outcome.lr == 0.05 and job.steps_done == 2

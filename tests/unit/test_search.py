@@ -1,0 +1,64 @@
+"""Choosing the learning rate on validation (clients.search), and early stopping in the one loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plora.clients.checkpoint import TrainingCheckpoint
+from plora.clients.search import LrSearch, search_lr
+from plora.clients.training import TrainSettings, causal_lm_batch_loss, train
+from plora.storage.errors import ConfigError
+from tests.unit.test_distillation import PAD, sequences, tiny_split
+
+TASK = sequences(8, seed=10)
+SEEN = TASK[:4]  # validation on text the job trains on: any rate that learns does better on it
+SETTINGS = TrainSettings(steps=8, batch_size=2, anchor=None)
+DIVERGES = 100.0  # AdamW moves each entry of M by about lr per step: M blows up at once
+LEARNS = 0.05  # a good rate for the tiny random model (1e-3 to 1 all lower its loss within 4 steps)
+
+
+def _ms(model) -> list[torch.Tensor]:
+    return [m.detach().clone() for m in model.weights.parameters()]
+
+
+@pytest.mark.parametrize("candidates", [(DIVERGES, LEARNS), (LEARNS, DIVERGES)])
+def test_the_search_picks_the_rate_that_learns_over_one_that_diverges_and_leaves_m_as_it_was(candidates):
+    model = tiny_split()
+    result = search_lr(model, TASK, SEEN, PAD, SETTINGS, LrSearch(candidates, trial_fraction=0.25))
+    by_rate = {trial.lr: trial for trial in result.trials}
+    assert result.chosen == LEARNS
+    assert by_rate[LEARNS].improved and by_rate[LEARNS].val_loss < result.start_loss
+    assert not by_rate[DIVERGES].improved and not by_rate[DIVERGES].val_loss < result.start_loss
+    assert result.steps == 2 * 2  # two trials of a quarter of the 8 steps
+    assert all(torch.count_nonzero(m) == 0 for m in _ms(model))  # the starting M (zeros), exactly
+
+
+def test_a_search_whose_trials_would_take_more_than_the_budget_is_refused():
+    with pytest.raises(ConfigError, match="at most the job's budget"):
+        LrSearch((1e-3, 3e-3, 1e-2), trial_fraction=0.5)
+
+
+def test_early_stopping_ends_the_run_after_patience_checks_without_improvement_and_keeps_the_best_m(tmp_path):
+    model = tiny_split()
+    params = list(model.weights.parameters())
+    scores = iter([5.0, 4.0, 2.0, 3.0, 2.5, 1.0, 0.5])  # before training, then after steps 1, 2, ...
+    seen = {}
+
+    def record(step, total, loss):
+        seen[step] = _ms(model)
+
+    settings = TrainSettings(lr=0.05, steps=10, batch_size=2, eval_every=1, patience=2, anchor=None)
+    checkpoint = TrainingCheckpoint(tmp_path / "checkpoint.safetensors", "job")
+    progress = train(model, params, causal_lm_batch_loss(model, PAD), TASK, settings, validate=lambda: next(scores),
+                     checkpoint=checkpoint, on_step=record)
+    # Steps 3 and 4 did not beat step 2: two checks without improvement, so step 5 never ran.
+    assert (progress.step, progress.best_step, progress.best_score, progress.stopped_early) == (4, 2, 2.0, True)
+    assert sorted(seen) == [1, 2, 3, 4]
+    assert all(torch.equal(a, b) for a, b in zip(_ms(model), seen[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[2], seen[4]))  # training had moved on
+    # A run killed after stopping early and run again does not train any further.
+    again = tiny_split()
+    resumed = train(again, list(again.weights.parameters()), causal_lm_batch_loss(again, PAD), TASK, settings,
+                    validate=lambda: next(scores), checkpoint=checkpoint, on_step=record)
+    assert resumed.step == 4 and all(torch.equal(a, b) for a, b in zip(_ms(again), seen[2]))
