@@ -35,8 +35,11 @@ from plora.storage.errors import ConfigError
 @dataclass(frozen=True)
 class LrSearch:
     candidates: tuple[float, ...] = (2e-3, 6e-3, 2e-2)
-    """Rates to try, about 3x apart around the 5e-3 personalization long used; measured on the
-    tiny test model and the embedded SmolLM2 (see the README's figures)."""
+    """Rates to try, about 3x apart around the 5e-3 personalization long used. On the embedded
+    SmolLM2 (a persona's 22 training facts, 2 held out; 12-step trials from M = 0, unanchored)
+    the held-out loss went from 3.95 to 2.39 at 7e-4, 1.72 at 2e-3, 1.18 at 6e-3, 1.39 at 2e-2
+    and 5.04 at 6e-2 (diverged): these three bracket the best. The tiny random test model
+    wants rates ten times larger (0.1 to 0.3), so tests give their own."""
     trial_fraction: float = 0.25
     """Each trial's optimizer steps, as a share of the job's budget."""
     patience: int = 2
