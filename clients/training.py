@@ -5,7 +5,8 @@ device's own data, here), distillation to a new backbone version (clients.migrat
 deriving a backbone (platform.versions.derive) and the benchmarks' baselines. Each gives its
 parameters, its data and the loss of one batch; the loop owns the rest: AdamW, a learning-rate
 schedule from transformers, batches in a seeded order, anchor rows mixed into every batch,
-the best parameters seen on validation, checkpoints that an interrupted job resumes exactly,
+the best parameters seen on validation (stopping early once it stops improving, if asked),
+checkpoints that an interrupted job resumes exactly,
 and progress reported as `on_step(step, total, loss)`.
 
 Personal data is small: a few epochs over it overfit (held-out loss rises above the base
