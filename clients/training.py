@@ -6,8 +6,8 @@ deriving a backbone (platform.versions.derive) and the benchmarks' baselines. Ea
 parameters, its data and the loss of one batch; the loop owns the rest: AdamW, a learning-rate
 schedule from transformers, batches in a seeded order, anchor rows mixed into every batch,
 the best parameters seen on validation (stopping early once it stops improving, if asked),
-checkpoints that an interrupted job resumes exactly,
-and progress reported as `on_step(step, total, loss)`.
+checkpoints that an interrupted job resumes exactly, and progress reported as
+`on_step(step, total, loss)`.
 
 Personal data is small: a few epochs over it overfit (held-out loss rises above the base
 model's), so when a validation split is given the best M seen on it is kept. Narrow data also
