@@ -26,6 +26,15 @@ os.environ["PLORA_HOME"] = os.environ["PLORA_TEST_HOME"]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Tests start service, device and Flower processes that run side by side on few cores, where
+# torch's default of an OpenMP thread per core in every process oversubscribes them: with one
+# other busy process on 2 cores, the tiny model's forward took 5x and the embedded model's 7x
+# as long as with one thread. The processes tests start get one thread each (the simulated
+# fleet test: 168 s instead of 194 s); this one, which mostly runs alone, keeps torch's
+# default, which it read on import (tests/integration/test_jobs.py: 65 s instead of 80 s).
+# Measured 2026-12-02 on 2 cores. An OMP_NUM_THREADS already set is left as it is.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from plora.cloud_backbone import loading  # noqa: E402
