@@ -10,6 +10,9 @@ nothing of them needs to be downloaded; the cloud's A and B never reach the devi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
@@ -50,6 +53,18 @@ class DeviceModel(nn.Module):
     @property
     def link(self) -> SplitLink:
         return self.remote.link
+
+    @contextmanager
+    def base_model(self) -> Iterator[None]:
+        """Within the block the model is its base model (every M = 0); M is restored after."""
+        kept = {name: m.detach().clone() for name, m in self.weights.named_tensors()}
+        with torch.no_grad():
+            for m in self.weights.parameters():
+                m.zero_()
+        try:
+            yield
+        finally:
+            self.weights.load_named_tensors(kept)
 
     def hidden_states(
         self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, attention_mask: torch.Tensor | None = None

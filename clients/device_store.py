@@ -2,12 +2,17 @@
 
     DIR/device.json          identity, backbone binding, adapter configuration
     DIR/adapter.safetensors  the private M matrices (see adapter_file)
+    DIR/private/             the user's own text, which never leaves the device: what a
+                             fleet puts there (train.jsonl, heldout.jsonl), and under kept/
+                             what personalization jobs trained on, so that a later backbone
+                             upgrade can carry the personalization over (platform.versions)
 
 Everything is written atomically, so a crash leaves the previous state in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -70,6 +75,7 @@ class DeviceStore:
     CREDENTIALS = "credentials.json"
     PRIVATE_TRAIN = "private/train.jsonl"  # the user's own data, when the device keeps it here
     PRIVATE_HELDOUT = "private/heldout.jsonl"
+    KEPT_TEXT = "private/kept"  # one JSONL per data set a job trained on, named by its content
     # While a migration to another backbone version runs, the next version's files are made
     # here; once switched to, the old version's files are kept under PREVIOUS/<version>.
     MIGRATION = "migration"
@@ -141,3 +147,20 @@ class DeviceStore:
 
     def write_adapter(self, weights: AdapterWeights, steps: int) -> None:
         save_adapter(self.adapter_path, weights, AdapterHeader(self.record.identity, steps))
+
+    def keep_text(self, records: list[dict[str, str]]) -> Path:
+        """Keep a job's training records (validated rows of clients.data) on the device, once
+        however often the same data is trained on, in a file of their own: a file holds one
+        format, and users' data sets may differ in it."""
+        text = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
+        path = self.root / self.KEPT_TEXT / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, text.encode())
+        return path
+
+    def private_text(self) -> list[Path]:
+        """The files of the user's own text the device holds: the fleet's, then the kept ones."""
+        fleet = self.root / self.PRIVATE_TRAIN
+        kept = sorted((self.root / self.KEPT_TEXT).glob("*.jsonl"))
+        return ([fleet] if fleet.is_file() else []) + kept

@@ -154,6 +154,7 @@ def run_personalization(
     checkpoint_every: int = 10,
     search: LrSearch | None = None,
     on_search_step: Callable[[int, int, float], None] | None = None,
+    keep_text: bool = True,
 ) -> JobOutcome:
     """Train the device's M on a local file, save it, and record the job.
 
@@ -170,6 +171,10 @@ def run_personalization(
     or a failure resumes it, under a new job whose params name the job and step resumed. A
     searched job resumes at the rate it chose (its trials are redone only when it was killed
     during them).
+
+    With `keep_text`, the device keeps the data it trained on (DeviceStore.keep_text): a
+    backbone upgrade distills the personalization on it, and without it only generic text
+    is left to distill on, which carries none of what the user taught the model.
     """
     if settings is None:
         settings, search = TrainSettings(), search or LrSearch()
@@ -177,7 +182,7 @@ def run_personalization(
     register(device.store.record, reg)
     with device_job(device.store, reg):
         return _personalization_job(device, data_path, settings, max_length, val_fraction, on_step, reg, checkpoint_every,
-                                    search, on_search_step)
+                                    search, on_search_step, keep_text)
 
 
 def _resumable(checkpoint: TrainingCheckpoint, device_id: str, reg: Registry) -> Resumable | None:
@@ -214,15 +219,18 @@ def _personalization_job(
     on_step: Callable[[int, int, float], None] | None,
     reg: Registry,
     checkpoint_every: int,
-    search: LrSearch | None = None,
-    on_search_step: Callable[[int, int, float], None] | None = None,
+    search: LrSearch | None,
+    on_search_step: Callable[[int, int, float], None] | None,
+    keep_text: bool,
 ) -> JobOutcome:
     record = device.store.record
     params = {"lr": settings.lr, "batch_size": settings.batch_size, "max_length": max_length}
     params.update({k: v for k, v in (("steps", settings.steps), ("epochs", settings.epochs)) if v is not None})
     params["anchor_weight"] = settings.anchor.weight if settings.anchor else 0.0
+    params["keeps_text"] = keep_text
     try:
-        examples = tokenize(load_examples(data_path), device.tokenizer, max_length)
+        records = load_examples(data_path)
+        examples = tokenize(records, device.tokenizer, max_length)
     except PloraError as err:
         reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
         raise
@@ -275,6 +283,8 @@ def _personalization_job(
         after = result.val_after if val else evaluate(device.model, train, pad)
         device.save(job["adapter_steps"] + result.steps)
         crash_point("personalize:adapter-saved")
+        if keep_text and Path(data_path).resolve() not in [p.resolve() for p in device.store.private_text()]:
+            device.store.keep_text(records.to_list())
     except (PloraError, OSError) as err:
         reg.fail_job(job_id, f"{type(err).__name__}: {err}")
         raise

@@ -1,11 +1,15 @@
 """`plora bench migrate`: how much personalization survives a backbone upgrade, per method.
 
-On the embedded backbone, a device personalizes on a synthetic persona against v1. Then, for
-each kind of upgrade (a derived decoder fine-tuned on public data; the same weights with
-fresh public projections), it measures private-fact recall and held-out loss for v1 + M,
-v2 with no M, v2 + copied M, v2 + distilled M and v2 + M retrained from scratch on the same
-data. Devices are real device folders with a local backbone, migrated by `migrate_device`,
-the code `plora migrate` runs.
+On the embedded backbone, a device personalizes on a synthetic persona against v1, as the
+README tells a user to: `plora personalize DIR --data notes.jsonl` with the job's defaults,
+the notes in a file outside the device folder. Then, for each kind of upgrade (a derived
+decoder fine-tuned on public data; the same weights with fresh public projections), it
+measures private-fact recall and loss on held-out paraphrases (kept outside the device, where
+no migration sees them) for v1 + M, v2 with no M, v2 + copied M, v2 + distilled M and v2 + M
+retrained from scratch on the same notes. Devices are real device folders with a local
+backbone, migrated by `migrate_device`, the code `plora migrate` runs; the bench accepts any
+retention (min_retention=0) so that it can measure the migrations a device would refuse, and
+reports the share of the gain each migration measured itself.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
-from plora.clients.device_store import DeviceStore
 from plora.clients.migration import DistillSettings
 from plora.clients.training import evaluate
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
@@ -26,7 +29,7 @@ from plora.cloud_backbone.versions import register
 from plora.platform.versions.derive import derive
 from plora.platform.jobs import run_personalization
 from plora.platform.versions.migration import migrate_device
-from plora.platform.fleet.personas import PERSONA_JOB, make_persona, persona_recall
+from plora.platform.fleet.personas import make_persona, persona_recall
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry
@@ -42,28 +45,25 @@ class MigrateBench:
         return {"rows": self.rows}
 
 
-def _measure(root: Path, persona) -> dict:
+def _measure(root: Path, persona, heldout: Path) -> dict:
     device = open_device(root)
     try:
-        heldout = tokenize(load_examples(root / DeviceStore.PRIVATE_HELDOUT), device.tokenizer, DEVICE_JOB_MAX_LENGTH)
+        examples = tokenize(load_examples(heldout), device.tokenizer, DEVICE_JOB_MAX_LENGTH)
         return {"recall": persona_recall(device.model, device.tokenizer, persona),
-                "heldout_loss": evaluate(device.model, heldout, device.tokenizer.pad_token_id)}
+                "heldout_loss": evaluate(device.model, examples, device.tokenizer.pad_token_id)}
     finally:
         device.close()
 
 
-def _new_device(root: Path, spec: str, config: PrivateLoRAConfig, persona) -> Path:
-    init_device(root, spec, config)
-    for name, records in ((DeviceStore.PRIVATE_TRAIN, persona.train_records()), (DeviceStore.PRIVATE_HELDOUT, persona.heldout_records())):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
-def _personalize(root: Path, reg: Registry) -> None:
+def _personalize(root: Path, reg: Registry, notes: Path) -> None:
     device = open_device(root)
     try:
-        run_personalization(device, root / DeviceStore.PRIVATE_TRAIN, PERSONA_JOB, DEVICE_JOB_MAX_LENGTH, val_fraction=0.0, reg=reg)
+        run_personalization(device, notes, None, reg=reg)  # the job's defaults: it chooses its learning rate
     finally:
         device.close()
 
@@ -74,12 +74,13 @@ def run_migrate_bench(data: Path, persona_seed: int, echo: Callable[[str], None]
     try:
         reg = Registry(open_database(f"sqlite:///{work / 'registry.db'}"))
         config, persona = PrivateLoRAConfig(), make_persona(persona_seed)
+        notes, heldout = _write(work / "notes.jsonl", persona.train_records()), _write(work / "heldout.jsonl", persona.heldout_records())
         v1 = register(reg, "embedded", config)
-        base = _new_device(work / "v1-device", "embedded", config, persona)
-        v1_none = _measure(base, persona)
+        base = init_device(work / "v1-device", "embedded", config).root
+        v1_none = _measure(base, persona, heldout)
         echo(f"v1 without M: recall {v1_none['recall']:.0%}, held-out loss {v1_none['heldout_loss']:.3f}; personalizing")
-        _personalize(base, reg)
-        v1_m = _measure(base, persona)
+        _personalize(base, reg, notes)
+        v1_m = _measure(base, persona, heldout)
         echo(f"v1 + M: recall {v1_m['recall']:.0%}, held-out loss {v1_m['heldout_loss']:.3f}")
         rows = [{"upgrade": "-", "model": "v1, no M", **v1_none}, {"upgrade": "-", "model": "v1 + M", **v1_m}]
         for kind in KINDS:
@@ -91,15 +92,16 @@ def run_migrate_bench(data: Path, persona_seed: int, echo: Callable[[str], None]
             else:
                 v2 = register(reg, "embedded", PrivateLoRAConfig(seed=config.seed + 1))
             v2_config = PrivateLoRAConfig.from_dict(v2.adapter_config)
-            measured = {"v2, no M": _measure(_new_device(work / f"{kind}-none", v2.source, v2_config, persona), persona)}
+            measured = {"v2, no M": _measure(init_device(work / f"{kind}-none", v2.source, v2_config).root, persona, heldout)}
             for method in ("copy", "distill"):
                 folder = work / f"{kind}-{method}"
                 shutil.copytree(base, folder)
-                migrate_device(folder, v2.name, method, reg, settings=distill)
-                measured[f"v2 + {method} M"] = _measure(folder, persona)
-            retrained = _new_device(work / f"{kind}-retrained", v2.source, v2_config, persona)
-            _personalize(retrained, reg)
-            measured["v2 + retrained M"] = _measure(retrained, persona)
+                report = migrate_device(folder, v2.name, method, reg, settings=distill, min_retention=0.0)
+                measured[f"v2 + {method} M"] = {**_measure(folder, persona, heldout),
+                                                "gain_kept_measured": report.after.get("gain_kept")}
+            retrained = init_device(work / f"{kind}-retrained", v2.source, v2_config).root
+            _personalize(retrained, reg, notes)
+            measured["v2 + retrained M"] = _measure(retrained, persona, heldout)
             none = measured["v2, no M"]
             loss_gain = v1_none["heldout_loss"] - v1_m["heldout_loss"]
             recall_gain = v1_m["recall"] - v1_none["recall"]

@@ -43,6 +43,7 @@ MIGRATE_COLUMNS = (
     Column("upgrade", "upgrade"), Column("model", "model"), Column("recall", "recall", ".0%"),
     Column("held-out loss", "heldout_loss", ".3f"), Column("gain kept (loss)", "loss_gain_kept", ".0%"),
     Column("gain kept (recall)", "recall_gain_kept", ".0%"),
+    Column("as the migration measured it", lambda row: row.get("gain_kept_measured"), ".0%"),
 )
 PERSONA_COLUMNS = (
     Column("persona", "persona"), Column("recall before", lambda row: row["before"]["recall"], ".0%"),

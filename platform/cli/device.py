@@ -110,9 +110,12 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Steps between checkpoints, from which a killed or failed job resumes when run again.")
+@click.option("--keep-text/--no-keep-text", default=True, show_default=True,
+              help="Keep a copy of the data in the device folder (DIR/private/kept), so that a backbone upgrade "
+                   "(plora migrate) can carry this personalization over; without it an upgrade loses most of it.")
 @fail_cleanly
 def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, batch_size, max_length, val_fraction, seed,
-                checkpoint_every) -> None:
+                checkpoint_every, keep_text) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
     from plora.clients.search import LrSearch
     from plora.clients.training import TrainSettings
@@ -129,7 +132,7 @@ def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, b
         board.update(name, "preparing")  # a first job also has the base model write its anchor text
         outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, board.steps(name, "training"),
                                       checkpoint_every=checkpoint_every, search=None if lr else LrSearch(),
-                                      on_search_step=board.steps(name, "trying learning rates"))
+                                      on_search_step=board.steps(name, "trying learning rates"), keep_text=keep_text)
         board.done(name, "saved")
     _summary(outcome)
     click.echo(f"adapter saved to {dev.store.adapter_path}")

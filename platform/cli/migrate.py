@@ -16,6 +16,7 @@ MIGRATION_COLUMNS = (
     Column("after", lambda row: row["after"].get("heldout_loss"), ".3f"),
     Column("KL to old: start", lambda row: row["after"].get("kl_to_old_at_start"), ".3f"),
     Column("end", lambda row: row["after"].get("kl_to_old"), ".3f"),
+    Column("gain kept", lambda row: row["after"].get("gain_kept"), ".0%"),
 )
 
 
@@ -52,14 +53,18 @@ def _fleet_rows(lines: list[dict], method: str) -> list[dict]:
 @click.option("--backbone", "address", help="HOST:PORT of a service hosting both versions, for networked devices "
               "(default: start one on loopback for the migration).")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Text to distill on, for a single device (default: its private/train.jsonl, else text it writes).")
+              help="Text to distill on, for a single device (default: the user's text the device keeps, else text it writes).")
+@click.option("--min-retention", type=click.FloatRange(0, 1),
+              help="Share of each device's personalization gain on its user's text the new M must keep, or the device "
+                   "stays on its version (default 0.9; 0 accepts any loss). Direct engine only.")
 @click.option("--steps", default=40, show_default=True, type=click.IntRange(min=1), help="Distillation steps per device.")
 @click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for the new M.")
 @db_option
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 @stop_on_sigterm
-def migrate(target, device_ids, method, engine, dry_run, root, address, data_path, steps, lr, db, as_json) -> None:
+def migrate(target, device_ids, method, engine, dry_run, root, address, data_path, min_retention, steps, lr, db,
+            as_json) -> None:
     """Move devices to another backbone version, keeping their personalization.
 
     Each device makes its new M on the device, verifies it, then switches, keeping the old
@@ -82,8 +87,9 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
     name = reg.get_backbone(target).name
     title = f"{'checking' if dry_run else 'migrating'} {len(folders)} device(s) to {name} by {method}"
     if engine != "direct":
-        if wanted or data_path or dry_run:
-            raise click.UsageError("--devices ID, --data and --dry-run go with --engine direct; a Flower job migrates the whole fleet")
+        if wanted or data_path or dry_run or min_retention is not None:
+            raise click.UsageError("--devices ID, --data, --min-retention and --dry-run go with --engine direct; "
+                                   "a Flower job migrates the whole fleet")
         from plora.platform.fleet.launch import launch_migration
 
         with Board(f"{title} on the {engine} engine", loss_name="KL") as board:
@@ -95,13 +101,21 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
                                        "run the same command again to retry them")
         return
     settings = DistillSettings(steps=steps, lr=lr)
-    reports = []
+    reports, refused = [], []
     with migration.service_for(folders, target, reg, None if dry_run else address) as reach, \
             Board(title, loss_name="KL", keys=[folder.name for folder in folders]) as board:
         for folder in folders:
             board.update(folder.name, "checking" if dry_run else "preparing")
-            report = migration.migrate_device(folder, target, method, reg, reach, data_path, settings, dry_run,
-                                              board.steps(folder.name, "distilling"))
-            board.done(folder.name, report.outcome)
+            try:
+                report = asdict(migration.migrate_device(
+                    folder, target, method, reg, reach, data_path, settings, dry_run, board.steps(folder.name, "distilling"),
+                    migration.MIN_RETENTION if min_retention is None else min_retention))
+            except migration.MigrationRefused as err:  # the device stays as it was; the others go on
+                refused.append(str(err))
+                report = {"device_id": DeviceStore.open(folder, midway=True).record.device_id, "method": method,
+                          "outcome": "refused", "before": err.before, "after": err.after}
+            board.done(folder.name, report["outcome"])
             reports.append(report)
-    show([asdict(report) for report in reports], MIGRATION_COLUMNS, as_json, title=title)
+    show(reports, MIGRATION_COLUMNS, as_json, title=title)
+    if refused:
+        raise click.ClickException(f"{len(refused)} device(s) refused to switch:\n" + "\n".join(refused))

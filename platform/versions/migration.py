@@ -21,6 +21,7 @@ exactly one version once `plora migrate` has run again, with one job (tests/inte
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -54,10 +55,28 @@ from plora.storage.files import discard_partial_writes, write_atomically
 from plora.storage.models import BackboneStatus, BackboneVersion, JobStatus
 from plora.storage.registry import Registry
 
+log = logging.getLogger(__name__)
+
 PLAN = "plan.json"
 CHECKPOINT = "checkpoint.safetensors"
+MIN_RETENTION = 0.9
+"""The share of its personalization's gain on the user's own text a device must keep to switch
+versions: (v2's base loss - v2 + new M's) / (v1's base loss - v1 + old M's), on held-out text
+where the device has some, else on the text it distilled on."""
+NO_GAIN = 0.01
+"""Nats per token: an old M that gains less than this on the user's text personalizes nothing
+measurable, so there is no share of it to check."""
+
 # Moved in this order; the record last, since it is what says which version the device is on.
 _SWITCHED = (DeviceStore.BUNDLE, DeviceStore.ADAPTER, DeviceStore.RECORD)
+
+
+class MigrationRefused(PloraError):
+    """The new M kept too little of the old one's personalization; the device stays where it was."""
+
+    def __init__(self, message: str, before: dict[str, float], after: dict[str, float]):
+        super().__init__(message)
+        self.before, self.after = before, after
 
 
 @dataclass
@@ -70,6 +89,7 @@ class MigrationReport:
     before: dict[str, float] = field(default_factory=dict)  # old backbone + old M
     after: dict[str, float] = field(default_factory=dict)  # new backbone + new M
     job_id: int | None = None
+    measured_on: str = ""  # the text the losses and the gain kept were measured on
 
 
 def migrate_device(
@@ -82,11 +102,14 @@ def migrate_device(
     settings: DistillSettings = DistillSettings(),
     dry_run: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
+    min_retention: float = MIN_RETENTION,
 ) -> MigrationReport:
     """Move the device in `root` to version `target` (resuming a migration left half-done).
 
     `address` is where the service hosting both versions is now, for a networked device.
-    Distillation runs on `data`, else on the device's private text, else on text it writes."""
+    Distillation runs on `data`, else on the user's text the device keeps, else on text its
+    base model writes. A new M that keeps less than `min_retention` of the old one's gain on
+    the user's text is refused (MigrationRefused), and the device stays on its version."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     reg = reg or open_registry()
@@ -116,7 +139,7 @@ def migrate_device(
             job_id = _open_job(reg, record.device_id, version.name, plan["method"])
             crash_point("migrate:job-started")
             try:
-                plan.update(_make_adapter(store, version, plan["method"], address, data, settings, on_step))
+                plan.update(_make_adapter(store, version, plan["method"], address, data, settings, on_step, min_retention))
             except PloraError as err:
                 reg.fail_job(job_id, f"{type(err).__name__}: {err}")
                 (staging / PLAN).unlink()  # a clean failure: a re-run may choose again (say, distill after copy)
@@ -172,19 +195,20 @@ def _target_record(store: DeviceStore, version: BackboneVersion, address: str | 
     return DeviceRecord(old.device_id, spec, identity, old.created_at, old.endpoint)
 
 
-def _device_text(store: DeviceStore, data: Path | None, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """(text to distill on, held-out text to measure on): the given file, else the device's own."""
-    train = data or store.root / DeviceStore.PRIVATE_TRAIN
+def _device_text(store: DeviceStore, data: Path | None, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], str]:
+    """(text to distill on, text to measure on, what the latter is): the given file, else the
+    user's text the device keeps; nothing when it keeps none."""
+    examples = [example for path in ([data] if data else store.private_text())
+                for example in tokenize(load_examples(path), tokenizer, DEVICE_JOB_MAX_LENGTH)]
     heldout = store.root / DeviceStore.PRIVATE_HELDOUT
-    if not train.is_file():
-        return [], []
-    examples = tokenize(load_examples(train), tokenizer, DEVICE_JOB_MAX_LENGTH)
-    return examples, tokenize(load_examples(heldout), tokenizer, DEVICE_JOB_MAX_LENGTH) if heldout.is_file() and data is None else examples
+    if examples and data is None and heldout.is_file():
+        return examples, tokenize(load_examples(heldout), tokenizer, DEVICE_JOB_MAX_LENGTH), "the user's held-out text"
+    return examples, examples, "the user's text" if examples else ""
 
 
 def _make_adapter(
     store: DeviceStore, version: BackboneVersion, method: str, address: str | None, data: Path | None,
-    settings: DistillSettings, on_step: Callable[[int, int, float], None] | None,
+    settings: DistillSettings, on_step: Callable[[int, int, float], None] | None, min_retention: float,
 ) -> dict:
     """Make, verify and stage the new M; returns the metrics and the new record for the plan."""
     staging = store.root / DeviceStore.MIGRATION
@@ -192,23 +216,30 @@ def _make_adapter(
     old = open_device(store.root, address)
     try:
         pad = old.tokenizer.pad_token_id
-        examples, heldout = _device_text(store, data, old.tokenizer)
-        if not examples:  # no text of its own: text the base model writes on generic prompts
+        examples, heldout, measured_on = _device_text(store, data, old.tokenizer)
+        users_text = bool(examples)
+        if not users_text:  # no text of its own: text the base model writes on generic prompts
+            log.warning("%s keeps none of its user's text: the migration distills on generic text, which carries little "
+                        "of the personalization, and cannot measure how much it keeps", store.root)
             examples = write_anchor(old.model, old.tokenizer, AnchorSettings(), seed=settings.seed)
-            heldout = examples
+            heldout, measured_on = examples, "generic text (the device keeps none of its user's)"
         targets = teacher_targets(old.model, examples, pad, settings.top_k)
         before = {"heldout_loss": evaluate(old.model, heldout, pad)}
+        with old.model.base_model():
+            before["base_heldout_loss"] = evaluate(old.model, heldout, pad)
         old_weights, steps = old.model.weights, old.steps
     finally:
         old.close()
     bundle = staging / DeviceStore.BUNDLE if is_address(new_record.backbone_spec) else None
     student, _ = connect(store, new_record, address, bundle)
     try:
+        with student.base_model():
+            after = {"base_heldout_loss": evaluate(student, heldout, pad)}
         if can_copy(old_weights, student.weights):
             copy_weights(old_weights, student.weights)  # the copy, and distillation's starting point
         elif method == "copy":
             copy_weights(old_weights, student.weights)  # raises, saying why
-        after = {"kl_to_old_at_start": mean_kl(student, examples, targets, pad), "heldout_loss_at_start": evaluate(student, heldout, pad)}
+        after.update(kl_to_old_at_start=mean_kl(student, examples, targets, pad), heldout_loss_at_start=evaluate(student, heldout, pad))
         tokens = 0
         if method == "distill":
             checkpoint = TrainingCheckpoint(staging / CHECKPOINT, fingerprint(examples, settings, version.name))
@@ -216,6 +247,16 @@ def _make_adapter(
             after["distill_steps"], tokens = progress.step, progress.tokens
         after["kl_to_old"] = mean_kl(student, examples, targets, pad)
         after["heldout_loss"] = evaluate(student, heldout, pad)
+        gain = before["base_heldout_loss"] - before["heldout_loss"]
+        if users_text and gain >= NO_GAIN:
+            after["gain_kept"] = (after["base_heldout_loss"] - after["heldout_loss"]) / gain
+            if after["gain_kept"] < min_retention:
+                raise MigrationRefused(
+                    f"{store.root}: the new M keeps {after['gain_kept']:.0%} of the personalization's gain on {measured_on} "
+                    f"({before['base_heldout_loss']:.3f} -> {before['heldout_loss']:.3f} nats/token on {store.record.identity.version}, "
+                    f"{after['base_heldout_loss']:.3f} -> {after['heldout_loss']:.3f} on {version.name}), below the "
+                    f"{min_retention:.0%} required; the device stays on {store.record.identity.version}. Distill with more "
+                    "--steps, or accept the loss with --min-retention 0", before, after)
         save_adapter(staging / DeviceStore.ADAPTER, student.weights, AdapterHeader(new_record.identity, steps))
         stored, _ = load_adapter(staging / DeviceStore.ADAPTER, new_record.identity)  # verify: it reads back as made
         if any(not stored[name].equal(t) for name, t in student.weights.named_tensors()):
@@ -223,7 +264,7 @@ def _make_adapter(
     finally:
         student.link.close()
     (staging / CHECKPOINT).unlink(missing_ok=True)
-    return {"before": before, "after": after, "tokens": tokens, "record": new_record.to_json()}
+    return {"before": before, "after": after, "tokens": tokens, "measured_on": measured_on, "record": new_record.to_json()}
 
 
 def _switch(root: Path, old_version: str) -> None:
@@ -261,6 +302,7 @@ def _finish(reg: Registry, root: Path, report: MigrationReport, plan: dict | Non
     if plan:
         report.source, report.method = plan["from"], plan["method"]
         report.before, report.after = plan.get("before", {}), plan.get("after", {})
+        report.measured_on = plan.get("measured_on", "")
     for job in open_jobs:
         if job.status == JobStatus.INTERRUPTED:
             reg.resume_job(job.id)

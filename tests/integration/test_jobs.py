@@ -238,3 +238,20 @@ def test_below_10_examples_a_job_trains_at_the_fixed_rate_and_records_why(tmp_pa
     (job,) = open_registry().list_jobs(device.store.record.device_id)
     assert job.params["selection"] == outcome.selection == "fixed: fewer than 10 examples" and not searched
     assert job.metrics_after["lr"] == outcome.lr == 0.05 and job.steps_done == 2
+
+
+def test_a_job_keeps_the_text_it_trained_on_once_unless_told_not_to(tmp_path, tiny_checkpoint, data):
+    from plora.clients.data import load_examples
+    from plora.clients.device_store import DeviceStore
+
+    init_device(tmp_path / "dev", str(tiny_checkpoint))
+    quick = TrainSettings(lr=0.05, steps=1, anchor=None)
+    for _ in range(2):
+        run_personalization(open_device(tmp_path / "dev"), data, quick, val_fraction=0.0)
+    (kept,) = (tmp_path / "dev" / DeviceStore.KEPT_TEXT).iterdir()
+    assert load_examples(kept).to_list() == load_examples(data).to_list()
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "something else entirely"}) + "\n")
+    outcome = run_personalization(open_device(tmp_path / "dev"), other, quick, val_fraction=0.0, keep_text=False)
+    assert [path.name for path in (tmp_path / "dev" / DeviceStore.KEPT_TEXT).iterdir()] == [kept.name]
+    assert open_registry().get_job(outcome.job_id).params["keeps_text"] is False
