@@ -124,8 +124,7 @@ def test_distill_keeps_each_devices_personalization_across_the_upgrade(fleet):
         assert job.status == "succeeded" and after["gain_kept"] >= migration.MIN_RETENTION
         assert after["kl_to_old"] < 0.5 * after["kl_to_old_at_start"]
         # Measured apart from the migration, on the test's copy of each user's held-out text.
-        base_after, loss_after = _losses(root)
-        assert base_after - loss_after >= migration.MIN_RETENTION * (base_before - loss_before)
+        assert base_before - _heldout_loss(root) >= migration.MIN_RETENTION * (base_before - loss_before)
     # The README's user trained from a file outside the device: the device kept its text.
     (kept,) = (devices[1] / DeviceStore.KEPT_TEXT).iterdir()
     assert load_examples(kept).to_list() == FACTS[1::2]
@@ -136,10 +135,10 @@ def test_distill_keeps_each_devices_personalization_across_the_upgrade(fleet):
 
 
 def test_a_migration_that_would_lose_the_personalization_is_refused(fleet, sharp_checkpoint):
-    v1, _, devices = fleet
+    v1, v2, devices = fleet
     plora("backbone", "register", "--backbone", sharp_checkpoint, "--rank", "8", "--seed", "1")
     reg = open_registry()
-    (reseeded,) = [v.name for v in reg.list_backbones() if v.name not in (v1, "tiny-v2")]
+    (reseeded,) = [v.name for v in reg.list_backbones() if v.name not in (v1, v2)]
     # Other public projections: the same M now means something else.
     refused = plora("migrate", "--to", reseeded, "--root", devices[0].parent, "--method", "copy", ok=False).output
     assert "2 device(s) refused to switch" in refused and refused.count(f"stays on {v1}") == 2
@@ -171,8 +170,8 @@ def test_a_killed_migration_finishes_on_a_rerun_with_each_device_once(fleet, mon
             real_switch(root, old_version)
 
     monkeypatch.setattr(migration, "_switch", killed_while_switching)
-    with pytest.raises(KeyboardInterrupt):
-        migration.migrate_device(devices[0], v2, "copy")
+    with pytest.raises(KeyboardInterrupt):  # copy loses some of the gain here: accepted, this test is about kills
+        migration.migrate_device(devices[0], v2, "copy", min_retention=0)
     monkeypatch.setattr(migration, "_switch", real_switch)
     with pytest.raises(ConfigError, match="midway through a migration"):
         open_device(devices[0])  # files of two versions: refused until finished
@@ -197,7 +196,7 @@ def _raise():
 
 def test_an_adapter_for_v1_is_refused_by_v2(fleet):
     v1, v2, devices = fleet
-    migration.migrate_device(devices[0], v2, "copy")
+    migration.migrate_device(devices[0], v2, "copy", min_retention=0)
     store = DeviceStore.open(devices[0])
     with pytest.raises(AdapterFileError, match="content_hash"):
         load_adapter(devices[0] / DeviceStore.PREVIOUS / v1 / DeviceStore.ADAPTER, store.record.identity)
@@ -218,7 +217,8 @@ def test_a_failed_migration_leaves_the_device_as_it_was_and_can_be_retried_anoth
     assert failed.status == "failed" and "use distill" in failed.reason
     for module in (migration, device_migration):
         monkeypatch.setattr(module, "can_copy", real)
-    assert migration.migrate_device(devices[0], v2, "distill", settings=migration.DistillSettings(steps=2)).method == "distill"
+    retried = migration.migrate_device(devices[0], v2, "distill", settings=migration.DistillSettings(steps=2), min_retention=0)
+    assert retried.method == "distill"
 
 
 def test_dry_run_changes_nothing_and_retire_then_succeeds(fleet):
@@ -226,5 +226,5 @@ def test_dry_run_changes_nothing_and_retire_then_succeeds(fleet):
     out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--dry-run").stdout
     assert out.count("would migrate") == 2 and not any((r / DeviceStore.MIGRATION).exists() for r in devices)
     assert "still bound" in plora("backbone", "retire", v1, ok=False).output
-    plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "copy")
+    plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "copy", "--min-retention", "0")
     assert "now retired" in plora("backbone", "retire", v1).output
