@@ -56,7 +56,7 @@ def _fleet_rows(lines: list[dict], method: str) -> list[dict]:
               help="Text to distill on, for a single device (default: the user's text the device keeps, else text it writes).")
 @click.option("--min-retention", type=click.FloatRange(0, 1),
               help="Share of each device's personalization gain on its user's text the new M must keep, or the device "
-                   "stays on its version (default 0.9; 0 accepts any loss). Direct engine only.")
+                   "stays on its version (default 0.9; 0 accepts any loss).")
 @click.option("--steps", default=40, show_default=True, type=click.IntRange(min=1), help="Distillation steps per device.")
 @click.option("--lr", default=1e-2, show_default=True, help="AdamW learning rate for the new M.")
 @db_option
@@ -87,13 +87,13 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
     name = reg.get_backbone(target).name
     title = f"{'checking' if dry_run else 'migrating'} {len(folders)} device(s) to {name} by {method}"
     if engine != "direct":
-        if wanted or data_path or dry_run or min_retention is not None:
-            raise click.UsageError("--devices ID, --data, --min-retention and --dry-run go with --engine direct; "
-                                   "a Flower job migrates the whole fleet")
+        if wanted or data_path or dry_run:
+            raise click.UsageError("--devices ID, --data and --dry-run go with --engine direct; a Flower job migrates the whole fleet")
         from plora.platform.fleet.launch import launch_migration
 
         with Board(f"{title} on the {engine} engine", loss_name="KL") as board:
-            lines = launch_migration(root, target, method, engine, address, steps, lr, echo=board.say, on_device=board.update)
+            lines = launch_migration(root, target, method, engine, address, steps, lr, echo=board.say, on_device=board.update,
+                                     min_retention=min_retention)
         show(_fleet_rows(lines, method), MIGRATION_COLUMNS, as_json, title=title)
         failed = [line for line in lines if line["error"]]
         if failed:

@@ -105,9 +105,11 @@ def launch_migration(
     lr: float = DistillSettings.lr,
     echo: Callable[[str], None] = lambda line: None,
     on_device: DeviceProgress | None = None,
+    min_retention: float | None = None,
 ) -> list[dict]:
     """Migrate every device of the fleet at `root` to version `target`, each on its own device,
-    orchestrated by Flower; returns one line per device (as in migrations.jsonl).
+    orchestrated by Flower; returns one line per device (as in migrations.jsonl). A device whose
+    new M would keep less than `min_retention` of its gain (default: the migration's) stays.
 
     `backbone` is HOST:PORT of a service hosting the devices' versions and the target; by
     default one is started on loopback for the run."""
@@ -123,7 +125,8 @@ def launch_migration(
             raise ConfigError(f"the devices under {root} use a local backbone; migrate them one by one instead")
         echo(f"migrating {len(folders)} devices to {reg.get_backbone(target).name} by {method} through {address}")
         settings = FleetSettings(root, address, devices=len(folders), steps=steps, lr=lr,
-                                 migrate_to=reg.get_backbone(target).name, migrate_method=method)
+                                 migrate_to=reg.get_backbone(target).name, migrate_method=method,
+                                 migrate_min_retention=-1.0 if min_retention is None else min_retention)
         with _device_progress(root, on_device or echo_progress(echo)):
             run_app(settings, engine, echo)
     path = root / MIGRATIONS_FILE

@@ -54,6 +54,9 @@ class FleetSettings:
     migrate_to: str = ""
     """When set, the run migrates every device to this backbone version instead of training."""
     migrate_method: str = "distill"
+    migrate_min_retention: float = -1.0
+    """The share of each device's personalization gain its new M must keep (see
+    platform.versions.migration); negative: the migration's own default."""
     enroll_token: str = ""
     """The enrollment token devices enroll with; `plora fleet launch` issues one for the run."""
 

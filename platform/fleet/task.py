@@ -22,7 +22,7 @@ from plora.platform.fleet.personas import make_persona, persona_recall
 from plora.platform.fleet.settings import PERSONAS, PROGRESS_FILE, FleetSettings, device_dir
 from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
-from plora.platform.versions.migration import migrate_device
+from plora.platform.versions.migration import MIN_RETENTION, migrate_device
 from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
 
@@ -145,8 +145,9 @@ def migrate(settings: FleetSettings, partition_id: int) -> dict[str, int | float
         report_progress(folder, "migration", step, total, loss)
 
     distill = DistillSettings(steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size)
+    min_retention = MIN_RETENTION if settings.migrate_min_retention < 0 else settings.migrate_min_retention
     moved = migrate_device(folder, settings.migrate_to, settings.migrate_method, address=settings.backbone,
-                             settings=distill, on_step=report)
+                           settings=distill, on_step=report, min_retention=min_retention)
     metrics: dict[str, int | float] = {"migrated": int(moved.outcome == "migrated"), "job_id": moved.job_id or 0}
     metrics.update({f"before_{k}": v for k, v in moved.before.items()})
     metrics.update({f"after_{k}": v for k, v in moved.after.items()})
