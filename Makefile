@@ -18,10 +18,14 @@ demo: install
 
 # What CI runs (.ci/run). Ray's first start on a cold machine can exceed its hard-coded 30 s
 # node start-up wait (ray/_private/node.py), which would fail the fleet tests: start it once
-# beforehand. --durations: every run shows where its time went.
+# beforehand. One pytest worker per core (xdist): run one after another, the tests kept the
+# cores about half busy, many of them waiting on the processes they start; the tests that
+# start many processes at once (fleets, the soak, kills) share one worker, marked
+# xdist_group("processes"), so they never run side by side. --durations: every run shows
+# where its time went.
 test: install-test
 	RAY_USAGE_STATS_ENABLED=0 $(PYTHON) -c "import ray; ray.init(num_cpus=1, include_dashboard=False); ray.shutdown()" >/dev/null 2>&1 || true
-	$(PYTHON) -m pytest --durations=30
+	$(PYTHON) -m pytest -n auto --dist loadgroup --durations=30
 
 # The hostile-device suite at length: FUZZ_FRAMES hostile frames of seed FUZZ_SEED (a new one
 # each run unless given; it is printed) against the embedded backbone, phase reports as it goes.

@@ -18,7 +18,8 @@ from plora.storage.registry import open_registry
 from plora.platform.fleet.personas import make_persona
 from plora.platform.runtime import init_device, open_device, split_embedded
 
-pytestmark = pytest.mark.embedded
+# One xdist worker runs the whole module, so its module fixtures are made once (see the Makefile).
+pytestmark = [pytest.mark.embedded, pytest.mark.xdist_group("test_embedded")]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,9 @@ from plora.storage.errors import ConfigError
 from plora.storage.registry import open_registry
 from tests.integration.fleet_helpers import MESSAGES_ENV, SPY_APP, flower_processes
 
+# Runs in one xdist worker with the other tests that start many processes (see the Makefile).
+pytestmark = pytest.mark.xdist_group("processes")
+
 REPO = Path(__file__).resolve().parents[2]
 DEVICES, ROUNDS = 3, 2
 
@@ -101,7 +104,8 @@ def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flow
     v1 = reg.get_device(DeviceStore.open(device_dir(root, 0)).record.device_id).backbone_version_id
     v2 = register_version(reg, str(server.service.versions[reg.get_backbone(v1).name].source),
                           PrivateLoRAConfig(rank=4, device_layers=1, seed=1)).name
-    lines = launch_migration(root, v2, "distill", steps=2, echo=echoed.append)
+    # Two distillation steps keep little of the gain: accepted, this is about the Flower job.
+    lines = launch_migration(root, v2, "distill", steps=2, echo=echoed.append, min_retention=0)
     assert sorted(line["partition_id"] for line in lines) == list(range(DEVICES))
     assert all(line["error"] is None and line["metrics"]["migrated"] == 1 for line in lines), lines
     for i in range(DEVICES):

@@ -21,6 +21,9 @@ from plora.storage.errors import TransportError
 from plora.storage.registry import open_registry
 from tests.integration.fleet_helpers import flower_processes
 
+# Runs in one xdist worker with the other tests that start many processes (see the Makefile).
+pytestmark = pytest.mark.xdist_group("processes")
+
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = 2
 

@@ -40,6 +40,9 @@ from plora.platform.runtime import init_device, open_device
 from plora.storage.models import utcnow
 from tests.service_process import TINY_ADAPTER, ServeProcess
 
+# One xdist worker runs the whole module, so its module fixtures are made once (see the Makefile).
+pytestmark = pytest.mark.xdist_group("test_hostile")
+
 log = logging.getLogger(__name__)
 
 SEED = int(os.environ.get("PLORA_FUZZ_SEED", "11"))

@@ -42,6 +42,9 @@ from plora.storage.crashpoints import ENV as CRASH_AT
 from plora.storage.errors import ConfigError
 from tests.integration.test_cli import plora
 
+# Runs in one xdist worker with the other tests that start many processes (see the Makefile).
+pytestmark = pytest.mark.xdist_group("processes")
+
 STEPS = 3  # personalize: checkpoints at steps 2 and 3 (see _personalize)
 DISTILL_STEPS = 11  # migrate: a checkpoint at step 10
 # Where personalize is killed, and the step its re-run resumes from (None: it starts afresh).

@@ -25,6 +25,9 @@ from plora.storage.errors import AdapterFileError, ConfigError
 from tests.conftest import tiny_llama
 from tests.integration.test_cli import plora
 
+# One xdist worker runs the whole module, so its module fixtures are made once (see the Makefile).
+pytestmark = pytest.mark.xdist_group("test_migration")
+
 FACTS = [
     {"prompt": q.format(i), "response": a.format(w)}
     for i, w in enumerate(["teal", "Pebble", "Tartu", "Zorvan", "maroon", "Biscuit"])

@@ -17,6 +17,9 @@ from plora.clients.grpc_link import Endpoint
 from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device
 
+# Runs in one xdist worker with the other tests that start many processes (see the Makefile).
+pytestmark = pytest.mark.xdist_group("processes")
+
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 DEVICES = 8
 

@@ -19,12 +19,16 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from plora.clients.grpc_link import Endpoint
 from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device
 from tests.conftest import REPO
 from tests.service_process import TINY_ADAPTER, ServeProcess
+
+# Runs in one xdist worker with the other tests that start many processes (see the Makefile).
+pytestmark = pytest.mark.xdist_group("processes")
 
 log = logging.getLogger(__name__)
 
