@@ -33,8 +33,12 @@ import torch  # noqa: E402
 # as long as with one thread. The processes tests start get one thread each (the simulated
 # fleet test: 168 s instead of 194 s); this one, which mostly runs alone, keeps torch's
 # default, which it read on import (tests/integration/test_jobs.py: 65 s instead of 80 s).
-# Measured 2026-12-02 on 2 cores. An OMP_NUM_THREADS already set is left as it is.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Measured 2026-12-02 on 2 cores. Under xdist (make test) the workers themselves run side by
+# side, so each takes one thread too. An OMP_NUM_THREADS already set is left as it is.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        torch.set_num_threads(1)
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from plora.cloud_backbone import loading  # noqa: E402

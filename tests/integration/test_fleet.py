@@ -30,7 +30,7 @@ from tests.integration.fleet_helpers import MESSAGES_ENV, SPY_APP, flower_proces
 pytestmark = pytest.mark.xdist_group("processes")
 
 REPO = Path(__file__).resolve().parents[2]
-DEVICES, ROUNDS = 3, 2
+DEVICES, ROUNDS = 2, 2
 
 
 @pytest.fixture
