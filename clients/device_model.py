@@ -10,6 +10,7 @@ nothing of them needs to be downloaded; the cloud's A and B never reach the devi
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,7 +43,9 @@ class DeviceModel(nn.Module):
         self.norm = decoder.norm
         self.lm_head = model.get_output_embeddings()
         self.weights = AdapterWeights(config, identity.num_layers)
-        self.local = decoder_slice(model, 0, config.device_layers) if config.device_layers else None
+        # Its own copy of the layers it adapts: attach() wraps them in place, and `model` may be
+        # shared with other devices of this process (clients.public_store).
+        self.local = copy.deepcopy(decoder_slice(model, 0, config.device_layers)) if config.device_layers else None
         if self.local is not None:
             self._local_slot = attach(self.local.layers, 0, config)
         self.remote = RemoteDecoder(link, self.weights)

@@ -2,6 +2,8 @@
 
     DIR/device.json          identity, backbone binding, adapter configuration
     DIR/adapter.safetensors  the private M matrices (see adapter_file)
+    DIR/bundle/              a networked backbone's device half, unless the device shares a
+                             PublicStore with others (clients.public_store), as a fleet's do
     DIR/private/             the user's own text, which never leaves the device: what a
                              fleet puts there (train.jsonl, heldout.jsonl), and under kept/
                              what personalization jobs trained on, so that a later backbone
@@ -19,10 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
+from plora.clients.public_store import PublicStore, load_device_half, relative_to
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import ConfigError
@@ -38,6 +40,8 @@ class DeviceRecord:
     identity: BackboneIdentity  # the backbone version this device was made for
     created_at: str
     endpoint: dict | None = None  # for a networked backbone: {"insecure": bool, "ca_file": str | None}
+    bundle_sha256: str | None = None  # a networked backbone's device half, as enrolled; None before plora kept it
+    public: str | None = None  # the PublicStore shared with other devices, from the device's folder; None: its own
 
     def to_json(self) -> dict:
         # The form of plora-device/1 since the first device, the identity's fields flat under
@@ -54,6 +58,8 @@ class DeviceRecord:
             "created_at": self.created_at,
             "endpoint": self.endpoint,
             "adapter": identity.adapter.to_dict(),
+            # Added since; left out when unset, so that older records write back as they were read.
+            **{key: value for key, value in (("bundle_sha256", self.bundle_sha256), ("public", self.public)) if value is not None},
         }
 
     @classmethod
@@ -63,7 +69,8 @@ class DeviceRecord:
         try:
             identity = BackboneIdentity(data["backbone_name"], data["backbone_hash"], data["num_layers"], data["hidden_size"],
                                         PrivateLoRAConfig.from_dict(data["adapter"]))
-            return cls(data["device_id"], data["backbone_spec"], identity, data["created_at"], data.get("endpoint"))
+            return cls(data["device_id"], data["backbone_spec"], identity, data["created_at"], data.get("endpoint"),
+                       data.get("bundle_sha256"), data.get("public"))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"{where} is missing or has a malformed field: {err}") from err
 
@@ -87,9 +94,11 @@ class DeviceStore:
 
     @classmethod
     def create(
-        cls, root: Path, backbone_spec: str, identity: BackboneIdentity, endpoint: dict | None = None, device_id: str | None = None
+        cls, root: Path, backbone_spec: str, identity: BackboneIdentity, endpoint: dict | None = None, device_id: str | None = None,
+        bundle_sha256: str | None = None, public: Path | None = None,
     ) -> DeviceStore:
-        """A new device folder. `device_id` is the one a service issued; local devices get a fresh one."""
+        """A new device folder. `device_id` is the one a service issued; local devices get a fresh
+        one. `public` is a PublicStore the device shares with others, None to keep its own files."""
         root = Path(root)
         if (root / cls.RECORD).exists():
             raise ConfigError(f"{root} already holds a device; use another folder")
@@ -101,6 +110,8 @@ class DeviceStore:
             identity=identity,
             endpoint=endpoint,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            bundle_sha256=bundle_sha256,
+            public=None if public is None else relative_to(root, public),
         )
         store = cls(root, record)
         write_atomically(root / cls.RECORD, json.dumps(record.to_json(), indent=2).encode())
@@ -127,17 +138,30 @@ class DeviceStore:
     def adapter_path(self) -> Path:
         return self.root / self.ADAPTER
 
-    def load_bundle(self, folder: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The device's half of a networked backbone: embeddings, device layers, norm, head.
-        `folder` is where a bundle other than the current one lies (a migration's next one)."""
-        folder = folder or self.root / self.BUNDLE
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"{folder} is missing; re-create the device with `plora device init`")
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model.eval().requires_grad_(False), tokenizer
+    def public_store(self, record: DeviceRecord | None = None) -> PublicStore | None:
+        """The PublicStore the device shares with others, None when it keeps its own files."""
+        public = (record or self.record).public
+        return None if public is None else PublicStore(self.root / public)
+
+    def bundle_folder(self, record: DeviceRecord | None = None) -> Path:
+        """Where the device half of `record` (default: the device's current one) lies."""
+        record = record or self.record
+        shared = self.public_store(record)
+        return self.root / self.BUNDLE if shared is None else shared.bundle(record.bundle_sha256)
+
+    def public_folder(self) -> Path:
+        """Where what the device's base model wrote once is kept: its own folder, or its
+        version's in the PublicStore it shares."""
+        shared = self.public_store()
+        return self.root if shared is None else shared.version(self.record.identity.version)
+
+    def load_bundle(self, record: DeviceRecord | None = None, folder: Path | None = None
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The device half of `record` (default: the device's current one): embeddings, device
+        layers, norm, head, checked against its digest. `folder` is where it lies when not where
+        the record says (a migration's next one, before the switch)."""
+        record = record or self.record
+        return load_device_half(folder or self.bundle_folder(record), record.bundle_sha256)
 
     def read_adapter(self, weights: AdapterWeights) -> int:
         """Load the stored M into `weights`; returns the steps it was trained for."""

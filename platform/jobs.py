@@ -35,15 +35,16 @@ from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device
 from plora.storage.crashpoints import crash_point
 from plora.storage.errors import ConfigError, PloraError, RegistryError
-from plora.storage.files import discard_partial_writes, write_atomically
+from plora.storage.files import discard_partial_writes, exclusive, write_atomically
 from plora.storage.models import JobStatus
 from plora.storage.registry import Registry, open_registry
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
-ANCHOR = "anchor.json"  # in the device folder: the anchor text its base model wrote
+ANCHOR = "anchor.json"  # in the device's public folder: the anchor text its base model wrote
 ANCHOR_TARGETS = "anchor-targets.safetensors"  # next to it: the base model's targets on that text
+ANCHOR_LOCK = ".anchor.lock"  # next to them: held while they are read or made
 ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
 ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
@@ -78,14 +79,17 @@ def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) 
 def device_anchor(device: Device, settings: AnchorSettings) -> Anchor:
     """The device's anchor: its text and the base model's targets on it, made on first use and
     then kept, since making them costs a generation and a forward pass over the text, and only
-    the backbone and the settings change them."""
+    the backbone and the settings change them. Devices sharing a PublicStore share it: it is
+    the base model's, and one of them makes it while the others wait."""
     version = device.store.record.identity.version
-    return kept_anchor(device.store.root / ANCHOR_TARGETS, device.model, _anchor_text(device, settings, version),
-                       device.tokenizer.pad_token_id, settings.top_k, version)
+    folder = device.store.public_folder()
+    with exclusive(folder / ANCHOR_LOCK):
+        return kept_anchor(folder / ANCHOR_TARGETS, device.model, _anchor_text(device, settings, folder, version),
+                           device.tokenizer.pad_token_id, settings.top_k, version)
 
 
-def _anchor_text(device: Device, settings: AnchorSettings, version: str) -> list[TokenizedExample]:
-    path = device.store.root / ANCHOR
+def _anchor_text(device: Device, settings: AnchorSettings, folder: Path, version: str) -> list[TokenizedExample]:
+    path = folder / ANCHOR
     key = f"{version}/{text_key(settings, ANCHOR_SEED)}"
     try:
         kept = json.loads(path.read_text())

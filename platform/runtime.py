@@ -18,11 +18,13 @@ from transformers import PreTrainedTokenizerBase
 from plora.clients.device_model import DeviceModel
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bundle, forget, register
+from plora.clients.public_store import PublicStore
 from plora.clients.recovery import RetryPolicy
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink
+from plora.cloud_backbone.protocol.messages import HostedBackbone
 from plora.storage.errors import AuthenticationError, ConfigError, TransportError
 from plora.storage.files import write_atomically
 from plora.storage.registry import Registry
@@ -58,6 +60,7 @@ def init_device(
     endpoint: Endpoint | None = None,
     label: str = "",
     enroll_token: str = "",
+    public: Path | None = None,
 ) -> DeviceStore:
     """Create a device folder bound to a backbone, with M = 0.
 
@@ -65,24 +68,36 @@ def init_device(
     adapter configuration itself, and `config`, if given, must agree with it. A service
     enrolls the device with `enroll_token`, issued by its operator (`plora backbone enroll
     create`, or Registry.issue_enrollment_token); only one with open enrollment takes none.
+    The device keeps its public files (its backbone's device half, its base model's anchor
+    text) in its own folder, or with `public` in that PublicStore, shared with other devices.
     """
     root = Path(root)
     if (root / DeviceStore.RECORD).exists():
         raise ConfigError(f"{root} already holds a device; use another folder")
     if not is_address(backbone_spec):
         identity = loading.load(backbone_spec).identity(config or PrivateLoRAConfig())
-        return DeviceStore.create(root, backbone_spec, identity)
+        return DeviceStore.create(root, backbone_spec, identity, public=public)
     endpoint = endpoint or Endpoint(backbone_spec)
     credentials, hosted = register(endpoint, enroll_token, label=label)
     identity = hosted.identity
     if config is not None and config != identity.adapter:
         raise ConfigError(f"the service at {backbone_spec} serves adapter config {identity.adapter}, not {config}; drop the adapter options")
     root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(root / DeviceStore.BUNDLE, ignore_errors=True)  # left by an earlier, failed init
-    download_bundle(endpoint, credentials, hosted, root / DeviceStore.BUNDLE)
+    fetch_bundle(root, endpoint, credentials, hosted, public)
     credentials.save(root / DeviceStore.CREDENTIALS)
     transport = {"insecure": endpoint.insecure, "ca_file": endpoint.ca_file}
-    return DeviceStore.create(root, backbone_spec, identity, endpoint=transport, device_id=credentials.device_id)
+    return DeviceStore.create(root, backbone_spec, identity, endpoint=transport, device_id=credentials.device_id,
+                              bundle_sha256=hosted.bundle_sha256, public=public)
+
+
+def fetch_bundle(folder: Path, endpoint: Endpoint, credentials: Credentials, hosted: HostedBackbone, public: Path | None) -> None:
+    """Download the device half of `hosted` for the device whose files are made in `folder`:
+    there, or into the PublicStore `public` unless it holds the half already."""
+    if public is not None:
+        PublicStore(public).fetch_bundle(endpoint, credentials, hosted)
+        return
+    shutil.rmtree(folder / DeviceStore.BUNDLE, ignore_errors=True)  # left by an earlier, failed download
+    download_bundle(endpoint, credentials, hosted, folder / DeviceStore.BUNDLE)
 
 
 def forget_device(root: Path, reg: Registry, address: str | None = None) -> dict[str, int]:
@@ -126,7 +141,7 @@ def connect(
     this process. `bundle` is the device half's folder when it is not the store's current one.
     `retry` says how long a network step that lost its connection is tried again."""
     if is_address(record.backbone_spec):
-        model_k, tokenizer = store.load_bundle(bundle)
+        model_k, tokenizer = store.load_bundle(record, bundle)
         endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
         link = GrpcLink(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), record.identity, retry=retry)
         model = DeviceModel(model_k, record.identity.adapter, link)

@@ -1,7 +1,10 @@
 """Writing files so that a crash leaves either the old content or the new, never a mix."""
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from plora.storage.crashpoints import crash_point
@@ -35,3 +38,16 @@ def discard_partial_writes(folder: Path, names: tuple[str, ...]) -> None:
     for name in names:
         for stray in Path(folder).glob(f".{name}.*"):
             stray.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an flock on `lock_file` (made if missing) for the block, waiting for any other holder:
+    for work that processes sharing a folder must do once, not side by side. The kernel drops
+    the lock with its holder, SIGKILL included."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

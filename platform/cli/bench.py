@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from plora.platform.cli.common import fail_cleanly
-from plora.platform.cli.output import JSON_HELP, Column, print_json, say, show
+from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, say, show
 
 
 @click.group()
@@ -53,6 +53,7 @@ PERSONA_COLUMNS = (
     Column("without the anchor: recall", lambda row: row.get("without_anchor", {}).get("after", {}).get("recall"), ".0%"),
     Column("change", lambda row: row.get("without_anchor", {}).get("generic_nll_change"), "+.1%"),
 )
+FLEET_COLUMNS = (Column("figure", "figure"), Column("value", "value", ".3f"), Column("target", "target"), Column("detail", "detail"))
 SPEAKER_COLUMNS = (
     Column("speaker", "speaker"), Column("PrivateLoRA gain (nats)", lambda row: row["privatelora"]["gain"], ".3f"),
     Column("LoRA gain", lambda row: row["lora"]["gain"], ".3f"), Column("gain ratio", "gain_ratio", ".0%"),
@@ -125,3 +126,27 @@ def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
         return
     show(results["personas"], PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
     show(results["speakers"], SPEAKER_COLUMNS, False, title="Shakespeare speakers: held-out NLL gain, PrivateLoRA against LoRA")
+
+
+@bench.command("fleet")
+@click.option("--small", default=100, show_default=True, type=click.IntRange(min=1), help="Devices of the smaller fleet.")
+@click.option("--large", default=1000, show_default=True, type=click.IntRange(min=2), help="Devices of the larger fleet.")
+@click.option("--sampled", default=10, show_default=True, type=click.IntRange(min=1), help="Devices each fleet samples for its round.")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Training steps per sampled device.")
+@click.option("--backbone", help="A local backbone to serve for the runs (default: the embedded one).")
+@results_options
+@fail_cleanly
+def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> None:
+    """What a simulated fleet costs as it grows: `plora fleet launch` from nothing for a small and
+    a large fleet sampling the same devices for one round; disk, wall time and peak memory.
+
+    Takes about twice as long as one such fleet launch: on 2 cores, some 10 minutes each on the
+    embedded backbone with the defaults."""
+    from plora.platform.bench.fleet import run_fleet_bench
+
+    if not sampled <= small < large:
+        raise click.UsageError(f"need --sampled <= --small < --large, got {sampled}, {small}, {large}")
+    with Board("fleets of growing size") as board:
+        results = run_fleet_bench(small, large, sampled, steps, backbone, echo=board.say, on_progress=board.update)
+    _keep(results.to_json(), out_path)
+    show(results.figures, FLEET_COLUMNS, as_json, document=results.to_json())

@@ -36,22 +36,31 @@ def fleet() -> None:
 @click.option("--steps", default=FleetSettings.steps, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
 @click.option("--lr", default=FleetSettings.lr, show_default=True, help="AdamW learning rate for M.")
 @click.option("--fraction", default=FleetSettings.fraction, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Share of the devices sampled each round.")
+              help="Share of the devices sampled each round. A device is set up (enrolled, given its data) when first "
+              "sampled, so a large fleet costs what its sampled devices do.")
+@click.option("--fraction-evaluate", default=FleetSettings.fraction_evaluate, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="Share of each round's trained devices evaluated after training. Each sampled device's baseline is "
+              "measured before its first training all the same.")
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the devices (one sub-folder each) and rounds.jsonl.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 @stop_on_sigterm
-def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, root, as_json) -> None:
+def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, fraction_evaluate, root, as_json) -> None:
     """Personalize a fleet of devices in rounds, each against the same backbone service.
 
     Every device keeps its private data and its M in its own folder; only scalar metrics
-    travel to the orchestrator. Rerunning with the same ROOT continues from the devices' adapters.
+    travel to the orchestrator. What is the same for every device (the backbone's device half,
+    the base model's anchor text) is kept once, under ROOT/public. Progress is one line for the
+    whole fleet; each device's figures go to ROOT/rounds.jsonl, and the table shows the devices
+    sampled. Rerunning with the same ROOT continues from the devices' adapters.
     """
     from plora.platform.fleet.launch import launch
 
     with Board(f"{devices} devices, {rounds} round(s) of {steps} steps, on the {engine} engine") as board:
-        rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=board.say, on_device=board.update)
+        rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=board.say,
+                      on_progress=board.update, fraction_evaluate=fraction_evaluate)
     show(rows, FLEET_COLUMNS, as_json)
     say(f"per-round record: {root / 'rounds.jsonl'}")
     failed = sum(row["failed"] for row in rows)
@@ -108,4 +117,4 @@ def demo(out, devices, steps) -> None:
 
     devices = devices or DEVICES
     with Board(f"plora demo: {devices} devices personalize on the embedded backbone") as board:
-        run_demo(out, board.say, steps=steps, devices=devices, on_device=board.update)
+        run_demo(out, board.say, steps=steps, devices=devices, on_progress=board.update)

@@ -126,6 +126,7 @@ class _Task:
     step: int | None = None
     total: int | None = None
     loss: float | None = None
+    note: str | None = None  # what else there is to say, e.g. a fleet's counts and time left
     started: float | None = None  # at its first update
     # What the plain fallback printed last: when, which phase, which tenth of the steps.
     printed_at: float | None = None
@@ -172,16 +173,16 @@ class Board:
         self._console.print(line, markup=False, soft_wrap=True)
 
     def update(self, key: str, phase: str | None = None, step: int | None = None, total: int | None = None,
-               loss: float | None = None) -> None:
-        """Task `key` is in `phase` (None: the same phase), at `step` of `total` with `loss`.
-        A phase without steps (None) shows no step count."""
+               loss: float | None = None, note: str | None = None) -> None:
+        """Task `key` is in `phase` (None: the same phase), at `step` of `total` with `loss`, and
+        `note`. A phase without steps (None) shows no step count."""
         with self._lock:
             task = self._tasks.setdefault(key, _Task())
             if task.started is None:
                 task.started = time.monotonic()
             if phase is not None:
                 task.phase = phase
-            task.step, task.total, task.loss = step, total, loss if step is not None else None
+            task.step, task.total, task.loss, task.note = step, total, loss if step is not None else None, note
             line = self._plain_line(key, task) if self._live is None else None
         if line:
             self.say(line)
@@ -190,8 +191,8 @@ class Board:
         """Task `key` has ended in `phase`; its last step and loss stay shown."""
         with self._lock:
             task = self._tasks.get(key, _Task())
-            step, total, loss = task.step, task.total, task.loss
-        self.update(key, phase, step, total, loss)
+            step, total, loss, note = task.step, task.total, task.loss, task.note
+        self.update(key, phase, step, total, loss, note)
 
     def steps(self, key: str, phase: str) -> Callable[[int, int, float], None]:
         """The `progress(step, total, loss)` callback of a training loop, shown as `key` in `phase`."""
@@ -210,9 +211,11 @@ class Board:
             line += f", step {task.step}/{task.total if task.total else '?'}"
         if task.loss is not None:
             line += f", {self.loss_name} {task.loss:.4f}"
+        if task.note:
+            line += f"; {task.note}"
         return line
 
-    def _render(self) -> Group | Table:
+    def _render(self) -> Group:
         grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for header, justify in (("", "left"), ("phase", "left"), ("", "left"), ("step", "right"),
                                 (self.loss_name, "right"), ("time", "right")):
@@ -226,7 +229,8 @@ class Board:
                 grid.add_row(key, task.phase, bar, f"{task.step}/{task.total}" if known else "",
                              "" if task.loss is None else f"{task.loss:.4f}",
                              "" if task.started is None else _duration(now - task.started))
-        return Group(Text(self.title, style="bold"), grid) if self.title else grid
+            notes = [Text(f"{key}: {task.note}") for key, task in self._tasks.items() if task.note]
+        return Group(*([Text(self.title, style="bold")] if self.title else []), grid, *notes)
 
 
 def _duration(seconds: float) -> str:

@@ -20,7 +20,7 @@ from plora.storage.offline import go_offline
 go_offline()  # Flower's processes start here: offline before the imports below load Hugging Face's libraries
 
 from plora.platform.fleet import task
-from plora.platform.fleet.settings import FleetSettings
+from plora.platform.fleet.settings import FAILED, FleetSettings, device_dir
 from plora.storage.errors import PloraError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _run_job(
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     metrics: dict[str, int | float] = {"partition_id": partition_id}
-    content = RecordDict()
+    content, settings = RecordDict(), None
     try:
         settings = _settings_of(context)
         if enroll:
@@ -51,6 +51,9 @@ def _run_job(
         metrics.update(job(settings, partition_id), failed=0)
     except (PloraError, OSError) as err:
         log.error("device %d: %s failed: %s: %s", partition_id, msg.metadata.message_type, type(err).__name__, err)
+        config = msg.content.config_records.get("config", ConfigRecord())
+        if settings is not None and "round" in config:  # the launcher counts the round's jobs ended
+            task.report_progress(device_dir(settings.fleet_root, partition_id), f"round {config['round']}: {FAILED}")
         metrics["failed"] = 1
         content["error"] = ConfigRecord({"kind": type(err).__name__})
     content["metrics"] = MetricRecord(metrics)

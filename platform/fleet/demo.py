@@ -30,7 +30,7 @@ from plora.clients.training import evaluate
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.cloud_backbone.server import start_service
-from plora.platform.fleet.launch import DeviceProgress, launch, read_rounds
+from plora.platform.fleet.launch import Progress, launch, read_rounds
 from plora.platform.fleet.personas import Persona, make_persona, recalled
 from plora.platform.fleet.report import Answer, DemoReport, DeviceReport, summary_lines, write_report
 from plora.platform.fleet.settings import device_dir
@@ -126,7 +126,7 @@ def answer_on_device(folder: Path, address: str | None, persona: Persona,
             "private_examples": examples, "crossed": crossed}
 
 
-def _device_report(out: Path, partition: int, lines: list[dict], address: str, on_device: DeviceProgress | None) -> DeviceReport:
+def _device_report(out: Path, partition: int, lines: list[dict], address: str, on_progress: Progress | None) -> DeviceReport:
     """The fleet's figures for one device (rounds.jsonl), with what the device answers itself."""
     folder = device_dir(out / "fleet", partition)
     mine = {line["round"]: line for line in lines if line["partition_id"] == partition}
@@ -144,8 +144,8 @@ def _device_report(out: Path, partition: int, lines: list[dict], address: str, o
     }
     if 1 not in mine:
         errors.setdefault("train", "no-reply")
-    if on_device:
-        on_device(folder.name, "answering as the base model and personalized", None, None, None)
+    if on_progress:
+        on_progress(folder.name, "answering as the base model and personalized", None, None, None, None)
     try:
         figures.update(answer_on_device(folder, address, make_persona(seed=partition)))
     except (PloraError, OSError) as err:
@@ -157,9 +157,9 @@ def _device_report(out: Path, partition: int, lines: list[dict], address: str, o
 
 
 def run_demo(out: Path, echo: Callable[[str], None], steps: int | None = None, devices: int = DEVICES,
-             on_device: DeviceProgress | None = None) -> DemoReport:
-    """Run the demo into folder `out` and write its report there. Lines go to `echo`; each
-    device's progress goes to `on_device` (launch's callback), or else to `echo`."""
+             on_progress: Progress | None = None) -> DemoReport:
+    """Run the demo into folder `out` and write its report there. Lines go to `echo`; the
+    fleet's progress, and each device's answering, go to `on_progress` (launch's), or else to `echo`."""
     _prepare(out)
     steps = steps or STEPS
     started = time.monotonic()
@@ -171,12 +171,12 @@ def run_demo(out: Path, echo: Callable[[str], None], steps: int | None = None, d
     address = f"127.0.0.1:{service.port}"
     try:
         echo(f"backbone service started on {address}")
-        launch(devices, 1, backbone=address, root=out / "fleet", steps=steps, lr=LR, echo=echo, on_device=on_device)
+        launch(devices, 1, backbone=address, root=out / "fleet", steps=steps, lr=LR, echo=echo, on_progress=on_progress)
         lines = read_rounds(out / "fleet")
         echo(f"each device answers {QUESTIONS_SHOWN} held-out questions as the base model and personalized")
         # As many devices at once as the fleet trains: the service batches their decode steps.
         with ThreadPoolExecutor(max_workers=min(devices, max(2, os.cpu_count() or 2))) as pool:
-            reports = tuple(pool.map(lambda i: _device_report(out, i, lines, address, on_device), range(devices)))
+            reports = tuple(pool.map(lambda i: _device_report(out, i, lines, address, on_progress), range(devices)))
     finally:
         service.stop(grace_s=1)
     settings = {"devices": devices, "rounds": 1, "steps": steps, "learning rate": LR,

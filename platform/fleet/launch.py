@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,13 +24,16 @@ from plora.clients.migration import DistillSettings
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet.settings import (
+    FAILED,
     MIGRATIONS_FILE,
     PERSONAS,
     PROGRESS_FILE,
     ROUNDS_FILE,
+    TRAINED,
     FleetSettings,
-    device_dir,
     device_name,
+    partition_of,
+    sampled_per_round,
 )
 from plora.platform.fleet.superlink import check_engine, run_app
 from plora.platform.runtime import is_address
@@ -41,6 +45,9 @@ from plora.storage.registry import open_registry
 # What a device is doing, as its progress file says: (device, phase, step, total, loss); the
 # last three are None while it is in a phase without training steps.
 DeviceProgress = Callable[[str, str, int | None, int | None, float | None], None]
+# Progress as a Board shows it: (key, phase, step, total, loss, note).
+Progress = Callable[[str, str, int | None, int | None, float | None, str | None], None]
+
 # How long a run's enrollment token lasts if the launcher dies before revoking it.
 ENROLLMENT_VALID = timedelta(days=1)
 PROGRESS_EVERY_S = 3.0
@@ -59,7 +66,8 @@ def launch(
     echo: Callable[[str], None] = lambda line: None,
     config: PrivateLoRAConfig | None = None,
     concurrency: int | None = None,
-    on_device: DeviceProgress | None = None,
+    on_progress: Progress | None = None,
+    fraction_evaluate: float = FleetSettings.fraction_evaluate,
 ) -> list[dict]:
     """Run `rounds` personalization rounds on `devices` devices; returns one summary per device.
 
@@ -70,7 +78,8 @@ def launch(
 
     Devices not yet enrolled enroll with a token issued for the run in this process's
     registry, which a service given as HOST:PORT must share; it is revoked when the run ends.
-    Each device's progress goes to `on_device`, or else to `echo` as a line.
+    The fleet's progress, one line for all its devices (FleetTally), goes to `on_progress`,
+    or else to `echo`.
     """
     check_engine(engine, concurrency)
     if data != PERSONAS:
@@ -85,8 +94,10 @@ def launch(
         echo(f"backbone service started on {backbone}")
     enrollment, token = reg.issue_enrollment_token(devices, utcnow() + ENROLLMENT_VALID, label="plora fleet launch")
     try:
-        settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction, enroll_token=token)
-        with _device_progress(root, on_device or echo_progress(echo)):
+        settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction,
+                                 fraction_evaluate=fraction_evaluate, enroll_token=token)
+        tally = FleetTally(rounds, sampled_per_round(devices, fraction), on_progress or echo_progress(echo))
+        with _device_progress(root, tally):
             run_app(settings, engine, echo, concurrency)
     finally:
         reg.revoke_enrollment_token(enrollment.id)
@@ -116,7 +127,10 @@ def launch_migration(
     check_engine(engine, None)
     root = Path(root).resolve()
     folders = migration.device_folders(root)
-    if folders != [device_dir(root, i) for i in range(len(folders))]:
+    # Devices are set up when first sampled, so a fleet's folders may have gaps; the devices
+    # without one reply that they have nothing to migrate.
+    ids = [partition_of(folder) if folder.parent == root else None for folder in folders]
+    if None in ids:
         raise ConfigError(f"{root} is not a fleet's root ({device_name(0)}, {device_name(1)}, ...); "
                           "migrate its devices one by one instead")
     reg = open_registry()
@@ -124,7 +138,7 @@ def launch_migration(
         if address is None:
             raise ConfigError(f"the devices under {root} use a local backbone; migrate them one by one instead")
         echo(f"migrating {len(folders)} devices to {reg.get_backbone(target).name} by {method} through {address}")
-        settings = FleetSettings(root, address, devices=len(folders), steps=steps, lr=lr,
+        settings = FleetSettings(root, address, devices=max(ids) + 1, steps=steps, lr=lr,
                                  migrate_to=reg.get_backbone(target).name, migrate_method=method,
                                  migrate_min_retention=-1.0 if min_retention is None else min_retention)
         with _device_progress(root, on_device or echo_progress(echo)):
@@ -133,13 +147,56 @@ def launch_migration(
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def echo_progress(echo: Callable[[str], None]) -> DeviceProgress:
-    """Device progress as plain lines, for callers that show no live board."""
+def echo_progress(echo: Callable[[str], None]) -> Progress:
+    """Progress as plain lines, for callers that show no live board."""
 
-    def show(device: str, phase: str, step: int | None, total: int | None, loss: float | None) -> None:
-        echo(f"{device} {phase}" if step is None else f"{device} {phase} step {step}/{total} loss {loss:.3f}")
+    def show(key: str, phase: str, step: int | None, total: int | None, loss: float | None, note: str | None = None) -> None:
+        line = f"{key} {phase}" if step is None else f"{key} {phase} step {step}/{total}"
+        line += "" if loss is None else f" loss {loss:.3f}"
+        echo(line + ("" if note is None else f" ({note})"))
 
     return show
+
+
+class FleetTally:
+    """The devices' progress summed into one line for the whole fleet: the round, device jobs
+    done out of those the run will ask for, those training and failed, throughput and time
+    left; so that a fleet of any size reads as one task, while each device's own detail goes
+    to rounds.jsonl. Fed with each device's phase changes (a DeviceProgress)."""
+
+    KEY = "fleet"
+
+    def __init__(self, rounds: int, per_round: int, on_progress: Progress):
+        self.rounds, self.jobs, self.on_progress = rounds, rounds * per_round, on_progress
+        self.phases: dict[str, str] = {}  # device -> its latest phase
+        self.losses: dict[str, float] = {}  # device -> its latest training loss
+        self.ended: dict[tuple[str, int], bool] = {}  # (device, round) -> failed
+        self.started = time.monotonic()
+
+    def __call__(self, device: str, phase: str, step: int | None, total: int | None, loss: float | None) -> None:
+        self.phases[device] = phase
+        if loss is not None:
+            self.losses[device] = loss
+        number, _, outcome = phase.removeprefix("round ").partition(": ")
+        if number.isdigit() and int(number) > 0 and outcome in (TRAINED, FAILED):  # round 0: the baselines
+            self.ended[device, int(number)] = outcome == FAILED
+        self._show()
+
+    def _show(self) -> None:
+        rounds = [int(n) for n, _, _ in (p.removeprefix("round ").partition(":") for p in self.phases.values()) if n.isdigit()]
+        done, failed = len(self.ended), sum(self.ended.values())
+        training = sum(1 for phase in self.phases.values() if phase.startswith("round ") and ":" not in phase)
+        note = f"{training} training, {done - failed} trained, {failed} failed"
+        elapsed = time.monotonic() - self.started
+        if done:
+            per_minute = done / elapsed * 60
+            note += f", {per_minute:.1f} devices/min, about {_minutes(max(0, self.jobs - done) / per_minute)} left"
+        loss = sum(self.losses.values()) / len(self.losses) if self.losses else None
+        self.on_progress(self.KEY, f"round {max(rounds, default=1)}/{self.rounds}", done, self.jobs, loss, note)
+
+
+def _minutes(minutes: float) -> str:
+    return f"{minutes:.0f} min" if minutes >= 1 else f"{minutes * 60:.0f} s"
 
 
 @contextmanager
@@ -196,7 +253,9 @@ def summarize(lines: list[dict]) -> list[dict]:
         baseline = next((line["evaluate"] for line in history if line["round"] == 0), {})
         rounds = [line for line in history if line["round"] > 0]
         ok = [line for line in rounds if not line["failed"]]
-        first, last = (ok[0], ok[-1]) if ok else ({"train": {}}, {"train": {}, "evaluate": {}})
+        first, last = (ok[0], ok[-1]) if ok else ({"train": {}}, {"train": {}})
+        # Evaluation is sampled: the device's latest one after training, if any.
+        evaluation = next((line["evaluate"] for line in reversed(ok) if line["evaluate"]), {})
         rows.append({
             "device": device,
             "rounds": len(ok),
@@ -205,9 +264,9 @@ def summarize(lines: list[dict]) -> list[dict]:
             "loss_before": first["train"].get("loss_before"),
             "loss_after": last["train"].get("loss_after"),
             "heldout_loss_before": baseline.get("heldout_loss"),
-            "heldout_loss": last["evaluate"].get("heldout_loss"),
+            "heldout_loss": evaluation.get("heldout_loss"),
             "recall_before": baseline.get("recall"),
-            "recall": last["evaluate"].get("recall"),
+            "recall": evaluation.get("recall"),
             "tokens_per_second": last["train"].get("tokens_per_second"),
             "bytes_exchanged": sum(line["train"].get("bytes_exchanged", 0) for line in history),
         })

@@ -1,8 +1,9 @@
 """The orchestrator of the fleet: a Flower ServerApp that runs personalization rounds.
 
-It first evaluates every device (round 0, the baseline); then each round it samples devices,
-asks them to train, then to evaluate, and appends one line per device to
-<fleet-root>/rounds.jsonl. Nothing is aggregated: every device keeps its own M,
+Each round it samples devices, has those sampled for the first time in the run evaluated
+(round 0, their baseline), asks the sampled ones to train, then a sample of them to evaluate,
+and appends one line per device to <fleet-root>/rounds.jsonl. Only sampled devices ever hear
+from it, so a fleet costs what its sampled devices do, however many it declares. Nothing is aggregated: every device keeps its own M,
 so the orchestrator only schedules work and collects scalar metrics. Messages it sends carry
 a ConfigRecord of settings; replies carry a MetricRecord, and on failure the error's kind.
 """
@@ -13,6 +14,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -21,7 +23,7 @@ from plora.storage.offline import go_offline
 
 go_offline()  # Flower's processes start here: offline before the imports below load Hugging Face's libraries
 
-from plora.platform.fleet.settings import MIGRATIONS_FILE, ORCHESTRATOR_TAG, ROUNDS_FILE, FleetSettings
+from plora.platform.fleet.settings import MIGRATIONS_FILE, ORCHESTRATOR_TAG, ROUNDS_FILE, FleetSettings, sampled_per_round
 from plora.storage.errors import TransportError
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,7 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 def _sample(nodes: list[int], fraction: float, server_round: int) -> list[int]:
     # Seeded by the round so a rerun samples the same devices.
-    k = max(1, round(fraction * len(nodes)))
-    return sorted(random.Random(server_round).sample(nodes, k))
+    return sorted(random.Random(server_round).sample(nodes, sampled_per_round(len(nodes), fraction)))
 
 
 def _outcome(reply: Message) -> dict:
@@ -122,27 +123,37 @@ def main(grid: Grid, context: Context) -> None:
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text("")  # this run's record starts empty; the devices' adapters carry over
     nodes = _wait_for_nodes(grid, settings.devices, settings.reply_timeout)
-    log.info("fleet of %d devices, %d rounds of %d steps", len(nodes), settings.rounds, settings.steps)
-    # Round 0 is the baseline: every device evaluated before any training in this run.
-    baseline = _exchange(grid, nodes, "evaluate", {"round": 0}, settings.reply_timeout)
-    untrained = {node: {"metrics": {}, "error": None} for node in nodes}
-    with record.open("a") as out:
-        out.writelines(json.dumps(line) + "\n" for line in _round_lines(0, untrained, baseline))
+    log.info("fleet of %d devices, %d rounds of %d steps, %d devices a round",
+             len(nodes), settings.rounds, settings.steps, sampled_per_round(len(nodes), settings.fraction))
+    measured: set[int] = set()  # devices with a baseline in this run
     for server_round in range(1, settings.rounds + 1):
         sampled = _sample(nodes, settings.fraction, server_round)
+        # A device's baseline is taken before its first training in this run, and only then:
+        # a device never sampled is never set up (it enrolls when first asked to do something).
+        fresh = [node for node in sampled if node not in measured]
+        if fresh:
+            baseline = _exchange(grid, fresh, "evaluate", {"round": 0}, settings.reply_timeout)
+            untrained = {node: {"metrics": {}, "error": None} for node in fresh}
+            _append(record, _round_lines(0, untrained, baseline))
+            measured.update(fresh)
         config = {"round": server_round, "steps": settings.steps, "lr": settings.lr}
         trained = _exchange(grid, sampled, "train", config, settings.reply_timeout)
-        # Only devices whose training went through are worth evaluating.
+        # Only devices whose training went through are worth evaluating, and of them a sample.
         done = [node for node in sampled if not trained[node]["error"]]
-        evaluated = _exchange(grid, done, "evaluate", {"round": server_round}, settings.reply_timeout) if done else {}
+        chosen = _sample(done, settings.fraction_evaluate, server_round) if done else []
+        evaluated = _exchange(grid, chosen, "evaluate", {"round": server_round}, settings.reply_timeout) if chosen else {}
         lines = _round_lines(server_round, trained, evaluated)
-        with record.open("a") as out:
-            out.writelines(json.dumps(line) + "\n" for line in lines)
+        _append(record, lines)
         failed = sum(line["failed"] for line in lines)
         losses = [line["train"]["loss_after"] for line in lines if "loss_after" in line["train"]]
         mean = f"{sum(losses) / len(losses):.3f}" if losses else "n/a"
         log.info("round %d/%d: %d devices trained, %d failed; mean training loss after %s",
                  server_round, settings.rounds, len(lines) - failed, failed, mean)
+
+
+def _append(record: Path, lines: list[dict]) -> None:
+    with record.open("a") as out:
+        out.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def _migrate(grid: Grid, settings: FleetSettings) -> None:
@@ -152,6 +163,7 @@ def _migrate(grid: Grid, settings: FleetSettings) -> None:
     nodes = _wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     log.info("migrating %d devices to %s by %s", len(nodes), settings.migrate_to, settings.migrate_method)
     outcomes = _exchange(grid, nodes, "query.migrate", {}, settings.reply_timeout)
+    nodes = [node for node in nodes if not outcomes[node]["metrics"].get("absent")]
     with record.open("a") as out:
         for node in nodes:
             outcome = outcomes[node]

@@ -9,6 +9,7 @@ without loading a model library.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -21,8 +22,12 @@ PERSONAS = "personas"
 """The `data` that gives each device a synthetic persona (personas.py) instead of a data file."""
 ROUNDS_FILE = "rounds.jsonl"  # under the fleet root: one line per device per round
 MIGRATIONS_FILE = "migrations.jsonl"  # under the fleet root: one line per device of a migration run
+PUBLIC_DIR = "public"
+"""Under the fleet root: the PublicStore its devices share (clients.public_store)."""
 PROGRESS_FILE = "progress.json"
 """In each device folder: the latest phase or step of the device's running job, for the launcher."""
+TRAINED, FAILED = "trained", "failed"
+"""How a device's round ends, as the last phase it reports for it: "round 3: trained"."""
 ORCHESTRATOR_TAG = "orchestrator: "
 """Starts each of the ServerApp's log lines, so the launcher tells them from Flower's in the run's log."""
 _LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
@@ -47,6 +52,8 @@ class FleetSettings:
     batch_size: int = 4
     fraction: float = 1.0
     """Share of the devices sampled for each round."""
+    fraction_evaluate: float = 1.0
+    """Share of each round's trained devices evaluated after training."""
     reply_timeout: float = 3600.0
     """Seconds the orchestrator waits for devices to join, and for each round's replies. On a
     small machine a round's devices train in turns, so a round takes several jobs' time: the
@@ -68,8 +75,9 @@ class FleetSettings:
             raise ConfigError(
                 f"devices, rounds, steps and batch-size must be >= 1, got {self.devices}, {self.rounds}, {self.steps}, {self.batch_size}"
             )
-        if not (0 < self.fraction <= 1 and self.lr > 0 and self.reply_timeout > 0):
-            raise ConfigError(f"need 0 < fraction <= 1, lr > 0, reply-timeout > 0; got {self.fraction}, {self.lr}, {self.reply_timeout}")
+        if not (0 < self.fraction <= 1 and 0 < self.fraction_evaluate <= 1 and self.lr > 0 and self.reply_timeout > 0):
+            raise ConfigError(f"need 0 < fraction <= 1, 0 < fraction-evaluate <= 1, lr > 0, reply-timeout > 0; got "
+                              f"{self.fraction}, {self.fraction_evaluate}, {self.lr}, {self.reply_timeout}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FleetSettings:
@@ -101,6 +109,11 @@ def _convert(key: str, value: object, kind: type) -> object:
     raise ConfigError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
 
 
+def sampled_per_round(devices: int, fraction: float) -> int:
+    """How many of `devices` a round samples at `fraction`: at least one."""
+    return max(1, round(fraction * devices))
+
+
 def device_name(partition_id: int) -> str:
     """The folder, under the fleet root, of the device with this partition id; also its name in tables."""
     return f"device-{partition_id:03d}"
@@ -108,3 +121,9 @@ def device_name(partition_id: int) -> str:
 
 def device_dir(root: Path, partition_id: int) -> Path:
     return Path(root) / device_name(partition_id)
+
+
+def partition_of(folder: Path) -> int | None:
+    """The partition id of a folder named by device_name, else None."""
+    match = re.fullmatch(r"device-(\d{3,})", Path(folder).name)
+    return int(match.group(1)) if match else None

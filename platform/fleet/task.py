@@ -2,7 +2,10 @@
 
 A device lives in its own folder under the fleet root, keyed by its partition id, so it
 outlives Flower's per-run state: enrolling, private data, adapter and credentials stay on disk
-between rounds and runs. Every function here opens the device, does one job and closes it.
+between rounds and runs. What is the same for every device (the backbone's device half, the
+base model's anchor text) is kept once, in the fleet's PublicStore. Every function here opens
+the device, does one job and closes it; a process serving many devices in turn loads the
+device half once (clients.public_store).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
 from plora.cloud_backbone.protocol.link import TrafficCounter
 from plora.platform.fleet.personas import make_persona, persona_recall
-from plora.platform.fleet.settings import PERSONAS, PROGRESS_FILE, FleetSettings, device_dir
+from plora.platform.fleet.settings import FAILED, PERSONAS, PROGRESS_FILE, PUBLIC_DIR, TRAINED, FleetSettings, device_dir
 from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
 from plora.platform.versions.migration import MIN_RETENTION, migrate_device
@@ -70,7 +73,7 @@ def prepare_device(settings: FleetSettings, partition_id: int, num_partitions: i
     if not (folder / DeviceStore.RECORD).exists():
         endpoint = Endpoint(settings.backbone, insecure=True)
         init_device(folder, settings.backbone, endpoint=endpoint, label=f"fleet {folder.name}",
-                    enroll_token=settings.enroll_token)
+                    enroll_token=settings.enroll_token, public=settings.fleet_root / PUBLIC_DIR)
     return folder
 
 
@@ -80,6 +83,7 @@ def _jsonl(records: list[dict]) -> bytes:
 
 def report_progress(folder: Path, what: str, step: int | None = None, steps: int | None = None, loss: float | None = None) -> None:
     """What the device is doing, for the launcher to show: a phase, or a training step."""
+    folder.mkdir(parents=True, exist_ok=True)  # a device failing before its set-up reports too
     progress = {"what": what, "step": step, "steps": steps, "loss": loss}
     write_atomically(folder / PROGRESS_FILE, json.dumps(progress).encode())
 
@@ -104,6 +108,7 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
     finally:
         device.close()
     result = outcome.result
+    report_progress(folder, f"round {server_round}: {TRAINED}", result.steps, train.steps, outcome.loss_after)
     return {
         "job_id": outcome.job_id,
         "loss_before": outcome.loss_before,
@@ -138,8 +143,11 @@ def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | floa
 
 
 def migrate(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
-    """Move the device to `settings.migrate_to`, on the device; returns scalar metrics only."""
+    """Move the device to `settings.migrate_to`, on the device; returns scalar metrics only. A
+    device never set up (never sampled) has nothing to move, and says so with "absent"."""
     folder = device_dir(settings.fleet_root, partition_id)
+    if not (folder / DeviceStore.RECORD).is_file():
+        return {"absent": 1}
 
     def report(step: int, total: int, loss: float) -> None:
         report_progress(folder, "migration", step, total, loss)

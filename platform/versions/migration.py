@@ -5,7 +5,8 @@ verifies it and switches. Crash safety comes from the order of the steps, each o
 re-run can recognise as done:
 
     DIR/migration/plan.json              which versions, which method; metrics once verified
-    DIR/migration/bundle/                the new version's device half (networked devices)
+    DIR/migration/bundle/                the new version's device half (networked devices that keep
+                                         their own; others fetch it into their PublicStore)
     DIR/migration/checkpoint.safetensors distillation in progress
     DIR/migration/adapter.safetensors    the new M, written and read back
     DIR/migration/device.json            written last, once the new M is verified: from here
@@ -35,7 +36,7 @@ from plora.clients.checkpoint import TrainingCheckpoint
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.distillation import mean_kl, teacher_targets
-from plora.clients.grpc_link import Credentials, Endpoint, describe, download_bundle
+from plora.clients.grpc_link import Credentials, Endpoint, describe
 from plora.clients.migration import (
     METHODS,
     DistillSettings,
@@ -48,7 +49,7 @@ from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import load_version
 from plora.platform.jobs import device_job, register
 from plora.storage.registry import open_registry
-from plora.platform.runtime import connect, is_address, open_device
+from plora.platform.runtime import connect, fetch_bundle, is_address, open_device
 from plora.storage.crashpoints import crash_point
 from plora.storage.errors import ConfigError, PloraError
 from plora.storage.files import discard_partial_writes, write_atomically
@@ -188,15 +189,15 @@ def _target_record(store: DeviceStore, version: BackboneVersion, address: str | 
         endpoint = Endpoint(address or old.backbone_spec, **(old.endpoint or {}))
         hosted = describe(endpoint, version.name)
         identity = hosted.identity
-        bundle = store.root / DeviceStore.MIGRATION / DeviceStore.BUNDLE
-        if not (bundle / "config.json").is_file():
-            shutil.rmtree(bundle, ignore_errors=True)  # a download cut short
-            download_bundle(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), hosted, bundle)
-        spec = old.backbone_spec
+        staging, public = store.root / DeviceStore.MIGRATION, store.public_store()
+        if public is not None or not (staging / DeviceStore.BUNDLE / "config.json").is_file():  # else: fetched before
+            credentials = Credentials.load(store.root / DeviceStore.CREDENTIALS)
+            fetch_bundle(staging, endpoint, credentials, hosted, None if public is None else public.root)
+        spec, bundle_sha256 = old.backbone_spec, hosted.bundle_sha256
     else:
         backbone, config = load_version(version)
-        identity, spec = backbone.identity(config), version.source
-    return DeviceRecord(old.device_id, spec, identity, old.created_at, old.endpoint)
+        identity, spec, bundle_sha256 = backbone.identity(config), version.source, None
+    return DeviceRecord(old.device_id, spec, identity, old.created_at, old.endpoint, bundle_sha256, old.public)
 
 
 def _device_text(store: DeviceStore, data: Path | None, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], str]:
@@ -234,7 +235,7 @@ def _make_adapter(
         old_weights, steps = old.model.weights, old.steps
     finally:
         old.close()
-    bundle = staging / DeviceStore.BUNDLE if is_address(new_record.backbone_spec) else None
+    bundle = staging / DeviceStore.BUNDLE if is_address(new_record.backbone_spec) and new_record.public is None else None
     student, _ = connect(store, new_record, address, bundle)
     try:
         with student.base_model():

@@ -19,8 +19,9 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app, superlink
-from plora.platform.fleet.launch import _device_progress, echo_progress, launch, launch_migration, read_rounds
-from plora.platform.fleet.settings import FleetSettings, device_dir
+from plora.platform.fleet import launch as launch_module
+from plora.platform.fleet.launch import FleetTally, _device_progress, echo_progress, launch, launch_migration, read_rounds
+from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, device_dir, device_name
 from plora.platform.fleet.task import report_progress
 from plora.storage.errors import ConfigError
 from plora.storage.registry import open_registry
@@ -30,7 +31,8 @@ from tests.integration.fleet_helpers import MESSAGES_ENV, SPY_APP, flower_proces
 pytestmark = pytest.mark.xdist_group("processes")
 
 REPO = Path(__file__).resolve().parents[2]
-DEVICES, ROUNDS = 2, 2
+# A fleet of Flower scale that samples as many devices a round as train at once on 2 cores.
+DEVICES, SAMPLED, ROUNDS = 200, 2, 2
 
 
 @pytest.fixture
@@ -60,61 +62,73 @@ def is_small_scalar(value: dict) -> bool:
 
 
 @pytest.mark.timeout(600)
-def test_a_simulated_fleet_personalizes_every_device_and_only_scalars_cross_flower(server, tmp_path, flower_messages, offline_probe):
+def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cross_flower(server, tmp_path, flower_messages, offline_probe):
     root, echoed = tmp_path / "fleet", []
-    summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2, echo=echoed.append)
+    summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2,
+                     fraction=SAMPLED / DEVICES, echo=echoed.append)
     assert flower_processes(root) == []  # no SuperLink, no Ray left behind
     # The ServerApp's process and Ray's workers went offline themselves: this launcher set no flags.
     assert {"flwr-simulation", "default_worker.py"} <= offline_probe.offline_kinds()
 
-    assert [row["device"] for row in summary] == [f"device-{i:03d}" for i in range(DEVICES)]
-    assert all(row["rounds"] == ROUNDS and row["failed"] == 0 and row["recall"] is not None for row in summary), summary
     lines = read_rounds(root)
-    # Round 0 is the baseline evaluation, before any training.
-    assert sorted((line["round"], line["partition_id"]) for line in lines) == [(r, p) for r in (0, 1, 2) for p in range(DEVICES)]
-    assert all(row["recall_before"] is not None and row["heldout_loss_before"] is not None for row in summary)
-    # Each device's steps, from inside Ray's workers, reach the launcher: at least the last one.
-    for i in range(DEVICES):
-        assert any(line.startswith(f"device-{i:03d} round 2 step 2/2 loss ") for line in echoed), echoed
+    trained = [line for line in lines if line["round"] > 0]
+    assert sorted(line["round"] for line in trained) == [r for r in range(1, ROUNDS + 1) for _ in range(SAMPLED)]
+    assert all(row["failed"] == 0 and row["recall"] is not None for row in summary), summary
+    # Only the devices sampled were ever set up, each with a baseline taken before its first training.
+    sampled = sorted({line["partition_id"] for line in trained})
+    assert sorted(folder.name for folder in root.glob("device-*")) == [row["device"] for row in summary] \
+        == [device_name(i) for i in sampled]
+    for i in sampled:
+        history = [line for line in lines if line["partition_id"] == i]
+        assert history[0]["round"] == 0 and [line["round"] for line in history].count(0) == 1
+        assert history[0]["evaluate"]["heldout_loss"] is not None and history[0]["evaluate"]["recall"] is not None
+    # The public half is on disk once, in the fleet's store; a device folder holds its own state only.
+    assert len([folder for folder in (root / PUBLIC_DIR / "bundles").iterdir() if folder.is_dir()]) == 1
+    assert not any((root / device_name(i) / DeviceStore.BUNDLE).exists() for i in sampled)
+    # Progress is one line for the fleet, never one per device, and it reaches the end.
+    jobs = SAMPLED * ROUNDS
+    assert any(line.startswith(f"fleet round {ROUNDS}/{ROUNDS} step {jobs}/{jobs}") for line in echoed), echoed
+    assert not any(line.startswith("device-") for line in echoed), echoed
     # The orchestrator's lines come through the run's log stream, and nothing of Flower's chatter.
-    assert any(f"round 2/2: {DEVICES} devices trained, 0 failed" in line for line in echoed), echoed
+    assert any(f"round {ROUNDS}/{ROUNDS}: {SAMPLED} devices trained, 0 failed" in line for line in echoed), echoed
     assert not any(line.startswith(("INFO", "WARNING", "(ClientAppActor")) for line in echoed), echoed
 
-    jobs = open_registry().list_jobs(limit=100)
-    personalized = [job for job in jobs if job.kind == "personalize"]
-    assert len(personalized) == DEVICES * ROUNDS
+    personalized = [job for job in open_registry().list_jobs(limit=100) if job.kind == "personalize"]
+    assert len(personalized) == jobs
     assert all(job.status == "succeeded" and job.steps_done == 2 and job.metrics_after for job in personalized)
 
-    adapters = [load_file(device_dir(root, i) / DeviceStore.ADAPTER) for i in range(DEVICES)]
+    adapters = [load_file(device_dir(root, i) / DeviceStore.ADAPTER) for i in sampled]
     for a, b in itertools.combinations(adapters, 2):
         assert a.keys() == b.keys()
         assert any(not torch.equal(a[name], b[name]) for name in a), "two devices hold the same M"
 
     messages = read_messages(flower_messages)
     sent = [m for m in messages if m["type"] in ("train", "evaluate") and not m["reply"]]
-    assert len(sent) == DEVICES * (2 * ROUNDS + 1) and len(messages) == 2 * len(sent)
+    assert len(sent) == len(sampled) + 2 * jobs and len(messages) == 2 * len(sent)
     for message in messages:
         assert not message["error"]
         assert message["array_records"] == 0 and message["records"] == message["metric_and_config_records"]
         assert message["values"] and all(is_small_scalar(v) for v in message["values"]), message
 
-    # A backbone upgrade (fresh public projections), migrated as a Flower job: each device
-    # distills its new M itself, and only scalars cross Flower again.
+    # A backbone upgrade (fresh public projections), migrated as a Flower job: each device set
+    # up distills its new M itself, the others have nothing to move, and only scalars cross Flower again.
     reg, before = open_registry(), len(messages)
-    v1 = reg.get_device(DeviceStore.open(device_dir(root, 0)).record.device_id).backbone_version_id
+    v1 = reg.get_device(DeviceStore.open(device_dir(root, sampled[0])).record.device_id).backbone_version_id
     v2 = register_version(reg, str(server.service.versions[reg.get_backbone(v1).name].source),
                           PrivateLoRAConfig(rank=4, device_layers=1, seed=1)).name
     # Two distillation steps keep little of the gain: accepted, this is about the Flower job.
-    lines = launch_migration(root, v2, "distill", steps=2, echo=echoed.append, min_retention=0)
-    assert sorted(line["partition_id"] for line in lines) == list(range(DEVICES))
-    assert all(line["error"] is None and line["metrics"]["migrated"] == 1 for line in lines), lines
-    for i in range(DEVICES):
+    migrated = launch_migration(root, v2, "distill", steps=2, echo=echoed.append, min_retention=0)
+    assert sorted(line["partition_id"] for line in migrated) == sampled
+    assert all(line["error"] is None and line["metrics"]["migrated"] == 1 for line in migrated), migrated
+    for i in sampled:
         device_id = DeviceStore.open(device_dir(root, i)).record.device_id
         assert DeviceStore.open(device_dir(root, i)).record.identity.version == v2
         assert reg.get_device(device_id).backbone_version_id == reg.get_backbone(v2).id
         assert [job.status for job in reg.migration_jobs(device_id, v2)] == ["succeeded"]
+    # Fresh projections, the same weights: the same device half, still on disk once.
+    assert len([folder for folder in (root / PUBLIC_DIR / "bundles").iterdir() if folder.is_dir()]) == 1
     migration_messages = read_messages(flower_messages)[before:]
-    assert len(migration_messages) == 2 * DEVICES
+    assert len(migration_messages) == 2 * (sampled[-1] + 1)  # every device up to the last set up is asked
     assert all(not m["error"] and m["array_records"] == 0 for m in migration_messages)
     assert flower_processes(root) == []
 
@@ -159,3 +173,23 @@ def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_p
         report(1, "round 1", 1, 2.5)
         report(1, "round 1", 2, 2.25)
     assert sorted(echoed) == ["device-001 round 1 step 2/4 loss 2.250", "device-002 evaluating"]
+
+
+def test_the_fleets_progress_is_one_line_of_counts_for_all_its_devices(monkeypatch):
+    clock = iter(range(0, 1000, 30))  # 30 s between updates
+    monkeypatch.setattr(launch_module.time, "monotonic", lambda: next(clock))
+    shown = []
+    tally = FleetTally(rounds=2, per_round=2, on_progress=lambda *line: shown.append(line))
+    tally("device-007", "round 1", 1, 4, 3.0)
+    tally("device-042", "round 1: preparing", None, None, None)
+    tally("device-007", "round 1: trained", 4, 4, 2.0)
+    tally("device-042", "round 1: failed", None, None, None)
+    tally("device-007", "round 2", 2, 4, 1.0)
+    keys, phases, done, totals, losses, notes = zip(*shown)
+    assert set(keys) == {"fleet"} and set(totals) == {4}
+    assert phases == ("round 1/2",) * 4 + ("round 2/2",)
+    assert done == (0, 0, 1, 2, 2)
+    assert notes[0] == "1 training, 0 trained, 0 failed"
+    # Two jobs ended in 120 s (four updates after the start): one a minute, two minutes left.
+    assert notes[3] == "0 training, 1 trained, 1 failed, 1.0 devices/min, about 2 min left"
+    assert losses[-1] == 1.0  # the mean of the devices' latest training losses

@@ -110,3 +110,11 @@ def test_the_fleets_device_progress_feeds_the_board(tmp_path, capsys, frozen_clo
     with Board(loss_name="loss") as board, _device_progress(tmp_path, board.update):
         report_progress(folder, "round 1", 4, 10, 2.5)
     assert plain_lines(capsys) == ["device-000: round 1, step 4/10, loss 2.5000"]
+
+
+def test_a_tasks_note_rides_along_without_adding_lines(capsys, frozen_clock):
+    with Board() as board:
+        for done in range(1, 5):
+            board.update("fleet", "round 1/1", done, 40, None, note=f"{done} trained")
+    # The note changes with every update; a line comes only with a new tenth of the steps.
+    assert plain_lines(capsys) == ["fleet: round 1/1, step 1/40; 1 trained", "fleet: round 1/1, step 4/40; 4 trained"]

@@ -1,0 +1,130 @@
+"""`plora bench fleet`: what a simulated fleet costs as it grows, with the same work sampled.
+
+It runs the flow the README gives, `plora fleet launch` (launch(): a backbone service on
+loopback, the Flower simulation engine, synthetic personas), from nothing (an empty fleet
+root, a registry of its own) for a small and a large fleet that sample the same number of
+devices for one round. The two runs differ only in the devices declared and never sampled, so
+the differences between them are what those devices cost: wall time per device never sampled,
+and the ratio of peak memory. Peak memory is the largest sum of resident memory over this
+process and every process it started (the SuperLink, Flower's, Ray's), sampled every
+MEMORY_EVERY_S. Disk is what the fleet root holds: each device's own folder, and the public
+store the devices share.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from plora.platform.fleet.launch import Progress, launch
+from plora.platform.fleet.settings import PUBLIC_DIR, sampled_per_round
+
+MEMORY_EVERY_S = 0.5
+MB = 1e6
+
+
+@dataclass
+class FleetBench:
+    runs: list[dict] = field(default_factory=list)
+    figures: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"runs": self.runs, "figures": self.figures}
+
+
+def run_fleet_bench(small: int, large: int, sampled: int, steps: int, backbone: str | None, echo: Callable[[str], None],
+                    on_progress: Progress | None = None) -> FleetBench:
+    bench = FleetBench()
+    for devices in (small, large):
+        echo(f"a fleet of {devices} devices, {sampled} sampled for one round of {steps} steps")
+        bench.runs.append(_run(devices, sampled, steps, backbone, echo, on_progress))
+    small_run, large_run = bench.runs
+    per_device = [run["device_folder_mb"] for run in bench.runs]
+    bench.figures = [
+        {"figure": "disk per simulated device, its own folder (MB)", "value": max(per_device), "target": "<= 5",
+         "detail": "the largest mean over the two runs' devices set up"},
+        {"figure": f"disk of the {large}-device fleet / devices declared (MB)", "value": large_run["disk_mb"] / large,
+         "target": "<= 5", "detail": f"{large_run['disk_mb']:.0f} MB in all, the public store {large_run['public_mb']:.0f} MB"},
+        {"figure": f"{large}-device fleet, 1 round, {sampled} sampled, {steps} steps each (min)",
+         "value": large_run["seconds"] / 60, "target": "<= 15", "detail": f"{os.cpu_count()} cores"},
+        {"figure": f"peak memory, {large} devices / {small} devices", "value": large_run["peak_mb"] / small_run["peak_mb"],
+         "target": "<= 1.1", "detail": f"{large_run['peak_mb']:.0f} MB / {small_run['peak_mb']:.0f} MB"},
+        {"figure": "set-up per device never sampled (ms)",
+         "value": max(0.0, large_run["seconds"] - small_run["seconds"]) / (large - small) * 1000, "target": "<= 50",
+         "detail": f"the runs' wall-time difference, {large_run['seconds']:.0f} s - {small_run['seconds']:.0f} s, "
+                   f"over the {large - small} devices only the large fleet declares"},
+    ]
+    return bench
+
+
+def _run(devices: int, sampled: int, steps: int, backbone: str | None, echo: Callable[[str], None],
+         on_progress: Progress | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="plora-bench-fleet-") as scratch, _registry_of_its_own(Path(scratch)):
+        root = Path(scratch) / "fleet"
+        with _peak_memory() as peak:
+            started = time.perf_counter()
+            rows = launch(devices, 1, backbone=backbone, root=root, steps=steps, fraction=sampled / devices, echo=echo,
+                          on_progress=on_progress)
+            seconds = time.perf_counter() - started
+        folders = sorted(root.glob("device-*"))
+        device_mb = [_size(folder) / MB for folder in folders]
+        return {"devices": devices, "sampled": sampled_per_round(devices, sampled / devices), "steps": steps,
+                "seconds": seconds, "peak_mb": peak() / MB, "disk_mb": _size(root) / MB,
+                "public_mb": _size(root / PUBLIC_DIR) / MB, "devices_set_up": len(folders),
+                "device_folder_mb": sum(device_mb) / len(device_mb) if device_mb else 0.0,
+                "failed": sum(row["failed"] for row in rows), "rows": rows}
+
+
+@contextmanager
+def _registry_of_its_own(scratch: Path) -> Iterator[None]:
+    """The runs' devices and jobs go to a registry in `scratch`, not the user's; Flower's
+    processes, which record the jobs, inherit it."""
+    kept = os.environ.get("PLORA_DB_URL")
+    os.environ["PLORA_DB_URL"] = f"sqlite:///{scratch / 'registry.sqlite'}"
+    try:
+        yield
+    finally:
+        if kept is None:
+            os.environ.pop("PLORA_DB_URL")
+        else:
+            os.environ["PLORA_DB_URL"] = kept
+
+
+@contextmanager
+def _peak_memory() -> Iterator[Callable[[], int]]:
+    """Within the block, the peak of the resident memory summed over this process and its
+    descendants; the callable gives it (bytes)."""
+    me, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def total() -> int:
+        resident = 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                resident += process.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return resident
+
+    def watch() -> None:
+        while not stop.wait(MEMORY_EVERY_S):
+            peak[0] = max(peak[0], total())
+
+    watcher = threading.Thread(target=watch, name="bench-memory", daemon=True)
+    watcher.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file() and not path.is_symlink())
