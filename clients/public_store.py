@@ -77,8 +77,8 @@ def load_device_half(folder: Path, sha256: str | None) -> tuple[PreTrainedModel,
         raise ConfigError(f"{folder} is missing; re-create the device with `plora device init`")
     if sha256 is not None and (found := bundle_digest(folder)[0]) != sha256:
         raise ValidationError(f"the device half in {folder} has digest {found}, not the {sha256} it was enrolled with: "
-                              "it was changed or corrupted, and is not used. Delete the folder; the next device "
-                              "enrolled on this store downloads it again")
+                              "it was changed or corrupted, and is not used. Delete the folder: a device that "
+                              "shares it downloads it again when next opened")
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token_id is None:

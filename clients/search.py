@@ -20,7 +20,7 @@ not searched at all.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,7 +28,7 @@ import torch
 from plora.clients.anchor import Anchor
 from plora.clients.data import TokenizedExample
 from plora.clients.device_model import DeviceModel
-from plora.clients.training import OnStep, TrainSettings, evaluate, personalize
+from plora.clients.training import OnStep, TrainResult, TrainSettings, evaluate, personalize
 from plora.storage.errors import ConfigError
 
 
@@ -119,19 +119,39 @@ def search_lr(
     """Try each of `search.candidates` for `search.trial_steps` of the job's budget, each from
     the model's M as it is now, and score each on `val`. The model's M is left as it was.
 
-    A trial is a short job of its own (`train` with the settings' batches, anchor and schedule
-    shape over the trial's steps), validated once, at its end; `val_before` is the starting
-    M's validation loss if the caller has it. `on_step(step, total, loss)` counts the steps
-    of all trials together.
+    A trial is a short job of its own (`personalize` with the settings' batches, anchor and
+    schedule shape over the trial's steps), validated once, at its end; `val_before` is the
+    starting M's validation loss if the caller has it. `on_step(step, total, loss)` counts the
+    steps of all trials together.
     """
     if not val:
         raise ConfigError("a learning-rate search needs a validation split; pin the rate instead")
-    steps = search.trial_steps(settings.total_steps(len(train)))
-    if steps < 1:
-        raise ConfigError(f"a budget of {settings.total_steps(len(train))} steps is too small to search; pin the rate")
-    params = list(model.weights.parameters())
-    start = [p.detach().clone() for p in params]
     start_loss = evaluate(model, list(val), pad_id) if val_before is None else val_before
+
+    def run_trial(trial: TrainSettings, trial_step: OnStep) -> TrainResult:
+        return personalize(model, train, pad_id, trial, list(val), on_step=trial_step, anchor=anchor, val_before=start_loss)
+
+    return search_rates(list(model.weights.parameters()), run_trial, settings.total_steps(len(train)), settings, search,
+                        start_loss, on_step)
+
+
+def search_rates(
+    params: list[torch.nn.Parameter],
+    run_trial: Callable[[TrainSettings, OnStep], TrainResult],
+    budget: int,
+    settings: TrainSettings,
+    search: LrSearch,
+    start_loss: float,
+    on_step: OnStep | None = None,
+) -> SearchResult:
+    """The search of `search_lr` for any trainable `params`: `run_trial(settings, on_step)` trains
+    them with those settings, validating at the end, and reports its TrainResult; `budget` is the
+    job's optimizer steps and `start_loss` the starting parameters' validation loss. The
+    parameters are left as they were. Benchmarks search PEFT LoRA's rates with it the same way."""
+    steps = search.trial_steps(budget)
+    if steps < 1:
+        raise ConfigError(f"a budget of {budget} steps is too small to search; pin the rate")
+    start = [p.detach().clone() for p in params]
     trials = []
     for index, lr in enumerate(search.candidates):
         done = index * steps
@@ -141,8 +161,7 @@ def search_lr(
                 on_step(done + step, steps * len(search.candidates), loss)
 
         trial = replace(settings, lr=lr, steps=steps, epochs=None, eval_every=steps, patience=None)
-        result = personalize(model, train, pad_id, trial, list(val), on_step=trial_step, anchor=anchor,
-                             val_before=start_loss)
+        result = run_trial(trial, trial_step)
         trials.append(Trial(lr, result.val_last, result.best_step > 0))
         with torch.no_grad():
             for p, kept in zip(params, start):

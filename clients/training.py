@@ -314,6 +314,11 @@ def personalize(
         anchor=anchor, validate=(lambda: evaluate(model, val, pad_id)) if val else None, val_before=val_before,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, on_step=on_step,
     )
+    return result_of(progress, validated=bool(val))
+
+
+def result_of(progress: Progress, validated: bool) -> TrainResult:
+    """What a run of `train` did, as a job reports it; the validation figures only if it validated."""
     return TrainResult(
         steps=progress.step,
         tokens=progress.tokens,
@@ -321,9 +326,9 @@ def personalize(
         first_loss=progress.first_loss,
         last_loss=progress.last_loss,
         val_before=progress.val_before,
-        val_after=progress.best_score if val else None,
-        best_step=progress.best_step if val else None,
+        val_after=progress.best_score if validated else None,
+        best_step=progress.best_step if validated else None,
         anchor_kl=progress.anchor_kl,
         stopped_early=progress.stopped_early,
-        val_last=progress.last_score if val else None,
+        val_last=progress.last_score if validated else None,
     )

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from plora.clients.device_model import DeviceModel
 from plora.clients.device_store import DeviceRecord, DeviceStore
-from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, download_bundle, forget, register
+from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, describe, download_bundle, forget, register
 from plora.clients.public_store import PublicStore
 from plora.clients.recovery import RetryPolicy
 from plora.cloud_backbone import loading
@@ -25,7 +25,7 @@ from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.cloud_backbone.protocol.messages import HostedBackbone
-from plora.storage.errors import AuthenticationError, ConfigError, TransportError
+from plora.storage.errors import AuthenticationError, ConfigError, TransportError, VersionMismatchError
 from plora.storage.files import write_atomically
 from plora.storage.registry import Registry
 
@@ -141,9 +141,18 @@ def connect(
     this process. `bundle` is the device half's folder when it is not the store's current one.
     `retry` says how long a network step that lost its connection is tried again."""
     if is_address(record.backbone_spec):
-        model_k, tokenizer = store.load_bundle(record, bundle)
         endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
-        link = GrpcLink(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), record.identity, retry=retry)
+        credentials = Credentials.load(store.root / DeviceStore.CREDENTIALS)
+        shared = store.public_store(record)
+        if bundle is None and shared is not None and not store.bundle_folder(record).is_dir():
+            # Gone from the store the device shares (deleted, say, after a corruption was found): fetch it again.
+            hosted = describe(endpoint, record.identity.version)
+            if hosted.bundle_sha256 != record.bundle_sha256:
+                raise VersionMismatchError(f"the service now announces device half {hosted.bundle_sha256} for "
+                                           f"{record.identity.version}, not the {record.bundle_sha256} {store.root} enrolled with")
+            shared.fetch_bundle(endpoint, credentials, hosted)
+        model_k, tokenizer = store.load_bundle(record, bundle)
+        link = GrpcLink(endpoint, credentials, record.identity, retry=retry)
         model = DeviceModel(model_k, record.identity.adapter, link)
     else:
         backbone = loading.load(record.backbone_spec)

@@ -74,10 +74,13 @@ def _run(devices: int, sampled: int, steps: int, backbone: str | None, echo: Cal
             rows = launch(devices, 1, backbone=backbone, root=root, steps=steps, fraction=sampled / devices, echo=echo,
                           on_progress=on_progress)
             seconds = time.perf_counter() - started
+        peak_bytes, shares = peak()
         folders = sorted(root.glob("device-*"))
         device_mb = [_size(folder) / MB for folder in folders]
         return {"devices": devices, "sampled": sampled_per_round(devices, sampled / devices), "steps": steps,
-                "seconds": seconds, "peak_mb": peak() / MB, "disk_mb": _size(root) / MB,
+                "seconds": seconds, "peak_mb": peak_bytes / MB,
+                "peak_mb_by_process": {kind: rss / MB for kind, rss in sorted(shares.items(), key=lambda kv: -kv[1])},
+                "disk_mb": _size(root) / MB,
                 "public_mb": _size(root / PUBLIC_DIR) / MB, "devices_set_up": len(folders),
                 "device_folder_mb": sum(device_mb) / len(device_mb) if device_mb else 0.0,
                 "failed": sum(row["failed"] for row in rows), "rows": rows}
@@ -99,31 +102,41 @@ def _registry_of_its_own(scratch: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _peak_memory() -> Iterator[Callable[[], int]]:
+def _peak_memory() -> Iterator[Callable[[], tuple[int, dict[str, int]]]]:
     """Within the block, the peak of the resident memory summed over this process and its
-    descendants; the callable gives it (bytes)."""
-    me, peak, stop = psutil.Process(), [0], threading.Event()
+    descendants; the callable gives it (bytes), with each kind of process's share at that moment."""
+    me, peak, stop = psutil.Process(), [0, {}], threading.Event()
 
-    def total() -> int:
-        resident = 0
+    def sample() -> tuple[int, dict[str, int]]:
+        shares: dict[str, int] = {}
         for process in [me, *me.children(recursive=True)]:
             try:
-                resident += process.memory_info().rss
+                kind = "this process" if process.pid == me.pid else _kind(process)
+                shares[kind] = shares.get(kind, 0) + process.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
-        return resident
+        return sum(shares.values()), shares
 
     def watch() -> None:
         while not stop.wait(MEMORY_EVERY_S):
-            peak[0] = max(peak[0], total())
+            total, shares = sample()
+            if total > peak[0]:
+                peak[:] = [total, shares]
 
     watcher = threading.Thread(target=watch, name="bench-memory", daemon=True)
     watcher.start()
     try:
-        yield lambda: peak[0]
+        yield lambda: (peak[0], peak[1])
     finally:
         stop.set()
         watcher.join()
+
+
+def _kind(process: psutil.Process) -> str:
+    """A process's kind, by its program and the plora or Flower part it runs."""
+    words = [Path(word).name for word in process.cmdline()[:4]]
+    named = [word for word in words if word.startswith(("flower-", "flwr", "default_worker", "raylet", "gcs_server"))]
+    return named[0] if named else (words[1] if len(words) > 1 and words[0].startswith("python") else words[0] if words else "?")
 
 
 def _size(folder: Path) -> int:

@@ -35,6 +35,7 @@ import psutil
 import torch
 from transformers import DynamicCache
 
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import causal_lm_loss
@@ -43,7 +44,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.protocol.messages import AdapterReply, AdapterRequest, CacheMode, Phase
 from plora.platform.bench import neighbour
-from plora.platform.bench.split import MonolithicModel, _rate
+from plora.platform.bench.split import MonolithicModel, rate
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry
@@ -51,6 +52,8 @@ from plora.storage.registry import Registry
 # gRPC adds a 5-byte message prefix and HTTP/2 a 9-byte DATA frame header per message.
 FRAMING_BYTES = 14
 PROMPT, NEW_TOKENS = list(range(100, 116)), 32  # every decode figure: this prompt, this many new tokens
+FIRST_TOKEN_PROMPT = 128  # tokens of the prompt whose first answer token is timed
+JOB_BATCH = (4, DEVICE_JOB_MAX_LENGTH)  # a personalization job's batch: rows, tokens
 BARE_ROUND_TRIPS = 2000
 NOISY_FRAMES_PER_S = 200
 
@@ -73,12 +76,12 @@ class ServeBench:
         return {"backbone": self.backbone, "config": self.config, "figures": self.figures}
 
 
-def _bench_registry_url(home: str) -> str:
+def bench_registry_url(home: str) -> str:
     return f"sqlite:///{home}/bench.db"  # a throwaway registry; converted backbones are reused
 
 
-def _serve(spec: str, config: dict, home: str, ports) -> None:
-    os.environ["PLORA_DB_URL"] = _bench_registry_url(home)
+def serve_backbone(spec: str, config: dict, home: str, ports) -> None:
+    os.environ["PLORA_DB_URL"] = bench_registry_url(home)
     from plora.cloud_backbone.server import start_service
     from plora.cloud_backbone.service import Limits
     from plora.storage.registry import open_registry
@@ -118,7 +121,7 @@ def _fleet_decode(devices, prompt: list[int], new_tokens: int) -> Callable[[], i
     return run
 
 
-def _train(model, params, ids: torch.Tensor) -> Callable[[], int]:
+def train_run(model, params, ids: torch.Tensor) -> Callable[[], int]:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def run() -> int:
@@ -140,22 +143,22 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     home = tempfile.mkdtemp(prefix="plora-bench-")
     context = multiprocessing.get_context("spawn")
     ports = context.Queue()
-    server = context.Process(target=_serve, args=(spec, config.to_dict(), home, ports), daemon=True)
+    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports), daemon=True)
     server.start()
     results = ServeBench(spec, config.to_dict())
     try:
         port = ports.get(timeout=600)
         endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
         echo(f"service up on port {port}; enrolling {fleet + 2} devices")
-        _, token = Registry(open_database(_bench_registry_url(home))).issue_enrollment_token(fleet + 2)
+        _, token = Registry(open_database(bench_registry_url(home))).issue_enrollment_token(fleet + 2)
         for i in range(fleet + 2):  # the last one is the noisy neighbour
             init_device(Path(home) / f"device{i}", endpoint.address, endpoint=endpoint, enroll_token=token)
-        single = _DeviceProcess(context, Path(home) / "device0")
+        single = DeviceProcess(context, Path(home) / "device0")
         fleet_devices = [open_device(Path(home) / f"device{i}") for i in range(1, fleet + 1)]
         mono = MonolithicModel(loading.load(spec), config)
 
         echo("single-device greedy decode: gRPC vs monolithic")
-        runs = {"grpc": lambda: single.call("decode"), "mono": _decode_run(mono, PROMPT, NEW_TOKENS)}
+        runs = {"grpc": lambda: single.call("decode"), "mono": decode_run(mono, PROMPT, NEW_TOKENS)}
         rates = _alternate(runs, repeats)
         results.add("single_decode_ratio", _ratio(rates, "grpc", "mono"), ">= 0.85",
                     grpc_tok_s=statistics.median(rates["grpc"]), monolithic_tok_s=statistics.median(rates["mono"]))
@@ -191,9 +194,9 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
                     device_cpu_ms_per_token=1e3 * cpu["devices"])
 
         echo("fine-tuning: split over gRPC vs monolithic PEFT LoRA (r=16, q/k/v)")
-        ids = _train_ids(base.config.vocab_size)
+        ids = train_ids(base.config.vocab_size)
         peft_model = get_peft_model(base, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj"]))
-        runs = {"split": lambda: single.call("train"), "lora": _train(peft_model, [p for p in peft_model.parameters() if p.requires_grad], ids)}
+        runs = {"split": lambda: single.call("train"), "lora": train_run(peft_model, [p for p in peft_model.parameters() if p.requires_grad], ids)}
         rates = _alternate(runs, repeats)
         results.add("train_ratio", _ratio(rates, "split", "lora"), ">= 0.6",
                     split_tok_s=statistics.median(rates["split"]), lora_tok_s=statistics.median(rates["lora"]))
@@ -207,7 +210,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     return results
 
 
-class _DeviceProcess:
+class DeviceProcess:
     """The single device in a process of its own, as it would be on its own machine.
 
     Its OpenMP threads wait passively. Spinning after each op, as they do by default, would
@@ -215,12 +218,12 @@ class _DeviceProcess:
     small machine with the service causes (on 2 cores, split training ran at about 0.55 of
     LoRA spinning and 0.7 to 0.85 not). The monolithic baselines keep the default."""
 
-    def __init__(self, context, folder: Path):
+    def __init__(self, context, folder: Path, address: str | None = None):
         self._pipe, child = context.Pipe()
         previous = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read once, when the child's OpenMP starts
         try:
-            self._process = context.Process(target=_device_loop, args=(folder, child), daemon=True)
+            self._process = context.Process(target=_device_loop, args=(folder, child, address), daemon=True)
             self._process.start()
         finally:
             if previous is None:
@@ -240,12 +243,17 @@ class _DeviceProcess:
         self._process.join()
 
 
-def _device_loop(folder: Path, pipe) -> None:
-    device = open_device(folder)
+def _device_loop(folder: Path, pipe, address: str | None) -> None:
+    device = open_device(folder, address)
     model = device.model
+    vocab = model.embed.num_embeddings
+    job_step = train_run(model, list(model.weights.parameters()), train_ids(vocab, JOB_BATCH))
     runs = {
-        "decode": _decode_run(model, PROMPT, NEW_TOKENS),
-        "train": _train(model, list(model.weights.parameters()), _train_ids(model.embed.num_embeddings)),
+        "decode": decode_run(model, PROMPT, NEW_TOKENS),
+        "first_token": decode_run(model, random_prompt(FIRST_TOKEN_PROMPT, vocab), 1),
+        "train": train_run(model, list(model.weights.parameters()), train_ids(vocab)),
+        "job_step": lambda: _seconds_and_wire_bytes(model, job_step),
+        "round_trips": lambda: (model.weights.num_layers - model.config.device_layers) * len(model.config.groups),
         "wire": lambda: (_decode_wire_bytes(model, PROMPT, NEW_TOKENS),
                          _minimum_bytes_per_token(model.config, model)),
     }
@@ -257,11 +265,25 @@ def _device_loop(folder: Path, pipe) -> None:
     device.close()
 
 
-def _train_ids(vocab_size: int) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+def train_ids(vocab_size: int, shape: tuple[int, int] = (4, 64)) -> torch.Tensor:
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(1))
 
 
-def _decode_run(model, prompt: list[int], new_tokens: int) -> Callable[[], int]:
+def random_prompt(length: int, vocab_size: int) -> list[int]:
+    return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(2)).tolist()
+
+
+def _seconds_and_wire_bytes(model, run: Callable[[], int]) -> tuple[float, float]:
+    """Seconds one call of `run` takes, and the bytes it put on the wire both ways, framing included."""
+    link = model.link
+    bytes_before, frames_before = sum(link.wire_bytes.values()), link.wire_frames
+    started = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - started
+    return seconds, sum(link.wire_bytes.values()) - bytes_before + FRAMING_BYTES * (link.wire_frames - frames_before)
+
+
+def decode_run(model, prompt: list[int], new_tokens: int) -> Callable[[], int]:
     return lambda: sum(1 for _ in stream_tokens(model, prompt, new_tokens, stop_ids=set()))
 
 
@@ -349,7 +371,7 @@ def _alternate(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, li
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            rates[name].append(_rate(run))
+            rates[name].append(rate(run))
     return rates
 
 

@@ -82,7 +82,7 @@ class SplitBench:
         }
 
 
-def _rate(work: Callable[[], int]) -> float:
+def rate(work: Callable[[], int]) -> float:
     """Units per second of one call of `work`, which returns how many units it did."""
     started = time.perf_counter()
     units = work()
@@ -144,7 +144,7 @@ def run_split_bench(spec: str, repeats: int, echo: Callable[[str], None], config
             run()  # warm-up
         for i in range(repeats):
             for side, run in runs.items():
-                getattr(figure, side).append(_rate(run))
+                getattr(figure, side).append(rate(run))
             echo(f"{name}: repeat {i + 1}/{repeats}")
         figures.append(figure)
     return SplitBench(spec, config.to_dict(), figures)

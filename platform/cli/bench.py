@@ -53,10 +53,21 @@ PERSONA_COLUMNS = (
     Column("without the anchor: recall", lambda row: row.get("without_anchor", {}).get("after", {}).get("recall"), ".0%"),
     Column("change", lambda row: row.get("without_anchor", {}).get("generic_nll_change"), "+.1%"),
 )
+WAN_COLUMNS = (
+    Column("link", "link"), Column("decode tok/s", "decode_tok_s", ".2f"), Column("÷ monolithic", "decode_vs_monolithic", ".3f"),
+    Column("÷ one-pass bound", "decode_vs_bound", ".2f"), Column("first token (s)", "first_token_s", ".2f"),
+    Column("training step (s)", "train_step_s", ".2f"), Column("÷ loopback", "train_vs_loopback", ".2f"),
+    Column("KB per step", lambda row: row["train_step_bytes"] / 1e3, ".0f"),
+    Column("KB per token", lambda row: row["decode_token_bytes"] / 1e3, ".1f"),
+)
 FLEET_COLUMNS = (Column("figure", "figure"), Column("value", "value", ".3f"), Column("target", "target"), Column("detail", "detail"))
 SPEAKER_COLUMNS = (
-    Column("speaker", "speaker"), Column("PrivateLoRA gain (nats)", lambda row: row["privatelora"]["gain"], ".3f"),
+    Column("speaker", "speaker"), Column("blocks", "train_blocks"),
+    Column("plora gain (nats)", lambda row: row["privatelora"]["gain"], ".3f"),
     Column("LoRA gain", lambda row: row["lora"]["gain"], ".3f"), Column("gain ratio", "gain_ratio", ".0%"),
+    Column("generic NLL, plora", lambda row: row["privatelora"]["generic_change"], "+.1%"),
+    Column("LoRA", lambda row: row["lora"]["generic_change"], "+.1%"),
+    Column("rate, plora", lambda row: row["privatelora"]["lr"], "g"), Column("LoRA", lambda row: row["lora"]["lr"], "g"),
     Column("parameters, of LoRA's", "param_ratio", ".1%"),
 )
 
@@ -112,11 +123,14 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_p
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding gsm8k/dev.jsonl and tinyshakespeare/input.txt (e.g. ../shared/data).")
 @click.option("--personas", default=2, show_default=True, type=click.IntRange(min=0))
-@click.option("--speakers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--speakers", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Shakespeare speakers, spread over the sizes of those with enough lines, each compared with PEFT LoRA.")
 @results_options
 @fail_cleanly
 def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
-    """Persona recall and generic-text loss; per-speaker gain of PrivateLoRA against PEFT LoRA."""
+    """Persona recall and generic-text loss; per speaker, the held-out gain of plora's default job
+    (`plora personalize` as a user runs it) against PEFT LoRA (r=16, q/k/v) under the same
+    validation split, rate search, early stopping and budget."""
     from plora.platform.bench import quality
 
     results = {"personas": quality.personas(data_dir, personas, say), "speakers": quality.speakers(data_dir, speakers, say)}
@@ -125,7 +139,7 @@ def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
         print_json(results)
         return
     show(results["personas"], PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
-    show(results["speakers"], SPEAKER_COLUMNS, False, title="Shakespeare speakers: held-out NLL gain, PrivateLoRA against LoRA")
+    show(results["speakers"], SPEAKER_COLUMNS, False, title="Shakespeare speakers: held-out NLL gain, plora's default job against PEFT LoRA")
 
 
 @bench.command("fleet")
@@ -150,3 +164,34 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
         results = run_fleet_bench(small, large, sampled, steps, backbone, echo=board.say, on_progress=board.update)
     _keep(results.to_json(), out_path)
     show(results.figures, FLEET_COLUMNS, as_json, document=results.to_json())
+
+
+@bench.command("wan")
+@click.option("--backbone", "spec", default="embedded", show_default=True)
+@click.option("--rtt", "rtts", default="5,20,50", show_default=True,
+              help="Round-trip times to emulate, in ms, comma-separated; loopback (0) is always measured too.")
+@click.option("--mbit", default=100.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Each emulated link's bandwidth, each way, in Mbit/s.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
+@results_options
+@fail_cleanly
+def bench_wan(spec, rtts, mbit, repeats, as_json, out_path) -> None:
+    """The split over emulated network links: decode tokens/s, time to first token, training steps.
+
+    The service and the device run in processes of their own, a relay on loopback between them
+    delaying and pacing the bytes (these machines have no netem); every figure over a delayed
+    link is emulated. The monolithic model's figures come from the same run."""
+    from plora.platform.bench.wan import run_wan_bench
+
+    try:
+        rtt_ms = [float(value) for value in rtts.split(",") if value.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{rtts!r} is not a comma-separated list of milliseconds", param_hint="--rtt") from None
+    if any(value < 0 for value in rtt_ms):
+        raise click.BadParameter("round-trip times must be >= 0 ms", param_hint="--rtt")
+    results = run_wan_bench(spec, rtt_ms, mbit, repeats, echo=say)
+    _keep(results.to_json(), out_path)
+    mono = results.monolithic
+    show(results.links, WAN_COLUMNS, as_json, document=results.to_json(),
+         title=f"{spec}, one device; monolithic on this machine: {mono['decode_tok_s']:.2f} decoded tokens/s, first token "
+               f"{mono['first_token_s']:.2f} s, training step {mono['train_step_s']:.2f} s")

@@ -24,6 +24,7 @@ from plora.clients.migration import DistillSettings
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet.settings import (
+    BASELINE,
     FAILED,
     MIGRATIONS_FILE,
     PERSONAS,
@@ -96,7 +97,7 @@ def launch(
     try:
         settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction,
                                  fraction_evaluate=fraction_evaluate, enroll_token=token)
-        tally = FleetTally(rounds, sampled_per_round(devices, fraction), on_progress or echo_progress(echo))
+        tally = FleetTally(rounds, sampled_per_round(devices, fraction), on_progress or echo_progress(echo), root)
         with _device_progress(root, tally):
             run_app(settings, engine, echo, concurrency)
     finally:
@@ -166,8 +167,9 @@ class FleetTally:
 
     KEY = "fleet"
 
-    def __init__(self, rounds: int, per_round: int, on_progress: Progress):
+    def __init__(self, rounds: int, per_round: int, on_progress: Progress, root: Path | None = None):
         self.rounds, self.jobs, self.on_progress = rounds, rounds * per_round, on_progress
+        self.record = None if root is None else Path(root) / ROUNDS_FILE
         self.phases: dict[str, str] = {}  # device -> its latest phase
         self.losses: dict[str, float] = {}  # device -> its latest training loss
         self.ended: dict[tuple[str, int], bool] = {}  # (device, round) -> failed
@@ -180,13 +182,28 @@ class FleetTally:
         number, _, outcome = phase.removeprefix("round ").partition(": ")
         if number.isdigit() and int(number) > 0 and outcome in (TRAINED, FAILED):  # round 0: the baselines
             self.ended[device, int(number)] = outcome == FAILED
+        # A device's file shows its latest phase only, and one sampled again may have moved on
+        # before it was read: the rounds done are counted from the orchestrator's record.
+        for line in self._recorded():
+            if line["round"] > 0:
+                self.ended[device_label(line), line["round"]] = line["failed"]
         self._show()
+
+    def _recorded(self) -> list[dict]:
+        """The record's whole lines so far: the orchestrator may be appending one right now."""
+        try:
+            text = self.record.read_text() if self.record else ""
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n") and line.strip()]
 
     def _show(self) -> None:
         rounds = [int(n) for n, _, _ in (p.removeprefix("round ").partition(":") for p in self.phases.values()) if n.isdigit()]
         done, failed = len(self.ended), sum(self.ended.values())
         training = sum(1 for phase in self.phases.values() if phase.startswith("round ") and ":" not in phase)
-        note = f"{training} training, {done - failed} trained, {failed} failed"
+        baselines = sum(1 for phase in self.phases.values() if phase == BASELINE)
+        note = f"{baselines} measuring their baseline, " if baselines else ""
+        note += f"{training} training, {done - failed} trained, {failed} failed"
         elapsed = time.monotonic() - self.started
         if done:
             per_minute = done / elapsed * 60

@@ -3,8 +3,9 @@
 Each round it samples devices, has those sampled for the first time in the run evaluated
 (round 0, their baseline), asks the sampled ones to train, then a sample of them to evaluate,
 and appends one line per device to <fleet-root>/rounds.jsonl. Only sampled devices ever hear
-from it, so a fleet costs what its sampled devices do, however many it declares. Nothing is aggregated: every device keeps its own M,
-so the orchestrator only schedules work and collects scalar metrics. Messages it sends carry
+from it, so a fleet costs what its sampled devices do, however many it declares. Nothing is
+aggregated: every device keeps its own M, so the orchestrator only schedules work and collects
+scalar metrics. Messages it sends carry
 a ConfigRecord of settings; replies carry a MetricRecord, and on failure the error's kind.
 """
 

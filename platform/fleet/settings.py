@@ -28,6 +28,8 @@ PROGRESS_FILE = "progress.json"
 """In each device folder: the latest phase or step of the device's running job, for the launcher."""
 TRAINED, FAILED = "trained", "failed"
 """How a device's round ends, as the last phase it reports for it: "round 3: trained"."""
+BASELINE = "evaluating"
+"""The phase of a device measuring its baseline, before its first training."""
 ORCHESTRATOR_TAG = "orchestrator: "
 """Starts each of the ServerApp's log lines, so the launcher tells them from Flower's in the run's log."""
 _LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}

@@ -22,7 +22,7 @@ from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
 from plora.cloud_backbone.protocol.link import TrafficCounter
 from plora.platform.fleet.personas import make_persona, persona_recall
-from plora.platform.fleet.settings import FAILED, PERSONAS, PROGRESS_FILE, PUBLIC_DIR, TRAINED, FleetSettings, device_dir
+from plora.platform.fleet.settings import BASELINE, PERSONAS, PROGRESS_FILE, PUBLIC_DIR, TRAINED, FleetSettings, device_dir
 from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
 from plora.platform.versions.migration import MIN_RETENTION, migrate_device
@@ -128,7 +128,7 @@ def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | floa
     folder = device_dir(settings.fleet_root, partition_id)
     if not (folder / PROGRESS_FILE).exists():
         # The baseline, before any training: say so. Later, the last training step stays shown.
-        report_progress(folder, "evaluating")
+        report_progress(folder, BASELINE)
     device = open_device(folder, settings.backbone)
     try:
         metrics: dict[str, int | float] = {"adapter_steps": device.steps}

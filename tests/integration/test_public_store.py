@@ -5,6 +5,7 @@ a backbone service on loopback, no Flower)."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def test_a_changed_shared_half_is_refused_by_its_hash(fleet):
     # The next device set up on the store fetches it afresh, and then both run.
     task.prepare_device(fleet, 1, 2)
     open_device(folder).close()
+    # Deleted, as the error says, it is fetched again when a device that shares it is opened.
+    shutil.rmtree(bundle)
+    public_store._loaded.clear()
+    open_device(folder).close()
+    assert (bundle / "model.safetensors").read_bytes() != bytes(data)
 
 
 def test_sharing_the_public_half_changes_nothing_of_a_devices_result(fleet, tmp_path):

@@ -1,0 +1,132 @@
+"""`plora bench wan`: the split over emulated network links, against the monolithic model.
+
+The service runs in a process of its own and the device in another (as `plora bench serve`
+runs them), and between them, for each link, a relay (relay.py) that delays and paces the
+bytes: each round-trip time given, at a bandwidth cap each way; and plain loopback, without a
+relay or a cap, always, as round-trip time 0. Per link it measures decode tokens/s, the time to the
+first token of a FIRST_TOKEN_PROMPT-token prompt, and the seconds and bytes of a training step
+on a personalization job's batch; the monolithic model's figures come from the same run, on
+this machine's cores, alone.
+
+A decoded token makes one round trip per adapted group per cloud layer, so at round-trip time
+t one pass can go no faster than the one-pass bound, 1 / (round trips per pass x t + compute
+per pass); the compute per pass is measured on loopback in the same run (its round trips,
+about half a millisecond each, included). The bench reports decode tokens/s over that bound.
+Every figure over a link with a delay is emulated, and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from plora.clients.grpc_link import Endpoint
+from plora.cloud_backbone import loading
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.platform.bench.relay import Link, relay
+from plora.platform.bench.serve import (
+    FIRST_TOKEN_PROMPT,
+    JOB_BATCH,
+    NEW_TOKENS,
+    PROMPT,
+    bench_registry_url,
+    decode_run,
+    DeviceProcess,
+    random_prompt,
+    serve_backbone,
+    train_run,
+    train_ids,
+)
+from plora.platform.bench.split import MonolithicModel, rate
+from plora.platform.runtime import init_device
+from plora.storage.db import open_database
+from plora.storage.registry import Registry
+
+
+@dataclass
+class WanBench:
+    backbone: str
+    config: dict
+    links: list[dict] = field(default_factory=list)
+    monolithic: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"backbone": self.backbone, "config": self.config, "monolithic": self.monolithic, "links": self.links}
+
+
+def run_wan_bench(spec: str, rtts_ms: list[float], mbit_per_s: float, repeats: int, echo: Callable[[str], None]) -> WanBench:
+    config = PrivateLoRAConfig()
+    home = tempfile.mkdtemp(prefix="plora-bench-")
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports), daemon=True)
+    server.start()
+    results = WanBench(spec, config.to_dict())
+    try:
+        port = ports.get(timeout=600)
+        echo(f"service up on port {port}; the monolithic model's figures first")
+        _, token = Registry(open_database(bench_registry_url(home))).issue_enrollment_token(1)
+        folder = Path(home) / "device"
+        init_device(folder, f"127.0.0.1:{port}", endpoint=Endpoint(f"127.0.0.1:{port}", insecure=True), enroll_token=token)
+        results.monolithic = _monolithic(spec, config, repeats)
+        compute_per_pass = loopback_train = None
+        for rtt_ms in sorted({0.0, *rtts_ms}):  # loopback first: the others' bound needs its compute per pass
+            link = Link(rtt_ms / 1e3, mbit_per_s if rtt_ms else None)
+            where = "loopback" if not rtt_ms else link.describe()
+            echo(f"device over {where}")
+            with relay(link, port) if rtt_ms else contextlib.nullcontext(f"127.0.0.1:{port}") as address:
+                device = DeviceProcess(context, folder, address)
+                try:
+                    figures = _device_figures(device, repeats)
+                finally:
+                    device.close()
+            round_trips = figures.pop("round_trips_per_pass")
+            if compute_per_pass is None:
+                compute_per_pass, loopback_train = 1 / figures["decode_tok_s"], figures["train_tok_s"]
+            bound = 1 / (round_trips * link.rtt_s + compute_per_pass)
+            results.links.append({"rtt_ms": rtt_ms, "mbit_per_s": link.mbit_per_s, "emulated": bool(rtt_ms), "link": where,
+                                  **figures, "round_trips_per_pass": round_trips, "one_pass_bound_tok_s": bound,
+                                  "decode_vs_bound": figures["decode_tok_s"] / bound,
+                                  "decode_vs_monolithic": figures["decode_tok_s"] / results.monolithic["decode_tok_s"],
+                                  "train_vs_loopback": figures["train_tok_s"] / loopback_train})
+            echo(f"{where}: {figures['decode_tok_s']:.2f} decoded tokens/s, first token {figures['first_token_s']:.2f} s, "
+                 f"training step {figures['train_step_s']:.2f} s")
+    finally:
+        server.terminate()
+        server.join()
+        shutil.rmtree(home, ignore_errors=True)
+    return results
+
+
+def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> dict:
+    model = MonolithicModel(loading.load(spec), config)
+    vocab = model.model.config.vocab_size
+    decode, first = decode_run(model, PROMPT, NEW_TOKENS), decode_run(model, random_prompt(FIRST_TOKEN_PROMPT, vocab), 1)
+    step = train_run(model, list(model.weights.parameters()), train_ids(vocab, JOB_BATCH))
+    for run in (decode, first, step):
+        run()  # warm up
+    return {"decode_tok_s": statistics.median(rate(decode) for _ in range(repeats)),
+            "first_token_s": statistics.median(1 / rate(first) for _ in range(repeats)),
+            "train_step_s": statistics.median(JOB_BATCH[0] * JOB_BATCH[1] / rate(step) for _ in range(repeats))}
+
+
+def _device_figures(device: DeviceProcess, repeats: int) -> dict:
+    for what in ("decode", "first_token", "job_step"):
+        device.call(what)  # warm up: connections, caches, allocator
+    steps = [device.call("job_step") for _ in range(repeats)]
+    bytes_per_decode_token, _ = device.call("wire")
+    return {
+        "decode_tok_s": statistics.median(rate(lambda: device.call("decode")) for _ in range(repeats)),
+        "first_token_s": statistics.median(1 / rate(lambda: device.call("first_token")) for _ in range(repeats)),
+        "train_step_s": statistics.median(seconds for seconds, _ in steps),
+        "train_step_bytes": statistics.median(wire for _, wire in steps),
+        "decode_token_bytes": bytes_per_decode_token,
+        "round_trips_per_pass": device.call("round_trips"),
+        "train_tok_s": JOB_BATCH[0] * JOB_BATCH[1] / statistics.median(seconds for seconds, _ in steps),
+    }

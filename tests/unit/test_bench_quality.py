@@ -1,0 +1,62 @@
+"""`plora bench quality`'s speakers, on the tiny model and a made-up play: plora's default job
+against PEFT LoRA under the same protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from plora.clients.search import LrSearch
+from plora.platform.bench import quality
+from plora.storage.errors import DataError
+
+WORDS = "the a king queen sword night crown rose blood moon gold my thy lord lady heart".split()
+SIZES = {"ALICE": 40, "BOB": 22, "CAROL": 16, "DAN": 5}  # DAN has too few blocks to compare on
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = random.Random(0)
+    blocks = [f"{speaker}:\n" + " ".join(rng.choice(WORDS) for _ in range(12)) for speaker, n in SIZES.items() for _ in range(n)]
+    rng.shuffle(blocks)
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("\n\n".join(blocks) + "\n")
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "dev.jsonl").write_text("".join(json.dumps({"answer": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(8)))
+    return tmp_path
+
+
+def test_speakers_are_picked_across_the_sizes_of_those_with_enough_lines():
+    sizes = {f"S{n}": n for n in (3, 15, 20, 30, 45, 60, 90, 200)}
+    assert quality.pick_speakers(sizes, 3) == ["S15", "S45", "S200"]
+    assert quality.pick_speakers(sizes, 7) == ["S15", "S20", "S30", "S45", "S60", "S90", "S200"]
+    assert quality.pick_speakers(sizes, 1) == ["S15"] and quality.pick_speakers(sizes, 0) == []
+    with pytest.raises(DataError, match="7 speakers with at least 15 blocks; 8 were asked for"):
+        quality.pick_speakers(sizes, 8)
+
+
+@pytest.mark.timeout(300)
+def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_checkpoint, monkeypatch):
+    # The tiny random model wants rates ten times LoRA's usual ones.
+    monkeypatch.setattr(quality, "LORA_SEARCH", LrSearch(candidates=(3e-3, 1e-2, 3e-2)))
+    (row,) = quality.speakers(data, 1, echo=lambda line: None, backbone=str(tiny_checkpoint))
+    assert row["speaker"] == "CAROL"  # the smallest with enough blocks
+    total = SIZES["CAROL"]
+    assert row["train_blocks"] + row["heldout_blocks"] == total and row["heldout_blocks"] == int(total * 0.2)
+    plora, lora = row["privatelora"], row["lora"]
+    # The default job, as `plora personalize` runs it: its rate searched, like LoRA's, on the same split.
+    assert plora["selection"] == "searched" and plora["lr"] in (None, *LrSearch().candidates)
+    assert lora["lr"] in (None, 3e-3, 1e-2, 3e-2)
+    for side in (plora, lora):
+        assert side["gain"] == pytest.approx(side["before"] - side["after"])
+        assert side["params"] > 0
+    assert row["param_ratio"] == plora["params"] / lora["params"]
+    for side in (plora, lora):  # a search that found no rate worth it keeps the start exactly
+        assert side["lr"] is not None or (side["gain"] == 0 and side["steps"] == 0)
+    if lora["gain"] > 0:
+        assert row["gain_ratio"] == pytest.approx(plora["gain"] / lora["gain"])
+    else:
+        assert math.isnan(row["gain_ratio"])
