@@ -21,7 +21,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
 ANCHOR = "anchor.json"  # in the device's public folder: the anchor text its base model wrote
 ANCHOR_TARGETS = "anchor-targets.safetensors"  # next to it: the base model's targets on that text
-ANCHOR_LOCK = ".anchor.lock"  # next to them: held while they are read or made
+ANCHOR_LOCK = ".anchor.lock"  # next to them in a shared store: held while they are read or made
 ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
 ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
@@ -83,7 +83,8 @@ def device_anchor(device: Device, settings: AnchorSettings) -> Anchor:
     the base model's, and one of them makes it while the others wait."""
     version = device.store.record.identity.version
     folder = device.store.public_folder()
-    with exclusive(folder / ANCHOR_LOCK):
+    # A device's own folder is under its job lock already (device_job).
+    with exclusive(folder / ANCHOR_LOCK) if device.store.public_store() else nullcontext():
         return kept_anchor(folder / ANCHOR_TARGETS, device.model, _anchor_text(device, settings, folder, version),
                            device.tokenizer.pad_token_id, settings.top_k, version)
 
