@@ -97,7 +97,7 @@ def launch(
     try:
         settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction,
                                  fraction_evaluate=fraction_evaluate, enroll_token=token)
-        tally = FleetTally(rounds, sampled_per_round(devices, fraction), on_progress or echo_progress(echo), root)
+        tally = FleetTally(rounds, sampled_per_round(devices, fraction), steps, on_progress or echo_progress(echo), root)
         with _device_progress(root, tally):
             run_app(settings, engine, echo, concurrency)
     finally:
@@ -160,23 +160,26 @@ def echo_progress(echo: Callable[[str], None]) -> Progress:
 
 
 class FleetTally:
-    """The devices' progress summed into one line for the whole fleet: the round, device jobs
-    done out of those the run will ask for, those training and failed, throughput and time
-    left; so that a fleet of any size reads as one task, while each device's own detail goes
-    to rounds.jsonl. Fed with each device's phase changes (a DeviceProgress)."""
+    """The devices' progress summed into one line for the whole fleet: the round, training steps
+    done out of those the run will ask for (a job that ended counts all its steps), the jobs
+    measuring baselines, training, trained and failed, throughput and time left; so that a fleet
+    of any size reads as one task, while each device's own detail goes to rounds.jsonl. Fed with
+    each device's phase changes (a DeviceProgress)."""
 
     KEY = "fleet"
 
-    def __init__(self, rounds: int, per_round: int, on_progress: Progress, root: Path | None = None):
-        self.rounds, self.jobs, self.on_progress = rounds, rounds * per_round, on_progress
+    def __init__(self, rounds: int, per_round: int, steps: int, on_progress: Progress, root: Path | None = None):
+        self.rounds, self.jobs, self.steps, self.on_progress = rounds, rounds * per_round, steps, on_progress
         self.record = None if root is None else Path(root) / ROUNDS_FILE
         self.phases: dict[str, str] = {}  # device -> its latest phase
+        self.at_step: dict[str, int] = {}  # device -> its latest training step, while it trains
         self.losses: dict[str, float] = {}  # device -> its latest training loss
         self.ended: dict[tuple[str, int], bool] = {}  # (device, round) -> failed
         self.started = time.monotonic()
 
     def __call__(self, device: str, phase: str, step: int | None, total: int | None, loss: float | None) -> None:
         self.phases[device] = phase
+        self.at_step[device] = step or 0
         if loss is not None:
             self.losses[device] = loss
         number, _, outcome = phase.removeprefix("round ").partition(": ")
@@ -200,7 +203,11 @@ class FleetTally:
     def _show(self) -> None:
         rounds = [int(n) for n, _, _ in (p.removeprefix("round ").partition(":") for p in self.phases.values()) if n.isdigit()]
         done, failed = len(self.ended), sum(self.ended.values())
-        training = sum(1 for phase in self.phases.values() if phase.startswith("round ") and ":" not in phase)
+        in_training = {device: int(phase.removeprefix("round ")) for device, phase in self.phases.items()
+                       if phase.startswith("round ") and phase.removeprefix("round ").isdigit()}
+        training = sum(1 for device, number in in_training.items() if (device, number) not in self.ended)
+        steps = done * self.steps + sum(self.at_step[device] for device, number in in_training.items()
+                                        if (device, number) not in self.ended)
         baselines = sum(1 for phase in self.phases.values() if phase == BASELINE)
         note = f"{baselines} measuring their baseline, " if baselines else ""
         note += f"{training} training, {done - failed} trained, {failed} failed"
@@ -209,7 +216,7 @@ class FleetTally:
             per_minute = done / elapsed * 60
             note += f", {per_minute:.1f} devices/min, about {_minutes(max(0, self.jobs - done) / per_minute)} left"
         loss = sum(self.losses.values()) / len(self.losses) if self.losses else None
-        self.on_progress(self.KEY, f"round {max(rounds, default=1)}/{self.rounds}", done, self.jobs, loss, note)
+        self.on_progress(self.KEY, f"round {max(rounds, default=1)}/{self.rounds}", steps, self.jobs * self.steps, loss, note)
 
 
 def _minutes(minutes: float) -> str:

@@ -87,7 +87,7 @@ def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cro
     assert not any((root / device_name(i) / DeviceStore.BUNDLE).exists() for i in sampled)
     # Progress is one line for the fleet, never one per device, and it reaches the end.
     jobs = SAMPLED * ROUNDS
-    assert any(line.startswith(f"fleet round {ROUNDS}/{ROUNDS} step {jobs}/{jobs}") for line in echoed), echoed
+    assert any(line.startswith(f"fleet round {ROUNDS}/{ROUNDS} step {2 * jobs}/{2 * jobs}") for line in echoed), echoed
     assert not any(line.startswith("device-") for line in echoed), echoed
     # The orchestrator's lines come through the run's log stream, and nothing of Flower's chatter.
     assert any(f"round {ROUNDS}/{ROUNDS}: {SAMPLED} devices trained, 0 failed" in line for line in echoed), echoed
@@ -179,17 +179,17 @@ def test_the_fleets_progress_is_one_line_of_counts_for_all_its_devices(monkeypat
     clock = iter(range(0, 1000, 30))  # 30 s between updates
     monkeypatch.setattr(launch_module.time, "monotonic", lambda: next(clock))
     shown = []
-    tally = FleetTally(rounds=2, per_round=2, on_progress=lambda *line: shown.append(line), root=tmp_path)
+    tally = FleetTally(rounds=2, per_round=2, steps=4, on_progress=lambda *line: shown.append(line), root=tmp_path)
     tally("device-007", "round 1", 1, 4, 3.0)
     tally("device-042", "evaluating", None, None, None)
     tally("device-042", "round 1: preparing", None, None, None)
     tally("device-007", "round 1: trained", 4, 4, 2.0)
     tally("device-042", "round 1: failed", None, None, None)
     tally("device-007", "round 2", 2, 4, 1.0)
-    keys, phases, done, totals, losses, notes = zip(*shown)
-    assert set(keys) == {"fleet"} and set(totals) == {4}
+    keys, phases, steps, totals, losses, notes = zip(*shown)
+    assert set(keys) == {"fleet"} and set(totals) == {16}  # 2 rounds of 2 jobs of 4 steps
     assert phases == ("round 1/2",) * 5 + ("round 2/2",)
-    assert done == (0, 0, 0, 1, 2, 2)
+    assert steps == (1, 1, 1, 4, 8, 10)  # a job that ended counts its 4 steps, failed or not
     assert notes[:2] == ("1 training, 0 trained, 0 failed", "1 measuring their baseline, 1 training, 0 trained, 0 failed")
     # Two jobs ended in 150 s (five updates after the start): 0.8 a minute, 2.5 minutes left.
     assert notes[4] == "0 training, 1 trained, 1 failed, 0.8 devices/min, about 2 min left"
@@ -199,4 +199,4 @@ def test_the_fleets_progress_is_one_line_of_counts_for_all_its_devices(monkeypat
     line = {"round": 2, "partition_id": 7, "node_id": 1, "failed": False}
     (tmp_path / "rounds.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line)[:20])
     tally("device-042", "round 2", 1, 4, 2.0)
-    assert shown[-1][2] == 3 and shown[-1][0:2] == ("fleet", "round 2/2")
+    assert shown[-1][:4] == ("fleet", "round 2/2", 13, 16) and shown[-1][5].startswith("1 training, 2 trained, 1 failed")

@@ -51,7 +51,7 @@ def test_a_deployed_fleet_trains_every_device_and_leaves_no_flower_process(tiny_
     # The ServerApp's own lines come through the run's log stream, the fleet's progress from the
     # devices' progress files, summed.
     assert any("round 1/1: 2 devices trained, 0 failed" in line for line in lines), lines
-    assert any(line.startswith(f"fleet round 1/1 step {DEVICES}/{DEVICES} loss ") for line in lines), lines
+    assert any(line.startswith(f"fleet round 1/1 step {2 * DEVICES}/{2 * DEVICES} loss ") for line in lines), lines
     for i in range(DEVICES):
         assert "Receiving: train message" in (root / "flower" / "logs" / f"supernode-{i:03d}.log").read_text()
     assert not any(line.startswith("INFO") for line in lines)
