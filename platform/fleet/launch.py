@@ -31,6 +31,7 @@ from plora.platform.fleet.settings import (
     PROGRESS_FILE,
     ROUNDS_FILE,
     TRAINED,
+    WAITING,
     FleetSettings,
     device_name,
     partition_of,
@@ -175,6 +176,7 @@ class FleetTally:
         self.at_step: dict[str, int] = {}  # device -> its latest training step, while it trains
         self.losses: dict[str, float] = {}  # device -> its latest training loss
         self.ended: dict[tuple[str, int], bool] = {}  # (device, round) -> failed
+        self._seen: tuple[int, int] | None = None  # the record's modification time and size when last read
         self.started = time.monotonic()
 
     def __call__(self, device: str, phase: str, step: int | None, total: int | None, loss: float | None) -> None:
@@ -193,11 +195,16 @@ class FleetTally:
         self._show()
 
     def _recorded(self) -> list[dict]:
-        """The record's whole lines so far: the orchestrator may be appending one right now."""
+        """The record's whole lines, when it has changed since the last look (the orchestrator
+        writes it once a round, and may be appending a line right now)."""
         try:
-            text = self.record.read_text() if self.record else ""
+            stat = self.record.stat() if self.record else None
         except FileNotFoundError:
             return []
+        if stat is None or (stat.st_mtime_ns, stat.st_size) == self._seen:
+            return []
+        self._seen = (stat.st_mtime_ns, stat.st_size)
+        text = self.record.read_text()
         return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n") and line.strip()]
 
     def _show(self) -> None:
@@ -208,8 +215,9 @@ class FleetTally:
         training = sum(1 for device, number in in_training.items() if (device, number) not in self.ended)
         steps = done * self.steps + sum(self.at_step[device] for device, number in in_training.items()
                                         if (device, number) not in self.ended)
-        baselines = sum(1 for phase in self.phases.values() if phase == BASELINE)
+        baselines, waiting = (sum(1 for phase in self.phases.values() if phase == kind) for kind in (BASELINE, WAITING))
         note = f"{baselines} measuring their baseline, " if baselines else ""
+        note += f"{waiting} waiting, " if waiting else ""
         note += f"{training} training, {done - failed} trained, {failed} failed"
         elapsed = time.monotonic() - self.started
         if done:

@@ -28,8 +28,8 @@ PROGRESS_FILE = "progress.json"
 """In each device folder: the latest phase or step of the device's running job, for the launcher."""
 TRAINED, FAILED = "trained", "failed"
 """How a device's round ends, as the last phase it reports for it: "round 3: trained"."""
-BASELINE = "evaluating"
-"""The phase of a device measuring its baseline, before its first training."""
+BASELINE, WAITING = "evaluating", "waiting to train"
+"""The phases of a device measuring its baseline, and then waiting for its first training."""
 ORCHESTRATOR_TAG = "orchestrator: "
 """Starts each of the ServerApp's log lines, so the launcher tells them from Flower's in the run's log."""
 _LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
@@ -116,9 +116,12 @@ def sampled_per_round(devices: int, fraction: float) -> int:
     return max(1, round(fraction * devices))
 
 
+_DEVICE = "device-"
+
+
 def device_name(partition_id: int) -> str:
     """The folder, under the fleet root, of the device with this partition id; also its name in tables."""
-    return f"device-{partition_id:03d}"
+    return f"{_DEVICE}{partition_id:03d}"
 
 
 def device_dir(root: Path, partition_id: int) -> Path:
@@ -127,5 +130,5 @@ def device_dir(root: Path, partition_id: int) -> Path:
 
 def partition_of(folder: Path) -> int | None:
     """The partition id of a folder named by device_name, else None."""
-    match = re.fullmatch(r"device-(\d{3,})", Path(folder).name)
+    match = re.fullmatch(rf"{re.escape(_DEVICE)}(\d{{3,}})", Path(folder).name)
     return int(match.group(1)) if match else None

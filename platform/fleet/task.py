@@ -22,7 +22,7 @@ from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
 from plora.cloud_backbone.protocol.link import TrafficCounter
 from plora.platform.fleet.personas import make_persona, persona_recall
-from plora.platform.fleet.settings import BASELINE, PERSONAS, PROGRESS_FILE, PUBLIC_DIR, TRAINED, FleetSettings, device_dir
+from plora.platform.fleet.settings import BASELINE, PERSONAS, PROGRESS_FILE, PUBLIC_DIR, TRAINED, WAITING, FleetSettings, device_dir
 from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
 from plora.platform.versions.migration import MIN_RETENTION, migrate_device
@@ -126,8 +126,8 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
 def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
     """Held-out loss, and for personas the share of private facts recalled from held-out questions."""
     folder = device_dir(settings.fleet_root, partition_id)
-    if not (folder / PROGRESS_FILE).exists():
-        # The baseline, before any training: say so. Later, the last training step stays shown.
+    baseline = not (folder / PROGRESS_FILE).exists()
+    if baseline:  # before any training: say so. Later, the last training step stays shown.
         report_progress(folder, BASELINE)
     device = open_device(folder, settings.backbone)
     try:
@@ -139,6 +139,8 @@ def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | floa
             metrics["recall"] = persona_recall(device.model, device.tokenizer, make_persona(seed=partition_id))
     finally:
         device.close()
+    if baseline:
+        report_progress(folder, WAITING)
     return metrics
 
 

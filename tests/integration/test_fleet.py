@@ -182,17 +182,19 @@ def test_the_fleets_progress_is_one_line_of_counts_for_all_its_devices(monkeypat
     tally = FleetTally(rounds=2, per_round=2, steps=4, on_progress=lambda *line: shown.append(line), root=tmp_path)
     tally("device-007", "round 1", 1, 4, 3.0)
     tally("device-042", "evaluating", None, None, None)
+    tally("device-042", "waiting to train", None, None, None)
     tally("device-042", "round 1: preparing", None, None, None)
     tally("device-007", "round 1: trained", 4, 4, 2.0)
     tally("device-042", "round 1: failed", None, None, None)
     tally("device-007", "round 2", 2, 4, 1.0)
     keys, phases, steps, totals, losses, notes = zip(*shown)
     assert set(keys) == {"fleet"} and set(totals) == {16}  # 2 rounds of 2 jobs of 4 steps
-    assert phases == ("round 1/2",) * 5 + ("round 2/2",)
-    assert steps == (1, 1, 1, 4, 8, 10)  # a job that ended counts its 4 steps, failed or not
-    assert notes[:2] == ("1 training, 0 trained, 0 failed", "1 measuring their baseline, 1 training, 0 trained, 0 failed")
-    # Two jobs ended in 150 s (five updates after the start): 0.8 a minute, 2.5 minutes left.
-    assert notes[4] == "0 training, 1 trained, 1 failed, 0.8 devices/min, about 2 min left"
+    assert phases == ("round 1/2",) * 6 + ("round 2/2",)
+    assert steps == (1, 1, 1, 1, 4, 8, 10)  # a job that ended counts its 4 steps, failed or not
+    assert notes[:3] == ("1 training, 0 trained, 0 failed", "1 measuring their baseline, 1 training, 0 trained, 0 failed",
+                         "1 waiting, 1 training, 0 trained, 0 failed")
+    # Two jobs ended in 180 s (six updates after the start): 0.7 a minute, 3 minutes left.
+    assert notes[5] == "0 training, 1 trained, 1 failed, 0.7 devices/min, about 3 min left"
     assert losses[-1] == 1.0  # the mean of the devices' latest training losses
     # A device sampled again may have moved on before its "trained" was read: the orchestrator's
     # record counts it, and a line it is still writing is left for the next look.
