@@ -26,7 +26,8 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,14 +141,9 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     from peft import LoraConfig, get_peft_model
 
     config = PrivateLoRAConfig()
-    home = tempfile.mkdtemp(prefix="plora-bench-")
     context = multiprocessing.get_context("spawn")
-    ports = context.Queue()
-    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports), daemon=True)
-    server.start()
     results = ServeBench(spec, config.to_dict())
-    try:
-        port = ports.get(timeout=600)
+    with service_process(context, spec, config) as (home, port, pid):
         endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
         echo(f"service up on port {port}; enrolling {fleet + 2} devices")
         _, token = Registry(open_database(bench_registry_url(home))).issue_enrollment_token(fleet + 2)
@@ -184,7 +180,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         rates = _alternate(runs, repeats)
         results.add(f"fleet{fleet}_decode_ratio", _ratio(rates, "fleet", "mono"), ">= 0.75",
                     fleet_tok_s=statistics.median(rates["fleet"]), monolithic_tok_s=statistics.median(rates["mono"]))
-        service = psutil.Process(server.pid)
+        service = psutil.Process(pid)
         # The fleet's devices are threads of this process, and nothing else here runs meanwhile.
         cpu = _cpu_seconds_per_token(runs["fleet"], {"cloud": lambda: sum(service.cpu_times()[:2]), "devices": time.process_time})
         alone = _cpu_seconds_per_token(runs["mono"], {"alone": time.process_time})["alone"]
@@ -203,11 +199,24 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         single.close()
         for device in fleet_devices:
             device.close()
+    return results
+
+
+@contextmanager
+def service_process(context, spec: str, config: PrivateLoRAConfig) -> Iterator[tuple[Path, int, int]]:
+    """The backbone service in a child process, as it would be on its own machine, with a
+    throwaway registry; yields (a scratch folder for the bench's devices, the service's port, its
+    pid). The folder goes when the block ends: with many devices' bundles, gigabytes."""
+    home = tempfile.mkdtemp(prefix="plora-bench-")
+    ports = context.Queue()
+    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports), daemon=True)
+    server.start()
+    try:
+        yield Path(home), ports.get(timeout=600), server.pid
     finally:
         server.terminate()
         server.join()
-        shutil.rmtree(home, ignore_errors=True)  # 18 device bundles: about 2 GB
-    return results
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class DeviceProcess:

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import shutil
 import statistics
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from plora.clients.grpc_link import Endpoint
 from plora.cloud_backbone import loading
@@ -39,7 +36,7 @@ from plora.platform.bench.serve import (
     decode_run,
     DeviceProcess,
     random_prompt,
-    serve_backbone,
+    service_process,
     train_run,
     train_ids,
 )
@@ -62,17 +59,12 @@ class WanBench:
 
 def run_wan_bench(spec: str, rtts_ms: list[float], mbit_per_s: float, repeats: int, echo: Callable[[str], None]) -> WanBench:
     config = PrivateLoRAConfig()
-    home = tempfile.mkdtemp(prefix="plora-bench-")
     context = multiprocessing.get_context("spawn")
-    ports = context.Queue()
-    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports), daemon=True)
-    server.start()
     results = WanBench(spec, config.to_dict())
-    try:
-        port = ports.get(timeout=600)
+    with service_process(context, spec, config) as (home, port, _):
         echo(f"service up on port {port}; the monolithic model's figures first")
         _, token = Registry(open_database(bench_registry_url(home))).issue_enrollment_token(1)
-        folder = Path(home) / "device"
+        folder = home / "device"
         init_device(folder, f"127.0.0.1:{port}", endpoint=Endpoint(f"127.0.0.1:{port}", insecure=True), enroll_token=token)
         results.monolithic = _monolithic(spec, config, repeats)
         compute_per_pass = loopback_train = None
@@ -97,10 +89,6 @@ def run_wan_bench(spec: str, rtts_ms: list[float], mbit_per_s: float, repeats: i
                                   "train_vs_loopback": figures["train_tok_s"] / loopback_train})
             echo(f"{where}: {figures['decode_tok_s']:.2f} decoded tokens/s, first token {figures['first_token_s']:.2f} s, "
                  f"training step {figures['train_step_s']:.2f} s")
-    finally:
-        server.terminate()
-        server.join()
-        shutil.rmtree(home, ignore_errors=True)
     return results
 
 
