@@ -33,6 +33,7 @@ from plora.storage.files import exclusive
 # Two: a migration runs a device's old and new versions side by side.
 DEVICE_HALVES_KEPT = 2
 _loaded: OrderedDict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = OrderedDict()
+_checked: set[tuple] = set()  # (folder, digest, its files' names, sizes and times) found whole in this process
 
 
 class PublicStore:
@@ -57,7 +58,7 @@ class PublicStore:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(folder.parent / f".{hosted.bundle_sha256}.lock"):
             if folder.is_dir():
-                if bundle_digest(folder)[0] == hosted.bundle_sha256:
+                if _has_digest(folder, hosted.bundle_sha256):
                     return folder
                 shutil.rmtree(folder)  # changed since: fetch it afresh
             download_bundle(endpoint, credentials, hosted, folder)
@@ -75,8 +76,8 @@ def load_device_half(folder: Path, sha256: str | None) -> tuple[PreTrainedModel,
         return _loaded[sha256]
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} is missing; re-create the device with `plora device init`")
-    if sha256 is not None and (found := bundle_digest(folder)[0]) != sha256:
-        raise ValidationError(f"the device half in {folder} has digest {found}, not the {sha256} it was enrolled with: "
+    if sha256 is not None and not _has_digest(folder, sha256):
+        raise ValidationError(f"the device half in {folder} does not have the digest {sha256} it was enrolled with: "
                               "it was changed or corrupted, and is not used. Delete the folder: a device that "
                               "shares it downloads it again when next opened")
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
@@ -89,6 +90,18 @@ def load_device_half(folder: Path, sha256: str | None) -> tuple[PreTrainedModel,
         while len(_loaded) > DEVICE_HALVES_KEPT:
             _loaded.popitem(last=False)
     return half
+
+
+def _has_digest(folder: Path, sha256: str) -> bool:
+    """Whether `folder` holds the bundle of digest `sha256`. Hashing a bundle reads all of it, so
+    a folder found whole is not hashed again in this process until one of its files changes."""
+    state = (str(folder), sha256, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())))
+    if state in _checked:
+        return True
+    if bundle_digest(folder)[0] != sha256:
+        return False
+    _checked.add(state)
+    return True
 
 
 def relative_to(folder: Path, target: Path) -> str:
