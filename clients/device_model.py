@@ -19,7 +19,14 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from plora.clients.remote import RemoteDecoder
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, attach, decoder_slice, local_exchange
+from plora.cloud_backbone.privatelora import (
+    AdapterWeights,
+    PrivateLoRAConfig,
+    attach,
+    decoder_slice,
+    local_exchange,
+    truncate_cache,
+)
 from plora.cloud_backbone.protocol.link import SplitLink
 from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.storage.errors import VersionMismatchError
@@ -70,23 +77,35 @@ class DeviceModel(nn.Module):
             self.weights.load_named_tensors(kept)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: CacheMode = CacheMode.NONE,
+        attention_mask: torch.Tensor | None = None,
+        keep_cached: int | None = None,
     ) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, d) final hidden states, after the final norm."""
+        """(B, T) token ids -> (B, T, d) final hidden states, after the final norm. With
+        `keep_cached`, an EXTEND first drops every cached position after the first keep_cached
+        (a rejected draft), here and in the cloud."""
         hidden = self.embed(input_ids)
         if self.local is not None:
             if cache is CacheMode.START:
                 self._local_cache = DynamicCache(config=self.local.config)
+            if keep_cached is not None and cache is CacheMode.EXTEND:
+                truncate_cache(self._local_cache, keep_cached)
             local_cache = None if cache is CacheMode.NONE else self._local_cache
             with self._local_slot.using(local_exchange(self.weights)):
                 hidden = self.local(
                     inputs_embeds=hidden, attention_mask=attention_mask, cache=local_cache, use_cache=local_cache is not None
                 ).last_hidden_state
-        hidden = self.remote(hidden, cache, attention_mask)
+        hidden = self.remote(hidden, cache, attention_mask, keep_cached)
         return self.norm(hidden)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: CacheMode = CacheMode.NONE,
+        attention_mask: torch.Tensor | None = None,
+        keep_cached: int | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab) logits."""
-        return self.lm_head(self.hidden_states(input_ids, cache, attention_mask))
+        return self.lm_head(self.hidden_states(input_ids, cache, attention_mask, keep_cached))

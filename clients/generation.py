@@ -4,6 +4,8 @@ in the cloud session; that of the device layers on the device."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -12,15 +14,29 @@ from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.storage.errors import ConfigError
 
 
+def _nucleus_sorted(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities in descending order, their token ids), zero outside the nucleus: the
+    smallest prefix whose mass reaches top_p, always at least one token."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(-1) - ordered < top_p
+    return ordered * keep, order
+
+
+def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution a token is sampled from, over the vocabulary (vocab,); one-hot on the
+    argmax at temperature 0."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).to(logits.dtype)
+    ordered, order = _nucleus_sorted(logits, temperature, top_p)
+    return torch.zeros_like(ordered).scatter_(0, order, ordered / ordered.sum())
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """One token from (vocab,) logits: greedy at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    ordered, order = probs.sort(descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    keep = ordered.cumsum(-1) - ordered < top_p
-    ordered = ordered * keep
+    ordered, order = _nucleus_sorted(logits, temperature, top_p)
     choice = torch.multinomial(ordered / ordered.sum(), 1, generator=generator)
     return int(order[choice])
 
@@ -28,6 +44,95 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 def _check_sampling(temperature: float, top_p: float) -> None:
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Tokens a drafter guesses will come next, and the distribution each was drawn from
+    ((len(tokens), vocab)); None when the drafter chose them outright (a point mass)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+NO_DRAFT = Draft([])
+
+
+class Drafter(Protocol):
+    """Guesses the tokens that follow `context` (prompt and reply so far), at most `limit`
+    of them. A guess costs no round trip: the cloud checks all of them in the pass that
+    decodes the next token, so every accepted one saves a pass."""
+
+    def draft(self, context: list[int], limit: int) -> Draft: ...
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """Drafts by copying: finds the context's last n tokens (n from max_ngram down to 1)
+    earlier in the context, and proposes what followed their latest earlier occurrence.
+    Free to run and right whenever a reply quotes its prompt or repeats itself (rewriting,
+    summarising, editing, code)."""
+
+    max_tokens: int = 8
+    max_ngram: int = 3
+
+    def draft(self, context: list[int], limit: int) -> Draft:
+        limit = min(limit, self.max_tokens)
+        if limit <= 0:
+            return NO_DRAFT
+        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
+            tail = context[-n:]
+            for start in range(len(context) - n - 1, -1, -1):
+                if context[start + n - 1] == tail[-1] and context[start : start + n] == tail:
+                    return Draft(context[start + n : start + n + limit])
+        return NO_DRAFT
+
+
+class ModelDrafter:
+    """Drafts with a small causal LM of the same tokenizer, run whole on the device, sampling
+    as the reply does (greedy at temperature 0). It re-reads the context for every drafted
+    token; a drafter worth its cost would keep a KV cache."""
+
+    def __init__(self, model, max_tokens: int = 4, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        _check_sampling(temperature, top_p)
+        self.model, self.max_tokens, self.temperature, self.top_p = model, max_tokens, temperature, top_p
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    @torch.no_grad()
+    def draft(self, context: list[int], limit: int) -> Draft:
+        tokens, probs = [], []
+        for _ in range(min(limit, self.max_tokens)):
+            logits = self.model(torch.tensor([context + tokens])).logits[0, -1]
+            probs.append(_nucleus(logits, self.temperature, self.top_p))
+            tokens.append(_pick(logits, self.temperature, self.top_p, self.generator))
+        return Draft(tokens, torch.stack(probs)) if tokens else NO_DRAFT
+
+
+def verify(
+    logits: torch.Tensor, draft: Draft, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[list[int], int]:
+    """(the drafted tokens accepted, the token after them) from the logits of one pass over
+    [last token, *draft] ((len(draft) + 1, vocab)).
+
+    Greedy: a drafted token is accepted while it is the argmax, so the reply is the one plain
+    decoding gives. Sampling: the speculative-sampling rule (Leviathan et al. 2023, Chen et
+    al. 2023): token d drawn from q is accepted with probability min(1, p(d) / q(d)), and the
+    first rejected one is replaced by a draw from max(0, p - q), normalised; every token of
+    the reply then has the distribution plain sampling gives it."""
+    for i, token in enumerate(draft.tokens):
+        if temperature == 0:
+            if int(logits[i].argmax()) == token:
+                continue
+            return draft.tokens[:i], int(logits[i].argmax())
+        p = _nucleus(logits[i], temperature, top_p)
+        q = draft.probs[i] if draft.probs is not None else torch.nn.functional.one_hot(torch.tensor(token), p.shape[-1]).to(p.dtype)
+        if torch.rand((), generator=generator) * q[token] < p[token]:  # u < p/q, without dividing by a zero q
+            continue
+        residual = (p - q).clamp(min=0)
+        # q >= p everywhere only if q = p, when rejection has probability 0: p is then right.
+        residual = residual if residual.sum() > 0 else p
+        return draft.tokens[:i], int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return draft.tokens, _pick(logits[len(draft.tokens)], temperature, top_p, generator)
 
 
 @torch.no_grad()
@@ -39,21 +144,39 @@ def stream_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    drafter: Drafter | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one by one, until a stop id (not yielded) or the budget runs out."""
+    """Yield new token ids one by one, until a stop id (not yielded) or the budget runs out.
+
+    With a drafter, each pass through the split feeds the last token and the drafter's guess
+    of the ones after it; the cloud checks all of them for the round trips of one token, and
+    every guess `verify` accepts is a pass saved. The cloud's cache then drops the rejected
+    guesses on the next pass (`keep_cached`), at no round trip of its own. Greedy output is
+    the same as without a drafter; sampled output has the same distribution, not the same
+    tokens for a seed."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty")
     _check_sampling(temperature, top_p)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     logits = model(torch.tensor([prompt_ids]), CacheMode.START)[0, -1]
-    for _ in range(max_new_tokens):
-        token = _pick(logits, temperature, top_p, generator)
-        if token in stop_ids:
+    token = _pick(logits, temperature, top_p, generator)
+    context, accepted = list(prompt_ids), []
+    valid = held = len(prompt_ids)  # positions the cloud holds that belong to the reply, and all it holds
+    while True:
+        for new in (*accepted, token):
+            if new in stop_ids or len(context) - len(prompt_ids) == max_new_tokens:
+                return
+            yield new
+            context.append(new)
+        left = max_new_tokens - (len(context) - len(prompt_ids))
+        if not left:
             return
-        yield token
-        logits = model(torch.tensor([[token]]), CacheMode.EXTEND)[0, -1]
-
-
+        draft = drafter.draft(context, left - 1) if drafter is not None else NO_DRAFT
+        fed = [token, *draft.tokens]
+        logits = model(torch.tensor([fed]), CacheMode.EXTEND, keep_cached=valid if held > valid else None)[0]
+        held = valid + len(fed)
+        accepted, token = verify(logits, draft, temperature, top_p, generator)
+        valid += 1 + len(accepted)
 @torch.no_grad()
 def generate_batch(
     model: DeviceModel,

@@ -118,8 +118,27 @@ class SequenceHistory:
         if request.cache is CacheMode.START:
             self._sequence = [sent]
         elif request.cache is CacheMode.EXTEND:
+            if request.keep_cached is not None:
+                self._keep(request.keep_cached)
+                sent = (dataclasses.replace(request, keep_cached=None), handler)
             self._sequence.append(sent)
         self._awaiting_backward = sent if request.train else None
+
+    def _keep(self, length: int) -> None:
+        """Forget every cached position after the first `length`, as the cloud did; a step the
+        cut falls inside is kept as its first tokens, with its mask cut alike."""
+        kept, total = [], 0
+        for request, handler in self._sequence:
+            tokens = request.hidden.shape[1]
+            if total + tokens > length:
+                cut, mask = length - total, request.attention_mask
+                if cut:
+                    mask = None if mask is None else mask[:, : mask.shape[1] - tokens + cut]
+                    kept.append((dataclasses.replace(request, hidden=request.hidden[:, :cut], attention_mask=mask), handler))
+                break
+            kept.append((request, handler))
+            total += tokens
+        self._sequence = kept
 
     def backward_finished(self) -> None:
         """The backward ran (or failed for good): the cloud holds no graph any more."""

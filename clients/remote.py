@@ -8,6 +8,8 @@ answers each dL/d(u·M) with dL/du, and computes dL/dM = u^T·dL/d(u·M) locally
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -33,13 +35,17 @@ class RemoteDecoder(nn.Module):
         self.weights = weights  # shared with the DeviceModel that owns it
 
     def forward(
-        self, hidden: torch.Tensor, cache: CacheMode = CacheMode.NONE, attention_mask: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        cache: CacheMode = CacheMode.NONE,
+        attention_mask: torch.Tensor | None = None,
+        keep_cached: int | None = None,
     ) -> torch.Tensor:
         ms = list(self.weights.ms.values())
+        request = ForwardRequest(hidden.detach(), cache=cache, attention_mask=attention_mask, keep_cached=keep_cached)
         needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(m.requires_grad for m in ms))
         if needs_graph:
-            return _RemoteStep.apply(hidden, self, cache, attention_mask, *ms)
-        request = ForwardRequest(hidden, cache=cache, attention_mask=attention_mask)
+            return _RemoteStep.apply(hidden, self, request, *ms)
         return _check_result(self.link.forward(request, self._answer_forward(kept=None)).hidden, hidden, "hidden state")
 
     def _answer_forward(self, kept: dict | None):
@@ -89,10 +95,9 @@ def _describe(tensor: torch.Tensor | None) -> str:
 
 class _RemoteStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, remote: RemoteDecoder, cache, attention_mask, *ms):
+    def forward(ctx, hidden, remote: RemoteDecoder, request: ForwardRequest, *ms):
         kept: dict[tuple[int, str], torch.Tensor] = {}
-        request = ForwardRequest(hidden.detach(), cache=cache, train=True, attention_mask=attention_mask)
-        result = remote.link.forward(request, remote._answer_forward(kept))
+        result = remote.link.forward(dataclasses.replace(request, train=True), remote._answer_forward(kept))
         _check_result(result.hidden, hidden, "hidden state")
         ctx.remote, ctx.kept, ctx.want_input_grad = remote, kept, hidden.requires_grad
         return result.hidden
@@ -131,4 +136,4 @@ class _RemoteStep(torch.autograd.Function):
             for m, g in zip(weights.group_ms(layer, group), grad_ms):
                 grads[id(m)] = grads[id(m)] + g if id(m) in grads else g
         ms = list(weights.ms.values())
-        return (result.grad_input, None, None, None, *[grads.get(id(m)) for m in ms])
+        return (result.grad_input, None, None, *[grads.get(id(m)) for m in ms])

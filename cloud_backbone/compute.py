@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from plora.cloud_backbone.batching import DecodeBatcher, LateReply, batchable
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
-from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice
+from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice, truncate_cache
 from plora.cloud_backbone.protocol.link import DeviceHandler
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
@@ -145,11 +145,13 @@ class CloudSession:
     def forward(self, request: ForwardRequest, ask: DeviceHandler) -> ForwardResult:
         hidden = request.hidden
         batch, tokens = self._check_hidden(hidden)
-        past = self._past(request.cache, batch)
+        past = self._past(request.cache, batch, request.keep_cached)
         if request.attention_mask is not None:
             check_mask(request.attention_mask, (batch, past + tokens))
         self._drop_graph()  # a new step abandons an unfinished training step
         self._hold_step(hidden, request.cache, batch, past + tokens, request.train)
+        if request.keep_cached is not None:
+            self.truncate(past)  # only once the step passed every check: a refused step changes nothing
         previous, previous_length = self.cache, past
         cache = self._cache_for(request.cache)
         if request.train:
@@ -201,10 +203,7 @@ class CloudSession:
     def truncate(self, length: int) -> None:
         """Keep the first `length` cached positions of every layer. It undoes a failed step
         (layers below the failure were extended, the others not) and drops rejected drafts."""
-        for layer in self.cache.layers if self.cache is not None else ():
-            if getattr(layer, "is_initialized", False):
-                layer.keys = layer.keys[..., :length, :]
-                layer.values = layer.values[..., :length, :]
+        truncate_cache(self.cache, length)
 
     def _check_hidden(self, hidden: torch.Tensor) -> tuple[int, int]:
         d = self.identity.hidden_size
@@ -221,13 +220,19 @@ class CloudSession:
         check_tensor(hidden, (batch, tokens, d), "hidden state")
         return batch, tokens
 
-    def _past(self, mode: CacheMode, batch: int) -> int:
+    def _past(self, mode: CacheMode, batch: int, keep: int | None) -> int:
         """Cached positions the step attends to, after checking the step fits the cache."""
+        if keep is not None and mode is not CacheMode.EXTEND:
+            raise ValidationError(f"keep_cached applies to an EXTEND step only, not to {mode.value}")
         if mode is not CacheMode.EXTEND:
             return 0
         if self.cache is None:
             raise SessionError("EXTEND needs a cached sequence; start one with CacheMode.START")
         past = self.cache.get_seq_length()
+        if keep is not None:
+            if not 0 <= keep <= past:
+                raise ValidationError(f"keep_cached={keep}, but the session holds {past} cached positions")
+            past = keep
         if past and self.cache.layers[0].keys.shape[0] != batch:
             raise ValidationError(f"batch of {batch} does not match the cached batch of {self.cache.layers[0].keys.shape[0]}")
         return past

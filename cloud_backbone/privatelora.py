@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from plora.storage.errors import ConfigError
 
@@ -368,3 +369,13 @@ def decoder_slice(model: nn.Module, start: int, stop: int) -> nn.Module:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = j
     return stack
+
+
+def truncate_cache(cache: DynamicCache | None, length: int) -> None:
+    """Keep the first `length` positions of every layer of a decoder stack's KV cache. Layers
+    may hold different lengths (a step that failed at layer k extended only the layers below
+    k); each is cut to `length`, so the stack is consistent again."""
+    for layer in cache.layers if cache is not None else ():
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]

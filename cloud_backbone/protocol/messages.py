@@ -117,6 +117,10 @@ class ForwardRequest:
     cache: CacheMode = CacheMode.NONE
     train: bool = False  # keep the cloud's graph for one BackwardRequest
     attention_mask: torch.Tensor | None = None  # (B, past + T), 1 = real token; None = no padding
+    # EXTEND only: keep the first keep_cached cached positions and extend those; the later
+    # ones (a draft the device rejected) are dropped first. None keeps every position. It
+    # rides on the next step, so rolling back a draft costs no round trip of its own.
+    keep_cached: int | None = None
 
 
 @dataclass(frozen=True)

@@ -96,16 +96,18 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., identity: _Optional[_Union[BackboneIdentity, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("hidden", "cache", "train", "attention_mask")
+    __slots__ = ("hidden", "cache", "train", "attention_mask", "keep_cached")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CACHED_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     cache: CacheMode
     train: bool
     attention_mask: Tensor
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., train: bool = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    keep_cached: int
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., train: bool = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., keep_cached: _Optional[int] = ...) -> None: ...
 
 class AdapterRequest(_message.Message):
     __slots__ = ("layer", "group", "phase", "tensor")

@@ -203,7 +203,7 @@ def device_message(step: int, message) -> pb.DeviceMessage:
             case ForwardRequest():
                 body = {"forward": pb.ForwardRequest(
                     hidden=tensor_to_proto(message.hidden), cache=_CACHE[message.cache], train=message.train,
-                    attention_mask=_maybe(message.attention_mask),
+                    attention_mask=_maybe(message.attention_mask), keep_cached=message.keep_cached,
                 )}
             case BackwardRequest():
                 body = {"backward": pb.BackwardRequest(
@@ -229,6 +229,7 @@ def parse_device_message(msg: pb.DeviceMessage, max_elements: int) -> tuple[int,
         return msg.step, ForwardRequest(
             _field(body, "hidden", max_elements), _enum(_CACHE, body.cache, "ForwardRequest.cache"),
             body.train, _field(body, "attention_mask", max_elements, False),
+            body.keep_cached if body.HasField("keep_cached") else None,
         )
     if kind == "backward":
         return msg.step, BackwardRequest(_field(body, "grad_hidden", max_elements), body.want_input_grad)

@@ -273,6 +273,18 @@ for _lie in ("negative", "zero", "too_many_dims", "width", "nan", "inf", "dtype"
     _session_frame(f"{_lie}_hidden", CHEAP, VALID, _lying_hidden(_lie))
 _session_frame("unknown_cache_mode", CHEAP, VALID, lambda a, rng: a.forward(hidden(rng, 1, 2, a.target.identity.hidden_size), rng.choice([3, 7, 2**31 - 1])))
 _session_frame("batch_mismatch_extend", CHEAP, VALID, lambda a, rng: a.forward(hidden(rng, 2, 1, a.target.identity.hidden_size), pb.CACHE_EXTEND), cached=True)
+
+
+def _keeping(a: Attacker, rng: random.Random, cache: int, keep: int) -> pb.DeviceMessage:
+    frame = a.forward(hidden(rng, 1, 1, a.target.identity.hidden_size), cache)
+    frame.forward.keep_cached = keep
+    return frame
+
+
+_session_frame("keep_more_than_cached", CHEAP, VALID,
+               lambda a, rng: _keeping(a, rng, pb.CACHE_EXTEND, rng.choice([a.target.max_tokens + 1, 2**32 - 1])), cached=True)
+_session_frame("keep_outside_extend", CHEAP, VALID,
+               lambda a, rng: _keeping(a, rng, rng.choice([pb.CACHE_NONE, pb.CACHE_START]), rng.choice([0, 1])))
 _session_frame("over_max_tokens", RARE, frozenset({"SessionError", "CapacityError"}),
                lambda a, rng: _hog(a, rng, a.target.max_tokens + 1, rng.choice([pb.CACHE_START, pb.CACHE_EXTEND]), rows=1), cached=True)
 _session_frame("kv_hog", 0, CAPACITY, lambda a, rng: _hog(a, rng, 2 * a.target.max_tokens, pb.CACHE_START))

@@ -3,6 +3,7 @@ replay that brings a new cloud session to the state of the lost one."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import grpc
@@ -19,6 +20,7 @@ from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.cloud_backbone.protocol.messages import CacheMode, ForwardRequest
 from plora.storage.errors import AuthenticationError, CapacityError, TransportError, ValidationError, VersionMismatchError
 from tests.conftest import tiny_backbone
+from tests.unit.test_speculation import PEAKED, Scripted
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
@@ -175,6 +177,21 @@ def test_the_history_keeps_the_forwards_since_the_last_start_and_the_graph_await
     assert [r for r, _ in history.replay()] == [start, extend]
 
 
+def test_a_step_that_drops_cached_positions_drops_them_from_the_replay_too():
+    history = SequenceHistory()
+    start, extend = request(CacheMode.START, tokens=5), request(CacheMode.EXTEND, tokens=4)
+    masked = ForwardRequest(torch.zeros(1, 3, 32), CacheMode.EXTEND, attention_mask=torch.ones(1, 8, dtype=torch.int64))
+    for sent in (start, masked, extend):
+        history.forwarded(sent, handler=None)
+    # Keep 6 of the 12: the start and the first of the masked step's 3 tokens, its mask cut alike.
+    history.forwarded(dataclasses.replace(extend, keep_cached=6), handler=None)
+    replay = [r for r, _ in history.replay()]
+    assert [r.hidden.shape[1] for r in replay] == [5, 1, 4] and history.cached_tokens == 10
+    assert replay[1].attention_mask.shape == (1, 6) and all(r.keep_cached is None for r in replay)
+    history.forwarded(dataclasses.replace(extend, keep_cached=5), handler=None)  # a cut between two steps
+    assert [r.hidden.shape[1] for r, _ in history.replay()] == [5, 4]
+
+
 def test_a_cached_training_forward_is_replayed_with_its_graph_only_while_its_backward_is_pending():
     history = SequenceHistory()
     cached_training = request(CacheMode.START, train=True, tokens=3)
@@ -213,8 +230,8 @@ class FailoverLink(InProcessLink):
             super().forward(replayed, handler)
 
 
-def split_model() -> tuple[DeviceModel, FailoverLink]:
-    backbone = tiny_backbone()
+def split_model(**overrides) -> tuple[DeviceModel, FailoverLink]:
+    backbone = tiny_backbone(**overrides)
     link = FailoverLink(CloudHalf(backbone, CONFIG))
     model = DeviceModel(backbone.model, CONFIG, link)
     torch.manual_seed(3)
@@ -239,6 +256,18 @@ def test_a_new_session_rebuilt_from_the_history_continues_decoding_exactly():
     tokens, logits = decode(set())
     recovered_tokens, recovered_logits = decode({6, 12})
     assert recovered_tokens == tokens and torch.equal(recovered_logits, logits)
+
+
+def test_a_new_session_rebuilt_after_rejected_drafts_continues_decoding_exactly():
+    model, link = split_model(**PEAKED)
+    prompt = [5, 17, 3, 42, 8, 5, 17, 3, 42, 9]
+    plain = list(stream_tokens(model, prompt, 14, set()))
+    recovered = []
+    for token in stream_tokens(model, prompt, 14, set(), drafter=Scripted(prompt, plain, wrong_every=2)):
+        recovered.append(token)
+        if len(recovered) in (3, 8):
+            link.fail_over()
+    assert recovered == plain
 
 
 def test_a_backward_after_failover_gives_the_gradients_of_an_uninterrupted_step():

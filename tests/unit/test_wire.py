@@ -63,6 +63,8 @@ DEVICE_MESSAGES = [
     ForwardRequest(_rand(2, 3, 8)),
     ForwardRequest(_rand(2, 3, 8, dtype=torch.bfloat16), CacheMode.START, True, torch.ones(2, 3, dtype=torch.int64)),
     ForwardRequest(_rand(1, 1, 8, dtype=torch.float16), CacheMode.EXTEND),
+    ForwardRequest(_rand(1, 4, 8), CacheMode.EXTEND, keep_cached=0),  # 0 is a value, not "absent"
+    ForwardRequest(_rand(1, 4, 8), CacheMode.EXTEND, keep_cached=17),
     BackwardRequest(_rand(2, 3, 8), want_input_grad=True),
     AdapterReply(3, "attn_in", Phase.FORWARD, _rand(2, 3, 8, dtype=torch.bfloat16)),
     AdapterReply(0, "mlp_in", Phase.BACKWARD, _rand(2, 3, 4, dtype=torch.float16)),
@@ -96,7 +98,7 @@ def test_cloud_messages_round_trip_bitwise(message):
 
 def test_absent_optional_tensors_stay_absent():
     fwd = wire.device_message(0, ForwardRequest(_rand(1, 2, 8)))
-    assert not fwd.forward.HasField("attention_mask")
+    assert not fwd.forward.HasField("attention_mask") and not fwd.forward.HasField("keep_cached")
     assert not wire.cloud_message(0, BackwardResult(None)).backward.HasField("grad_input")
 
 
