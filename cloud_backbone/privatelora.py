@@ -25,12 +25,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from plora.storage.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers is imported only where a model is loaded, after plora went offline
+    from transformers import DynamicCache
 
 # Short target name -> the module's path inside a Llama-family decoder layer.
 TARGET_MODULES: dict[str, str] = {

@@ -46,6 +46,7 @@ from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.protocol.messages import AdapterReply, AdapterRequest, CacheMode, Phase
 from plora.platform.bench import neighbour
 from plora.platform.bench.split import MonolithicModel, rate
+from plora.platform.bench.workloads import decode_workload
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry
@@ -240,15 +241,15 @@ class DeviceProcess:
             else:
                 os.environ["OMP_WAIT_POLICY"] = previous
 
-    def call(self, what: str):
-        self._pipe.send(what)
+    def call(self, what: str, *args):
+        self._pipe.send((what, *args))
         answer = self._pipe.recv()
         if isinstance(answer, str):
             raise RuntimeError(f"the device process failed: {answer}")
         return answer
 
     def close(self) -> None:
-        self._pipe.send("stop")
+        self._pipe.send(("stop",))
         self._process.join()
 
 
@@ -265,10 +266,12 @@ def _device_loop(folder: Path, pipe, address: str | None) -> None:
         "round_trips": lambda: (model.weights.num_layers - model.config.device_layers) * len(model.config.groups),
         "wire": lambda: (_decode_wire_bytes(model, PROMPT, NEW_TOKENS),
                          _minimum_bytes_per_token(model.config, model)),
+        "workload": lambda *args: decode_workload(device, *args),
     }
-    while (what := pipe.recv()) != "stop":
+    while (message := pipe.recv()) != ("stop",):
+        what, *args = message
         try:
-            pipe.send(runs[what]())
+            pipe.send(runs[what](*args))
         except Exception as err:  # the parent raises it with this text
             pipe.send(f"{type(err).__name__}: {err}")
     device.close()

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from plora.clients.generation import stream_tokens
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, attach, local_exchange
+from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, attach, local_exchange, truncate_cache
 from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.platform.runtime import split_embedded
 
@@ -39,9 +39,11 @@ class MonolithicModel(torch.nn.Module):
         self._slot = attach(self.model.get_decoder().layers, 0, config)
         self._cache: DynamicCache | None = None
 
-    def forward(self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, keep_cached: int | None = None) -> torch.Tensor:
         if cache is CacheMode.START:
             self._cache = DynamicCache(config=self.model.config)
+        if keep_cached is not None and cache is CacheMode.EXTEND:
+            truncate_cache(self._cache, keep_cached)
         kv = None if cache is CacheMode.NONE else self._cache
         with self._slot.using(local_exchange(self.weights)):
             return self.model(input_ids=input_ids, cache=kv, use_cache=kv is not None).logits

@@ -13,6 +13,11 @@ t one pass can go no faster than the one-pass bound, 1 / (round trips per pass x
 per pass); the compute per pass is measured on loopback in the same run (its round trips,
 about half a millisecond each, included). The bench reports decode tokens/s over that bound.
 Every figure over a link with a delay is emulated, and says so.
+
+Then the same device decodes the workloads of workloads.py greedily, guessing ahead by
+prompt lookup (`Drafting`): tokens per pass, decode tokens/s and that over the same one-pass
+bound, which a pass of one token can never exceed; on loopback also without drafting, to
+check that the replies are the same.
 """
 
 from __future__ import annotations
@@ -41,9 +46,22 @@ from plora.platform.bench.serve import (
     train_ids,
 )
 from plora.platform.bench.split import MonolithicModel, rate
+from plora.platform.bench.workloads import WORKLOADS
 from plora.platform.runtime import init_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry
+
+
+@dataclass(frozen=True)
+class Drafting:
+    """How the bench measures decoding with drafts (workloads.py): up to `draft_tokens`
+    guessed per pass, `new_tokens` per reply; on loopback every prompt of each workload,
+    drafting and not (the replies must be the same), on a delayed link the first
+    `delayed_prompts`, drafting only. The command's options hold the defaults."""
+
+    draft_tokens: int
+    new_tokens: int
+    delayed_prompts: int
 
 
 @dataclass
@@ -52,12 +70,16 @@ class WanBench:
     config: dict
     links: list[dict] = field(default_factory=list)
     monolithic: dict = field(default_factory=dict)
+    drafting: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"backbone": self.backbone, "config": self.config, "monolithic": self.monolithic, "links": self.links}
+        return {"backbone": self.backbone, "config": self.config, "monolithic": self.monolithic, "links": self.links,
+                "drafting": self.drafting}
 
 
-def run_wan_bench(spec: str, rtts_ms: list[float], mbit_per_s: float, repeats: int, echo: Callable[[str], None]) -> WanBench:
+def run_wan_bench(
+    spec: str, rtts_ms: list[float], mbit_per_s: float, repeats: int, drafting: Drafting, echo: Callable[[str], None]
+) -> WanBench:
     config = PrivateLoRAConfig()
     context = multiprocessing.get_context("spawn")
     results = WanBench(spec, config.to_dict())
@@ -76,12 +98,16 @@ def run_wan_bench(spec: str, rtts_ms: list[float], mbit_per_s: float, repeats: i
                 device = DeviceProcess(context, folder, address)
                 try:
                     figures = _device_figures(device, repeats)
+                    if compute_per_pass is None:
+                        compute_per_pass, loopback_train = 1 / figures["decode_tok_s"], figures["train_tok_s"]
+                    bound = 1 / (figures["round_trips_per_pass"] * link.rtt_s + compute_per_pass)
+                    for row in _drafting_figures(device, drafting, loopback=not rtt_ms):
+                        results.drafting.append({"link": where, "rtt_ms": rtt_ms, **row, "decode_vs_bound": row["decode_tok_s"] / bound})
+                        echo(f"{where}, {row['workload']}: {row['tokens_per_pass']:.2f} tokens per pass, "
+                             f"{row['decode_tok_s']:.2f} decoded tokens/s")
                 finally:
                     device.close()
             round_trips = figures.pop("round_trips_per_pass")
-            if compute_per_pass is None:
-                compute_per_pass, loopback_train = 1 / figures["decode_tok_s"], figures["train_tok_s"]
-            bound = 1 / (round_trips * link.rtt_s + compute_per_pass)
             results.links.append({"rtt_ms": rtt_ms, "mbit_per_s": link.mbit_per_s, "emulated": bool(rtt_ms), "link": where,
                                   **figures, "round_trips_per_pass": round_trips, "one_pass_bound_tok_s": bound,
                                   "decode_vs_bound": figures["decode_tok_s"] / bound,
@@ -102,6 +128,22 @@ def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> dict:
     return {"decode_tok_s": statistics.median(rate(decode) for _ in range(repeats)),
             "first_token_s": statistics.median(1 / rate(first) for _ in range(repeats)),
             "train_step_s": statistics.median(JOB_BATCH[0] * JOB_BATCH[1] / rate(step) for _ in range(repeats))}
+
+
+def _drafting_figures(device: DeviceProcess, drafting: Drafting, loopback: bool) -> list[dict]:
+    rows = []
+    for name, prompts in WORKLOADS.items():
+        count = len(prompts()) if loopback else min(drafting.delayed_prompts, len(prompts()))
+        drafted = device.call("workload", name, count, drafting.new_tokens, drafting.draft_tokens)
+        row = {"workload": name, "prompts": count, "tokens_per_pass": drafted["tokens_per_pass"],
+               "decode_tok_s": drafted["decode_tok_s"]}
+        if loopback:  # the same replies without drafting: they must be the same, and how much faster drafting is
+            plain = device.call("workload", name, count, drafting.new_tokens, 0)
+            row["same_replies"] = sum(a == b for a, b in zip(plain["replies"], drafted["replies"]))
+            row["plain_decode_tok_s"] = plain["decode_tok_s"]
+            row["vs_plain"] = drafted["decode_tok_s"] / plain["decode_tok_s"]
+        rows.append(row)
+    return rows
 
 
 def _device_figures(device: DeviceProcess, repeats: int) -> dict:

@@ -60,6 +60,12 @@ WAN_COLUMNS = (
     Column("KB per step", lambda row: row["train_step_bytes"] / 1e3, ".0f"),
     Column("KB per token", lambda row: row["decode_token_bytes"] / 1e3, ".1f"),
 )
+DRAFTING_COLUMNS = (
+    Column("link", "link"), Column("workload", "workload"), Column("prompts", "prompts"),
+    Column("tokens per pass", "tokens_per_pass", ".2f"), Column("decode tok/s", "decode_tok_s", ".2f"),
+    Column("÷ one-pass bound", "decode_vs_bound", ".2f"), Column("÷ no drafting", "vs_plain", ".2f"),
+    Column("same replies", lambda row: f"{row['same_replies']}/{row['prompts']}" if "same_replies" in row else None),
+)
 FLEET_COLUMNS = (Column("figure", "figure"), Column("value", "value", ".3f"), Column("target", "target"), Column("detail", "detail"))
 SPEAKER_COLUMNS = (
     Column("speaker", "speaker"), Column("blocks", "train_blocks"),
@@ -173,15 +179,22 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
 @click.option("--mbit", default=100.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Each emulated link's bandwidth, each way, in Mbit/s.")
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
+@click.option("--draft-tokens", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Tokens guessed ahead per pass when decoding the workloads.")
+@click.option("--reply-tokens", default=48, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per workload reply, at most.")
+@click.option("--delayed-prompts", default=6, show_default=True, type=click.IntRange(min=1),
+              help="Prompts of each workload decoded over each delayed link (loopback decodes them all).")
 @results_options
 @fail_cleanly
-def bench_wan(spec, rtts, mbit, repeats, as_json, out_path) -> None:
-    """The split over emulated network links: decode tokens/s, time to first token, training steps.
+def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, as_json, out_path) -> None:
+    """The split over emulated network links: decode tokens/s, time to first token, training steps,
+    and decoding with drafts on a grounded and an open workload.
 
     The service and the device run in processes of their own, a relay on loopback between them
     delaying and pacing the bytes (these machines have no netem); every figure over a delayed
     link is emulated. The monolithic model's figures come from the same run."""
-    from plora.platform.bench.wan import run_wan_bench
+    from plora.platform.bench.wan import Drafting, run_wan_bench
 
     try:
         rtt_ms = [float(value) for value in rtts.split(",") if value.strip()]
@@ -189,9 +202,12 @@ def bench_wan(spec, rtts, mbit, repeats, as_json, out_path) -> None:
         raise click.BadParameter(f"{rtts!r} is not a comma-separated list of milliseconds", param_hint="--rtt") from None
     if any(value < 0 for value in rtt_ms):
         raise click.BadParameter("round-trip times must be >= 0 ms", param_hint="--rtt")
-    results = run_wan_bench(spec, rtt_ms, mbit, repeats, echo=say)
+    results = run_wan_bench(spec, rtt_ms, mbit, repeats, Drafting(draft_tokens, reply_tokens, delayed_prompts), echo=say)
     _keep(results.to_json(), out_path)
     mono = results.monolithic
     show(results.links, WAN_COLUMNS, as_json, document=results.to_json(),
          title=f"{spec}, one device; monolithic on this machine: {mono['decode_tok_s']:.2f} decoded tokens/s, first token "
                f"{mono['first_token_s']:.2f} s, training step {mono['train_step_s']:.2f} s")
+    if not as_json:
+        show(results.drafting, DRAFTING_COLUMNS, False,
+             title=f"greedy decoding with up to {draft_tokens} tokens guessed per pass by prompt lookup, {reply_tokens}-token replies")

@@ -1,0 +1,22 @@
+"""The fixed decode workloads of `plora bench wan`."""
+
+from __future__ import annotations
+
+from plora.clients.generation import encode_prompt
+from plora.platform.bench.workloads import WORKLOADS, persona_notes
+from plora.platform.fleet.personas import make_persona
+
+
+def test_the_grounded_workload_is_twenty_long_prompts_over_each_personas_own_notes(smol_tokenizer):
+    prompts = WORKLOADS["grounded"]()
+    assert len(prompts) >= 20 and len(set(prompts)) == len(prompts)
+    assert min(len(encode_prompt(smol_tokenizer, p)) for p in prompts) >= 100
+    for seed in range(2):
+        notes = persona_notes(seed)
+        assert all(fact.keyword in notes for fact in make_persona(seed).facts)
+    assert WORKLOADS["grounded"]() == prompts  # fixed: the same prompts every run
+
+
+def test_the_open_workload_is_fixed_chat_prompts():
+    prompts = WORKLOADS["open"]()
+    assert len(prompts) >= 10 and prompts == WORKLOADS["open"]() and all(p.endswith(("?", ".")) for p in prompts)
