@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 
 from plora.clients.recovery import ConnectionLost, RetryPolicy, SequenceHistory
 from plora.cloud_backbone.protocol import bundle, split_pb2 as pb, split_pb2_grpc as pb_grpc, wire
@@ -233,9 +234,11 @@ class GrpcLink(SplitLink):
         expected: BackboneIdentity,
         reply_timeout_s: float = 120.0,
         retry: RetryPolicy = RetryPolicy(),
+        wire_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         self.retry = retry
+        self.wire_dtype = wire_dtype  # the activations cross in it; the device computes in float32
         self._endpoint, self._credentials, self._expected, self._timeout = endpoint, credentials, expected, reply_timeout_s
         self._history = SequenceHistory()
         self._closed = False
@@ -273,10 +276,17 @@ class GrpcLink(SplitLink):
         return session
 
     def _exchange(self, session: _Session, request, handler: DeviceHandler, final: type):
+        # The taps see the messages as they cross, in the wire dtype.
+        dtype = self.wire_dtype
+
+        def answer(sent: AdapterRequest):
+            return wire.to_wire_dtype(handler(wire.from_wire_dtype(sent, dtype)), dtype)
+
+        request = wire.to_wire_dtype(request, dtype)
         self._record("up", request)
-        result = session.step(request, self._recorded(handler), final)
+        result = session.step(request, self._recorded(answer), final)
         self._record("down", result)
-        return result
+        return wire.from_wire_dtype(result, dtype)
 
     def _step(self, request, handler: DeviceHandler, final: type, what: str):
         if self._closed:

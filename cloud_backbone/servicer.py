@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
+import torch
 from google.protobuf import message_factory
 
 from plora.cloud_backbone.metrics import Metrics
@@ -139,12 +140,12 @@ class DeviceAsker:
     Calling it blocks until the reply; `submit` returns at once with a future, so a batch
     of sessions can have all its requests in flight together (see batching.py)."""
 
-    def __init__(self, stream: SessionStream, step: int):
-        self._stream, self._step = stream, step
+    def __init__(self, stream: SessionStream, step: int, dtype: torch.dtype):
+        self._stream, self._step, self._dtype = stream, step, dtype
         self.sent: list[Future] = []
 
     def submit(self, request: AdapterRequest) -> Future:
-        future = asyncio.run_coroutine_threadsafe(self._stream.exchange(self._step, request), self._stream.loop)
+        future = asyncio.run_coroutine_threadsafe(self._stream.exchange(self._step, request, self._dtype), self._stream.loop)
         self.sent.append(future)
         return future
 
@@ -196,15 +197,16 @@ class SessionStream:
         except (asyncio.CancelledError, Exception) as err:
             raise _Ended(f"cannot write to the device: {type(err).__name__}") from None
 
-    async def exchange(self, step: int, request: AdapterRequest) -> AdapterReply:
-        """One round trip: u down to the device, its reply back. Fails only with a PloraError."""
+    async def exchange(self, step: int, request: AdapterRequest, dtype: torch.dtype) -> AdapterReply:
+        """One round trip: u down to the device, its reply back, both in the step's wire dtype.
+        Fails only with a PloraError."""
         started = time.perf_counter()
-        await self._write(step, request)
+        await self._write(step, wire.to_wire_dtype(request, dtype))
         got_step, reply = await self._read(self.limits.reply_timeout_s, f"reply for layer {request.layer}")
         if got_step != step:
             raise ValidationError(f"reply belongs to step {got_step}, expected step {step}")
         self.metrics.round_trip.labels(str(request.layer)).observe(time.perf_counter() - started)
-        return reply
+        return wire.from_wire_dtype(reply, dtype)
 
     def _note(self, err: PloraError) -> None:
         self.metrics.step_errors.labels(kind_of(err)).inc()
@@ -276,7 +278,9 @@ class SessionStream:
             self._serving.cancel()
 
     async def _serve_step(self, session: ServiceSession, step: int, message) -> None:
-        ask = DeviceAsker(self, step)
+        dtype = wire.step_dtype(message)
+        message = wire.from_wire_dtype(message, dtype)
+        ask = DeviceAsker(self, step, dtype)
         if isinstance(message, ForwardRequest):
             compute = session.cloud.forward
         elif isinstance(message, BackwardRequest):
@@ -297,7 +301,7 @@ class SessionStream:
             await self._settle(ask)
         if isinstance(message, ForwardRequest):
             self.metrics.tokens.labels("train" if message.train else "forward").inc(message.hidden.shape[0] * message.hidden.shape[1])
-        await self._write(step, result)
+        await self._write(step, wire.to_wire_dtype(result, dtype))
 
     async def _settle(self, ask: DeviceAsker) -> None:
         """Wait for the exchanges a step left behind (a row taken out of its batch while its

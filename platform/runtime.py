@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from plora.clients.device_model import DeviceModel
@@ -134,12 +135,18 @@ def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> Dev
 
 
 def connect(
-    store: DeviceStore, record: DeviceRecord, address: str | None = None, bundle: Path | None = None, retry: RetryPolicy = RetryPolicy()
+    store: DeviceStore,
+    record: DeviceRecord,
+    address: str | None = None,
+    bundle: Path | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    wire_dtype: torch.dtype = torch.float32,
 ) -> tuple[DeviceModel, PreTrainedTokenizerBase]:
     """The device's model for `record`, with M = 0: over the network when the record names a
     service (at `address` if given: services move, the device's identity does not), else in
     this process. `bundle` is the device half's folder when it is not the store's current one.
-    `retry` says how long a network step that lost its connection is tried again."""
+    `retry` says how long a network step that lost its connection is tried again, and
+    `wire_dtype` what the activations cross the network in."""
     if is_address(record.backbone_spec):
         endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
         credentials = Credentials.load(store.root / DeviceStore.CREDENTIALS)
@@ -152,7 +159,7 @@ def connect(
                                            f"{record.identity.version}, not the {record.bundle_sha256} {store.root} enrolled with")
             shared.fetch_bundle(endpoint, credentials, hosted)
         model_k, tokenizer = store.load_bundle(record, bundle)
-        link = GrpcLink(endpoint, credentials, record.identity, retry=retry)
+        link = GrpcLink(endpoint, credentials, record.identity, retry=retry, wire_dtype=wire_dtype)
         model = DeviceModel(model_k, record.identity.adapter, link)
     else:
         backbone = loading.load(record.backbone_spec)
@@ -165,10 +172,12 @@ def connect(
     return model, tokenizer
 
 
-def open_device(root: Path, address: str | None = None, retry: RetryPolicy = RetryPolicy()) -> Device:
+def open_device(
+    root: Path, address: str | None = None, retry: RetryPolicy = RetryPolicy(), wire_dtype: torch.dtype = torch.float32
+) -> Device:
     """The device in folder `root` with its stored M; `address` overrides where its service is."""
     store = DeviceStore.open(root)
-    model, tokenizer = connect(store, store.record, address, retry=retry)
+    model, tokenizer = connect(store, store.record, address, retry=retry, wire_dtype=wire_dtype)
     try:
         steps = store.read_adapter(model.weights)
     except BaseException:

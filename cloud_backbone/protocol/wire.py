@@ -12,6 +12,7 @@ from raw bytes with typed dtype and shape (never unpickled), and any malformed f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -48,6 +49,42 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _CACHE = {CacheMode.NONE: pb.CACHE_NONE, CacheMode.START: pb.CACHE_START, CacheMode.EXTEND: pb.CACHE_EXTEND}
 _PHASE = {Phase.FORWARD: pb.PHASE_FORWARD, Phase.BACKWARD: pb.PHASE_BACKWARD}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# --- the dtype activations cross in ------------------------------------------------------------
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def step_dtype(request) -> torch.dtype:
+    """The dtype a device speaks for a step: that of the hidden state (or its gradient) it sent,
+    when it is one of WIRE_DTYPES. The cloud computes in float32 whatever it is, and speaks it
+    back: u and the result in it, and the device's replies expected in it."""
+    tensor = request.hidden if isinstance(request, ForwardRequest) else getattr(request, "grad_hidden", None)
+    dtype = getattr(tensor, "dtype", None)
+    return dtype if dtype in WIRE_DTYPES.values() else torch.float32
+
+
+def to_wire_dtype(message, dtype: torch.dtype):
+    """`message` with its float32 tensors as `dtype`, to send (masks stay int64)."""
+    if dtype == torch.float32:
+        return message
+    cast = {k: v.to(dtype) for k, v in vars(message).items() if isinstance(v, torch.Tensor) and v.dtype == torch.float32}
+    return dataclasses.replace(message, **cast) if cast else message
+
+
+def from_wire_dtype(message, dtype: torch.dtype):
+    """A received `message` with its `dtype` tensors as float32, to compute with; a float
+    tensor in another dtype than the step's is refused."""
+    if dtype == torch.float32:
+        return message
+    cast = {}
+    for name, value in vars(message).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if value.dtype != dtype:
+                raise ValidationError(f"{type(message).__name__}.{name} is {value.dtype}, but this step's tensors cross as {dtype}")
+            cast[name] = value.float()
+    return dataclasses.replace(message, **cast) if cast else message
 
 
 # --- tensors -------------------------------------------------------------------------------

@@ -185,9 +185,12 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
               help="Tokens per workload reply, at most.")
 @click.option("--delayed-prompts", default=6, show_default=True, type=click.IntRange(min=1),
               help="Prompts of each workload decoded over each delayed link (loopback decodes them all).")
+@click.option("--wire-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="What the activations cross in (the device and the cloud compute in float32); other than float32, "
+              "loopback also measures the largest change to a token's log-probability.")
 @results_options
 @fail_cleanly
-def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, as_json, out_path) -> None:
+def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, wire_dtype, as_json, out_path) -> None:
     """The split over emulated network links: decode tokens/s, time to first token, training steps,
     and decoding with drafts on a grounded and an open workload.
 
@@ -202,12 +205,13 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
         raise click.BadParameter(f"{rtts!r} is not a comma-separated list of milliseconds", param_hint="--rtt") from None
     if any(value < 0 for value in rtt_ms):
         raise click.BadParameter("round-trip times must be >= 0 ms", param_hint="--rtt")
-    results = run_wan_bench(spec, rtt_ms, mbit, repeats, Drafting(draft_tokens, reply_tokens, delayed_prompts), echo=say)
+    results = run_wan_bench(spec, rtt_ms, mbit, repeats, Drafting(draft_tokens, reply_tokens, delayed_prompts), echo=say,
+                            wire_dtype=wire_dtype)
     _keep(results.to_json(), out_path)
     mono = results.monolithic
     show(results.links, WAN_COLUMNS, as_json, document=results.to_json(),
-         title=f"{spec}, one device; monolithic on this machine: {mono['decode_tok_s']:.2f} decoded tokens/s, first token "
-               f"{mono['first_token_s']:.2f} s, training step {mono['train_step_s']:.2f} s")
+         title=f"{spec}, one device, activations as {wire_dtype}; monolithic on this machine: {mono['decode_tok_s']:.2f} "
+               f"decoded tokens/s, first token {mono['first_token_s']:.2f} s, training step {mono['train_step_s']:.2f} s")
     if not as_json:
         show(results.drafting, DRAFTING_COLUMNS, False,
              title=f"greedy decoding with up to {draft_tokens} tokens guessed per pass by prompt lookup, {reply_tokens}-token replies")

@@ -21,12 +21,12 @@ from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
-from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, OpenSession, Phase
+from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, ForwardResult, OpenSession, Phase
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
 from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device, split_embedded
-from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, TransportError, VersionMismatchError
+from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, TransportError, ValidationError, VersionMismatchError
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
@@ -76,6 +76,43 @@ def test_network_scoring_and_training_step_equal_the_in_process_split(device, ti
     with torch.no_grad():
         steps = [device.model(ids[:1, :5], CacheMode.START)] + [device.model(ids[:1, t : t + 1], CacheMode.EXTEND) for t in range(5, 8)]
     assert torch.allclose(torch.cat(steps, 1), local_logits[:1].detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_activations_may_cross_as_16_bit_floats_at_half_the_bytes(device, tmp_path, dtype):
+    half = open_device(tmp_path / "dev", wire_dtype=dtype)
+    try:
+        for model in (device.model, half.model):
+            set_ms(model)
+        ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+        bytes_before = {name: sum(d.model.link.wire_bytes.values()) for name, d in (("full", device), ("half", half))}
+        full_logits, half_logits = device.model(ids), half.model(ids)
+        sent = {name: sum(d.model.link.wire_bytes.values()) - bytes_before[name] for name, d in (("full", device), ("half", half))}
+        assert 0.45 < sent["half"] / sent["full"] < 0.6  # the tensors halve; the framing does not
+        logprobs = [torch.log_softmax(logits, -1) for logits in (full_logits, half_logits)]
+        assert 0 < (logprobs[0] - logprobs[1]).abs().max() < 0.05
+        full_logits.logsumexp(-1).mean().backward()
+        half_logits.logsumexp(-1).mean().backward()
+        grads = [torch.cat([m.grad.flatten() for _, m in d.model.weights.named_tensors()]) for d in (device, half)]
+        assert 0 < (grads[0] - grads[1]).norm() / grads[0].norm() < 0.05  # dL/dM, each M's together
+        with torch.no_grad():  # decoding over the cheaper wire, cache and all
+            steps = [half.model(ids[:1, :5], CacheMode.START)] + [half.model(ids[:1, t : t + 1], CacheMode.EXTEND) for t in range(5, 8)]
+        assert torch.allclose(torch.cat(steps, 1), half_logits[:1].detach(), atol=0.05)
+    finally:
+        half.close()
+
+
+def test_a_reply_in_another_dtype_than_the_step_is_refused_and_the_session_goes_on(device, tiny_checkpoint):
+    link = device.model.link
+    hidden = torch.randn(1, 3, device.model.embed.embedding_dim).to(torch.bfloat16)
+    width = lambda group: CONFIG.width(group, a_side=False)
+    wrong = lambda request: AdapterReply(request.layer, request.group, request.phase,
+                                         torch.zeros(*request.tensor.shape[:-1], width(request.group)))  # float32, not bfloat16
+    with pytest.raises(ValidationError, match="cross as torch.bfloat16"):
+        link._session.step(ForwardRequest(hidden), wrong, ForwardResult)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(device.model(ids), in_process(tiny_checkpoint)(ids), atol=1e-5)
 
 
 def test_the_device_received_its_bundle_and_never_a_or_b(device):
