@@ -65,7 +65,12 @@ def _check_request(request: AdapterRequest, phase: Phase, weights: AdapterWeight
     does not have, or a tensor that is not a finite float32 (B, T, width), is refused before
     it touches M or its gradient, so a broken or hostile service cannot corrupt the adapter."""
     config = weights.config
-    if request.phase is not phase or request.group not in config.groups or not 0 <= request.layer < weights.num_layers:
+    if (
+        request.phase is not phase
+        or request.group not in config.groups
+        or not 0 <= request.layer < weights.num_layers
+        or not config.adapts(request.layer)
+    ):
         raise ValidationError(
             f"unexpected adapter request: layer {request.layer} {quoted(request.group)} {request.phase.value} "
             f"during {phase.value}"

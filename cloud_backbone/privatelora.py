@@ -72,6 +72,9 @@ class PrivateLoRAConfig:
     device_layers: int = 0
     """How many of the first decoder layers run on the device. It moves computation, not
     math: the same M gives the same model for every split point."""
+    adapt_layers: tuple[int, ...] = ()
+    """The decoder layers adapted (0-based); empty: every one. Each adapted cloud layer costs
+    one round trip per group per pass, so adapting fewer layers buys speed over a slow link."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str) or not isinstance(self.targets, (tuple, list)):
@@ -94,6 +97,13 @@ class PrivateLoRAConfig:
             raise ConfigError(f"scale must be a positive number, got {self.scale!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.adapt_layers, (str, bytes)) or not isinstance(self.adapt_layers, (tuple, list)):
+            raise TypeError(f"adapt_layers must be a tuple of layer numbers, got {self.adapt_layers!r}")
+        if not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in self.adapt_layers):
+            raise ConfigError(f"adapt_layers must be layer numbers >= 0, got {list(self.adapt_layers)!r}")
+        if len(set(self.adapt_layers)) != len(self.adapt_layers):
+            raise ConfigError(f"adapt_layers repeats a layer: {list(self.adapt_layers)!r}")
+        object.__setattr__(self, "adapt_layers", tuple(sorted(self.adapt_layers)))
 
     @property
     def groups(self) -> dict[str, tuple[str, ...]]:
@@ -114,14 +124,31 @@ class PrivateLoRAConfig:
         members·r on M's output side (u·M and its gradient)."""
         return self.rank * (self.a_count(group) if a_side else len(self.groups[group]))
 
+    def adapts(self, layer: int) -> bool:
+        return not self.adapt_layers or layer in self.adapt_layers
+
+    def adapted_cloud_layers(self, num_layers: int) -> int:
+        return sum(self.adapts(layer) for layer in range(self.device_layers, num_layers))
+
+    def round_trips(self, num_layers: int) -> int:
+        """Device round trips per pass through the cloud's layers: one per adapted group of
+        each adapted cloud layer."""
+        return self.adapted_cloud_layers(num_layers) * len(self.groups)
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "targets": list(self.targets)}
+        # Every layer adapted is written as no entry, so the versions made before adapt_layers
+        # existed keep their digest.
+        data = {**asdict(self), "targets": list(self.targets), "adapt_layers": list(self.adapt_layers)}
+        if not self.adapt_layers:
+            del data["adapt_layers"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PrivateLoRAConfig:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        if "targets" in known:
-            known["targets"] = tuple(known["targets"])
+        for name in ("targets", "adapt_layers"):
+            if name in known:
+                known[name] = tuple(known[name])
         return cls(**known)
 
     def check_backbone(self, num_layers: int) -> None:
@@ -129,6 +156,10 @@ class PrivateLoRAConfig:
             raise ConfigError(
                 f"device_layers={self.device_layers} leaves no decoder layer for the cloud; "
                 f"the backbone has {num_layers} layers, so use at most {num_layers - 1}"
+            )
+        if self.adapt_layers and self.adapt_layers[-1] >= num_layers:
+            raise ConfigError(
+                f"adapt_layers names layer {self.adapt_layers[-1]}, but the backbone has {num_layers} layers (0 to {num_layers - 1})"
             )
 
 
@@ -205,6 +236,7 @@ class AdapterWeights(nn.Module):
             {
                 self._key(layer, target): nn.Parameter(torch.zeros(config.rank, config.rank))
                 for layer in range(num_layers)
+                if config.adapts(layer)
                 for target in config.targets
             }
         )
@@ -222,7 +254,7 @@ class AdapterWeights(nn.Module):
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(file name, M) in a stable order, as adapter files store them."""
         for layer in range(self.num_layers):
-            for target in self.config.targets:
+            for target in self.config.targets if self.config.adapts(layer) else ():
                 yield m_name(layer, target), self.ms[self._key(layer, target)]
 
     def load_named_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -324,7 +356,7 @@ def attach(layers: nn.ModuleList, first_layer: int, config: PrivateLoRAConfig) -
     slot = ExchangeSlot()
     for j, layer in enumerate(layers):
         index = first_layer + j
-        for group_name, members in config.groups.items():
+        for group_name, members in config.groups.items() if config.adapts(index) else ():
             paths = [TARGET_MODULES[m] for m in members]
             bases = [_submodule(layer, p) for p in paths]
             for path, base in zip(paths, bases):

@@ -48,20 +48,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterConfig(_message.Message):
-    __slots__ = ("rank", "targets", "shared_a", "scale", "seed", "device_layers")
+    __slots__ = ("rank", "targets", "shared_a", "scale", "seed", "device_layers", "adapt_layers")
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     SHARED_A_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     targets: _containers.RepeatedScalarFieldContainer[str]
     shared_a: bool
     scale: float
     seed: int
     device_layers: int
-    def __init__(self, rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., shared_a: bool = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ..., device_layers: _Optional[int] = ...) -> None: ...
+    adapt_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., shared_a: bool = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ..., device_layers: _Optional[int] = ..., adapt_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BackboneIdentity(_message.Message):
     __slots__ = ("name", "content_hash", "num_layers", "hidden_size", "adapter")

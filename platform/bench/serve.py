@@ -161,7 +161,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
                     grpc_tok_s=statistics.median(rates["grpc"]), monolithic_tok_s=statistics.median(rates["mono"]))
         echo(f"{BARE_ROUND_TRIPS} bare round trips of the protocol's messages over gRPC loopback")
         round_trip = bare_round_trip(context, config, BARE_ROUND_TRIPS)
-        round_trips = (mono.weights.num_layers - config.device_layers) * len(config.groups)
+        round_trips = config.round_trips(mono.weights.num_layers)
         mono_s = 1 / statistics.median(rates["mono"])
         results.add("single_decode_ceiling", mono_s / (mono_s + round_trips * round_trip), "report",
                     round_trip_us=1e6 * round_trip, round_trips_per_token=round_trips)
@@ -263,7 +263,7 @@ def _device_loop(folder: Path, pipe, address: str | None, wire_dtype: str) -> No
         "first_token": decode_run(model, random_prompt(FIRST_TOKEN_PROMPT, vocab), 1),
         "train": train_run(model, list(model.weights.parameters()), train_ids(vocab)),
         "job_step": lambda: _seconds_and_wire_bytes(model, job_step),
-        "round_trips": lambda: (model.weights.num_layers - model.config.device_layers) * len(model.config.groups),
+        "round_trips": lambda: model.config.round_trips(model.weights.num_layers),
         "wire": lambda: (_decode_wire_bytes(model, PROMPT, NEW_TOKENS),
                          _minimum_bytes_per_token(model.config, model)),
         "workload": lambda *args: decode_workload(device, *args),
@@ -395,7 +395,6 @@ def _ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float:
 def _minimum_bytes_per_token(config: PrivateLoRAConfig, model) -> int:
     """The hidden state both ways plus, per adapted group and layer, u down and u·M up, in float32."""
     d = model.embed.embedding_dim
-    cloud_layers = model.weights.num_layers - config.device_layers
     per_layer = sum((config.a_count(g) + len(members)) * config.rank for g, members in config.groups.items())
-    return 4 * (2 * d + cloud_layers * per_layer)
+    return 4 * (2 * d + config.adapted_cloud_layers(model.weights.num_layers) * per_layer)
 

@@ -69,12 +69,34 @@ def adapter_options(command):
             show_default=True,
             help="How many of the first decoder layers run on the device. More layers hide the raw prompt embedding from the cloud.",
         ),
+        click.option(
+            "--adapt-layers",
+            default="",
+            help="Decoder layers to adapt, as ranges and numbers from 0 (e.g. 12-29 or 0,4-7); every layer if not given. "
+            "Each adapted cloud layer costs a device round trip per group per pass, so fewer layers decode faster over a slow link.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def adapter_config(rank, targets, shared_a, scale, seed, device_layers) -> PrivateLoRAConfig:
+def adapter_config(rank, targets, shared_a, scale, seed, device_layers, adapt_layers) -> PrivateLoRAConfig:
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
-    return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, device_layers=device_layers)
+    return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, device_layers=device_layers,
+                             adapt_layers=layer_numbers(adapt_layers))
+
+
+def layer_numbers(text: str) -> tuple[int, ...]:
+    """'12-14,20' -> (12, 13, 14, 20); '' -> () (every layer)."""
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a layer number or a range like 12-29", param_hint="--adapt-layers") from None
+        if low < 0 or high < low:
+            raise click.BadParameter(f"{part!r}: layers count from 0, and a range goes up", param_hint="--adapt-layers")
+        layers.extend(range(low, high + 1))
+    return tuple(layers)

@@ -88,7 +88,7 @@ def crossed_per_token(identity: BackboneIdentity) -> str:
     down = sum(config.width(group, a_side=True) for group in config.groups)
     up = sum(config.width(group, a_side=False) for group in config.groups)
     return (f"the hidden state entering and leaving the cloud's layers ({identity.hidden_size} numbers each way) and, for each "
-            f"of its {identity.num_layers - config.device_layers} layers, {down} numbers u = x·A down and {up} numbers u·M up "
+            f"of its {config.adapted_cloud_layers(identity.num_layers)} adapted layers, {down} numbers u = x·A down and {up} numbers u·M up "
             f"(r = {config.rank} per adapted projection: {', '.join(config.targets)})")
 
 

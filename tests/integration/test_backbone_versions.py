@@ -51,6 +51,15 @@ def test_status_changes_and_retire_is_guarded_while_devices_are_bound(v1):
     assert "now retired" in forced.output and "f" * 32 in forced.output  # says whom it strands
 
 
+def test_a_subset_of_adapted_layers_is_a_version_of_its_own(tiny_checkpoint, v1):
+    subset = plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4", "--adapt-layers", "2-3,0").output.split()[0]
+    assert subset != v1
+    assert json.loads(plora("backbone", "show", subset).output)["adapter_config"]["adapt_layers"] == [0, 2, 3]
+    assert "adapt_layers" not in json.loads(plora("backbone", "show", v1).output)["adapter_config"]
+    refused = plora("backbone", "register", "--backbone", tiny_checkpoint, "--adapt-layers", "5-3", ok=False)
+    assert "a range goes up" in refused.output
+
+
 def test_derive_fine_tunes_the_decoder_and_registers_a_child_version(tmp_path, v1):
     data = tmp_path / "public.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TEXTS))

@@ -76,7 +76,7 @@ def test_what_crossed_follows_the_adapter_groups():
     # q, k and v at r = 4: three r-vectors each way, or one down when they share A.
     assert "12 numbers u = x·A down and 12 numbers u·M up" in crossed_per_token(separate)
     assert "4 numbers u = x·A down and 12 numbers u·M up" in crossed_per_token(shared)
-    assert f"({TINY['hidden_size']} numbers each way) and, for each of its {TINY['num_hidden_layers']} layers" in crossed_per_token(separate)
+    assert f"({TINY['hidden_size']} numbers each way) and, for each of its {TINY['num_hidden_layers']} adapted layers" in crossed_per_token(separate)
 
 
 HOSTILE = "<script>alert(1)</script> | `code` **bold** ![x](http://evil/)\nsecond line"

@@ -19,6 +19,7 @@ from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink, TrafficCounter
 from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.platform.runtime import split_embedded
+from plora.storage.errors import ConfigError
 from tests.conftest import tiny_backbone, tiny_llama
 
 CASES = [
@@ -30,6 +31,7 @@ CASES = [
         PrivateLoRAConfig(rank=3, targets=tuple(TARGET_MODULES), shared_a=True, scale=0.5, seed=7, device_layers=1),
         id="all-targets-sharedA-1dev",
     ),
+    pytest.param(PrivateLoRAConfig(rank=4, device_layers=1, adapt_layers=(0, 2)), id="qkv-layers0,2-1dev"),
 ]
 
 
@@ -46,7 +48,7 @@ def reference(config: PrivateLoRAConfig, ms: dict[str, torch.Tensor]):
     public = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(**{**config.to_dict(), "device_layers": 0, "targets": config.targets})))
     leaves = {name: m.detach().clone().requires_grad_(True) for name, m in ms.items()}
     for i, layer in enumerate(model.model.layers):
-        for target in config.targets:
+        for target in config.targets if config.adapts(i) else ():
             module = TARGET_MODULES[target]
             prefix = f"layers.{i}.{module}"
             a, b, m = public[f"{prefix}.A"], public[f"{prefix}.B"], leaves[f"{prefix}.M"]
@@ -183,6 +185,22 @@ def test_traffic_is_one_hidden_state_each_way_plus_r_vectors_per_group():
         hidden = 5 * 32 * 4  # tokens × d × float32
         assert traffic.bytes["up"] == hidden + layers * 5 * 3 * rank * 4  # u·M for q, k and v
         assert traffic.bytes["down"] == hidden + layers * 5 * up_width * 4  # u: one per A
+
+
+def test_adapting_fewer_layers_drops_their_round_trips_and_keeps_old_versions_digests():
+    config = PrivateLoRAConfig(rank=4, device_layers=1, adapt_layers=(3, 0, 2))
+    assert config.adapt_layers == (0, 2, 3) and config.round_trips(4) == 2  # layers 2 and 3 in the cloud, one group each
+    split = split_embedded(tiny_backbone(), config)
+    counter = TrafficCounter()
+    split.link.taps.append(counter)
+    with torch.no_grad():
+        split(torch.arange(5)[None])
+    assert counter.messages["down"] == config.round_trips(4) + 1  # the requests for u·M, and the result
+    assert len(list(split.weights.named_tensors())) == 3 * 3
+    assert "adapt_layers" not in PrivateLoRAConfig().to_dict()  # so versions made before it keep their digest
+    assert PrivateLoRAConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="layer 4"):
+        PrivateLoRAConfig(adapt_layers=(4,)).check_backbone(4)
 
 
 def test_public_projections_are_deterministic_orthonormal_and_seeded():
