@@ -71,7 +71,9 @@ def int64s(shape: list[int], values: list[int]) -> pb.Tensor:
 
 def lie_about(t: pb.Tensor, rng: random.Random, what: str) -> None:
     """Make a float32 tensor lie in one way, `what`: huge, negative, zero or too_many_dims (its
-    dims), width (its last dim, payload to match), nan or inf (a value), dtype, payload (its size)."""
+    dims), width (its last dim, payload to match), nan or inf (a value), dtype, non_float_dtype,
+    payload (its size). A device's hidden state or gradient may be a 16-bit float (it sets the
+    step's wire dtype), so only a non-float dtype is a lie there."""
     shape = list(t.shape)
     if what == "huge":
         t.shape[:] = [2**31, 2**31, shape[-1]]
@@ -91,8 +93,9 @@ def lie_about(t: pb.Tensor, rng: random.Random, what: str) -> None:
         at = 4 * rng.randrange(len(values) // 4)
         values[at : at + 4] = bad
         t.data = bytes(values)
-    elif what == "dtype":
-        t.dtype = rng.choice([pb.FLOAT16, pb.BFLOAT16, pb.INT64, pb.DTYPE_UNSPECIFIED, 42])
+    elif what in ("dtype", "non_float_dtype"):
+        floats = [pb.FLOAT16, pb.BFLOAT16] if what == "dtype" else []
+        t.dtype = rng.choice([*floats, pb.INT64, pb.DTYPE_UNSPECIFIED, 42])
         if t.dtype in (pb.FLOAT16, pb.BFLOAT16):
             t.data = t.data[: len(t.data) // 2]
         elif t.dtype == pb.INT64:
@@ -269,7 +272,7 @@ _session_frame("empty_step", CHEAP, VALID, lambda a, rng: pb.DeviceMessage(step=
 _session_frame("open_mid_session", CHEAP, SESSION, lambda a, rng: _opening(a))
 _session_frame("stray_reply", CHEAP, SESSION, _stray_reply)
 _session_frame("huge_dims_hidden", CHEAP, frozenset({"ValidationError", "CapacityError"}), _lying_hidden("huge"))
-for _lie in ("negative", "zero", "too_many_dims", "width", "nan", "inf", "dtype", "payload"):
+for _lie in ("negative", "zero", "too_many_dims", "width", "nan", "inf", "non_float_dtype", "payload"):
     _session_frame(f"{_lie}_hidden", CHEAP, VALID, _lying_hidden(_lie))
 _session_frame("unknown_cache_mode", CHEAP, VALID, lambda a, rng: a.forward(hidden(rng, 1, 2, a.target.identity.hidden_size), rng.choice([3, 7, 2**31 - 1])))
 _session_frame("batch_mismatch_extend", CHEAP, VALID, lambda a, rng: a.forward(hidden(rng, 2, 1, a.target.identity.hidden_size), pb.CACHE_EXTEND), cached=True)
@@ -317,7 +320,7 @@ async def lying_backward(a: Attacker, rng: random.Random) -> None:
     tokens, size = rng.randrange(1, 5), a.target.identity.hidden_size
     await a.valid_step(a.forward(hidden(rng, 1, tokens, size), train=True))
     frame = a.backward(tensor([1, tokens, size], fill=0.01))
-    lie_about(frame.backward.grad_hidden, rng, rng.choice(["width", "nan", "inf", "dtype", "zero", "negative"]))
+    lie_about(frame.backward.grad_hidden, rng, rng.choice(["width", "nan", "inf", "non_float_dtype", "zero", "negative"]))
     await a.refused(frame, VALID)
     await a.still_serves()
 
