@@ -177,6 +177,8 @@ def stream_tokens(
         held = valid + len(fed)
         accepted, token = verify(logits, draft, temperature, top_p, generator)
         valid += 1 + len(accepted)
+
+
 @torch.no_grad()
 def generate_batch(
     model: DeviceModel,
