@@ -121,9 +121,10 @@ def verify(
     the reply then has the distribution plain sampling gives it."""
     for i, token in enumerate(draft.tokens):
         if temperature == 0:
-            if int(logits[i].argmax()) == token:
+            best = int(logits[i].argmax())
+            if best == token:
                 continue
-            return draft.tokens[:i], int(logits[i].argmax())
+            return draft.tokens[:i], best
         p = _nucleus(logits[i], temperature, top_p)
         q = draft.probs[i] if draft.probs is not None else torch.nn.functional.one_hot(torch.tensor(token), p.shape[-1]).to(p.dtype)
         if torch.rand((), generator=generator) * q[token] < p[token]:  # u < p/q, without dividing by a zero q

@@ -157,7 +157,8 @@ def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> tuple[dic
 def _drafting_figures(device: DeviceProcess, drafting: Drafting, loopback: bool) -> list[dict]:
     rows = []
     for name, prompts in WORKLOADS.items():
-        count = len(prompts()) if loopback else min(drafting.delayed_prompts, len(prompts()))
+        total = len(prompts())
+        count = total if loopback else min(drafting.delayed_prompts, total)
         drafted = device.call("workload", name, count, drafting.new_tokens, drafting.draft_tokens)
         row = {"workload": name, "prompts": count, "tokens_per_pass": drafted["tokens_per_pass"],
                "decode_tok_s": drafted["decode_tok_s"]}
