@@ -16,6 +16,7 @@ from plora.cloud_backbone import loading
 from plora.cloud_backbone.device_access import Enrollment
 from plora.cloud_backbone.metrics import Metrics
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.recording import Recording
 from plora.cloud_backbone.service import BackboneService, Limits, prepare_version
 from plora.cloud_backbone.servicer import SplitBackboneServicer, add_to_server
 from plora.cloud_backbone.versions import load_version
@@ -173,12 +174,14 @@ def start_service(
     http_host: str = "127.0.0.1",
     registered: Sequence[str] = (),
     enrollment: Enrollment = Enrollment(),
+    record: Path | None = None,
 ) -> RunningServer:
     """Load each backbone, prepare its device bundle and cloud half, and start serving.
 
     `specs` are backbones to host with adapter `config`; `registered` names versions from
     the registry, each hosted with its own registered config. Devices enroll as `enrollment`
-    says: by default only with an enrollment token from the registry."""
+    says: by default only with an enrollment token from the registry. With `record`, every
+    session's traffic is captured there for a privacy audit (cloud_backbone.recording)."""
     loaded = [(loading.load(spec), config) for spec in specs]
     loaded += [load_version(registry.get_backbone(name)) for name in registered]
     names = [backbone.identity(cfg).version for backbone, cfg in loaded]
@@ -186,4 +189,6 @@ def start_service(
         raise ConfigError(f"a backbone version is listed twice: {names}")
     bundles = plora_home() / "bundles"
     versions = [prepare_version(backbone, cfg, bundles, limits) for backbone, cfg in loaded]
-    return RunningServer(BackboneService(versions, registry, limits, enrollment), host, port, tls, http_port, http_host)
+    recording = Recording(record) if record is not None else None
+    service = BackboneService(versions, registry, limits, enrollment, recording)
+    return RunningServer(service, host, port, tls, http_port, http_host)

@@ -22,6 +22,7 @@ from plora.cloud_backbone.device_access import Enrollment, OpenEnrollmentGate, R
 from plora.cloud_backbone.loading import Backbone, save_checkpoint
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity, OpenSession
+from plora.cloud_backbone.recording import Recording
 from plora.cloud_backbone.protocol.bundle import bundle_digest
 from plora.cloud_backbone.versions import ensure_version
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
@@ -132,13 +133,19 @@ class ServiceSession:
 
 class BackboneService:
     def __init__(
-        self, versions: list[HostedVersion], registry: Registry, limits: Limits = Limits(), enrollment: Enrollment = Enrollment()
+        self,
+        versions: list[HostedVersion],
+        registry: Registry,
+        limits: Limits = Limits(),
+        enrollment: Enrollment = Enrollment(),
+        recording: Recording | None = None,
     ):
         if not versions:
             raise ConfigError("the service needs at least one backbone version to host")
         self.versions = {v.identity.version: v for v in versions}
         self.registry = registry
         self.limits = limits
+        self.recording = recording  # an audit's captures of every session, when the operator asked for them
         self._sessions: dict[str, ServiceSession] = {}
         self._lock = threading.Lock()
         self.memory = MemoryBudget(limits.total_memory_bytes, limits.session_memory_bytes)
@@ -258,6 +265,8 @@ class BackboneService:
         comes to keep data about devices (audit captures, reported job metadata) deletes it here."""
         removed = self.registry.forget_device(device_id)
         self.end_sessions_of(device_id, "the device was forgotten")
+        if self.recording is not None:
+            removed["captured steps"] = self.recording.forget(device_id)
         return removed
 
     @property

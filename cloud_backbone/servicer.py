@@ -40,6 +40,7 @@ from plora.cloud_backbone.protocol.messages import (
     SessionOpened,
     StepError,
 )
+from plora.cloud_backbone.recording import SessionCapture
 from plora.cloud_backbone.service import BackboneService, HostedVersion, ServiceSession
 from plora.storage.errors import (
     AuthenticationError,
@@ -165,6 +166,7 @@ class SessionStream:
         self._serving: asyncio.Task | None = None  # while the session is open: the task serving it
         self._ended_for: str | None = None  # why the service ended the session, if it did
         self._warned = False  # one log line per session for malformed input, never a flood
+        self._capture: SessionCapture | None = None  # set while the service records this session
 
     async def _read(self, timeout: float, waiting_for: str):
         try:
@@ -181,15 +183,20 @@ class SessionStream:
             raise ValidationError(f"a frame that is not a DeviceMessage (while waiting for {waiting_for})")
         self._bytes_in.inc(frame.ByteSize())
         try:
-            return wire.parse_device_message(frame, self.limits.max_tensor_elements)
+            step, message = wire.parse_device_message(frame, self.limits.max_tensor_elements)
         except PloraError:
             raise
         except Exception as err:  # the parser must not let a foreign error out, whatever the frame
             raise ValidationError(f"malformed DeviceMessage: {type(err).__name__}") from None
+        if self._capture is not None:
+            self._capture("up", message)
+        return step, message
 
     async def _write(self, step: int, message) -> None:
         frame = wire.cloud_message(step, message)
         self._bytes_out.inc(frame.ByteSize())
+        if self._capture is not None:
+            self._capture("down", message)
         try:
             await asyncio.wait_for(self.context.write(frame), self.limits.write_timeout_s)
         except asyncio.TimeoutError:
@@ -224,6 +231,10 @@ class SessionStream:
             # open_session reads the registry: keep the database off the loop.
             session = await asyncio.to_thread(self.service.open_session, self.device_id, opening)
             self._serving, session.on_end = asyncio.current_task(), self.end
+            if self.service.recording is not None:
+                self._capture = await asyncio.to_thread(
+                    self.service.recording.session, self.device_id, session.session_id, session.version.identity.version
+                )
             self.metrics.active_sessions.inc()
             await self._write(step, SessionOpened(session.session_id, session.version.identity, session.cloud.max_tokens))
             while True:

@@ -60,11 +60,16 @@ backbone.add_command(devices)
               help="Enroll devices that bring no enrollment token: anyone who reaches the port. Rate limited; for closed networks.")
 @click.option("--open-enrollment-rate", default=10, show_default=True, type=click.IntRange(min=1),
               help="Devices per minute that --open-enrollment takes; more are refused (RESOURCE_EXHAUSTED).")
+@click.option("--record", type=click.Path(file_okay=False, path_type=Path),
+              help="For privacy audits only: capture every session's traffic (hidden states, u, u·M, gradients) in this "
+                   "owner-only folder, for `plora audit`. The captures invert to the devices' text.")
+@click.option("--yes-record-activations", "record_confirmed", is_flag=True,
+              help="Confirm --record: you have the devices' consent and will delete the captures after the audit.")
 @adapter_options
 @fail_cleanly
 def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
           max_tokens, max_message_mb, reply_timeout, idle_timeout, first_frame_timeout, write_timeout, max_step_tokens,
-          session_memory_mb, memory_budget_mb, open_enrollment, open_enrollment_rate, **adapter) -> None:
+          session_memory_mb, memory_budget_mb, open_enrollment, open_enrollment_rate, record, record_confirmed, **adapter) -> None:
     """Serve the frozen cloud half of one or more backbone versions to devices over gRPC.
 
     With neither --backbone nor --version it hosts every registered version that is not
@@ -83,6 +88,11 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
         raise click.UsageError("give --tls-cert and --tls-key, or --insecure (plain text, for loopback only)")
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if record and not record_confirmed:
+        raise click.UsageError("--record captures activations that invert to the devices' text; "
+                               "confirm with --yes-record-activations, for an audit the devices agreed to")
+    if record_confirmed and not record:
+        raise click.UsageError("--yes-record-activations confirms --record DIR, which is missing")
     if insecure and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving plain text on %s: tokens and activations cross the network unencrypted", host)
     memory = {"total_memory_bytes": memory_budget_mb << 20} if memory_budget_mb else {}
@@ -97,12 +107,14 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
         specs = () if versions else ("embedded",)
     enrollment = Enrollment(open=open_enrollment, per_minute=open_enrollment_rate)
     server = start_service(list(specs), adapter_config(**adapter), reg, limits, host, port, tls, http_port, http_host, versions,
-                           enrollment)
+                           enrollment, record)
     for version in server.service.versions.values():
         click.echo(f"hosting {version.identity.version} ({version.identity.name}, {version.identity.num_layers} layers)")
     click.echo(f"listening on {host}:{server.port} ({'TLS' if tls else 'plain text'}); health and metrics on :{server.http_port}")
     click.echo(f"enrollment: open to anyone who reaches the port, {open_enrollment_rate} device(s) per minute" if open_enrollment
                else "enrollment: with a token from `plora backbone enroll create`")
+    if record:
+        click.echo(f"RECORDING every session's activations in {record}: delete them once audited", err=True)
     def shut_down(*_) -> None:
         click.echo("shutting down: finishing sessions in flight", err=True)
         server.stop()
