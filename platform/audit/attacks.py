@@ -1,0 +1,179 @@
+"""The curious cloud's attacks: each reads only what the service records and public weights.
+
+An honest-but-curious cloud knows every public weight (the backbone, A and B) and keeps every
+tensor of the protocol (cloud_backbone.recording). From those alone:
+
+- `InputInverter` recovers the device's input tokens from the state at the cut. With no
+  decoder layer on the device that state is a row of the public embedding table, so the
+  nearest row gives the token back. With k public layers on the device it matches the state,
+  position by position, against candidate tokens run through those layers after the prefix
+  recovered so far (vocabulary matching, SipIt arXiv 2510.15511); a cheap dictionary of each
+  token's state proposes the candidates, so that only a few run through the layers.
+- `recover_outputs` reads the device's next tokens off the last hidden state the cloud
+  returns, through the public final norm and head.
+- `recover_labels` reads the training targets off the gradient the device sends back: that
+  gradient is J_norm^T·W^T·c(p − onehot(label)), and everything in it but the label is known.
+- `recover_m` solves u·M = (u·M) for M by least squares from the pairs the cloud relays.
+
+The attacks work on the device's true weights where the cloud knows them (M = 0, a new
+user); after personalization the device-side layers carry an M the cloud does not know, and
+the same attacks run with M = 0 in its place.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig, decoder_slice
+
+CHUNK = 4096  # vocabulary rows per matmul: bounds memory at CHUNK × positions
+
+
+class PublicModel:
+    """What the cloud knows of the device's half: the backbone's public weights, M = 0.
+
+    It takes `model` over (the device-side slice renumbers its layers), so pass a copy that
+    serves nothing else."""
+
+    def __init__(self, model: nn.Module, config: PrivateLoRAConfig):
+        model.eval()
+        decoder = model.get_decoder()
+        self.config = config
+        self.embedding = model.get_input_embeddings().weight.detach()
+        self.head = model.get_output_embeddings().weight.detach()
+        self.norm = decoder.norm
+        self.front = decoder_slice(model, 0, config.device_layers) if config.device_layers else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.shape[0]
+
+    @torch.no_grad()
+    def run_front(self, embeds: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
+        """(B, T, d) embeddings through the device-side layers, extending `cache`."""
+        return self.front(inputs_embeds=embeds, cache=cache, use_cache=cache is not None).last_hidden_state
+
+
+def nearest_rows(table: torch.Tensor, states: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """(N, k) indices of the table rows nearest (L2) to each of the (N, d) states, nearest first."""
+    states = states.float()
+    best_scores, best_ids = None, None
+    for start in range(0, table.shape[0], CHUNK):
+        rows = table[start : start + CHUNK].float()
+        # -|e - h|² up to |h|², which is the same for every row
+        scores = 2 * states @ rows.T - (rows * rows).sum(-1)
+        scores, ids = scores.topk(min(k, rows.shape[0]), dim=-1)
+        ids = ids + start
+        if best_scores is not None:
+            scores, order = torch.cat([best_scores, scores], -1).topk(k, dim=-1)
+            ids = torch.cat([best_ids, ids], -1).gather(-1, order)
+        best_scores, best_ids = scores, ids
+    return best_ids
+
+
+class InputInverter:
+    """Tokens back from the state entering the cloud's first layer."""
+
+    def __init__(self, public: PublicModel, candidates: int = 64, widened: int = 1024):
+        self.public, self.candidates, self.widened = public, candidates, widened
+        self._dictionary: torch.Tensor | None = None
+
+    def dictionary(self) -> torch.Tensor:
+        """Each token's state after the device-side layers, alone at position 0: close enough
+        to its state in context to rank it among the candidates."""
+        if self._dictionary is None:
+            rows = [self.public.run_front(self.public.embedding[start : start + CHUNK, None], None)[:, 0]
+                    for start in range(0, self.public.vocab_size, CHUNK)]
+            self._dictionary = torch.cat(rows)
+        return self._dictionary
+
+    def new_sequence(self) -> DynamicCache | None:
+        """The attacker's cache for one sequence of the device's (its device-side layers' keys and values)."""
+        return DynamicCache(config=self.public.front.config) if self.public.front is not None else None
+
+    @torch.no_grad()
+    def invert(self, states: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """(T, d) consecutive states of one sequence -> (T,) token ids. `cache` holds the
+        recovered prefix (from new_sequence) and is extended with the recovered tokens."""
+        if self.public.front is None:
+            return nearest_rows(self.public.embedding, states)[:, 0]
+        if cache is None:
+            cache = self.new_sequence()
+        ids = []
+        for state in states.float():
+            ids.append(self._match(state, cache))
+            self.public.run_front(self.public.embedding[ids[-1]].view(1, 1, -1), cache)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _match(self, state: torch.Tensor, cache: DynamicCache) -> int:
+        proposals = torch.cat([nearest_rows(self.dictionary(), state[None], self.widened)[0],
+                               nearest_rows(self.public.embedding, state[None], self.widened)[0]])
+        best, distance = self._verify(proposals[: self.candidates].unique(), state, cache)
+        if distance > 1e-3 * state.norm():  # not an exact match among the first few: look further
+            best, distance = self._verify(proposals.unique(), state, cache)
+        return best
+
+    def _verify(self, tokens: torch.Tensor, state: torch.Tensor, cache: DynamicCache) -> tuple[int, float]:
+        """Run each candidate after the prefix; the one whose state is nearest the observed one."""
+        trial = copy.deepcopy(cache)
+        if trial.get_seq_length():
+            trial.batch_repeat_interleave(len(tokens))
+        out = self.public.run_front(self.public.embedding[tokens][:, None], trial if trial.get_seq_length() else None)
+        distances = (out[:, -1] - state).norm(dim=-1)
+        i = int(distances.argmin())
+        return int(tokens[i]), float(distances[i])
+
+
+@torch.no_grad()
+def recover_outputs(public: PublicModel, hidden_out: torch.Tensor) -> torch.Tensor:
+    """(..., d) hidden states the cloud returned -> (...) the device's greedy next tokens."""
+    return (public.norm(hidden_out.float()) @ public.head.T).argmax(-1)
+
+
+@torch.no_grad()
+def recover_labels(public: PublicModel, hidden_out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(N, d) returned states and the (N, d) gradients the device sent for them -> (N,) the
+    training labels; -1 where the gradient is zero (no label at that position).
+
+    The device's loss is c·CE(W·norm(h), y) per labelled position, so its gradient is
+    g = c·Jᵀ·Wᵀ·(p − e_y), where p = softmax(W·norm(h)) is known to the cloud. For each
+    candidate y the best c leaves a residual; the label is the candidate with the least."""
+    norm = public.norm
+    w = norm.weight.double()
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    head = public.head.double()
+    q = head * w  # Q_v = w ⊙ W_v, so that Jᵀ·W_v = s·Q_v − (s³/d)(x·Q_v)·x
+    q_sq = (q * q).sum(-1)
+    labels = torch.full((hidden_out.shape[0],), -1, dtype=torch.long)
+    labelled = grad.abs().amax(-1) > 0
+    for rows in labelled.nonzero()[:, 0].split(256):
+        x, g = hidden_out[rows].double(), grad[rows].double()
+        d = x.shape[-1]
+        s = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()  # (n, 1)
+        k = s**3 / d
+        probs = torch.softmax((x * s * w) @ head.T, dim=-1)  # (n, V)
+        a = probs @ q  # Jᵀ·Wᵀ·p = s·(Qᵀp) − k·(x·Qᵀp)·x
+        a = s * a - k * x * (x * a).sum(-1, keepdim=True)
+        qx, qg, qa = x @ q.T, g @ q.T, a @ q.T  # (n, V)
+        g_b = s * qg - k * qx * (g * x).sum(-1, keepdim=True)  # <g, Jᵀ·W_v>
+        a_b = s * qa - k * qx * (a * x).sum(-1, keepdim=True)  # <a, Jᵀ·W_v>
+        b_b = s**2 * q_sq - 2 * s * k * qx**2 + k**2 * qx**2 * (x * x).sum(-1, keepdim=True)  # |Jᵀ·W_v|²
+        diff_sq = (a * a).sum(-1, keepdim=True) - 2 * a_b + b_b  # |a − Jᵀ·W_v|²
+        fit = ((g * a).sum(-1, keepdim=True) - g_b) ** 2 / diff_sq.clamp_min(1e-300)
+        labels[rows] = fit.argmax(-1)  # the least residual |g|² − fit
+    return labels
+
+
+def recover_m(u: torch.Tensor, um: torch.Tensor, config: PrivateLoRAConfig, members: int) -> list[torch.Tensor]:
+    """Each member's M of one group, by least squares from (N, a·r) u and (N, members·r) u·M."""
+    r = config.rank
+    u, um = u.reshape(-1, u.shape[-1]).double(), um.reshape(-1, um.shape[-1]).double()
+    out = []
+    for i in range(members):
+        x = u if config.shared_a else u[:, i * r : (i + 1) * r]
+        out.append(torch.linalg.lstsq(x, um[:, i * r : (i + 1) * r]).solution.float())
+    return out

@@ -1,0 +1,122 @@
+"""Each attack of the privacy audit works where it should, so that a broken attack cannot hide a leak.
+
+The captures come from the service's own recorder, tapped onto an in-process split of a tiny
+random Llama; the attacker holds a fresh copy of the same public weights and nothing else.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plora.clients.generation import stream_tokens
+from plora.clients.training import labelled_loss
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.recording import Recording, read_session
+from plora.platform.audit.attacks import InputInverter, PublicModel, recover_labels, recover_m, recover_outputs
+from plora.platform.runtime import split_embedded
+from tests.conftest import tiny_backbone, tiny_llama
+
+VOCAB = 96  # conftest's tiny model
+
+
+def recorded_split(tmp_path, config: PrivateLoRAConfig):
+    split = split_embedded(tiny_backbone(), config)
+    split.link.taps.append(Recording(tmp_path).session("device", "session", "tiny"))
+    return split, tmp_path / "device" / "session"
+
+
+def personal_ms(split, seed: int = 1, scale: float = 0.3, layers: range | None = None) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for key, m in split.weights.ms.items():
+            if layers is None or int(key.split("_")[0]) in layers:
+                m.normal_(0, scale)
+
+
+def invert_session(inverter: InputInverter, steps) -> torch.Tensor:
+    """Every forward step's input tokens, as the attacker recovers them: a row at a time for
+    stateless steps, and the cached sequence carried from START through each EXTEND."""
+    out, cache = [], None
+    for step in steps:
+        if step.kind != "forward":
+            continue
+        if step.meta["cache"] == "none":
+            out += [inverter.invert(row) for row in step.tensors["hidden_in"]]
+            continue
+        if step.meta["cache"] == "start":
+            cache = inverter.new_sequence()
+        out.append(inverter.invert(step.tensors["hidden_in"][0], cache))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("device_layers", [0, 1, 2])
+def test_input_tokens_come_back_from_the_state_at_the_cut_for_a_new_user(tmp_path, device_layers):
+    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4, device_layers=device_layers))
+    personal_ms(split, layers=range(device_layers, 4))  # the cloud's layers carry M; the device's are at M = 0
+    torch.manual_seed(0)
+    rows = torch.randint(0, VOCAB, (2, 12))
+    prompt = torch.randint(0, VOCAB, (9,)).tolist()
+    with torch.no_grad():
+        split(rows)
+        reply = list(stream_tokens(split, prompt, 6, set()))
+    sent = torch.cat([rows.flatten(), torch.tensor(prompt + reply[:-1])])
+
+    recovered = invert_session(InputInverter(PublicModel(tiny_llama(), split.config)), read_session(folder))
+
+    assert recovered.shape == sent.shape
+    assert (recovered == sent).float().mean() >= 0.9
+
+
+def test_outputs_come_back_from_the_last_hidden_state(tmp_path):
+    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4))
+    personal_ms(split)
+    prompt = list(range(20, 30))
+    with torch.no_grad():
+        reply = list(stream_tokens(split, prompt, 8, set()))
+
+    steps = read_session(folder)
+    recovered = [int(recover_outputs(PublicModel(tiny_llama(), split.config), s.tensors["hidden_out"][0, -1])) for s in steps]
+
+    assert recovered == reply
+
+
+def test_training_labels_come_back_from_the_gradients_the_device_sends(tmp_path):
+    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4))
+    personal_ms(split)
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (3, 16))
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt carries no loss
+    loss, _ = labelled_loss(split, ids, labels)
+    loss.backward()
+
+    forward, backward = read_session(folder)
+    assert forward.meta["train"] == "True" and backward.kind == "backward"
+    hidden = forward.tensors["hidden_out"].flatten(0, 1)
+    recovered = recover_labels(PublicModel(tiny_llama(), split.config), hidden, backward.tensors["grad_hidden_out"].flatten(0, 1))
+
+    truth = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], 1).flatten()  # position t predicts t + 1
+    labelled = truth != -100
+    assert torch.equal(recovered == -1, ~labelled)  # no gradient, no label: the attacker knows where labels are
+    assert (recovered[labelled] == truth[labelled]).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("shared_a", [False, True])
+def test_m_comes_back_by_least_squares_from_r_tokens(tmp_path, shared_a):
+    config = PrivateLoRAConfig(rank=4, targets=("q", "k", "v", "gate", "up"), shared_a=shared_a)
+    split, folder = recorded_split(tmp_path, config)
+    personal_ms(split)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        split(torch.randint(0, VOCAB, (1, config.rank)))  # r tokens: exactly enough
+
+    (step,) = read_session(folder)
+    pairs = dict(((layer, group), u) for layer, group, u in step.adapter("u"))
+    checked = 0
+    for layer, group, um in step.adapter("um"):
+        recovered = recover_m(pairs[layer, group], um, config, len(config.groups[group]))
+        for m_hat, m in zip(recovered, split.weights.group_ms(layer, group)):
+            assert (m_hat - m).norm() / m.norm() <= 1e-4
+            checked += 1
+    assert checked == 4 * 5
