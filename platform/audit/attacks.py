@@ -103,18 +103,22 @@ class InputInverter:
             return nearest_rows(self.public.embedding, states)[:, 0]
         if cache is None:
             cache = self.new_sequence()
+        # The proposals do not depend on the prefix: rank every position's at once.
+        proposals = torch.cat([nearest_rows(self.dictionary(), states, self.widened),
+                               nearest_rows(self.public.embedding, states, self.widened)], -1)
         ids = []
-        for state in states.float():
-            ids.append(self._match(state, cache))
+        for state, proposed in zip(states.float(), proposals):
+            ids.append(self._match(state, proposed, cache))
             self.public.run_front(self.public.embedding[ids[-1]].view(1, 1, -1), cache)
         return torch.tensor(ids, dtype=torch.long)
 
-    def _match(self, state: torch.Tensor, cache: DynamicCache) -> int:
-        proposals = torch.cat([nearest_rows(self.dictionary(), state[None], self.widened)[0],
-                               nearest_rows(self.public.embedding, state[None], self.widened)[0]])
-        best, distance = self._verify(proposals[: self.candidates].unique(), state, cache)
-        if distance > 1e-3 * state.norm():  # not an exact match among the first few: look further
-            best, distance = self._verify(proposals.unique(), state, cache)
+    def _match(self, state: torch.Tensor, proposed: torch.Tensor, cache: DynamicCache) -> int:
+        """The first `candidates` of each ranking, then, unless one matched exactly, all `widened`."""
+        half = len(proposed) // 2
+        first = torch.cat([proposed[: self.candidates], proposed[half : half + self.candidates]])
+        best, distance = self._verify(first.unique(), state, cache)
+        if distance > 1e-3 * state.norm():
+            best, distance = self._verify(proposed.unique(), state, cache)
         return best
 
     def _verify(self, tokens: torch.Tensor, state: torch.Tensor, cache: DynamicCache) -> tuple[int, float]:

@@ -87,16 +87,16 @@ def adapter_config(rank, targets, shared_a, scale, seed, device_layers, adapt_la
                              adapt_layers=layer_numbers(adapt_layers))
 
 
-def layer_numbers(text: str) -> tuple[int, ...]:
-    """'12-14,20' -> (12, 13, 14, 20); '' -> () (every layer)."""
+def layer_numbers(text: str, option: str = "--adapt-layers") -> tuple[int, ...]:
+    """'12-14,20' -> (12, 13, 14, 20); '' -> () (every layer). Errors name `option`."""
     layers: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         first, dash, last = part.partition("-")
         try:
             low, high = int(first), int(last if dash else first)
         except ValueError:
-            raise click.BadParameter(f"{part!r} is not a layer number or a range like 12-29", param_hint="--adapt-layers") from None
+            raise click.BadParameter(f"{part!r} is not a layer number or a range like 12-29", param_hint=option) from None
         if low < 0 or high < low:
-            raise click.BadParameter(f"{part!r}: layers count from 0, and a range goes up", param_hint="--adapt-layers")
+            raise click.BadParameter(f"{part!r}: layers count from 0, and a range goes up", param_hint=option)
         layers.extend(range(low, high + 1))
     return tuple(layers)

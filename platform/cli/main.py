@@ -10,6 +10,7 @@ import logging
 
 import click
 
+from plora.platform.cli.audit import audit
 from plora.platform.cli.backbone import backbone
 from plora.platform.cli.bench import bench
 from plora.platform.cli.device import device, generate, jobs, personalize, score
@@ -33,5 +34,5 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[CurrentStderr()])
 
 
-for command in (device, personalize, generate, score, jobs, backbone, migrate, bench, demo, fleet):
+for command in (device, personalize, generate, score, jobs, backbone, migrate, bench, demo, fleet, audit):
     main.add_command(command)

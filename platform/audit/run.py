@@ -1,0 +1,306 @@
+"""`plora audit`: what a curious cloud learns, measured on the flows users run.
+
+For each configuration it serves the backbone with the audit recorder on, and for each
+synthetic persona enrolls a device over gRPC that answers the persona's questions as a new
+user, runs the personalization job on the persona's notes (as `plora personalize` does) and
+answers again. The attacks then read the captures and public weights only; the device's own
+view (its token ids and greedy next tokens, `DeviceWitness`) serves to score them, and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from plora.clients.device_model import DeviceModel
+from plora.clients.generation import PromptLookup, encode_prompt, stream_tokens
+from plora.clients.grpc_link import Endpoint
+from plora.clients.training import TrainSettings
+from plora.cloud_backbone import loading
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig, truncate_cache
+from plora.cloud_backbone.recording import CapturedStep, read_session, recorded_sessions
+from plora.cloud_backbone.server import start_service
+from plora.platform.audit.attacks import InputInverter, PublicModel, recover_labels, recover_m, recover_outputs
+from plora.platform.fleet.personas import PERSONA_JOB, Persona, make_persona, persona_recall, recalled
+from plora.platform.jobs import run_personalization
+from plora.platform.runtime import Device, init_device, open_device, split_embedded
+from plora.storage.errors import PloraError
+from plora.storage.registry import Registry, open_registry
+
+
+EXACT_M = 1e-4  # an M recovered to this relative error is the device's M, for every purpose
+
+
+class AuditError(PloraError):
+    """The captures do not line up with what the device did: the audit cannot be scored."""
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    backbone: str = "embedded"
+    device_layers: tuple[int, ...] = (0, 1, 2, 4)
+    """The configurations audited: how many public decoder layers run on the device."""
+    personas: int = 2
+    train_steps: int = PERSONA_JOB.steps
+    questions: int = 8
+    """Held-out persona questions each device answers, before and after its job."""
+    reply_tokens: int = 24
+    candidates: int = 64
+    """Tokens vocabulary matching runs through the device-side layers per position at first."""
+    widened: int = 256
+    """Its second try, when none of the first matched exactly (a device-side M the cloud does not know)."""
+    training_passes: int = 8
+    """Passes of each job whose inputs and labels are attacked: every one would cost the
+    vocabulary matching hours; the first ones carry the same kind of text as the rest."""
+    seed: int = 0
+
+
+class DeviceWitness:
+    """The device's own view of every pass, for scoring: the token ids it embedded and its
+    greedy next token at each position. It never leaves the audit's scoring."""
+
+    def __init__(self, model: DeviceModel):
+        self.passes: list[dict[str, torch.Tensor]] = []
+        self._hooks = [model.embed.register_forward_hook(self._embedded), model.lm_head.register_forward_hook(self._headed)]
+
+    def _embedded(self, module, args, output) -> None:
+        self.passes.append({"ids": args[0].detach().clone()})
+
+    def _headed(self, module, args, output) -> None:
+        self.passes[-1]["next"] = output.detach().argmax(-1)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def share(units: list[tuple[int, int]]) -> dict:
+    """(hits, total) per unit (a text) -> the overall share, and a 95% interval of the mean
+    per-unit share over the units (normal approximation)."""
+    units = [(h, n) for h, n in units if n]
+    if not units:
+        return {"share": None, "low": None, "high": None, "units": 0}
+    hits, total = sum(h for h, _ in units), sum(n for _, n in units)
+    per_unit = [h / n for h, n in units]
+    mean = sum(per_unit) / len(per_unit)
+    spread = math.sqrt(sum((p - mean) ** 2 for p in per_unit) / (len(per_unit) - 1)) if len(per_unit) > 1 else 0.0
+    half = 1.96 * spread / math.sqrt(len(per_unit))
+    return {"share": hits / total, "low": max(0.0, mean - half), "high": min(1.0, mean + half), "units": len(units)}
+
+
+def _real_length(ids: torch.Tensor, pad_id: int) -> int:
+    """A right-padded row's length: up to its last token that is not padding."""
+    real = (ids != pad_id).nonzero()
+    return int(real[-1]) + 1 if len(real) else 0
+
+
+@dataclass
+class Phase:
+    """The forward passes of one part of a device's run, each with its captured step."""
+
+    steps: list[CapturedStep]
+    passes: list[dict[str, torch.Tensor]]
+
+
+def invert_inputs(inverter: InputInverter, phase: Phase, pad_id: int) -> list[tuple[int, int]]:
+    """(tokens recovered, tokens sent) per text: a row of a stateless pass, or a generated
+    sequence from its START through its EXTENDs (cutting the attacker's cache where the device
+    rolled back a draft, as the cloud's own cache is cut)."""
+    units, cache = [], None
+    for step, seen in zip(phase.steps, phase.passes):
+        states, ids = step.tensors["hidden_in"], seen["ids"]
+        if step.meta["cache"] == "none":
+            for row, truth in zip(states, ids):
+                n = _real_length(truth, pad_id)
+                units.append((int((inverter.invert(row[:n]) == truth[:n]).sum()), n))
+            continue
+        if step.meta["cache"] == "start":
+            cache = inverter.new_sequence()
+            units.append((0, 0))
+        elif step.meta["keep_cached"] and cache is not None:
+            truncate_cache(cache, int(step.meta["keep_cached"]))
+        hits, n = units[-1]
+        units[-1] = (hits + int((inverter.invert(states[0], cache) == ids[0]).sum()), n + ids.shape[1])
+    return units
+
+
+def recover_generated(public: PublicModel, phase: Phase) -> list[tuple[int, int]]:
+    """(next tokens recovered, positions) per generated sequence, from the returned states."""
+    units = []
+    for step, seen in zip(phase.steps, phase.passes):
+        if step.meta["cache"] == "start":
+            units.append((0, 0))
+        hits, n = units[-1]
+        units[-1] = (hits + int((recover_outputs(public, step.tensors["hidden_out"]) == seen["next"]).sum()), n + seen["next"].numel())
+    return units
+
+
+def recover_training_labels(public: PublicModel, training: Phase, backward: dict[int, CapturedStep]) -> list[tuple[int, int]]:
+    """(labels recovered, labels) per training row, from each train step's returned states and
+    the gradients the device sent for them. Position t's label is the row's token t + 1."""
+    units = []
+    for step, seen in zip(training.steps, training.passes):
+        grads = backward.get(step.index)
+        if grads is None:
+            continue
+        hidden, grad = step.tensors["hidden_out"], grads.tensors["grad_hidden_out"]
+        recovered = recover_labels(public, hidden.flatten(0, 1), grad.flatten(0, 1)).view(hidden.shape[:2])
+        for labels, ids in zip(recovered, seen["ids"]):
+            labelled = labels[:-1] != -1
+            units.append((int((labels[:-1][labelled] == ids[1:][labelled]).sum()), int(labelled.sum())))
+    return units
+
+
+def recovered_ms(phase: Phase, config: PrivateLoRAConfig, tokens: int | None = None) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """Every M the cloud's layers use, by least squares from the first `tokens` (all when None)
+    positions of the phase's u and u·M pairs."""
+    pairs: dict[tuple[int, str], list[list[torch.Tensor]]] = {}
+    for step in phase.steps:
+        for (layer, group, u), (_, _, um) in zip(sorted(step.adapter("u")), sorted(step.adapter("um"))):
+            u_rows, um_rows = pairs.setdefault((layer, group), [[], []])
+            u_rows.append(u.flatten(0, -2))
+            um_rows.append(um.flatten(0, -2))
+    return {key: recover_m(torch.cat(u)[:tokens], torch.cat(um)[:tokens], config, len(config.groups[key[1]]))
+            for key, (u, um) in pairs.items()}
+
+
+def m_errors(recovered: dict[tuple[int, str], list[torch.Tensor]], model: DeviceModel) -> list[float]:
+    """‖M̂ − M‖ / ‖M‖ of every M the cloud's layers use."""
+    return [float((m_hat - m.detach()).norm() / m.detach().norm())
+            for (layer, group), ms in recovered.items() for m_hat, m in zip(ms, model.weights.group_ms(layer, group))]
+
+
+def _answer(device: Device, persona: Persona, questions: int, reply_tokens: int) -> tuple[float, float]:
+    """Recall of the persona's held-out facts in greedy replies, as `plora generate` writes
+    them (prompt lookup drafting), and decode tokens/s."""
+    stop, hits, tokens, started = {device.tokenizer.eos_token_id}, 0, 0, time.perf_counter()
+    for fact in persona.facts[:questions]:
+        with torch.no_grad():
+            reply = list(stream_tokens(device.model, encode_prompt(device.tokenizer, fact.heldout_question), reply_tokens,
+                                       stop, drafter=PromptLookup()))
+        hits += recalled(device.tokenizer.decode(reply, skip_special_tokens=True), fact)
+        tokens += len(reply)
+    return hits / min(questions, len(persona.facts)), tokens / (time.perf_counter() - started)
+
+
+def _phases(steps: list[CapturedStep], witness: DeviceWitness, bounds: list[int]) -> tuple[list[Phase], dict[int, CapturedStep]]:
+    """Split the forward steps at the witness's pass counts `bounds`, and index each backward
+    step by the forward step it follows."""
+    forward = [s for s in steps if s.kind == "forward" and not s.meta["error"]]
+    if len(forward) != len(witness.passes):
+        raise AuditError(f"the service recorded {len(forward)} forward steps, the device made {len(witness.passes)} passes")
+    backward, last = {}, None
+    for step in steps:
+        if step.kind == "forward":
+            last = step.index
+        elif last is not None:
+            backward[last] = step
+    edges = [0, *bounds, len(forward)]
+    return [Phase(forward[a:b], witness.passes[a:b]) for a, b in zip(edges, edges[1:])], backward
+
+
+def _persona_notes(persona: Persona, folder: Path) -> Path:
+    path = folder / "notes.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in persona.train_records()))
+    return path
+
+
+def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work: Path, reg: Registry,
+                        echo: Callable[[str], None]) -> dict:
+    """One configuration's row: each attack's recovery, and what the configuration costs."""
+    record = work / f"captures-{config.device_layers}"
+    server = start_service([settings.backbone], config, reg, record=record)
+    public = PublicModel(loading.load(settings.backbone).model, config)
+    inverter = InputInverter(public, settings.candidates, settings.widened)
+    units: dict[str, list] = {k: [] for k in ("inputs_new_user", "inputs_personalized", "inputs_training", "labels", "outputs")}
+    exact, by_tokens, tokens_seen, facts, costs = [], {}, [], [], []
+    try:
+        endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
+        for seed in range(settings.personas):
+            folder = work / f"device-{config.device_layers}-{seed}"
+            folder.mkdir()
+            init_device(folder / "device", endpoint.address, endpoint=endpoint, enroll_token=reg.issue_enrollment_token()[1],
+                        public=work / "public")
+            device = open_device(folder / "device")
+            witness = DeviceWitness(device.model)
+            persona = make_persona(settings.seed + seed)
+            try:
+                echo(f"device_layers={config.device_layers}, persona {seed}: answering as a new user")
+                recall_before, _ = _answer(device, persona, settings.questions, settings.reply_tokens)
+                before = len(witness.passes)
+                echo(f"device_layers={config.device_layers}, persona {seed}: personalizing ({settings.train_steps} steps)")
+                job = TrainSettings(lr=PERSONA_JOB.lr, steps=settings.train_steps, batch_size=PERSONA_JOB.batch_size,
+                                    seed=settings.seed, anchor=None)
+                outcome = run_personalization(device, _persona_notes(persona, folder), job, reg=reg, keep_text=False)
+                trained = len(witness.passes)
+                recall_after, tokens_per_s = _answer(device, persona, settings.questions, settings.reply_tokens)
+            finally:
+                witness.close()
+                device.close()
+            steps = [s for session in recorded_sessions(record, device.store.record.device_id) for s in read_session(session)]
+            (new_user, training, personalized), backward = _phases(steps, witness, [before, trained])
+            echo(f"device_layers={config.device_layers}, persona {seed}: attacking {len(steps)} captured steps")
+            pad = device.tokenizer.pad_token_id
+            units["inputs_new_user"] += invert_inputs(inverter, new_user, pad)
+            units["inputs_personalized"] += invert_inputs(inverter, personalized, pad)
+            sample = Phase(training.steps[: settings.training_passes], training.passes[: settings.training_passes])
+            units["inputs_training"] += invert_inputs(inverter, sample, pad)
+            units["labels"] += recover_training_labels(public, sample, backward)
+            units["outputs"] += recover_generated(public, personalized)
+            ms = recovered_ms(personalized, config)
+            errors = m_errors(ms, device.model)
+            exact.append(sum(e <= EXACT_M for e in errors) / len(errors))
+            seen = sum(s.tensors["hidden_in"].shape[:2].numel() for s in personalized.steps)
+            by_tokens.setdefault("all", []).append(max(errors))
+            for tokens in (config.rank, 2 * config.rank, 4 * config.rank):
+                if tokens <= seen:
+                    by_tokens.setdefault(str(tokens), []).append(max(m_errors(recovered_ms(personalized, config, tokens), device.model)))
+            tokens_seen.append(seen)
+            facts.append((_cloud_recall(settings, config, ms, persona), recall_after, recall_before))
+            costs.append((tokens_per_s, outcome.loss_after))
+    finally:
+        server.stop(grace_s=1)
+    row = {"device_layers": config.device_layers, **{name: share(u) for name, u in units.items()}}
+    row["m_exact"] = sum(exact) / len(exact)
+    row["m_tokens_seen"] = min(tokens_seen)
+    row["m_worst_error_by_tokens"] = {n: max(e) for n, e in by_tokens.items()}
+    row["facts_cloud"] = sum(f[0] for f in facts) / len(facts)
+    row["facts_device"] = sum(f[1] for f in facts) / len(facts)
+    row["facts_base_model"] = sum(f[2] for f in facts) / len(facts)
+    row["decode_tokens_per_s"] = sum(c[0] for c in costs) / len(costs)
+    row["heldout_loss"] = sum(c[1] for c in costs) / len(costs)
+    return row
+
+
+def _cloud_recall(settings: AuditSettings, config: PrivateLoRAConfig, ms: dict, persona: Persona) -> float:
+    """Fact extraction: the cloud puts the M it recovered on the public model (M = 0 where it
+    saw none: the device's own layers) and asks the persona's held-out questions."""
+    backbone = loading.load(settings.backbone)
+    model = split_embedded(backbone, config)
+    with torch.no_grad():
+        for (layer, group), recovered in ms.items():
+            for m, m_hat in zip(model.weights.group_ms(layer, group), recovered):
+                m.copy_(m_hat)
+    return persona_recall(model, backbone.tokenizer, replace(persona, facts=persona.facts[: settings.questions]),
+                          settings.reply_tokens)
+
+
+def run_audit(settings: AuditSettings, echo: Callable[[str], None], base: PrivateLoRAConfig = PrivateLoRAConfig()) -> dict:
+    """The audit's document: a row per configuration, and what produced it."""
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="plora-audit-") as tmp:
+        work = Path(tmp)
+        reg = open_registry(f"sqlite:///{work / 'registry.db'}")
+        for layers in settings.device_layers:
+            rows.append(audit_configuration(settings, replace(base, device_layers=layers), work, reg, echo))
+    return {"settings": {**settings.__dict__, "device_layers": list(settings.device_layers)}, "adapter": base.to_dict(),
+            "rows": rows, "seconds": time.perf_counter() - started}

@@ -1,0 +1,55 @@
+"""`plora audit`: the curious cloud as a program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from plora.platform.cli.common import fail_cleanly, layer_numbers
+from plora.platform.cli.output import JSON_HELP, say, show
+
+
+@click.command()
+@click.option("--backbone", default="embedded", show_default=True, help="The backbone to audit: 'embedded', a checkpoint folder or a .gguf file.")
+@click.option("--device-layers", default="0,1,2,4", show_default=True,
+              help="The configurations to audit: how many public decoder layers run on the device, e.g. 0,1,2,4.")
+@click.option("--personas", default=2, show_default=True, type=click.IntRange(min=1), help="Synthetic users per configuration.")
+@click.option("--train-steps", type=click.IntRange(min=1), help="Steps of each personalization job [default: the persona job's].")
+@click.option("--questions", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Held-out persona questions each device answers before and after its job.")
+@click.option("--reply-tokens", default=24, show_default=True, type=click.IntRange(min=1))
+@click.option("--candidates", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Tokens vocabulary matching tries per position through the device-side layers.")
+@click.option("--widened", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Tokens it tries when none of the first matched exactly (a device-side M the cloud does not know).")
+@click.option("--training-passes", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Passes of each personalization job whose inputs and labels are attacked (the first ones).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write audit.md, audit.png and audit.json into this folder.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@fail_cleanly
+def audit(backbone, device_layers, personas, train_steps, questions, reply_tokens, candidates, widened, training_passes, report_dir,
+          as_json) -> None:
+    """Measure what an honest-but-curious cloud learns from the split protocol.
+
+    For each configuration it serves the backbone with the audit recorder on (as `plora backbone
+    serve --record` does), runs synthetic users over loopback gRPC (answers as a new user, a
+    personalization job, answers again), and attacks the captures with public weights only:
+    input inversion, output recovery, training labels from gradients, M by least squares, and
+    the persona facts the recovered M states. Everything runs in a temporary folder that is
+    deleted afterwards; the captures never outlive the audit.
+    """
+    from plora.platform.audit.report import columns, write_report
+    from plora.platform.audit.run import AuditSettings, run_audit
+
+    settings = AuditSettings(backbone=backbone, device_layers=layer_numbers(device_layers, "--device-layers"), personas=personas,
+                             questions=questions, reply_tokens=reply_tokens, candidates=candidates, widened=widened,
+                             training_passes=training_passes,
+                             **({"train_steps": train_steps} if train_steps else {}))
+    if not settings.device_layers:
+        raise click.BadParameter("name at least one configuration", param_hint="--device-layers")
+    document = run_audit(settings, say)
+    show(document["rows"], columns(), as_json, title="what a curious cloud recovers", document=document)
+    if report_dir:
+        say(f"wrote {write_report(document, report_dir)}")
