@@ -13,7 +13,8 @@ tensor of the protocol (cloud_backbone.recording). From those alone:
   returns, through the public final norm and head.
 - `recover_labels` reads the training targets off the gradient the device sends back: that
   gradient is J_norm^T·W^T·c(p − onehot(label)), and everything in it but the label is known.
-- `recover_m` solves u·M = (u·M) for M by least squares from the pairs the cloud relays.
+- `recover_m` solves u·M = (u·M) for M by least squares from the pairs the cloud relays, and
+  `cloud_personalized` puts what it recovers on the public model, to ask it the user's facts.
 
 The attacks work on the device's true weights where the cloud knows them (M = 0, a new
 user); after personalization the device-side layers carry an M the cloud does not know, and
@@ -23,12 +24,17 @@ the same attacks run with M = 0 in its place.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from plora.clients.device_model import DeviceModel
+from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig, decoder_slice
+from plora.cloud_backbone.recording import CapturedStep
+from plora.platform.runtime import split_embedded
 
 CHUNK = 4096  # vocabulary rows per matmul: bounds memory at CHUNK × positions
 
@@ -181,3 +187,30 @@ def recover_m(u: torch.Tensor, um: torch.Tensor, config: PrivateLoRAConfig, memb
         x = u if config.shared_a else u[:, i * r : (i + 1) * r]
         out.append(torch.linalg.lstsq(x, um[:, i * r : (i + 1) * r]).solution.float())
     return out
+
+
+def recover_ms(steps: Iterable[CapturedStep], config: PrivateLoRAConfig, tokens: int | None = None) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """Every M the cloud's layers use, by (layer, group), from the first `tokens` (all when
+    None) u and u·M pairs of `steps`, recorded while M stayed the same."""
+    pairs: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for step in steps:
+        products = {(layer, group): um for layer, group, um in step.adapter("um")}
+        for layer, group, u in step.adapter("u"):
+            if (layer, group) in products:
+                u_rows, um_rows = pairs.setdefault((layer, group), ([], []))
+                u_rows.append(u.flatten(0, -2))
+                um_rows.append(products[layer, group].flatten(0, -2))
+    return {key: recover_m(torch.cat(u)[:tokens], torch.cat(um)[:tokens], config, len(config.groups[key[1]]))
+            for key, (u, um) in pairs.items()}
+
+
+def cloud_personalized(backbone: Backbone, config: PrivateLoRAConfig, ms: dict[tuple[int, str], list[torch.Tensor]]) -> DeviceModel:
+    """Fact extraction's model: the public backbone with the M the cloud recovered, and M = 0
+    where it saw none (the device's own layers). It takes `backbone` over."""
+    model = split_embedded(backbone, config)
+    with torch.no_grad():
+        for (layer, group), recovered in ms.items():
+            for m, m_hat in zip(model.weights.group_ms(layer, group), recovered):
+                m.copy_(m_hat)
+    return model
+

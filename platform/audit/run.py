@@ -28,10 +28,17 @@ from plora.cloud_backbone import loading
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig, truncate_cache
 from plora.cloud_backbone.recording import CapturedStep, read_session, recorded_sessions
 from plora.cloud_backbone.server import start_service
-from plora.platform.audit.attacks import InputInverter, PublicModel, recover_labels, recover_m, recover_outputs
+from plora.platform.audit.attacks import (
+    InputInverter,
+    PublicModel,
+    cloud_personalized,
+    recover_labels,
+    recover_ms,
+    recover_outputs,
+)
 from plora.platform.fleet.personas import PERSONA_JOB, Persona, make_persona, persona_recall, recalled
 from plora.platform.jobs import run_personalization
-from plora.platform.runtime import Device, init_device, open_device, split_embedded
+from plora.platform.runtime import Device, init_device, open_device
 from plora.storage.errors import PloraError
 from plora.storage.registry import Registry, open_registry
 
@@ -58,8 +65,8 @@ class AuditSettings:
     widened: int = 256
     """Its second try, when none of the first matched exactly (a device-side M the cloud does not know)."""
     training_passes: int = 8
-    """Passes of each job whose inputs and labels are attacked: every one would cost the
-    vocabulary matching hours; the first ones carry the same kind of text as the rest."""
+    """Training steps of each job whose inputs and labels are attacked: every one would cost
+    the vocabulary matching hours; the first ones carry the same kind of text as the rest."""
     seed: int = 0
 
 
@@ -159,19 +166,6 @@ def recover_training_labels(public: PublicModel, training: Phase, backward: dict
     return units
 
 
-def recovered_ms(phase: Phase, config: PrivateLoRAConfig, tokens: int | None = None) -> dict[tuple[int, str], list[torch.Tensor]]:
-    """Every M the cloud's layers use, by least squares from the first `tokens` (all when None)
-    positions of the phase's u and u·M pairs."""
-    pairs: dict[tuple[int, str], list[list[torch.Tensor]]] = {}
-    for step in phase.steps:
-        for (layer, group, u), (_, _, um) in zip(sorted(step.adapter("u")), sorted(step.adapter("um"))):
-            u_rows, um_rows = pairs.setdefault((layer, group), [[], []])
-            u_rows.append(u.flatten(0, -2))
-            um_rows.append(um.flatten(0, -2))
-    return {key: recover_m(torch.cat(u)[:tokens], torch.cat(um)[:tokens], config, len(config.groups[key[1]]))
-            for key, (u, um) in pairs.items()}
-
-
 def m_errors(recovered: dict[tuple[int, str], list[torch.Tensor]], model: DeviceModel) -> list[float]:
     """‖M̂ − M‖ / ‖M‖ of every M the cloud's layers use."""
     return [float((m_hat - m.detach()).norm() / m.detach().norm())
@@ -251,18 +245,19 @@ def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work
             pad = device.tokenizer.pad_token_id
             units["inputs_new_user"] += invert_inputs(inverter, new_user, pad)
             units["inputs_personalized"] += invert_inputs(inverter, personalized, pad)
-            sample = Phase(training.steps[: settings.training_passes], training.passes[: settings.training_passes])
+            trained_on = [(s, seen) for s, seen in zip(training.steps, training.passes) if s.meta["train"] == "True"]
+            sample = Phase(*map(list, zip(*trained_on[: settings.training_passes])))
             units["inputs_training"] += invert_inputs(inverter, sample, pad)
             units["labels"] += recover_training_labels(public, sample, backward)
             units["outputs"] += recover_generated(public, personalized)
-            ms = recovered_ms(personalized, config)
+            ms = recover_ms(personalized.steps, config)
             errors = m_errors(ms, device.model)
             exact.append(sum(e <= EXACT_M for e in errors) / len(errors))
             seen = sum(s.tensors["hidden_in"].shape[:2].numel() for s in personalized.steps)
             by_tokens.setdefault("all", []).append(max(errors))
             for tokens in (config.rank, 2 * config.rank, 4 * config.rank):
                 if tokens <= seen:
-                    by_tokens.setdefault(str(tokens), []).append(max(m_errors(recovered_ms(personalized, config, tokens), device.model)))
+                    by_tokens.setdefault(str(tokens), []).append(max(m_errors(recover_ms(personalized.steps, config, tokens), device.model)))
             tokens_seen.append(seen)
             facts.append((_cloud_recall(settings, config, ms, persona), recall_after, recall_before))
             costs.append((tokens_per_s, outcome.loss_after))
@@ -281,16 +276,10 @@ def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work
 
 
 def _cloud_recall(settings: AuditSettings, config: PrivateLoRAConfig, ms: dict, persona: Persona) -> float:
-    """Fact extraction: the cloud puts the M it recovered on the public model (M = 0 where it
-    saw none: the device's own layers) and asks the persona's held-out questions."""
+    """Fact extraction: the persona's held-out questions, asked of the public model with the M the cloud recovered."""
     backbone = loading.load(settings.backbone)
-    model = split_embedded(backbone, config)
-    with torch.no_grad():
-        for (layer, group), recovered in ms.items():
-            for m, m_hat in zip(model.weights.group_ms(layer, group), recovered):
-                m.copy_(m_hat)
-    return persona_recall(model, backbone.tokenizer, replace(persona, facts=persona.facts[: settings.questions]),
-                          settings.reply_tokens)
+    return persona_recall(cloud_personalized(backbone, config, ms), backbone.tokenizer,
+                          replace(persona, facts=persona.facts[: settings.questions]), settings.reply_tokens)
 
 
 def run_audit(settings: AuditSettings, echo: Callable[[str], None], base: PrivateLoRAConfig = PrivateLoRAConfig()) -> dict:

@@ -24,7 +24,7 @@ from plora.platform.cli.output import JSON_HELP, say, show
 @click.option("--widened", default=256, show_default=True, type=click.IntRange(min=1),
               help="Tokens it tries when none of the first matched exactly (a device-side M the cloud does not know).")
 @click.option("--training-passes", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Passes of each personalization job whose inputs and labels are attacked (the first ones).")
+              help="Training steps of each personalization job whose inputs and labels are attacked (the first ones).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write audit.md, audit.png and audit.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)

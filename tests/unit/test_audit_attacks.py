@@ -9,11 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from plora.clients.data import TokenizedExample
 from plora.clients.generation import stream_tokens
-from plora.clients.training import labelled_loss
+from plora.clients.training import TrainSettings, labelled_loss, personalize
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.recording import Recording, read_session
-from plora.platform.audit.attacks import InputInverter, PublicModel, recover_labels, recover_m, recover_outputs
+from plora.platform.audit.attacks import (
+    InputInverter,
+    PublicModel,
+    cloud_personalized,
+    recover_labels,
+    recover_m,
+    recover_ms,
+    recover_outputs,
+)
 from plora.platform.runtime import split_embedded
 from tests.conftest import tiny_backbone, tiny_llama
 
@@ -120,3 +129,26 @@ def test_m_comes_back_by_least_squares_from_r_tokens(tmp_path, shared_a):
             assert (m_hat - m).norm() / m.norm() <= 1e-4
             checked += 1
     assert checked == 4 * 5
+
+
+def test_the_facts_a_device_taught_its_m_come_out_of_the_m_the_cloud_recovers(tmp_path):
+    """The tiny model memorises key-to-value facts in M; the device then asks for them, and the
+    cloud, from that traffic alone, rebuilds M on the public model and asks the same."""
+    config = PrivateLoRAConfig(rank=8, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    split = split_embedded(tiny_backbone(), config)
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randperm(VOCAB, generator=generator)[:20].view(10, 2)
+    values = torch.randint(0, VOCAB, (10,), generator=generator)
+    facts = [TokenizedExample([a, b, v], [-100, -100, v]) for (a, b), v in zip(keys.tolist(), values.tolist())]
+    personalize(split, facts, 0, TrainSettings(steps=100, lr=0.1, batch_size=10, anchor=None))
+    with torch.no_grad():
+        base = split_embedded(tiny_backbone(), config)(keys)[:, -1].argmax(-1)
+        split.link.taps.append(Recording(tmp_path).session("device", "session", "tiny"))
+        taught = split(keys)[:, -1].argmax(-1)
+    assert (taught == values).float().mean() >= 0.9 and (base == values).float().mean() <= 0.2
+
+    ms = recover_ms(read_session(tmp_path / "device" / "session"), config)
+    with torch.no_grad():
+        extracted = cloud_personalized(tiny_backbone(), config, ms)(keys)[:, -1].argmax(-1)
+
+    assert (extracted == values).float().mean() >= 0.9

@@ -1,0 +1,30 @@
+"""`plora audit` end to end on the embedded SmolLM2-135M, on a small sample: the full run's
+settings are in the README, with its table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from plora.platform.cli.main import main
+
+pytestmark = pytest.mark.embedded
+
+
+def test_the_audit_recovers_a_new_users_text_at_the_cut_and_reports_it(tmp_path):
+    report = tmp_path / "report"
+    result = CliRunner().invoke(main, ["audit", "--device-layers", "0,1", "--personas", "1", "--train-steps", "2",
+                                       "--questions", "2", "--reply-tokens", "6", "--candidates", "8", "--widened", "16",
+                                       "--training-passes", "1", "--json", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    split_at_embedding, one_public_layer = json.loads(result.stdout)["rows"]
+
+    # No layer on the device: the state at the cut is a row of the public embedding table.
+    for attack in ("inputs_new_user", "inputs_personalized", "inputs_training", "outputs", "labels"):
+        assert split_at_embedding[attack]["share"] == 1.0, attack
+    # A public layer on the device still gives a new user's text back by vocabulary matching.
+    assert one_public_layer["inputs_new_user"]["share"] >= 0.9
+    assert one_public_layer["outputs"]["share"] == 1.0
+    assert {p.name for p in report.iterdir()} == {"audit.md", "audit.png", "audit.json"}
