@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -202,9 +203,85 @@ def _phases(steps: list[CapturedStep], witness: DeviceWitness, bounds: list[int]
 
 
 def _persona_notes(persona: Persona, folder: Path) -> Path:
+    """The persona's notes as a file, as a user brings their data to `plora personalize`."""
     path = folder / "notes.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in persona.train_records()))
     return path
+
+
+@dataclass
+class UserRun:
+    """One synthetic user's run: the cloud's captures, split where the device's run changed
+    phase, and the device's own figures."""
+
+    new_user: Phase  # answers at M = 0
+    training: Phase  # the personalization job's passes
+    personalized: Phase  # answers after the job
+    backward: dict[int, CapturedStep]
+    model: DeviceModel
+    persona: Persona
+    pad_id: int
+    recall_before: float
+    recall_after: float
+    tokens_per_s: float
+    heldout_loss: float
+
+
+def _run_user(settings: AuditSettings, config: PrivateLoRAConfig, endpoint: Endpoint, record: Path, reg: Registry, folder: Path,
+              seed: int, echo: Callable[[str], None]) -> UserRun:
+    """A new device answers its persona's questions, runs the personalization job on the
+    persona's notes, and answers again, as its user would with `plora generate` and `plora personalize`."""
+    folder.mkdir()
+    init_device(folder / "device", endpoint.address, endpoint=endpoint, enroll_token=reg.issue_enrollment_token()[1],
+                public=folder.parent / "public")
+    device = open_device(folder / "device")
+    witness = DeviceWitness(device.model)
+    persona = make_persona(settings.seed + seed)
+    label = f"device_layers={config.device_layers}, persona {seed}"
+    try:
+        echo(f"{label}: answering as a new user")
+        recall_before, _ = _answer(device, persona, settings.questions, settings.reply_tokens)
+        before = len(witness.passes)
+        echo(f"{label}: personalizing ({settings.train_steps} steps)")
+        job = TrainSettings(lr=PERSONA_JOB.lr, steps=settings.train_steps, batch_size=PERSONA_JOB.batch_size, seed=settings.seed,
+                            anchor=None)
+        outcome = run_personalization(device, _persona_notes(persona, folder), job, reg=reg, keep_text=False)
+        trained = len(witness.passes)
+        recall_after, tokens_per_s = _answer(device, persona, settings.questions, settings.reply_tokens)
+    finally:
+        witness.close()
+        device.close()
+    steps = [s for session in recorded_sessions(record, device.store.record.device_id) for s in read_session(session)]
+    echo(f"{label}: attacking {len(steps)} captured steps")
+    (new_user, training, personalized), backward = _phases(steps, witness, [before, trained])
+    return UserRun(new_user, training, personalized, backward, device.model, persona, device.tokenizer.pad_token_id,
+                   recall_before, recall_after, tokens_per_s, outcome.loss_after)
+
+
+def _attack(run: UserRun, settings: AuditSettings, config: PrivateLoRAConfig, public: PublicModel,
+            inverter: InputInverter) -> dict:
+    """Every attack on one user's captures: (hits, total) per text for the token attacks, and
+    the least-squares M's errors and facts."""
+    trained_on = [(s, seen) for s, seen in zip(run.training.steps, run.training.passes) if s.meta["train"] == "True"]
+    sample = Phase(*map(list, zip(*trained_on[: settings.training_passes])))
+    ms = recover_ms(run.personalized.steps, config)
+    errors = m_errors(ms, run.model)
+    seen = sum(s.tensors["hidden_in"].shape[:2].numel() for s in run.personalized.steps)
+    worst = {"all": max(errors)}
+    for tokens in (config.rank, 2 * config.rank, 4 * config.rank):
+        if tokens <= seen:
+            worst[str(tokens)] = max(m_errors(recover_ms(run.personalized.steps, config, tokens), run.model))
+    return {
+        "inputs_new_user": invert_inputs(inverter, run.new_user, run.pad_id),
+        "inputs_personalized": invert_inputs(inverter, run.personalized, run.pad_id),
+        "inputs_training": invert_inputs(inverter, sample, run.pad_id),
+        "labels": recover_training_labels(public, sample, run.backward),
+        "outputs": recover_generated(public, run.personalized),
+        "m_exact": sum(e <= EXACT_M for e in errors) / len(errors),
+        "m_tokens_seen": seen,
+        "m_worst_error_by_tokens": worst,
+        "facts_cloud": _cloud_recall(settings, config, ms, run.persona),
+    }
 
 
 def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work: Path, reg: Registry,
@@ -214,64 +291,27 @@ def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work
     server = start_service([settings.backbone], config, reg, record=record)
     public = PublicModel(loading.load(settings.backbone).model, config)
     inverter = InputInverter(public, settings.candidates, settings.widened)
-    units: dict[str, list] = {k: [] for k in ("inputs_new_user", "inputs_personalized", "inputs_training", "labels", "outputs")}
-    exact, by_tokens, tokens_seen, facts, costs = [], {}, [], [], []
+    runs, attacked = [], []
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
         for seed in range(settings.personas):
             folder = work / f"device-{config.device_layers}-{seed}"
-            folder.mkdir()
-            init_device(folder / "device", endpoint.address, endpoint=endpoint, enroll_token=reg.issue_enrollment_token()[1],
-                        public=work / "public")
-            device = open_device(folder / "device")
-            witness = DeviceWitness(device.model)
-            persona = make_persona(settings.seed + seed)
-            try:
-                echo(f"device_layers={config.device_layers}, persona {seed}: answering as a new user")
-                recall_before, _ = _answer(device, persona, settings.questions, settings.reply_tokens)
-                before = len(witness.passes)
-                echo(f"device_layers={config.device_layers}, persona {seed}: personalizing ({settings.train_steps} steps)")
-                job = TrainSettings(lr=PERSONA_JOB.lr, steps=settings.train_steps, batch_size=PERSONA_JOB.batch_size,
-                                    seed=settings.seed, anchor=None)
-                outcome = run_personalization(device, _persona_notes(persona, folder), job, reg=reg, keep_text=False)
-                trained = len(witness.passes)
-                recall_after, tokens_per_s = _answer(device, persona, settings.questions, settings.reply_tokens)
-            finally:
-                witness.close()
-                device.close()
-            steps = [s for session in recorded_sessions(record, device.store.record.device_id) for s in read_session(session)]
-            (new_user, training, personalized), backward = _phases(steps, witness, [before, trained])
-            echo(f"device_layers={config.device_layers}, persona {seed}: attacking {len(steps)} captured steps")
-            pad = device.tokenizer.pad_token_id
-            units["inputs_new_user"] += invert_inputs(inverter, new_user, pad)
-            units["inputs_personalized"] += invert_inputs(inverter, personalized, pad)
-            trained_on = [(s, seen) for s, seen in zip(training.steps, training.passes) if s.meta["train"] == "True"]
-            sample = Phase(*map(list, zip(*trained_on[: settings.training_passes])))
-            units["inputs_training"] += invert_inputs(inverter, sample, pad)
-            units["labels"] += recover_training_labels(public, sample, backward)
-            units["outputs"] += recover_generated(public, personalized)
-            ms = recover_ms(personalized.steps, config)
-            errors = m_errors(ms, device.model)
-            exact.append(sum(e <= EXACT_M for e in errors) / len(errors))
-            seen = sum(s.tensors["hidden_in"].shape[:2].numel() for s in personalized.steps)
-            by_tokens.setdefault("all", []).append(max(errors))
-            for tokens in (config.rank, 2 * config.rank, 4 * config.rank):
-                if tokens <= seen:
-                    by_tokens.setdefault(str(tokens), []).append(max(m_errors(recover_ms(personalized.steps, config, tokens), device.model)))
-            tokens_seen.append(seen)
-            facts.append((_cloud_recall(settings, config, ms, persona), recall_after, recall_before))
-            costs.append((tokens_per_s, outcome.loss_after))
+            runs.append(_run_user(settings, config, endpoint, record, reg, folder, seed, echo))
+            attacked.append(_attack(runs[-1], settings, config, public, inverter))
     finally:
         server.stop(grace_s=1)
-    row = {"device_layers": config.device_layers, **{name: share(u) for name, u in units.items()}}
-    row["m_exact"] = sum(exact) / len(exact)
-    row["m_tokens_seen"] = min(tokens_seen)
-    row["m_worst_error_by_tokens"] = {n: max(e) for n, e in by_tokens.items()}
-    row["facts_cloud"] = sum(f[0] for f in facts) / len(facts)
-    row["facts_device"] = sum(f[1] for f in facts) / len(facts)
-    row["facts_base_model"] = sum(f[2] for f in facts) / len(facts)
-    row["decode_tokens_per_s"] = sum(c[0] for c in costs) / len(costs)
-    row["heldout_loss"] = sum(c[1] for c in costs) / len(costs)
+    row = {"device_layers": config.device_layers}
+    for attack in ("inputs_new_user", "inputs_personalized", "inputs_training", "labels", "outputs"):
+        row[attack] = share([unit for figures in attacked for unit in figures[attack]])
+    row["m_exact"] = fmean([a["m_exact"] for a in attacked])
+    row["m_tokens_seen"] = min(a["m_tokens_seen"] for a in attacked)
+    row["m_worst_error_by_tokens"] = {n: max(a["m_worst_error_by_tokens"].get(n, math.nan) for a in attacked)
+                                      for n in attacked[0]["m_worst_error_by_tokens"]}
+    row["facts_cloud"] = fmean([a["facts_cloud"] for a in attacked])
+    row["facts_device"] = fmean([r.recall_after for r in runs])
+    row["facts_base_model"] = fmean([r.recall_before for r in runs])
+    row["decode_tokens_per_s"] = fmean([r.tokens_per_s for r in runs])
+    row["heldout_loss"] = fmean([r.heldout_loss for r in runs])
     return row
 
 
