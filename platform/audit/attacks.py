@@ -9,6 +9,8 @@ tensor of the protocol (cloud_backbone.recording). From those alone:
   position by position, against candidate tokens run through those layers after the prefix
   recovered so far (vocabulary matching, SipIt arXiv 2510.15511); a cheap dictionary of each
   token's state proposes the candidates, so that only a few run through the layers.
+- `LearnedInverter` learns the way back from states to tokens on public text alone, and is
+  scored on users' text it never saw.
 - `recover_outputs` reads the device's next tokens off the last hidden state the cloud
   returns, through the public final norm and head.
 - `recover_labels` reads the training targets off the gradient the device sends back: that
@@ -24,10 +26,13 @@ the same attacks run with M = 0 in its place.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import DynamicCache
 
 from plora.clients.device_model import DeviceModel
@@ -81,11 +86,75 @@ def nearest_rows(table: torch.Tensor, states: torch.Tensor, k: int = 1) -> torch
     return best_ids
 
 
-class InputInverter:
-    """Tokens back from the state entering the cloud's first layer."""
+@dataclass(frozen=True)
+class InverterBudget:
+    """What the learned inverter trains on: at least this much, so that a weak attack cannot
+    make a defence look good."""
 
-    def __init__(self, public: PublicModel, candidates: int = 64, widened: int = 1024):
-        self.public, self.candidates, self.widened = public, candidates, widened
+    tokens: int = 20_000
+    """Distinct public tokens whose states it learns from."""
+    steps: int = 400
+    batch: int = 128
+    lr: float = 3e-3
+
+    def meets(self, minimum: InverterBudget) -> bool:
+        return self.tokens >= minimum.tokens and self.steps >= minimum.steps
+
+
+MINIMUM_INVERTER_BUDGET = InverterBudget()
+
+
+class LearnedInverter(nn.Module):
+    """A learned map from the state at the cut back to the token at each position, trained only
+    on public text run through the public device-side layers (M = 0). Its logits are
+    norm(h)·W·Eᵀ with E the public embedding table: at the start W is the identity, the
+    nearest-row attack; training bends it to the layers' effect."""
+
+    def __init__(self, public: PublicModel):
+        super().__init__()
+        d = public.embedding.shape[1]
+        self.public = public
+        self.norm = nn.LayerNorm(d)
+        self.map = nn.Linear(d, d)
+        with torch.no_grad():
+            self.map.weight.copy_(torch.eye(d))
+            self.map.bias.zero_()
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.map(self.norm(states.float())) @ self.public.embedding.T
+
+    def fit(self, sequences: list[list[int]], budget: InverterBudget, seed: int = 0) -> dict:
+        """Train on the states of `sequences` (public text) through the public device-side
+        layers; returns what it trained on and its last loss."""
+        ids = [torch.tensor(seq[:128]) for seq in sequences if seq]
+        with torch.no_grad():
+            states = torch.cat([self.public.run_front(self.public.embedding[seq][None], None)[0] if self.public.front is not None
+                                else self.public.embedding[seq] for seq in ids])
+        targets = torch.cat(ids)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=budget.lr, weight_decay=0.0)
+        loss = torch.tensor(math.nan)
+        for _ in range(budget.steps):
+            batch = torch.randint(0, len(targets), (budget.batch,), generator=generator)
+            loss = F.cross_entropy(self(states[batch]), targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return {"tokens": len(targets), "steps": budget.steps, "last_loss": loss.item()}
+
+    @torch.no_grad()
+    def predict(self, states: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """(N, d) states -> (N, k) most likely tokens, most likely first."""
+        return torch.cat([self(chunk).topk(k, dim=-1).indices for chunk in states.split(256)])
+
+
+class InputInverter:
+    """Tokens back from the state entering the cloud's first layer. Candidates come from a
+    dictionary of each token's state, the nearest embedding rows and, if given, a learned
+    inverter's top tokens."""
+
+    def __init__(self, public: PublicModel, candidates: int = 64, widened: int = 1024, learned: LearnedInverter | None = None):
+        self.public, self.candidates, self.widened, self.learned = public, candidates, widened, learned
         self._dictionary: torch.Tensor | None = None
 
     def dictionary(self) -> torch.Tensor:
@@ -109,20 +178,20 @@ class InputInverter:
             return nearest_rows(self.public.embedding, states)[:, 0]
         if cache is None:
             cache = self.new_sequence()
-        # The proposals do not depend on the prefix: rank every position's at once.
-        proposals = torch.cat([nearest_rows(self.dictionary(), states, self.widened),
-                               nearest_rows(self.public.embedding, states, self.widened)], -1)
+        # The rankings do not depend on the prefix: rank every position's candidates at once.
+        rankings = [nearest_rows(self.dictionary(), states, self.widened), nearest_rows(self.public.embedding, states, self.widened)]
+        if self.learned is not None:
+            rankings.append(self.learned.predict(states, self.widened))
         ids = []
-        for state, proposed in zip(states.float(), proposals):
+        for state, proposed in zip(states.float(), torch.stack(rankings, 1)):
             ids.append(self._match(state, proposed, cache))
             self.public.run_front(self.public.embedding[ids[-1]].view(1, 1, -1), cache)
         return torch.tensor(ids, dtype=torch.long)
 
     def _match(self, state: torch.Tensor, proposed: torch.Tensor, cache: DynamicCache) -> int:
-        """The first `candidates` of each ranking, then, unless one matched exactly, all `widened`."""
-        half = len(proposed) // 2
-        first = torch.cat([proposed[: self.candidates], proposed[half : half + self.candidates]])
-        best, distance = self._verify(first.unique(), state, cache)
+        """(rankings, widened) proposed tokens: the first `candidates` of each ranking, then,
+        unless one matched exactly, all of them."""
+        best, distance = self._verify(proposed[:, : self.candidates].unique(), state, cache)
         if distance > 1e-3 * state.norm():
             best, distance = self._verify(proposed.unique(), state, cache)
         return best

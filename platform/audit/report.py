@@ -12,6 +12,7 @@ from plora.platform.cli.output import Column
 ATTACKS = (
     ("inputs_new_user", "input tokens, new user"),
     ("inputs_personalized", "input tokens, personalized"),
+    ("inputs_learned", "input tokens, learned inverter alone"),
     ("inputs_training", "input tokens, training"),
     ("labels", "training labels"),
     ("outputs", "output tokens"),
@@ -61,10 +62,21 @@ def markdown(document: dict) -> str:
         f"Settings: `{json.dumps(document['settings'])}`; adapter `{json.dumps(document['adapter'])}`; "
         f"{document['seconds']:.0f} s.",
         "",
+        _inverter_note(document),
+        "",
         "![recovery per configuration](audit.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _inverter_note(document: dict) -> str:
+    trained = document["rows"][0]["inverter"]
+    note = (f"The learned inverter trained on {trained['tokens']} public tokens for {trained['steps']} steps "
+            f"(last loss {trained['last_loss']:.2f} at {document['rows'][0]['device_layers']} device layers).")
+    if not trained["meets_minimum"]:
+        note += " **That is below the minimum budget: its figures are a smoke test, not a measurement.**"
+    return note
 
 
 def plot(document: dict) -> bytes:

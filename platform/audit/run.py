@@ -21,6 +21,7 @@ from statistics import fmean
 
 import torch
 
+from plora.clients.anchor import OPENINGS, REQUESTS, AnchorSettings, write_anchor
 from plora.clients.device_model import DeviceModel
 from plora.clients.generation import PromptLookup, encode_prompt, stream_tokens
 from plora.clients.grpc_link import Endpoint
@@ -30,7 +31,10 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig, truncate_cache
 from plora.cloud_backbone.recording import CapturedStep, read_session, recorded_sessions
 from plora.cloud_backbone.server import start_service
 from plora.platform.audit.attacks import (
+    MINIMUM_INVERTER_BUDGET,
     InputInverter,
+    InverterBudget,
+    LearnedInverter,
     PublicModel,
     cloud_personalized,
     recover_labels,
@@ -38,9 +42,9 @@ from plora.platform.audit.attacks import (
     recover_outputs,
 )
 from plora.platform.fleet.personas import PERSONA_JOB, Persona, make_persona, persona_recall, recalled
-from plora.platform.jobs import run_personalization
-from plora.platform.runtime import Device, init_device, open_device
-from plora.storage.errors import PloraError
+from plora.platform.jobs import ANCHOR_SEED, run_personalization
+from plora.platform.runtime import Device, init_device, open_device, split_embedded
+from plora.storage.errors import ConfigError, PloraError
 from plora.storage.registry import Registry, open_registry
 
 
@@ -65,6 +69,10 @@ class AuditSettings:
     """Tokens vocabulary matching runs through the device-side layers per position at first."""
     widened: int = 256
     """Its second try, when none of the first matched exactly (a device-side M the cloud does not know)."""
+    public_data: Path | None = None
+    """A folder of public text (.txt, .jsonl) the learned inverter trains on; None: text the
+    public base model writes itself."""
+    inverter: InverterBudget = MINIMUM_INVERTER_BUDGET
     training_passes: int = 8
     """Training steps of each job whose inputs and labels are attacked: every one would cost
     the vocabulary matching hours; the first ones carry the same kind of text as the rest."""
@@ -91,17 +99,16 @@ class DeviceWitness:
 
 
 def share(units: list[tuple[int, int]]) -> dict:
-    """(hits, total) per unit (a text) -> the overall share, and a 95% interval of the mean
-    per-unit share over the units (normal approximation)."""
+    """(hits, total) per unit (a text) -> the share of hits over all units, with a 95% interval
+    that treats the units, not the tokens, as the samples (the ratio estimator's variance)."""
     units = [(h, n) for h, n in units if n]
     if not units:
         return {"share": None, "low": None, "high": None, "units": 0}
     hits, total = sum(h for h, _ in units), sum(n for _, n in units)
-    per_unit = [h / n for h, n in units]
-    mean = sum(per_unit) / len(per_unit)
-    spread = math.sqrt(sum((p - mean) ** 2 for p in per_unit) / (len(per_unit) - 1)) if len(per_unit) > 1 else 0.0
-    half = 1.96 * spread / math.sqrt(len(per_unit))
-    return {"share": hits / total, "low": max(0.0, mean - half), "high": min(1.0, mean + half), "units": len(units)}
+    p = hits / total
+    k = len(units)
+    spread = math.sqrt(k / (k - 1) * sum((h - p * n) ** 2 for h, n in units)) / total if k > 1 else 0.0
+    return {"share": p, "low": max(0.0, p - 1.96 * spread), "high": min(1.0, p + 1.96 * spread), "units": k}
 
 
 def _real_length(ids: torch.Tensor, pad_id: int) -> int:
@@ -137,6 +144,18 @@ def invert_inputs(inverter: InputInverter, phase: Phase, pad_id: int) -> list[tu
             truncate_cache(cache, int(step.meta["keep_cached"]))
         hits, n = units[-1]
         units[-1] = (hits + int((inverter.invert(states[0], cache) == ids[0]).sum()), n + ids.shape[1])
+    return units
+
+
+def learned_inversion(learned: LearnedInverter, phase: Phase) -> list[tuple[int, int]]:
+    """(tokens the learned inverter reads right, tokens) per generated sequence of the phase."""
+    units = []
+    for step, seen in zip(phase.steps, phase.passes):
+        if step.meta["cache"] == "start":
+            units.append((0, 0))
+        predicted = learned.predict(step.tensors["hidden_in"].flatten(0, 1))[:, 0]
+        hits, n = units[-1]
+        units[-1] = (hits + int((predicted == seen["ids"].flatten()).sum()), n + predicted.numel())
     return units
 
 
@@ -200,6 +219,36 @@ def _phases(steps: list[CapturedStep], witness: DeviceWitness, bounds: list[int]
             backward[last] = step
     edges = [0, *bounds, len(forward)]
     return [Phase(forward[a:b], witness.passes[a:b]) for a, b in zip(edges, edges[1:])], backward
+
+
+def public_sequences(settings: AuditSettings, tokenizer) -> list[list[int]]:
+    """At least `settings.inverter.tokens` tokens of public text, in sequences of up to 128."""
+    wanted = settings.inverter.tokens
+    if settings.public_data is not None:
+        ids: list[int] = []
+        for path in sorted(Path(settings.public_data).rglob("*")):
+            if len(ids) >= wanted:
+                break
+            if path.suffix == ".txt":
+                ids += tokenizer(path.read_text(errors="replace"))["input_ids"][: wanted - len(ids)]
+            elif path.suffix == ".jsonl":
+                for line in path.read_text(errors="replace").splitlines():
+                    record = json.loads(line) if line.strip() else {}
+                    ids += tokenizer("\n".join(v for v in record.values() if isinstance(v, str)))["input_ids"]
+                    if len(ids) >= wanted:
+                        break
+        if len(ids) < wanted:
+            raise ConfigError(f"{settings.public_data} holds {len(ids)} tokens of .txt and .jsonl text; the inverter needs {wanted}")
+        return [ids[i : i + 128] for i in range(0, len(ids), 128)]
+    # No public data: the public base model writes some, as the anchor's text is written.
+    model = split_embedded(loading.load(settings.backbone), PrivateLoRAConfig())
+    texts = len(REQUESTS) + len(OPENINGS)
+    anchor = AnchorSettings(texts=texts, new_tokens=max(16, min(96, wanted // texts)))
+    sequences, seed = [], ANCHOR_SEED
+    while sum(map(len, sequences)) < wanted:
+        sequences += [example.input_ids for example in write_anchor(model, tokenizer, anchor, seed)]
+        seed += 1
+    return sequences
 
 
 def _persona_notes(persona: Persona, folder: Path) -> Path:
@@ -285,12 +334,15 @@ def _attack(run: UserRun, settings: AuditSettings, config: PrivateLoRAConfig, pu
 
 
 def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work: Path, reg: Registry,
-                        echo: Callable[[str], None]) -> dict:
+                        public_text: list[list[int]], echo: Callable[[str], None]) -> dict:
     """One configuration's row: each attack's recovery, and what the configuration costs."""
     record = work / f"captures-{config.device_layers}"
     server = start_service([settings.backbone], config, reg, record=record)
     public = PublicModel(loading.load(settings.backbone).model, config)
-    inverter = InputInverter(public, settings.candidates, settings.widened)
+    echo(f"device_layers={config.device_layers}: training the learned inverter on {sum(map(len, public_text))} public tokens")
+    learned = LearnedInverter(public)
+    trained = learned.fit(public_text, settings.inverter, settings.seed)
+    inverter = InputInverter(public, settings.candidates, settings.widened, learned)
     runs, attacked = [], []
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
@@ -298,11 +350,13 @@ def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work
             folder = work / f"device-{config.device_layers}-{seed}"
             runs.append(_run_user(settings, config, endpoint, record, reg, folder, seed, echo))
             attacked.append(_attack(runs[-1], settings, config, public, inverter))
+            attacked[-1]["inputs_learned"] = learned_inversion(learned, runs[-1].personalized)
     finally:
         server.stop(grace_s=1)
     row = {"device_layers": config.device_layers}
-    for attack in ("inputs_new_user", "inputs_personalized", "inputs_training", "labels", "outputs"):
+    for attack in ("inputs_new_user", "inputs_personalized", "inputs_learned", "inputs_training", "labels", "outputs"):
         row[attack] = share([unit for figures in attacked for unit in figures[attack]])
+    row["inverter"] = {**trained, "meets_minimum": settings.inverter.meets(MINIMUM_INVERTER_BUDGET)}
     row["m_exact"] = fmean([a["m_exact"] for a in attacked])
     row["m_tokens_seen"] = min(a["m_tokens_seen"] for a in attacked)
     row["m_worst_error_by_tokens"] = {n: max(a["m_worst_error_by_tokens"].get(n, math.nan) for a in attacked)
@@ -329,7 +383,12 @@ def run_audit(settings: AuditSettings, echo: Callable[[str], None], base: Privat
     with tempfile.TemporaryDirectory(prefix="plora-audit-") as tmp:
         work = Path(tmp)
         reg = open_registry(f"sqlite:///{work / 'registry.db'}")
+        tokenizer = loading.load(settings.backbone).tokenizer
+        echo("gathering public text for the learned inverter")
+        public_text = public_sequences(settings, tokenizer)
         for layers in settings.device_layers:
-            rows.append(audit_configuration(settings, replace(base, device_layers=layers), work, reg, echo))
-    return {"settings": {**settings.__dict__, "device_layers": list(settings.device_layers)}, "adapter": base.to_dict(),
+            rows.append(audit_configuration(settings, replace(base, device_layers=layers), work, reg, public_text, echo))
+    shown = {**settings.__dict__, "device_layers": list(settings.device_layers), "inverter": settings.inverter.__dict__,
+             "public_data": str(settings.public_data) if settings.public_data else None}
+    return {"settings": shown, "adapter": base.to_dict(),
             "rows": rows, "seconds": time.perf_counter() - started}

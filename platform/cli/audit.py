@@ -25,27 +25,36 @@ from plora.platform.cli.output import JSON_HELP, say, show
               help="Tokens it tries when none of the first matched exactly (a device-side M the cloud does not know).")
 @click.option("--training-passes", default=8, show_default=True, type=click.IntRange(min=1),
               help="Training steps of each personalization job whose inputs and labels are attacked (the first ones).")
+@click.option("--public-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder of public text (.txt, .jsonl) the learned inverter trains on [default: text the base model writes].")
+@click.option("--inverter-tokens", default=20_000, show_default=True, type=click.IntRange(min=1),
+              help="Public tokens the learned inverter trains on. Below the default the report flags its figures.")
+@click.option("--inverter-steps", default=400, show_default=True, type=click.IntRange(min=1),
+              help="Its training steps. Below the default the report flags its figures.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write audit.md, audit.png and audit.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
-def audit(backbone, device_layers, personas, train_steps, questions, reply_tokens, candidates, widened, training_passes, report_dir,
-          as_json) -> None:
+def audit(backbone, device_layers, personas, train_steps, questions, reply_tokens, candidates, widened, training_passes,
+          public_data, inverter_tokens, inverter_steps, report_dir, as_json) -> None:
     """Measure what an honest-but-curious cloud learns from the split protocol.
 
     For each configuration it serves the backbone with the audit recorder on (as `plora backbone
     serve --record` does), runs synthetic users over loopback gRPC (answers as a new user, a
     personalization job, answers again), and attacks the captures with public weights only:
-    input inversion, output recovery, training labels from gradients, M by least squares, and
-    the persona facts the recovered M states. Everything runs in a temporary folder that is
+    input inversion (nearest rows, vocabulary matching, a learned inverter trained on public
+    text), output recovery, training labels from gradients, M by least squares, and the
+    persona facts the recovered M states. Everything runs in a temporary folder that is
     deleted afterwards; the captures never outlive the audit.
     """
+    from plora.platform.audit.attacks import InverterBudget
     from plora.platform.audit.report import columns, write_report
     from plora.platform.audit.run import AuditSettings, run_audit
 
     settings = AuditSettings(backbone=backbone, device_layers=layer_numbers(device_layers, "--device-layers"), personas=personas,
                              questions=questions, reply_tokens=reply_tokens, candidates=candidates, widened=widened,
-                             training_passes=training_passes,
+                             training_passes=training_passes, public_data=public_data,
+                             inverter=InverterBudget(tokens=inverter_tokens, steps=inverter_steps),
                              **({"train_steps": train_steps} if train_steps else {}))
     if not settings.device_layers:
         raise click.BadParameter("name at least one configuration", param_hint="--device-layers")

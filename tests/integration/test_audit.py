@@ -17,7 +17,8 @@ def test_the_audit_recovers_a_new_users_text_at_the_cut_and_reports_it(tmp_path)
     report = tmp_path / "report"
     result = CliRunner().invoke(main, ["audit", "--device-layers", "0,1", "--personas", "1", "--train-steps", "2",
                                        "--questions", "2", "--reply-tokens", "6", "--candidates", "8", "--widened", "16",
-                                       "--training-passes", "1", "--json", "--report", str(report)])
+                                       "--training-passes", "1", "--inverter-tokens", "600", "--inverter-steps", "20",
+                                       "--json", "--report", str(report)])
     assert result.exit_code == 0, result.output
     split_at_embedding, one_public_layer = json.loads(result.stdout)["rows"]
 
@@ -28,3 +29,4 @@ def test_the_audit_recovers_a_new_users_text_at_the_cut_and_reports_it(tmp_path)
     assert one_public_layer["inputs_new_user"]["share"] >= 0.9
     assert one_public_layer["outputs"]["share"] == 1.0
     assert {p.name for p in report.iterdir()} == {"audit.md", "audit.png", "audit.json"}
+    assert "below the minimum budget" in (report / "audit.md").read_text()

@@ -16,6 +16,8 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.recording import Recording, read_session
 from plora.platform.audit.attacks import (
     InputInverter,
+    InverterBudget,
+    LearnedInverter,
     PublicModel,
     cloud_personalized,
     recover_labels,
@@ -152,3 +154,21 @@ def test_the_facts_a_device_taught_its_m_come_out_of_the_m_the_cloud_recovers(tm
         extracted = cloud_personalized(tiny_backbone(), config, ms)(keys)[:, -1].argmax(-1)
 
     assert (extracted == values).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("device_layers", [1, 2])
+def test_a_learned_inverter_trained_on_public_text_reads_a_users_text_it_never_saw(tmp_path, device_layers):
+    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4, device_layers=device_layers))
+    generator = torch.Generator().manual_seed(0)
+    public_text = torch.randint(0, VOCAB, (64, 64), generator=generator).tolist()
+    users_text = torch.randint(0, VOCAB, (4, 32), generator=generator)
+    with torch.no_grad():
+        split(users_text)
+    inverter = LearnedInverter(PublicModel(tiny_llama(), split.config))
+
+    trained = inverter.fit(public_text, InverterBudget(tokens=4096, steps=400))
+    (step,) = read_session(folder)
+    recovered = inverter.predict(step.tensors["hidden_in"].flatten(0, 1))[:, 0]
+
+    assert trained["tokens"] == 64 * 64 and trained["steps"] == 400
+    assert (recovered == users_text.flatten()).float().mean() >= 0.9
