@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,6 +38,7 @@ from plora.clients.device_model import DeviceModel
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig, decoder_slice
 from plora.cloud_backbone.recording import CapturedStep
+from plora.platform.audit.settings import InverterBudget
 from plora.platform.runtime import split_embedded
 
 CHUNK = 4096  # vocabulary rows per matmul: bounds memory at CHUNK × positions
@@ -84,24 +84,6 @@ def nearest_rows(table: torch.Tensor, states: torch.Tensor, k: int = 1) -> torch
             ids = torch.cat([best_ids, ids], -1).gather(-1, order)
         best_scores, best_ids = scores, ids
     return best_ids
-
-
-@dataclass(frozen=True)
-class InverterBudget:
-    """What the learned inverter trains on: at least this much, so that a weak attack cannot
-    make a defence look good."""
-
-    tokens: int = 20_000
-    """Distinct public tokens whose states it learns from."""
-    steps: int = 400
-    batch: int = 128
-    lr: float = 3e-3
-
-    def meets(self, minimum: InverterBudget) -> bool:
-        return self.tokens >= minimum.tokens and self.steps >= minimum.steps
-
-
-MINIMUM_INVERTER_BUDGET = InverterBudget()
 
 
 class LearnedInverter(nn.Module):

@@ -31,9 +31,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig, truncate_cache
 from plora.cloud_backbone.recording import CapturedStep, read_session, recorded_sessions
 from plora.cloud_backbone.server import start_service
 from plora.platform.audit.attacks import (
-    MINIMUM_INVERTER_BUDGET,
     InputInverter,
-    InverterBudget,
     LearnedInverter,
     PublicModel,
     cloud_personalized,
@@ -41,6 +39,7 @@ from plora.platform.audit.attacks import (
     recover_ms,
     recover_outputs,
 )
+from plora.platform.audit.settings import MINIMUM_INVERTER_BUDGET, AuditSettings
 from plora.platform.fleet.personas import PERSONA_JOB, Persona, make_persona, persona_recall, recalled
 from plora.platform.jobs import ANCHOR_SEED, run_personalization
 from plora.platform.runtime import Device, init_device, open_device, split_embedded
@@ -53,30 +52,6 @@ EXACT_M = 1e-4  # an M recovered to this relative error is the device's M, for e
 
 class AuditError(PloraError):
     """The captures do not line up with what the device did: the audit cannot be scored."""
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    backbone: str = "embedded"
-    device_layers: tuple[int, ...] = (0, 1, 2, 4)
-    """The configurations audited: how many public decoder layers run on the device."""
-    personas: int = 2
-    train_steps: int = PERSONA_JOB.steps
-    questions: int = 8
-    """Held-out persona questions each device answers, before and after its job."""
-    reply_tokens: int = 24
-    candidates: int = 64
-    """Tokens vocabulary matching runs through the device-side layers per position at first."""
-    widened: int = 256
-    """Its second try, when none of the first matched exactly (a device-side M the cloud does not know)."""
-    public_data: Path | None = None
-    """A folder of public text (.txt, .jsonl) the learned inverter trains on; None: text the
-    public base model writes itself."""
-    inverter: InverterBudget = MINIMUM_INVERTER_BUDGET
-    training_passes: int = 8
-    """Training steps of each job whose inputs and labels are attacked: every one would cost
-    the vocabulary matching hours; the first ones carry the same kind of text as the rest."""
-    seed: int = 0
 
 
 class DeviceWitness:
@@ -291,9 +266,9 @@ def _run_user(settings: AuditSettings, config: PrivateLoRAConfig, endpoint: Endp
         echo(f"{label}: answering as a new user")
         recall_before, _ = _answer(device, persona, settings.questions, settings.reply_tokens)
         before = len(witness.passes)
-        echo(f"{label}: personalizing ({settings.train_steps} steps)")
-        job = TrainSettings(lr=PERSONA_JOB.lr, steps=settings.train_steps, batch_size=PERSONA_JOB.batch_size, seed=settings.seed,
-                            anchor=None)
+        job = TrainSettings(lr=PERSONA_JOB.lr, steps=settings.train_steps or PERSONA_JOB.steps, batch_size=PERSONA_JOB.batch_size,
+                            seed=settings.seed, anchor=None)
+        echo(f"{label}: personalizing ({job.steps} steps)")
         outcome = run_personalization(device, _persona_notes(persona, folder), job, reg=reg, keep_text=False)
         trained = len(witness.passes)
         recall_after, tokens_per_s = _answer(device, persona, settings.questions, settings.reply_tokens)

@@ -6,30 +6,32 @@ from pathlib import Path
 
 import click
 
+from plora.platform.audit.settings import MINIMUM_INVERTER_BUDGET, AuditSettings, InverterBudget
 from plora.platform.cli.common import fail_cleanly, layer_numbers
 from plora.platform.cli.output import JSON_HELP, say, show
 
 
 @click.command()
-@click.option("--backbone", default="embedded", show_default=True, help="The backbone to audit: 'embedded', a checkpoint folder or a .gguf file.")
-@click.option("--device-layers", default="0,1,2,4", show_default=True,
+@click.option("--backbone", default=AuditSettings.backbone, show_default=True, help="The backbone to audit: 'embedded', a checkpoint folder or a .gguf file.")
+@click.option("--device-layers", default=",".join(map(str, AuditSettings.device_layers)), show_default=True,
               help="The configurations to audit: how many public decoder layers run on the device, e.g. 0,1,2,4.")
-@click.option("--personas", default=2, show_default=True, type=click.IntRange(min=1), help="Synthetic users per configuration.")
+@click.option("--personas", default=AuditSettings.personas, show_default=True, type=click.IntRange(min=1), help="Synthetic users per configuration.")
 @click.option("--train-steps", type=click.IntRange(min=1), help="Steps of each personalization job [default: the persona job's].")
-@click.option("--questions", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--questions", default=AuditSettings.questions, show_default=True, type=click.IntRange(min=1),
               help="Held-out persona questions each device answers before and after its job.")
-@click.option("--reply-tokens", default=24, show_default=True, type=click.IntRange(min=1))
-@click.option("--candidates", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--reply-tokens", default=AuditSettings.reply_tokens, show_default=True, type=click.IntRange(min=1),
+              help="Tokens of each answer.")
+@click.option("--candidates", default=AuditSettings.candidates, show_default=True, type=click.IntRange(min=1),
               help="Tokens vocabulary matching tries per position through the device-side layers.")
-@click.option("--widened", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("--widened", default=AuditSettings.widened, show_default=True, type=click.IntRange(min=1),
               help="Tokens it tries when none of the first matched exactly (a device-side M the cloud does not know).")
-@click.option("--training-passes", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--training-passes", default=AuditSettings.training_passes, show_default=True, type=click.IntRange(min=1),
               help="Training steps of each personalization job whose inputs and labels are attacked (the first ones).")
 @click.option("--public-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A folder of public text (.txt, .jsonl) the learned inverter trains on [default: text the base model writes].")
-@click.option("--inverter-tokens", default=20_000, show_default=True, type=click.IntRange(min=1),
+@click.option("--inverter-tokens", default=MINIMUM_INVERTER_BUDGET.tokens, show_default=True, type=click.IntRange(min=1),
               help="Public tokens the learned inverter trains on. Below the default the report flags its figures.")
-@click.option("--inverter-steps", default=400, show_default=True, type=click.IntRange(min=1),
+@click.option("--inverter-steps", default=MINIMUM_INVERTER_BUDGET.steps, show_default=True, type=click.IntRange(min=1),
               help="Its training steps. Below the default the report flags its figures.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write audit.md, audit.png and audit.json into this folder.")
@@ -47,15 +49,13 @@ def audit(backbone, device_layers, personas, train_steps, questions, reply_token
     persona facts the recovered M states. Everything runs in a temporary folder that is
     deleted afterwards; the captures never outlive the audit.
     """
-    from plora.platform.audit.attacks import InverterBudget
     from plora.platform.audit.report import columns, write_report
-    from plora.platform.audit.run import AuditSettings, run_audit
+    from plora.platform.audit.run import run_audit
 
     settings = AuditSettings(backbone=backbone, device_layers=layer_numbers(device_layers, "--device-layers"), personas=personas,
                              questions=questions, reply_tokens=reply_tokens, candidates=candidates, widened=widened,
                              training_passes=training_passes, public_data=public_data,
-                             inverter=InverterBudget(tokens=inverter_tokens, steps=inverter_steps),
-                             **({"train_steps": train_steps} if train_steps else {}))
+                             inverter=InverterBudget(tokens=inverter_tokens, steps=inverter_steps), train_steps=train_steps)
     if not settings.device_layers:
         raise click.BadParameter("name at least one configuration", param_hint="--device-layers")
     document = run_audit(settings, say)
