@@ -135,11 +135,14 @@ class SessionCapture:
         # per token must not wait for the disk. The rename still never leaves half a file.
         path = self.folder / f"{self._step:06d}.safetensors"
         tmp = path.with_name(f".{path.name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._tensors, self._meta = {}, {}
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:
+            return  # the device was forgotten while its last step ran: its captures stay deleted
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-        self._tensors, self._meta = {}, {}
 
 
 @dataclass

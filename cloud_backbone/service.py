@@ -22,8 +22,8 @@ from plora.cloud_backbone.device_access import Enrollment, OpenEnrollmentGate, R
 from plora.cloud_backbone.loading import Backbone, save_checkpoint
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity, OpenSession
-from plora.cloud_backbone.recording import Recording
 from plora.cloud_backbone.protocol.bundle import bundle_digest
+from plora.cloud_backbone.recording import Recording
 from plora.cloud_backbone.versions import ensure_version
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
 from plora.storage.models import BackboneStatus, utcnow

@@ -122,27 +122,32 @@ def invert_inputs(inverter: InputInverter, phase: Phase, pad_id: int) -> list[tu
     return units
 
 
-def learned_inversion(learned: LearnedInverter, phase: Phase) -> list[tuple[int, int]]:
-    """(tokens the learned inverter reads right, tokens) per generated sequence of the phase."""
+def _per_sequence(phase: Phase, score: Callable[[CapturedStep, dict[str, torch.Tensor]], tuple[int, int]]) -> list[tuple[int, int]]:
+    """`score`'s (hits, total) of each pass, summed per generated sequence (a START and its EXTENDs)."""
     units = []
     for step, seen in zip(phase.steps, phase.passes):
         if step.meta["cache"] == "start":
             units.append((0, 0))
-        predicted = learned.predict(step.tensors["hidden_in"].flatten(0, 1))[:, 0]
-        hits, n = units[-1]
-        units[-1] = (hits + int((predicted == seen["ids"].flatten()).sum()), n + predicted.numel())
+        hits, total = score(step, seen)
+        units[-1] = (units[-1][0] + hits, units[-1][1] + total)
     return units
+
+
+def learned_inversion(learned: LearnedInverter, phase: Phase) -> list[tuple[int, int]]:
+    """(tokens the learned inverter reads right, tokens) per generated sequence."""
+    def score(step, seen):
+        predicted = learned.predict(step.tensors["hidden_in"].flatten(0, 1))[:, 0]
+        return int((predicted == seen["ids"].flatten()).sum()), predicted.numel()
+
+    return _per_sequence(phase, score)
 
 
 def recover_generated(public: PublicModel, phase: Phase) -> list[tuple[int, int]]:
     """(next tokens recovered, positions) per generated sequence, from the returned states."""
-    units = []
-    for step, seen in zip(phase.steps, phase.passes):
-        if step.meta["cache"] == "start":
-            units.append((0, 0))
-        hits, n = units[-1]
-        units[-1] = (hits + int((recover_outputs(public, step.tensors["hidden_out"]) == seen["next"]).sum()), n + seen["next"].numel())
-    return units
+    def score(step, seen):
+        return int((recover_outputs(public, step.tensors["hidden_out"]) == seen["next"]).sum()), seen["next"].numel()
+
+    return _per_sequence(phase, score)
 
 
 def recover_training_labels(public: PublicModel, training: Phase, backward: dict[int, CapturedStep]) -> list[tuple[int, int]]:
