@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT = "plora-adapter/1"
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Config fields that do not change the personalized model: the split point only moves work.
-_SPLIT_ONLY_FIELDS = frozenset({"device_layers"})
+_SPLIT_ONLY_FIELDS = frozenset({"device_layers", "device_last_layers"})
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def load_adapter(path: str | os.PathLike, expect: BackboneIdentity) -> tuple[dic
     """Read and verify an adapter file; raises AdapterFileError on anything not intact, and on
     a file made for another backbone, layer count or adapter config than `expect`.
 
-    `device_layers` may differ: it moves computation between device and cloud but gives the
+    `device_layers` and `device_last_layers` may differ: they move computation between device and cloud but give the
     same model for the same M. A different backbone name with the same content hash is the
     same backbone under another label, so it is only logged.
     """

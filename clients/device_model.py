@@ -32,11 +32,32 @@ from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.storage.errors import VersionMismatchError
 
 
+class _LocalLayers(nn.Module):
+    """Decoder layers the device runs itself, adapted with its own M, with their KV cache."""
+
+    def __init__(self, stack: nn.Module, first_layer: int, config: PrivateLoRAConfig, weights: AdapterWeights):
+        super().__init__()
+        self.stack = stack
+        self._slot = attach(stack.layers, first_layer, config)
+        self._exchange = local_exchange(weights)
+        self._cache: DynamicCache | None = None
+
+    def forward(self, hidden: torch.Tensor, cache: CacheMode, attention_mask: torch.Tensor | None, keep_cached: int | None):
+        if cache is CacheMode.START:
+            self._cache = DynamicCache(config=self.stack.config)
+        if keep_cached is not None and cache is CacheMode.EXTEND:
+            truncate_cache(self._cache, keep_cached)
+        kept = None if cache is CacheMode.NONE else self._cache
+        with self._slot.using(self._exchange):
+            return self.stack(inputs_embeds=hidden, attention_mask=attention_mask, cache=kept, use_cache=kept is not None).last_hidden_state
+
+
 class DeviceModel(nn.Module):
     """A causal LM whose middle runs in the cloud. Only the M matrices are trainable.
 
-    `model` is a causal LM holding at least the first `config.device_layers` decoder layers
-    (the full backbone in embedded mode, or the device bundle); its other layers are ignored.
+    `model` is a causal LM holding the device's decoder layers: the full backbone in embedded
+    mode, or the device bundle, whose layers are the first `config.device_layers` followed by
+    the last `config.device_last_layers`. Its other layers are ignored.
     """
 
     def __init__(self, model: PreTrainedModel, config: PrivateLoRAConfig, link: SplitLink):
@@ -50,13 +71,16 @@ class DeviceModel(nn.Module):
         self.norm = decoder.norm
         self.lm_head = model.get_output_embeddings()
         self.weights = AdapterWeights(config, identity.num_layers)
-        # Its own copy of the layers it adapts: attach() wraps them in place, and `model` may be
+        first, last = config.device_layers, config.device_last_layers
+        # Where the last layers sit in `model`: at the end of the full backbone, right after
+        # the first ones in a bundle.
+        last_at = len(decoder.layers) - last if len(decoder.layers) == identity.num_layers else first
+        # Its own copies of the layers it adapts: attach() wraps them in place, and `model` may be
         # shared with other devices of this process (clients.public_store).
-        self.local = copy.deepcopy(decoder_slice(model, 0, config.device_layers)) if config.device_layers else None
-        if self.local is not None:
-            self._local_slot = attach(self.local.layers, 0, config)
+        self.local = _LocalLayers(copy.deepcopy(decoder_slice(model, 0, first)), 0, config, self.weights) if first else None
+        self.tail = (_LocalLayers(copy.deepcopy(decoder_slice(model, last_at, last_at + last)), identity.num_layers - last, config,
+                                  self.weights) if last else None)
         self.remote = RemoteDecoder(link, self.weights)
-        self._local_cache: DynamicCache | None = None
         for name, param in self.named_parameters():
             param.requires_grad_(name.startswith("weights."))
 
@@ -88,16 +112,10 @@ class DeviceModel(nn.Module):
         (a rejected draft), here and in the cloud."""
         hidden = self.embed(input_ids)
         if self.local is not None:
-            if cache is CacheMode.START:
-                self._local_cache = DynamicCache(config=self.local.config)
-            if keep_cached is not None and cache is CacheMode.EXTEND:
-                truncate_cache(self._local_cache, keep_cached)
-            local_cache = None if cache is CacheMode.NONE else self._local_cache
-            with self._local_slot.using(local_exchange(self.weights)):
-                hidden = self.local(
-                    inputs_embeds=hidden, attention_mask=attention_mask, cache=local_cache, use_cache=local_cache is not None
-                ).last_hidden_state
+            hidden = self.local(hidden, cache, attention_mask, keep_cached)
         hidden = self.remote(hidden, cache, attention_mask, keep_cached)
+        if self.tail is not None:
+            hidden = self.tail(hidden, cache, attention_mask, keep_cached)
         return self.norm(hidden)
 
     def forward(

@@ -63,12 +63,14 @@ class RemoteDecoder(nn.Module):
 def _check_request(request: AdapterRequest, phase: Phase, weights: AdapterWeights) -> None:
     """The cloud is checked like any other party: a request for a layer or group the device
     does not have, or a tensor that is not a finite float32 (B, T, width), is refused before
-    it touches M or its gradient, so a broken or hostile service cannot corrupt the adapter."""
+    it touches M or its gradient, so a broken or hostile service cannot corrupt the adapter.
+    Nor does the device answer for a layer it runs itself: u·M of its own layers would hand
+    the cloud those M by least squares."""
     config = weights.config
     if (
         request.phase is not phase
         or request.group not in config.groups
-        or not 0 <= request.layer < weights.num_layers
+        or request.layer not in config.cloud_layers(weights.num_layers)
         or not config.adapts(request.layer)
     ):
         raise ValidationError(

@@ -32,7 +32,7 @@ from plora.storage.errors import CapacityError, PloraError, SessionError, Transp
 
 
 class CloudHalf(nn.Module):
-    """Decoder layers [device_layers, N) of a backbone, adapted with A and B.
+    """The decoder layers between the device's first and last ones (config.cloud_layers), adapted with A and B.
 
     Takes the layers out of `backbone.model`: after this the full model must not be run.
     """
@@ -43,9 +43,10 @@ class CloudHalf(nn.Module):
         config.check_backbone(num_layers)
         self.config = config
         self.identity = backbone.identity(config)
-        self.stack = decoder_slice(backbone.model, config.device_layers, num_layers)
-        self.slot = attach(self.stack.layers, config.device_layers, config)
-        self.costs = StepCosts.of(self.stack.config, num_layers - config.device_layers)
+        layers = config.cloud_layers(num_layers)
+        self.stack = decoder_slice(backbone.model, layers.start, layers.stop)
+        self.slot = attach(self.stack.layers, layers.start, config)
+        self.costs = StepCosts.of(self.stack.config, len(layers))
         self.batcher: DecodeBatcher | None = None
 
     def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0) -> None:

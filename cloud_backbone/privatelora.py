@@ -72,6 +72,10 @@ class PrivateLoRAConfig:
     device_layers: int = 0
     """How many of the first decoder layers run on the device. It moves computation, not
     math: the same M gives the same model for every split point."""
+    device_last_layers: int = 0
+    """How many of the last decoder layers run on the device, after the cloud's. Like
+    device_layers it moves computation, not math; with them the cloud never sees the state the
+    device's head reads, so the public head no longer reads the device's output off it."""
     adapt_layers: tuple[int, ...] = ()
     """The decoder layers adapted (0-based); empty: every one. Each adapted cloud layer costs
     one round trip per group per pass, so adapting fewer layers buys speed over a slow link."""
@@ -91,8 +95,10 @@ class PrivateLoRAConfig:
         object.__setattr__(self, "targets", tuple(sorted(self.targets, key=order.index)))
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.device_layers, int) or self.device_layers < 0:
-            raise ConfigError(f"device_layers must be >= 0, got {self.device_layers!r}")
+        for name in ("device_layers", "device_last_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
         if not (self.scale > 0 and self.scale == self.scale):
             raise ConfigError(f"scale must be a positive number, got {self.scale!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -127,8 +133,12 @@ class PrivateLoRAConfig:
     def adapts(self, layer: int) -> bool:
         return not self.adapt_layers or layer in self.adapt_layers
 
+    def cloud_layers(self, num_layers: int) -> range:
+        """The decoder layers the cloud runs: those between the device's first and last ones."""
+        return range(self.device_layers, num_layers - self.device_last_layers)
+
     def adapted_cloud_layers(self, num_layers: int) -> int:
-        return sum(self.adapts(layer) for layer in range(self.device_layers, num_layers))
+        return sum(self.adapts(layer) for layer in self.cloud_layers(num_layers))
 
     def round_trips(self, num_layers: int) -> int:
         """Device round trips per pass through the cloud's layers: one per adapted group of
@@ -136,11 +146,12 @@ class PrivateLoRAConfig:
         return self.adapted_cloud_layers(num_layers) * len(self.groups)
 
     def to_dict(self) -> dict:
-        # Every layer adapted is written as no entry, so the versions made before adapt_layers
-        # existed keep their digest.
+        # Every layer adapted, or no last layer on the device, is written as no entry, so the
+        # versions made before those fields existed keep their digest.
         data = {**asdict(self), "targets": list(self.targets), "adapt_layers": list(self.adapt_layers)}
-        if not self.adapt_layers:
-            del data["adapt_layers"]
+        for name in ("adapt_layers", "device_last_layers"):
+            if not data[name]:
+                del data[name]
         return data
 
     @classmethod
@@ -152,10 +163,10 @@ class PrivateLoRAConfig:
         return cls(**known)
 
     def check_backbone(self, num_layers: int) -> None:
-        if self.device_layers >= num_layers:
+        if self.device_layers + self.device_last_layers >= num_layers:
             raise ConfigError(
-                f"device_layers={self.device_layers} leaves no decoder layer for the cloud; "
-                f"the backbone has {num_layers} layers, so use at most {num_layers - 1}"
+                f"device_layers={self.device_layers} and device_last_layers={self.device_last_layers} leave no decoder "
+                f"layer for the cloud; the backbone has {num_layers} layers, so together use at most {num_layers - 1}"
             )
         if self.adapt_layers and self.adapt_layers[-1] >= num_layers:
             raise ConfigError(

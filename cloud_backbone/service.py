@@ -77,16 +77,28 @@ class Limits:
 
 def export_device_bundle(backbone: Backbone, config: PrivateLoRAConfig, folder: Path) -> None:
     """Write the device's half as a Hugging Face checkpoint folder: config (with only the
-    device-side layers), tokenizer, embeddings, those layers, final norm and LM head.
-    No A or B: the device derives its own layers' projections from the public seed."""
+    device-side layers: the first ones, then the last ones), tokenizer, embeddings, those
+    layers, final norm and LM head. No A or B: the device derives its own layers' projections
+    from the public seed."""
     model = backbone.model
+    num_layers = backbone.num_layers
+    # Bundle layer j holds backbone layer kept[j].
+    kept = [*range(config.device_layers), *range(num_layers - config.device_last_layers, num_layers)]
     config_k = copy.deepcopy(model.config)
-    config_k.num_hidden_layers = config.device_layers
+    config_k.num_hidden_layers = len(kept)
     if isinstance(getattr(config_k, "layer_types", None), list):
-        config_k.layer_types = config_k.layer_types[: config.device_layers]
+        config_k.layer_types = [config_k.layer_types[i] for i in kept]
     device_part = type(model)(config_k)
-    kept = {k: v for k, v in model.state_dict().items() if k in device_part.state_dict()}
-    device_part.load_state_dict(kept, strict=True)
+    source = model.state_dict()
+
+    def source_key(key: str) -> str:
+        prefix, dot, rest = key.partition("layers.")
+        if not dot:
+            return key
+        j, _, name = rest.partition(".")
+        return f"{prefix}layers.{kept[int(j)]}.{name}"
+
+    device_part.load_state_dict({k: source[source_key(k)] for k in device_part.state_dict()}, strict=True)
     save_checkpoint(device_part, backbone.tokenizer, folder)
 
 

@@ -48,7 +48,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterConfig(_message.Message):
-    __slots__ = ("rank", "targets", "shared_a", "scale", "seed", "device_layers", "adapt_layers")
+    __slots__ = ("rank", "targets", "shared_a", "scale", "seed", "device_layers", "adapt_layers", "device_last_layers")
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     SHARED_A_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class AdapterConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ADAPT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_LAST_LAYERS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     targets: _containers.RepeatedScalarFieldContainer[str]
     shared_a: bool
@@ -63,7 +64,8 @@ class AdapterConfig(_message.Message):
     seed: int
     device_layers: int
     adapt_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., shared_a: bool = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ..., device_layers: _Optional[int] = ..., adapt_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    device_last_layers: int
+    def __init__(self, rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., shared_a: bool = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ..., device_layers: _Optional[int] = ..., adapt_layers: _Optional[_Iterable[int]] = ..., device_last_layers: _Optional[int] = ...) -> None: ...
 
 class BackboneIdentity(_message.Message):
     __slots__ = ("name", "content_hash", "num_layers", "hidden_size", "adapter")

@@ -138,7 +138,7 @@ def export_public(spec, out, **adapter) -> None:
     from plora.cloud_backbone import loading
     from plora.cloud_backbone.compute import CloudHalf, public_tensors
 
-    config = adapter_config(**{**adapter, "device_layers": 0})  # every layer's projections
+    config = adapter_config(**{**adapter, "device_layers": 0, "device_last_layers": 0})  # every layer's projections
     loaded = loading.load(spec)
     tensors = public_tensors(CloudHalf(loaded, config))
     metadata = {"backbone_name": loaded.source.name, "backbone_hash": loaded.source.content_hash,

@@ -67,7 +67,15 @@ def adapter_options(command):
             "--device-layers",
             default=0,
             show_default=True,
-            help="How many of the first decoder layers run on the device. More layers hide the raw prompt embedding from the cloud.",
+            help="How many of the first decoder layers run on the device. More layers hide the raw prompt embedding from the cloud "
+            "(`plora audit` measures how much).",
+        ),
+        click.option(
+            "--device-last-layers",
+            default=0,
+            show_default=True,
+            help="How many of the last decoder layers run on the device, after the cloud's: the cloud then never sees the state "
+            "the device's LM head reads.",
         ),
         click.option(
             "--adapt-layers",
@@ -81,10 +89,10 @@ def adapter_options(command):
     return command
 
 
-def adapter_config(rank, targets, shared_a, scale, seed, device_layers, adapt_layers) -> PrivateLoRAConfig:
+def adapter_config(rank, targets, shared_a, scale, seed, device_layers, device_last_layers, adapt_layers) -> PrivateLoRAConfig:
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
     return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, device_layers=device_layers,
-                             adapt_layers=layer_numbers(adapt_layers))
+                             device_last_layers=device_last_layers, adapt_layers=layer_numbers(adapt_layers))
 
 
 def layer_numbers(text: str, option: str = "--adapt-layers") -> tuple[int, ...]:

@@ -102,6 +102,33 @@ def test_activations_may_cross_as_16_bit_floats_at_half_the_bytes(device, tmp_pa
         half.close()
 
 
+def test_last_layers_on_the_device_give_the_same_model_over_the_network(tmp_path, tiny_checkpoint):
+    config = PrivateLoRAConfig(rank=4, device_layers=1, device_last_layers=1)
+    running = start_service([str(tiny_checkpoint)], config, open_registry(), Limits(reply_timeout_s=5))
+    endpoint = Endpoint(f"127.0.0.1:{running.port}", insecure=True)
+    init_device(tmp_path / "dev", endpoint.address, endpoint=endpoint, enroll_token=open_registry().issue_enrollment_token()[1])
+    dev = open_device(tmp_path / "dev")
+    try:
+        bundle = json.loads((dev.store.root / "bundle" / "config.json").read_text())
+        assert bundle["num_hidden_layers"] == 2  # the first layer and the last
+        local = split_embedded(loading.load(str(tiny_checkpoint)), config)
+        set_ms(dev.model)
+        set_ms(local)
+        ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+        remote_logits, local_logits = dev.model(ids), local(ids)
+        assert torch.allclose(remote_logits, local_logits, atol=1e-5)
+        remote_logits.logsumexp(-1).mean().backward()
+        local_logits.logsumexp(-1).mean().backward()
+        for (name, a), (_, b) in zip(dev.model.weights.named_tensors(), local.weights.named_tensors()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+        with torch.no_grad():
+            steps = [dev.model(ids[:, :5], CacheMode.START)] + [dev.model(ids[:, t : t + 1], CacheMode.EXTEND) for t in range(5, 8)]
+        assert torch.allclose(torch.cat(steps, 1), local_logits.detach(), atol=1e-5)
+    finally:
+        dev.close()
+        running.stop(grace_s=1)
+
+
 def test_a_reply_in_another_dtype_than_the_step_is_refused_and_the_session_goes_on(device, tiny_checkpoint):
     link = device.model.link
     hidden = torch.randn(1, 3, device.model.embed.embedding_dim).to(torch.bfloat16)

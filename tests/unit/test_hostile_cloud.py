@@ -61,8 +61,8 @@ TAMPERED_REQUESTS = {
 class HostileCloud:
     """A real cloud session whose requests (in `phase`) or results are tampered with."""
 
-    def __init__(self, phase: Phase | None = None, tamper=None, result=None):
-        self.session = CloudHalf(tiny_backbone(), CONFIG).open_session()
+    def __init__(self, phase: Phase | None = None, tamper=None, result=None, config: PrivateLoRAConfig = CONFIG):
+        self.session = CloudHalf(tiny_backbone(), config).open_session()
         self.identity = self.session.identity
         self.phase, self.tamper, self.result = phase, tamper, result
 
@@ -92,7 +92,7 @@ class HostileCloud:
 
 
 def _device(cloud: HostileCloud) -> DeviceModel:
-    model = DeviceModel(tiny_backbone().model, CONFIG, InProcessLink(cloud))
+    model = DeviceModel(tiny_backbone().model, cloud.identity.adapter, InProcessLink(cloud))
     torch.manual_seed(0)
     with torch.no_grad():
         for m in model.weights.ms.values():
@@ -115,6 +115,16 @@ def test_a_tampered_adapter_request_is_refused_and_m_is_untouched(phase, name):
     with pytest.raises(ValidationError):
         _train_step(model)
     assert all(torch.equal(before[k], m) for k, m in model.weights.ms.items())
+
+
+@pytest.mark.parametrize("phase", [Phase.FORWARD, Phase.BACKWARD], ids=lambda p: p.value)
+@pytest.mark.parametrize("layer", [0, 3], ids=["its first layer", "its last layer"])
+def test_the_device_never_answers_for_a_layer_it_runs_itself(phase, layer):
+    """u·M of the device's own layers would give the cloud their M by least squares."""
+    config = PrivateLoRAConfig(rank=4, device_layers=1, device_last_layers=1)
+    model = _device(HostileCloud(phase, _retyped("layer", layer), config=config))
+    with pytest.raises(ValidationError, match=f"layer {layer} "):
+        _train_step(model)
 
 
 @pytest.mark.parametrize(

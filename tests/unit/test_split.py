@@ -32,6 +32,9 @@ CASES = [
         id="all-targets-sharedA-1dev",
     ),
     pytest.param(PrivateLoRAConfig(rank=4, device_layers=1, adapt_layers=(0, 2)), id="qkv-layers0,2-1dev"),
+    pytest.param(PrivateLoRAConfig(rank=4, device_layers=1, device_last_layers=1), id="qkv-separateA-1dev-1last"),
+    pytest.param(PrivateLoRAConfig(rank=3, targets=tuple(TARGET_MODULES), shared_a=True, device_last_layers=2, adapt_layers=(1, 3)),
+                 id="all-targets-sharedA-2last-layers1,3"),
 ]
 
 
@@ -45,7 +48,7 @@ def random_ms(model: DeviceModel, seed: int = 1) -> None:
 def reference(config: PrivateLoRAConfig, ms: dict[str, torch.Tensor]):
     """A monolithic tiny Llama with hooks, and leaf copies of M to differentiate against."""
     model = tiny_llama()
-    public = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(**{**config.to_dict(), "device_layers": 0, "targets": config.targets})))
+    public = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(**{**config.to_dict(), "device_layers": 0, "device_last_layers": 0, "targets": config.targets})))
     leaves = {name: m.detach().clone().requires_grad_(True) for name, m in ms.items()}
     for i, layer in enumerate(model.model.layers):
         for target in config.targets if config.adapts(i) else ():
@@ -88,15 +91,16 @@ def test_zero_m_gives_exactly_the_base_model(config):
 
 def test_same_m_gives_the_same_model_at_every_split_point():
     outputs = []
-    for device_layers in (0, 1, 3):
-        split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers))
+    for first, last in ((0, 0), (1, 0), (3, 0), (0, 2), (1, 1)):
+        split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=first, device_last_layers=last))
         random_ms(split)
         outputs.append(split(torch.arange(12)[None]))
     assert all(torch.allclose(outputs[0], o, atol=1e-5) for o in outputs[1:])
 
 
-def test_cached_decoding_matches_full_recompute():
-    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=1))
+@pytest.mark.parametrize("last", [0, 1])
+def test_cached_decoding_matches_full_recompute(last):
+    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=1, device_last_layers=last))
     random_ms(split)
     ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -106,9 +110,9 @@ def test_cached_decoding_matches_full_recompute():
     assert torch.allclose(torch.stack(steps, 1), full[:, 5:], atol=1e-5)
 
 
-@pytest.mark.parametrize("device_layers", [0, 2])
-def test_batched_generation_matches_one_prompt_at_a_time(device_layers):
-    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers))
+@pytest.mark.parametrize(("device_layers", "last"), [(0, 0), (2, 0), (1, 1)])
+def test_batched_generation_matches_one_prompt_at_a_time(device_layers, last):
+    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers, device_last_layers=last))
     random_ms(split)
     rng = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 96, (n,), generator=rng).tolist() for n in (9, 2, 5, 14)]
@@ -201,6 +205,15 @@ def test_adapting_fewer_layers_drops_their_round_trips_and_keeps_old_versions_di
     assert PrivateLoRAConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="layer 4"):
         PrivateLoRAConfig(adapt_layers=(4,)).check_backbone(4)
+
+
+def test_last_layers_on_the_device_drop_their_round_trips_and_keep_old_versions_digests():
+    config = PrivateLoRAConfig(rank=4, device_layers=1, device_last_layers=2)
+    assert config.cloud_layers(4) == range(1, 2) and config.round_trips(4) == 1
+    assert "device_last_layers" not in PrivateLoRAConfig().to_dict()
+    assert PrivateLoRAConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="no decoder layer for the cloud"):
+        PrivateLoRAConfig(device_layers=2, device_last_layers=2).check_backbone(4)
 
 
 def test_public_projections_are_deterministic_orthonormal_and_seeded():

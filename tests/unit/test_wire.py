@@ -62,6 +62,7 @@ def _same_message(a, b) -> None:
 DEVICE_MESSAGES = [
     OpenSession(IDENTITY, max_tokens=512),
     OpenSession(dataclasses.replace(IDENTITY, adapter=dataclasses.replace(IDENTITY.adapter, adapt_layers=(1, 3))), 64),
+    OpenSession(dataclasses.replace(IDENTITY, adapter=dataclasses.replace(IDENTITY.adapter, device_last_layers=1)), 64),
     ForwardRequest(_rand(2, 3, 8)),
     ForwardRequest(_rand(2, 3, 8, dtype=torch.bfloat16), CacheMode.START, True, torch.ones(2, 3, dtype=torch.int64)),
     ForwardRequest(_rand(1, 1, 8, dtype=torch.float16), CacheMode.EXTEND),
