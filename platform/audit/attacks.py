@@ -12,7 +12,8 @@ tensor of the protocol (cloud_backbone.recording). From those alone:
 - `LearnedInverter` learns the way back from states to tokens on public text alone, and is
   scored on users' text it never saw.
 - `recover_outputs` reads the device's next tokens off the last hidden state the cloud
-  returns, through the public final norm and head.
+  returns, through the public final norm and head (and the public last layers, at M = 0,
+  when the device runs its last layers itself).
 - `recover_labels` reads the training targets off the gradient the device sends back: that
   gradient is J_norm^T·W^T·c(p − onehot(label)), and everything in it but the label is known.
 - `recover_m` solves u·M = (u·M) for M by least squares from the pairs the cloud relays, and
@@ -57,7 +58,10 @@ class PublicModel:
         self.embedding = model.get_input_embeddings().weight.detach()
         self.head = model.get_output_embeddings().weight.detach()
         self.norm = decoder.norm
+        num_layers = len(decoder.layers)
         self.front = decoder_slice(model, 0, config.device_layers) if config.device_layers else None
+        last = config.device_last_layers
+        self.back = decoder_slice(model, num_layers - last, num_layers) if last else None
 
     @property
     def vocab_size(self) -> int:
@@ -65,8 +69,12 @@ class PublicModel:
 
     @torch.no_grad()
     def run_front(self, embeds: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
-        """(B, T, d) embeddings through the device-side layers, extending `cache`."""
+        """(B, T, d) embeddings through the device's first layers, extending `cache`."""
         return self.front(inputs_embeds=embeds, cache=cache, use_cache=cache is not None).last_hidden_state
+
+    def new_sequence(self, stack: nn.Module | None) -> DynamicCache | None:
+        """A cache for one of the device's sequences through `stack` (front or back), if it has layers."""
+        return DynamicCache(config=stack.config) if stack is not None else None
 
 
 def nearest_rows(table: torch.Tensor, states: torch.Tensor, k: int = 1) -> torch.Tensor:
@@ -149,8 +157,8 @@ class InputInverter:
         return self._dictionary
 
     def new_sequence(self) -> DynamicCache | None:
-        """The attacker's cache for one sequence of the device's (its device-side layers' keys and values)."""
-        return DynamicCache(config=self.public.front.config) if self.public.front is not None else None
+        """The attacker's cache for one sequence of the device's (its first layers' keys and values)."""
+        return self.public.new_sequence(self.public.front)
 
     @torch.no_grad()
     def invert(self, states: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
@@ -190,9 +198,15 @@ class InputInverter:
 
 
 @torch.no_grad()
-def recover_outputs(public: PublicModel, hidden_out: torch.Tensor) -> torch.Tensor:
-    """(..., d) hidden states the cloud returned -> (...) the device's greedy next tokens."""
-    return (public.norm(hidden_out.float()) @ public.head.T).argmax(-1)
+def recover_outputs(public: PublicModel, hidden_out: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+    """(B, T, d) hidden states the cloud returned -> (B, T) the device's greedy next tokens:
+    through the device's last layers at M = 0 if it has any (with `cache`, from
+    public.new_sequence(public.back), carrying a sequence's earlier positions), then the
+    public final norm and head."""
+    hidden = hidden_out.float()
+    if public.back is not None:
+        hidden = public.back(inputs_embeds=hidden, cache=cache, use_cache=cache is not None).last_hidden_state
+    return (public.norm(hidden) @ public.head.T).argmax(-1)
 
 
 @torch.no_grad()

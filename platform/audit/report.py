@@ -15,7 +15,8 @@ ATTACKS = (
     ("inputs_learned", "input tokens, learned inverter alone"),
     ("inputs_training", "input tokens, training"),
     ("labels", "training labels"),
-    ("outputs", "output tokens"),
+    ("outputs_new_user", "output tokens, new user"),
+    ("outputs", "output tokens, personalized"),
 )
 
 
@@ -32,7 +33,7 @@ def _interval(row: dict, key: str) -> str:
 
 def columns() -> list[Column]:
     return [
-        Column("device layers", "device_layers"),
+        Column("device layers: first, last", lambda r: f"{r['device_layers']}, {r['device_last_layers']}"),
         *[Column(header, lambda row, key=key: _interval(row, key)) for key, header in ATTACKS],
         Column("M exact", "m_exact", ".0%"),
         Column("M worst rel. error", lambda r: r["m_worst_error_by_tokens"]["all"], ".1e"),
@@ -73,7 +74,7 @@ def markdown(document: dict) -> str:
 def _inverter_note(document: dict) -> str:
     trained = document["rows"][0]["inverter"]
     note = (f"The learned inverter trained on {trained['tokens']} public tokens for {trained['steps']} steps "
-            f"(last loss {trained['last_loss']:.2f} at {document['rows'][0]['device_layers']} device layers).")
+            f"(last loss {trained['last_loss']:.2f} in the first configuration).")
     if not trained["meets_minimum"]:
         note += " **That is below the minimum budget: its figures are a smoke test, not a measurement.**"
     return note
@@ -92,7 +93,7 @@ def plot(document: dict) -> bytes:
     for i, (key, header) in enumerate(ATTACKS):
         xs = [j + (i - (len(ATTACKS) - 1) / 2) * width for j in range(len(rows))]
         axis.bar(xs, [100 * (_share(r, key) or 0) for r in rows], width, label=header)
-    axis.set_xticks(range(len(rows)), [f"{r['device_layers']} device layers" for r in rows])
+    axis.set_xticks(range(len(rows)), [f"device: {r['device_layers']} first, {r['device_last_layers']} last" for r in rows])
     axis.set_ylabel("recovered (%)")
     axis.set_ylim(0, 105)
     axis.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18), frameon=False)

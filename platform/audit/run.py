@@ -143,9 +143,17 @@ def learned_inversion(learned: LearnedInverter, phase: Phase) -> list[tuple[int,
 
 
 def recover_generated(public: PublicModel, phase: Phase) -> list[tuple[int, int]]:
-    """(next tokens recovered, positions) per generated sequence, from the returned states."""
+    """(next tokens recovered, positions) per generated sequence, from the returned states
+    (through the device's last layers at M = 0, whose cache follows the device's own)."""
+    cache = None
+
     def score(step, seen):
-        return int((recover_outputs(public, step.tensors["hidden_out"]) == seen["next"]).sum()), seen["next"].numel()
+        nonlocal cache
+        if step.meta["cache"] == "start":
+            cache = public.new_sequence(public.back)
+        elif step.meta["keep_cached"] and cache is not None:
+            truncate_cache(cache, int(step.meta["keep_cached"]))
+        return int((recover_outputs(public, step.tensors["hidden_out"], cache) == seen["next"]).sum()), seen["next"].numel()
 
     return _per_sequence(phase, score)
 
@@ -231,6 +239,10 @@ def public_sequences(settings: AuditSettings, tokenizer) -> list[list[int]]:
     return sequences
 
 
+def _split_name(config: PrivateLoRAConfig) -> str:
+    return f"device layers {config.device_layers} first, {config.device_last_layers} last"
+
+
 def _persona_notes(persona: Persona, folder: Path) -> Path:
     """The persona's notes as a file, as a user brings their data to `plora personalize`."""
     path = folder / "notes.jsonl"
@@ -266,7 +278,7 @@ def _run_user(settings: AuditSettings, config: PrivateLoRAConfig, endpoint: Endp
     device = open_device(folder / "device")
     witness = DeviceWitness(device.model)
     persona = make_persona(settings.seed + seed)
-    label = f"device_layers={config.device_layers}, persona {seed}"
+    label = f"{_split_name(config)}, persona {seed}"
     try:
         echo(f"{label}: answering as a new user")
         recall_before, _ = _answer(device, persona, settings.questions, settings.reply_tokens)
@@ -304,7 +316,10 @@ def _attack(run: UserRun, settings: AuditSettings, config: PrivateLoRAConfig, pu
         "inputs_new_user": invert_inputs(inverter, run.new_user, run.pad_id),
         "inputs_personalized": invert_inputs(inverter, run.personalized, run.pad_id),
         "inputs_training": invert_inputs(inverter, sample, run.pad_id),
-        "labels": recover_training_labels(public, sample, run.backward),
+        # The gradient attack reads labels through the public norm and head only: with last
+        # layers on the device it is not run, and the table shows no figure rather than a low one.
+        "labels": recover_training_labels(public, sample, run.backward) if not config.device_last_layers else [],
+        "outputs_new_user": recover_generated(public, run.new_user),
         "outputs": recover_generated(public, run.personalized),
         "m_exact": sum(e <= EXACT_M for e in errors) / len(errors),
         "m_tokens_seen": seen,
@@ -316,10 +331,10 @@ def _attack(run: UserRun, settings: AuditSettings, config: PrivateLoRAConfig, pu
 def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work: Path, reg: Registry,
                         public_text: list[list[int]], echo: Callable[[str], None]) -> dict:
     """One configuration's row: each attack's recovery, and what the configuration costs."""
-    record = work / f"captures-{config.device_layers}"
+    record = work / f"captures-{config.device_layers}-{config.device_last_layers}"
     server = start_service([settings.backbone], config, reg, record=record)
     public = PublicModel(loading.load(settings.backbone).model, config)
-    echo(f"device_layers={config.device_layers}: training the learned inverter on {sum(map(len, public_text))} public tokens")
+    echo(f"{_split_name(config)}: training the learned inverter on {sum(map(len, public_text))} public tokens")
     learned = LearnedInverter(public)
     trained = learned.fit(public_text, settings.inverter, settings.seed)
     inverter = InputInverter(public, settings.candidates, settings.widened, learned)
@@ -327,14 +342,15 @@ def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
         for seed in range(settings.personas):
-            folder = work / f"device-{config.device_layers}-{seed}"
+            folder = work / f"device-{config.device_layers}-{config.device_last_layers}-{seed}"
             runs.append(_run_user(settings, config, endpoint, record, reg, folder, seed, echo))
             attacked.append(_attack(runs[-1], settings, config, public, inverter))
             attacked[-1]["inputs_learned"] = learned_inversion(learned, runs[-1].personalized)
     finally:
         server.stop(grace_s=1)
-    row = {"device_layers": config.device_layers}
-    for attack in ("inputs_new_user", "inputs_personalized", "inputs_learned", "inputs_training", "labels", "outputs"):
+    row = {"device_layers": config.device_layers, "device_last_layers": config.device_last_layers}
+    for attack in ("inputs_new_user", "inputs_personalized", "inputs_learned", "inputs_training", "labels", "outputs_new_user",
+                   "outputs"):
         row[attack] = share([unit for figures in attacked for unit in figures[attack]])
     row["inverter"] = {**trained, "meets_minimum": settings.inverter.meets(MINIMUM_INVERTER_BUDGET)}
     row["m_exact"] = fmean([a["m_exact"] for a in attacked])
@@ -366,9 +382,10 @@ def run_audit(settings: AuditSettings, echo: Callable[[str], None], base: Privat
         tokenizer = loading.load(settings.backbone).tokenizer
         echo("gathering public text for the learned inverter")
         public_text = public_sequences(settings, tokenizer)
-        for layers in settings.device_layers:
-            rows.append(audit_configuration(settings, replace(base, device_layers=layers), work, reg, public_text, echo))
-    shown = {**settings.__dict__, "device_layers": list(settings.device_layers), "inverter": settings.inverter.__dict__,
+        for first, last in settings.splits:
+            config = replace(base, device_layers=first, device_last_layers=last)
+            rows.append(audit_configuration(settings, config, work, reg, public_text, echo))
+    shown = {**settings.__dict__, "splits": [list(split) for split in settings.splits], "inverter": settings.inverter.__dict__,
              "public_data": str(settings.public_data) if settings.public_data else None}
     return {"settings": shown, "adapter": base.to_dict(),
             "rows": rows, "seconds": time.perf_counter() - started}

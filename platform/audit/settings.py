@@ -28,8 +28,8 @@ MINIMUM_INVERTER_BUDGET = InverterBudget()
 @dataclass(frozen=True)
 class AuditSettings:
     backbone: str = "embedded"
-    device_layers: tuple[int, ...] = (0, 1, 2, 4)
-    """The configurations audited: how many public decoder layers run on the device."""
+    splits: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (2, 0), (4, 0), (2, 2))
+    """The configurations audited: (first, last) decoder layers run on the device."""
     personas: int = 2
     train_steps: int | None = None
     """Steps of each personalization job; None: the persona job's (platform.fleet.personas.PERSONA_JOB)."""

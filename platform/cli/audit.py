@@ -7,14 +7,30 @@ from pathlib import Path
 import click
 
 from plora.platform.audit.settings import MINIMUM_INVERTER_BUDGET, AuditSettings, InverterBudget
-from plora.platform.cli.common import fail_cleanly, layer_numbers
+from plora.platform.cli.common import fail_cleanly
 from plora.platform.cli.output import JSON_HELP, say, show
+
+
+def split_points(text: str) -> tuple[tuple[int, int], ...]:
+    """'0,2:2' -> ((0, 0), (2, 2))."""
+    splits = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition(":")
+        try:
+            splits.append((int(first), int(last or 0)))
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not FIRST or FIRST:LAST", param_hint="--splits") from None
+        if min(splits[-1]) < 0:
+            raise click.BadParameter(f"{part!r}: layer counts are >= 0", param_hint="--splits")
+    if not splits:
+        raise click.BadParameter("name at least one configuration", param_hint="--splits")
+    return tuple(splits)
 
 
 @click.command()
 @click.option("--backbone", default=AuditSettings.backbone, show_default=True, help="The backbone to audit: 'embedded', a checkpoint folder or a .gguf file.")
-@click.option("--device-layers", default=",".join(map(str, AuditSettings.device_layers)), show_default=True,
-              help="The configurations to audit: how many public decoder layers run on the device, e.g. 0,1,2,4.")
+@click.option("--splits", default=",".join(f"{first}:{last}" for first, last in AuditSettings.splits), show_default=True,
+              help="The configurations to audit, as FIRST:LAST decoder layers run on the device (FIRST alone means FIRST:0).")
 @click.option("--personas", default=AuditSettings.personas, show_default=True, type=click.IntRange(min=1), help="Synthetic users per configuration.")
 @click.option("--train-steps", type=click.IntRange(min=1), help="Steps of each personalization job [default: the persona job's].")
 @click.option("--questions", default=AuditSettings.questions, show_default=True, type=click.IntRange(min=1),
@@ -37,7 +53,7 @@ from plora.platform.cli.output import JSON_HELP, say, show
               help="Also write audit.md, audit.png and audit.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
-def audit(backbone, device_layers, personas, train_steps, questions, reply_tokens, candidates, widened, training_passes,
+def audit(backbone, splits, personas, train_steps, questions, reply_tokens, candidates, widened, training_passes,
           public_data, inverter_tokens, inverter_steps, report_dir, as_json) -> None:
     """Measure what an honest-but-curious cloud learns from the split protocol.
 
@@ -52,12 +68,10 @@ def audit(backbone, device_layers, personas, train_steps, questions, reply_token
     from plora.platform.audit.report import columns, write_report
     from plora.platform.audit.run import run_audit
 
-    settings = AuditSettings(backbone=backbone, device_layers=layer_numbers(device_layers, "--device-layers"), personas=personas,
+    settings = AuditSettings(backbone=backbone, splits=split_points(splits), personas=personas,
                              questions=questions, reply_tokens=reply_tokens, candidates=candidates, widened=widened,
                              training_passes=training_passes, public_data=public_data,
                              inverter=InverterBudget(tokens=inverter_tokens, steps=inverter_steps), train_steps=train_steps)
-    if not settings.device_layers:
-        raise click.BadParameter("name at least one configuration", param_hint="--device-layers")
     document = run_audit(settings, say)
     show(document["rows"], columns(), as_json, title="what a curious cloud recovers", document=document)
     if report_dir:

@@ -15,18 +15,20 @@ pytestmark = pytest.mark.embedded
 
 def test_the_audit_recovers_a_new_users_text_at_the_cut_and_reports_it(tmp_path):
     report = tmp_path / "report"
-    result = CliRunner().invoke(main, ["audit", "--device-layers", "0,1", "--personas", "1", "--train-steps", "2",
+    result = CliRunner().invoke(main, ["audit", "--splits", "0,1:1", "--personas", "1", "--train-steps", "2",
                                        "--questions", "2", "--reply-tokens", "6", "--candidates", "8", "--widened", "16",
                                        "--training-passes", "1", "--inverter-tokens", "600", "--inverter-steps", "20",
                                        "--json", "--report", str(report)])
     assert result.exit_code == 0, result.output
-    split_at_embedding, one_public_layer = json.loads(result.stdout)["rows"]
+    split_at_embedding, one_layer_each_end = json.loads(result.stdout)["rows"]
 
     # No layer on the device: the state at the cut is a row of the public embedding table.
     for attack in ("inputs_new_user", "inputs_personalized", "inputs_training", "outputs", "labels"):
         assert split_at_embedding[attack]["share"] == 1.0, attack
-    # A public layer on the device still gives a new user's text back by vocabulary matching.
-    assert one_public_layer["inputs_new_user"]["share"] >= 0.9
-    assert one_public_layer["outputs"]["share"] == 1.0
+    # Public layers on the device at M = 0 still give a new user's text back, by vocabulary
+    # matching; the outputs come back through the public last layer at M = 0 too.
+    assert one_layer_each_end["inputs_new_user"]["share"] >= 0.9
+    assert one_layer_each_end["outputs"]["share"] >= 0.5
+    assert one_layer_each_end["labels"]["share"] is None  # not attacked with last layers on the device
     assert {p.name for p in report.iterdir()} == {"audit.md", "audit.png", "audit.json"}
     assert "below the minimum budget" in (report / "audit.md").read_text()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from plora.clients.data import TokenizedExample
-from plora.clients.generation import stream_tokens
+from plora.clients.generation import Draft, stream_tokens
 from plora.clients.training import TrainSettings, labelled_loss, personalize
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.recording import Recording, read_session
@@ -25,14 +25,16 @@ from plora.platform.audit.attacks import (
     recover_ms,
     recover_outputs,
 )
+from plora.platform.audit.run import DeviceWitness, Phase, recover_generated, share
 from plora.platform.runtime import split_embedded
 from tests.conftest import tiny_backbone, tiny_llama
 
 VOCAB = 96  # conftest's tiny model
+PEAKED = {"initializer_range": 0.4}  # larger weights: next tokens that depend on the context, not one repeated token
 
 
-def recorded_split(tmp_path, config: PrivateLoRAConfig):
-    split = split_embedded(tiny_backbone(), config)
+def recorded_split(tmp_path, config: PrivateLoRAConfig, **model):
+    split = split_embedded(tiny_backbone(**model), config)
     split.link.taps.append(Recording(tmp_path).session("device", "session", "tiny"))
     return split, tmp_path / "device" / "session"
 
@@ -79,17 +81,29 @@ def test_input_tokens_come_back_from_the_state_at_the_cut_for_a_new_user(tmp_pat
     assert (recovered == sent).float().mean() >= 0.9
 
 
-def test_outputs_come_back_from_the_last_hidden_state(tmp_path):
-    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4))
-    personal_ms(split)
-    prompt = list(range(20, 30))
+class WrongGuesses:
+    """Drafts two tokens the tiny model never picks after its last one, so each pass is rolled back."""
+
+    def draft(self, context: list[int], limit: int) -> Draft:
+        return Draft([(context[-1] + 1) % VOCAB, (context[-1] + 2) % VOCAB][:limit])
+
+
+@pytest.mark.parametrize("last", [0, 1, 2])
+def test_outputs_come_back_from_the_last_hidden_state_for_a_new_user(tmp_path, last):
+    """With last layers on the device at M = 0 (a new user), the public layers read them too."""
+    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4, device_last_layers=last), **PEAKED)
+    personal_ms(split, layers=range(0, 4 - last))
+    witness = DeviceWitness(split)
     with torch.no_grad():
-        reply = list(stream_tokens(split, prompt, 8, set()))
+        reply = list(stream_tokens(split, list(range(20, 30)), 8, set()))
+        reply += list(stream_tokens(split, list(range(40, 50)), 8, set(), drafter=WrongGuesses()))
+    witness.close()
+    assert any(step.meta["keep_cached"] for step in read_session(folder))  # the device rolled drafts back
 
-    steps = read_session(folder)
-    recovered = [int(recover_outputs(PublicModel(tiny_llama(), split.config), s.tensors["hidden_out"][0, -1])) for s in steps]
+    units = recover_generated(PublicModel(tiny_llama(**PEAKED), split.config), Phase(read_session(folder), witness.passes))
 
-    assert recovered == reply
+    assert len(reply) == 16 and len(units) == 2
+    assert share(units)["share"] == 1.0
 
 
 def test_training_labels_come_back_from_the_gradients_the_device_sends(tmp_path):
