@@ -74,7 +74,7 @@ def markdown(document: dict) -> str:
 def _inverter_note(document: dict) -> str:
     trained = document["rows"][0]["inverter"]
     note = (f"The learned inverter trained on {trained['tokens']} public tokens for {trained['steps']} steps "
-            f"(last loss {trained['last_loss']:.2f} in the first configuration).")
+            f"(last loss {trained['last_loss']:.3g} in the first configuration).")
     if not trained["meets_minimum"]:
         note += " **That is below the minimum budget: its figures are a smoke test, not a measurement.**"
     return note
