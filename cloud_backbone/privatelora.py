@@ -165,7 +165,7 @@ class PrivateLoRAConfig:
     def check_backbone(self, num_layers: int) -> None:
         if self.device_layers + self.device_last_layers >= num_layers:
             raise ConfigError(
-                f"device_layers={self.device_layers} and device_last_layers={self.device_last_layers} leave no decoder "
+                f"device_layers={self.device_layers} with device_last_layers={self.device_last_layers} leaves no decoder "
                 f"layer for the cloud; the backbone has {num_layers} layers, so together use at most {num_layers - 1}"
             )
         if self.adapt_layers and self.adapt_layers[-1] >= num_layers:

@@ -13,18 +13,17 @@ from plora.platform.cli.main import main
 pytestmark = pytest.mark.embedded
 
 
-def test_the_audit_recovers_a_new_users_text_at_the_cut_and_reports_it(tmp_path):
-    report = tmp_path / "report"
-    result = CliRunner().invoke(main, ["audit", "--splits", "0,1:1", "--personas", "1", "--train-steps", "2",
-                                       "--questions", "2", "--reply-tokens", "6", "--candidates", "8", "--widened", "16",
+def test_the_audit_recovers_a_new_users_text_through_public_device_layers_and_reports_it(tmp_path):
+    report, public = tmp_path / "report", tmp_path / "public"
+    public.mkdir()
+    (public / "text.txt").write_text("The weather was mild and the market opened early on the square. " * 60)
+    result = CliRunner().invoke(main, ["audit", "--public-data", str(public), "--splits", "1:1", "--personas", "1", "--train-steps", "1",
+                                       "--questions", "1", "--reply-tokens", "4", "--candidates", "8", "--widened", "16",
                                        "--training-passes", "1", "--inverter-tokens", "600", "--inverter-steps", "20",
                                        "--json", "--report", str(report)])
     assert result.exit_code == 0, result.output
-    split_at_embedding, one_layer_each_end = json.loads(result.stdout)["rows"]
+    (one_layer_each_end,) = json.loads(result.stdout)["rows"]
 
-    # No layer on the device: the state at the cut is a row of the public embedding table.
-    for attack in ("inputs_new_user", "inputs_personalized", "inputs_training", "outputs", "labels"):
-        assert split_at_embedding[attack]["share"] == 1.0, attack
     # Public layers on the device at M = 0 still give a new user's text back, by vocabulary
     # matching; the outputs come back through the public last layer at M = 0 too.
     assert one_layer_each_end["inputs_new_user"]["share"] >= 0.9
