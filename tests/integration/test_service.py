@@ -62,20 +62,23 @@ def in_process(tiny_checkpoint):
     return split_embedded(loading.load(str(tiny_checkpoint)), CONFIG)
 
 
-def test_network_scoring_and_training_step_equal_the_in_process_split(device, tiny_checkpoint):
-    local = in_process(tiny_checkpoint)
-    set_ms(device.model)
+def assert_same_model(remote, local, ids: torch.Tensor) -> None:
+    """Logits, dL/dM and cached decoding of the network split equal the in-process split's."""
+    set_ms(remote)
     set_ms(local)
-    ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
-    remote_logits, local_logits = device.model(ids), local(ids)
+    remote_logits, local_logits = remote(ids), local(ids)
     assert torch.allclose(remote_logits, local_logits, atol=1e-5)
     remote_logits.logsumexp(-1).mean().backward()
     local_logits.logsumexp(-1).mean().backward()
-    for (name, a), (_, b) in zip(device.model.weights.named_tensors(), local.weights.named_tensors()):
+    for (name, a), (_, b) in zip(remote.weights.named_tensors(), local.weights.named_tensors()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
     with torch.no_grad():
-        steps = [device.model(ids[:1, :5], CacheMode.START)] + [device.model(ids[:1, t : t + 1], CacheMode.EXTEND) for t in range(5, 8)]
+        steps = [remote(ids[:1, :5], CacheMode.START)] + [remote(ids[:1, t : t + 1], CacheMode.EXTEND) for t in range(5, 8)]
     assert torch.allclose(torch.cat(steps, 1), local_logits[:1].detach(), atol=1e-5)
+
+
+def test_network_scoring_and_training_step_equal_the_in_process_split(device, tiny_checkpoint):
+    assert_same_model(device.model, in_process(tiny_checkpoint), torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -112,18 +115,7 @@ def test_last_layers_on_the_device_give_the_same_model_over_the_network(tmp_path
         bundle = json.loads((dev.store.root / "bundle" / "config.json").read_text())
         assert bundle["num_hidden_layers"] == 2  # the first layer and the last
         local = split_embedded(loading.load(str(tiny_checkpoint)), config)
-        set_ms(dev.model)
-        set_ms(local)
-        ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
-        remote_logits, local_logits = dev.model(ids), local(ids)
-        assert torch.allclose(remote_logits, local_logits, atol=1e-5)
-        remote_logits.logsumexp(-1).mean().backward()
-        local_logits.logsumexp(-1).mean().backward()
-        for (name, a), (_, b) in zip(dev.model.weights.named_tensors(), local.weights.named_tensors()):
-            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
-        with torch.no_grad():
-            steps = [dev.model(ids[:, :5], CacheMode.START)] + [dev.model(ids[:, t : t + 1], CacheMode.EXTEND) for t in range(5, 8)]
-        assert torch.allclose(torch.cat(steps, 1), local_logits.detach(), atol=1e-5)
+        assert_same_model(dev.model, local, torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0)))
     finally:
         dev.close()
         running.stop(grace_s=1)

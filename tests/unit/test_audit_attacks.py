@@ -23,7 +23,6 @@ from plora.platform.audit.attacks import (
     recover_labels,
     recover_m,
     recover_ms,
-    recover_outputs,
 )
 from plora.platform.audit.run import DeviceWitness, Phase, recover_generated, share
 from plora.platform.runtime import split_embedded
