@@ -209,9 +209,10 @@ def _phases(steps: list[CapturedStep], witness: DeviceWitness, bounds: list[int]
     return [Phase(forward[a:b], witness.passes[a:b]) for a, b in zip(edges, edges[1:])], backward
 
 
-def public_sequences(settings: AuditSettings, tokenizer) -> list[list[int]]:
-    """At least `settings.inverter.tokens` tokens of public text, in sequences of up to 128."""
-    wanted = settings.inverter.tokens
+def public_sequences(settings: AuditSettings, backbone: loading.Backbone) -> list[list[int]]:
+    """At least `settings.inverter.tokens` tokens of public text, in sequences of up to 128.
+    Without a folder, `backbone` writes them (and is taken over for it)."""
+    wanted, tokenizer = settings.inverter.tokens, backbone.tokenizer
     if settings.public_data is not None:
         ids: list[int] = []
         for path in sorted(Path(settings.public_data).rglob("*")):
@@ -229,7 +230,7 @@ def public_sequences(settings: AuditSettings, tokenizer) -> list[list[int]]:
             raise ConfigError(f"{settings.public_data} holds {len(ids)} tokens of .txt and .jsonl text; the inverter needs {wanted}")
         return [ids[i : i + 128] for i in range(0, len(ids), 128)]
     # No public data: the public base model writes some, as the anchor's text is written.
-    model = split_embedded(loading.load(settings.backbone), PrivateLoRAConfig())
+    model = split_embedded(backbone, PrivateLoRAConfig())
     texts = len(REQUESTS) + len(OPENINGS)
     anchor = AnchorSettings(texts=texts, new_tokens=max(16, min(96, wanted // texts)))
     sequences, seed = [], ANCHOR_SEED
@@ -379,9 +380,8 @@ def run_audit(settings: AuditSettings, echo: Callable[[str], None], base: Privat
     with tempfile.TemporaryDirectory(prefix="plora-audit-") as tmp:
         work = Path(tmp)
         reg = open_registry(f"sqlite:///{work / 'registry.db'}")
-        tokenizer = loading.load(settings.backbone).tokenizer
         echo("gathering public text for the learned inverter")
-        public_text = public_sequences(settings, tokenizer)
+        public_text = public_sequences(settings, loading.load(settings.backbone))
         for first, last in settings.splits:
             config = replace(base, device_layers=first, device_last_layers=last)
             rows.append(audit_configuration(settings, config, work, reg, public_text, echo))
