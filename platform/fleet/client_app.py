@@ -46,6 +46,7 @@ def _run_job(
     content, settings = RecordDict(), None
     try:
         settings = _settings_of(context)
+        partition_id = metrics["partition_id"] = settings.device_of(partition_id)
         if enroll:
             task.prepare_device(settings, partition_id, num_partitions)
         metrics.update(job(settings, partition_id), failed=0)

@@ -129,8 +129,8 @@ def launch_migration(
     check_engine(engine, None)
     root = Path(root).resolve()
     folders = migration.device_folders(root)
-    # Devices are set up when first sampled, so a fleet's folders may have gaps; the devices
-    # without one reply that they have nothing to migrate.
+    # Devices are set up when first sampled, so a fleet's folders may have gaps: the run has a
+    # node for each folder only.
     ids = [partition_of(folder) if folder.parent == root else None for folder in folders]
     if None in ids:
         raise ConfigError(f"{root} is not a fleet's root ({device_name(0)}, {device_name(1)}, ...); "
@@ -140,7 +140,7 @@ def launch_migration(
         if address is None:
             raise ConfigError(f"the devices under {root} use a local backbone; migrate them one by one instead")
         echo(f"migrating {len(folders)} devices to {reg.get_backbone(target).name} by {method} through {address}")
-        settings = FleetSettings(root, address, devices=max(ids) + 1, steps=steps, lr=lr,
+        settings = FleetSettings(root, address, devices=len(ids), partitions=",".join(map(str, ids)), steps=steps, lr=lr,
                                  migrate_to=reg.get_backbone(target).name, migrate_method=method,
                                  migrate_min_retention=-1.0 if min_retention is None else min_retention)
         with _device_progress(root, on_device or echo_progress(echo)):

@@ -68,6 +68,10 @@ class FleetSettings:
     platform.versions.migration); negative: the migration's own default."""
     enroll_token: str = ""
     """The enrollment token devices enroll with; `plora fleet launch` issues one for the run."""
+    partitions: str = ""
+    """When set, the run's nodes stand for these devices only, comma-separated partition ids: node
+    k is device partitions[k]. A migration asks only the devices set up, which in a fleet sampled
+    a few at a time are far fewer than it declares."""
 
     def __post_init__(self) -> None:
         host, _, port = self.backbone.rpartition(":")
@@ -80,6 +84,13 @@ class FleetSettings:
         if not (0 < self.fraction <= 1 and 0 < self.fraction_evaluate <= 1 and self.lr > 0 and self.reply_timeout > 0):
             raise ConfigError(f"need 0 < fraction <= 1, 0 < fraction-evaluate <= 1, lr > 0, reply-timeout > 0; got "
                               f"{self.fraction}, {self.fraction_evaluate}, {self.lr}, {self.reply_timeout}")
+        ids = self.partitions.split(",") if self.partitions else []
+        if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids) or (ids and len(ids) != self.devices):
+            raise ConfigError(f"partitions must be {self.devices} distinct partition ids, comma-separated; got {self.partitions!r}")
+
+    def device_of(self, node_partition: int) -> int:
+        """The partition id of the device that the run's node of partition `node_partition` stands for."""
+        return int(self.partitions.split(",")[node_partition]) if self.partitions else node_partition
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FleetSettings:

@@ -128,7 +128,7 @@ def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cro
     # Fresh projections, the same weights: the same device half, still on disk once.
     assert len([folder for folder in (root / PUBLIC_DIR / "bundles").iterdir() if folder.is_dir()]) == 1
     migration_messages = read_messages(flower_messages)[before:]
-    assert len(migration_messages) == 2 * (sampled[-1] + 1)  # every device up to the last set up is asked
+    assert len(migration_messages) == 2 * len(sampled)  # only the devices set up are asked
     assert all(not m["error"] and m["array_records"] == 0 for m in migration_messages)
     assert flower_processes(root) == []
 
@@ -155,9 +155,13 @@ def test_settings_come_from_the_run_config_and_are_checked():
     settings = FleetSettings.from_run_config(config)
     assert (settings.rounds, settings.lr, settings.steps) == (3, 1.0, 10)
     assert FleetSettings.from_run_config(settings.to_run_config()) == settings
-    for bad in ({"backbone": "127.0.0.1:50051"}, {**config, "rounds": "3"}, {**config, "backbone": "10.0.0.2:50051"}, {**config, "fraction": 0}):
+    for bad in ({"backbone": "127.0.0.1:50051"}, {**config, "rounds": "3"}, {**config, "backbone": "10.0.0.2:50051"}, {**config, "fraction": 0},
+                {**config, "devices": 2, "partitions": "4"}, {**config, "devices": 2, "partitions": "4,4"}, {**config, "devices": 2, "partitions": "4,-1"}):
         with pytest.raises(ConfigError):
             FleetSettings.from_run_config(bad)
+    # A run over some of a fleet's devices: node k stands for the k-th of them.
+    some = FleetSettings.from_run_config({**config, "devices": 2, "partitions": "17,3"})
+    assert [some.device_of(k) for k in (0, 1)] == [17, 3] and settings.device_of(1) == 1
 
 
 def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_path):
