@@ -138,7 +138,8 @@ class DecodeBatcher:
     def _schedule(self) -> None:
         while batch := self._gather():
             try:
-                self._run(batch)
+                with self.half.compute.computing():
+                    self._run(batch)
             except BaseException as err:  # a bug must not hang the callers
                 log.exception("batched decode step failed")
                 for ticket in batch:
@@ -164,15 +165,16 @@ class DecodeBatcher:
         waiting = {f: i for i, f in enumerate(futures) if f is not None}
         times: list[float] = []
         deadline = None  # set once the first reply is in
-        while waiting:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = wait(waiting, timeout=left, return_when=FIRST_COMPLETED)
-            if not done:
-                break
-            for future in done:
-                del waiting[future]
-                times.append(time.monotonic() - started)
-            deadline = started + max(self.late_floor_s, self.late_factor * statistics.median(times))
+        with self.half.compute.waiting():
+            while waiting:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = wait(waiting, timeout=left, return_when=FIRST_COMPLETED)
+                if not done:
+                    break
+                for future in done:
+                    del waiting[future]
+                    times.append(time.monotonic() - started)
+                deadline = started + max(self.late_floor_s, self.late_factor * statistics.median(times))
         for future, i in waiting.items():
             batch[i].error = LateReply(
                 f"the reply for layer {requests[i].layer} {group} came later than the batch's budget of "

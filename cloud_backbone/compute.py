@@ -7,7 +7,7 @@ same code serve the in-process link and the network service.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 
 import torch
 from torch import nn
@@ -28,17 +28,20 @@ from plora.cloud_backbone.protocol.messages import (
     ForwardResult,
     Phase,
 )
+from plora.cloud_backbone.slots import ComputeSlots
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError, quoted
 
 
 class CloudHalf(nn.Module):
     """The decoder layers between the device's first and last ones (config.cloud_layers), adapted with A and B.
 
-    Takes the layers out of `backbone.model`: after this the full model must not be run.
+    Takes the layers out of `backbone.model`: after this the full model must not be run. Its
+    sessions compute in `compute`'s slots, which a service shares among all its versions.
     """
 
-    def __init__(self, backbone: Backbone, config: PrivateLoRAConfig):
+    def __init__(self, backbone: Backbone, config: PrivateLoRAConfig, compute: ComputeSlots | None = None):
         super().__init__()
+        self.compute = compute or ComputeSlots()
         num_layers = backbone.num_layers
         config.check_backbone(num_layers)
         self.config = config
@@ -98,8 +101,12 @@ class CloudSession:
         self._handler: DeviceHandler | None = None
 
     def ask(self, request: AdapterRequest) -> torch.Tensor:
-        """One adapter round trip, with the reply checked before it touches the graph."""
-        return self.checked(request, self.submit(request))
+        """One adapter round trip, with the reply checked before it touches the graph. The
+        step's compute slot is free while the device answers."""
+        reply = self.submit(request)
+        with self.half.compute.waiting():
+            wait([reply])
+        return self.checked(request, reply)
 
     def submit(self, request: AdapterRequest) -> Future:
         """Send `request` now; the future holds the device's reply.
@@ -166,7 +173,7 @@ class CloudSession:
             if company and batchable(cache, hidden, request.train, request.attention_mask):
                 out = self._batched(batcher, hidden)
             if out is None:
-                with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange):
+                with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange), self.half.compute.computing():
                     out = self.half.stack(
                         inputs_embeds=hidden,
                         attention_mask=request.attention_mask,
@@ -284,7 +291,8 @@ class CloudSession:
             check_tensor(request.grad_hidden, tuple(out.shape), "gradient of the hidden state")
             self.account.hold("pending", 2 * hidden.numel() * hidden.element_size())
             self._handler = ask
-            torch.autograd.backward(out, request.grad_hidden)
+            with self.half.compute.computing():
+                torch.autograd.backward(out, request.grad_hidden)
         finally:
             self._handler = None
             self._drop_graph()

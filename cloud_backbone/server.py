@@ -19,6 +19,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.recording import Recording
 from plora.cloud_backbone.service import BackboneService, Limits, prepare_version
 from plora.cloud_backbone.servicer import SplitBackboneServicer, add_to_server
+from plora.cloud_backbone.slots import ComputeSlots
 from plora.cloud_backbone.versions import load_version
 from plora.storage.errors import ConfigError
 from plora.storage.paths import plora_home
@@ -188,7 +189,8 @@ def start_service(
     if len(set(names)) != len(names):
         raise ConfigError(f"a backbone version is listed twice: {names}")
     bundles = plora_home() / "bundles"
-    versions = [prepare_version(backbone, cfg, bundles, limits) for backbone, cfg in loaded]
+    compute = ComputeSlots(limits.compute_slots or None)  # the versions share the cores
+    versions = [prepare_version(backbone, cfg, bundles, limits, compute) for backbone, cfg in loaded]
     recording = Recording(record) if record is not None else None
     service = BackboneService(versions, registry, limits, enrollment, recording)
     return RunningServer(service, host, port, tls, http_port, http_host)

@@ -24,6 +24,7 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity, OpenSession
 from plora.cloud_backbone.protocol.bundle import bundle_digest
 from plora.cloud_backbone.recording import Recording
+from plora.cloud_backbone.slots import ComputeSlots
 from plora.cloud_backbone.versions import ensure_version
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
 from plora.storage.models import BackboneStatus, utcnow
@@ -69,6 +70,8 @@ class Limits:
     bundle_timeout_s: float = 600.0
     max_unary_calls: int = 16
     """Register, Describe, ForgetDevice and authentication calls in flight, each; more are refused, not queued."""
+    compute_slots: int = 0
+    """Steps that run torch at once, each with torch's threads (cloud_backbone.slots); 0: one per core."""
 
     @property
     def max_tensor_elements(self) -> int:
@@ -115,14 +118,16 @@ class HostedVersion:
         return self.half.identity
 
 
-def prepare_version(backbone: Backbone, config: PrivateLoRAConfig, bundle_root: Path, limits: Limits = Limits()) -> HostedVersion:
+def prepare_version(
+    backbone: Backbone, config: PrivateLoRAConfig, bundle_root: Path, limits: Limits = Limits(), compute: ComputeSlots | None = None
+) -> HostedVersion:
     """Prepare a backbone version for serving: its device bundle first, then its cloud half
-    (which takes the decoder layers out of the model)."""
+    (which takes the decoder layers out of the model), computing in `compute`'s slots."""
     bundle = bundle_root / backbone.identity(config).version
     if not (bundle / "config.json").is_file():
         export_device_bundle(backbone, config, bundle)
     digest, size = bundle_digest(bundle)
-    half = CloudHalf(backbone, config)
+    half = CloudHalf(backbone, config, compute)
     half.enable_batching(late_floor_s=limits.late_reply_floor_s, late_factor=limits.late_reply_factor)
     return HostedVersion(half, backbone.source.spec, bundle, digest, size)
 

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,7 @@ FIRST_TOKEN_PROMPT = 128  # tokens of the prompt whose first answer token is tim
 JOB_BATCH = (4, DEVICE_JOB_MAX_LENGTH)  # a personalization job's batch: rows, tokens
 BARE_ROUND_TRIPS = 2000
 NOISY_FRAMES_PER_S = 200
+UNBOUNDED_SLOTS = 1024  # compute slots that never make a step wait
 
 
 @dataclass
@@ -82,13 +83,14 @@ def bench_registry_url(home: str) -> str:
     return f"sqlite:///{home}/bench.db"  # a throwaway registry; converted backbones are reused
 
 
-def serve_backbone(spec: str, config: dict, home: str, ports) -> None:
+def serve_backbone(spec: str, config: dict, home: str, ports, compute_slots: int) -> None:
     os.environ["PLORA_DB_URL"] = bench_registry_url(home)
     from plora.cloud_backbone.server import start_service
     from plora.cloud_backbone.service import Limits
     from plora.storage.registry import open_registry
 
-    server = start_service([spec], PrivateLoRAConfig.from_dict(config), open_registry(), Limits(max_sessions_per_device=4))
+    limits = Limits(max_sessions_per_device=4, compute_slots=compute_slots)
+    server = start_service([spec], PrivateLoRAConfig.from_dict(config), open_registry(), limits)
     ports.put(server.port)
     server.wait()
 
@@ -147,9 +149,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     with service_process(context, spec, config) as (home, port, pid):
         endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
         echo(f"service up on port {port}; enrolling {fleet + 2} devices")
-        _, token = Registry(open_database(bench_registry_url(home))).issue_enrollment_token(fleet + 2)
-        for i in range(fleet + 2):  # the last one is the noisy neighbour
-            init_device(Path(home) / f"device{i}", endpoint.address, endpoint=endpoint, enroll_token=token)
+        enroll(home, endpoint, fleet + 2)  # the last one is the noisy neighbour
         single = DeviceProcess(context, Path(home) / "device0")
         fleet_devices = [open_device(Path(home) / f"device{i}") for i in range(1, fleet + 1)]
         mono = MonolithicModel(loading.load(spec), config)
@@ -189,6 +189,9 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
                     cloud_cpu_ms_per_token=1e3 * cpu["cloud"], monolithic_cpu_ms_per_token=1e3 * alone)
         results.add(f"fleet{fleet}_decode_ceiling", alone / (cpu["cloud"] + cpu["devices"]), "report",
                     device_cpu_ms_per_token=1e3 * cpu["devices"])
+        echo(f"{fleet} devices prefilling {FIRST_TOKEN_PROMPT}-token prompts at once: a compute slot per core "
+             "(the default) vs one slot and vs unbounded, each on a service of its own")
+        _compare_slots(results, context, spec, config, fleet_devices, service, repeats)
 
         echo("fine-tuning: split over gRPC vs monolithic PEFT LoRA (r=16, q/k/v)")
         ids = train_ids(base.config.vocab_size)
@@ -203,14 +206,41 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     return results
 
 
+def _compare_slots(results: ServeBench, context, spec: str, config: PrivateLoRAConfig, devices, service: psutil.Process, repeats: int) -> None:
+    """Concurrent prefills on the bench's service (the default slots) against services with one
+    slot and with unbounded slots, alternated: time and the service's CPU, as ratios."""
+    prompt = random_prompt(FIRST_TOKEN_PROMPT, devices[0].model.embed.num_embeddings)
+    runs, services = {"per core": _fleet_decode(devices, prompt, 1)}, {"per core": service}
+    with ExitStack() as stack:
+        for name, slots in (("one", 1), ("unbounded", UNBOUNDED_SLOTS)):
+            home, port, pid = stack.enter_context(service_process(context, spec, config, compute_slots=slots))
+            enroll(home, Endpoint(f"127.0.0.1:{port}", insecure=True), len(devices))
+            others = [stack.enter_context(closing(open_device(home / f"device{i}"))) for i in range(len(devices))]
+            runs[name], services[name] = _fleet_decode(others, prompt, 1), psutil.Process(pid)
+        rates = _alternate(runs, repeats)
+        cpu = {name: _cpu_seconds_per_token(run, {"cloud": lambda s=services[name]: sum(s.cpu_times()[:2])})["cloud"]
+               for name, run in runs.items()}
+    results.add(f"fleet{len(devices)}_prefill_slots_ratio", _ratio(rates, "per core", "unbounded"), ">= 1.0",
+                one_slot=_ratio(rates, "one", "unbounded"), cloud_cpu_per_core=cpu["per core"] / cpu["unbounded"],
+                cloud_cpu_one_slot=cpu["one"] / cpu["unbounded"], seconds_per_core=len(devices) / statistics.median(rates["per core"]))
+
+
+def enroll(home: Path, endpoint: Endpoint, count: int) -> None:
+    """Devices device0, device1, ... in `home`, enrolled with the service at `endpoint`."""
+    _, token = Registry(open_database(bench_registry_url(home))).issue_enrollment_token(count)
+    for i in range(count):
+        init_device(home / f"device{i}", endpoint.address, endpoint=endpoint, enroll_token=token)
+
+
 @contextmanager
-def service_process(context, spec: str, config: PrivateLoRAConfig) -> Iterator[tuple[Path, int, int]]:
+def service_process(context, spec: str, config: PrivateLoRAConfig, compute_slots: int = 0) -> Iterator[tuple[Path, int, int]]:
     """The backbone service in a child process, as it would be on its own machine, with a
-    throwaway registry; yields (a scratch folder for the bench's devices, the service's port, its
-    pid). The folder goes when the block ends: with many devices' bundles, gigabytes."""
+    throwaway registry and `compute_slots` (0: its default); yields (a scratch folder for the
+    bench's devices, the service's port, its pid). The folder goes when the block ends: with many
+    devices' bundles, gigabytes."""
     home = tempfile.mkdtemp(prefix="plora-bench-")
     ports = context.Queue()
-    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports), daemon=True)
+    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports, compute_slots), daemon=True)
     server.start()
     try:
         yield Path(home), ports.get(timeout=600), server.pid

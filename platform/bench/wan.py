@@ -40,9 +40,9 @@ from plora.platform.bench.serve import (
     JOB_BATCH,
     NEW_TOKENS,
     PROMPT,
-    bench_registry_url,
-    decode_run,
     DeviceProcess,
+    decode_run,
+    enroll,
     random_prompt,
     service_process,
     train_run,
@@ -50,9 +50,6 @@ from plora.platform.bench.serve import (
 )
 from plora.platform.bench.split import MonolithicModel, rate
 from plora.platform.bench.workloads import WORKLOADS
-from plora.platform.runtime import init_device
-from plora.storage.db import open_database
-from plora.storage.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -99,9 +96,8 @@ def run_wan_bench(
     results = WanBench(spec, config.to_dict(), wire_dtype=wire_dtype)
     with service_process(context, spec, config) as (home, port, _):
         echo(f"service up on port {port}; the monolithic model's figures first")
-        _, token = Registry(open_database(bench_registry_url(home))).issue_enrollment_token(1)
-        folder = home / "device"
-        init_device(folder, f"127.0.0.1:{port}", endpoint=Endpoint(f"127.0.0.1:{port}", insecure=True), enroll_token=token)
+        enroll(home, Endpoint(f"127.0.0.1:{port}", insecure=True), 1)
+        folder = home / "device0"
         results.monolithic, scored, monolithic_logprobs = _monolithic(spec, config, repeats)
         compute_per_pass = loopback_train = None
         for rtt_ms in sorted({0.0, *rtts_ms}):  # loopback first: the others' bound needs its compute per pass

@@ -1,0 +1,108 @@
+"""Steps hold a compute slot only while they compute: never more teams of torch's threads at
+once than the slots, and a step waiting for its device never keeps another from computing."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from plora.cloud_backbone.compute import CloudHalf
+from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, ForwardRequest
+from plora.cloud_backbone.slots import ComputeSlots
+from tests.conftest import tiny_backbone
+from tests.unit.test_batching import decode, device
+
+CONFIG = PrivateLoRAConfig(rank=4)
+
+
+class HeldReplies:
+    """A network-style handler (with `submit`) whose replies wait until `release` is set."""
+
+    def __init__(self, handler):
+        self.handler, self.asked, self.release = handler, threading.Event(), threading.Event()
+
+    def submit(self, request) -> Future:
+        future = Future()
+        self.asked.set()
+
+        def answer():
+            self.release.wait()
+            future.set_result(self.handler(request))
+
+        threading.Thread(target=answer, daemon=True).start()
+        return future
+
+
+def test_a_slot_is_given_back_while_waiting_and_held_once_per_thread():
+    slots = ComputeSlots(1)
+    with slots.computing():
+        with slots.computing():  # a thread holding a slot keeps it, and does not wait for another
+            assert slots.peak == 1
+        taken = threading.Event()
+
+        def other():
+            with slots.computing():
+                taken.set()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert not taken.wait(0.2)  # the only slot is held
+        with slots.waiting():
+            assert taken.wait(5)  # given back while this thread waits
+        thread.join()
+    assert slots.peak == 1
+    with pytest.raises(ValueError):
+        ComputeSlots(-1)
+
+
+def test_a_step_waiting_for_its_device_lets_another_session_compute():
+    half = CloudHalf(tiny_backbone(), CONFIG, ComputeSlots(1))
+    gen = torch.Generator().manual_seed(0)
+    slow = HeldReplies(device(0))
+    stuck = threading.Thread(target=lambda: half.open_session().forward(
+        ForwardRequest(torch.randn(1, 4, 32, generator=gen), CacheMode.NONE, train=True), slow))
+    stuck.start()
+    assert slow.asked.wait(5)
+    # The slow device's step is at its first round trip: the only slot must be free.
+    other = half.open_session()
+    done = threading.Event()
+
+    def train_step():
+        out = other.forward(ForwardRequest(torch.randn(2, 3, 32, generator=gen), CacheMode.NONE, train=True), device(1)).hidden
+        other.backward(BackwardRequest(torch.ones_like(out), want_input_grad=True), device(1))
+        done.set()
+
+    threading.Thread(target=train_step, daemon=True).start()
+    finished = done.wait(10)
+    slow.release.set()
+    stuck.join(10)
+    assert finished, "a session waiting for its device kept the only compute slot"
+    assert half.compute.peak == 1
+
+
+def test_concurrent_sessions_never_compute_in_more_slots_than_there_are_and_get_what_they_get_alone():
+    alone_half = CloudHalf(tiny_backbone(), CONFIG)
+    half = CloudHalf(tiny_backbone(), CONFIG, ComputeSlots(2))
+    half.enable_batching(gather_s=0.02)
+    gen = torch.Generator().manual_seed(1)
+    sessions = [(device(i), torch.randn(1, 4 + i, 32, generator=gen), torch.randn(1, 3, 32, generator=gen)) for i in range(8)]
+    alone = [decode(alone_half, *s) for s in sessions]
+    together: list = [None] * len(sessions)
+    barrier = threading.Barrier(len(sessions))
+
+    def run(i):
+        together[i] = decode(half, *sessions[i], barrier)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert half.compute.peak == 2  # eight sessions, two slots, and they were used
+    for mine, reference in zip(together, alone):
+        for a, b in zip(mine, reference):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
