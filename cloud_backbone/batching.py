@@ -1,12 +1,17 @@
-"""Batching decode steps of many sessions into one pass through the cloud layers.
+"""Batching the inference steps of many sessions into one pass through the cloud layers.
 
 A and B are the same for every user, so the cloud's adapter work for a mixed batch is two
 dense matmuls; only u·M differs, and each row's u goes to its own device. Sessions submit
-one-token decode steps; a scheduler thread gathers those that arrive together (it waits a
-few milliseconds for every session that decoded lately to come back), pads their KV caches
-to a common length, runs one forward, and hands every session its row and its new keys and
-values. In that forward, every row's request goes to its device before any reply is awaited.
-A session decoding alone skips all this and runs its own steps.
+steps of one sequence: a prefill, a decode step, or a decode step with drafted tokens to
+verify. A scheduler thread gathers those that arrive together (it waits a few milliseconds
+for every session that stepped lately to come back) with about as many new tokens (the same
+power-of-two bucket, so that no row is padded to more than twice its length), lays each row
+out as [padding][its cached positions][its new tokens][padding], runs one forward, and hands
+every session its row and its new keys and values. A row's padding is masked from its real
+tokens, and the padding after its new tokens comes after them causally, so it never changes
+them. In that forward, every row's request (its real tokens only) goes to its device before
+any reply is awaited. A session stepping alone skips all this and runs its own steps, as does
+a step of more than MAX_BATCHED_TOKENS new tokens, whose matmuls are large enough alone.
 
 A row's failure is its own, whatever it is: a device that sends garbage, disconnects, or
 answers later than the batch's late-reply budget (max(floor, factor × the median reply time of
@@ -34,7 +39,8 @@ from plora.storage.errors import PloraError, SessionError, TransportError
 
 log = logging.getLogger(__name__)
 
-COMPANY_WINDOW_S = 1.0  # sessions that made a decode step this recently are batched together
+COMPANY_WINDOW_S = 1.0  # sessions that made a step this recently are batched together
+MAX_BATCHED_TOKENS = 256
 
 
 class LateReply(TransportError):
@@ -49,25 +55,35 @@ class LateReply(TransportError):
 @dataclass(eq=False)
 class _Ticket:
     session: object  # CloudSession
-    hidden: torch.Tensor  # (1, 1, d)
+    hidden: torch.Tensor  # (1, tokens, d)
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
     error: BaseException | None = None
 
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def bucket(self) -> int:
+        """Steps of 1, 2, 3-4, 5-8, ... new tokens: rows batched together are at most twice as long as each other."""
+        return (self.tokens - 1).bit_length()
+
 
 def batchable(cache: DynamicCache | None, hidden: torch.Tensor, train: bool, attention_mask) -> bool:
-    """One new token of one sequence, on a plain (non-sliding) cache: a decode step."""
+    """An inference step of one sequence, of at most MAX_BATCHED_TOKENS new tokens, with no
+    mask of its own, on a plain (non-sliding) cache."""
     return (
         cache is not None
         and not train
         and attention_mask is None
-        and tuple(hidden.shape[:2]) == (1, 1)
-        and cache.get_seq_length() > 0
+        and hidden.shape[0] == 1
+        and hidden.shape[1] <= MAX_BATCHED_TOKENS
         and all(type(layer) is DynamicLayer for layer in cache.layers)
     )
 
 
-class DecodeBatcher:
+class StepBatcher:
     def __init__(self, half, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0):
         self.half = half
         self.max_batch = max_batch
@@ -75,7 +91,7 @@ class DecodeBatcher:
         self.late_floor_s, self.late_factor = late_floor_s, late_factor
         self._queue: list[_Ticket] = []
         self._cond = threading.Condition()
-        self._decoding: dict[int, float] = {}  # id of a session -> when it last made a decode step
+        self._stepping: dict[int, float] = {}  # id of a session -> when it last made a step
         self._closed = False
         self._thread: threading.Thread | None = None  # the scheduler, started by the first step
         self.batches = 0
@@ -90,17 +106,17 @@ class DecodeBatcher:
             self._thread.join()
 
     def has_company(self, session) -> bool:
-        """Whether another session made a decode step lately. A lone decoder runs its steps
-        itself: batching would only add a hand-off to the scheduler and a copy of its cache."""
+        """Whether another session made a step lately. A lone session runs its steps itself:
+        batching would only add a hand-off to the scheduler and a copy of its cache."""
         now = time.monotonic()
         with self._cond:
-            self._decoding[id(session)] = now
-            for key in [k for k, seen in self._decoding.items() if now - seen > COMPANY_WINDOW_S]:
-                del self._decoding[key]
-            return len(self._decoding) > 1
+            self._stepping[id(session)] = now
+            for key in [k for k, seen in self._stepping.items() if now - seen > COMPANY_WINDOW_S]:
+                del self._stepping[key]
+            return len(self._stepping) > 1
 
     def step(self, session, hidden: torch.Tensor) -> torch.Tensor:
-        """Run one decode step of `session` in the next batch; blocks until it ran."""
+        """Run one step of `session` in a batch; blocks until it ran."""
         ticket = _Ticket(session, hidden)
         with self._cond:
             if self._closed:
@@ -123,16 +139,19 @@ class DecodeBatcher:
                     return []
                 self._cond.wait()
             deadline = time.monotonic() + self.gather_s
-            # Wait for company, but not once every session decoding lately is queued: then
+            # Wait for company, but not once every session stepping lately is queued: then
             # nobody else is likely to come soon.
             while len(self._queue) < self.max_batch:
-                if len({id(t.session) for t in self._queue}) >= len(self._decoding):
+                if len({id(t.session) for t in self._queue}) >= len(self._stepping):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            # The first in line, with the steps of its bucket; the others come next.
+            bucket = self._queue[0].bucket
+            batch = [t for t in self._queue if t.bucket == bucket][: self.max_batch]
+            self._queue = [t for t in self._queue if t not in batch]
             return batch
 
     def _schedule(self) -> None:
@@ -141,7 +160,7 @@ class DecodeBatcher:
                 with self.half.compute.computing():
                     self._run(batch)
             except BaseException as err:  # a bug must not hang the callers
-                log.exception("batched decode step failed")
+                log.exception("a batched step failed")
                 for ticket in batch:
                     ticket.error = ticket.error or err
             finally:
@@ -159,8 +178,8 @@ class DecodeBatcher:
                 ticket.error = err if isinstance(err, PloraError) else TransportError(f"cannot reach the device: {type(err).__name__}")
         return None
 
-    def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], group: str) -> torch.Tensor:
-        """Every row's u·M; a row that failed or is late gets zeros and its error."""
+    def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], group: str, widest: int) -> torch.Tensor:
+        """Every row's u·M, padded to `widest` tokens; a row that failed or is late gets zeros and its error."""
         started = time.monotonic()
         waiting = {f: i for i, f in enumerate(futures) if f is not None}
         times: list[float] = []
@@ -183,36 +202,38 @@ class DecodeBatcher:
             )
         rows = []
         for ticket, request, future in zip(batch, requests, futures):
+            row = torch.zeros(1, ticket.tokens, self.half.width(group, Phase.FORWARD, "up"))
             if future is not None and ticket.error is None:
                 try:
-                    rows.append(ticket.session.checked(request, future, timeout=0))
-                    continue
+                    row = ticket.session.checked(request, future, timeout=0)
                 except PloraError as err:
                     ticket.error = err
-            rows.append(torch.zeros(1, 1, self.half.width(group, Phase.FORWARD, "up")))
+            rows.append(F.pad(row, (0, 0, 0, widest - ticket.tokens)))
         return torch.cat(rows)
 
     def _run(self, batch: list[_Ticket]) -> None:
-        caches = [t.session.cache for t in batch]
-        lengths = [c.get_seq_length() for c in caches]
-        longest = max(lengths)
-        padded = DynamicCache(config=self.half.stack.config)
-        for j in range(len(caches[0].layers)):
-            # Left-pad every sequence to the longest, so the new token is the last column for all.
-            keys = torch.cat([F.pad(c.layers[j].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)])
-            values = torch.cat([F.pad(c.layers[j].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)])
+        config = self.half.stack.config
+        pasts = [t.session.cache.get_seq_length() for t in batch]
+        longest, widest = max(pasts), max(t.tokens for t in batch)
+        padded = DynamicCache(config=config)
+        empty = torch.zeros(1, config.num_key_value_heads, 0, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        for j in range(len(self.half.stack.layers)):
+            # Left-pad every cached sequence to the longest, so that all rows' new tokens start in one column.
+            layers = [t.session.cache.layers[j] for t in batch]
+            keys = torch.cat([F.pad(empty if n == 0 else c.keys, (0, 0, longest - n, 0)) for c, n in zip(layers, pasts)])
+            values = torch.cat([F.pad(empty if n == 0 else c.values, (0, 0, longest - n, 0)) for c, n in zip(layers, pasts)])
             padded.update(keys, values, j)
-        mask = torch.zeros(len(batch), longest + 1, dtype=torch.long)
-        for i, n in enumerate(lengths):
-            mask[i, longest - n :] = 1
-        positions = torch.tensor(lengths)[:, None]
-        hidden = torch.cat([t.hidden for t in batch])
+        mask = torch.zeros(len(batch), longest + widest, dtype=torch.long)
+        for i, (n, ticket) in enumerate(zip(pasts, batch)):
+            mask[i, longest - n : longest + ticket.tokens] = 1
+        positions = torch.stack([torch.arange(n, n + widest) for n in pasts])
+        hidden = torch.cat([F.pad(t.hidden, (0, 0, 0, widest - t.tokens)) for t in batch])
 
         def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
             # Every row's request goes out before any reply is awaited: the devices work in parallel.
-            requests = [AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1]) for i in range(len(batch))]
+            requests = [AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1, : t.tokens]) for i, t in enumerate(batch)]
             futures = [self._submit(t, r) for t, r in zip(batch, requests)]
-            return self._replies(batch, requests, futures, group)
+            return self._replies(batch, requests, futures, group, widest)
 
         with torch.no_grad(), self.half.slot.using(exchange):
             out = self.half.stack(
@@ -220,6 +241,8 @@ class DecodeBatcher:
             ).last_hidden_state
         for i, ticket in enumerate(batch):
             if ticket.error is None:
+                new = slice(longest, longest + ticket.tokens)
                 for j, layer in enumerate(padded.layers):
-                    ticket.session.cache.update(layer.keys[i : i + 1, :, -1:], layer.values[i : i + 1, :, -1:], j)
-                ticket.result = out[i : i + 1]
+                    # Copies: a view would keep the whole batch's cache alive in this session's.
+                    ticket.session.cache.update(layer.keys[i : i + 1, :, new].clone(), layer.values[i : i + 1, :, new].clone(), j)
+                ticket.result = out[i : i + 1, : ticket.tokens].clone()

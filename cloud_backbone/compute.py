@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from plora.cloud_backbone.batching import DecodeBatcher, LateReply, batchable
+from plora.cloud_backbone.batching import StepBatcher, LateReply, batchable
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice, truncate_cache
@@ -50,11 +50,11 @@ class CloudHalf(nn.Module):
         self.stack = decoder_slice(backbone.model, layers.start, layers.stop)
         self.slot = attach(self.stack.layers, layers.start, config)
         self.costs = StepCosts.of(self.stack.config, len(layers))
-        self.batcher: DecodeBatcher | None = None
+        self.batcher: StepBatcher | None = None
 
     def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0) -> None:
-        """Run concurrent sessions' decode steps as one batch (see batching.py)."""
-        self.batcher = DecodeBatcher(self, max_batch, gather_s, late_floor_s, late_factor)
+        """Run concurrent sessions' inference steps as one batch (see batching.py)."""
+        self.batcher = StepBatcher(self, max_batch, gather_s, late_floor_s, late_factor)
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -167,7 +167,7 @@ class CloudSession:
         self._handler = ask
         try:
             batcher = self.half.batcher
-            # A prefill counts as decoding, so that sessions starting together batch from their first step.
+            # Every inference step counts, so that sessions starting together batch from their first step.
             company = batcher is not None and cache is not None and not request.train and batcher.has_company(self)
             out = None
             if company and batchable(cache, hidden, request.train, request.attention_mask):
@@ -195,7 +195,7 @@ class CloudSession:
             self._graph = (hidden, out)
         return ForwardResult(out.detach())
 
-    def _batched(self, batcher: DecodeBatcher, hidden: torch.Tensor) -> torch.Tensor | None:
+    def _batched(self, batcher: StepBatcher, hidden: torch.Tensor) -> torch.Tensor | None:
         """The step run in the next batch; None when the device's reply came too late for the
         batch, and the step must run alone."""
         try:

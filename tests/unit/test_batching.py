@@ -1,4 +1,5 @@
-"""Decode steps of several sessions batched into one pass equal each session run alone."""
+"""Inference steps of several sessions (prefills, decode steps, drafted tokens to verify)
+batched into one pass equal each session run alone."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest
 from plora.storage.errors import SessionError, ValidationError
+from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS
 from tests.conftest import tiny_backbone
 
 CONFIG = PrivateLoRAConfig(rank=4)
@@ -115,3 +117,125 @@ def test_a_closed_batcher_stops_its_thread_and_refuses_steps():
     assert not any(t.is_alive() for t in started)
     with pytest.raises(SessionError, match="stopping"):
         half.batcher.step(half.open_session(), torch.zeros(1, 1, 32))
+
+
+def warm_up(session, handler) -> None:
+    """A first step, which a session makes before the others it batches with are seen stepping:
+    alone. The START of the next step drops its cache."""
+    session.forward(ForwardRequest(torch.zeros(1, 1, 32), CacheMode.START), handler)
+
+
+NEW_SEQUENCE = -1  # a step's keep_cached that stands for a START of a new sequence instead
+
+
+def steps_of(half: CloudHalf, handler, prompt: torch.Tensor, steps: list[tuple[int, int | None]], barrier) -> list[torch.Tensor]:
+    """A prefill, then steps of (new tokens, keep_cached): drafted tokens verified, rejected
+    ones dropped on the next step, or a new sequence. Every step starts together with the other
+    sessions'."""
+    gen = torch.Generator().manual_seed(prompt.shape[1])
+    session = half.open_session()
+    warm_up(session, handler)
+    barrier.wait()
+    outs = [session.forward(ForwardRequest(prompt, CacheMode.START), handler).hidden]
+    for tokens, keep in steps:
+        barrier.wait()
+        hidden = torch.randn(1, tokens, 32, generator=gen)
+        request = ForwardRequest(hidden, CacheMode.START) if keep == NEW_SEQUENCE else ForwardRequest(hidden, CacheMode.EXTEND, keep_cached=keep)
+        outs.append(session.forward(request, handler).hidden)
+    return outs
+
+
+def spy_on_batches(half: CloudHalf) -> list[list[int]]:
+    """The new tokens of each batch's rows, sorted, as the batcher runs them."""
+    shapes, run = [], half.batcher._run
+    half.batcher._run = lambda batch: (shapes.append(sorted(t.tokens for t in batch)), run(batch))
+    return shapes
+
+
+def test_batched_prefills_and_drafted_steps_of_different_lengths_equal_each_session_alone():
+    gen = torch.Generator().manual_seed(3)
+    # Prompts of 5 to 8 tokens batch together, as do the steps of 3 and 4 tokens, one of them a
+    # new sequence's; a 16-token prompt comes alone in its bucket.
+    plans = [
+        (torch.randn(1, 5, 32, generator=gen), [(1, None), (4, None), (2, 4)]),
+        (torch.randn(1, 8, 32, generator=gen), [(2, None), (3, 7), (1, None)]),
+        (torch.randn(1, 7, 32, generator=gen), [(1, None), (4, 6), (9, None)]),
+        (torch.randn(1, 16, 32, generator=gen), [(1, None), (3, NEW_SEQUENCE), (2, None)]),
+    ]
+    solo = CloudHalf(tiny_backbone(), CONFIG)
+    alone = [steps_of(solo, device(i), prompt, steps, threading.Barrier(1)) for i, (prompt, steps) in enumerate(plans)]
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    shapes = spy_on_batches(half)
+    together: list = [None] * len(plans)
+    barrier = threading.Barrier(len(plans))
+    devices = [device(i) for i in range(len(plans))]  # made here: each seeds torch's global generator
+
+    def go(i):
+        together[i] = steps_of(half, devices[i], *plans[i], barrier)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(plans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for mine, reference in zip(together, alone):
+        assert [x.shape for x in mine] == [x.shape for x in reference]
+        for a, b in zip(mine, reference):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert [5, 7, 8] in shapes and [3, 3, 4, 4] in shapes  # prefills and drafted steps shared passes
+    assert all(batch[-1] <= 2 * batch[0] for batch in shapes)  # never a row padded past twice its length
+
+
+def test_a_step_too_long_to_batch_runs_alone():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    gen = torch.Generator().manual_seed(4)
+    barrier = threading.Barrier(2)
+    shapes = spy_on_batches(half)
+    prompts = [torch.randn(1, MAX_BATCHED_TOKENS + 1, 32, generator=gen) for _ in range(2)]
+    devices = [device(i) for i in range(2)]
+    threads = [threading.Thread(target=steps_of, args=(half, devices[i], prompts[i], [(1, None)], barrier)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [1, 1] in shapes and max(max(batch) for batch in shapes) == 1  # the decode steps batched, the prompts not
+
+
+def test_a_failing_device_in_a_batched_prefill_fails_only_its_own_row_and_keeps_no_cache():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    reference = CloudHalf(tiny_backbone(), CONFIG)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randn(1, n, 32, generator=gen) for n in (6, 7)]
+    honest, failing = device(0), device(1)
+
+    def broken(request):  # a reply one column short, for the prefill's layer 2
+        reply = failing(request)
+        if request.layer == 2 and request.tensor.shape[1] > 1:
+            return AdapterReply(reply.layer, reply.group, reply.phase, reply.tensor[..., :-1])
+        return reply
+
+    sessions = [half.open_session(), half.open_session()]
+    outcome: dict = {}
+    barrier = threading.Barrier(2)
+
+    def start(i, handler):
+        warm_up(sessions[i], handler)
+        barrier.wait()
+        try:
+            outcome[i] = sessions[i].forward(ForwardRequest(prompts[i], CacheMode.START), handler).hidden
+        except ValidationError as err:
+            outcome[i] = err
+
+    threads = [threading.Thread(target=start, args=(0, honest)), threading.Thread(target=start, args=(1, broken))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert half.batcher.rows - half.batcher.batches == 1  # the prefills shared a pass
+    assert isinstance(outcome[1], ValidationError) and sessions[1].cache.get_seq_length() == 1  # its cache as before
+    expected = reference.open_session().forward(ForwardRequest(prompts[0], CacheMode.START), honest).hidden
+    torch.testing.assert_close(outcome[0], expected, atol=1e-5, rtol=0)
+    assert sessions[0].cache.get_seq_length() == 6

@@ -68,12 +68,12 @@ def test_a_step_waiting_for_its_device_lets_another_session_compute():
     stuck.start()
     assert slow.asked.wait(5)
     # The slow device's step is at its first round trip: the only slot must be free.
-    other = half.open_session()
+    other, other_device = half.open_session(), device(1)
     done = threading.Event()
 
     def train_step():
-        out = other.forward(ForwardRequest(torch.randn(2, 3, 32, generator=gen), CacheMode.NONE, train=True), device(1)).hidden
-        other.backward(BackwardRequest(torch.ones_like(out), want_input_grad=True), device(1))
+        out = other.forward(ForwardRequest(torch.randn(2, 3, 32, generator=gen), CacheMode.NONE, train=True), other_device).hidden
+        other.backward(BackwardRequest(torch.ones_like(out), want_input_grad=True), other_device)
         done.set()
 
     threading.Thread(target=train_step, daemon=True).start()
@@ -86,8 +86,7 @@ def test_a_step_waiting_for_its_device_lets_another_session_compute():
 
 def test_concurrent_sessions_never_compute_in_more_slots_than_there_are_and_get_what_they_get_alone():
     alone_half = CloudHalf(tiny_backbone(), CONFIG)
-    half = CloudHalf(tiny_backbone(), CONFIG, ComputeSlots(2))
-    half.enable_batching(gather_s=0.02)
+    half = CloudHalf(tiny_backbone(), CONFIG, ComputeSlots(2))  # unbatched: every session computes in its own thread
     gen = torch.Generator().manual_seed(1)
     sessions = [(device(i), torch.randn(1, 4 + i, 32, generator=gen), torch.randn(1, 3, 32, generator=gen)) for i in range(8)]
     alone = [decode(alone_half, *s) for s in sessions]
