@@ -56,6 +56,7 @@ FRAMING_BYTES = 14
 PROMPT, NEW_TOKENS = list(range(100, 116)), 32  # every decode figure: this prompt, this many new tokens
 FIRST_TOKEN_PROMPT = 128  # tokens of the prompt whose first answer token is timed
 JOB_BATCH = (4, DEVICE_JOB_MAX_LENGTH)  # a personalization job's batch: rows, tokens
+FLEET_TRAIN_BATCH = (1, 64)  # each device's batch when a fleet trains at once: rows, tokens
 BARE_ROUND_TRIPS = 2000
 NOISY_FRAMES_PER_S = 200
 UNBOUNDED_SLOTS = 1024  # compute slots that never make a step wait
@@ -109,18 +110,29 @@ def _base_batched_decode(model, batch: int, prompt_len: int, new_tokens: int) ->
     return run
 
 
+def _concurrently(jobs: list[Callable[[], object]]) -> None:
+    threads = [threading.Thread(target=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _fleet_decode(devices, prompt: list[int], new_tokens: int) -> Callable[[], int]:
     def run() -> int:
-        def one(device) -> None:
-            for _ in stream_tokens(device.model, prompt, new_tokens, stop_ids=set()):
-                pass
-
-        threads = [threading.Thread(target=one, args=(d,)) for d in devices]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _concurrently([decode_run(device.model, prompt, new_tokens) for device in devices])
         return len(devices) * new_tokens
+
+    return run
+
+
+def _fleet_train(devices, ids: torch.Tensor) -> Callable[[], int]:
+    """A training step of every device at once, each with its own optimizer."""
+    steps = [train_run(device.model, list(device.model.weights.parameters()), ids) for device in devices]
+
+    def run() -> int:
+        _concurrently(steps)
+        return len(devices) * ids.numel()
 
     return run
 
@@ -189,8 +201,15 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
                     cloud_cpu_ms_per_token=1e3 * cpu["cloud"], monolithic_cpu_ms_per_token=1e3 * alone)
         results.add(f"fleet{fleet}_decode_ceiling", alone / (cpu["cloud"] + cpu["devices"]), "report",
                     device_cpu_ms_per_token=1e3 * cpu["devices"])
-        echo(f"{fleet} devices prefilling {FIRST_TOKEN_PROMPT}-token prompts at once: a compute slot per core "
-             "(the default) vs one slot and vs unbounded, each on a service of its own")
+        echo(f"{fleet} devices prefilling {FIRST_TOKEN_PROMPT}-token prompts at once vs the base model's batch-{fleet} prefill")
+        prompt = random_prompt(FIRST_TOKEN_PROMPT, base.config.vocab_size)
+        prefill = {"fleet": _fleet_decode(fleet_devices, prompt, 1), "mono": _base_batched_decode(base, fleet, len(prompt), 0)}
+        runs = {name: lambda run=run: (run(), fleet * len(prompt))[1] for name, run in prefill.items()}
+        rates = _alternate(runs, repeats)
+        results.add(f"fleet{fleet}_prefill_ratio", _ratio(rates, "fleet", "mono"), "report",
+                    fleet_tok_s=statistics.median(rates["fleet"]), monolithic_tok_s=statistics.median(rates["mono"]))
+        echo(f"{fleet} devices each taking a training step at once: a compute slot per core (the default) vs one slot "
+             "and vs unbounded, each on a service of its own")
         _compare_slots(results, context, spec, config, fleet_devices, service, repeats)
 
         echo("fine-tuning: split over gRPC vs monolithic PEFT LoRA (r=16, q/k/v)")
@@ -207,22 +226,23 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
 
 
 def _compare_slots(results: ServeBench, context, spec: str, config: PrivateLoRAConfig, devices, service: psutil.Process, repeats: int) -> None:
-    """Concurrent prefills on the bench's service (the default slots) against services with one
-    slot and with unbounded slots, alternated: time and the service's CPU, as ratios."""
-    prompt = random_prompt(FIRST_TOKEN_PROMPT, devices[0].model.embed.num_embeddings)
-    runs, services = {"per core": _fleet_decode(devices, prompt, 1)}, {"per core": service}
+    """Concurrent training steps, which are not batched, on the bench's service (the default
+    slots) against services with one slot and with unbounded slots, alternated: time and the
+    service's CPU, as ratios."""
+    ids = train_ids(devices[0].model.embed.num_embeddings, FLEET_TRAIN_BATCH)
+    runs, services = {"per core": _fleet_train(devices, ids)}, {"per core": service}
     with ExitStack() as stack:
         for name, slots in (("one", 1), ("unbounded", UNBOUNDED_SLOTS)):
             home, port, pid = stack.enter_context(service_process(context, spec, config, compute_slots=slots))
             enroll(home, Endpoint(f"127.0.0.1:{port}", insecure=True), len(devices))
             others = [stack.enter_context(closing(open_device(home / f"device{i}"))) for i in range(len(devices))]
-            runs[name], services[name] = _fleet_decode(others, prompt, 1), psutil.Process(pid)
+            runs[name], services[name] = _fleet_train(others, ids), psutil.Process(pid)
         rates = _alternate(runs, repeats)
         cpu = {name: _cpu_seconds_per_token(run, {"cloud": lambda s=services[name]: sum(s.cpu_times()[:2])})["cloud"]
                for name, run in runs.items()}
-    results.add(f"fleet{len(devices)}_prefill_slots_ratio", _ratio(rates, "per core", "unbounded"), ">= 1.0",
+    results.add(f"fleet{len(devices)}_train_slots_ratio", _ratio(rates, "per core", "unbounded"), ">= 1.0",
                 one_slot=_ratio(rates, "one", "unbounded"), cloud_cpu_per_core=cpu["per core"] / cpu["unbounded"],
-                cloud_cpu_one_slot=cpu["one"] / cpu["unbounded"], seconds_per_core=len(devices) / statistics.median(rates["per core"]))
+                cloud_cpu_one_slot=cpu["one"] / cpu["unbounded"], per_core_tok_s=statistics.median(rates["per core"]))
 
 
 def enroll(home: Path, endpoint: Endpoint, count: int) -> None:
