@@ -13,6 +13,10 @@ them. In that forward, every row's request (its real tokens only) goes to its de
 any reply is awaited. A session stepping alone skips all this and runs its own steps, as does
 a step of more than MAX_BATCHED_TOKENS new tokens, whose matmuls are large enough alone.
 
+Passes are pipelined: while one batch waits for its devices' replies at a layer, which over a
+real link is most of a pass, the next batch (the sessions that came meanwhile) computes. Up to
+`in_flight` passes run at once, each in a thread of its own, sharing the compute slots.
+
 A row's failure is its own, whatever it is: a device that sends garbage, disconnects, or
 answers later than the batch's late-reply budget (max(floor, factor × the median reply time of
 the rows that did answer)) is taken out of the batch. Its u·M is replaced by zeros for the rest
@@ -26,7 +30,7 @@ import logging
 import statistics
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -84,21 +88,26 @@ def batchable(cache: DynamicCache | None, hidden: torch.Tensor, train: bool, att
 
 
 class StepBatcher:
-    def __init__(self, half, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0):
+    def __init__(
+        self, half, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0, in_flight: int = 2
+    ):
         self.half = half
         self.max_batch = max_batch
         self.gather_s = gather_s
         self.late_floor_s, self.late_factor = late_floor_s, late_factor
+        self.in_flight = in_flight
         self._queue: list[_Ticket] = []
         self._cond = threading.Condition()
         self._stepping: dict[int, float] = {}  # id of a session -> when it last made a step
+        self._passing: set[int] = set()  # ids of the sessions in a pass now
+        self._free_passes = threading.Semaphore(in_flight)
         self._closed = False
         self._thread: threading.Thread | None = None  # the scheduler, started by the first step
         self.batches = 0
         self.rows = 0
 
     def close(self) -> None:
-        """Run the steps already queued, then stop the scheduler thread."""
+        """Run the steps already queued, then stop the scheduler thread and its passes."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -139,10 +148,10 @@ class StepBatcher:
                     return []
                 self._cond.wait()
             deadline = time.monotonic() + self.gather_s
-            # Wait for company, but not once every session stepping lately is queued: then
-            # nobody else is likely to come soon.
+            # Wait for company, but not once every session stepping lately is queued or in a
+            # pass: then nobody else is likely to come soon.
             while len(self._queue) < self.max_batch:
-                if len({id(t.session) for t in self._queue}) >= len(self._stepping):
+                if len({id(t.session) for t in self._queue} | self._passing) >= len(self._stepping):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -152,22 +161,31 @@ class StepBatcher:
             bucket = self._queue[0].bucket
             batch = [t for t in self._queue if t.bucket == bucket][: self.max_batch]
             self._queue = [t for t in self._queue if t not in batch]
+            self._passing |= {id(t.session) for t in batch}
             return batch
 
     def _schedule(self) -> None:
-        while batch := self._gather():
-            try:
-                with self.half.compute.computing():
-                    self._run(batch)
-            except BaseException as err:  # a bug must not hang the callers
-                log.exception("a batched step failed")
-                for ticket in batch:
-                    ticket.error = ticket.error or err
-            finally:
+        with ThreadPoolExecutor(self.in_flight, thread_name_prefix="plora-pass") as passes:
+            while self._free_passes.acquire() and (batch := self._gather()):
+                passes.submit(self._pass, batch)
+
+    def _pass(self, batch: list[_Ticket]) -> None:
+        try:
+            with self.half.compute.computing():
+                self._run(batch)
+        except BaseException as err:  # a bug must not hang the callers
+            log.exception("a batched step failed")
+            for ticket in batch:
+                ticket.error = ticket.error or err
+        finally:
+            with self._cond:
                 self.batches += 1
                 self.rows += len(batch)
-                for ticket in batch:
-                    ticket.done.set()
+                self._passing -= {id(t.session) for t in batch}
+                self._cond.notify_all()
+            self._free_passes.release()
+            for ticket in batch:
+                ticket.done.set()
 
     @staticmethod
     def _submit(ticket: _Ticket, request: AdapterRequest) -> Future | None:

@@ -4,6 +4,7 @@ batched into one pass equal each session run alone."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -239,3 +240,62 @@ def test_a_failing_device_in_a_batched_prefill_fails_only_its_own_row_and_keeps_
     expected = reference.open_session().forward(ForwardRequest(prompts[0], CacheMode.START), honest).hidden
     torch.testing.assert_close(outcome[0], expected, atol=1e-5, rtol=0)
     assert sessions[0].cache.get_seq_length() == 6
+
+
+class HeldOnce:
+    """A network-style handler (with `submit`): once `hold` is set, its replies wait for `release`."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.hold, self.asked, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def submit(self, request) -> Future:
+        future = Future()
+        if not self.hold.is_set():
+            future.set_result(self.handler(request))
+            return future
+        self.asked.set()
+
+        def answer():
+            self.release.wait()
+            future.set_result(self.handler(request))
+
+        threading.Thread(target=answer, daemon=True).start()
+        return future
+
+
+def test_a_batch_waiting_for_its_devices_does_not_hold_up_the_next_batch():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.05)
+    reference = CloudHalf(tiny_backbone(), CONFIG)
+    gen = torch.Generator().manual_seed(6)
+    slow, fast = HeldOnce(device(0)), [device(1), device(2)]
+    handlers = [slow, *fast]
+    prompts = [torch.randn(1, 3, 32, generator=gen) for _ in handlers]
+    steps = [torch.randn(1, 1, 32, generator=gen) for _ in handlers]
+    sessions = [half.open_session() for _ in handlers]
+    for session, handler, prompt in zip(sessions, handlers, prompts):
+        session.forward(ForwardRequest(prompt, CacheMode.START), handler)
+    out: dict = {}
+
+    def step(i):
+        out[i] = sessions[i].forward(ForwardRequest(steps[i], CacheMode.EXTEND), handlers[i]).hidden
+
+    slow.hold.set()
+    waiting = threading.Thread(target=step, args=(0,))
+    waiting.start()
+    assert slow.asked.wait(5)  # its pass is waiting for the slow device's reply
+    others = [threading.Thread(target=step, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join(10)
+    passed = sorted(out)
+    slow.release.set()
+    waiting.join(10)
+    assert passed == [1, 2], "the next batch waited for a batch whose device was slow"
+    assert half.batcher.rows - half.batcher.batches >= 1  # the two fast sessions shared a pass
+    for i, handler in enumerate([device(0), *fast]):
+        alone = reference.open_session()
+        alone.forward(ForwardRequest(prompts[i], CacheMode.START), handler)
+        torch.testing.assert_close(out[i], alone.forward(ForwardRequest(steps[i], CacheMode.EXTEND), handler).hidden, atol=1e-5, rtol=0)
