@@ -189,7 +189,7 @@ def start_service(
     if len(set(names)) != len(names):
         raise ConfigError(f"a backbone version is listed twice: {names}")
     bundles = plora_home() / "bundles"
-    compute = ComputeSlots(limits.compute_slots or None)  # the versions share the cores
+    compute = ComputeSlots(limits.compute_slots)  # the versions share the cores
     versions = [prepare_version(backbone, cfg, bundles, limits, compute) for backbone, cfg in loaded]
     recording = Recording(record) if record is not None else None
     service = BackboneService(versions, registry, limits, enrollment, recording)

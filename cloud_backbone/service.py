@@ -71,7 +71,7 @@ class Limits:
     max_unary_calls: int = 16
     """Register, Describe, ForgetDevice and authentication calls in flight, each; more are refused, not queued."""
     compute_slots: int = 0
-    """Steps that run torch at once, each with torch's threads (cloud_backbone.slots); 0: one per core."""
+    """Steps that run torch at once, each with torch's threads (cloud_backbone.slots); 0: any number."""
 
     @property
     def max_tensor_elements(self) -> int:

@@ -2,31 +2,33 @@
 
 Every session's step runs in a thread of its own, and each thread that runs a torch op brings
 its own OpenMP team of torch.get_num_threads() threads: 16 sessions computing at once made 32
-compute threads on 2 cores. A step therefore holds a slot while it computes, and gives it back
+compute threads on 2 cores. With slots, a step holds one while it computes and gives it back
 while it waits for its device's reply, which over a real link is most of a step; so a slot is
 never held by a thread that only waits.
 
-By default there is a slot per core. One team at a time is too few: a step computes for
-about a millisecond between round trips, and each hand-off of a single slot leaves the cores
-idle. With 16 devices prefilling 128-token prompts at once on 2 cores (embedded backbone,
-alternating runs), one slot took 1.26× the time of unbounded threads, and a slot per core the
-same time as unbounded at 12% less of the service's CPU.
+By default the slots are unbounded: on 2 cores, bounding them cost more than the teams'
+contention. Sixteen devices each taking a training step at once (`plora bench serve`, embedded
+backbone, alternating runs) got 0.82 of the unbounded service's throughput with a slot per
+core and 0.6 with one slot, at the same service CPU; sixteen 128-token prefills at once, before
+prefills were batched, took the same time with a slot per core and 1.26× with one. A machine
+with many cores, where each team is as wide as the machine, is where a bound may pay:
+`--compute-slots`.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 class ComputeSlots:
-    def __init__(self, slots: int | None = None):
-        self.slots = slots or os.cpu_count() or 1
-        if self.slots < 1:
-            raise ValueError(f"need at least one compute slot, got {self.slots}")
-        self._free = threading.Semaphore(self.slots)
+    def __init__(self, slots: int = 0):
+        """At most `slots` threads compute at once; 0: any number."""
+        if slots < 0:
+            raise ValueError(f"compute slots must be 0 (unbounded) or more, got {slots}")
+        self.slots = slots
+        self._free = threading.Semaphore(slots) if slots else None
         self._held = threading.local()  # whether this thread holds a slot
         self._lock = threading.Lock()
         self._busy = 0
@@ -58,7 +60,8 @@ class ComputeSlots:
             self._acquire()
 
     def _acquire(self) -> None:
-        self._free.acquire()
+        if self._free is not None:
+            self._free.acquire()
         self._held.slot = True
         with self._lock:
             self._busy += 1
@@ -68,4 +71,5 @@ class ComputeSlots:
         with self._lock:
             self._busy -= 1
         self._held.slot = False
-        self._free.release()
+        if self._free is not None:
+            self._free.release()

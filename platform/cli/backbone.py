@@ -58,7 +58,7 @@ backbone.add_command(devices)
               help="Memory every session together may hold. [default: half of this machine's memory]")
 @click.option("--compute-slots", default=0, show_default=True, type=click.IntRange(min=0),
               help="Steps that compute at once, each with torch's threads; a step waiting for its device holds none. "
-                   "0: one per core.")
+                   "0: any number, which on 2 cores beat a bound (see cloud_backbone/slots.py).")
 @click.option("--open-enrollment", is_flag=True,
               help="Enroll devices that bring no enrollment token: anyone who reaches the port. Rate limited; for closed networks.")
 @click.option("--open-enrollment-rate", default=10, show_default=True, type=click.IntRange(min=1),
