@@ -6,13 +6,12 @@ compute threads on 2 cores. With slots, a step holds one while it computes and g
 while it waits for its device's reply, which over a real link is most of a step; so a slot is
 never held by a thread that only waits.
 
-By default the slots are unbounded: on 2 cores, bounding them cost more than the teams'
-contention. Sixteen devices each taking a training step at once (`plora bench serve`, embedded
-backbone, alternating runs) got 0.82 of the unbounded service's throughput with a slot per
-core and 0.6 with one slot, at the same service CPU; sixteen 128-token prefills at once, before
-prefills were batched, took the same time with a slot per core and 1.26× with one. A machine
-with many cores, where each team is as wide as the machine, is where a bound may pay:
-`--compute-slots`.
+By default the slots are unbounded: on 2 cores no bound paid. Sixteen devices each taking a
+training step at once (`plora bench serve`, embedded backbone, two runs) got 0.82 and 1.01 of
+the unbounded service's throughput with a slot per core, at 0.96 and 0.86 of its CPU, and 0.62
+and 0.68 with one slot; sixteen 128-token prefills at once, before prefills were batched, took
+the same time with a slot per core and 1.26× with one. A machine with many cores, where each
+team is as wide as the machine, is where a bound may pay: `--compute-slots`.
 """
 
 from __future__ import annotations
