@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from plora.cloud_backbone.batching import StepBatcher, LateReply, batchable
+from plora.cloud_backbone.batching import LateReply, StepBatcher, batchable
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice, truncate_cache
