@@ -242,7 +242,7 @@ def test_a_failing_device_in_a_batched_prefill_fails_only_its_own_row_and_keeps_
     assert sessions[0].cache.get_seq_length() == 6
 
 
-class HeldOnce:
+class HeldReplies:
     """A network-style handler (with `submit`): once `hold` is set, its replies wait for `release`."""
 
     def __init__(self, handler):
@@ -269,7 +269,7 @@ def test_a_batch_waiting_for_its_devices_does_not_hold_up_the_next_batch():
     half.enable_batching(gather_s=0.05)
     reference = CloudHalf(tiny_backbone(), CONFIG)
     gen = torch.Generator().manual_seed(6)
-    slow, fast = HeldOnce(device(0)), [device(1), device(2)]
+    slow, fast = HeldReplies(device(0)), [device(1), device(2)]
     handlers = [slow, *fast]
     prompts = [torch.randn(1, 3, 32, generator=gen) for _ in handlers]
     steps = [torch.randn(1, 1, 32, generator=gen) for _ in handlers]

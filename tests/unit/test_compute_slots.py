@@ -4,7 +4,6 @@ once than the slots, and a step waiting for its device never keeps another from 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 
 import pytest
 import torch
@@ -14,27 +13,9 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, ForwardRequest
 from plora.cloud_backbone.slots import ComputeSlots
 from tests.conftest import tiny_backbone
-from tests.unit.test_batching import decode, device
+from tests.unit.test_batching import HeldReplies, decode, device
 
 CONFIG = PrivateLoRAConfig(rank=4)
-
-
-class HeldReplies:
-    """A network-style handler (with `submit`) whose replies wait until `release` is set."""
-
-    def __init__(self, handler):
-        self.handler, self.asked, self.release = handler, threading.Event(), threading.Event()
-
-    def submit(self, request) -> Future:
-        future = Future()
-        self.asked.set()
-
-        def answer():
-            self.release.wait()
-            future.set_result(self.handler(request))
-
-        threading.Thread(target=answer, daemon=True).start()
-        return future
 
 
 def test_a_slot_is_given_back_while_waiting_and_held_once_per_thread():
@@ -63,6 +44,7 @@ def test_a_step_waiting_for_its_device_lets_another_session_compute():
     half = CloudHalf(tiny_backbone(), CONFIG, ComputeSlots(1))
     gen = torch.Generator().manual_seed(0)
     slow = HeldReplies(device(0))
+    slow.hold.set()
     stuck = threading.Thread(target=lambda: half.open_session().forward(
         ForwardRequest(torch.randn(1, 4, 32, generator=gen), CacheMode.NONE, train=True), slow))
     stuck.start()
