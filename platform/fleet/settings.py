@@ -85,7 +85,7 @@ class FleetSettings:
             raise ConfigError(f"need 0 < fraction <= 1, 0 < fraction-evaluate <= 1, lr > 0, reply-timeout > 0; got "
                               f"{self.fraction}, {self.fraction_evaluate}, {self.lr}, {self.reply_timeout}")
         ids = self.partitions.split(",") if self.partitions else []
-        if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids) or (ids and len(ids) != self.devices):
+        if not all(i.isdigit() for i in ids) or len({int(i) for i in ids}) != len(ids) or (ids and len(ids) != self.devices):
             raise ConfigError(f"partitions must be {self.devices} distinct partition ids, comma-separated; got {self.partitions!r}")
 
     def device_of(self, node_partition: int) -> int:

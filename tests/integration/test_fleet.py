@@ -156,7 +156,7 @@ def test_settings_come_from_the_run_config_and_are_checked():
     assert (settings.rounds, settings.lr, settings.steps) == (3, 1.0, 10)
     assert FleetSettings.from_run_config(settings.to_run_config()) == settings
     for bad in ({"backbone": "127.0.0.1:50051"}, {**config, "rounds": "3"}, {**config, "backbone": "10.0.0.2:50051"}, {**config, "fraction": 0},
-                {**config, "devices": 2, "partitions": "4"}, {**config, "devices": 2, "partitions": "4,4"}, {**config, "devices": 2, "partitions": "4,-1"}):
+                {**config, "devices": 2, "partitions": "4"}, {**config, "devices": 2, "partitions": "4,04"}, {**config, "devices": 2, "partitions": "4,-1"}):
         with pytest.raises(ConfigError):
             FleetSettings.from_run_config(bad)
     # A run over some of a fleet's devices: node k stands for the k-th of them.
