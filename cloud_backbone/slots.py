@@ -26,13 +26,8 @@ class ComputeSlots:
         """At most `slots` threads compute at once; 0: any number."""
         if slots < 0:
             raise ValueError(f"compute slots must be 0 (unbounded) or more, got {slots}")
-        self.slots = slots
         self._free = threading.Semaphore(slots) if slots else None
         self._held = threading.local()  # whether this thread holds a slot
-        self._lock = threading.Lock()
-        self._busy = 0
-        self.peak = 0
-        """The most slots ever held at once: never more than `slots`."""
 
     @contextmanager
     def computing(self) -> Iterator[None]:
@@ -62,13 +57,8 @@ class ComputeSlots:
         if self._free is not None:
             self._free.acquire()
         self._held.slot = True
-        with self._lock:
-            self._busy += 1
-            self.peak = max(self.peak, self._busy)
 
     def _release(self) -> None:
-        with self._lock:
-            self._busy -= 1
         self._held.slot = False
         if self._free is not None:
             self._free.release()

@@ -18,8 +18,27 @@ from tests.unit.test_batching import HeldReplies, decode, device
 CONFIG = PrivateLoRAConfig(rank=4)
 
 
+class CountedSlots(ComputeSlots):
+    """Compute slots that keep the most ever held at once, in `peak`."""
+
+    def __init__(self, slots: int):
+        super().__init__(slots)
+        self._lock, self._busy, self.peak = threading.Lock(), 0, 0
+
+    def _acquire(self) -> None:
+        super()._acquire()
+        with self._lock:
+            self._busy += 1
+            self.peak = max(self.peak, self._busy)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._busy -= 1
+        super()._release()
+
+
 def test_a_slot_is_given_back_while_waiting_and_held_once_per_thread():
-    slots = ComputeSlots(1)
+    slots = CountedSlots(1)
     with slots.computing():
         with slots.computing():  # a thread holding a slot keeps it, and does not wait for another
             assert slots.peak == 1
@@ -41,7 +60,7 @@ def test_a_slot_is_given_back_while_waiting_and_held_once_per_thread():
 
 
 def test_a_step_waiting_for_its_device_lets_another_session_compute():
-    half = CloudHalf(tiny_backbone(), CONFIG, ComputeSlots(1))
+    half = CloudHalf(tiny_backbone(), CONFIG, CountedSlots(1))
     gen = torch.Generator().manual_seed(0)
     slow = HeldReplies(device(0))
     slow.hold.set()
@@ -68,7 +87,7 @@ def test_a_step_waiting_for_its_device_lets_another_session_compute():
 
 def test_concurrent_sessions_never_compute_in_more_slots_than_there_are_and_get_what_they_get_alone():
     alone_half = CloudHalf(tiny_backbone(), CONFIG)
-    half = CloudHalf(tiny_backbone(), CONFIG, ComputeSlots(2))  # unbatched: every session computes in its own thread
+    half = CloudHalf(tiny_backbone(), CONFIG, CountedSlots(2))  # unbatched: every session computes in its own thread
     gen = torch.Generator().manual_seed(1)
     sessions = [(device(i), torch.randn(1, 4 + i, 32, generator=gen), torch.randn(1, 3, 32, generator=gen)) for i in range(8)]
     alone = [decode(alone_half, *s) for s in sessions]
