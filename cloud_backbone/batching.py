@@ -4,12 +4,15 @@ A and B are the same for every user, so the cloud's adapter work for a mixed bat
 dense matmuls; only u·M differs, and each row's u goes to its own device. Sessions submit
 steps of one sequence: a prefill, a decode step, or a decode step with drafted tokens to
 verify. A scheduler thread gathers those that arrive together (it waits a few milliseconds
-for every session that stepped lately to come back) with about as many new tokens (the same
-power-of-two bucket, so that no row is padded to more than twice its length), lays each row
-out as [padding][its cached positions][its new tokens][padding], runs one forward, and hands
+for every session that stepped lately to come back) with about as many new tokens and about
+as many cached ones (the same power-of-two buckets of both), lays each row out as
+[padding][its cached positions][its new tokens][padding], runs one forward, and hands
 every session its row and its new keys and values. A row's padding is masked from its real
 tokens, and the padding after its new tokens comes after them causally, so it never changes
-them. In that forward, every row's request (its real tokens only) goes to its device before
+them. The buckets keep every row's padding shorter than the row itself: a session with a long
+cache never makes its neighbours attend over it, and the batch's padded copy of the caches
+holds less than twice the cached bytes the sessions' own budgets already count. In that
+forward, every row's request (its real tokens only) goes to its device before
 any reply is awaited. A session stepping alone skips all this and runs its own steps, as does
 a step of more than MAX_BATCHED_TOKENS new tokens, whose matmuls are large enough alone.
 
@@ -60,6 +63,7 @@ class LateReply(TransportError):
 class _Ticket:
     session: object  # CloudSession
     hidden: torch.Tensor  # (1, tokens, d)
+    cached: int  # positions in the session's cache, which does not change while the step waits
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
     error: BaseException | None = None
@@ -69,9 +73,10 @@ class _Ticket:
         return self.hidden.shape[1]
 
     @property
-    def bucket(self) -> int:
-        """Steps of 1, 2, 3-4, 5-8, ... new tokens: rows batched together are at most twice as long as each other."""
-        return (self.tokens - 1).bit_length()
+    def bucket(self) -> tuple[int, int]:
+        """Steps of 1, 2, 3-4, 5-8, ... new tokens on caches of 0, 1, 2-3, 4-7, ... positions:
+        rows batched together are at most twice as long as each other, in both."""
+        return (self.tokens - 1).bit_length(), self.cached.bit_length()
 
 
 def batchable(cache: DynamicCache | None, hidden: torch.Tensor, train: bool, attention_mask) -> bool:
@@ -126,10 +131,10 @@ class StepBatcher:
 
     def step(self, session, hidden: torch.Tensor) -> torch.Tensor:
         """Run one step of `session` in a batch; blocks until it ran."""
-        ticket = _Ticket(session, hidden)
         with self._cond:
             if self._closed:
                 raise SessionError("the service is stopping")
+            ticket = _Ticket(session, hidden, session.cache.get_seq_length())
             if self._thread is None:
                 self._thread = threading.Thread(target=self._schedule, name="plora-batcher", daemon=True)
                 self._thread.start()
@@ -231,7 +236,7 @@ class StepBatcher:
 
     def _run(self, batch: list[_Ticket]) -> None:
         config = self.half.stack.config
-        pasts = [t.session.cache.get_seq_length() for t in batch]
+        pasts = [t.cached for t in batch]
         longest, widest = max(pasts), max(t.tokens for t in batch)
         padded = DynamicCache(config=config)
         empty = torch.zeros(1, config.num_key_value_heads, 0, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)

@@ -146,22 +146,31 @@ def steps_of(half: CloudHalf, handler, prompt: torch.Tensor, steps: list[tuple[i
     return outs
 
 
-def spy_on_batches(half: CloudHalf) -> list[list[int]]:
-    """The new tokens of each batch's rows, sorted, as the batcher runs them."""
+def spy_on_batches(half: CloudHalf, cached: list | None = None) -> list[list[int]]:
+    """The new tokens of each batch's rows, sorted, as the batcher runs them; the rows' cached
+    positions, sorted, go to `cached`."""
     shapes, run = [], half.batcher._run
-    half.batcher._run = lambda batch: (shapes.append(sorted(t.tokens for t in batch)), run(batch))
+
+    def spied(batch):
+        shapes.append(sorted(t.tokens for t in batch))
+        if cached is not None:
+            cached.append(sorted(t.session.cache.get_seq_length() for t in batch))
+        return run(batch)
+
+    half.batcher._run = spied
     return shapes
 
 
 def test_batched_prefills_and_drafted_steps_of_different_lengths_equal_each_session_alone():
     gen = torch.Generator().manual_seed(3)
-    # Prompts of 5 to 8 tokens batch together, as do the steps of 3 and 4 tokens, one of them a
-    # new sequence's; a 16-token prompt comes alone in its bucket.
+    # Prompts of 5 to 8 tokens batch together, as do the steps of 3 and 4 tokens on caches of 4
+    # to 7 positions, three of them after rolling back a draft; a 16-token prompt comes alone in
+    # its bucket, as does a new sequence.
     plans = [
         (torch.randn(1, 5, 32, generator=gen), [(1, None), (4, None), (2, 4)]),
         (torch.randn(1, 8, 32, generator=gen), [(2, None), (3, 7), (1, None)]),
         (torch.randn(1, 7, 32, generator=gen), [(1, None), (4, 6), (9, None)]),
-        (torch.randn(1, 16, 32, generator=gen), [(1, None), (3, NEW_SEQUENCE), (2, None)]),
+        (torch.randn(1, 16, 32, generator=gen), [(1, None), (3, 5), (2, NEW_SEQUENCE)]),
     ]
     solo = CloudHalf(tiny_backbone(), CONFIG)
     alone = [steps_of(solo, device(i), prompt, steps, threading.Barrier(1)) for i, (prompt, steps) in enumerate(plans)]
@@ -186,6 +195,25 @@ def test_batched_prefills_and_drafted_steps_of_different_lengths_equal_each_sess
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert [5, 7, 8] in shapes and [3, 3, 4, 4] in shapes  # prefills and drafted steps shared passes
     assert all(batch[-1] <= 2 * batch[0] for batch in shapes)  # never a row padded past twice its length
+
+
+def test_a_long_cache_never_batches_with_short_ones():
+    """Its neighbours would attend over its padded length, and the batch would copy it once per row."""
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    gen = torch.Generator().manual_seed(5)
+    cached: list[list[int]] = []
+    spy_on_batches(half, cached)
+    prompts = [torch.randn(1, n, 32, generator=gen) for n in (4, 5, 200)]
+    devices = [device(i) for i in range(len(prompts))]
+    barrier = threading.Barrier(len(prompts))
+    threads = [threading.Thread(target=steps_of, args=(half, devices[i], prompts[i], [(1, None)] * 2, barrier)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [4, 5] in cached or [5, 6] in cached  # the short caches' decode steps shared a pass
+    assert all(rows[-1] < 2 * max(rows[0], 1) for rows in cached)  # and the long one shared none
 
 
 def test_a_step_too_long_to_batch_runs_alone():
