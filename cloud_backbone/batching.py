@@ -22,9 +22,10 @@ real link is most of a pass, the next batch (the sessions that came meanwhile) c
 
 A row's failure is its own, whatever it is: a device that sends garbage, disconnects, or
 answers later than the batch's late-reply budget (max(floor, factor × the median reply time of
-the rows that did answer)) is taken out of the batch. Its u·M is replaced by zeros for the rest
-of that pass, its result is discarded, its cache is left as it was, and the others go on. A late
-row is not failed: its session runs the step again on its own (a slow link is no fault).
+the rows that did answer)) is taken out of the batch. Its session hears of it at once, its u·M
+is replaced by zeros for the rest of that pass, its result is discarded, its cache is left as it
+was, and the others go on. A late row is not failed: its session runs the step again on its own
+(a slow link is no fault).
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ class _Ticket:
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
     error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Take the row out of its pass: its session learns at once, while the pass goes on
+        without it (the pass read the session's cache when it began, and writes it back only
+        for rows without an error)."""
+        self.error = error
+        self.done.set()
 
     @property
     def tokens(self) -> int:
@@ -198,7 +206,7 @@ class StepBatcher:
             try:
                 return ticket.session.submit(request)
             except Exception as err:  # any failure to send is this row's alone
-                ticket.error = err if isinstance(err, PloraError) else TransportError(f"cannot reach the device: {type(err).__name__}")
+                ticket.fail(err if isinstance(err, PloraError) else TransportError(f"cannot reach the device: {type(err).__name__}"))
         return None
 
     def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], group: str, widest: int) -> torch.Tensor:
@@ -218,11 +226,11 @@ class StepBatcher:
                     times.append(time.monotonic() - started)
                 deadline = started + max(self.late_floor_s, self.late_factor * statistics.median(times))
         for future, i in waiting.items():
-            batch[i].error = LateReply(
+            batch[i].fail(LateReply(
                 f"the reply for layer {requests[i].layer} {group} came later than the batch's budget of "
                 f"{deadline - started:.3f} s; this step was taken out of its batch",
                 future,
-            )
+            ))
         rows = []
         for ticket, request, future in zip(batch, requests, futures):
             row = torch.zeros(1, ticket.tokens, self.half.width(group, Phase.FORWARD, "up"))
@@ -230,7 +238,7 @@ class StepBatcher:
                 try:
                     row = ticket.session.checked(request, future, timeout=0)
                 except PloraError as err:
-                    ticket.error = err
+                    ticket.fail(err)
             rows.append(F.pad(row, (0, 0, 0, widest - ticket.tokens)))
         return torch.cat(rows)
 

@@ -271,15 +271,16 @@ def test_a_failing_device_in_a_batched_prefill_fails_only_its_own_row_and_keeps_
 
 
 class HeldReplies:
-    """A network-style handler (with `submit`): once `hold` is set, its replies wait for `release`."""
+    """A network-style handler (with `submit`): once `hold` is set, its replies from layer
+    `from_layer` on wait for `release`."""
 
-    def __init__(self, handler):
-        self.handler = handler
+    def __init__(self, handler, from_layer: int = 0):
+        self.handler, self.from_layer = handler, from_layer
         self.hold, self.asked, self.release = threading.Event(), threading.Event(), threading.Event()
 
     def submit(self, request) -> Future:
         future = Future()
-        if not self.hold.is_set():
+        if not self.hold.is_set() or request.layer < self.from_layer:
             future.set_result(self.handler(request))
             return future
         self.asked.set()
@@ -327,3 +328,35 @@ def test_a_batch_waiting_for_its_devices_does_not_hold_up_the_next_batch():
         alone = reference.open_session()
         alone.forward(ForwardRequest(prompts[i], CacheMode.START), handler)
         torch.testing.assert_close(out[i], alone.forward(ForwardRequest(steps[i], CacheMode.EXTEND), handler).hidden, atol=1e-5, rtol=0)
+
+
+def test_a_failed_row_hears_of_it_at_once_while_its_pass_goes_on():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    gen = torch.Generator().manual_seed(7)
+    honest, broken = HeldReplies(device(0), from_layer=2), device(1, fail_at_layer=1)
+    prompts = [torch.randn(1, 3, 32, generator=gen) for _ in range(2)]
+    sessions = [half.open_session() for _ in range(2)]
+    for session, handler, prompt in zip(sessions, (honest, broken), prompts):
+        session.forward(ForwardRequest(prompt, CacheMode.START), handler)
+    outcome: dict = {}
+
+    def step(i, handler):
+        try:
+            outcome[i] = sessions[i].forward(ForwardRequest(torch.randn(1, 1, 32), CacheMode.EXTEND), handler).hidden
+        except ValidationError as err:
+            outcome[i] = err
+
+    honest.hold.set()  # the pass stops at layer 2, waiting for the honest device
+    threads = [threading.Thread(target=step, args=(0, honest)), threading.Thread(target=step, args=(1, broken))]
+    for t in threads:
+        t.start()
+    assert honest.asked.wait(5)
+    threads[1].join(5)
+    failed_while_the_pass_waits = not threads[1].is_alive()
+    honest.release.set()
+    threads[0].join(10)
+    assert half.batcher.rows - half.batcher.batches == 1  # the two steps shared a pass
+    assert failed_while_the_pass_waits, "the broken row's session waited for the end of its pass"
+    assert isinstance(outcome[1], ValidationError) and sessions[1].cache.get_seq_length() == 3
+    assert isinstance(outcome[0], torch.Tensor) and sessions[0].cache.get_seq_length() == 4
