@@ -141,3 +141,15 @@ def test_the_duplicate_check_leaves_five_repeated_lines_alone(tmp_path):
     (tmp_path / "second.py").write_text(f"total = 0\n{block}\nprint(2)\n")
     duplicated, report = duplicate_code_report([tmp_path / "first.py", tmp_path / "second.py"])
     assert duplicated == 0, report
+
+
+def test_the_wheel_ships_every_folder_of_code():
+    """A folder missing from pyproject's `packages` is left out of `pip install .` (the
+    container image), though the editable install of the tests finds it."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    found = set()
+    for package, folder in setuptools["package-dir"].items():
+        for code in (ROOT / folder).rglob("*.py"):
+            found.add(".".join([package, *code.parent.relative_to(ROOT / folder).parts]))
+    assert found == set(setuptools["packages"])
