@@ -72,6 +72,9 @@ class Limits:
     """Register, Describe, ForgetDevice and authentication calls in flight, each; more are refused, not queued."""
     compute_slots: int = 0
     """Steps that run torch at once, each with torch's threads (cloud_backbone.slots); 0: any number."""
+    failed_steps_per_minute: int = 10
+    """Steps a device may make fail by its own fault (malformed input, steps out of protocol)
+    before its next ones are refused unrun, until the allowance refills; 0: no limit."""
 
     @property
     def max_tensor_elements(self) -> int:

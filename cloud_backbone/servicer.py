@@ -157,8 +157,10 @@ class DeviceAsker:
 class SessionStream:
     """One device's session stream, read and written only by coroutines on the loop."""
 
-    def __init__(self, service: BackboneService, metrics: Metrics, workers: ThreadPoolExecutor, device_id: str, context):
+    def __init__(self, service: BackboneService, metrics: Metrics, workers: ThreadPoolExecutor, failed_steps: FailedSteps,
+                 device_id: str, context):
         self.service, self.metrics, self.workers, self.device_id = service, metrics, workers, device_id
+        self.failed_steps = failed_steps
         self.limits = service.limits
         self.context = context
         self.loop = asyncio.get_running_loop()
@@ -243,12 +245,15 @@ class SessionStream:
                         step, message = await self._read(self.limits.idle_timeout_s, "step")
                     except _Deadline:
                         return  # idle: the session ends quietly, and the device opens a new one on its next step
+                    self.failed_steps.check(self.device_id)
                     await self._serve_step(session, step, message)
                 except (_Ended, _Deadline):
                     raise
                 except (ValidationError, SessionError, CapacityError, TransportError) as err:
                     # The step failed and the session's state is as before it; the session, and
                     # every other session, goes on.
+                    if isinstance(err, (ValidationError, SessionError)):
+                        self.failed_steps.failed(self.device_id)
                     self._note(err)
                     await self._write(step, StepError(kind_of(err), str(err)[:MAX_ERROR_CHARS]))
         except _Ended:
@@ -346,6 +351,39 @@ class _Slots:
             self.used -= 1
 
 
+class FailedSteps:
+    """What a device's own faults cost it: an allowance of failed steps per device, refilled
+    evenly over a minute. A step fails by the device's fault when it sends malformed input or a
+    message out of protocol, which an honest device never does; once its allowance is spent,
+    its steps are refused before they reach the compute or a batch, so that a hostile device
+    cannot keep intruding on the passes of others. Used on the event loop only."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic):
+        self.per_minute, self.clock = per_minute, clock
+        self._left: dict[str, tuple[float, float]] = {}  # device id -> (allowance left, when), while not full
+
+    def _allowance(self, device_id: str) -> float:
+        left, when = self._left.get(device_id, (self.per_minute, 0.0))
+        return min(self.per_minute, left + (self.clock() - when) * self.per_minute / 60)
+
+    def check(self, device_id: str) -> None:
+        """Raises CapacityError if the device has no failed step left to make."""
+        if not self.per_minute or device_id not in self._left:
+            return
+        left = self._allowance(device_id)
+        if left >= self.per_minute:
+            del self._left[device_id]  # full again: nothing to remember
+        elif left < 1:
+            raise CapacityError(
+                f"this device's steps failed {self.per_minute} times within a minute (malformed input or steps out of "
+                f"protocol); its steps are refused for {(1 - left) * 60 / self.per_minute:.1f} s"
+            )
+
+    def failed(self, device_id: str) -> None:
+        if self.per_minute:
+            self._left[device_id] = (max(0.0, self._allowance(device_id) - 1), self.clock())
+
+
 class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
     def __init__(self, service: BackboneService, metrics: Metrics):
         self.service = service
@@ -360,6 +398,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
         self.authentications = _Slots("authentications", limits.max_unary_calls)
         self.forgets = _Slots("ForgetDevice calls", limits.max_unary_calls)
         self._streams_of: collections.Counter[str] = collections.Counter()  # device id -> streams, open or opening
+        self.failed_steps = FailedSteps(limits.failed_steps_per_minute)
 
     def close(self) -> None:
         """End the worker threads. Once the server has stopped, none has a step left to run."""
@@ -451,7 +490,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
             with self.sessions.taken():
                 self._streams_of[device_id] += 1
                 try:
-                    await SessionStream(self.service, self.metrics, self.workers, device_id, context).serve()
+                    await SessionStream(self.service, self.metrics, self.workers, self.failed_steps, device_id, context).serve()
                 finally:
                     self._streams_of[device_id] -= 1
                     if not self._streams_of[device_id]:

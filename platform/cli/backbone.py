@@ -59,6 +59,9 @@ backbone.add_command(devices)
 @click.option("--compute-slots", default=0, show_default=True, type=click.IntRange(min=0),
               help="Steps that compute at once, each with torch's threads; a step waiting for its device holds none. "
                    "0: any number, which on 2 cores beat a bound (see cloud_backbone/slots.py).")
+@click.option("--failed-steps-per-minute", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Steps a device may make fail by its own fault (malformed input, steps out of protocol) before its next "
+                   "steps are refused unrun until the allowance refills over a minute. 0: no limit.")
 @click.option("--open-enrollment", is_flag=True,
               help="Enroll devices that bring no enrollment token: anyone who reaches the port. Rate limited; for closed networks.")
 @click.option("--open-enrollment-rate", default=10, show_default=True, type=click.IntRange(min=1),
@@ -72,7 +75,7 @@ backbone.add_command(devices)
 @fail_cleanly
 def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
           max_tokens, max_message_mb, reply_timeout, idle_timeout, first_frame_timeout, write_timeout, max_step_tokens,
-          session_memory_mb, memory_budget_mb, compute_slots, open_enrollment, open_enrollment_rate, record, record_confirmed, **adapter) -> None:
+          session_memory_mb, memory_budget_mb, compute_slots, failed_steps_per_minute, open_enrollment, open_enrollment_rate, record, record_confirmed, **adapter) -> None:
     """Serve the frozen cloud half of one or more backbone versions to devices over gRPC.
 
     With neither --backbone nor --version it hosts every registered version that is not
@@ -102,7 +105,8 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
     limits = Limits(max_message_bytes=max_message_mb << 20, max_tokens_per_session=max_tokens, max_sessions=max_sessions,
                     max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout,
                     first_frame_timeout_s=first_frame_timeout, write_timeout_s=write_timeout, max_step_tokens=max_step_tokens,
-                    session_memory_bytes=session_memory_mb << 20, compute_slots=compute_slots, **memory)
+                    session_memory_bytes=session_memory_mb << 20, compute_slots=compute_slots,
+                    failed_steps_per_minute=failed_steps_per_minute, **memory)
     tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
     reg = open_registry(db)
     if not specs and not versions:

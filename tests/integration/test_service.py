@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from plora.clients.data import TokenizedExample
+from plora.clients.device_store import DeviceStore
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink
 from plora.clients.recovery import RetryPolicy
@@ -206,6 +207,32 @@ def test_malformed_frames_each_get_a_clear_error_and_the_server_stays_up(endpoin
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The server still serves a well-behaved device.
     assert device.model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 49152)
+
+
+def test_a_device_whose_steps_keep_failing_is_refused_unrun_and_others_go_on(tiny_checkpoint, tmp_path):
+    server = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits(reply_timeout_s=5, failed_steps_per_minute=3), http_port=0)
+    try:
+        endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
+        token = open_registry().issue_enrollment_token(2)[1]
+        for name in ("hostile", "honest"):
+            init_device(tmp_path / name, endpoint.address, endpoint=endpoint, enroll_token=token)
+        creds = Credentials.load(tmp_path / "hostile" / "credentials.json")
+        identity = DeviceStore.open(tmp_path / "hostile").record.identity
+        broken = wire.device_message(1, ForwardRequest(torch.randn(1, 3, 31)))  # the wrong width
+        honest_step = wire.device_message(2, ForwardRequest(torch.randn(1, 3, 32)))
+        with endpoint.channel() as channel:
+            frames = [wire.device_message(0, OpenSession(identity)), *[broken] * 5, honest_step]
+            replies = pb_grpc.SplitBackboneStub(channel).Session(iter(frames), metadata=creds.metadata(), timeout=10)
+            kinds = [wire.parse_cloud_message(r, 1 << 20)[1] for r in replies][1:]
+        assert [m.kind for m in kinds] == ["ValidationError"] * 3 + ["CapacityError"] * 3  # even its good step, unrun
+        assert "refused for" in kinds[-1].message and not any(m.fatal for m in kinds)
+        honest = open_device(tmp_path / "honest")
+        try:
+            assert honest.model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 49152)
+        finally:
+            honest.close()
+    finally:
+        server.stop(grace_s=1)
 
 
 def test_health_and_metrics(server, device):

@@ -14,6 +14,7 @@ from plora.cloud_backbone.budget import MemoryBudget
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, ForwardRequest
+from plora.cloud_backbone.servicer import FailedSteps
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError
 from tests.conftest import tiny_backbone
 from tests.unit.test_batching import decode, device
@@ -228,3 +229,29 @@ def test_a_backward_without_its_forward_is_a_session_error():
     session = CloudHalf(tiny_backbone(), CONFIG).open_session()
     with pytest.raises(SessionError, match="preceding forward"):
         session.backward(BackwardRequest(torch.ones(1, 2, 32)), device(0))
+
+
+def test_a_device_that_spent_its_failed_steps_is_refused_until_they_refill_and_others_never():
+    now = [0.0]
+    budget = FailedSteps(per_minute=6, clock=lambda: now[0])
+    for _ in range(6):
+        budget.check("hostile")
+        budget.failed("hostile")
+    with pytest.raises(CapacityError, match="refused for 10.0 s"):
+        budget.check("hostile")
+    budget.check("honest")
+    now[0] = 9.0
+    with pytest.raises(CapacityError):
+        budget.check("hostile")
+    now[0] = 10.0  # one failed step's worth refilled (a minute's allowance over 60 s)
+    budget.check("hostile")
+    budget.failed("hostile")
+    with pytest.raises(CapacityError):
+        budget.check("hostile")
+    now[0] = 80.0
+    budget.check("hostile")
+    assert not budget._left  # a device back to its full allowance is forgotten
+    unlimited = FailedSteps(per_minute=0)
+    for _ in range(100):
+        unlimited.failed("hostile")
+        unlimited.check("hostile")
