@@ -1,11 +1,13 @@
 """The noisy neighbour of `plora bench serve`: an honest device decoding while a hostile one
 sends malformed frames into the same batches.
 
-The attacker is an enrolled device in a process of its own. It decodes one token at a time,
-so that its steps join the honest device's batches, and answers each adapter request with a
-broken reply (bytes protobuf cannot parse, a reply of the wrong width, NaN), at a fixed rate of
-frames per second (at most: it waits for each answer, so a slow service caps its rate, which is
-reported). Its steps fail; the honest device's must not slow down. The baseline is the
+The attacker is an enrolled device in a process of its own, with as many sessions as a device
+may hold. Each decodes one token at a time, so that its steps join the honest device's
+batches, and answers each adapter request with a broken reply (bytes protobuf cannot parse, a
+reply of the wrong width, NaN). Together they send a fixed rate of frames per second (at most:
+each session waits for each answer, so a slow service caps the rate, which is reported with
+how the attacker's steps ended: failed at the service's checks, or refused unrun once its
+allowance of failed steps was spent). Its steps fail; the honest device's must not slow down. The baseline is the
 honest device decoding while an idle process burns the CPU time the attacker used, so that the
 ratio measures what the attack costs through the service, not the cores the attacker took.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import queue
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -41,22 +45,30 @@ def _broken_replies(request: AdapterRequest, step: int) -> list[bytes]:
     return [b"\xff\xff\xff\xff", *(wire.device_frame(step, m) for m in (wrong_width, nan))]
 
 
-def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> None:
-    store = DeviceStore.open(folder)
-    credentials = Credentials.load(folder / DeviceStore.CREDENTIALS)
+class _Pacer:
+    """Frames at a fixed rate, shared by the attacker's sessions."""
+
+    def __init__(self, per_s: float):
+        self.interval, self.due, self.frames = 1.0 / per_s, time.monotonic(), 0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            self.due = max(self.due + self.interval, time.monotonic())
+            due = self.due
+            self.frames += 1
+        time.sleep(max(0.0, due - time.monotonic()))
+
+
+def _attack_session(store: DeviceStore, credentials: Credentials, address: str, pacer: _Pacer, stop) -> Counter:
+    """One session of the attacker: an honest prefill, so that its decode steps batch with the
+    honest device's, then decode steps each answered with a broken reply, until stopped."""
     identity = store.record.identity
     outbox: queue.Queue = queue.Queue()
-    interval, frames, due = 1.0 / frames_per_s, 0, time.monotonic()
+    ended: Counter = Counter()  # how its steps ended, by the kind of error
 
     def send(step: int, message) -> None:
         outbox.put(message if isinstance(message, bytes) else wire.device_frame(step, message))
-
-    def paced(step: int, message) -> None:
-        nonlocal frames, due
-        due = max(due + interval, time.monotonic())
-        time.sleep(max(0.0, due - time.monotonic()))
-        send(step, message)
-        frames += 1
 
     with Endpoint(address, insecure=True).channel() as channel:
         session = channel.stream_stream(wire.SESSION_METHOD)  # frames as bytes, both ways
@@ -68,25 +80,51 @@ def _attack(folder: Path, address: str, frames_per_s: float, stop, report) -> No
         send(0, OpenSession(identity))
         receive()
         hidden = torch.randn(1, 4, identity.hidden_size)
-        send(1, ForwardRequest(hidden, CacheMode.START))  # an honest prefill, so that its decode steps batch
+        send(1, ForwardRequest(hidden, CacheMode.START))
         while isinstance(message := receive(), AdapterRequest):
             send(1, AdapterReply(message.layer, message.group, message.phase,
                                  torch.zeros(*message.tensor.shape[:-1], identity.adapter.width(message.group, a_side=False))))
-        started = time.monotonic()
         for step in itertools.count(2):
             if stop.is_set():
                 break
-            paced(step, ForwardRequest(hidden[:, :1], CacheMode.EXTEND))
+            pacer.wait()
+            send(step, ForwardRequest(hidden[:, :1], CacheMode.EXTEND))
             message = receive()
             if isinstance(message, AdapterRequest):
-                paced(step, _broken_replies(message, step)[step % 3])
+                pacer.wait()
+                send(step, _broken_replies(message, step)[step % 3])
                 message = receive()
             if not isinstance(message, StepError) or message.fatal:
                 raise RuntimeError(f"the attacker expected its step to fail alone, got {message}")
-        elapsed = time.monotonic() - started
+            ended[message.kind] += 1
         outbox.put(None)
         answers.cancel()
-    report.put(frames / elapsed)
+    return ended
+
+
+def _attack(folder: Path, address: str, frames_per_s: float, sessions: int, stop, report) -> None:
+    """`sessions` sessions of one device sending `frames_per_s` frames in all: each session
+    waits for each answer, so several keep the rate while some of their steps wait in a pass."""
+    store = DeviceStore.open(folder)
+    credentials = Credentials.load(folder / DeviceStore.CREDENTIALS)
+    pacer, ended, failures = _Pacer(frames_per_s), [], []
+
+    def run() -> None:
+        try:
+            ended.append(_attack_session(store, credentials, address, pacer, stop))
+        except BaseException as err:  # noqa: BLE001 - reported below, in the process's own traceback
+            failures.append(err)
+            stop.set()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=run) for _ in range(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    report.put({"frames_per_s": pacer.frames / (time.monotonic() - started), "steps": dict(sum(ended, Counter()))})
 
 
 def _burn(share: float, stop, report) -> None:
@@ -120,17 +158,20 @@ class Neighbour:
                 self.process.kill()
 
 
-def measure(context: multiprocessing.context.BaseContext, decode, attacker: Path, address: str, frames_per_s: float, repeats: int) -> dict:
+def measure(context: multiprocessing.context.BaseContext, decode, attacker: Path, address: str, frames_per_s: float, sessions: int,
+            repeats: int) -> dict:
     """The honest device's decode rate under attack over its rate beside a process burning the
     attacker's CPU share, alternated `repeats` times."""
-    attacked, baseline, rates, shares = [], [], [], []
+    attacked, baseline, rates, shares, steps = [], [], [], [], Counter()
     for _ in range(repeats):
-        attack = Neighbour(context, _attack, attacker, address, frames_per_s)
-        time.sleep(1.0)  # the attacker's session is open and its steps are coming
+        attack = Neighbour(context, _attack, attacker, address, frames_per_s, sessions)
+        time.sleep(1.0)  # the attacker's sessions are open and their steps are coming
         cpu, wall = _cpu(attack.process.pid), time.perf_counter()
         attacked.append(_timed(decode))
         shares.append((_cpu(attack.process.pid) - cpu) / (time.perf_counter() - wall))
-        rates.append(attack.close())
+        reported = attack.close()
+        rates.append(reported["frames_per_s"])
+        steps.update(reported["steps"])
         burner = Neighbour(context, _burn, min(1.0, shares[-1]))
         baseline.append(_timed(decode))
         burner.close()
@@ -141,6 +182,8 @@ def measure(context: multiprocessing.context.BaseContext, decode, attacker: Path
         "baseline_tok_s": median(baseline),
         "attack_frames_per_s": median(rates),
         "attacker_cpu_share": median(shares),
+        "attacker_steps_failed_at_checks": steps["ValidationError"],
+        "attacker_steps_refused_unrun": steps["CapacityError"],
     }
 
 

@@ -59,6 +59,7 @@ JOB_BATCH = (4, DEVICE_JOB_MAX_LENGTH)  # a personalization job's batch: rows, t
 FLEET_TRAIN_BATCH = (1, 64)  # each device's batch when a fleet trains at once: rows, tokens
 BARE_ROUND_TRIPS = 2000
 NOISY_FRAMES_PER_S = 200
+SESSIONS_PER_DEVICE = 4  # the service's default; the noisy neighbour opens as many
 
 
 @dataclass
@@ -89,7 +90,7 @@ def serve_backbone(spec: str, config: dict, home: str, ports, compute_slots: int
     from plora.cloud_backbone.service import Limits
     from plora.storage.registry import open_registry
 
-    limits = Limits(max_sessions_per_device=4, compute_slots=compute_slots)
+    limits = Limits(max_sessions_per_device=SESSIONS_PER_DEVICE, compute_slots=compute_slots)
     server = start_service([spec], PrivateLoRAConfig.from_dict(config), open_registry(), limits)
     ports.put(server.port)
     server.wait()
@@ -179,7 +180,7 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
 
         echo(f"noisy neighbour: single-device decode while a hostile device sends {NOISY_FRAMES_PER_S} broken frames/s into its batches")
         noisy = neighbour.measure(context, runs["grpc"], Path(home) / f"device{fleet + 1}", endpoint.address,
-                                        NOISY_FRAMES_PER_S, repeats)
+                                  NOISY_FRAMES_PER_S, SESSIONS_PER_DEVICE, repeats)
         results.add("noisy_neighbour_ratio", noisy.pop("ratio"), ">= 0.9", **noisy)
 
         echo("wire bytes per decoded token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import threading
 import time
 import urllib.request
@@ -25,6 +26,7 @@ from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, ForwardResult, OpenSession, Phase
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
+from plora.platform.bench import neighbour
 from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device, split_embedded
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, TransportError, ValidationError, VersionMismatchError
@@ -233,6 +235,20 @@ def test_a_device_whose_steps_keep_failing_is_refused_unrun_and_others_go_on(tin
             honest.close()
     finally:
         server.stop(grace_s=1)
+
+
+def test_the_noisy_neighbour_keeps_its_rate_and_is_refused_unrun_once_its_allowance_is_spent(endpoint, tmp_path):
+    init_device(tmp_path / "attacker", endpoint.address, endpoint=endpoint, enroll_token=open_registry().issue_enrollment_token()[1])
+    stop, report = threading.Event(), queue.Queue()
+    attacker = threading.Thread(target=neighbour._attack, args=(tmp_path / "attacker", endpoint.address, 200, 4, stop, report))
+    attacker.start()
+    time.sleep(3)
+    stop.set()
+    attacker.join(30)
+    reported = report.get(timeout=1)
+    assert reported["frames_per_s"] > 150
+    # Ten failed steps a minute, the default, and every later one refused before it ran.
+    assert reported["steps"]["ValidationError"] <= 11 and reported["steps"]["CapacityError"] > 100
 
 
 def test_health_and_metrics(server, device):
