@@ -89,7 +89,7 @@ class Credentials:
 
 def rpc_error(err: grpc.RpcError) -> PloraError:
     """A plora error for a failed call, keeping the service's message."""
-    code, detail = err.code(), err.details() or ""
+    code, detail = err.code(), (err.details() or "")[: wire.MAX_ERROR_CHARS]
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return ConnectionLost(f"the backbone service is unreachable or went away ({code.name}: {detail})")
     # The service aborts with "<plora error class>: <message>"; anything else is a transport failure.
@@ -183,7 +183,11 @@ class _Session:
         finally:
             self._deadline = None
         self._count("down", frame.ByteSize())
-        _, message = wire.parse_cloud_message(frame, MAX_MESSAGE_BYTES // 2)  # elements: 2 bytes at the least
+        step, message = wire.parse_cloud_message(frame, MAX_MESSAGE_BYTES // 2)  # elements: 2 bytes at the least
+        # Every frame answers the step in progress, but a fatal error, which may end the session
+        # before any step (the service then says step 0).
+        if step != self._step and not (isinstance(message, StepError) and message.fatal):
+            raise ValidationError(f"the service sent a frame of step {step} during step {self._step}")
         return message
 
     def step(self, request, handler: DeviceHandler, final: type):

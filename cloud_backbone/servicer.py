@@ -68,7 +68,6 @@ STATUS = {
     TransportError: grpc.StatusCode.UNAVAILABLE,
 }
 BUNDLE_CHUNK = 1 << 20
-MAX_ERROR_CHARS = 1000  # what a device is told, or the log keeps, of one error
 
 
 @dataclass(frozen=True)
@@ -255,13 +254,13 @@ class SessionStream:
                     if isinstance(err, (ValidationError, SessionError)):
                         self.failed_steps.failed(self.device_id)
                     self._note(err)
-                    await self._write(step, StepError(kind_of(err), str(err)[:MAX_ERROR_CHARS]))
+                    await self._write(step, StepError(kind_of(err), str(err)[:wire.MAX_ERROR_CHARS]))
         except _Ended:
             pass
         except PloraError as err:
             self._note(err)
             try:
-                await self._write(0, StepError(kind_of(err), str(err)[:MAX_ERROR_CHARS], fatal=True))
+                await self._write(0, StepError(kind_of(err), str(err)[:wire.MAX_ERROR_CHARS], fatal=True))
             except _Ended:
                 pass
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -414,7 +413,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
 
     @staticmethod
     async def _abort(context, err: PloraError):
-        await context.abort(status_for(err), f"{kind_of(err)}: {str(err)[:MAX_ERROR_CHARS]}")
+        await context.abort(status_for(err), f"{kind_of(err)}: {str(err)[:wire.MAX_ERROR_CHARS]}")
 
     @staticmethod
     def _parsed(request):

@@ -44,6 +44,8 @@ DEVICE_HEADER = "x-plora-device"  # call metadata naming the device; its token g
 SERVICE = pb.DESCRIPTOR.services_by_name["SplitBackbone"].full_name
 SESSION_METHOD = f"/{SERVICE}/Session"  # the session stream's gRPC method path
 MAX_DIMS = 4  # every tensor of the protocol is at most (B, T, d) or a (B, T) mask
+MAX_ERROR_CHARS = 1000  # of an error one side tells the other, which ends in logs and before users
+MAX_KIND_CHARS = 64  # an error kind names an exception class
 _DTYPES = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16, pb.INT64: torch.int64}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _CACHE = {CacheMode.NONE: pb.CACHE_NONE, CacheMode.START: pb.CACHE_START, CacheMode.EXTEND: pb.CACHE_EXTEND}
@@ -332,5 +334,5 @@ def parse_cloud_message(msg: pb.CloudMessage, max_elements: int) -> tuple[int, o
     if kind == "backward":
         return msg.step, BackwardResult(_field(body, "grad_input", max_elements, False))
     if kind == "error":
-        return msg.step, StepError(body.kind, body.message, body.fatal)
+        return msg.step, StepError(body.kind[:MAX_KIND_CHARS], body.message[:MAX_ERROR_CHARS], body.fatal)
     raise ValidationError("empty message: a CloudMessage must carry opened, request, forward, backward or error")
