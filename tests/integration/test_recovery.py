@@ -1,9 +1,11 @@
 """Devices that recover: a backbone service killed mid-step and started again on the same
 port costs the device no token and no training step; one that stays down, or that no longer
-knows the device, fails the step with a clear error."""
+knows the device, fails the step with a clear error, and a job it failed resumes on the next
+run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -13,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from plora.clients.adapter_file import load_adapter
 from plora.clients.data import TokenizedExample
+from plora.clients.device_store import DeviceStore
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.recovery import RetryPolicy
@@ -21,8 +25,9 @@ from plora.clients.training import TrainResult, TrainSettings, personalize
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, Phase
 from plora.cloud_backbone.server import start_service
-from plora.storage.registry import open_registry
+from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
+from plora.storage.registry import open_registry
 from plora.storage.errors import AuthenticationError, TransportError
 from tests.service_process import TINY_ADAPTER, ServeProcess
 
@@ -168,3 +173,47 @@ def test_a_service_that_stays_down_fails_the_step_saying_how_long_it_tried(in_pr
             device.model(torch.tensor([[1, 2, 3]]))
     assert 1.5 <= time.monotonic() - started < 15
     device.close()
+
+
+def test_a_job_whose_service_stays_down_fails_cleanly_and_the_next_run_resumes_it(tiny_checkpoint, tmp_path):
+    port = free_port()
+    endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i} is {i * 7}."}) + "\n" for i in range(8)))
+    settings = TrainSettings(lr=0.05, steps=6, batch_size=2, anchor=None)
+    service = ServeProcess(tiny_checkpoint, tmp_path / "serve-1.log", *TINY_ADAPTER, port=port)
+    try:
+        service.wait_until_listening()
+        for name in ("straight", "failing"):
+            enroll(tmp_path / name, endpoint)
+        straight = open_device(tmp_path / "straight")
+        run_personalization(straight, data, settings, val_fraction=0.0)
+        straight.close()
+
+        def kill_after_step_3(step, total, loss):
+            if step == 3:  # its checkpoint is written: the next step finds the service gone
+                service.kill()
+
+        failing = open_device(tmp_path / "failing", retry=RetryPolicy(budget_s=1.0, max_delay_s=0.5))
+        with pytest.raises(TransportError, match="did not come back"):
+            run_personalization(failing, data, settings, val_fraction=0.0, checkpoint_every=1, on_step=kill_after_step_3)
+        failing.close()
+        device_id = DeviceStore.open(tmp_path / "failing").record.device_id
+        (failed,) = open_registry().list_jobs(device_id)
+        assert failed.status == "failed" and "TransportError" in failed.reason
+
+        service = ServeProcess(tiny_checkpoint, tmp_path / "serve-2.log", *TINY_ADAPTER, port=port).wait_until_listening()
+        again = open_device(tmp_path / "failing")
+        outcome = run_personalization(again, data, settings, val_fraction=0.0)
+        again.close()
+        resumed = open_registry().get_job(outcome.job_id)
+        assert resumed.status == "succeeded" and resumed.params["resumed_from_job"] == failed.id
+        assert resumed.params["resumed_from_step"] == 3 and resumed.steps_done == settings.steps
+        adapters = {}
+        for name in ("straight", "failing"):
+            store = DeviceStore.open(tmp_path / name)
+            adapters[name] = load_adapter(store.adapter_path, store.record.identity)[0]  # checks the checksum and the binding
+        for name, m in adapters["failing"].items():
+            torch.testing.assert_close(m, adapters["straight"][name], atol=1e-5, rtol=0)
+    finally:
+        service.kill()
