@@ -53,8 +53,8 @@ def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, f
     Every device keeps its private data and its M in its own folder; only scalar metrics
     travel to the orchestrator. What is the same for every device (the backbone's device half,
     the base model's anchor text) is kept once, under ROOT/public. Progress is one line for the
-    whole fleet; each device's figures go to ROOT/rounds.jsonl, and the table shows the devices
-    sampled. Rerunning with the same ROOT continues from the devices' adapters.
+    whole fleet, plus one per device in a fleet of at most 16; each device's figures go to
+    ROOT/rounds.jsonl, and the table shows the devices sampled. Rerunning with the same ROOT continues from the devices' adapters.
     """
     from plora.platform.fleet.launch import launch
 

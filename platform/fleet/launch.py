@@ -53,6 +53,7 @@ Progress = Callable[[str, str, int | None, int | None, float | None, str | None]
 # How long a run's enrollment token lasts if the launcher dies before revoking it.
 ENROLLMENT_VALID = timedelta(days=1)
 PROGRESS_EVERY_S = 3.0
+DEVICE_ROWS_UP_TO = 16  # a fleet this small shows a progress line per device, besides the fleet's
 
 
 def launch(
@@ -80,8 +81,8 @@ def launch(
 
     Devices not yet enrolled enroll with a token issued for the run in this process's
     registry, which a service given as HOST:PORT must share; it is revoked when the run ends.
-    The fleet's progress, one line for all its devices (FleetTally), goes to `on_progress`,
-    or else to `echo`.
+    The fleet's progress, one line for all its devices and one for each of a fleet of at most
+    DEVICE_ROWS_UP_TO (FleetTally), goes to `on_progress`, or else to `echo`.
     """
     check_engine(engine, concurrency)
     if data != PERSONAS:
@@ -98,7 +99,8 @@ def launch(
     try:
         settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction,
                                  fraction_evaluate=fraction_evaluate, enroll_token=token)
-        tally = FleetTally(rounds, sampled_per_round(devices, fraction), steps, on_progress or echo_progress(echo), root)
+        tally = FleetTally(rounds, sampled_per_round(devices, fraction), steps, on_progress or echo_progress(echo), root,
+                           device_rows=devices <= DEVICE_ROWS_UP_TO)
         with _device_progress(root, tally):
             run_app(settings, engine, echo, concurrency)
     finally:
@@ -164,13 +166,17 @@ class FleetTally:
     """The devices' progress summed into one line for the whole fleet: the round, training steps
     done out of those the run will ask for (a job that ended counts all its steps), the jobs
     measuring baselines, training, trained and failed, throughput and time left; so that a fleet
-    of any size reads as one task, while each device's own detail goes to rounds.jsonl. Fed with
-    each device's phase changes (a DeviceProgress)."""
+    of any size reads as one task, while each device's own detail goes to rounds.jsonl. With
+    `device_rows` (a fleet small enough to watch device by device, like the demo's), each
+    device also has a line of its own: its phase, step and loss. Fed with each device's phase
+    changes (a DeviceProgress)."""
 
     KEY = "fleet"
 
-    def __init__(self, rounds: int, per_round: int, steps: int, on_progress: Progress, root: Path | None = None):
+    def __init__(self, rounds: int, per_round: int, steps: int, on_progress: Progress, root: Path | None = None,
+                 device_rows: bool = False):
         self.rounds, self.jobs, self.steps, self.on_progress = rounds, rounds * per_round, steps, on_progress
+        self.device_rows = device_rows
         self.record = None if root is None else Path(root) / ROUNDS_FILE
         self.phases: dict[str, str] = {}  # device -> its latest phase
         self.at_step: dict[str, int] = {}  # device -> its latest training step, while it trains
@@ -192,6 +198,8 @@ class FleetTally:
         for line in self._recorded():
             if line["round"] > 0:
                 self.ended[device_label(line), line["round"]] = line["failed"]
+        if self.device_rows:
+            self.on_progress(device, phase, step, total, loss, None)
         self._show()
 
     def _recorded(self) -> list[dict]:

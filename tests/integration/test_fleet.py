@@ -179,6 +179,15 @@ def test_progress_shows_each_devices_latest_phase_or_step_of_this_run_only(tmp_p
     assert sorted(echoed) == ["device-001 round 1 step 2/4 loss 2.250", "device-002 evaluating"]
 
 
+def test_a_small_fleet_shows_each_device_besides_the_fleet(tmp_path):
+    shown = []
+    tally = FleetTally(rounds=1, per_round=2, steps=4, on_progress=lambda *line: shown.append(line), root=tmp_path, device_rows=True)
+    tally("device-001", "evaluating", None, None, None)
+    tally("device-002", "round 1", 3, 4, 2.5)
+    assert shown[0] == ("device-001", "evaluating", None, None, None, None) and shown[1][0] == "fleet"
+    assert shown[2] == ("device-002", "round 1", 3, 4, 2.5, None) and shown[3][:4] == ("fleet", "round 1/1", 3, 8)
+
+
 def test_the_fleets_progress_is_one_line_of_counts_for_all_its_devices(monkeypatch, tmp_path):
     clock = iter(range(0, 1000, 30))  # 30 s between updates
     monkeypatch.setattr(launch_module.time, "monotonic", lambda: next(clock))
