@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch cross-entropy's default)
 ACCEPTED = "each example needs a 'text' field, or both a 'prompt' and a 'response' field ('question' and 'answer' also do)"
+PERSONALIZE_MAX_LENGTH = 256
+"""Tokens per example of a user's own file in `plora personalize` (its --max-length)."""
 DEVICE_JOB_MAX_LENGTH = 128
 """Tokens per example in the jobs the platform runs on a device's own records (fleet rounds,
 migration, the persona benchmarks, the demo), which are short notes and question/answer pairs

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, text_key, write_anchor
 from plora.clients.checkpoint import Resumable, TrainingCheckpoint
-from plora.clients.data import TokenizedExample, load_examples, tokenize
+from plora.clients.data import PERSONALIZE_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.search import LrSearch, SearchResult, personalization_settings, search_lr
 from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
@@ -152,7 +152,7 @@ def run_personalization(
     device: Device,
     data_path: Path,
     settings: TrainSettings | None = None,
-    max_length: int = 256,
+    max_length: int = PERSONALIZE_MAX_LENGTH,
     val_fraction: float = 0.1,
     on_step: Callable[[int, int, float], None] | None = None,
     reg: Registry | None = None,

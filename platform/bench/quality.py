@@ -24,7 +24,7 @@ import datasets
 import torch
 
 from plora.clients.anchor import anchor_of, write_anchor
-from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH, PERSONALIZE_MAX_LENGTH, load_examples, tokenize
 from plora.clients.search import LrSearch, personalization_settings, search_rates
 from plora.clients.training import TrainResult, TrainSettings, causal_lm_batch_loss, evaluate, personalize, result_of, train
 from plora.cloud_backbone import loading
@@ -49,7 +49,7 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
         model = split_embedded(backbone, PrivateLoRAConfig())
         persona = make_persona(seed)
         train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, DEVICE_JOB_MAX_LENGTH)
-        generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, 256)
+        generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, PERSONALIZE_MAX_LENGTH)
         before = _measure(model, tok, persona, generic)
         # As a job does it: the anchor is written on the device, by the base model.
         anchor = anchor_of(model, write_anchor(model, tok, PERSONA_JOB.anchor, ANCHOR_SEED), tok.pad_token_id,
@@ -83,7 +83,6 @@ def _after(after: dict, before: dict) -> dict:
 LORA_SEARCH = LrSearch(candidates=(3e-4, 1e-3, 3e-3))
 LORA = {"r": 16, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}
 MIN_BLOCKS = 15  # a speaker with fewer gives too small a validation and held-out split to compare on
-MAX_LENGTH = 256  # `plora personalize`'s default
 
 
 def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str = "embedded") -> list[dict]:
@@ -136,8 +135,8 @@ def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[
     device = open_device(folder)
     try:
         pad, tok = device.tokenizer.pad_token_id, device.tokenizer
-        heldout = tokenize(held_rows, tok, MAX_LENGTH)
-        generic = tokenize(datasets.Dataset.from_list(generic_rows), tok, MAX_LENGTH)
+        heldout = tokenize(held_rows, tok, PERSONALIZE_MAX_LENGTH)
+        generic = tokenize(datasets.Dataset.from_list(generic_rows), tok, PERSONALIZE_MAX_LENGTH)
         before = {"heldout": evaluate(device.model, heldout, pad), "generic": evaluate(device.model, generic, pad)}
         outcome = run_personalization(device, notes, reg=reg, keep_text=False)
         after = {"heldout": evaluate(device.model, heldout, pad), "generic": evaluate(device.model, generic, pad)}
@@ -157,11 +156,11 @@ def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbo
     def logits(ids):
         return model(input_ids=ids).logits
 
-    heldout = tokenize(held_rows, tok, MAX_LENGTH)
-    generic = tokenize(datasets.Dataset.from_list(generic_rows), tok, MAX_LENGTH)
+    heldout = tokenize(held_rows, tok, PERSONALIZE_MAX_LENGTH)
+    generic = tokenize(datasets.Dataset.from_list(generic_rows), tok, PERSONALIZE_MAX_LENGTH)
     before = {"heldout": evaluate(logits, heldout, pad), "generic": evaluate(logits, generic, pad)}
     settings = TrainSettings(anchor=None)  # the job's defaults; LoRA has no anchor to keep it near the base
-    train_set, val = split_holdout(tokenize(load_examples(notes), tok, MAX_LENGTH), 0.1, settings.seed)  # the job's split
+    train_set, val = split_holdout(tokenize(load_examples(notes), tok, PERSONALIZE_MAX_LENGTH), 0.1, settings.seed)  # the job's split
     params = [p for p in model.parameters() if p.requires_grad]
     batch_loss, validate = causal_lm_batch_loss(logits, pad), (lambda: evaluate(logits, val, pad))
     start = validate()

@@ -104,6 +104,8 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
                    "[default: 2 when the rate is chosen, off when pinned].")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Steps between validation checks [default: one epoch].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+# 256 is clients.data.PERSONALIZE_MAX_LENGTH, which the CLI must not import (it imports
+# datasets) before main() takes plora offline.
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
               help="Share of examples held out to pick the best M (used when there are at least 10 examples).")
