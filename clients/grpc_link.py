@@ -7,6 +7,7 @@ two links apart.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import queue
@@ -45,11 +46,32 @@ _CLOSE = object()
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the service is and how to reach it."""
+    """Where the service is and how to reach it.
 
-    address: str  # host:port
+    `address` is host:port, or the IP addresses of several replicas of the service, comma
+    separated (a name that resolves to several addresses does as well). A channel uses gRPC's
+    pick_first: it connects to the first replica that answers, so each session, one stream on
+    a channel of its own, sticks to one replica, and a new session after a failure finds the
+    next one alive."""
+
+    address: str  # host:port, or ip:port,ip:port,...
     insecure: bool = False  # plain text: loopback and tests only
     ca_file: str | None = None  # a CA bundle to trust; None = gRPC's bundled public roots
+
+    @property
+    def target(self) -> str:
+        """The gRPC target: the address, or a list of replicas under gRPC's ipv4: or ipv6: scheme."""
+        replicas = self.address.split(",")
+        if len(replicas) == 1:
+            return self.address
+        try:
+            families = {ipaddress.ip_address(replica.rpartition(":")[0].strip("[]")).version for replica in replicas}
+        except ValueError:
+            raise ConfigError(f"several replicas are given by IP address (ip:port,ip:port), got {self.address!r}; "
+                              "for replicas under a name, give that one name, resolving to all of them") from None
+        if len(families) > 1:
+            raise ConfigError(f"the replicas of {self.address!r} mix IPv4 and IPv6 addresses; give one kind")
+        return f"ipv{families.pop()}:{self.address}"
 
     def channel(self) -> grpc.Channel:
         options = [
@@ -60,9 +82,9 @@ class Endpoint:
             ("grpc.keepalive_timeout_ms", 10_000),
         ]
         if self.insecure:
-            return grpc.insecure_channel(self.address, options=options)
+            return grpc.insecure_channel(self.target, options=options)
         root = Path(self.ca_file).read_bytes() if self.ca_file else None
-        return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+        return grpc.secure_channel(self.target, grpc.ssl_channel_credentials(root_certificates=root), options=options)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from plora.storage.errors import AuthenticationError, ConfigError, TransportErro
 from plora.storage.files import write_atomically
 from plora.storage.registry import Registry
 
-_ADDRESS = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5}")
+_HOST_PORT = r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5}"
+_ADDRESS = re.compile(f"{_HOST_PORT}(?:,{_HOST_PORT})*")  # one service, or its replicas
 # In a device folder being forgotten: the service has forgotten the device, only the folder is left.
 FORGOTTEN = ".forgotten"
 

@@ -23,7 +23,8 @@ def device() -> None:
     default="embedded",
     show_default=True,
     help="'embedded' (SmolLM2-135M-Instruct, cloud half in this process), a local checkpoint folder or .gguf file, "
-    "or HOST:PORT of a backbone service.",
+    "or HOST:PORT of a backbone service (replicas: IP:PORT,IP:PORT,... or one name resolving to all; each session "
+    "sticks to one, and a session whose replica dies carries on at another).",
 )
 @click.option("--insecure", is_flag=True, help="Talk to the service in plain text (loopback only).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate to trust for the service.")

@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,68 +66,80 @@ class KillPoint:
                     raise TimeoutError("the test never released the link")
 
 
+def decode_and_train_through(device: Path, disrupt: Callable[[], None], caplog) -> None:
+    """Decode greedily on one session of `device` and train 4 steps on another, both parked
+    mid-step while `disrupt()` takes their service away: both must end exactly as they do
+    undisturbed, on new sessions, and say that they retried."""
+    generating = open_device(device, retry=QUICK_RETRY)
+    training = open_device(device, retry=QUICK_RETRY)  # a second session of the same device
+    prompt, new_tokens = [5, 17, 3, 42, 8, 11], 16
+    examples = [TokenizedExample(ids, ids) for ids in ([10, 20, 30, 40, 50, 60], [7, 8, 9, 10, 11], [3, 1, 4, 1, 5, 9, 2])]
+    settings = TrainSettings(steps=4, batch_size=2, lr=0.05)
+
+    def train(on_step) -> TrainResult:
+        with torch.no_grad():
+            for m in training.model.weights.ms.values():
+                m.zero_()
+        return personalize(training.model, examples, 0, settings, on_step=on_step)
+
+    expected_tokens = list(stream_tokens(generating.model, prompt, new_tokens, set()))
+    train(None)
+    expected_ms = [m.detach().clone() for m in training.model.weights.ms.values()]
+
+    # Generation is parked mid-decode, before its 6th decode step goes out; training in the
+    # backward of its 3rd step, with 2 of the cloud's adapter requests already answered.
+    steps_done: list[int] = []
+    in_generation = KillPoint(lambda m: isinstance(m, ForwardRequest) and m.cache is CacheMode.EXTEND, nth=6)
+    in_training = KillPoint(lambda m: isinstance(m, AdapterReply) and m.phase is Phase.BACKWARD and len(steps_done) == 2, nth=2)
+    generating.model.link.taps.append(in_generation)
+    training.model.link.taps.append(in_training)
+    outcome: dict = {}
+    threads = [  # daemons: a failed test leaves no thread retrying behind it
+        threading.Thread(target=lambda: outcome.update(tokens=list(stream_tokens(generating.model, prompt, new_tokens, set()))),
+                         daemon=True),
+        threading.Thread(target=lambda: outcome.update(trained=train(lambda step, total, loss: steps_done.append(step))), daemon=True),
+    ]
+    with caplog.at_level(logging.WARNING, logger="plora.clients.recovery"), caplog.at_level(logging.INFO, logger="plora.clients.grpc_link"):
+        for thread in threads:
+            thread.start()
+        assert in_generation.parked.wait(PARK_TIMEOUT_S) and in_training.parked.wait(PARK_TIMEOUT_S)
+        disrupt()
+        in_generation.resume.set()
+        in_training.resume.set()
+        for thread in threads:
+            thread.join(300)
+    assert outcome.get("tokens") == expected_tokens
+    trained = outcome.get("trained")
+    assert trained is not None and trained.steps == settings.steps and steps_done == [1, 2, 3, 4]
+    for m, expected in zip(training.model.weights.ms.values(), expected_ms):
+        assert torch.allclose(m, expected, atol=1e-6, rtol=0)
+    # It recovered on new sessions, one for each link at least, and said so.
+    reopened = [r.getMessage() for r in caplog.records if r.name == "plora.clients.grpc_link" and r.getMessage().startswith("new session ")]
+    assert len(reopened) >= 2, reopened
+    warnings = [r.getMessage() for r in caplog.records]
+    for what in ("forward step", "backward step"):
+        assert any(f"the {what} failed (attempt 1)" in w and "retry budget left" in w for w in warnings), warnings
+    generating.close()
+    training.close()
+
+
 def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_step(tiny_checkpoint, tmp_path, caplog, offline_probe):
     port = free_port()
     endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
-    service = ServeProcess(tiny_checkpoint, tmp_path / "serve-1.log", *TINY_ADAPTER, port=port)
+    services = [ServeProcess(tiny_checkpoint, tmp_path / "serve-1.log", *TINY_ADAPTER, port=port)]
     try:
-        service.wait_until_listening()
+        services[0].wait_until_listening()
         enroll(tmp_path / "dev", endpoint)
-        generating = open_device(tmp_path / "dev", retry=QUICK_RETRY)
-        training = open_device(tmp_path / "dev", retry=QUICK_RETRY)  # a second session of the same device
-        prompt, new_tokens = [5, 17, 3, 42, 8, 11], 16
-        examples = [TokenizedExample(ids, ids) for ids in ([10, 20, 30, 40, 50, 60], [7, 8, 9, 10, 11], [3, 1, 4, 1, 5, 9, 2])]
-        settings = TrainSettings(steps=4, batch_size=2, lr=0.05)
 
-        def train(on_step) -> TrainResult:
-            with torch.no_grad():
-                for m in training.model.weights.ms.values():
-                    m.zero_()
-            return personalize(training.model, examples, 0, settings, on_step=on_step)
+        def restart() -> None:
+            services[0].kill()
+            services.append(ServeProcess(tiny_checkpoint, tmp_path / "serve-2.log", *TINY_ADAPTER, port=port))
 
-        expected_tokens = list(stream_tokens(generating.model, prompt, new_tokens, set()))
-        train(None)
-        expected_ms = [m.detach().clone() for m in training.model.weights.ms.values()]
-
-        # Generation is parked mid-decode, before its 6th decode step goes out; training in the
-        # backward of its 3rd step, with 2 of the cloud's adapter requests already answered.
-        steps_done: list[int] = []
-        in_generation = KillPoint(lambda m: isinstance(m, ForwardRequest) and m.cache is CacheMode.EXTEND, nth=6)
-        in_training = KillPoint(lambda m: isinstance(m, AdapterReply) and m.phase is Phase.BACKWARD and len(steps_done) == 2, nth=2)
-        generating.model.link.taps.append(in_generation)
-        training.model.link.taps.append(in_training)
-        outcome: dict = {}
-        threads = [  # daemons: a failed test leaves no thread retrying behind it
-            threading.Thread(target=lambda: outcome.update(tokens=list(stream_tokens(generating.model, prompt, new_tokens, set()))),
-                             daemon=True),
-            threading.Thread(target=lambda: outcome.update(trained=train(lambda step, total, loss: steps_done.append(step))), daemon=True),
-        ]
-        with caplog.at_level(logging.WARNING, logger="plora.clients.recovery"), caplog.at_level(logging.INFO, logger="plora.clients.grpc_link"):
-            for thread in threads:
-                thread.start()
-            assert in_generation.parked.wait(PARK_TIMEOUT_S) and in_training.parked.wait(PARK_TIMEOUT_S)
-            service.kill()
-            service = ServeProcess(tiny_checkpoint, tmp_path / "serve-2.log", *TINY_ADAPTER, port=port)
-            in_generation.resume.set()
-            in_training.resume.set()
-            for thread in threads:
-                thread.join(300)
-        assert outcome.get("tokens") == expected_tokens, service.log.read_text()[-3000:]
-        trained = outcome.get("trained")
-        assert trained is not None and trained.steps == settings.steps and steps_done == [1, 2, 3, 4]
-        for m, expected in zip(training.model.weights.ms.values(), expected_ms):
-            assert torch.allclose(m, expected, atol=1e-6, rtol=0)
-        # It recovered on new sessions, one for each link at least, and said so.
-        reopened = [r.getMessage() for r in caplog.records if r.name == "plora.clients.grpc_link" and r.getMessage().startswith("new session ")]
-        assert len(reopened) >= 2, reopened
+        decode_and_train_through(tmp_path / "dev", restart, caplog)
         assert offline_probe.offline_kinds() == {"plora"}  # both services went offline themselves
-        warnings = [r.getMessage() for r in caplog.records]
-        for what in ("forward step", "backward step"):
-            assert any(f"the {what} failed (attempt 1)" in w and "retry budget left" in w for w in warnings), warnings
-        generating.close()
-        training.close()
     finally:
-        service.kill()
+        for service in services:
+            service.kill()
 
 
 @pytest.fixture

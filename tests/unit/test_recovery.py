@@ -12,13 +12,13 @@ import torch
 
 from plora.clients.device_model import DeviceModel
 from plora.clients.generation import stream_tokens
-from plora.clients.grpc_link import rpc_error
+from plora.clients.grpc_link import Endpoint, rpc_error
 from plora.clients.recovery import ConnectionLost, RetryPolicy, SequenceHistory
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.cloud_backbone.protocol.messages import CacheMode, ForwardRequest
-from plora.storage.errors import AuthenticationError, CapacityError, TransportError, ValidationError, VersionMismatchError
+from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, TransportError, ValidationError, VersionMismatchError
 from tests.conftest import tiny_backbone
 from tests.unit.test_speculation import PEAKED, Scripted
 
@@ -310,3 +310,13 @@ def test_a_backward_request_answered_twice_counts_its_gradient_once():
         model(ids).logsumexp(-1).mean().backward()
         grads.append([m.grad for m in model.weights.ms.values()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_replicas_are_reached_through_grpcs_own_address_lists():
+    assert Endpoint("cloud.example.org:50051").target == "cloud.example.org:50051"  # may resolve to several
+    assert Endpoint("10.0.0.5:50051,10.0.0.6:50051").target == "ipv4:10.0.0.5:50051,10.0.0.6:50051"
+    assert Endpoint("[fd00::5]:50051,[fd00::6]:50051").target == "ipv6:[fd00::5]:50051,[fd00::6]:50051"
+    with pytest.raises(ConfigError, match="by IP address"):
+        _ = Endpoint("a.example.org:50051,b.example.org:50051").target
+    with pytest.raises(ConfigError, match="mix IPv4 and IPv6"):
+        _ = Endpoint("10.0.0.5:50051,[fd00::6]:50051").target

@@ -1,0 +1,46 @@
+"""Backbone replicas: several `plora backbone serve` processes on one PostgreSQL registry serve
+the same versions. A device given every replica's address keeps each session on one of them,
+and when that replica dies mid-step it carries on at another, rebuilding the cloud's cache
+from its own history: the same tokens, the same M."""
+
+from __future__ import annotations
+
+import uuid
+
+import sqlalchemy
+
+from plora.clients.grpc_link import Endpoint
+from plora.platform.runtime import init_device
+from plora.storage.registry import open_registry
+from tests.integration.test_recovery import decode_and_train_through, free_port
+from tests.service_process import TINY_ADAPTER, ServeProcess
+
+
+def fresh_database(server_url: str) -> str:
+    """A new, empty database on the PostgreSQL server of `server_url`, for this test alone."""
+    name = f"replicas_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return str(sqlalchemy.engine.make_url(server_url).set(database=name))
+
+
+def test_a_device_carries_on_at_another_replica_when_its_replica_dies_mid_step(tiny_checkpoint, tmp_path, postgres_url, caplog):
+    db = fresh_database(postgres_url)
+    ports = [free_port(), free_port()]
+    replicas = []
+    try:
+        for i, port in enumerate(ports):  # one after the other: the first sets up the registry
+            replicas.append(ServeProcess(tiny_checkpoint, tmp_path / f"replica-{i}.log", *TINY_ADAPTER, "--db", db, port=port))
+            replicas[-1].wait_until_listening()
+        address = ",".join(f"127.0.0.1:{port}" for port in ports)
+        token = open_registry(db).issue_enrollment_token()[1]
+        init_device(tmp_path / "dev", address, endpoint=Endpoint(address, insecure=True), enroll_token=token)
+        decode_and_train_through(tmp_path / "dev", replicas[0].kill, caplog)  # pick_first: the sessions were on the first
+        assert replicas[1].metrics().get('plora_tokens_total{step="forward"}', 0) > 0  # the second replica took over
+    finally:
+        for replica in replicas:
+            replica.kill()
