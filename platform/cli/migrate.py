@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def _fleet_rows(lines: list[dict], method: str) -> list[dict]:
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A device folder, or a folder of device folders (a fleet's root).")
 @click.option("--backbone", "address", help="HOST:PORT of a service hosting both versions, for networked devices "
-              "(default: start one on loopback for the migration).")
+              "(default: the service the devices are bound to when this host's registry does not know the target "
+              "version, as on a device's own host; else one started on loopback from the registry for the migration).")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text to distill on, for a single device (default: the user's text the device keeps, else text it writes).")
 @click.option("--min-retention", type=click.FloatRange(0, 1),
@@ -84,6 +86,7 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
         raise click.UsageError("--data is for a single device; a fleet's devices distill on their own text")
     fleet = (device_dir(root, 0) / DeviceStore.RECORD).is_file()
     engine = engine or ("simulation" if fleet and not wanted and not dry_run else "direct")
+    address = migration.resolve_target(reg, target, folders, address)
     name = reg.get_backbone(target).name
     title = f"{'checking' if dry_run else 'migrating'} {len(folders)} device(s) to {name} by {method}"
     if engine != "direct":
@@ -102,7 +105,7 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
         return
     settings = DistillSettings(steps=steps, lr=lr)
     reports, refused = [], []
-    with migration.service_for(folders, target, reg, None if dry_run else address) as reach, \
+    with nullcontext() if dry_run else migration.service_for(folders, target, reg, address) as reach, \
             Board(title, loss_name="KL", keys=[folder.name for folder in folders]) as board:
         for folder in folders:
             board.update(folder.name, "checking" if dry_run else "preparing")

@@ -46,12 +46,12 @@ from plora.clients.migration import (
 )
 from plora.clients.training import evaluate, fingerprint
 from plora.cloud_backbone.server import start_service
-from plora.cloud_backbone.versions import load_version
+from plora.cloud_backbone.versions import ensure_version, load_version
 from plora.platform.jobs import device_job, register
 from plora.storage.registry import open_registry
 from plora.platform.runtime import connect, fetch_bundle, is_address, open_device
 from plora.storage.crashpoints import crash_point
-from plora.storage.errors import ConfigError, PloraError
+from plora.storage.errors import ConfigError, PloraError, RegistryError
 from plora.storage.files import discard_partial_writes, write_atomically
 from plora.storage.models import BackboneStatus, BackboneVersion, JobStatus
 from plora.storage.registry import Registry
@@ -337,6 +337,28 @@ def device_folders(root: Path, wanted: Sequence[str] = ()) -> list[Path]:
     if missing:
         raise ConfigError(f"no device {', '.join(missing)} under {root}; it holds {', '.join(sorted(by_id))}")
     return [by_id[d] for d in wanted]
+
+
+def resolve_target(reg: Registry, target: str, folders: list[Path], address: str | None) -> str | None:
+    """Make sure `reg` knows version `target`; returns where networked devices reach a service
+    hosting it. A device on a host of its own knows no version but its own, so a `target` this
+    registry does not know is asked of the service at `address`, else of the one the devices are
+    bound to, recorded as that service describes it, and that service is the answer. Otherwise
+    the answer is `address`, which may be None: service_for then starts a service from `reg`."""
+    try:
+        reg.get_backbone(target)
+        return address
+    except RegistryError:
+        pass
+    records = [record for record in (DeviceStore.open(f, midway=True).record for f in folders) if is_address(record.backbone_spec)]
+    bound = sorted({record.backbone_spec for record in records})
+    if address is None and len(bound) != 1:
+        raise ConfigError(f"this registry knows no backbone version {target!r}, and the devices are bound to "
+                          f"{len(bound)} services; give --backbone HOST:PORT of a service hosting it")
+    address = address or bound[0]
+    endpoint = Endpoint(address, **((records[0].endpoint if records else None) or {}))
+    ensure_version(reg, describe(endpoint, target).identity, address)
+    return address
 
 
 @contextmanager

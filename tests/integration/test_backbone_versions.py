@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Endpoint, register
 from plora.cloud_backbone.protocol.messages import OpenSession
 from plora.cloud_backbone.server import start_service
@@ -94,5 +95,28 @@ def test_a_service_hosts_old_and_new_versions_and_refuses_retired_ones(tiny_chec
         plora("backbone", "retire", v2, "--force")
         with pytest.raises(VersionMismatchError, match="retired"):
             server.service.open_session("0" * 32, OpenSession(server.service.versions[v2].identity))
+    finally:
+        server.stop(grace_s=0)
+
+
+def test_a_device_that_knows_only_its_services_address_migrates(tiny_checkpoint, tmp_path, monkeypatch):
+    v2 = plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4", "--seed", "1").output.split()[0]
+    v1 = plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4").output.split()[0]  # new devices' version
+    operator = open_registry()
+    server = start_service([], None, operator, registered=[v1, v2])
+    try:
+        address, token = f"127.0.0.1:{server.port}", operator.issue_enrollment_token()[1]
+        # The device's own host: a registry and a home of its own, which no version was ever registered in.
+        monkeypatch.setenv("PLORA_DB_URL", f"sqlite:///{tmp_path / 'device-host.db'}")
+        monkeypatch.setenv("PLORA_HOME", str(tmp_path / "device-home"))
+        device = tmp_path / "dev"
+        plora("device", "init", device, "--backbone", address, "--insecure", "--enroll-token", token)
+        notes = tmp_path / "notes.jsonl"
+        notes.write_text("".join(json.dumps(t) + "\n" for t in TEXTS))
+        plora("personalize", device, "--data", notes, "--steps", 3, "--lr", "1e-2", "--val-fraction", 0)
+        assert DeviceStore.open(device).record.identity.version == v1
+        out = plora("migrate", "--to", v2, "--root", device, "--steps", 3, "--min-retention", 0).output
+        assert "migrated" in out and DeviceStore.open(device).record.identity.version == v2
+        assert open_registry().get_backbone(v2).source == address  # learned from the service, as it describes v2
     finally:
         server.stop(grace_s=0)
