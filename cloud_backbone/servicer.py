@@ -355,7 +355,8 @@ class FailedSteps:
     evenly over a minute. A step fails by the device's fault when it sends malformed input or a
     message out of protocol, which an honest device never does; once its allowance is spent,
     its steps are refused before they reach the compute or a batch, so that a hostile device
-    cannot keep intruding on the passes of others. Used on the event loop only."""
+    cannot keep intruding on the passes of others (steps already under way when it runs out,
+    one per session at most, still end as they end). Used on the event loop only."""
 
     def __init__(self, per_minute: int, clock=time.monotonic):
         self.per_minute, self.clock = per_minute, clock

@@ -38,6 +38,8 @@ from plora.cloud_backbone.protocol.messages import (
 )
 
 
+READY_TIMEOUT_S = 120
+
 def _broken_replies(request: AdapterRequest, step: int) -> list[bytes]:
     """Three ways to answer `request` wrongly, each one frame."""
     wrong_width = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:-1], 3))
@@ -46,18 +48,26 @@ def _broken_replies(request: AdapterRequest, step: int) -> list[bytes]:
 
 
 class _Pacer:
-    """Frames at a fixed rate, shared by the attacker's sessions."""
+    """Frames at a fixed rate, shared by the attacker's sessions; `ready` is set as the first goes."""
 
-    def __init__(self, per_s: float):
-        self.interval, self.due, self.frames = 1.0 / per_s, time.monotonic(), 0
+    def __init__(self, per_s: float, ready):
+        self.interval, self.ready, self.frames = 1.0 / per_s, ready, 0
+        self.first = self.due = 0.0
         self._lock = threading.Lock()
 
     def wait(self) -> None:
         with self._lock:
+            if not self.frames:
+                self.first = self.due = time.monotonic()
+                self.ready.set()
             self.due = max(self.due + self.interval, time.monotonic())
             due = self.due
             self.frames += 1
         time.sleep(max(0.0, due - time.monotonic()))
+
+    def rate(self) -> float:
+        """Frames per second since the first."""
+        return self.frames / (time.monotonic() - self.first) if self.frames else 0.0
 
 
 def _attack_session(store: DeviceStore, credentials: Credentials, address: str, pacer: _Pacer, stop) -> Counter:
@@ -102,12 +112,12 @@ def _attack_session(store: DeviceStore, credentials: Credentials, address: str, 
     return ended
 
 
-def _attack(folder: Path, address: str, frames_per_s: float, sessions: int, stop, report) -> None:
+def _attack(folder: Path, address: str, frames_per_s: float, sessions: int, ready, stop, report) -> None:
     """`sessions` sessions of one device sending `frames_per_s` frames in all: each session
     waits for each answer, so several keep the rate while some of their steps wait in a pass."""
     store = DeviceStore.open(folder)
     credentials = Credentials.load(folder / DeviceStore.CREDENTIALS)
-    pacer, ended, failures = _Pacer(frames_per_s), [], []
+    pacer, ended, failures = _Pacer(frames_per_s, ready), [], []
 
     def run() -> None:
         try:
@@ -116,7 +126,6 @@ def _attack(folder: Path, address: str, frames_per_s: float, sessions: int, stop
             failures.append(err)
             stop.set()
 
-    started = time.monotonic()
     threads = [threading.Thread(target=run) for _ in range(sessions)]
     for thread in threads:
         thread.start()
@@ -124,11 +133,12 @@ def _attack(folder: Path, address: str, frames_per_s: float, sessions: int, stop
         thread.join()
     if failures:
         raise failures[0]
-    report.put({"frames_per_s": pacer.frames / (time.monotonic() - started), "steps": dict(sum(ended, Counter()))})
+    report.put({"frames_per_s": pacer.rate(), "steps": dict(sum(ended, Counter()))})
 
 
-def _burn(share: float, stop, report) -> None:
+def _burn(share: float, ready, stop, report) -> None:
     """Keep `share` of one core busy, in 10 ms periods, until stopped."""
+    ready.set()
     while not stop.is_set():
         busy_until = time.perf_counter() + 0.01 * share
         while time.perf_counter() < busy_until:
@@ -141,9 +151,13 @@ class Neighbour:
     """A process next to the honest device: the attacker, or a burner of its CPU share."""
 
     def __init__(self, context, target, *args):
-        self.stop, self.report = context.Event(), context.Queue()
-        self.process = context.Process(target=target, args=(*args, self.stop, self.report), daemon=True)
+        self.ready, self.stop, self.report = context.Event(), context.Event(), context.Queue()
+        self.process = context.Process(target=target, args=(*args, self.ready, self.stop, self.report), daemon=True)
         self.process.start()
+        # A spawned process takes seconds to import torch and plora: nothing is measured before it is at work.
+        if not self.ready.wait(READY_TIMEOUT_S):
+            self.process.kill()
+            raise RuntimeError(f"a noisy-neighbour process did not start within {READY_TIMEOUT_S} s; its traceback is above")
 
     def close(self):
         """What the process reported when it stopped."""
@@ -165,7 +179,7 @@ def measure(context: multiprocessing.context.BaseContext, decode, attacker: Path
     attacked, baseline, rates, shares, steps = [], [], [], [], Counter()
     for _ in range(repeats):
         attack = Neighbour(context, _attack, attacker, address, frames_per_s, sessions)
-        time.sleep(1.0)  # the attacker's sessions are open and their steps are coming
+        time.sleep(1.0)  # every session is open and sending
         cpu, wall = _cpu(attack.process.pid), time.perf_counter()
         attacked.append(_timed(decode))
         shares.append((_cpu(attack.process.pid) - cpu) / (time.perf_counter() - wall))
