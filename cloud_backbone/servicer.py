@@ -244,7 +244,7 @@ class SessionStream:
                         step, message = await self._read(self.limits.idle_timeout_s, "step")
                     except _Deadline:
                         return  # idle: the session ends quietly, and the device opens a new one on its next step
-                    self.failed_steps.check(self.device_id)
+                    await self.failed_steps.refuse_spent(self.device_id)
                     await self._serve_step(session, step, message)
                 except (_Ended, _Deadline):
                     raise
@@ -353,35 +353,43 @@ class _Slots:
 class FailedSteps:
     """What a device's own faults cost it: an allowance of failed steps per device, refilled
     evenly over a minute. A step fails by the device's fault when it sends malformed input or a
-    message out of protocol, which an honest device never does; once its allowance is spent,
+    message out of protocol, which an honest device never does. Once its allowance is spent,
     its steps are refused before they reach the compute or a batch, so that a hostile device
     cannot keep intruding on the passes of others (steps already under way when it runs out,
-    one per session at most, still end as they end). Used on the event loop only."""
+    one per session at most, still end as they end); and each refusal is held until the
+    allowance has refilled by a step, so that its session reads no frame meanwhile and a device
+    cannot make the service answer refusals as fast as it sends (HTTP/2 flow control holds its
+    further frames unread). Used on the event loop only."""
 
-    def __init__(self, per_minute: int, clock=time.monotonic):
-        self.per_minute, self.clock = per_minute, clock
+    def __init__(self, per_minute: int, clock=time.monotonic, sleep=asyncio.sleep):
+        self.per_minute, self.clock, self.sleep = per_minute, clock, sleep
         self._left: dict[str, tuple[float, float]] = {}  # device id -> (allowance left, when), while not full
 
     def _allowance(self, device_id: str) -> float:
         left, when = self._left.get(device_id, (self.per_minute, 0.0))
         return min(self.per_minute, left + (self.clock() - when) * self.per_minute / 60)
 
-    def check(self, device_id: str) -> None:
-        """Raises CapacityError if the device has no failed step left to make."""
+    async def refuse_spent(self, device_id: str) -> None:
+        """Raises CapacityError, once the allowance holds a step again, if the device had none left."""
         if not self.per_minute or device_id not in self._left:
             return
         left = self._allowance(device_id)
         if left >= self.per_minute:
             del self._left[device_id]  # full again: nothing to remember
         elif left < 1:
+            held = (1 - left) * 60 / self.per_minute
+            await self.sleep(held)
             raise CapacityError(
                 f"this device's steps failed {self.per_minute} times within a minute (malformed input or steps out of "
-                f"protocol); its steps are refused for {(1 - left) * 60 / self.per_minute:.1f} s"
+                f"protocol); this step was refused unrun, after {held:.1f} s"
             )
 
     def failed(self, device_id: str) -> None:
         if self.per_minute:
             self._left[device_id] = (max(0.0, self._allowance(device_id) - 1), self.clock())
+
+    def forget(self, device_id: str) -> None:
+        self._left.pop(device_id, None)
 
 
 class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
@@ -441,6 +449,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
                 # A revoked device may still have itself forgotten.
                 device_id = await self._authenticate(context, allow_revoked=True)
                 removed = await asyncio.to_thread(self.service.forget_device, device_id)
+                self.failed_steps.forget(device_id)
         except PloraError as err:
             await self._abort(context, err)
         return pb.ForgetReply(removed=removed)

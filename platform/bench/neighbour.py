@@ -7,9 +7,10 @@ batches, and answers each adapter request with a broken reply (bytes protobuf ca
 reply of the wrong width, NaN). Together they send a fixed rate of frames per second (at most:
 each session waits for each answer, so a slow service caps the rate, which is reported with
 how the attacker's steps ended: failed at the service's checks, or refused unrun once its
-allowance of failed steps was spent). Its steps fail; the honest device's must not slow down. The baseline is the
-honest device decoding while an idle process burns the CPU time the attacker used, so that the
-ratio measures what the attack costs through the service, not the cores the attacker took.
+allowance of failed steps was spent). Its steps fail; the honest device's must not slow down.
+The baseline is the honest device decoding while an idle process burns the CPU time the
+attacker used, so that the ratio measures what the attack costs through the service, not the
+cores the attacker took. Neither is measured before its process is at work.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from plora.cloud_backbone.protocol.messages import (
 )
 
 
-READY_TIMEOUT_S = 120
+READY_TIMEOUT_S = 120  # for a neighbour process to be at work (spawned, it first imports torch and plora)
+
 
 def _broken_replies(request: AdapterRequest, step: int) -> list[bytes]:
     """Three ways to answer `request` wrongly, each one frame."""
@@ -154,7 +156,6 @@ class Neighbour:
         self.ready, self.stop, self.report = context.Event(), context.Event(), context.Queue()
         self.process = context.Process(target=target, args=(*args, self.ready, self.stop, self.report), daemon=True)
         self.process.start()
-        # A spawned process takes seconds to import torch and plora: nothing is measured before it is at work.
         if not self.ready.wait(READY_TIMEOUT_S):
             self.process.kill()
             raise RuntimeError(f"a noisy-neighbour process did not start within {READY_TIMEOUT_S} s; its traceback is above")

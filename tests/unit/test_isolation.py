@@ -3,6 +3,7 @@ session's cache as it was, every input is checked, and memory is refused before 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -232,26 +233,39 @@ def test_a_backward_without_its_forward_is_a_session_error():
 
 
 def test_a_device_that_spent_its_failed_steps_is_refused_until_they_refill_and_others_never():
-    now = [0.0]
-    budget = FailedSteps(per_minute=6, clock=lambda: now[0])
+    now, held = [0.0], []
+
+    async def sleep(seconds):
+        held.append(seconds)
+
+    budget = FailedSteps(per_minute=6, clock=lambda: now[0], sleep=sleep)
+
+    def refused(device: str) -> bool:
+        try:
+            asyncio.run(budget.refuse_spent(device))
+        except CapacityError as err:
+            assert "refused unrun" in str(err)
+            return True
+        return False
+
     for _ in range(6):
-        budget.check("hostile")
+        assert not refused("hostile")
         budget.failed("hostile")
-    with pytest.raises(CapacityError, match="refused for 10.0 s"):
-        budget.check("hostile")
-    budget.check("honest")
+    assert refused("hostile") and held == [10.0]  # held until a step's worth refills: 60 s / 6
+    assert not refused("honest")
     now[0] = 9.0
-    with pytest.raises(CapacityError):
-        budget.check("hostile")
-    now[0] = 10.0  # one failed step's worth refilled (a minute's allowance over 60 s)
-    budget.check("hostile")
+    assert refused("hostile") and held[-1] == pytest.approx(1.0)
+    now[0] = 10.0
+    assert not refused("hostile")
     budget.failed("hostile")
-    with pytest.raises(CapacityError):
-        budget.check("hostile")
+    assert refused("hostile")
     now[0] = 80.0
-    budget.check("hostile")
+    assert not refused("hostile")
     assert not budget._left  # a device back to its full allowance is forgotten
+    budget.failed("hostile")
+    budget.forget("hostile")  # as `plora device forget` has it
+    assert not budget._left
     unlimited = FailedSteps(per_minute=0)
     for _ in range(100):
         unlimited.failed("hostile")
-        unlimited.check("hostile")
+        assert asyncio.run(unlimited.refuse_spent("hostile")) is None
