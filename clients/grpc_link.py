@@ -38,9 +38,11 @@ from plora.cloud_backbone.protocol.messages import (
 from plora.storage import errors
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, PloraError, TransportError, ValidationError, VersionMismatchError
 from plora.storage.files import write_atomically
+from plora.storage.registry import JobReport
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 32 << 20
+REPORT_TIMEOUT_S = 10  # a job's end waits no longer for the service to hear of it
 _CLOSE = object()
 
 
@@ -369,6 +371,20 @@ def forget(endpoint: Endpoint, credentials: Credentials) -> dict[str, int]:
         except grpc.RpcError as err:
             raise rpc_error(err) from err
     return dict(reply.removed)
+
+
+def report_jobs(endpoint: Endpoint, credentials: Credentials, reports: list[JobReport]) -> int:
+    """Tell the service what became of the device's jobs (metadata only); returns how many it recorded."""
+    recorded = 0
+    with endpoint.channel() as channel:
+        stub = pb_grpc.SplitBackboneStub(channel)
+        for first in range(0, len(reports), wire.MAX_JOB_REPORTS):
+            request = pb.ReportJobsRequest(jobs=[wire.job_report_to_proto(r) for r in reports[first : first + wire.MAX_JOB_REPORTS]])
+            try:
+                recorded += stub.ReportJobs(request, metadata=credentials.metadata(), timeout=REPORT_TIMEOUT_S).recorded
+            except grpc.RpcError as err:
+                raise rpc_error(err) from err
+    return recorded
 
 
 def describe(endpoint: Endpoint, version: str) -> HostedBackbone:

@@ -122,7 +122,7 @@ class RunningServer:
         ]
         # Each kind of call has its own budget in the servicer, so that a flood of one kind
         # cannot starve the others; gRPC's own cap only bounds what is left (unauthenticated calls).
-        budgets = limits.max_sessions + limits.max_bundle_downloads + 4 * limits.max_unary_calls
+        budgets = limits.max_sessions + limits.max_bundle_downloads + 5 * limits.max_unary_calls
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=2 * budgets)
         add_to_server(self._servicer, server)
         address = f"{host}:{port}"

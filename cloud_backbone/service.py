@@ -28,7 +28,7 @@ from plora.cloud_backbone.slots import ComputeSlots
 from plora.cloud_backbone.versions import ensure_version
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
 from plora.storage.models import BackboneStatus, utcnow
-from plora.storage.registry import Registry
+from plora.storage.registry import JobReport, Registry
 from plora.storage.tokens import hash_token, new_token
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Limits:
     max_bundle_downloads: int = 4
     bundle_timeout_s: float = 600.0
     max_unary_calls: int = 16
-    """Register, Describe, ForgetDevice and authentication calls in flight, each; more are refused, not queued."""
+    """Register, Describe, ForgetDevice, ReportJobs and authentication calls in flight, each; more are refused, not queued."""
     compute_slots: int = 0
     """Steps that run torch at once, each with torch's threads (cloud_backbone.slots); 0: any number."""
     failed_steps_per_minute: int = 10
@@ -278,6 +278,13 @@ class BackboneService:
             theirs = [s for s in self._sessions.values() if s.device_id == device_id]
         for session in theirs:
             session.end(reason)
+
+    def record_job_reports(self, device_id: str, reports: list[JobReport]) -> int:
+        """Keep what a device reports of its jobs (metadata only; see Registry.record_job_report),
+        so that the operator's `plora jobs list` shows the jobs of devices on hosts of their own."""
+        for report in reports:
+            self.registry.record_job_report(device_id, report)
+        return len(reports)
 
     def forget_device(self, device_id: str) -> dict[str, int]:
         """Delete everything the service keeps about the device, and end its sessions; returns

@@ -405,6 +405,7 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
         self.descriptions = _Slots("Describe calls", limits.max_unary_calls)
         self.authentications = _Slots("authentications", limits.max_unary_calls)
         self.forgets = _Slots("ForgetDevice calls", limits.max_unary_calls)
+        self.job_reports = _Slots("ReportJobs calls", limits.max_unary_calls)
         self._streams_of: collections.Counter[str] = collections.Counter()  # device id -> streams, open or opening
         self.failed_steps = FailedSteps(limits.failed_steps_per_minute)
 
@@ -453,6 +454,19 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
         except PloraError as err:
             await self._abort(context, err)
         return pb.ForgetReply(removed=removed)
+
+    async def ReportJobs(self, request, context):
+        try:
+            request = self._parsed(request)
+            if len(request.jobs) > wire.MAX_JOB_REPORTS:
+                raise ValidationError(f"{len(request.jobs)} job reports in one call; at most {wire.MAX_JOB_REPORTS}")
+            with self.job_reports.taken():
+                device_id = await self._authenticate(context)
+                reports = [wire.job_report_from_proto(job) for job in request.jobs]
+                recorded = await asyncio.to_thread(self.service.record_job_reports, device_id, reports)
+        except PloraError as err:
+            await self._abort(context, err)
+        return pb.ReportJobsReply(recorded=recorded)
 
     async def Describe(self, request, context):
         try:

@@ -29,10 +29,11 @@ from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, text_key, 
 from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
+from plora.clients.grpc_link import Credentials, Endpoint, report_jobs as send_reports
 from plora.clients.search import LrSearch, SearchResult, personalization_settings, search_lr
 from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
-from plora.platform.runtime import Device
+from plora.platform.runtime import Device, is_address
 from plora.storage.crashpoints import crash_point
 from plora.storage.errors import ConfigError, PloraError, RegistryError
 from plora.storage.files import discard_partial_writes, exclusive, write_atomically
@@ -122,8 +123,9 @@ class JobOutcome:
 
 
 @contextmanager
-def device_job(store: DeviceStore, reg: Registry) -> Iterator[None]:
-    """Run a job on the device alone, after clearing up what a killed job left behind.
+def device_job(store: DeviceStore, reg: Registry, address: str | None = None) -> Iterator[None]:
+    """Run a job on the device alone, after clearing up what a killed job left behind; then
+    report its jobs to its service (at `address` if it moved).
 
     The lock is an flock, which the kernel drops with its holder, SIGKILL included: once it
     is held, no other process runs a job on this device, so an open job in the registry, or a
@@ -143,9 +145,28 @@ def device_job(store: DeviceStore, reg: Registry) -> Iterator[None]:
         for job_id in reg.interrupt_abandoned_jobs(store.record.device_id, ABANDONED):
             log.warning("job %d of device %s was left open by a process that is gone; closed as interrupted",
                         job_id, store.record.device_id)
-        yield
+        try:
+            yield
+        finally:
+            report_jobs(store, reg, address)
     finally:
         os.close(fd)
+
+
+def report_jobs(store: DeviceStore, reg: Registry, address: str | None = None) -> None:
+    """Tell a networked device's service what became of its jobs since it last heard, each
+    job's metadata once per status, so that the operator sees the jobs of devices on hosts of
+    their own. Best effort: what a service out of reach missed, it hears after the next job."""
+    record = store.record
+    if not is_address(record.backbone_spec) or not (jobs := reg.jobs_to_report(record.device_id)):
+        return
+    try:
+        endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
+        send_reports(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), [reg.job_report(job) for job in jobs])
+    except PloraError as err:
+        log.warning("the service did not hear of %d job(s) of this device (%s); it hears of them after the next job", len(jobs), err)
+        return
+    reg.mark_reported({job.uuid: job.status for job in jobs})
 
 
 def run_personalization(
@@ -185,7 +206,7 @@ def run_personalization(
         settings, search = TrainSettings(), search or LrSearch()
     reg = reg or open_registry()
     register(device.store.record, reg)
-    with device_job(device.store, reg):
+    with device_job(device.store, reg, device.address):
         return _personalization_job(device, data_path, settings, max_length, val_fraction, on_step, reg, checkpoint_every,
                                     search, on_search_step, keep_text)
 

@@ -46,6 +46,7 @@ class Device:
     model: DeviceModel
     tokenizer: PreTrainedTokenizerBase
     steps: int  # optimizer steps the stored adapter was trained for
+    address: str | None = None  # where its service was reached, when not at the one it enrolled with
 
     def save(self, steps: int) -> None:
         self.store.write_adapter(self.model.weights, steps)
@@ -184,4 +185,4 @@ def open_device(
     except BaseException:
         model.link.close()
         raise
-    return Device(store, model, tokenizer, steps)
+    return Device(store, model, tokenizer, steps, address)

@@ -10,6 +10,7 @@ columns, and the free-form JSON columns are filled only through the validators i
 from __future__ import annotations
 
 import enum
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -162,6 +163,8 @@ class Job(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Made where the job runs, on the device: the job's name in any registry it is reported to.
+    uuid: Mapped[str] = mapped_column(String(32), unique=True, default=lambda: uuid.uuid4().hex)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     # The version the job ran against, kept even if the device is rebound later.
     backbone_version_id: Mapped[int] = mapped_column(ForeignKey("backbone_versions.id"), index=True)
@@ -180,6 +183,8 @@ class Job(Base):
     metrics_after: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     tokens_processed: Mapped[int] = mapped_column(Integer, default=0)
     steps_done: Mapped[int] = mapped_column(Integer, default=0)
+    # On the device's own registry: the status it last reported to its service (None: never).
+    reported_status: Mapped[str | None] = mapped_column(String(16))
 
     def __repr__(self) -> str:
         return f"Job(id={self.id}, kind={self.kind!r}, status={self.status!r})"

@@ -10,16 +10,18 @@ after the session has closed.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from plora.storage import validate
 from plora.storage.db import open_database
 from plora.storage.device_lifecycle import DeviceLifecycle
-from plora.storage.errors import RegistryError
+from plora.storage.errors import CapacityError, RegistryError
 from plora.storage.models import BackboneStatus, BackboneVersion, Device, Job, JobKind, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,28 @@ log = logging.getLogger(__name__)
 _IDENTITY = ("source", "architecture", "content_hash", "seed", "adapter_config", "parent_id")
 _OPEN_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 _SHOWN = 10  # names quoted in an error message, at most
+MAX_REPORTED_JOBS = 10_000  # of one device, on a service's registry: its reports cannot fill the database
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """A job as its device reports it to its service: metadata only, never data or M. The
+    versions go by name, which every registry gives them alike."""
+
+    uuid: str
+    kind: str
+    status: str
+    version: str
+    target: str | None
+    params: dict[str, Any]
+    metrics_before: dict[str, Any] | None
+    metrics_after: dict[str, Any] | None
+    tokens_processed: int
+    steps_done: int
+    reason: str | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
 
 
 class Registry(DeviceLifecycle):
@@ -327,6 +351,64 @@ class Registry(DeviceLifecycle):
             if device_id is not None:
                 query = query.where(Job.device_id == self._device(session, device_id).id)
             return list(session.scalars(query))
+
+    # -- jobs reported by devices on hosts of their own ---------------------------------
+
+    def jobs_to_report(self, device_id: str) -> list[Job]:
+        """The device's jobs whose present status it has not reported to its service, oldest first."""
+        with self._sessions() as session:
+            unreported = or_(Job.reported_status.is_(None), Job.reported_status != Job.status)
+            return list(session.scalars(select(Job).where(Job.device_id == device_id, unreported).order_by(Job.id)))
+
+    def mark_reported(self, statuses: dict[str, str]) -> None:
+        """Note that the jobs named by UUID were reported with these statuses."""
+        with self._sessions.begin() as session:
+            for job in session.scalars(select(Job).where(Job.uuid.in_(list(statuses)))):
+                job.reported_status = statuses[job.uuid]
+
+    def job_report(self, job: Job) -> JobReport:
+        """What a device tells its service of one of its jobs: the record, less its local ids."""
+        with self._sessions() as session:
+            target = job.target_backbone_version_id
+            return JobReport(
+                job.uuid, job.kind, job.status, session.get(BackboneVersion, job.backbone_version_id).name,
+                None if target is None else session.get(BackboneVersion, target).name, job.params, job.metrics_before,
+                job.metrics_after, job.tokens_processed, job.steps_done, job.reason, job.created_at, job.started_at, job.ended_at,
+            )
+
+    def record_job_report(self, device_id: str, report: JobReport, max_jobs: int = MAX_REPORTED_JOBS) -> None:
+        """Store a job a device reports, or bring its record up to date: found by its UUID, and
+        checked as every job record is (metadata only). A UUID of another device's job is
+        refused, as is a new job of a device that has `max_jobs` already."""
+        uuid = validate.job_uuid(report.uuid)
+        fields = {
+            "kind": validate.choice("job kind", report.kind, JobKind),
+            "status": validate.choice("job status", report.status, JobStatus),
+            "params": validate.params(report.params),
+            "metrics_before": validate.metrics("metrics_before", report.metrics_before),
+            "metrics_after": validate.metrics("metrics_after", report.metrics_after),
+            "tokens_processed": validate.count("tokens_processed", report.tokens_processed),
+            "steps_done": validate.count("steps_done", report.steps_done),
+            "reason": None if report.reason is None else validate.reason(report.reason),
+            "created_at": validate.moment("created_at", report.created_at),
+            "started_at": validate.moment("started_at", report.started_at, optional=True),
+            "ended_at": validate.moment("ended_at", report.ended_at, optional=True),
+        }
+        with self._sessions.begin() as session:
+            device = self._device(session, device_id)
+            fields["backbone_version_id"] = self._backbone(session, report.version).id
+            fields["target_backbone_version_id"] = None if report.target is None else self._backbone(session, report.target).id
+            job = session.scalar(select(Job).where(Job.uuid == uuid))
+            if job is None:
+                if session.scalar(select(func.count()).select_from(Job).where(Job.device_id == device.id)) >= max_jobs:
+                    raise CapacityError(f"device {device_id} has {max_jobs} jobs on record, the most a device may report")
+                session.add(Job(uuid=uuid, device_id=device.id, **fields))
+            elif job.device_id != device.id:
+                raise RegistryError(f"job {uuid} is another device's")
+            else:
+                for name, value in fields.items():
+                    setattr(job, name, value)
+            device.last_seen_at = utcnow()
 
     @staticmethod
     def _job(session: Session, job_id: int) -> Job:

@@ -12,9 +12,10 @@ import enum
 import json
 import math
 import re
+from datetime import datetime
 from typing import Any
 
-from plora.storage.errors import RegistryError
+from plora.storage.errors import RegistryError, quoted
 
 MAX_KEYS = 64
 MAX_KEY_CHARS = 64
@@ -102,6 +103,20 @@ def content_hash(value: Any) -> str:
 def device_id(value: Any) -> str:
     if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value):
         raise RegistryError(f"device id {value!r} is not a uuid4 hex string (32 lowercase hex characters)")
+    return value
+
+
+def job_uuid(value: Any) -> str:
+    if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value):  # the same shape: a uuid4 in hex
+        raise RegistryError(f"a job's uuid must be 32 lowercase hex characters, got {quoted(value)}")
+    return value
+
+
+def moment(what: str, value: Any, optional: bool = False) -> datetime | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise RegistryError(f"{what} must be a timezone-aware datetime, got {quoted(value)}")
     return value
 
 

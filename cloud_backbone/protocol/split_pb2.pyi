@@ -262,6 +262,50 @@ class ForgetReply(_message.Message):
     removed: _containers.ScalarMap[str, int]
     def __init__(self, removed: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
+class JobReport(_message.Message):
+    __slots__ = ("uuid", "kind", "status", "version", "target", "params_json", "metrics_before_json", "metrics_after_json", "tokens_processed", "steps_done", "reason", "created_at", "started_at", "ended_at")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    METRICS_BEFORE_JSON_FIELD_NUMBER: _ClassVar[int]
+    METRICS_AFTER_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    kind: str
+    status: str
+    version: str
+    target: str
+    params_json: str
+    metrics_before_json: str
+    metrics_after_json: str
+    tokens_processed: int
+    steps_done: int
+    reason: str
+    created_at: float
+    started_at: float
+    ended_at: float
+    def __init__(self, uuid: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., version: _Optional[str] = ..., target: _Optional[str] = ..., params_json: _Optional[str] = ..., metrics_before_json: _Optional[str] = ..., metrics_after_json: _Optional[str] = ..., tokens_processed: _Optional[int] = ..., steps_done: _Optional[int] = ..., reason: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ...) -> None: ...
+
+class ReportJobsRequest(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobReport]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobReport, _Mapping]]] = ...) -> None: ...
+
+class ReportJobsReply(_message.Message):
+    __slots__ = ("recorded",)
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    recorded: int
+    def __init__(self, recorded: _Optional[int] = ...) -> None: ...
+
 class BundleRequest(_message.Message):
     __slots__ = ("backbone",)
     BACKBONE_FIELD_NUMBER: _ClassVar[int]

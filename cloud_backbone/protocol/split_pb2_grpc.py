@@ -55,6 +55,11 @@ class SplitBackboneStub(object):
                 request_serializer=split__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=split__pb2.ForgetReply.FromString,
                 _registered_method=True)
+        self.ReportJobs = channel.unary_unary(
+                '/plora.split.v1.SplitBackbone/ReportJobs',
+                request_serializer=split__pb2.ReportJobsRequest.SerializeToString,
+                response_deserializer=split__pb2.ReportJobsReply.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/plora.split.v1.SplitBackbone/Session',
                 request_serializer=split__pb2.DeviceMessage.SerializeToString,
@@ -89,6 +94,12 @@ class SplitBackboneServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Session(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -117,6 +128,11 @@ def add_SplitBackboneServicer_to_server(servicer, server):
                     servicer.ForgetDevice,
                     request_deserializer=split__pb2.ForgetRequest.FromString,
                     response_serializer=split__pb2.ForgetReply.SerializeToString,
+            ),
+            'ReportJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportJobs,
+                    request_deserializer=split__pb2.ReportJobsRequest.FromString,
+                    response_serializer=split__pb2.ReportJobsReply.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -232,6 +248,33 @@ class SplitBackbone(object):
             '/plora.split.v1.SplitBackbone/ForgetDevice',
             split__pb2.ForgetRequest.SerializeToString,
             split__pb2.ForgetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plora.split.v1.SplitBackbone/ReportJobs',
+            split__pb2.ReportJobsRequest.SerializeToString,
+            split__pb2.ReportJobsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,10 +13,12 @@ from raw bytes with typed dtype and shape (never unpickled), and any malformed f
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import sys
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 import torch
 from google.protobuf.message import DecodeError
@@ -39,6 +41,7 @@ from plora.cloud_backbone.protocol.messages import (
 )
 from plora.cloud_backbone.protocol import split_pb2 as pb
 from plora.storage.errors import ConfigError, ValidationError
+from plora.storage.registry import JobReport
 
 DEVICE_HEADER = "x-plora-device"  # call metadata naming the device; its token goes in "authorization: Bearer"
 SERVICE = pb.DESCRIPTOR.services_by_name["SplitBackbone"].full_name
@@ -219,6 +222,64 @@ def hosted_from_proto(msg: pb.HostedBackbone) -> HostedBackbone:
     if size == 0:
         raise ValidationError("the bundle's size is 0 bytes; a device bundle holds at least its model files")
     return HostedBackbone(_identity(msg, "identity"), sha256, size, msg.is_default)
+
+
+# --- jobs reported by devices ----------------------------------------------------------------
+
+MAX_JOB_REPORTS = 100  # in one ReportJobs call
+MAX_REPORT_JSON_CHARS = 8192  # of one JSON field of a report: a flat object of short scalars
+
+
+def job_report_to_proto(report: JobReport) -> pb.JobReport:
+    return pb.JobReport(
+        uuid=report.uuid, kind=report.kind, status=report.status, version=report.version, target=report.target or "",
+        params_json=json.dumps(report.params), metrics_before_json=_json_or_empty(report.metrics_before),
+        metrics_after_json=_json_or_empty(report.metrics_after), tokens_processed=report.tokens_processed,
+        steps_done=report.steps_done, reason=report.reason or "", created_at=report.created_at.timestamp(),
+        started_at=_seconds_or_zero(report.started_at), ended_at=_seconds_or_zero(report.ended_at),
+    )
+
+
+def job_report_from_proto(msg: pb.JobReport) -> JobReport:
+    """The report, with its JSON parsed and its times made datetimes; what the fields may hold
+    is the registry's to check (Registry.record_job_report)."""
+    return JobReport(
+        msg.uuid, msg.kind, msg.status, msg.version, msg.target or None, _json_object("params", msg.params_json),
+        _json_object("metrics_before", msg.metrics_before_json, optional=True),
+        _json_object("metrics_after", msg.metrics_after_json, optional=True), msg.tokens_processed, msg.steps_done,
+        msg.reason or None, _moment("created_at", msg.created_at), _moment("started_at", msg.started_at, optional=True),
+        _moment("ended_at", msg.ended_at, optional=True),
+    )
+
+
+def _json_or_empty(value: dict | None) -> str:
+    return "" if value is None else json.dumps(value)
+
+
+def _seconds_or_zero(moment: datetime | None) -> float:
+    return 0.0 if moment is None else moment.timestamp()
+
+
+def _json_object(what: str, text: str, optional: bool = False) -> dict | None:
+    if not text and optional:
+        return None
+    if len(text) > MAX_REPORT_JSON_CHARS:
+        raise ValidationError(f"a job report's {what} has {len(text)} characters, more than {MAX_REPORT_JSON_CHARS}")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValidationError(f"a job report's {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise ValidationError(f"a job report's {what} is not a JSON object")
+    return value
+
+
+def _moment(what: str, seconds: float, optional: bool = False) -> datetime | None:
+    if seconds == 0 and optional:
+        return None
+    if not (math.isfinite(seconds) and 0 < seconds < 1e11):  # 1e11 s: the year 5138
+        raise ValidationError(f"a job report's {what} is not a time: {seconds!r}")
+    return datetime.fromtimestamp(seconds, timezone.utc)
 
 
 # --- the session stream ----------------------------------------------------------------------

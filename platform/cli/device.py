@@ -247,7 +247,7 @@ def jobs_list(device_id, limit, db, as_json) -> None:
     """The newest jobs first: device, status, steps, tokens and metrics before and after."""
     from plora.storage.registry import open_registry
 
-    fields = ("id", "device_id", "kind", "status", "steps_done", "tokens_processed", "metrics_before", "metrics_after",
+    fields = ("id", "uuid", "device_id", "kind", "status", "steps_done", "tokens_processed", "metrics_before", "metrics_after",
               "reason", "started_at", "ended_at")
     rows = [{f: getattr(job, f) for f in fields} for job in open_registry(db).list_jobs(device_id, limit)]
     show(rows, JOB_COLUMNS, as_json)

@@ -130,7 +130,7 @@ def migrate_device(
         _check_target(root, _read_plan(staging), version, switched)
         report.outcome = "already there" if switched else "would migrate"
         return report
-    with device_job(store, reg):
+    with device_job(store, reg, address):
         discard_partial_writes(staging, (PLAN, CHECKPOINT, DeviceStore.ADAPTER, DeviceStore.RECORD))
         plan = _read_plan(staging)
         _check_target(root, plan, version, switched)

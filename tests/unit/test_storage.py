@@ -5,6 +5,8 @@ database PLORA_TEST_POSTGRES_URL names (see the postgres_url fixture). The regis
 are dropped before each PostgreSQL test.
 """
 
+import dataclasses
+import re
 from datetime import timezone
 
 import pytest
@@ -15,7 +17,7 @@ from sqlalchemy import LargeBinary, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from plora.storage import db
-from plora.storage.errors import RegistryError
+from plora.storage.errors import CapacityError, RegistryError
 from plora.storage.models import Base
 from plora.storage.registry import Registry
 
@@ -80,7 +82,7 @@ def test_upgrade_from_empty_database_creates_schema_equal_to_models(db_url):
                 connection, opts={"version_table": db.VERSION_TABLE, "compare_type": True}
             )
             assert compare_metadata(context, Base.metadata) == []
-            assert context.get_current_revision() == "0003"
+            assert context.get_current_revision() == "0004"
     finally:
         engine.dispose()
 
@@ -108,6 +110,7 @@ def test_upgrade_from_the_previous_schema_keeps_existing_records(db_url):
     registry = Registry(db.open_database(db_url))  # brings the schema to head
     (old_job,) = registry.list_jobs(DEVICE_1)
     assert (old_job.kind, old_job.status, old_job.steps_done, old_job.target_backbone_version_id) == ("personalize", "succeeded", 2, None)
+    assert re.fullmatch("[0-9a-f]{32}", old_job.uuid) and old_job.reported_status is None  # named by 0004
     assert registry.get_device(DEVICE_1).backbone_version_id == registry.get_backbone("v1").id
     v2 = _backbone(registry, "v2", HASH_B)
     job = registry.start_job(DEVICE_1, "migrate", {"method": "copy"}, target="v2")
@@ -343,3 +346,36 @@ def test_migrate_jobs_name_their_target_and_are_found_by_it(registry):
     registry.start_job(DEVICE_1, "personalize", {})
     assert [j.id for j in registry.migration_jobs(DEVICE_1, "v2")] == [first]
     assert registry.migration_jobs(DEVICE_1, "v1") == []
+
+
+def test_a_devices_jobs_are_reported_once_per_status_and_recorded_by_uuid(registry, tmp_path):
+    _backbone(registry)
+    registry.register_device(DEVICE_1, "v1")
+    job = registry.start_job(DEVICE_1, "personalize", {"lr": 0.01})
+    (running,) = registry.jobs_to_report(DEVICE_1)
+    registry.mark_reported({running.uuid: running.status})
+    assert registry.jobs_to_report(DEVICE_1) == []
+    registry.finish_job(job, {"loss": 3.0}, {"loss": 1.0}, 100, 4)
+    (finished,) = registry.jobs_to_report(DEVICE_1)  # a new status is news again
+    report = registry.job_report(finished)
+    assert (report.uuid, report.status, report.version, report.steps_done) == (running.uuid, "succeeded", "v1", 4)
+
+    # The service's registry: another database, which knows the version and the device.
+    service = Registry(db.open_database(f"sqlite:///{tmp_path / 'service.db'}"))
+    _backbone(service)
+    service.register_device(DEVICE_1, "v1")
+    service.register_device(DEVICE_2, "v1")
+    for _ in range(2):  # a report sent again (a retry, a lost reply) changes nothing
+        service.record_job_report(DEVICE_1, report)
+    (recorded,) = service.list_jobs()
+    assert (recorded.uuid, recorded.device_id, recorded.status, recorded.metrics_after) == (report.uuid, DEVICE_1, "succeeded", {"loss": 1.0})
+    with pytest.raises(RegistryError, match="another device's"):
+        service.record_job_report(DEVICE_2, report)
+    with pytest.raises(RegistryError, match="no backbone version"):
+        service.record_job_report(DEVICE_1, dataclasses.replace(report, version="v9"))
+    with pytest.raises(RegistryError, match="32 lowercase hex"):
+        service.record_job_report(DEVICE_1, dataclasses.replace(report, uuid="../../etc"))
+    with pytest.raises(RegistryError):  # a job's metadata never carries a tensor's worth of numbers
+        service.record_job_report(DEVICE_1, dataclasses.replace(report, metrics_after={"m": list(range(1000))}))
+    with pytest.raises(CapacityError, match="has 1 jobs on record"):  # nor do reports fill the database
+        service.record_job_report(DEVICE_1, dataclasses.replace(report, uuid="f" * 32), max_jobs=1)

@@ -4,6 +4,7 @@ bundles arrive whole or not at all, and the committed generated code matches spl
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from plora.cloud_backbone.protocol.messages import (
 from plora.cloud_backbone.protocol import split_pb2 as pb
 from plora.cloud_backbone.protocol import bundle, wire
 from plora.storage.errors import ValidationError
+from plora.storage.registry import JobReport
 
 LIMIT = 1 << 20
 PROTOCOL_DIR = Path(wire.__file__).parent
@@ -342,3 +344,22 @@ def test_committed_generated_code_matches_split_proto(tmp_path):
     grpc_module = (tmp_path / "split_pb2_grpc.py").read_text()
     assert "from plora.cloud_backbone.protocol import split_pb2 as split__pb2" in grpc_module
     assert "\nimport split_pb2" not in grpc_module
+
+
+def test_a_job_report_crosses_whole_and_a_hostile_one_is_refused_before_the_registry():
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    report = JobReport("a" * 32, "migrate", "failed", "v1", "v2", {"method": "distill"}, None, {"kl": 0.5}, 10, 3,
+                       "TransportError: gone", now, now, None)
+    assert wire.job_report_from_proto(pb.JobReport.FromString(wire.job_report_to_proto(report).SerializeToString())) == report
+    hostile = [
+        ("params_json", "[1, 2]"),  # not an object
+        ("metrics_after_json", "[" * 5000),  # nested beyond the parser
+        ("params_json", "{" + '"k": 1,' * 2000 + '"z": 0}'),  # longer than a report's JSON may be
+        ("created_at", float("nan")),
+        ("started_at", -5.0),
+    ]
+    for field, value in hostile:
+        message = wire.job_report_to_proto(report)
+        setattr(message, field, value)
+        with pytest.raises(ValidationError, match="job report"):
+            wire.job_report_from_proto(message)
