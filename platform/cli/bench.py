@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli.common import fail_cleanly
+from plora.platform.cli.common import fail_cleanly, wire_dtype_option
 from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, say, show
 
 
@@ -185,9 +185,7 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
               help="Tokens per workload reply, at most.")
 @click.option("--delayed-prompts", default=6, show_default=True, type=click.IntRange(min=1),
               help="Prompts of each workload decoded over each delayed link (loopback decodes them all).")
-@click.option("--wire-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="What the activations cross in (the device and the cloud compute in float32); other than float32, "
-              "loopback also measures the largest change to a token's log-probability.")
+@wire_dtype_option
 @results_options
 @fail_cleanly
 def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, wire_dtype, as_json, out_path) -> None:
@@ -196,7 +194,8 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
 
     The service and the device run in processes of their own, a relay on loopback between them
     delaying and pacing the bytes (these machines have no netem); every figure over a delayed
-    link is emulated. The monolithic model's figures come from the same run."""
+    link is emulated. The monolithic model's figures come from the same run. With a 16-bit
+    --wire-dtype, loopback also measures the largest change to a token's log-probability."""
     from plora.platform.bench.wan import Drafting, run_wan_bench
 
     try:

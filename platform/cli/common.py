@@ -11,6 +11,11 @@ from plora.cloud_backbone.privatelora import DEFAULT_TARGETS, TARGET_MODULES, Pr
 from plora.storage.errors import PloraError
 
 db_option = click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
+wire_dtype_option = click.option(
+    "--wire-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="What the activations cross the network in, for a device on a service (device and cloud compute in float32): "
+         "bfloat16 and float16 halve the bytes a step moves; on the embedded backbone they moved a token's "
+         "log-probability by up to 0.071 and 0.012 nats. float32 is exact.")
 
 
 def fail_cleanly(command):

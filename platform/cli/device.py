@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly
+from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly, wire_dtype_option
 from plora.platform.cli.output import JSON_HELP, Board, Column, show
 
 
@@ -116,12 +116,14 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
 @click.option("--keep-text/--no-keep-text", default=True, show_default=True,
               help="Keep a copy of the data in the device folder (DIR/private/kept), so that a backbone upgrade "
                    "(plora migrate) can carry this personalization over; without it an upgrade loses most of it.")
+@wire_dtype_option
 @fail_cleanly
 def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, batch_size, max_length, val_fraction, seed,
-                checkpoint_every, keep_text) -> None:
+                checkpoint_every, keep_text, wire_dtype) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
     from plora.clients.search import LrSearch
     from plora.clients.training import TrainSettings
+    from plora.cloud_backbone.protocol.wire import WIRE_DTYPES
     from plora.platform.jobs import run_personalization
     from plora.platform.runtime import open_device
 
@@ -129,14 +131,17 @@ def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, b
         raise click.UsageError("give --steps or --epochs, not both")
     settings = TrainSettings(lr=lr or TrainSettings.lr, batch_size=batch_size, steps=steps, epochs=epochs, seed=seed,
                              eval_every=eval_every, patience=patience)
-    dev = open_device(directory)
+    dev = open_device(directory, wire_dtype=WIRE_DTYPES[wire_dtype])
     name = directory.resolve().name
-    with Board(f"personalizing {directory} on {data_path}") as board:
-        board.update(name, "preparing")  # a first job also has the base model write its anchor text
-        outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, board.steps(name, "training"),
-                                      checkpoint_every=checkpoint_every, search=None if lr else LrSearch(),
-                                      on_search_step=board.steps(name, "trying learning rates"), keep_text=keep_text)
-        board.done(name, "saved")
+    try:
+        with Board(f"personalizing {directory} on {data_path}") as board:
+            board.update(name, "preparing")  # a first job also has the base model write its anchor text
+            outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, board.steps(name, "training"),
+                                          checkpoint_every=checkpoint_every, search=None if lr else LrSearch(),
+                                          on_search_step=board.steps(name, "trying learning rates"), keep_text=keep_text)
+            board.done(name, "saved")
+    finally:
+        dev.close()
     _summary(outcome)
     click.echo(f"adapter saved to {dev.store.adapter_path}")
 
@@ -176,24 +181,29 @@ def _summary(outcome) -> None:
     "them in the pass of one token, so each right guess saves a pass of round trips. The reply is the same "
     "(greedy) or equally distributed (sampling). 0 decodes one token per pass.",
 )
+@wire_dtype_option
 @fail_cleanly
-def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw, draft_tokens) -> None:
+def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw, draft_tokens, wire_dtype) -> None:
     """Generate a reply with the personalized model, streaming it as it comes."""
     from plora.clients.generation import PromptLookup, encode_prompt, stream_tokens
+    from plora.cloud_backbone.protocol.wire import WIRE_DTYPES
     from plora.platform.runtime import open_device
 
-    dev = open_device(directory)
-    ids = encode_prompt(dev.tokenizer, prompt, chat=not raw)
-    drafter = PromptLookup(draft_tokens) if draft_tokens else None
-    new: list[int] = []
-    shown = ""
-    stop = {dev.tokenizer.eos_token_id}
-    for token in stream_tokens(dev.model, ids, max_new_tokens, stop, temperature, top_p, seed, drafter):
-        new.append(token)
-        text = dev.tokenizer.decode(new, skip_special_tokens=True)
-        click.echo(text[len(shown):], nl=False)
-        shown = text
-    click.echo()
+    dev = open_device(directory, wire_dtype=WIRE_DTYPES[wire_dtype])
+    try:
+        ids = encode_prompt(dev.tokenizer, prompt, chat=not raw)
+        drafter = PromptLookup(draft_tokens) if draft_tokens else None
+        new: list[int] = []
+        shown = ""
+        stop = {dev.tokenizer.eos_token_id}
+        for token in stream_tokens(dev.model, ids, max_new_tokens, stop, temperature, top_p, seed, drafter):
+            new.append(token)
+            text = dev.tokenizer.decode(new, skip_special_tokens=True)
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+        click.echo()
+    finally:
+        dev.close()
 
 
 @click.command()
@@ -207,8 +217,11 @@ def score(directory, text, as_json) -> None:
     from plora.platform.runtime import open_device
 
     dev = open_device(directory)
-    tokens = dev.tokenizer(text)["input_ids"]
-    logprobs = token_logprobs(dev.model, tokens)
+    try:
+        tokens = dev.tokenizer(text)["input_ids"]
+        logprobs = token_logprobs(dev.model, tokens)
+    finally:
+        dev.close()
     if as_json:
         click.echo(json.dumps({"tokens": tokens, "logprobs": logprobs}))
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import re
 import threading
 import time
 import urllib.request
@@ -330,6 +331,20 @@ def test_the_cli_works_over_the_network(server, tmp_path):
         result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
         assert result.exit_code == 0, (args, result.output)
     assert len(json.loads(result.stdout)["logprobs"]) > 3
+    # Activations in 16 bits cross in about half the bytes.
+    sent = {}
+    for dtype in ("float32", "bfloat16"):
+        before = received_bytes(server)
+        result = runner.invoke(main, ["generate", str(folder), "Hi", "--max-new-tokens", "3", "--draft-tokens", "0",
+                                      "--wire-dtype", dtype], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        sent[dtype] = received_bytes(server) - before
+    assert sent["bfloat16"] < 0.6 * sent["float32"], sent
+
+
+def received_bytes(server) -> float:
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
+    return float(re.search(r'^plora_wire_bytes_total\{direction="in"\} (\S+)$', metrics, re.M).group(1))
 
 
 def serving_threads() -> set[threading.Thread]:
