@@ -163,6 +163,28 @@ class RunningServer:
         self._thread.join()
 
 
+class PeerGone(logging.Filter):
+    """gRPC's asyncio server logs a traceback when the status that ends a call cannot be sent
+    because its device has gone (it cancelled, or its connection dropped, just as the handler
+    returned): a race no handler can close, and nothing failed but the goodbye. Such a record
+    keeps its line, as INFO, without the traceback, so that devices that come and go cannot
+    flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__name__ == "ExecuteBatchError" and "SendStatusFromServerOperation" in str(error):
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.msg} (the device had gone; its status was not sent)"
+        return True
+
+
+def _quiet_gone_peers() -> None:
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, PeerGone) for f in grpc_log.filters):
+        grpc_log.addFilter(PeerGone())
+
+
 def start_service(
     specs: list[str],
     config: PrivateLoRAConfig,
@@ -183,6 +205,7 @@ def start_service(
     the registry, each hosted with its own registered config. Devices enroll as `enrollment`
     says: by default only with an enrollment token from the registry. With `record`, every
     session's traffic is captured there for a privacy audit (cloud_backbone.recording)."""
+    _quiet_gone_peers()
     loaded = [(loading.load(spec), config) for spec in specs]
     loaded += [load_version(registry.get_backbone(name)) for name in registered]
     names = [backbone.identity(cfg).version for backbone, cfg in loaded]

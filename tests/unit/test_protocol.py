@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
 
 import pytest
 import torch
+from grpc._cython import cygrpc
 
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.server import PeerGone
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     BackboneIdentity,
@@ -111,3 +115,17 @@ def test_identity_mismatch_names_each_differing_field(session):
     with pytest.raises(VersionMismatchError, match="content_hash: 'other' vs 'tiny-hash-0'.*rank: 8 vs 4"):
         served.require_match(expected)
     served.require_match(BackboneIdentity(**vars(served)))
+
+
+def test_a_status_the_device_left_before_is_one_line_in_the_log_not_a_traceback():
+    def record(error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            return logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, "ExecuteBatchError raised in core",
+                                     None, sys.exc_info())
+
+    gone = record(cygrpc.ExecuteBatchError('Failed "execute_batch": (<grpc._cython.cygrpc.SendStatusFromServerOperation>,)'))
+    assert PeerGone().filter(gone) and gone.exc_info is None and gone.levelno == logging.INFO
+    other = record(cygrpc.ExecuteBatchError('Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation>,)'))
+    assert PeerGone().filter(other) and other.exc_info is not None and other.levelno == logging.ERROR
