@@ -44,7 +44,7 @@ MARKER = ".plora-demo"
 # on 2 cores, install included. Two devices train at once there, one wave of the fleet. The
 # benchmarks' persona job (personas.PERSONA_JOB, 90 steps at lr 5e-3) costs half as much again;
 # 60 steps at lr 7e-3, measured by `plora bench quality` on the same two personas: held-out
-# recall 88% and 100%, generic-text loss +2.5% and +5.7% (see the README).
+# recall 88% and 100%, generic-text loss +2.5% and +5.7%.
 DEVICES = 2
 STEPS, LR = 60, 7e-3
 CONFIG = PrivateLoRAConfig(rank=64, targets=("q", "k", "v"))
