@@ -147,8 +147,10 @@ def device_job(store: DeviceStore, reg: Registry, address: str | None = None) ->
                         job_id, store.record.device_id)
         try:
             yield
-        finally:
+        except Exception:
             report_jobs(store, reg, address)
+            raise
+        report_jobs(store, reg, address)  # not after Ctrl-C or a kill: the next job's end reports it
     finally:
         os.close(fd)
 
@@ -158,15 +160,16 @@ def report_jobs(store: DeviceStore, reg: Registry, address: str | None = None) -
     job's metadata once per status, so that the operator sees the jobs of devices on hosts of
     their own. Best effort: what a service out of reach missed, it hears after the next job."""
     record = store.record
-    if not is_address(record.backbone_spec) or not (jobs := reg.jobs_to_report(record.device_id)):
+    if not is_address(record.backbone_spec):
         return
     try:
-        endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
-        send_reports(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), [reg.job_report(job) for job in jobs])
-    except PloraError as err:
-        log.warning("the service did not hear of %d job(s) of this device (%s); it hears of them after the next job", len(jobs), err)
-        return
-    reg.mark_reported({job.uuid: job.status for job in jobs})
+        if jobs := reg.jobs_to_report(record.device_id):
+            endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
+            send_reports(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), [reg.job_report(job) for job in jobs])
+            reg.mark_reported({job.uuid: job.status for job in jobs})
+    except Exception as err:  # noqa: BLE001 - a report is never worth failing, or hiding, the job's own outcome
+        log.warning("the service did not hear of this device's latest jobs (%s: %s); it hears of them after the next job",
+                    type(err).__name__, err)
 
 
 def run_personalization(
