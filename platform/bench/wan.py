@@ -88,10 +88,11 @@ def run_wan_bench(
     drafting: Drafting,
     echo: Callable[[str], None],
     wire_dtype: str = "float32",
+    config: PrivateLoRAConfig = PrivateLoRAConfig(),
 ) -> WanBench:
     """`wire_dtype`: what the activations cross in; other than float32, loopback also measures
-    the largest change it makes to a token's log-probability on the workloads' prompts."""
-    config = PrivateLoRAConfig()
+    the largest change it makes to a token's log-probability on the workloads' prompts.
+    `config`: the adapter the service hosts."""
     context = multiprocessing.get_context("spawn")
     results = WanBench(spec, config.to_dict(), wire_dtype=wire_dtype)
     with service_process(context, spec, config) as (home, port, _):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli.common import fail_cleanly, wire_dtype_option
+from plora.platform.cli.common import adapter_config, adapter_options, fail_cleanly, wire_dtype_option
 from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, say, show
 
 
@@ -186,16 +186,20 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
 @click.option("--delayed-prompts", default=6, show_default=True, type=click.IntRange(min=1),
               help="Prompts of each workload decoded over each delayed link (loopback decodes them all).")
 @wire_dtype_option
+@adapter_options
 @results_options
 @fail_cleanly
-def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, wire_dtype, as_json, out_path) -> None:
+def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, wire_dtype, as_json, out_path,
+              **adapter) -> None:
     """The split over emulated network links: decode tokens/s, time to first token, training steps,
     and decoding with drafts on a grounded and an open workload.
 
     The service and the device run in processes of their own, a relay on loopback between them
     delaying and pacing the bytes (these machines have no netem); every figure over a delayed
     link is emulated. The monolithic model's figures come from the same run. With a 16-bit
-    --wire-dtype, loopback also measures the largest change to a token's log-probability."""
+    --wire-dtype, loopback also measures the largest change to a token's log-probability. The
+    adapter options measure another configuration than the default, such as decoder layers on
+    the device (--device-layers, --device-last-layers), which the cloud then asks no round trip for."""
     from plora.platform.bench.wan import Drafting, run_wan_bench
 
     try:
@@ -204,12 +208,15 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
         raise click.BadParameter(f"{rtts!r} is not a comma-separated list of milliseconds", param_hint="--rtt") from None
     if any(value < 0 for value in rtt_ms):
         raise click.BadParameter("round-trip times must be >= 0 ms", param_hint="--rtt")
+    config = adapter_config(**adapter)
     results = run_wan_bench(spec, rtt_ms, mbit, repeats, Drafting(draft_tokens, reply_tokens, delayed_prompts), echo=say,
-                            wire_dtype=wire_dtype)
+                            wire_dtype=wire_dtype, config=config)
     _keep(results.to_json(), out_path)
     mono = results.monolithic
     show(results.links, WAN_COLUMNS, as_json, document=results.to_json(),
-         title=f"{spec}, one device, activations as {wire_dtype}; monolithic on this machine: {mono['decode_tok_s']:.2f} "
+         title=f"{spec}, r = {config.rank} on {','.join(config.targets)}, {config.device_layers} first and "
+               f"{config.device_last_layers} last layers on the device, one device, activations as {wire_dtype}; "
+               f"monolithic on this machine: {mono['decode_tok_s']:.2f} "
                f"decoded tokens/s, first token {mono['first_token_s']:.2f} s, training step {mono['train_step_s']:.2f} s")
     if not as_json:
         show(results.drafting, DRAFTING_COLUMNS, False,
