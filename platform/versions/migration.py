@@ -349,8 +349,9 @@ def resolve_target(reg: Registry, target: str, folders: list[Path], address: str
         reg.get_backbone(target)
         return address
     except RegistryError:
-        pass
-    records = [record for record in (DeviceStore.open(f, midway=True).record for f in folders) if is_address(record.backbone_spec)]
+        records = [r for r in (DeviceStore.open(f, midway=True).record for f in folders) if is_address(r.backbone_spec)]
+        if address is None and not records:
+            raise  # local devices: no registry but this one could know the version
     bound = sorted({record.backbone_spec for record in records})
     if address is None and len(bound) != 1:
         raise ConfigError(f"this registry knows no backbone version {target!r}, and the devices are bound to "
