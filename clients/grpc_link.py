@@ -373,7 +373,7 @@ def forget(endpoint: Endpoint, credentials: Credentials) -> dict[str, int]:
     return dict(reply.removed)
 
 
-def report_jobs(endpoint: Endpoint, credentials: Credentials, reports: list[JobReport]) -> int:
+def send_job_reports(endpoint: Endpoint, credentials: Credentials, reports: list[JobReport]) -> int:
     """Tell the service what became of the device's jobs (metadata only); returns how many it recorded."""
     recorded = 0
     with endpoint.channel() as channel:

@@ -29,7 +29,7 @@ from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, text_key, 
 from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
-from plora.clients.grpc_link import Credentials, Endpoint, report_jobs as send_reports
+from plora.clients.grpc_link import Credentials, Endpoint, send_job_reports
 from plora.clients.search import LrSearch, SearchResult, personalization_settings, search_lr
 from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
@@ -165,7 +165,7 @@ def report_jobs(store: DeviceStore, reg: Registry, address: str | None = None) -
     try:
         if jobs := reg.jobs_to_report(record.device_id):
             endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
-            send_reports(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), [reg.job_report(job) for job in jobs])
+            send_job_reports(endpoint, Credentials.load(store.root / DeviceStore.CREDENTIALS), [reg.job_report(job) for job in jobs])
             reg.mark_reported({job.uuid: job.status for job in jobs})
     except Exception as err:  # noqa: BLE001 - a report is never worth failing, or hiding, the job's own outcome
         log.warning("the service did not hear of this device's latest jobs (%s: %s); it hears of them after the next job",

@@ -34,7 +34,7 @@ def test_the_operator_sees_the_jobs_of_a_device_on_a_host_of_its_own(tiny_checkp
             raise TransportError("the service is out of reach")
 
         with monkeypatch.context() as offline:  # the first job ends while the service is out of reach
-            offline.setattr(jobs, "send_reports", unreachable)
+            offline.setattr(jobs, "send_job_reports", unreachable)
             first = run_personalization(open_device(tmp_path / "dev"), notes, SETTINGS, val_fraction=0.0)
         assert open_registry(operator_db).list_jobs() == []
         second = run_personalization(open_device(tmp_path / "dev"), notes, SETTINGS, val_fraction=0.0)
