@@ -4,6 +4,8 @@
     DIR/adapter.safetensors  the private M matrices (see adapter_file)
     DIR/bundle/              a networked backbone's device half, unless the device shares a
                              PublicStore with others (clients.public_store), as a fleet's do
+    DIR/federation.json      whether the owner takes part in the fleet's federation, and how
+    DIR/federation/          what the device last contributed to it, for its owner to inspect
     DIR/private/             the user's own text, which never leaves the device: what a
                              fleet puts there (train.jsonl, heldout.jsonl), and under kept/
                              what personalization jobs trained on, so that a later backbone
@@ -31,6 +33,16 @@ from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
 
 FORMAT = "plora-device/1"
+
+
+@dataclass(frozen=True)
+class FederationChoice:
+    """The owner's say in the fleet's federation (platform.fleet.federation). Nothing is shared
+    unless `joined`; a device that joined sends its M only masked under secure aggregation,
+    unless its owner also allows `in_the_clear`."""
+
+    joined: bool = False
+    in_the_clear: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,8 @@ class DeviceStore:
     # here; once switched to, the old version's files are kept under PREVIOUS/<version>.
     MIGRATION = "migration"
     PREVIOUS = "previous"
+    FEDERATION = "federation.json"
+    CONTRIBUTION = "federation/contribution.safetensors"
 
     def __init__(self, root: Path, record: DeviceRecord):
         self.root = root
@@ -171,6 +185,24 @@ class DeviceStore:
 
     def write_adapter(self, weights: AdapterWeights, steps: int) -> None:
         save_adapter(self.adapter_path, weights, AdapterHeader(self.record.identity, steps))
+
+    def federation_choice(self) -> FederationChoice:
+        """The owner's choice; a device never asked stays out."""
+        path = self.root / self.FEDERATION
+        if not path.is_file():
+            return FederationChoice()
+        try:
+            data = json.loads(path.read_text())
+            return FederationChoice(joined=data["joined"] is True, in_the_clear=data["in_the_clear"] is True)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is not a federation choice ({err}); choose again with `plora device federation`") from err
+
+    def choose_federation(self, choice: FederationChoice) -> None:
+        write_atomically(self.root / self.FEDERATION, json.dumps({"joined": choice.joined, "in_the_clear": choice.in_the_clear}).encode())
+
+    def keep_contribution(self, weights: AdapterWeights, rounds: int) -> None:
+        """What the device sent the federation last, before masking: its owner may look."""
+        save_adapter(self.root / self.CONTRIBUTION, weights, AdapterHeader(self.record.identity, rounds))
 
     def keep_text(self, records: list[dict[str, str]]) -> Path:
         """Keep a job's training records (validated rows of clients.data) on the device, once

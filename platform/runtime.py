@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from plora.clients.adapter_file import load_adapter
 from plora.clients.device_model import DeviceModel
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, describe, download_bundle, forget, register
@@ -51,6 +52,17 @@ class Device:
     def save(self, steps: int) -> None:
         self.store.write_adapter(self.model.weights, steps)
         self.steps = steps
+
+    def start_from_fleet(self, path: Path) -> int:
+        """Start the device's first personalization from its fleet's starting M (an adapter file
+        of platform.fleet.federation, bound to the device's backbone version) instead of M = 0;
+        returns the federated rounds it was learnt in. Nothing is saved until the job saves."""
+        if self.steps:
+            raise ConfigError(f"{self.store.root} already holds a personalization of {self.steps} steps; starting from the "
+                              "fleet's M is for a device's first personalization")
+        tensors, header = load_adapter(path, self.store.record.identity)
+        self.model.weights.load_named_tensors(tensors)
+        return header.steps
 
     def close(self) -> None:
         self.model.link.close()

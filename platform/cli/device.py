@@ -89,6 +89,32 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
     click.echo(f"device {record.device_id} forgotten: {records} deleted from {where}; {directory} deleted")
 
 
+@device.command("federation")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--join/--leave", default=None, help="Take part in the fleet's federation, or stop taking part.")
+@click.option("--in-the-clear/--masked-only", default=False, show_default=True,
+              help="With --join: also take part in rounds without secure aggregation, whose orchestrator sees this "
+                   "device's M.")
+@fail_cleanly
+def device_federation(directory: Path, join: bool | None, in_the_clear: bool) -> None:
+    """Show or change whether this device takes part in its fleet's federation.
+
+    A device that joined trains a scratch copy of the fleet's starting M on its own data in each
+    round it is sampled for, and sends the result, masked under secure aggregation so that the
+    orchestrator learns only the mean over the round's devices. Its own M, its data and its
+    checkpoints never take part. The backbone service still sees the device's split traffic, as
+    in any job. A device that has not joined sends nothing but its refusal and its backbone version.
+    """
+    from plora.clients.device_store import DeviceStore, FederationChoice
+
+    store = DeviceStore.open(directory)
+    if join is not None:
+        store.choose_federation(FederationChoice(joined=join, in_the_clear=join and in_the_clear))
+    choice = store.federation_choice()
+    said = "joined" if choice.joined else "not joined"
+    click.echo(f"{directory}: {said}" + (", also without secure aggregation" if choice.in_the_clear else ""))
+
+
 @click.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -116,10 +142,13 @@ def device_forget(directory: Path, yes: bool, address: str | None) -> None:
 @click.option("--keep-text/--no-keep-text", default=True, show_default=True,
               help="Keep a copy of the data in the device folder (DIR/private/kept), so that a backbone upgrade "
                    "(plora migrate) can carry this personalization over; without it an upgrade loses most of it.")
+@click.option("--from-fleet", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+              help="Start from the fleet's shared starting M (ROOT/federation/VERSION.safetensors of a fleet run with "
+                   "--strategy fedavg) instead of M = 0: for a device's first personalization, most useful with little data.")
 @wire_dtype_option
 @fail_cleanly
 def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, batch_size, max_length, val_fraction, seed,
-                checkpoint_every, keep_text, wire_dtype) -> None:
+                checkpoint_every, keep_text, from_fleet, wire_dtype) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
     from plora.clients.search import LrSearch
     from plora.clients.training import TrainSettings
@@ -134,6 +163,8 @@ def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, b
     dev = open_device(directory, wire_dtype=WIRE_DTYPES[wire_dtype])
     name = directory.resolve().name
     try:
+        if from_fleet:
+            click.echo(f"starting from the fleet's M, learnt in {dev.start_from_fleet(from_fleet)} federated rounds")
         with Board(f"personalizing {directory} on {data_path}") as board:
             board.update(name, "preparing")  # a first job also has the base model write its anchor text
             outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, board.steps(name, "training"),

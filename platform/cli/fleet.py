@@ -8,13 +8,19 @@ import click
 
 from plora.platform.cli.common import db_option, fail_cleanly, stop_on_sigterm
 from plora.platform.cli.output import JSON_HELP, Board, Column, say, show
-from plora.platform.fleet.settings import ENGINES, PERSONAS, FleetSettings
+from plora.platform.fleet.settings import ENGINES, FEDAVG, FEDERATION_DIR, FEDERATION_FILE, PERSONAS, STRATEGIES, FleetSettings
 
 FLEET_COLUMNS = (
     Column("device", "device"), Column("rounds", "rounds"), Column("failed", "failed"),
     Column("recall before", "recall_before", ".0%"), Column("after", "recall", ".0%"),
     Column("held-out loss before", "heldout_loss_before", ".3f"), Column("after", "heldout_loss", ".3f"),
     Column("train tok/s", "tokens_per_second", ".0f"), Column("MB exchanged", lambda row: row["bytes_exchanged"] / 1e6, ".1f"),
+)
+
+FEDERATION_COLUMNS = (
+    Column("round", "round"), Column("sampled", "sampled"), Column("contributed", "contributed"),
+    Column("dropped out", "dropped"), Column("M₀ updated", lambda row: "yes" if row["released"] else "no"),
+    Column("M₀ held-out loss", "heldout_loss", ".3f"), Column("epsilon so far", "epsilon_total", ".2f"),
 )
 
 
@@ -44,10 +50,27 @@ def fleet() -> None:
               "measured before its first training all the same.")
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the devices (one sub-folder each) and rounds.jsonl.")
+@click.option("--strategy", default=FleetSettings.strategy, show_default=True, type=click.Choice(STRATEGIES),
+              help="personal: every device trains its own M, and only scalar metrics leave it. fedavg: the devices whose "
+              "owners joined learn a shared starting M together (ROOT/federation/VERSION.safetensors), from which each "
+              "user personalizes with `plora personalize --from-fleet`; each device trains a scratch copy, never its own M.")
+@click.option("--secure-aggregation/--no-secure-aggregation", default=FleetSettings.secure_aggregation, show_default=True,
+              help="fedavg: mask every device's M under SecAgg+, so the orchestrator learns only their mean. Without it "
+              "the orchestrator sees each device's M.")
+@click.option("--dp-noise", default=FleetSettings.dp_noise, show_default=True, type=click.FloatRange(min=0),
+              help="fedavg: central differential privacy, the Gaussian noise multiplier added to the mean (0: off). "
+              "Epsilon is reported per round; with a few dozen devices any useful epsilon is large.")
+@click.option("--dp-clip", default=FleetSettings.dp_clip, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="fedavg with DP: the L2 norm each device clips its update to, on the device.")
+@click.option("--dp-delta", default=FleetSettings.dp_delta, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="fedavg with DP: the delta epsilon is reported at.")
+@click.option("--opt-out", default="", metavar="IDS",
+              help="fedavg: the simulated devices (comma-separated partition ids) whose users decline the federation.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 @stop_on_sigterm
-def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, fraction_evaluate, root, as_json) -> None:
+def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, fraction_evaluate, root, strategy,
+                 secure_aggregation, dp_noise, dp_clip, dp_delta, opt_out, as_json) -> None:
     """Personalize a fleet of devices in rounds, each against the same backbone service.
 
     Every device keeps its private data and its M in its own folder; only scalar metrics
@@ -55,12 +78,27 @@ def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, f
     the base model's anchor text) is kept once, under ROOT/public. Progress is one line for the
     whole fleet, plus one per device in a fleet of at most 16; each device's figures go to
     ROOT/rounds.jsonl, and the table shows the devices sampled. Rerunning with the same ROOT continues from the devices' adapters.
+
+    With --strategy fedavg each round's figures go to ROOT/federation.jsonl, and rerunning
+    continues from the fleet's starting M.
     """
     from plora.platform.fleet.launch import launch
 
+    federation = {}
+    if strategy == FEDAVG:
+        federation = {"strategy": strategy, "secure_aggregation": secure_aggregation, "dp_noise": dp_noise,
+                      "dp_clip": dp_clip, "dp_delta": dp_delta, "opt_out": opt_out}
+    elif opt_out or dp_noise or not secure_aggregation:
+        raise click.UsageError("--opt-out, --dp-noise and --no-secure-aggregation are for --strategy fedavg")
     with Board(f"{devices} devices, {rounds} round(s) of {steps} steps, on the {engine} engine") as board:
         rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=board.say,
-                      on_progress=board.update, fraction_evaluate=fraction_evaluate)
+                      on_progress=board.update, fraction_evaluate=fraction_evaluate, **federation)
+    if strategy == FEDAVG:
+        show(rows, FEDERATION_COLUMNS, as_json)
+        say(f"per-round record: {root / FEDERATION_FILE}; the starting M: {root / FEDERATION_DIR}/")
+        if not any(row["released"] for row in rows):
+            raise click.ClickException("no round updated the starting M; see the run's log under " + str(root / "flower" / "logs"))
+        return
     show(rows, FLEET_COLUMNS, as_json)
     say(f"per-round record: {root / 'rounds.jsonl'}")
     failed = sum(row["failed"] for row in rows)

@@ -31,7 +31,7 @@ app = ClientApp()
 _settings: dict[int, FleetSettings] = {}
 
 
-def _settings_of(context: Context) -> FleetSettings:
+def settings_of(context: Context) -> FleetSettings:
     if context.run_id not in _settings:
         _settings[context.run_id] = FleetSettings.from_run_config(context.run_config)
     return _settings[context.run_id]
@@ -45,7 +45,7 @@ def _run_job(
     metrics: dict[str, int | float] = {"partition_id": partition_id}
     content, settings = RecordDict(), None
     try:
-        settings = _settings_of(context)
+        settings = settings_of(context)
         partition_id = metrics["partition_id"] = settings.device_of(partition_id)
         if enroll:
             task.prepare_device(settings, partition_id, num_partitions)

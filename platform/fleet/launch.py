@@ -26,6 +26,8 @@ from plora.cloud_backbone.server import start_service
 from plora.platform.fleet.settings import (
     BASELINE,
     FAILED,
+    FEDAVG,
+    FEDERATION_FILE,
     MIGRATIONS_FILE,
     PERSONAS,
     PROGRESS_FILE,
@@ -71,8 +73,12 @@ def launch(
     concurrency: int | None = None,
     on_progress: Progress | None = None,
     fraction_evaluate: float = FleetSettings.fraction_evaluate,
+    **federation: object,
 ) -> list[dict]:
     """Run `rounds` personalization rounds on `devices` devices; returns one summary per device.
+    With `federation` settings of FleetSettings (strategy="fedavg", secure_aggregation, dp_noise,
+    dp_clip, dp_delta, opt_out), the devices that joined learn a shared starting M instead
+    (federation.py), and one line per round is returned, as in federation.jsonl.
 
     `backbone` is HOST:PORT of a running service, or a local backbone spec ("embedded", a
     checkpoint folder) to serve on a free loopback port for the length of the run (None means
@@ -98,8 +104,9 @@ def launch(
     enrollment, token = reg.issue_enrollment_token(devices, utcnow() + ENROLLMENT_VALID, label="plora fleet launch")
     try:
         settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction,
-                                 fraction_evaluate=fraction_evaluate, enroll_token=token)
-        tally = FleetTally(rounds, sampled_per_round(devices, fraction), steps, on_progress or echo_progress(echo), root,
+                                 fraction_evaluate=fraction_evaluate, enroll_token=token, **federation)
+        joining = devices - sum(settings.opts_out(i) for i in range(devices)) if settings.strategy == FEDAVG else devices
+        tally = FleetTally(rounds, sampled_per_round(joining, fraction), steps, on_progress or echo_progress(echo), root,
                            device_rows=devices <= DEVICE_ROWS_UP_TO)
         with _device_progress(root, tally):
             run_app(settings, engine, echo, concurrency)
@@ -107,7 +114,7 @@ def launch(
         reg.revoke_enrollment_token(enrollment.id)
         if service is not None:
             service.stop(grace_s=1)
-    return summarize(read_rounds(root))
+    return read_lines(root / FEDERATION_FILE) if settings.strategy == FEDAVG else summarize(read_rounds(root))
 
 
 def launch_migration(
@@ -147,8 +154,7 @@ def launch_migration(
                                  migrate_min_retention=-1.0 if min_retention is None else min_retention)
         with _device_progress(root, on_device or echo_progress(echo)):
             run_app(settings, engine, echo)
-    path = root / MIGRATIONS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_lines(root / MIGRATIONS_FILE)
 
 
 def echo_progress(echo: Callable[[str], None]) -> Progress:
@@ -272,9 +278,13 @@ def _progress_files(root: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in sorted(root.glob(f"*/{PROGRESS_FILE}"))}
 
 
-def read_rounds(root: Path) -> list[dict]:
-    path = Path(root) / ROUNDS_FILE
+def read_lines(path: Path) -> list[dict]:
+    """The lines of one of the fleet's JSONL records; none before the run wrote it."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def read_rounds(root: Path) -> list[dict]:
+    return read_lines(Path(root) / ROUNDS_FILE)
 
 
 def device_label(line: dict) -> str:

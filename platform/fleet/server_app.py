@@ -34,7 +34,7 @@ _POLL_S = 0.1
 app = ServerApp()
 
 
-def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
     """The connected nodes, once `wanted` of them have joined; SuperNodes join after the ServerApp starts."""
     deadline = time.monotonic() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < wanted:
@@ -50,17 +50,19 @@ def _sample(nodes: list[int], fraction: float, server_round: int) -> list[int]:
 
 
 def _outcome(reply: Message) -> dict:
-    """A reply as {"metrics": {...}, "error": kind or None}; a reply without content is an error."""
+    """A reply as {"metrics": {...}, "reply": {...}, "error": kind or None}: its scalars, its other
+    settings (a ConfigRecord "reply", if any) and its failure; a reply without content is an error."""
     if reply.has_error():
-        return {"metrics": {}, "error": f"flower-error-{reply.error.code}"}
+        return {"metrics": {}, "reply": {}, "error": f"flower-error-{reply.error.code}"}
     if not reply.has_content() or "metrics" not in reply.content.metric_records:
-        return {"metrics": {}, "error": "no-content"}
+        return {"metrics": {}, "reply": {}, "error": "no-content"}
     metrics = dict(reply.content.metric_records["metrics"])
     error = reply.content.config_records.get("error")
-    return {"metrics": metrics, "error": str(error["kind"]) if error else None}
+    said = dict(reply.content.config_records.get("reply", {}))
+    return {"metrics": metrics, "reply": said, "error": str(error["kind"]) if error else None}
 
 
-def _exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, timeout: float) -> dict[int, dict]:
+def exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, timeout: float) -> dict[int, dict]:
     """Send one message to each node and gather the outcomes, keyed by node id.
 
     Not Grid.send_and_receive: in deployment it looks for replies only every 3 s, and it
@@ -84,7 +86,7 @@ def _exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, tim
             time.sleep(_POLL_S)
     for node in waiting.values():
         log.warning("%s on node %d: no reply within %.0f s", message_type, node, timeout)
-        outcomes[node] = {"metrics": {}, "error": "no-reply"}
+        outcomes[node] = {"metrics": {}, "reply": {}, "error": "no-reply"}
     return outcomes
 
 
@@ -106,16 +108,20 @@ def _round_lines(server_round: int, trained: dict[int, dict], evaluated: dict[in
     return lines
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    if not log.handlers:
-        # This runs in a process of Flower's own, whose output goes to the run's log stream;
-        # the tag tells the launcher these lines from Flower's.
+def tag_orchestrator_log(logger: logging.Logger) -> None:
+    """The orchestrator's lines, tagged for the launcher to pass on. An app runs in a process of
+    Flower's own, whose output goes to the run's log stream; the tag tells them from Flower's."""
+    if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(f"{ORCHESTRATOR_TAG}%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    tag_orchestrator_log(log)
     settings = FleetSettings.from_run_config(context.run_config)
     if settings.migrate_to:
         _migrate(grid, settings)
@@ -123,7 +129,7 @@ def main(grid: Grid, context: Context) -> None:
     record = settings.fleet_root / ROUNDS_FILE
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text("")  # this run's record starts empty; the devices' adapters carry over
-    nodes = _wait_for_nodes(grid, settings.devices, settings.reply_timeout)
+    nodes = wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     log.info("fleet of %d devices, %d rounds of %d steps, %d devices a round",
              len(nodes), settings.rounds, settings.steps, sampled_per_round(len(nodes), settings.fraction))
     measured: set[int] = set()  # devices with a baseline in this run
@@ -133,16 +139,16 @@ def main(grid: Grid, context: Context) -> None:
         # a device never sampled is never set up (it enrolls when first asked to do something).
         fresh = [node for node in sampled if node not in measured]
         if fresh:
-            baseline = _exchange(grid, fresh, "evaluate", {"round": 0}, settings.reply_timeout)
+            baseline = exchange(grid, fresh, "evaluate", {"round": 0}, settings.reply_timeout)
             untrained = {node: {"metrics": {}, "error": None} for node in fresh}
             _append(record, _round_lines(0, untrained, baseline))
             measured.update(fresh)
         config = {"round": server_round, "steps": settings.steps, "lr": settings.lr}
-        trained = _exchange(grid, sampled, "train", config, settings.reply_timeout)
+        trained = exchange(grid, sampled, "train", config, settings.reply_timeout)
         # Only devices whose training went through are worth evaluating, and of them a sample.
         done = [node for node in sampled if not trained[node]["error"]]
         chosen = _sample(done, settings.fraction_evaluate, server_round) if done else []
-        evaluated = _exchange(grid, chosen, "evaluate", {"round": server_round}, settings.reply_timeout) if chosen else {}
+        evaluated = exchange(grid, chosen, "evaluate", {"round": server_round}, settings.reply_timeout) if chosen else {}
         lines = _round_lines(server_round, trained, evaluated)
         _append(record, lines)
         failed = sum(line["failed"] for line in lines)
@@ -161,9 +167,9 @@ def _migrate(grid: Grid, settings: FleetSettings) -> None:
     """Ask every device to move to the target version; one line per device in migrations.jsonl."""
     record = settings.fleet_root / MIGRATIONS_FILE
     record.write_text("")
-    nodes = _wait_for_nodes(grid, settings.devices, settings.reply_timeout)
+    nodes = wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     log.info("migrating %d devices to %s by %s", len(nodes), settings.migrate_to, settings.migrate_method)
-    outcomes = _exchange(grid, nodes, "query.migrate", {}, settings.reply_timeout)
+    outcomes = exchange(grid, nodes, "query.migrate", {}, settings.reply_timeout)
     nodes = [node for node in nodes if not outcomes[node]["metrics"].get("absent")]
     with record.open("a") as out:
         for node in nodes:

@@ -18,10 +18,17 @@ from typing import get_type_hints
 from plora.storage.errors import ConfigError
 
 ENGINES = ("simulation", "deployment")
+PERSONAL, FEDAVG = "personal", "fedavg"
+STRATEGIES = (PERSONAL, FEDAVG)
+"""personal: every device trains its own M and nothing is aggregated (server_app, client_app);
+fedavg: the devices that opted in learn a shared starting M together (federation)."""
 PERSONAS = "personas"
 """The `data` that gives each device a synthetic persona (personas.py) instead of a data file."""
 ROUNDS_FILE = "rounds.jsonl"  # under the fleet root: one line per device per round
 MIGRATIONS_FILE = "migrations.jsonl"  # under the fleet root: one line per device of a migration run
+FEDERATION_FILE = "federation.jsonl"  # under the fleet root: one line per round of a federated run
+FEDERATION_DIR = "federation"
+"""Under the fleet root: the fleet's starting M, one adapter file per backbone version (federation)."""
 PUBLIC_DIR = "public"
 """Under the fleet root: the PublicStore its devices share (clients.public_store)."""
 PROGRESS_FILE = "progress.json"
@@ -72,6 +79,21 @@ class FleetSettings:
     """When set, the run's nodes stand for these devices only, comma-separated partition ids: node
     k is device partitions[k]. A migration asks only the devices set up, which in a fleet sampled
     a few at a time are far fewer than it declares."""
+    strategy: str = PERSONAL
+    """"personal" (each device its own M) or "fedavg" (a shared starting M learnt by the devices
+    that opted in; see federation.py)."""
+    secure_aggregation: bool = True
+    """fedavg: aggregate under SecAgg+, so the orchestrator learns only the sum of the devices' M."""
+    dp_noise: float = 0.0
+    """fedavg: the Gaussian noise multiplier of central differential privacy (0: off), with each
+    device's update clipped to dp-clip on the device."""
+    dp_clip: float = 1.0
+    """fedavg: the L2 norm each device's update (its M less the starting M) is clipped to, under DP."""
+    dp_delta: float = 1e-5
+    """fedavg: the delta at which epsilon is reported."""
+    opt_out: str = ""
+    """fedavg, simulated users only: comma-separated partition ids of the devices whose users
+    decline the federation; every other device of a federated fleet joins it."""
 
     def __post_init__(self) -> None:
         host, _, port = self.backbone.rpartition(":")
@@ -87,6 +109,17 @@ class FleetSettings:
         ids = self.partitions.split(",") if self.partitions else []
         if not all(i.isdigit() for i in ids) or len({int(i) for i in ids}) != len(ids) or (ids and len(ids) != self.devices):
             raise ConfigError(f"partitions must be {self.devices} distinct partition ids, comma-separated; got {self.partitions!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not (self.dp_noise >= 0 and self.dp_clip > 0 and 0 < self.dp_delta < 1):
+            raise ConfigError(f"need dp-noise >= 0, dp-clip > 0 and 0 < dp-delta < 1; got {self.dp_noise}, {self.dp_clip}, {self.dp_delta}")
+        opting_out = self.opt_out.split(",") if self.opt_out else []
+        if not all(i.isdigit() for i in opting_out):
+            raise ConfigError(f"opt-out must be partition ids, comma-separated; got {self.opt_out!r}")
+
+    def opts_out(self, partition_id: int) -> bool:
+        """Whether the simulated user of this device declines the federation (opt-out)."""
+        return str(partition_id) in (self.opt_out.split(",") if self.opt_out else [])
 
     def device_of(self, node_partition: int) -> int:
         """The partition id of the device that the run's node of partition `node_partition` stands for."""
@@ -113,6 +146,8 @@ def _plain(value: object) -> str | int | float:
 
 
 def _convert(key: str, value: object, kind: type) -> object:
+    if kind is bool and isinstance(value, bool):
+        return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):

@@ -36,7 +36,7 @@ from typing import Self
 import psutil
 import tomli_w
 
-from plora.platform.fleet.settings import ENGINES, ORCHESTRATOR_TAG, FleetSettings
+from plora.platform.fleet.settings import ENGINES, FEDAVG, ORCHESTRATOR_TAG, FleetSettings
 from plora.storage.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ CONNECTION = "fleet"
 COMPONENTS = {
     "serverapp": "plora.platform.fleet.server_app:app",
     "clientapp": "plora.platform.fleet.client_app:app",
+}
+FEDERATION_COMPONENTS = {
+    "serverapp": "plora.platform.fleet.federation:server",
+    "clientapp": "plora.platform.fleet.federation:client",
 }
 # Flower's processes inherit these: no telemetry, no update check, no pip install of the App's
 # dependencies (plora is installed already, and the fleet may have no network), no Ray usage report.
@@ -68,10 +72,11 @@ _STOP_S = 5.0
 
 def flower_app(settings: FleetSettings) -> dict:
     """The Flower App of a fleet run, as pyproject.toml's content: components and run config."""
+    components = FEDERATION_COMPONENTS if settings.strategy == FEDAVG else COMPONENTS
     return {
         "project": {"name": "plora-fleet", "version": "1.0.0", "description": "A plora fleet: personalization rounds.",
                     "license": "Apache-2.0"},
-        "tool": {"flwr": {"app": {"publisher": "plora", "components": COMPONENTS, "config": settings.to_run_config()}}},
+        "tool": {"flwr": {"app": {"publisher": "plora", "components": components, "config": settings.to_run_config()}}},
     }
 
 

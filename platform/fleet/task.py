@@ -14,13 +14,17 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
-from plora.clients.device_store import DeviceStore
+from plora.clients.device_store import DeviceStore, FederationChoice
 from plora.clients.grpc_link import Endpoint
 from plora.clients.migration import DistillSettings
 from plora.clients.training import TrainSettings
 from plora.clients.training import evaluate as heldout_loss
+from plora.clients.training import personalize as train_adapter
 from plora.cloud_backbone.protocol.link import TrafficCounter
+from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.platform.fleet.personas import make_persona, persona_recall
 from plora.platform.fleet.settings import BASELINE, PERSONAS, PROGRESS_FILE, PUBLIC_DIR, TRAINED, WAITING, FleetSettings, device_dir
 from plora.platform.jobs import run_personalization
@@ -142,6 +146,73 @@ def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | floa
     if baseline:
         report_progress(folder, WAITING)
     return metrics
+
+
+def federation_answer(settings: FleetSettings, partition_id: int, num_partitions: int) -> tuple[bool, BackboneIdentity]:
+    """Whether the device takes part in the fleet's federation, and the backbone version it is
+    bound to. Its simulated user's choice (settings.opt_out) is recorded on the device first, as a
+    real owner's is by `plora device federation`."""
+    store = DeviceStore.open(prepare_device(settings, partition_id, num_partitions))
+    store.choose_federation(FederationChoice(joined=not settings.opts_out(partition_id),
+                                             in_the_clear=not settings.secure_aggregation))
+    return store.federation_choice().joined, store.record.identity
+
+
+def device_identity(settings: FleetSettings, partition_id: int) -> BackboneIdentity:
+    """The backbone version the device is bound to, which fixes M's shape."""
+    return DeviceStore.open(device_dir(settings.fleet_root, partition_id)).record.identity
+
+
+def _joined(store: DeviceStore) -> FederationChoice:
+    choice = store.federation_choice()
+    if not choice.joined:
+        raise ConfigError("this device's owner has not joined the fleet's federation")
+    return choice
+
+
+def federated_update(settings: FleetSettings, partition_id: int, start: dict[str, torch.Tensor], server_round: int,
+                     masked: bool) -> dict[str, torch.Tensor]:
+    """The device's contribution to a federated round: a scratch copy of the fleet's starting M,
+    trained on the device's private data. The device's own adapter and checkpoints are never
+    touched. Refused unless the owner joined, and, when the round is not `masked` by secure
+    aggregation, unless the owner allows sending M in the clear."""
+    folder = device_dir(settings.fleet_root, partition_id)
+    store = DeviceStore.open(folder)
+    choice = _joined(store)
+    if not masked and not choice.in_the_clear:
+        raise ConfigError("asked for M without secure aggregation, which this device's owner does not allow")
+    report_progress(folder, f"round {server_round}: preparing")
+    device = open_device(folder, settings.backbone)
+    try:
+        device.model.weights.load_named_tensors(start)
+        examples = tokenize(load_examples(folder / TRAIN_FILE), device.tokenizer, DEVICE_JOB_MAX_LENGTH)
+        train = TrainSettings(lr=settings.lr, steps=settings.steps, batch_size=settings.batch_size, seed=server_round, anchor=None)
+
+        def report(step: int, total: int, loss: float) -> None:
+            report_progress(folder, f"round {server_round}", step, total, loss)
+
+        result = train_adapter(device.model, examples, device.tokenizer.pad_token_id, train, on_step=report)
+        store.keep_contribution(device.model.weights, server_round)
+        contribution = {name: tensor.detach().clone() for name, tensor in device.model.weights.named_tensors()}
+    finally:
+        device.close()
+    report_progress(folder, f"round {server_round}: {TRAINED}", result.steps, train.steps, result.last_loss)
+    return contribution
+
+
+def evaluate_start(settings: FleetSettings, partition_id: int, start: dict[str, torch.Tensor]) -> float:
+    """The held-out loss (else the training loss) of the fleet's starting M on the device's data,
+    for a device whose owner joined the federation."""
+    folder = device_dir(settings.fleet_root, partition_id)
+    _joined(DeviceStore.open(folder))
+    device = open_device(folder, settings.backbone)
+    try:
+        device.model.weights.load_named_tensors(start)
+        data = folder / HELDOUT_FILE if (folder / HELDOUT_FILE).exists() else folder / TRAIN_FILE
+        examples = tokenize(load_examples(data), device.tokenizer, DEVICE_JOB_MAX_LENGTH)
+        return heldout_loss(device.model, examples, device.tokenizer.pad_token_id)
+    finally:
+        device.close()
 
 
 def migrate(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:

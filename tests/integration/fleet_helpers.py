@@ -13,14 +13,18 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import psutil
 from flwr.app import Context, Message
+from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid, ServerApp
 
-from plora.platform.fleet import server_app, superlink
+from plora.platform.fleet import federation, server_app, superlink
 
 MESSAGES_ENV = "PLORA_TEST_FLOWER_MESSAGES"
 SPY_APP = f"{__name__}:spy_app"
+RECEIVED_ENV = "PLORA_TEST_FLOWER_RECEIVED"
+FEDERATION_SPY_APP = f"{__name__}:federation_spy"
 
 spy_app = ServerApp()
 
@@ -48,6 +52,64 @@ def spy(grid: Grid, context: Context) -> None:
 
         grid.push_messages, grid.pull_messages = spy_push, spy_pull
         server_app.main(grid, context)
+
+
+federation_spy = ServerApp()
+
+
+@federation_spy.main()
+def spy_on_federation(grid: Grid, context: Context) -> None:
+    """The federation's orchestrator, with every reply it receives kept whole in the folder named
+    by $PLORA_TEST_FLOWER_RECEIVED: its numbers in an .npz each, and one line per reply in
+    received.jsonl naming the sender, the kind of message answered and its SecAgg+ stage."""
+    folder = Path(os.environ[RECEIVED_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    push, pull = grid.push_messages, grid.pull_messages
+    asked: dict[str, tuple[str, str | None]] = {}  # message id -> (type, SecAgg+ stage)
+
+    def spy_push(messages):
+        messages = list(messages)
+        ids = list(push(messages))
+        for message_id, message in zip(ids, messages):
+            stage = message.content.config_records.get("secaggplus_configs", {}).get("stage")
+            asked[message_id] = (message.metadata.message_type, stage)
+        return ids
+
+    def spy_pull(message_ids):
+        replies = list(pull(message_ids))
+        with (folder / "received.jsonl").open("a") as record:
+            for reply in replies:
+                kind, stage = asked.get(reply.metadata.reply_to_message_id, (None, None))
+                name = f"{len(list(folder.glob('*.npz'))):05d}.npz"
+                np.savez(folder / name, *numbers_in(reply))
+                record.write(json.dumps({"file": name, "node": reply.metadata.src_node_id, "type": kind, "stage": stage,
+                                         "error": reply.has_error()}) + "\n")
+        return replies
+
+    grid.push_messages, grid.pull_messages = spy_push, spy_pull
+    federation.main(grid, context)
+
+
+def numbers_in(message: Message) -> list[np.ndarray]:
+    """Every number a message carries, as arrays: its ArrayRecords', and its ConfigRecords' and
+    MetricRecords' values, bytes read both as serialized arrays and as raw bytes."""
+    if message.has_error():
+        return []
+    content, found = message.content, []
+    for record in content.array_records.values():
+        found += [array.numpy() for array in record.values()]
+    for record in [*content.config_records.values(), *content.metric_records.values()]:
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, bytes):
+                    found.append(np.frombuffer(item, dtype=np.uint8))
+                    try:
+                        found.append(bytes_to_ndarray(item))
+                    except (ValueError, OSError, EOFError):
+                        pass
+                elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                    found.append(np.array([item]))
+    return found
 
 
 def describe(message: Message) -> dict:
