@@ -5,7 +5,8 @@
     DIR/bundle/              a networked backbone's device half, unless the device shares a
                              PublicStore with others (clients.public_store), as a fleet's do
     DIR/federation.json      whether the owner takes part in the fleet's federation, and how
-    DIR/federation/          what the device last contributed to it, for its owner to inspect
+    DIR/federation/          what the device last contributed to it and the size of every reply
+                             it sent, for its owner to inspect
     DIR/private/             the user's own text, which never leaves the device: what a
                              fleet puts there (train.jsonl, heldout.jsonl), and under kept/
                              what personalization jobs trained on, so that a later backbone
@@ -101,6 +102,7 @@ class DeviceStore:
     PREVIOUS = "previous"
     FEDERATION = "federation.json"
     CONTRIBUTION = "federation/contribution.safetensors"
+    SENT = "federation/sent.jsonl"  # one line per reply to the federation's orchestrator: its size
 
     def __init__(self, root: Path, record: DeviceRecord):
         self.root = root
@@ -203,6 +205,13 @@ class DeviceStore:
     def keep_contribution(self, weights: AdapterWeights, rounds: int) -> None:
         """What the device sent the federation last, before masking: its owner may look."""
         save_adapter(self.root / self.CONTRIBUTION, weights, AdapterHeader(self.record.identity, rounds))
+
+    def note_sent(self, line: dict) -> None:
+        """Append a line to the record of what the device sent the federation (sizes, never content)."""
+        path = self.root / self.SENT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as record:
+            record.write(json.dumps(line) + "\n")
 
     def keep_text(self, records: list[dict[str, str]]) -> Path:
         """Keep a job's training records (validated rows of clients.data) on the device, once

@@ -119,12 +119,12 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
     return rows
 
 
-def pick_speakers(sizes: dict[str, int], count: int) -> list[str]:
+def pick_speakers(sizes: dict[str, int], count: int, min_blocks: int = MIN_BLOCKS) -> list[str]:
     """`count` speakers spread evenly, by rank, over the sizes (blocks) of those with at least
-    MIN_BLOCKS, smallest first: the smallest and the largest always among them."""
-    eligible = [name for n, name in sorted((n, name) for name, n in sizes.items() if n >= MIN_BLOCKS)]
+    `min_blocks`, smallest first: the smallest and the largest always among them."""
+    eligible = [name for n, name in sorted((n, name) for name, n in sizes.items() if n >= min_blocks)]
     if len(eligible) < count:
-        raise DataError(f"the play has {len(eligible)} speakers with at least {MIN_BLOCKS} blocks; {count} were asked for")
+        raise DataError(f"the play has {len(eligible)} speakers with at least {min_blocks} blocks; {count} were asked for")
     if count == 1:
         return eligible[:1]
     return [eligible[round(i * (len(eligible) - 1) / (count - 1))] for i in range(count)]

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
+from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.platform.fleet import task
@@ -310,6 +311,31 @@ class FederatedRounds(Strategy):
 client = ClientApp()
 
 
+def content_bytes(message: Message) -> int:
+    """The bytes of what a message carries: its arrays, byte strings and text, 8 per number."""
+    if message.has_error():
+        return len(message.error.reason or "")
+    total = sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+    for record in [*message.content.config_records.values(), *message.content.metric_records.values()]:
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                total += len(item) if isinstance(item, bytes) else len(item.encode()) if isinstance(item, str) else 8
+    return total
+
+
+def _counted(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Every reply's size kept on the device (DIR/federation/sent.jsonl): its owner's record of
+    what left it for the orchestrator, and the benchmark's."""
+    reply = call_next(msg, context)
+    settings = settings_of(context)
+    folder = device_dir(settings.fleet_root, _partition(context, settings))
+    if not (folder / DeviceStore.RECORD).is_file():  # a device that failed to set up has no record to keep
+        return reply
+    DeviceStore.open(folder).note_sent({"run": context.run_id, "round": msg.metadata.group_id, "type": msg.metadata.message_type,
+                     "bytes": content_bytes(reply)})
+    return reply
+
+
 def _masked_when_asked(msg: Message, context: Context, call_next: Callable) -> Message:
     """SecAgg+ for a round that runs it; a plain round's message goes straight to the handler,
     which refuses it unless the device's owner allows sending M in the clear."""
@@ -334,7 +360,7 @@ def _failed(msg: Message, err: Exception) -> Message:
     return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=type(err).__name__), reply_to=msg)
 
 
-@client.query("federation")
+@client.query("federation", mods=[_counted])
 def participation(msg: Message, context: Context) -> Message:
     """Whether this device's owner joined the federation, and the backbone version it is bound to."""
     settings = settings_of(context)
@@ -350,7 +376,7 @@ def participation(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@client.train(mods=[_masked_when_asked, _clipped_when_asked])
+@client.train(mods=[_counted, _masked_when_asked, _clipped_when_asked])
 def contribute(msg: Message, context: Context) -> Message:
     """Train a scratch copy of the round's M₀ on the device's data and send it; a failure drops
     the device out of the round, which goes on without it."""
@@ -374,7 +400,7 @@ def contribute(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(result, keep_input=True), reply_to=msg)
 
 
-@client.evaluate()
+@client.evaluate(mods=[_counted])
 def measure(msg: Message, context: Context) -> Message:
     """The round's M₀ on this device's held-out data: one number, its loss."""
     settings = settings_of(context)
