@@ -107,6 +107,8 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
     """
     from plora.clients.device_store import DeviceStore, FederationChoice
 
+    if in_the_clear and not join:
+        raise click.UsageError("--in-the-clear goes with --join")
     store = DeviceStore.open(directory)
     if join is not None:
         store.choose_federation(FederationChoice(joined=join, in_the_clear=join and in_the_clear))

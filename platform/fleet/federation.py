@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -264,9 +265,20 @@ class FederatedRounds(Strategy):
         return chosen
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Parameters | None, dict]:
+        # A device may send anything: what is not M (as many finite r×r matrices) is left out, as
+        # a failure. Under SecAgg+ every result carries the sum already, so a bad sum is all left out.
+        valid = [(proxy, result) for proxy, result in results if self._is_m(result.parameters)]
+        failures = [*failures, *(ValidationError("not M") for _ in range(len(results) - len(valid)))]
         # Not len(failures): the SecAgg+ workflow lists a device that failed to send its M twice.
-        self.line.update(contributed=len(results), dropped=self.line["sampled"] - len(results))
-        return self.inner.aggregate_fit(server_round, results, failures)
+        self.line.update(contributed=len(valid), dropped=self.line["sampled"] - len(valid))
+        return self.inner.aggregate_fit(server_round, valid, failures)
+
+    def _is_m(self, parameters: Parameters) -> bool:
+        try:
+            as_tensors(parameters_to_ndarrays(parameters), self.identity)
+            return True
+        except (ValidationError, ValueError, TypeError):
+            return False
 
     def evaluate(self, server_round: int, parameters: Parameters) -> None:
         """Called with the round's new M₀ (unchanged when the round released nothing): keep it."""
@@ -290,7 +302,8 @@ class FederatedRounds(Strategy):
         return chosen
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[float | None, dict]:
-        losses = [result.loss for _, result in results]
+        losses = [float(result.loss) for _, result in results
+                  if isinstance(result.loss, (int, float)) and math.isfinite(result.loss)]
         self.line.update(evaluated=len(losses), heldout_loss=sum(losses) / len(losses) if losses else None)
         self._finish_round()
         return self.line["heldout_loss"], {}

@@ -4,7 +4,9 @@ every message the orchestrator sends and receives.
 The fleet's ServerApp runs in a process of Flower's own on either engine, out of a test's
 reach; to watch its messages a test runs `spy_app` instead (through superlink.COMPONENTS, with
 the repository on PYTHONPATH), which runs the orchestrator's own `main` and writes one JSON line
-per message to the file named by $PLORA_TEST_FLOWER_MESSAGES.
+per message to the file named by $PLORA_TEST_FLOWER_MESSAGES. A federated fleet's orchestrator
+is watched the same way by `federation_spy` (through superlink.FEDERATION_COMPONENTS), which
+keeps every reply whole, numbers and all.
 """
 
 from __future__ import annotations

@@ -60,3 +60,35 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
     one, ten = federation.epsilon(1.0, 1, 1e-5), federation.epsilon(1.0, 10, 1e-5)
     assert 0 < one < ten < 10 * one  # RDP composes better than adding epsilons
     assert federation.epsilon(4.0, 10, 1e-5) < ten
+
+
+def test_what_is_not_m_in_a_round_is_left_out_as_a_failure(tmp_path):
+    from flwr.common import Code, FitRes, Status, parameters_to_ndarrays
+    from flwr.server.strategy import FedAvg
+
+    names = federation.tensor_names(IDENTITY)
+
+    def result(arrays: list[np.ndarray]) -> tuple[None, FitRes]:
+        return None, FitRes(Status(Code.OK, ""), federation.ndarrays_to_parameters(arrays), num_examples=1, metrics={})
+
+    ones = [np.ones((4, 4), np.float32) for _ in names]
+    threes = [np.full((4, 4), 3.0, np.float32) for _ in names]
+    hostile = [result(ones[:-1]), result([*ones[:-1], np.ones((400, 400), np.float32)]),
+               result([*ones[:-1], np.full((4, 4), np.inf, np.float32)])]
+    rounds = federation.FederatedRounds(FedAvg(), set(), settings(strategy=FEDAVG), IDENTITY, tmp_path / "m0.safetensors", 0,
+                                        tmp_path / "federation.jsonl")
+    rounds.line = {"sampled": 5}
+    aggregate, _ = rounds.aggregate_fit(1, [result(ones), *hostile, result(threes)], [])
+    assert all(np.allclose(array, 2.0) for array in parameters_to_ndarrays(aggregate))
+    assert (rounds.line["contributed"], rounds.line["dropped"]) == (2, 3)
+
+
+def test_a_round_takes_the_version_most_joined_devices_are_bound_to():
+    newer = BackboneIdentity("tiny", "hash-2", 4, 64, PrivateLoRAConfig(rank=4))
+
+    def said(identity) -> dict:
+        return {"reply": {"identity": federation.identity_json(identity)}}
+
+    joined = {1: said(IDENTITY), 2: said(newer), 3: said(newer), 4: {"reply": {"identity": "{"}}, 5: {"reply": {}}}
+    assert federation._version_of_the_round(joined) == (newer, [2, 3])
+    assert federation._version_of_the_round({4: joined[4]}) == (None, [])
