@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from plora.platform.cli.output import Column
+from plora.platform.cli.output import Column, markdown_table
 
 # (result key, column header): what each attack recovers, as a share of what the device sent.
 ATTACKS = (
@@ -56,9 +56,7 @@ def markdown(document: dict) -> str:
         "against the device's own model and the base model; and each configuration's decode speed (loopback gRPC) "
         "and held-out loss after the job.",
         "",
-        "| " + " | ".join(c.header for c in cols) + " |",
-        "|" + "---|" * len(cols),
-        *("| " + " | ".join(c.cell(row) for c in cols) + " |" for row in document["rows"]),
+        *markdown_table(document["rows"], cols),
         "",
         f"Settings: `{json.dumps(document['settings'])}`; adapter `{json.dumps(document['adapter'])}`; "
         f"{document['seconds']:.0f} s.",

@@ -41,11 +41,11 @@ JSON_HELP = "Print the results as JSON on stdout instead of the table."
 
 @dataclass(frozen=True)
 class Column:
-    """One column of a table: its header, the row's field (or a function of the row) and how a
-    value is written (a format spec such as '.3f' or '.0%'; a missing value shows as '-')."""
+    """One column of a table: its header, the row's field (or a function of the row, which may
+    then be any object) and how a value is written (a format spec such as '.3f' or '.0%'; a missing value shows as '-')."""
 
     header: str
-    value: str | Callable[[dict], Any]
+    value: str | Callable[[Any], Any]
     fmt: str = ""
 
     def cell(self, row: dict) -> str:
@@ -68,6 +68,12 @@ def table(rows: Sequence[dict], columns: Sequence[Column]) -> Table:
     for row in rows:
         shown.add_row(*(column.cell(row) for column in columns))
     return shown
+
+
+def markdown_table(rows: Sequence[Any], columns: Sequence[Column]) -> list[str]:
+    """The rows as the lines of a Markdown table; cells are written as the columns format them."""
+    return ["| " + " | ".join(column.header for column in columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(column.cell(row) for column in columns) + " |" for row in rows)]
 
 
 def show(rows: Sequence[dict], columns: Sequence[Column], as_json: bool, *, title: str | None = None,

@@ -16,6 +16,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from plora.platform.cli.output import Column, markdown_table
+
 PLOT = "before_after.png"
 MARKDOWN, HTML, RESULTS = "report.md", "report.html", "results.json"
 
@@ -155,25 +157,32 @@ def _md_cell(text: str) -> str:
     return _MARKDOWN_PUNCTUATION.sub(r"\\\1", one_line) or "(nothing)"
 
 
+DEVICE_COLUMNS = (
+    Column("device", lambda d: d.device),
+    Column("recall before → after", lambda d: f"{_percent(d.recall_before)} → {_percent(d.recall_after)}"),
+    Column("held-out loss before → after", lambda d: f"{_loss(d.heldout_loss_before)} → {_loss(d.heldout_loss_after)}"),
+    Column("generic-text loss change", lambda d: _percent(d.generic_change, signed=True)),
+    Column("MB exchanged", lambda d: (d.bytes_up + d.bytes_down) / 1e6, ".1f"),
+    Column("training time", lambda d: _duration(d.train_seconds)),
+)
+FIGURE_COLUMNS = (Column("", lambda f: f[0]), Column("before", lambda f: f[1]), Column("after", lambda f: f[2]))
+ANSWER_COLUMNS = (
+    Column("held-out question", lambda a: f"{_md_cell(a.question)}<br>expected: {_md_cell(a.expected)}"),
+    Column("base model", lambda a: f"{_mark(a.base_recalled)} {_md_cell(a.base)}"),
+    Column("personalized", lambda a: f"{_mark(a.personalized_recalled)} {_md_cell(a.personalized)}"),
+)
+
+
 def markdown(report: DemoReport) -> str:
     lines = ["# plora demo: what personalization changed", "", _intro(report), "", f"![recall and loss before and after]({PLOT})", ""]
-    lines += ["| device | recall before → after | held-out loss before → after | generic-text loss change | MB exchanged | training time |",
-              "|---|---|---|---|---|---|"]
-    for d in report.devices:
-        lines.append(f"| {d.device} | {_percent(d.recall_before)} → {_percent(d.recall_after)} | {_loss(d.heldout_loss_before)} → "
-                     f"{_loss(d.heldout_loss_after)} | {_percent(d.generic_change, signed=True)} | "
-                     f"{(d.bytes_up + d.bytes_down) / 1e6:.1f} | {_duration(d.train_seconds)} |")
+    lines += markdown_table(report.devices, DEVICE_COLUMNS)
     for d in report.devices:
         lines += ["", f"## {d.device}", ""]
         if d.error:
             lines += [f"**Failed:** {_md_cell(d.error)}", ""]
-        lines += [_stayed(d), "", "| | before | after |", "|---|---|---|"]
-        lines += [f"| {what} | {before} | {after} |" for what, before, after in _figures(d)]
-        lines += ["", _work(d)]
+        lines += [_stayed(d), "", *markdown_table(_figures(d), FIGURE_COLUMNS), "", _work(d)]
         if d.answers:
-            lines += ["", "| held-out question | base model | personalized |", "|---|---|---|"]
-            lines += [f"| {_md_cell(a.question)}<br>expected: {_md_cell(a.expected)} | {_mark(a.base_recalled)} {_md_cell(a.base)} | "
-                      f"{_mark(a.personalized_recalled)} {_md_cell(a.personalized)} |" for a in d.answers]
+            lines += ["", *markdown_table(d.answers, ANSWER_COLUMNS)]
     return "\n".join(lines) + "\n"
 
 
