@@ -157,10 +157,10 @@ def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
               help="Speakers never in the federation who personalize on a few blocks.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Draws of the 10 blocks each new speaker personalizes on (5 and 20 blocks: one draw).")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Federated rounds.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="Federated rounds.")
 @click.option("--steps", default=8, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
 @click.option("--dp-noise", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="A second federation under DP with this noise multiplier (0: none).")
+              help="A second federation under DP with this noise multiplier (0: none); new speakers start from it on 10 blocks, first draw.")
 @click.option("--backbone", default="embedded", show_default=True, help="The backbone to serve and personalize on.")
 @results_options
 @fail_cleanly
