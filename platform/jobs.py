@@ -257,6 +257,8 @@ def _personalization_job(
     params.update({k: v for k, v in (("steps", settings.steps), ("epochs", settings.epochs)) if v is not None})
     params["anchor_weight"] = settings.anchor.weight if settings.anchor else 0.0
     params["keeps_text"] = keep_text
+    if device.fleet_start_rounds:
+        params["fleet_start_rounds"] = device.fleet_start_rounds
     try:
         records = load_examples(data_path)
         examples = tokenize(records, device.tokenizer, max_length)

@@ -48,6 +48,7 @@ class Device:
     tokenizer: PreTrainedTokenizerBase
     steps: int  # optimizer steps the stored adapter was trained for
     address: str | None = None  # where its service was reached, when not at the one it enrolled with
+    fleet_start_rounds: int = 0  # the federated rounds of the fleet's M this device starts from (0: from M = 0)
 
     def save(self, steps: int) -> None:
         self.store.write_adapter(self.model.weights, steps)
@@ -62,6 +63,7 @@ class Device:
                               "fleet's M is for a device's first personalization")
         tensors, header = load_adapter(path, self.store.record.identity)
         self.model.weights.load_named_tensors(tensors)
+        self.fleet_start_rounds = header.steps
         return header.steps
 
     def close(self) -> None:

@@ -34,10 +34,9 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.bench.fleet import _registry_of_its_own
 from plora.platform.bench.quality import pick_speakers
-from plora.platform.fleet.federation import start_path
 from plora.platform.fleet.launch import Progress, launch
 from plora.platform.fleet.partition import holdout, play_blocks
-from plora.platform.fleet.settings import FEDAVG, device_dir
+from plora.platform.fleet.settings import FEDAVG, device_dir, start_path
 from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
 from plora.storage.registry import open_registry

@@ -67,11 +67,11 @@ from plora.platform.fleet.client_app import settings_of
 from plora.platform.fleet.server_app import exchange, tag_orchestrator_log, wait_for_nodes
 from plora.platform.fleet.settings import (
     FAILED,
-    FEDERATION_DIR,
     FEDERATION_FILE,
     FleetSettings,
     device_dir,
     sampled_per_round,
+    start_path,
 )
 from plora.storage.errors import ConfigError, PloraError, ValidationError
 
@@ -86,11 +86,6 @@ RECONSTRUCTION_THRESHOLD = 0.5
 """SecAgg+ recovers the sum as long as, for every device, half of its neighbours (all the round's
 devices share keys with each other) are still there: up to half may drop out mid-round."""
 MIN_PARTICIPANTS = 2  # secure aggregation of one device's M would be that device's M
-
-
-def start_path(root: Path, version: str) -> Path:
-    """The fleet's starting M for backbone `version`, under the fleet root."""
-    return Path(root) / FEDERATION_DIR / f"{version}.safetensors"
 
 
 def identity_json(identity: BackboneIdentity) -> str:

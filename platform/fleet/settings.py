@@ -174,6 +174,11 @@ def device_dir(root: Path, partition_id: int) -> Path:
     return Path(root) / device_name(partition_id)
 
 
+def start_path(root: Path, version: str) -> Path:
+    """The fleet's starting M for backbone `version`, under the fleet root (platform.fleet.federation)."""
+    return Path(root) / FEDERATION_DIR / f"{version}.safetensors"
+
+
 def partition_of(folder: Path) -> int | None:
     """The partition id of a folder named by device_name, else None."""
     match = re.fullmatch(rf"{re.escape(_DEVICE)}(\d{{3,}})", Path(folder).name)

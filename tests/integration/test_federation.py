@@ -30,10 +30,10 @@ from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet import client_app, federation, superlink, task
 from plora.platform.fleet.launch import launch
-from plora.platform.fleet.settings import FEDAVG, FleetSettings, device_dir
+from plora.platform.fleet.settings import FEDAVG, FleetSettings, device_dir, start_path
 from plora.platform.runtime import open_device
 from plora.storage.errors import ConfigError
-from plora.storage.models import utcnow
+from plora.storage.models import JobStatus, utcnow
 from plora.storage.registry import open_registry
 from tests.integration.fleet_helpers import FEDERATION_SPY_APP, RECEIVED_ENV, flower_processes, numbers_in
 
@@ -110,7 +110,7 @@ def federated_fleet(tiny_checkpoint, tmp_path_factory):
             lines = launch(DEVICES, 1, backbone=address, root=root, steps=2, lr=5e-2, strategy=FEDAVG, opt_out=str(OPTED_OUT))
             version = DeviceStore.open(device_dir(root, 0)).record.identity.version
             yield {"root": root, "settings": settings, "lines": lines, "received": received(base / "received"),
-                   "contributions": contributions(root, list(range(DEVICES))), "start": load_file(federation.start_path(root, version)),
+                   "contributions": contributions(root, list(range(DEVICES))), "start": load_file(start_path(root, version)),
                    "adapters": adapters, "opted_out_m": {name: m.detach().clone() for name, m in weights.named_tensors()}}
         finally:
             service.stop(grace_s=1)
@@ -196,7 +196,7 @@ def test_a_device_that_opted_out_is_asked_only_whether_it_joins_and_its_own_m_st
 
 def test_a_device_starts_its_first_personalization_from_the_fleets_m_and_only_its_first(federated_fleet):
     root, address = federated_fleet["root"], federated_fleet["settings"].backbone
-    path = federation.start_path(root, DeviceStore.open(device_dir(root, 0)).record.identity.version)
+    path = start_path(root, DeviceStore.open(device_dir(root, 0)).record.identity.version)
     fresh = open_device(device_dir(root, 0), address)
     try:
         assert fresh.start_from_fleet(path) == 1  # learnt in one round
@@ -209,3 +209,11 @@ def test_a_device_starts_its_first_personalization_from_the_fleets_m_and_only_it
             personalized.start_from_fleet(path)
     finally:
         personalized.close()
+
+
+def test_a_joined_devices_first_personal_fleet_job_starts_from_the_fleets_m_and_its_next_does_not(federated_fleet):
+    # Last in the module: it changes device 0's adapter, which the tests above compare.
+    settings, reg = federated_fleet["settings"], open_registry()
+    first = reg.get_job(task.personalize(settings, 0, 1)["job_id"])
+    assert first.status == JobStatus.SUCCEEDED and first.params["fleet_start_rounds"] == 1
+    assert "fleet_start_rounds" not in reg.get_job(task.personalize(settings, 0, 2)["job_id"]).params
