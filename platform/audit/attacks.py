@@ -27,7 +27,6 @@ the same attacks run with M = 0 in its place.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable
 
 import torch
@@ -36,6 +35,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from plora.clients.device_model import DeviceModel
+from plora.clients.training import CONSTANT, TrainSettings, train
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig, decoder_slice
 from plora.cloud_backbone.recording import CapturedStep
@@ -121,16 +121,14 @@ class LearnedInverter(nn.Module):
             states = torch.cat([self.public.run_front(self.public.embedding[seq][None], None)[0] if self.public.front is not None
                                 else self.public.embedding[seq] for seq in ids])
         targets = torch.cat(ids)
-        generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.AdamW(self.parameters(), lr=budget.lr, weight_decay=0.0)
-        loss = torch.tensor(math.nan)
-        for _ in range(budget.steps):
-            batch = torch.randint(0, len(targets), (budget.batch,), generator=generator)
-            loss = F.cross_entropy(self(states[batch]), targets[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return {"tokens": len(targets), "steps": budget.steps, "last_loss": loss.item()}
+
+        def batch_loss(positions: list[int]) -> tuple[torch.Tensor, int]:
+            chosen = torch.tensor(positions)
+            return F.cross_entropy(self(states[chosen]), targets[chosen]), len(positions)
+
+        settings = TrainSettings(lr=budget.lr, batch_size=budget.batch, steps=budget.steps, seed=seed, anchor=None)
+        progress = train(self, list(self.parameters()), batch_loss, range(len(targets)), settings, schedule=CONSTANT)
+        return {"tokens": len(targets), "steps": progress.step, "last_loss": progress.last_loss}
 
     @torch.no_grad()
     def predict(self, states: torch.Tensor, k: int = 1) -> torch.Tensor:
