@@ -30,7 +30,7 @@ from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, send_job_reports
-from plora.clients.search import LrSearch, SearchResult, personalization_settings, search_lr
+from plora.clients.search import CrossValidation, LrSearch, SearchResult, cross_validate, personalization_settings, search_lr
 from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device, is_address
@@ -52,10 +52,12 @@ ABANDONED = "its process ended without closing it (killed?); closed by the devic
 
 # How a job's learning rate was selected, as its record says (params["selection"]).
 SEARCHED = "searched"
+CROSS_VALIDATED = "cross-validated: no validation split"
 PINNED = "pinned by --lr"
-FIXED_FEW = "fixed: fewer than 10 examples"
-FIXED_NO_VALIDATION = "fixed: no validation split"
+FIXED_FEW = "fixed: too few examples to cross-validate"
 FIXED_FEW_STEPS = "fixed: too few steps to search"
+HOLDOUT_MIN_EXAMPLES = 10
+"""Fewer examples hold no validation split out: the job cross-validates instead."""
 
 
 def register(record: DeviceRecord, reg: Registry) -> None:
@@ -70,10 +72,10 @@ def register(record: DeviceRecord, reg: Registry) -> None:
 
 
 def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
-    """(train, validation). Validation is empty when there are fewer than 10 examples."""
+    """(train, validation). Validation is empty when there are fewer than HOLDOUT_MIN_EXAMPLES."""
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)
-    n_val = int(len(shuffled) * fraction) if len(shuffled) >= 10 else 0
+    n_val = int(len(shuffled) * fraction) if len(shuffled) >= HOLDOUT_MIN_EXAMPLES else 0
     return shuffled[n_val:], shuffled[:n_val]
 
 
@@ -113,12 +115,14 @@ class JobOutcome:
     loss_after: float
     selection: str = PINNED  # how the learning rate was selected: SEARCHED, PINNED or one of the FIXED_*
     lr: float | None = None  # the rate M was trained at; None when the search found none worth training
-    search: SearchResult | None = None  # the trials, when searched in this run (not when resumed)
+    search: SearchResult | CrossValidation | None = None  # how it chose, when it chose in this run (not when resumed)
 
     @property
     def improved(self) -> bool | None:
-        """Whether M beat the starting M on validation (else the job kept the starting M
-        exactly); None without a validation split."""
+        """Whether M beat the starting M on validation, or training did in cross-validation
+        (else the job kept the starting M exactly); None when the job could check neither."""
+        if self.selection == CROSS_VALIDATED:
+            return self.lr is not None
         return None if self.result.val_before is None else bool(self.result.best_step)
 
 
@@ -191,8 +195,10 @@ def run_personalization(
     (clients.search: a few candidate rates tried briefly, the best run for the whole budget,
     stopping early when validation stops improving; at most about twice a plain job's work);
     if no candidate beats the starting M, the job keeps the starting M. Without a validation
-    split (fewer than 10 examples), or with a budget too small to search, it trains at
-    `settings.lr` instead. Without `search`, `settings.lr` is pinned. With no settings at all,
+    split (fewer than HOLDOUT_MIN_EXAMPLES), it cross-validates training at `settings.lr`
+    against keeping the starting M (clients.search.cross_validate) and does the better; with
+    too few examples or steps for either, it trains at `settings.lr`. Without `search`,
+    `settings.lr` is pinned. With no settings at all,
     the job runs the default settings and searches. The job's record says which selection it
     used, what was tried and what was kept. `on_search_step` reports the trials' steps.
 
@@ -231,12 +237,15 @@ def _resumable(checkpoint: TrainingCheckpoint, device_id: str, reg: Registry) ->
     return found
 
 
-def _selection(search: LrSearch | None, examples: int, train: list, val: list, settings: TrainSettings) -> str:
+def _selection(search: LrSearch | None, train: list, val: list, settings: TrainSettings) -> str:
     if search is None:
         return PINNED
+    budget = settings.total_steps(len(train))
     if not val:
-        return FIXED_FEW if examples < 10 else FIXED_NO_VALIDATION
-    return SEARCHED if search.trial_steps(settings.total_steps(len(train))) >= 1 else FIXED_FEW_STEPS
+        if len(train) < search.folds:
+            return FIXED_FEW
+        return CROSS_VALIDATED if budget >= search.folds else FIXED_FEW_STEPS
+    return SEARCHED if search.trial_steps(budget) >= 1 else FIXED_FEW_STEPS
 
 
 def _personalization_job(
@@ -266,15 +275,17 @@ def _personalization_job(
         reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
         raise
     train, val = split_holdout(examples, val_fraction, settings.seed)
-    selection = _selection(search, len(examples), train, val, settings)
-    searching = selection == SEARCHED
+    selection = _selection(search, train, val, settings)
+    searching = selection in (SEARCHED, CROSS_VALIDATED)  # the job chooses what it trains on the device
     params["selection"] = selection
-    if searching:  # the rate is the job's to choose: its record says which it tried
+    if selection == SEARCHED:  # the rate is the job's to choose: its record says which it tried
         del params["lr"]
         params.update(lr_candidates=list(search.candidates), patience=settings.patience or search.patience)
+    elif selection == CROSS_VALIDATED:
+        params["cv_folds"] = search.folds
     elif settings.patience:
         params["patience"] = settings.patience
-    # A searched job is identified by its search, not by the rate it will choose.
+    # A job that chooses is identified by how it chooses, not by what it will choose.
     job_settings = (settings, search) if searching else settings
     checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, job_settings, record.identity.version))
     resumed = _resumable(checkpoint, record.device_id, reg)
@@ -297,19 +308,24 @@ def _personalization_job(
         if searching:
             chosen_by = job.get("search", {})
             if not chosen_by:  # not chosen yet (a job resumed after choosing skips its trials)
-                found = search_lr(device.model, train, val, pad, settings, search, val_before=before, anchor=anchor,
-                                  on_step=on_search_step)
+                if selection == SEARCHED:
+                    found = search_lr(device.model, train, val, pad, settings, search, val_before=before, anchor=anchor,
+                                      on_step=on_search_step)
+                else:
+                    found = cross_validate(device.model, train, pad, settings, search, anchor=anchor, on_step=on_search_step)
                 chosen_by = found.as_metrics()
                 # Kept with every checkpoint of the run that follows, so a re-run resumes it at this rate.
                 checkpoint.job = {**checkpoint.job, "search": chosen_by}
             lr = chosen_by.get("lr")
         if lr is None:  # no candidate beat the starting M: there is nothing worth training
-            log.info("job %d: no learning rate beat the starting M on validation; keeping it", job_id)
+            log.info("job %d: training beat the starting M neither on validation nor in cross-validation; keeping it",
+                     job_id)
             result = TrainResult(0, 0, 0.0, float("nan"), float("nan"), before, before, 0)
         else:
-            run = personalization_settings(settings, search, lr) if searching else settings
+            run = personalization_settings(settings, search, lr) if selection == SEARCHED else settings
             result = personalize(device.model, train, pad, run, val or None, on_step=on_step, checkpoint=checkpoint,
-                                 checkpoint_every=checkpoint_every, anchor=anchor, val_before=before if searching else None)
+                                 checkpoint_every=checkpoint_every, anchor=anchor,
+                                 val_before=before if selection == SEARCHED else None)
         crash_point("personalize:trained")
         after = result.val_after if val else evaluate(device.model, train, pad)
         device.save(job["adapter_steps"] + result.steps)
@@ -329,8 +345,11 @@ def _personalization_job(
     metrics_after.update(chosen_by, selection=selection, stopped_early=result.stopped_early)
     if lr is not None:
         metrics_after["lr"] = lr
+    outcome = JobOutcome(job_id, result, before, after, selection, lr, found)
     if val:  # False: no step beat the starting M, which the job kept
-        metrics_after.update(improved=bool(result.best_step), best_step=result.best_step)
+        metrics_after.update(improved=outcome.improved, best_step=result.best_step)
+    elif outcome.improved is not None:  # False: cross-validation found training worse than the starting M
+        metrics_after["improved"] = outcome.improved
     reg.finish_job(
         job_id,
         metrics_before={metric: before},
@@ -341,4 +360,4 @@ def _personalization_job(
     crash_point("personalize:job-finished")
     # Removed only now: until the job is recorded as succeeded, a re-run resumes from it.
     checkpoint.clear()
-    return JobOutcome(job_id, result, before, after, selection, lr, found)
+    return outcome

@@ -41,8 +41,6 @@ from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
 from plora.storage.registry import open_registry
 
-SIZES = (5, 10, 20)
-"""Blocks a new speaker personalizes on."""
 TARGET_BLOCKS = 10
 """The size the targets are set at, run with every seed; the others with the first seed only."""
 NEW_MIN_BLOCKS = 30
@@ -62,14 +60,18 @@ class FederatedBench:
         return {"federations": self.federations, "rows": self.rows, "figures": self.figures, "seconds": self.seconds}
 
 
-def run_federated_bench(data: Path, federation: int, new_speakers: int, seeds: int, rounds: int, steps: int, dp_noise: float,
-                        backbone: str, echo: Callable[[str], None], on_progress: Progress | None = None) -> FederatedBench:
+def run_federated_bench(data: Path, federation: int, new_speakers: int, sizes: list[int], seeds: int, rounds: int, steps: int,
+                        dp_noise: float, backbone: str, echo: Callable[[str], None],
+                        on_progress: Progress | None = None) -> FederatedBench:
+    """`sizes`: the blocks a new speaker personalizes on, one run per size (with `seeds` draws
+    at TARGET_BLOCKS)."""
     started = time.monotonic()
     play = data / "tinyshakespeare" / "input.txt"
     blocks = play_blocks(play)
-    sizes = Counter(blocks["speaker"])
-    members = {name for name, _ in sizes.most_common(federation)}  # the fleet's natural partition: the largest
-    newcomers = pick_speakers({name: n for name, n in sizes.items() if name not in members}, new_speakers, NEW_MIN_BLOCKS)
+    per_speaker = Counter(blocks["speaker"])
+    members = {name for name, _ in per_speaker.most_common(federation)}  # the fleet's natural partition: the largest
+    newcomers = pick_speakers({name: n for name, n in per_speaker.items() if name not in members}, new_speakers,
+                              NEW_MIN_BLOCKS)
     bench = FederatedBench()
     with tempfile.TemporaryDirectory(prefix="plora-bench-federated-") as scratch, _registry_of_its_own(Path(scratch)):
         scratch = Path(scratch)
@@ -89,7 +91,7 @@ def run_federated_bench(data: Path, federation: int, new_speakers: int, seeds: i
         for speaker in newcomers:
             mine = blocks.filter(lambda row, speaker=speaker: row["speaker"] == speaker).select_columns(["text"])
             pool, held = holdout(mine, max(0.2, MIN_HELDOUT / len(mine)))
-            for size in SIZES:
+            for size in sizes:
                 for seed in range(seeds if size == TARGET_BLOCKS else 1):
                     notes = scratch / "notes" / f"{speaker}-{size}-{seed}.jsonl"  # the user's file, outside any device
                     notes.parent.mkdir(exist_ok=True)
@@ -150,6 +152,17 @@ def _personalize(base: Path, backbone: str, notes: Path, held_rows: datasets.Dat
     return results
 
 
+def _worse_than_start(rows: list[dict], start: str, size: int) -> dict:
+    """How many of the jobs from `start` ended worse on held-out text than they began, and how
+    many chose to keep their start exactly."""
+    runs = [row[start] for row in rows]
+    kept = sum(run["steps"] == 0 for run in runs)
+    began = "the base model" if start == "zero" else "M₀ alone"
+    return {"figure": f"jobs from {'zero' if start == 'zero' else 'M₀'} worse than {began} on held-out text ({size} blocks)",
+            "value": sum(run["after"] > run["start"] for run in runs), "target": "",
+            "detail": f"of {len(runs)}; {kept} kept their start exactly"}
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -157,7 +170,7 @@ def _mean(values: list[float]) -> float:
 def figures(bench: FederatedBench) -> list[dict]:
     """The table: gains by size and start, the targets at TARGET_BLOCKS, the federation's costs."""
     found = []
-    for size in SIZES:
+    for size in sorted({row["blocks"] for row in bench.rows}):
         rows = [row for row in bench.rows if row["blocks"] == size]
         speakers, seeds = len({row["speaker"] for row in rows}), len({row["seed"] for row in rows})
         where = f"{size} blocks, {speakers} new speakers x {seeds} seed(s)"
@@ -169,6 +182,7 @@ def figures(bench: FederatedBench) -> list[dict]:
             {"figure": f"held-out NLL gain from M₀ ({where})", "value": fleet, "target": "", "detail": "nats, mean"},
             {"figure": f"gain from M₀ / gain from zero ({size} blocks)", "value": fleet / zero if zero else float("nan"),
              "target": ">= 1.3" if size == TARGET_BLOCKS else "", "detail": "ratio of the means"},
+            *[_worse_than_start(rows, start, size) for start in ("zero", "fleet")],
         ]
         if size == TARGET_BLOCKS:
             by_speaker = defaultdict(list)

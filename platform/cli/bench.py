@@ -155,8 +155,10 @@ def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
               help="Speakers in the federation: the play's largest, one device each.")
 @click.option("--new-speakers", default=8, show_default=True, type=click.IntRange(min=1),
               help="Speakers never in the federation who personalize on a few blocks.")
+@click.option("--size", "sizes", multiple=True, default=(5, 10, 20), show_default=True, type=click.IntRange(min=1),
+              help="Blocks a new speaker personalizes on (repeatable); the targets are set at 10.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Draws of the 10 blocks each new speaker personalizes on (5 and 20 blocks: one draw).")
+              help="Draws of the 10 blocks each new speaker personalizes on (other sizes: one draw).")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="Federated rounds.")
 @click.option("--steps", default=8, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
 @click.option("--dp-noise", default=1.0, show_default=True, type=click.FloatRange(min=0),
@@ -164,7 +166,8 @@ def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
 @click.option("--backbone", default="embedded", show_default=True, help="The backbone to serve and personalize on.")
 @results_options
 @fail_cleanly
-def bench_federated(data_dir, federation, new_speakers, seeds, rounds, steps, dp_noise, backbone, as_json, out_path) -> None:
+def bench_federated(data_dir, federation, new_speakers, sizes, seeds, rounds, steps, dp_noise, backbone, as_json,
+                    out_path) -> None:
     """What the fleet's starting M gives new users with little data: a federation of Shakespeare
     speakers learns M₀ under SecAgg+ (`plora fleet launch --strategy fedavg`), then new speakers
     personalize on 5, 10 or 20 blocks (`plora personalize`, from zero and --from-fleet); held-out
@@ -175,8 +178,8 @@ def bench_federated(data_dir, federation, new_speakers, seeds, rounds, steps, dp
     from plora.platform.bench.federated import run_federated_bench
 
     with Board("a federation, then new users with little data") as board:
-        results = run_federated_bench(data_dir, federation, new_speakers, seeds, rounds, steps, dp_noise, backbone,
-                                      echo=board.say, on_progress=board.update)
+        results = run_federated_bench(data_dir, federation, new_speakers, sorted(set(sizes)), seeds, rounds, steps,
+                                      dp_noise, backbone, echo=board.say, on_progress=board.update)
     _keep(results.to_json(), out_path)
     show(results.figures, FLEET_COLUMNS, as_json, document=results.to_json())
 

@@ -124,10 +124,11 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to run.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data (default 2).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
-              help="Pin AdamW's learning rate for M. By default the job chooses it on the device: it tries 2e-3, 6e-3 "
-                   "and 2e-2 from the current M for a quarter of the steps each, runs the one best on the validation "
+              help="Pin AdamW's learning rate for M. By default the job chooses it on the device: it tries 2e-3 and "
+                   "6e-3 from the current M for a quarter of the steps each, runs the one best on the validation "
                    "split for all the steps, and keeps the current M if none beats it (at most about twice the work "
-                   "of a pinned job). With fewer than 10 examples there is no validation split, and it trains at 5e-3.")
+                   "of a pinned job). With fewer than 10 examples there is no validation split: it trains at 5e-3 "
+                   "only if that beats the current M in two-fold cross-validation, and otherwise keeps the current M.")
 @click.option("--patience", type=click.IntRange(min=1),
               help="Stop after this many validation checks in a row without improvement, keeping the best M "
                    "[default: 2 when the rate is chosen, off when pinned].")
@@ -181,12 +182,18 @@ def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, b
 
 def _summary(outcome) -> None:
     """What a personalization job chose, ran and kept."""
-    result = outcome.result
-    if outcome.search:
-        tried = ", ".join(f"{t.lr:g} ({t.val_loss:.3f})" for t in outcome.search.trials)
-        click.echo(f"learning rates tried, validation loss after {outcome.search.steps // len(outcome.search.trials)} "
-                   f"steps (starting M {outcome.search.start_loss:.3f}): {tried}")
-    rate = f"{outcome.lr:g}" if outcome.lr is not None else "none (no rate beat the starting M)"
+    from plora.clients.search import CrossValidation
+
+    result, chose = outcome.result, outcome.search
+    if isinstance(chose, CrossValidation):
+        click.echo(f"cross-validated on {len(chose.start_losses)} folds, each trained on the others for "
+                   f"{chose.steps // len(chose.start_losses)} steps at {chose.lr:g}: held-out loss "
+                   f"{chose.start_loss:.3f} at the starting M, {chose.trained_loss:.3f} after training")
+    elif chose:
+        tried = ", ".join(f"{t.lr:g} ({t.val_loss:.3f})" for t in chose.trials)
+        click.echo(f"learning rates tried, validation loss after {chose.steps // len(chose.trials)} "
+                   f"steps (starting M {chose.start_loss:.3f}): {tried}")
+    rate = f"{outcome.lr:g}" if outcome.lr is not None else "none (training did not beat the starting M)"
     click.echo(f"learning rate: {rate}; selection: {outcome.selection}")
     if result.steps:
         stopped = f", stopped early (kept step {result.best_step})" if result.stopped_early else ""
@@ -197,7 +204,8 @@ def _summary(outcome) -> None:
     which = "validation" if result.val_before is not None else "training-set"
     click.echo(f"{which} loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f}")
     if outcome.improved is False:
-        click.echo("no gain on validation: the starting M is kept")
+        where = "on validation" if result.val_before is not None else "in cross-validation"
+        click.echo(f"no gain {where}: the starting M is kept")
 
 
 @click.command()

@@ -77,7 +77,7 @@ def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file)
 
 def test_score_json_matches_the_personalized_model(device_dir, facts_file):
     trained = plora("personalize", device_dir, "--data", facts_file, "--steps", 5)
-    assert "learning rate: 0.005; selection: fixed: fewer than 10 examples" in trained.output  # 3 facts: no search
+    assert "selection: cross-validated: no validation split" in trained.output  # 3 facts: no validation split
     out = json.loads(plora("score", device_dir, "--text", "Fact 1 is Pebble.", "--json").stdout)
     assert len(out["logprobs"]) == len(out["tokens"]) - 1
     device = open_device(device_dir)

@@ -155,12 +155,13 @@ def _counted(monkeypatch) -> dict[str, int]:
     from plora.clients import search, training
     from plora.platform import jobs
 
-    counts = {"steps": 0, "validations": 0}
+    counts = {"steps": 0, "validations": 0, "examples_scored": 0}
     evaluate = training.evaluate
 
-    def counting(*args, **kwargs):
+    def counting(model, examples, *args, **kwargs):
         counts["validations"] += 1
-        return evaluate(*args, **kwargs)
+        counts["examples_scored"] += len(examples)
+        return evaluate(model, examples, *args, **kwargs)
 
     for module in (training, search, jobs):
         monkeypatch.setattr(module, "evaluate", counting)
@@ -177,14 +178,15 @@ def test_a_searched_job_costs_at_most_twice_a_plain_one_records_what_it_tried_an
     cost, outcomes = {}, {}
     for kind, search in (("plain", None), ("searched", SEARCH)):
         init_device(tmp_path / kind, str(tiny_checkpoint))
-        counts.update(steps=0, validations=0)
+        counts.update(steps=0, validations=0, examples_scored=0)
         outcomes[kind] = run_personalization(open_device(tmp_path / kind), facts, SEARCHED, max_length=32, on_step=step,
                                              on_search_step=step, search=search)
         cost[kind] = dict(counts)
     budget, outcome = SEARCHED.steps, outcomes["searched"]
     assert cost["plain"]["steps"] == budget
     assert cost["searched"]["steps"] == budget + len(SEARCH.candidates) * SEARCH.trial_steps(budget)  # 1.75x here
-    assert sum(cost["searched"].values()) <= 2 * sum(cost["plain"].values()), cost
+    assert cost["searched"]["steps"] + cost["searched"]["validations"] <= 2 * (
+        cost["plain"]["steps"] + cost["plain"]["validations"]), cost
 
     (job,) = open_registry().list_jobs(open_device(tmp_path / "searched").store.record.device_id)
     assert job.params["selection"] == "searched" == outcome.selection
@@ -213,10 +215,7 @@ def test_a_searched_job_costs_at_most_twice_a_plain_one_records_what_it_tried_an
 
 
 def test_a_job_on_data_that_does_not_generalize_keeps_the_starting_m_and_says_so(tmp_path, tiny_checkpoint, smol_tokenizer):
-    # Random tokens: what the job learns of its training rows only makes the held-out ones less likely.
-    generator = torch.Generator().manual_seed(0)
-    texts = [smol_tokenizer.decode(torch.randint(1000, 40000, (24,), generator=generator)) for _ in range(20)]
-    data = _lines(tmp_path / "noise.jsonl", [{"text": text} for text in texts])
+    data = _noise(tmp_path / "noise.jsonl", smol_tokenizer, 20)
     init_device(tmp_path / "dev", str(tiny_checkpoint))
     device = open_device(tmp_path / "dev")
     anchored = replace(SEARCHED, anchor=SMALL_ANCHOR)  # as jobs are by default: the trials carry anchor rows
@@ -229,15 +228,66 @@ def test_a_job_on_data_that_does_not_generalize_keeps_the_starting_m_and_says_so
     assert all(job.metrics_after[trial_key(lr)] >= job.metrics_before["val_loss"] for lr in SEARCH.candidates)
 
 
-def test_below_10_examples_a_job_trains_at_the_fixed_rate_and_records_why(tmp_path, tiny_checkpoint, data):
+def _noise(path, tokenizer, count: int) -> object:
+    """Random tokens: what a job learns of some rows only makes the others less likely."""
+    generator = torch.Generator().manual_seed(0)
+    texts = [tokenizer.decode(torch.randint(1000, 40000, (24,), generator=generator)) for _ in range(count)]
+    return _lines(path, [{"text": text} for text in texts])
+
+
+CROSS_VALIDATED = replace(SEARCHED, lr=0.05, steps=8)
+
+
+def test_below_10_examples_a_job_trains_only_if_training_wins_in_cross_validation_and_records_it(
+        tmp_path, tiny_checkpoint, data, monkeypatch):
+    counts = _counted(monkeypatch)
+
+    def step(*_):
+        counts["steps"] += 1
+
+    cost, outcomes = {}, {}
+    for kind, search in (("plain", None), ("cross-validated", SEARCH)):
+        init_device(tmp_path / kind, str(tiny_checkpoint))
+        counts.update(steps=0, validations=0, examples_scored=0)
+        outcomes[kind] = run_personalization(open_device(tmp_path / kind), data, CROSS_VALIDATED, on_step=step,
+                                             on_search_step=step, search=search)
+        cost[kind] = dict(counts)
+    outcome = outcomes["cross-validated"]
+    assert outcome.selection == "cross-validated: no validation split" and outcome.improved is True
+    assert outcome.lr == 0.05 and outcome.result.steps == 8
+    # Each of the 2 folds trained half the budget and scored its half twice: twice a plain job's work.
+    assert cost["cross-validated"]["steps"] == 2 * 8 and outcome.search.steps == 8
+    assert cost["cross-validated"]["examples_scored"] == 2 * cost["plain"]["examples_scored"], cost
+    assert torch.allclose(ms(open_device(tmp_path / "cross-validated")), ms(open_device(tmp_path / "plain")))
+    (job,) = open_registry().list_jobs(open_device(tmp_path / "cross-validated").store.record.device_id)
+    assert job.params["selection"] == outcome.selection and job.params["cv_folds"] == 2
+    assert job.metrics_after["cv_loss"] == outcome.search.trained_loss < job.metrics_after["cv_start_loss"]
+    assert job.metrics_after["improved"] is True and job.metrics_after["lr"] == 0.05
+
+
+def test_below_10_examples_a_job_whose_training_loses_in_cross_validation_keeps_the_starting_m(
+        tmp_path, tiny_checkpoint, smol_tokenizer):
+    data = _noise(tmp_path / "noise.jsonl", smol_tokenizer, 8)
     init_device(tmp_path / "dev", str(tiny_checkpoint))
     device = open_device(tmp_path / "dev")
-    searched = []
-    settings = replace(SEARCHED, lr=0.05, steps=2)
-    outcome = run_personalization(device, data, settings, search=SEARCH, on_search_step=lambda *_: searched.append(1))
+    # Noise, at a rate far too large: training makes the held-out fold worse in both folds.
+    outcome = run_personalization(device, data, replace(CROSS_VALIDATED, lr=100.0), max_length=32, search=SEARCH)
+    assert all(trained > start for trained, start in zip(outcome.search.trained_losses, outcome.search.start_losses))
+    assert outcome.improved is False and outcome.lr is None and outcome.result.steps == 0
+    assert torch.count_nonzero(ms(open_device(tmp_path / "dev"))) == 0  # M = 0, exactly, as on a fresh device
     (job,) = open_registry().list_jobs(device.store.record.device_id)
-    assert job.params["selection"] == outcome.selection == "fixed: fewer than 10 examples" and not searched
-    assert job.metrics_after["lr"] == outcome.lr == 0.05 and job.steps_done == 2
+    assert job.status == "succeeded" and job.metrics_after["improved"] is False and "lr" not in job.metrics_after
+
+
+def test_a_single_example_trains_at_the_fixed_rate_and_records_why(tmp_path, tiny_checkpoint):
+    data = _lines(tmp_path / "one.jsonl", [{"text": "Question 1? Answer 1 is 7."}])
+    init_device(tmp_path / "dev", str(tiny_checkpoint))
+    searched = []
+    outcome = run_personalization(open_device(tmp_path / "dev"), data, replace(CROSS_VALIDATED, steps=2), search=SEARCH,
+                                  on_search_step=lambda *_: searched.append(1))
+    (job,) = open_registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
+    assert job.params["selection"] == outcome.selection == "fixed: too few examples to cross-validate" and not searched
+    assert job.metrics_after["lr"] == outcome.lr == 0.05 and job.steps_done == 2 and outcome.improved is None
 
 
 def test_a_job_keeps_the_text_it_trained_on_once_unless_told_not_to(tmp_path, tiny_checkpoint, data):

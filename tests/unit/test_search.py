@@ -1,12 +1,15 @@
-"""Choosing the learning rate on validation (clients.search), and early stopping in the one loop."""
+"""Choosing the learning rate on validation and cross-validating small jobs (clients.search), and early
+stopping in the one loop."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from plora.clients.checkpoint import TrainingCheckpoint
-from plora.clients.search import LrSearch, search_lr
+from plora.clients.search import LrSearch, cross_validate, search_lr
 from plora.clients.training import TrainSettings, causal_lm_batch_loss, train
 from plora.storage.errors import ConfigError
 from tests.unit.test_distillation import PAD, sequences, tiny_split
@@ -62,3 +65,35 @@ def test_early_stopping_ends_the_run_after_patience_checks_without_improvement_a
     resumed = train(again, list(again.weights.parameters()), causal_lm_batch_loss(again, PAD), TASK, settings,
                     validate=lambda: next(scores), checkpoint=checkpoint, on_step=record)
     assert resumed.step == 4 and all(torch.equal(a, b) for a, b in zip(_ms(again), seen[2]))
+
+
+REPEATED = sequences(1, seed=3) * 6  # one sequence six times: learning it on some folds helps on the others
+ALTERNATING = sequences(2, seed=3) * 3  # two sequences in turn: in 2 folds, each fold learns the other one
+
+
+def test_cross_validation_trains_each_fold_on_the_others_for_its_share_of_the_budget_and_leaves_m_as_it_was():
+    model = tiny_split()
+    steps = []
+    result = cross_validate(model, REPEATED, PAD, replace(SETTINGS, lr=LEARNS), LrSearch(folds=3),
+                            on_step=lambda step, total, loss: steps.append((step, total)))
+    assert steps == [(step, 6) for step in range(1, 7)]  # 3 folds of 8 // 3 = 2 steps, counted together
+    assert len(result.start_losses) == len(result.trained_losses) == 3 and result.steps == 6
+    assert result.trained_loss < result.start_loss and result.chosen == LEARNS
+    assert all(torch.count_nonzero(m) == 0 for m in _ms(model))  # the starting M (zeros), exactly
+
+
+def test_cross_validation_chooses_nothing_when_training_makes_the_held_out_fold_worse():
+    model = tiny_split()
+    result = cross_validate(model, ALTERNATING, PAD, replace(SETTINGS, lr=LEARNS), LrSearch(folds=2))
+    assert all(trained > start for trained, start in zip(result.trained_losses, result.start_losses))
+    assert result.chosen is None and "lr" not in result.as_metrics()
+    assert all(torch.count_nonzero(m) == 0 for m in _ms(model))
+
+
+def test_cross_validation_refuses_fewer_examples_or_steps_than_folds():
+    with pytest.raises(ConfigError, match="too few for 2 folds"):
+        cross_validate(tiny_split(), REPEATED[:1], PAD, SETTINGS, LrSearch())
+    with pytest.raises(ConfigError, match="too few for 2 folds"):
+        cross_validate(tiny_split(), REPEATED, PAD, replace(SETTINGS, steps=1), LrSearch())
+    with pytest.raises(ConfigError, match="folds >= 2"):
+        LrSearch(folds=1)
