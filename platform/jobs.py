@@ -242,9 +242,7 @@ def _selection(search: LrSearch | None, train: list, val: list, settings: TrainS
         return PINNED
     budget = settings.total_steps(len(train))
     if not val:
-        if len(train) < search.folds:
-            return FIXED_FEW
-        return CROSS_VALIDATED if budget >= search.folds else FIXED_FEW_STEPS
+        return CROSS_VALIDATED if len(train) >= search.folds else FIXED_FEW
     return SEARCHED if search.trial_steps(budget) >= 1 else FIXED_FEW_STEPS
 
 

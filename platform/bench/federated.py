@@ -148,7 +148,7 @@ def _personalize(base: Path, backbone: str, notes: Path, held_rows: datasets.Dat
             device.close()
         results[name] = {"base": base_nll, "start": start_nll, "after": after, "gain": base_nll - after,
                          "start_gain": base_nll - start_nll, "lr": outcome.lr, "steps": outcome.result.steps,
-                         "selection": outcome.selection}
+                         "selection": outcome.selection, "chose_by": outcome.search.as_metrics() if outcome.search else None}
     return results
 
 

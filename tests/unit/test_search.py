@@ -71,13 +71,13 @@ REPEATED = sequences(1, seed=3) * 6  # one sequence six times: learning it on so
 ALTERNATING = sequences(2, seed=3) * 3  # two sequences in turn: in 2 folds, each fold learns the other one
 
 
-def test_cross_validation_trains_each_fold_on_the_others_for_its_share_of_the_budget_and_leaves_m_as_it_was():
+def test_cross_validation_trains_each_fold_on_the_others_for_the_whole_budget_and_leaves_m_as_it_was():
     model = tiny_split()
     steps = []
     result = cross_validate(model, REPEATED, PAD, replace(SETTINGS, lr=LEARNS), LrSearch(folds=3),
                             on_step=lambda step, total, loss: steps.append((step, total)))
-    assert steps == [(step, 6) for step in range(1, 7)]  # 3 folds of 8 // 3 = 2 steps, counted together
-    assert len(result.start_losses) == len(result.trained_losses) == 3 and result.steps == 6
+    assert steps == [(step, 24) for step in range(1, 25)]  # 3 folds of the job's 8 steps, counted together
+    assert len(result.start_losses) == len(result.trained_losses) == 3 and result.steps == 24
     assert result.trained_loss < result.start_loss and result.chosen == LEARNS
     assert all(torch.count_nonzero(m) == 0 for m in _ms(model))  # the starting M (zeros), exactly
 
@@ -90,10 +90,8 @@ def test_cross_validation_chooses_nothing_when_training_makes_the_held_out_fold_
     assert all(torch.count_nonzero(m) == 0 for m in _ms(model))
 
 
-def test_cross_validation_refuses_fewer_examples_or_steps_than_folds():
+def test_cross_validation_refuses_fewer_examples_than_folds():
     with pytest.raises(ConfigError, match="too few for 2 folds"):
         cross_validate(tiny_split(), REPEATED[:1], PAD, SETTINGS, LrSearch())
-    with pytest.raises(ConfigError, match="too few for 2 folds"):
-        cross_validate(tiny_split(), REPEATED, PAD, replace(SETTINGS, steps=1), LrSearch())
     with pytest.raises(ConfigError, match="folds >= 2"):
         LrSearch(folds=1)
