@@ -26,9 +26,9 @@ and the job trains (on all its examples, at its rate) only if the mean over the 
 Each fold trains for the job's own B steps, not B/F: AdamW moves each entry of M by about the rate
 at every step whatever the batch, so how far the job would move M away from its start is set by
 its steps, and a fold that trained for fewer would judge a shorter move than the job makes (on the
-bench, 2-fold trials of B/2 steps let the job leave M₀ for 6 of 8 speakers, and lose to it each
-time). That costs F·B steps and two passes over the data more than the plain job: 3x its steps with
-the default 2 folds, on jobs of at most 9 examples (B ≤ 6 steps at the default batch and epochs).
+bench, folds of B/2 steps let 3 of the 8 speakers' jobs leave M₀, and each of them lost to it).
+That costs F·B steps and two passes over the data more than the plain job: 3x its steps with the
+default 2 folds, on jobs of at most 9 examples (B ≤ 6 steps at the default batch and epochs).
 """
 
 from __future__ import annotations
