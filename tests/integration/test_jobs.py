@@ -215,7 +215,10 @@ def test_a_searched_job_costs_at_most_twice_a_plain_one_records_what_it_tried_an
 
 
 def test_a_job_on_data_that_does_not_generalize_keeps_the_starting_m_and_says_so(tmp_path, tiny_checkpoint, smol_tokenizer):
-    data = _noise(tmp_path / "noise.jsonl", smol_tokenizer, 20)
+    # Random tokens: what the job learns of its training rows only makes the held-out ones less likely.
+    generator = torch.Generator().manual_seed(0)
+    texts = [smol_tokenizer.decode(torch.randint(1000, 40000, (24,), generator=generator)) for _ in range(20)]
+    data = _lines(tmp_path / "noise.jsonl", [{"text": text} for text in texts])
     init_device(tmp_path / "dev", str(tiny_checkpoint))
     device = open_device(tmp_path / "dev")
     anchored = replace(SEARCHED, anchor=SMALL_ANCHOR)  # as jobs are by default: the trials carry anchor rows
@@ -226,13 +229,6 @@ def test_a_job_on_data_that_does_not_generalize_keeps_the_starting_m_and_says_so
     (job,) = open_registry().list_jobs(device.store.record.device_id)
     assert job.status == "succeeded" and job.metrics_after["improved"] is False and "lr" not in job.metrics_after
     assert all(job.metrics_after[trial_key(lr)] >= job.metrics_before["val_loss"] for lr in SEARCH.candidates)
-
-
-def _noise(path, tokenizer, count: int) -> object:
-    """Random tokens: what a job learns of some rows only makes the others less likely."""
-    generator = torch.Generator().manual_seed(0)
-    texts = [tokenizer.decode(torch.randint(1000, 40000, (24,), generator=generator)) for _ in range(count)]
-    return _lines(path, [{"text": text} for text in texts])
 
 
 CROSS_VALIDATED = replace(SEARCHED, lr=0.05, steps=8)
@@ -266,17 +262,27 @@ def test_below_10_examples_a_job_trains_only_if_training_wins_in_cross_validatio
 
 
 def test_below_10_examples_a_job_whose_training_loses_in_cross_validation_keeps_the_starting_m(
-        tmp_path, tiny_checkpoint, smol_tokenizer):
-    data = _noise(tmp_path / "noise.jsonl", smol_tokenizer, 8)
+        tmp_path, tiny_checkpoint, data, monkeypatch):
+    from plora.clients.search import cross_validate
+    from plora.platform import jobs
+
+    # The tiny random model learns something of any text that helps on any other, so no data
+    # makes its training lose by a margin that holds across machines; the folds' verdict is
+    # unit-tested (test_search), and here it is made to lose after the folds ran for real.
+    def losing(*args, **kwargs):
+        ran = cross_validate(*args, **kwargs)
+        return replace(ran, trained_losses=tuple(start + 0.1 for start in ran.start_losses))
+
+    monkeypatch.setattr(jobs, "cross_validate", losing)
     init_device(tmp_path / "dev", str(tiny_checkpoint))
     device = open_device(tmp_path / "dev")
-    # Noise, at a rate far too large: training makes the held-out fold worse in both folds.
-    outcome = run_personalization(device, data, replace(CROSS_VALIDATED, lr=100.0, steps=4), max_length=32, search=SEARCH)
-    assert all(trained > start for trained, start in zip(outcome.search.trained_losses, outcome.search.start_losses))
+    outcome = run_personalization(device, data, CROSS_VALIDATED, search=SEARCH)
+    assert outcome.search.steps == 2 * 8 and outcome.search.trained_loss > outcome.search.start_loss
     assert outcome.improved is False and outcome.lr is None and outcome.result.steps == 0
     assert torch.count_nonzero(ms(open_device(tmp_path / "dev"))) == 0  # M = 0, exactly, as on a fresh device
     (job,) = open_registry().list_jobs(device.store.record.device_id)
     assert job.status == "succeeded" and job.metrics_after["improved"] is False and "lr" not in job.metrics_after
+    assert job.metrics_after["cv_loss"] > job.metrics_after["cv_start_loss"]
 
 
 def test_a_single_example_trains_at_the_fixed_rate_and_records_why(tmp_path, tiny_checkpoint):
