@@ -113,7 +113,7 @@ class JobOutcome:
     result: TrainResult
     loss_before: float  # on validation if there is one, else on the training set
     loss_after: float
-    selection: str = PINNED  # how the learning rate was selected: SEARCHED, PINNED or one of the FIXED_*
+    selection: str = PINNED  # how the learning rate was selected: SEARCHED, CROSS_VALIDATED, PINNED or a FIXED_*
     lr: float | None = None  # the rate M was trained at; None when the search found none worth training
     search: SearchResult | CrossValidation | None = None  # how it chose, when it chose in this run (not when resumed)
 
@@ -196,10 +196,10 @@ def run_personalization(
     stopping early when validation stops improving; at most about twice a plain job's work);
     if no candidate beats the starting M, the job keeps the starting M. Without a validation
     split (fewer than HOLDOUT_MIN_EXAMPLES), it cross-validates training at `settings.lr`
-    against keeping the starting M (clients.search.cross_validate) and does the better; with
-    too few examples or steps for either, it trains at `settings.lr`. Without `search`,
-    `settings.lr` is pinned. With no settings at all,
-    the job runs the default settings and searches. The job's record says which selection it
+    against keeping the starting M (clients.search.cross_validate) and does the better. With a
+    single example, or a budget too small to search, it trains at `settings.lr`. Without
+    `search`, `settings.lr` is pinned. With no settings at all, the job runs the default
+    settings and chooses. The job's record says which selection it
     used, what was tried and what was kept. `on_search_step` reports the trials' steps.
 
     Progress is checkpointed on the device; running the same job again after an interruption
@@ -240,10 +240,9 @@ def _resumable(checkpoint: TrainingCheckpoint, device_id: str, reg: Registry) ->
 def _selection(search: LrSearch | None, train: list, val: list, settings: TrainSettings) -> str:
     if search is None:
         return PINNED
-    budget = settings.total_steps(len(train))
     if not val:
         return CROSS_VALIDATED if len(train) >= search.folds else FIXED_FEW
-    return SEARCHED if search.trial_steps(budget) >= 1 else FIXED_FEW_STEPS
+    return SEARCHED if search.trial_steps(settings.total_steps(len(train))) >= 1 else FIXED_FEW_STEPS
 
 
 def _personalization_job(

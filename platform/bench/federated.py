@@ -39,6 +39,7 @@ from plora.platform.fleet.partition import holdout, play_blocks
 from plora.platform.fleet.settings import FEDAVG, device_dir, start_path
 from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
+from plora.storage.errors import DataError
 from plora.storage.registry import open_registry
 
 TARGET_BLOCKS = 10
@@ -72,6 +73,13 @@ def run_federated_bench(data: Path, federation: int, new_speakers: int, sizes: l
     members = {name for name, _ in per_speaker.most_common(federation)}  # the fleet's natural partition: the largest
     newcomers = pick_speakers({name: n for name, n in per_speaker.items() if name not in members}, new_speakers,
                               NEW_MIN_BLOCKS)
+    splits = {}  # each new speaker's (blocks to draw from, held-out blocks)
+    for speaker in newcomers:
+        mine = blocks.filter(lambda row, speaker=speaker: row["speaker"] == speaker).select_columns(["text"])
+        splits[speaker] = holdout(mine, max(0.2, MIN_HELDOUT / len(mine)))
+        if max(sizes) > len(splits[speaker][0]):  # found now, not after the federations
+            raise DataError(f"{speaker} has {len(splits[speaker][0])} blocks to personalize on; a size of {max(sizes)} "
+                            "asks for more")
     bench = FederatedBench()
     with tempfile.TemporaryDirectory(prefix="plora-bench-federated-") as scratch, _registry_of_its_own(Path(scratch)):
         scratch = Path(scratch)
@@ -88,9 +96,7 @@ def run_federated_bench(data: Path, federation: int, new_speakers: int, sizes: l
                 bench.federations.append({"name": name, **summary})
         finally:
             service.stop(grace_s=1)
-        for speaker in newcomers:
-            mine = blocks.filter(lambda row, speaker=speaker: row["speaker"] == speaker).select_columns(["text"])
-            pool, held = holdout(mine, max(0.2, MIN_HELDOUT / len(mine)))
+        for speaker, (pool, held) in splits.items():
             for size in sizes:
                 for seed in range(seeds if size == TARGET_BLOCKS else 1):
                     notes = scratch / "notes" / f"{speaker}-{size}-{seed}.jsonl"  # the user's file, outside any device
