@@ -260,6 +260,19 @@ def test_below_10_examples_a_job_trains_only_if_training_wins_in_cross_validatio
     assert job.metrics_after["cv_loss"] == outcome.search.trained_loss < job.metrics_after["cv_start_loss"]
     assert job.metrics_after["improved"] is True and job.metrics_after["lr"] == 0.05
 
+    # Interrupted after its verdict, the job resumes its training without running the folds again.
+    init_device(tmp_path / "interrupted", str(tiny_checkpoint))
+    with pytest.raises(Interrupt):
+        run_personalization(open_device(tmp_path / "interrupted"), data, CROSS_VALIDATED, search=SEARCH,
+                            on_step=stop_at(7), checkpoint_every=5)
+    folds = []
+    resumed = run_personalization(open_device(tmp_path / "interrupted"), data, CROSS_VALIDATED, search=SEARCH,
+                                  on_search_step=lambda *_: folds.append(1), checkpoint_every=5)
+    assert not folds and resumed.lr == 0.05 and resumed.search is None and resumed.improved is True
+    assert torch.allclose(ms(open_device(tmp_path / "interrupted")), ms(open_device(tmp_path / "plain")), atol=1e-6)
+    job, _ = open_registry().list_jobs(open_device(tmp_path / "interrupted").store.record.device_id)  # newest first
+    assert job.params["resumed_from_step"] == 5 and job.metrics_after["cv_loss"] == outcome.search.trained_loss
+
 
 def test_below_10_examples_a_job_whose_training_loses_in_cross_validation_keeps_the_starting_m(
         tmp_path, tiny_checkpoint, data, monkeypatch):
