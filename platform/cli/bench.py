@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli.common import adapter_config, adapter_options, fail_cleanly, wire_dtype_option
+from plora.platform.cli.common import adapter_config, adapter_options, fail_cleanly, stop_on_sigterm, wire_dtype_option
 from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, say, show
 
 
@@ -83,6 +83,7 @@ SPEAKER_COLUMNS = (
 @click.option("--backbone", "spec", default="embedded", show_default=True)
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
 @fail_cleanly
+@stop_on_sigterm
 def bench_split(as_json, out_path, spec, repeats) -> None:
     """Monolithic vs in-process split: forward tokens/s, a training step, greedy decode tokens/s."""
     from plora.platform.bench.split import run_split_bench
@@ -98,6 +99,7 @@ def bench_split(as_json, out_path, spec, repeats) -> None:
 @click.option("--devices", default=16, show_default=True, type=click.IntRange(min=1), help="Size of the concurrent fleet.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed repeats per figure; the median counts.")
 @fail_cleanly
+@stop_on_sigterm
 def bench_serve(as_json, out_path, spec, devices, repeats) -> None:
     """The service over gRPC loopback: single and fleet decode, wire bytes, and training, as ratios."""
     from plora.platform.bench.serve import run_serve_bench
@@ -115,6 +117,7 @@ def bench_serve(as_json, out_path, spec, devices, repeats) -> None:
 @click.option("--distill-steps", default=40, show_default=True, type=click.IntRange(min=1))
 @results_options
 @fail_cleanly
+@stop_on_sigterm
 def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_path) -> None:
     """Personalization kept across backbone upgrades: v1 + M against v2 with no, copied, distilled and retrained M."""
     from plora.clients.migration import DistillSettings
@@ -133,6 +136,7 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_p
               help="Shakespeare speakers, spread over the sizes of those with enough lines, each compared with PEFT LoRA.")
 @results_options
 @fail_cleanly
+@stop_on_sigterm
 def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
     """Persona recall and generic-text loss; per speaker, the held-out gain of plora's default job
     (`plora personalize` as a user runs it) against PEFT LoRA (r=16, q/k/v) under the same
@@ -166,6 +170,7 @@ def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
 @click.option("--backbone", default="embedded", show_default=True, help="The backbone to serve and personalize on.")
 @results_options
 @fail_cleanly
+@stop_on_sigterm
 def bench_federated(data_dir, federation, new_speakers, sizes, seeds, rounds, steps, dp_noise, backbone, as_json,
                     out_path) -> None:
     """What the fleet's starting M gives new users with little data: a federation of Shakespeare
@@ -192,6 +197,7 @@ def bench_federated(data_dir, federation, new_speakers, sizes, seeds, rounds, st
 @click.option("--backbone", help="A local backbone to serve for the runs (default: the embedded one).")
 @results_options
 @fail_cleanly
+@stop_on_sigterm
 def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> None:
     """What a simulated fleet costs as it grows: `plora fleet launch` from nothing for a small and
     a large fleet sampling the same devices for one round; disk, wall time and peak memory.
@@ -225,6 +231,7 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
 @adapter_options
 @results_options
 @fail_cleanly
+@stop_on_sigterm
 def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, wire_dtype, as_json, out_path,
               **adapter) -> None:
     """The split over emulated network links: decode tokens/s, time to first token, training steps,
