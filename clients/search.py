@@ -188,9 +188,7 @@ def search_rates(
         trial = replace(settings, lr=lr, steps=steps, epochs=None, eval_every=steps, patience=None)
         result = run_trial(trial, trial_step)
         trials.append(Trial(lr, result.val_last, result.best_step > 0))
-        with torch.no_grad():
-            for p, kept in zip(params, start):
-                p.copy_(kept)
+        _restore(params, start)
     return SearchResult(tuple(trials), start_loss, steps * len(search.candidates))
 
 
@@ -262,7 +260,12 @@ def cross_validate(
         start_losses.append(evaluate(model, held, pad_id))
         result = personalize(model, fit, pad_id, trial, held, on_step=fold_step, anchor=anchor, val_before=start_losses[-1])
         trained_losses.append(result.val_last)
-        with torch.no_grad():
-            for p, kept in zip(params, start):
-                p.copy_(kept)
+        _restore(params, start)
     return CrossValidation(settings.lr, tuple(start_losses), tuple(trained_losses), steps * folds)
+
+
+@torch.no_grad()
+def _restore(params: list[torch.nn.Parameter], kept: list[torch.Tensor]) -> None:
+    """Put the starting values back after a trial or a fold."""
+    for p, value in zip(params, kept):
+        p.copy_(value)
