@@ -150,8 +150,9 @@ def facts(tmp_path):
     return _lines(tmp_path / "facts.jsonl", [{"text": f"Question {i}? Answer {i} is {i * 7}."} for i in range(20)])
 
 
-def _counted(monkeypatch) -> dict[str, int]:
-    """Optimizer steps and validation passes of the jobs that follow, counted where they run."""
+def _plain_and_chosen(monkeypatch, folder, checkpoint, data, settings, chosen: str, **job) -> tuple[dict, dict]:
+    """A plain job (pinned) and one that chooses (SEARCH), each on a fresh device: their outcomes,
+    and the optimizer steps, validation passes and examples scored of each, counted where they run."""
     from plora.clients import search, training
     from plora.platform import jobs
 
@@ -163,25 +164,24 @@ def _counted(monkeypatch) -> dict[str, int]:
         counts["examples_scored"] += len(examples)
         return evaluate(model, examples, *args, **kwargs)
 
+    def step(*_):
+        counts["steps"] += 1
+
     for module in (training, search, jobs):
         monkeypatch.setattr(module, "evaluate", counting)
-    return counts
+    cost, outcomes = {}, {}
+    for kind, way in (("plain", None), (chosen, SEARCH)):
+        init_device(folder / kind, str(checkpoint))
+        counts.update(steps=0, validations=0, examples_scored=0)
+        outcomes[kind] = run_personalization(open_device(folder / kind), data, settings, on_step=step, on_search_step=step,
+                                             search=way, **job)
+        cost[kind] = dict(counts)
+    return cost, outcomes
 
 
 def test_a_searched_job_costs_at_most_twice_a_plain_one_records_what_it_tried_and_resumes_at_its_rate(
         tmp_path, tiny_checkpoint, facts, monkeypatch):
-    counts = _counted(monkeypatch)
-
-    def step(*_):
-        counts["steps"] += 1
-
-    cost, outcomes = {}, {}
-    for kind, search in (("plain", None), ("searched", SEARCH)):
-        init_device(tmp_path / kind, str(tiny_checkpoint))
-        counts.update(steps=0, validations=0, examples_scored=0)
-        outcomes[kind] = run_personalization(open_device(tmp_path / kind), facts, SEARCHED, max_length=32, on_step=step,
-                                             on_search_step=step, search=search)
-        cost[kind] = dict(counts)
+    cost, outcomes = _plain_and_chosen(monkeypatch, tmp_path, tiny_checkpoint, facts, SEARCHED, "searched", max_length=32)
     budget, outcome = SEARCHED.steps, outcomes["searched"]
     assert cost["plain"]["steps"] == budget
     assert cost["searched"]["steps"] == budget + len(SEARCH.candidates) * SEARCH.trial_steps(budget)  # 1.75x here
@@ -236,18 +236,7 @@ CROSS_VALIDATED = replace(SEARCHED, lr=0.05, steps=8)
 
 def test_below_10_examples_a_job_trains_only_if_training_wins_in_cross_validation_and_records_it(
         tmp_path, tiny_checkpoint, data, monkeypatch):
-    counts = _counted(monkeypatch)
-
-    def step(*_):
-        counts["steps"] += 1
-
-    cost, outcomes = {}, {}
-    for kind, search in (("plain", None), ("cross-validated", SEARCH)):
-        init_device(tmp_path / kind, str(tiny_checkpoint))
-        counts.update(steps=0, validations=0, examples_scored=0)
-        outcomes[kind] = run_personalization(open_device(tmp_path / kind), data, CROSS_VALIDATED, on_step=step,
-                                             on_search_step=step, search=search)
-        cost[kind] = dict(counts)
+    cost, outcomes = _plain_and_chosen(monkeypatch, tmp_path, tiny_checkpoint, data, CROSS_VALIDATED, "cross-validated")
     outcome = outcomes["cross-validated"]
     assert outcome.selection == "cross-validated: no validation split" and outcome.improved is True
     assert outcome.lr == 0.05 and outcome.result.steps == 8
