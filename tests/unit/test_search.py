@@ -84,8 +84,9 @@ def test_cross_validation_trains_each_fold_on_the_others_for_the_whole_budget_an
 
 def test_cross_validation_chooses_nothing_when_training_makes_the_held_out_fold_worse():
     model = tiny_split()
-    result = cross_validate(model, ALTERNATING, PAD, replace(SETTINGS, lr=LEARNS), LrSearch(folds=2))
-    assert all(trained > start for trained, start in zip(result.trained_losses, result.start_losses))
+    # Longer, at a higher rate: each fold's loss rises by 0.03 to 0.07, a margin that holds across machines.
+    result = cross_validate(model, ALTERNATING, PAD, replace(SETTINGS, lr=0.2, steps=16), LrSearch(folds=2))
+    assert all(trained > start + 0.01 for trained, start in zip(result.trained_losses, result.start_losses))
     assert result.chosen is None and "lr" not in result.as_metrics()
     assert all(torch.count_nonzero(m) == 0 for m in _ms(model))
 
