@@ -163,8 +163,8 @@ def _worse_than_start(rows: list[dict], start: str, size: int) -> dict:
     many chose to keep their start exactly."""
     runs = [row[start] for row in rows]
     kept = sum(run["steps"] == 0 for run in runs)
-    began = "the base model" if start == "zero" else "M₀ alone"
-    return {"figure": f"jobs from {'zero' if start == 'zero' else 'M₀'} worse than {began} on held-out text ({size} blocks)",
+    named, began = ("zero", "the base model") if start == "zero" else ("M₀", "M₀ alone")
+    return {"figure": f"jobs from {named} worse than {began} on held-out text ({size} blocks)",
             "value": sum(run["after"] > run["start"] for run in runs), "target": "",
             "detail": f"of {len(runs)}; {kept} kept their start exactly"}
 
