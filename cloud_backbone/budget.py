@@ -7,8 +7,10 @@ A session holds three kinds of memory on the cloud:
 
 Each step declares what it will hold before it runs; a step that would take its session over
 the session budget, or the service over its total, is refused with a CapacityError and
-nothing is allocated. The sizes come from the backbone's shapes (`StepCosts`), so the same
-budget means the same thing on every backbone.
+nothing is allocated. A new session is refused the same way when not even its smallest step
+(one token) would fit, so that a full service says so at once rather than at the first step.
+The sizes come from the backbone's shapes (`StepCosts`), so the same budget means the same
+thing on every backbone.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class StepCosts:
             hidden_per_token=d * itemsize,
         )
 
+    def smallest_step(self) -> int:
+        """What a step of one token holds: its cached keys and values, its input and its output."""
+        return self.kv_per_token + 2 * self.hidden_per_token
+
     def graph(self, batch: int, tokens: int, past: int = 0) -> int:
         return batch * tokens * (self.graph_per_token + (past + tokens) * self.scores_per_token_pair)
 
@@ -63,7 +69,14 @@ class MemoryBudget:
         self._used = dict.fromkeys(KINDS, 0)
         self._lock = threading.Lock()
 
-    def open(self) -> SessionAccount:
+    def open(self, smallest_step: int = 0) -> SessionAccount:
+        """An account for a new session, refused unless a step of `smallest_step` bytes would fit."""
+        if self.session_bytes is not None and smallest_step > self.session_bytes:
+            raise CapacityError(f"a session's budget of {_mib(self.session_bytes)} cannot hold even one token's step ({_mib(smallest_step)})")
+        with self._lock:
+            held = sum(self._used.values())
+        if self.total_bytes is not None and held + smallest_step > self.total_bytes:
+            raise CapacityError(f"the service holds {_mib(held)} of its {_mib(self.total_bytes)} budget, no room for a new session; retry later")
         return SessionAccount(self)
 
     def used(self) -> dict[str, int]:

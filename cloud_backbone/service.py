@@ -251,7 +251,8 @@ class BackboneService:
             mine = sum(s.device_id == device_id for s in self._sessions.values())
             if mine >= self.limits.max_sessions_per_device:
                 raise CapacityError(f"device {device_id} already has {mine} sessions, the limit per device")
-            cloud = version.half.open_session(max_tokens, self.limits.max_step_tokens, self.memory.open())
+            account = self.memory.open(version.half.costs.smallest_step())
+            cloud = version.half.open_session(max_tokens, self.limits.max_step_tokens, account)
             session = ServiceSession(uuid.uuid4().hex, device_id, version, cloud)
             self._sessions[session.session_id] = session
         return session

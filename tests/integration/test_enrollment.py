@@ -127,8 +127,8 @@ def test_revoking_a_device_from_another_process_ends_its_live_sessions_within_a_
     give_up.set()
     assert "error" in ended, f"the device still decodes {closed_after:.1f} s after its revoke"
     assert isinstance(ended["error"], AuthenticationError) and "revoked" in str(ended["error"]), ended["error"]
-    # The issue asks for a second; the slack is for a loaded 2-core machine.
-    assert ended["at"] - revoked_at < 1.5 and closed_after < 1.5, (ended["at"] - revoked_at, closed_after)
+    # The watcher polls every 0.25 s, so a second leaves room for a loaded machine.
+    assert ended["at"] - revoked_at < 1.0 and closed_after < 1.0, (ended["at"] - revoked_at, closed_after)
     with pytest.raises(AuthenticationError, match="revoked"), torch.no_grad():
         idle.model(torch.tensor([[4]]))
     with pytest.raises(AuthenticationError, match="revoked by the service's operator"):

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from transformers import AutoConfig
 
 from plora.clients.data import TokenizedExample
 from plora.clients.device_store import DeviceStore
@@ -22,6 +23,7 @@ from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink
 from plora.clients.recovery import RetryPolicy
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
+from plora.cloud_backbone.budget import StepCosts
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, ForwardResult, OpenSession, Phase
@@ -210,6 +212,45 @@ def test_malformed_frames_each_get_a_clear_error_and_the_server_stays_up(endpoin
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The server still serves a well-behaved device.
     assert device.model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 49152)
+
+
+def test_a_new_session_is_refused_at_once_when_the_service_has_no_room_for_its_first_token(tiny_checkpoint, tmp_path):
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    costs = StepCosts.of(config, len(CONFIG.cloud_layers(config.num_hidden_layers)))
+    held_tokens = 8
+    # Room for a cache of 8 tokens and the step that makes it, not for anyone else's first token.
+    limits = Limits(reply_timeout_s=5, total_memory_bytes=held_tokens * costs.kv_per_token + costs.smallest_step() - 1)
+    server = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), limits)
+    try:
+        assert next(iter(server.service.versions.values())).half.costs == costs
+        endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
+        token = open_registry().issue_enrollment_token(2)[1]
+        for name in ("holding", "late"):
+            init_device(tmp_path / name, endpoint.address, endpoint=endpoint, enroll_token=token)
+        holding = open_device(tmp_path / "holding")
+        with torch.no_grad():
+            holding.model(torch.tensor([[1]]), CacheMode.START)
+            for t in range(2, held_tokens + 1):
+                holding.model(torch.tensor([[t]]), CacheMode.EXTEND)
+        assert server.service.memory.used()["kv"] == held_tokens * costs.kv_per_token
+
+        creds = Credentials.load(tmp_path / "late" / "credentials.json")
+        opening = wire.device_message(0, OpenSession(DeviceStore.open(tmp_path / "late").record.identity))
+        with endpoint.channel() as channel:
+            replies = pb_grpc.SplitBackboneStub(channel).Session(iter([opening]), metadata=creds.metadata(), timeout=10)
+            answered = [wire.parse_cloud_message(r, 1 << 20)[1] for r in replies]
+        assert [type(m).__name__ for m in answered] == ["StepError"], answered
+        assert answered[0].kind == "CapacityError" and "no room for a new session" in answered[0].message
+
+        holding.close()
+        late = open_device(tmp_path / "late")
+        try:
+            with torch.no_grad():
+                assert late.model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 49152)
+        finally:
+            late.close()
+    finally:
+        server.stop(grace_s=1)
 
 
 def test_a_device_whose_steps_keep_failing_is_refused_unrun_and_slowly_and_others_go_on(tiny_checkpoint, tmp_path):

@@ -226,6 +226,19 @@ def test_the_total_budget_is_shared_and_a_training_graph_is_held_until_its_backw
     assert sum(budget.used().values()) == 0
 
 
+def test_a_session_opens_only_where_its_first_token_would_fit():
+    smallest = CloudHalf(tiny_backbone(), CONFIG).costs.smallest_step()
+    with pytest.raises(CapacityError, match="cannot hold even one token"):
+        MemoryBudget(total_bytes=None, session_bytes=smallest - 1).open(smallest)
+    budget = MemoryBudget(total_bytes=3 * smallest, session_bytes=None)
+    holding = budget.open(smallest)
+    holding.hold("kv", 2 * smallest + 1)
+    with pytest.raises(CapacityError, match="no room for a new session"):
+        budget.open(smallest)
+    holding.close()
+    budget.open(smallest)
+
+
 def test_a_backward_without_its_forward_is_a_session_error():
     session = CloudHalf(tiny_backbone(), CONFIG).open_session()
     with pytest.raises(SessionError, match="preceding forward"):
