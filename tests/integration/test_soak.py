@@ -3,8 +3,8 @@
 
 CI runs 32 sessions (8 devices in 4 device processes) on the tiny model for 30 s.
 `make soak` runs the embedded model for 10 minutes: PLORA_SOAK_BACKBONE=embedded,
-PLORA_SOAK_SECONDS=600. The figures (p50/p99 step latency, the service's RSS growth from the
-first third to the end) are logged, and written as JSON to $PLORA_SOAK_REPORT if set.
+PLORA_SOAK_SECONDS=600. The figures (p50/p99 step latency, the service's RSS growth from
+minute 1, or a third of a shorter run, to the end) are logged, and written as JSON to $PLORA_SOAK_REPORT if set.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SECONDS = float(os.environ.get("PLORA_SOAK_SECONDS", "30"))
 DEVICES, PROCESSES, SESSIONS_PER_DEVICE = 8, 4, 4
+RSS_FROM_S = min(60.0, SECONDS / 3)
+"""When the service's RSS is first read: after a warm-up, so that growth means a leak."""
 
 
 def test_many_sessions_decode_and_train_without_a_single_error(tmp_path, request):
@@ -55,7 +57,7 @@ def test_many_sessions_decode_and_train_without_a_single_error(tmp_path, request
             )
             for p in range(PROCESSES)
         ]
-        time.sleep(SECONDS / 3)
+        time.sleep(RSS_FROM_S)
         rss_early = psutil.Process(service.process.pid).memory_info().rss
         reports = [json.loads(w.communicate(timeout=SECONDS + 300)[0]) for w in workers]
         rss_late = psutil.Process(service.process.pid).memory_info().rss
@@ -67,6 +69,7 @@ def test_many_sessions_decode_and_train_without_a_single_error(tmp_path, request
             "p50_step_s": statistics.median(latencies),
             "p99_step_s": latencies[int(0.99 * (len(latencies) - 1))],
             "rss_growth": rss_late / rss_early - 1,
+            "rss_from_s": RSS_FROM_S,
             "errors": len(errors),
         }
         log.warning("soak figures: %s", figures)
