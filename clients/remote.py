@@ -23,7 +23,7 @@ from plora.cloud_backbone.protocol.messages import (
     ForwardRequest,
     Phase,
 )
-from plora.storage.errors import ValidationError, quoted
+from plora.storage.errors import DivergedError, NonFiniteError, ValidationError, quoted
 
 
 class RemoteDecoder(nn.Module):
@@ -42,6 +42,7 @@ class RemoteDecoder(nn.Module):
         keep_cached: int | None = None,
     ) -> torch.Tensor:
         ms = list(self.weights.ms.values())
+        _check_own(hidden, "the hidden state from the device's first layers")
         request = ForwardRequest(hidden.detach(), cache=cache, attention_mask=attention_mask, keep_cached=keep_cached)
         needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(m.requires_grad for m in ms))
         if needs_graph:
@@ -55,6 +56,7 @@ class RemoteDecoder(nn.Module):
                 kept[request.layer, request.group] = request.tensor
             with torch.no_grad():
                 v = self.weights.products(request.layer, request.group, request.tensor)
+            _check_own(v, f"u·M of layer {request.layer} {request.group}")
             return AdapterReply(request.layer, request.group, Phase.FORWARD, v)
 
         return answer
@@ -85,15 +87,25 @@ def _check_request(request: AdapterRequest, phase: Phase, weights: AdapterWeight
             f"expected float32 of shape (batch, tokens, {width})"
         )
     if not torch.isfinite(tensor).all():
-        raise ValidationError(f"adapter request for layer {request.layer} {request.group} contains NaN or infinity")
+        raise NonFiniteError(f"adapter request for layer {request.layer} {request.group} contains NaN or infinity")
 
 
 def _check_result(hidden: torch.Tensor, sent: torch.Tensor, what: str) -> torch.Tensor:
-    if hidden is None or hidden.dtype != torch.float32 or hidden.shape != sent.shape or not torch.isfinite(hidden).all():
+    if hidden is None or hidden.dtype != torch.float32 or hidden.shape != sent.shape:
         raise ValidationError(
             f"{what} from the service: {_describe(hidden)}, expected a finite float32 tensor of shape {tuple(sent.shape)}"
         )
+    if not torch.isfinite(hidden).all():
+        raise NonFiniteError(f"{what} from the service contains NaN or infinity")
     return hidden
+
+
+def _check_own(tensor: torch.Tensor, what: str) -> None:
+    """The device checks what it is about to send: NaN or infinity of its own making means its
+    M diverged, which is the device's business, not the service's (whose checks would refuse
+    the frame, and count the refusal against the device)."""
+    if not torch.isfinite(tensor).all():
+        raise DivergedError(f"{what} holds NaN or infinity: training diverged; try a lower learning rate")
 
 
 def _describe(tensor: torch.Tensor | None) -> str:
@@ -132,9 +144,11 @@ class _RemoteStep(torch.autograd.Function):
                 m_leaves = [m.detach().requires_grad_(True) for m in ms]
                 v = group_products(u_leaf, m_leaves, weights.config.shared_a)
                 grad_u, *grad_ms = torch.autograd.grad(v, [u_leaf, *m_leaves], request.tensor)
+            _check_own(grad_u, f"dL/du of layer {request.layer} {request.group}")
             group_grads[request.layer, request.group] = grad_ms
             return AdapterReply(request.layer, request.group, Phase.BACKWARD, grad_u)
 
+        _check_own(grad_out, "the gradient from the device's last layers")
         result = ctx.remote.link.backward(BackwardRequest(grad_out.contiguous(), ctx.want_input_grad), answer)
         if ctx.want_input_grad:
             _check_result(result.grad_input, grad_out, "gradient of the hidden state")

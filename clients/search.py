@@ -43,7 +43,7 @@ from plora.clients.anchor import Anchor
 from plora.clients.data import TokenizedExample
 from plora.clients.device_model import DeviceModel
 from plora.clients.training import OnStep, TrainResult, TrainSettings, evaluate, personalize
-from plora.storage.errors import ConfigError
+from plora.storage.errors import ConfigError, DivergedError, NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,13 @@ class SearchResult:
         return metrics
 
 
+DIVERGED = (DivergedError, NonFiniteError)
+"""How a trial or a fold that diverged ends, besides a NaN score: the device's own numbers, or
+the service's, stopped being finite. An honest service sends NaN or infinity only when the
+trial's M made its activations overflow; a hostile one could steer a trial's score as it likes
+with finite numbers anyway, so counting its NaN as divergence gives it nothing."""
+
+
 def trial_key(lr: float) -> str:
     """The metric under which a trial's validation loss is recorded."""
     return f"val_loss_at_lr_{lr:g}"
@@ -186,8 +193,11 @@ def search_rates(
                 on_step(done + step, steps * len(search.candidates), loss)
 
         trial = replace(settings, lr=lr, steps=steps, epochs=None, eval_every=steps, patience=None)
-        result = run_trial(trial, trial_step)
-        trials.append(Trial(lr, result.val_last, result.best_step > 0))
+        try:
+            result = run_trial(trial, trial_step)
+            trials.append(Trial(lr, result.val_last, result.best_step > 0))
+        except DIVERGED:
+            trials.append(Trial(lr, math.nan, False))
         _restore(params, start)
     return SearchResult(tuple(trials), start_loss, steps * len(search.candidates))
 
@@ -258,8 +268,11 @@ def cross_validate(
                 on_step(done + step, steps * folds, loss)
 
         start_losses.append(evaluate(model, held, pad_id))
-        result = personalize(model, fit, pad_id, trial, held, on_step=fold_step, anchor=anchor, val_before=start_losses[-1])
-        trained_losses.append(result.val_last)
+        try:
+            result = personalize(model, fit, pad_id, trial, held, on_step=fold_step, anchor=anchor, val_before=start_losses[-1])
+            trained_losses.append(result.val_last)
+        except DIVERGED:
+            trained_losses.append(math.nan)
         _restore(params, start)
     return CrossValidation(settings.lr, tuple(start_losses), tuple(trained_losses), steps * folds)
 

@@ -33,6 +33,15 @@ class ValidationError(PloraError, ValueError):
     """A protocol message or tensor failed validation."""
 
 
+class NonFiniteError(ValidationError):
+    """A tensor from the other party holds NaN or infinity."""
+
+
+class DivergedError(PloraError):
+    """The device's own numbers stopped being finite: training diverged (a learning rate too
+    high for the data), and its M can no longer be used."""
+
+
 class TransportError(PloraError):
     """The link between device and cloud failed."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import queue
 import re
 import threading
@@ -21,6 +22,7 @@ from plora.clients.device_store import DeviceStore
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink
 from plora.clients.recovery import RetryPolicy
+from plora.clients.search import LrSearch, search_lr, trial_key
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.budget import StepCosts
@@ -162,6 +164,18 @@ def test_training_over_the_network_records_nothing_private_in_messages(device):
     tensors = [v for msg in seen for v in vars(msg).values() if isinstance(v, torch.Tensor)]
     assert tensors and not private & {t.data_ptr() for t in tensors}
     assert all(t.shape[-1] in (4, 12, 32) for t in tensors)  # r-vectors and hidden states only
+
+
+def test_a_search_trial_that_diverges_over_the_network_is_recorded_and_costs_the_device_nothing(server, device):
+    data = [TokenizedExample(ids, ids) for ids in (list(range(10 + i, 24 + i)) for i in range(8))]
+    overflowing = (math.inf, 1e30)  # the device's own numbers stop being finite, then the cloud's (test_search.py)
+    result = search_lr(device.model, data, data[:4], 0, TrainSettings(steps=16, batch_size=2, anchor=None),
+                       LrSearch((*overflowing, 0.05), trial_fraction=0.25))
+    assert result.chosen == 0.05 and all(result.as_metrics()[trial_key(rate)] == "diverged" for rate in overflowing)
+    assert all(torch.count_nonzero(m) == 0 for m in device.model.weights.ms.values())
+    # The device never sent the service a NaN: no step failed there, and none was charged to it.
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
+    assert "plora_step_errors_total{" not in metrics, re.findall(r"^plora_step_errors_total.*$", metrics, re.M)
 
 
 def test_a_wrong_token_is_refused(endpoint, device):

@@ -3,15 +3,16 @@ stopping in the one loop."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
 from plora.clients.checkpoint import TrainingCheckpoint
-from plora.clients.search import LrSearch, cross_validate, search_lr
-from plora.clients.training import TrainSettings, causal_lm_batch_loss, train
-from plora.storage.errors import ConfigError
+from plora.clients.search import LrSearch, cross_validate, search_lr, trial_key
+from plora.clients.training import TrainSettings, causal_lm_batch_loss, personalize, train
+from plora.storage.errors import ConfigError, DivergedError, NonFiniteError
 from tests.unit.test_distillation import PAD, sequences, tiny_split
 
 TASK = sequences(8, seed=10)
@@ -35,6 +36,31 @@ def test_the_search_picks_the_rate_that_learns_over_one_that_diverges_and_leaves
     assert not by_rate[DIVERGES].improved and not by_rate[DIVERGES].val_loss < result.start_loss
     assert result.steps == 2 * 2  # two trials of a quarter of the 8 steps
     assert all(torch.count_nonzero(m) == 0 for m in _ms(model))  # the starting M (zeros), exactly
+
+
+# Rates at which M's numbers stop being finite at the second step, whatever the machine, in two
+# ways: the device's own (an infinite rate makes M NaN), or the cloud's (M of about 1e30 is
+# finite, but the cloud's activations overflow once its u·M is added to them).
+OVERFLOWS = [pytest.param(math.inf, DivergedError, id="the device's numbers"),
+             pytest.param(1e30, NonFiniteError, id="the cloud's numbers")]
+
+
+@pytest.mark.parametrize("rate, error", OVERFLOWS)
+def test_a_trial_whose_numbers_stop_being_finite_is_recorded_as_diverged_and_the_search_goes_on(rate, error):
+    with pytest.raises(error, match="NaN or infinity"):
+        personalize(tiny_split(), TASK, PAD, replace(SETTINGS, lr=rate, steps=4))  # a job at this rate fails
+    model = tiny_split()
+    result = search_lr(model, TASK, SEEN, PAD, replace(SETTINGS, steps=16), LrSearch((rate, LEARNS), trial_fraction=0.25))
+    assert result.chosen == LEARNS and result.as_metrics()[trial_key(rate)] == "diverged"
+    assert all(torch.count_nonzero(m) == 0 for m in _ms(model))
+
+
+@pytest.mark.parametrize("rate, error", OVERFLOWS)
+def test_a_fold_whose_numbers_stop_being_finite_counts_as_diverged(rate, error):
+    model = tiny_split()
+    result = cross_validate(model, TASK, PAD, replace(SETTINGS, lr=rate, steps=4), LrSearch(folds=2))
+    assert result.chosen is None and result.as_metrics()["cv_loss"] == "diverged"
+    assert all(torch.count_nonzero(m) == 0 for m in _ms(model))
 
 
 def test_a_search_whose_trials_would_take_more_than_the_budget_is_refused():
