@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,6 +88,11 @@ _forks.set_forkserver_preload(["tests.integration.test_kill", "plora.platform.jo
 # command it forks gets a copy instead of reading them again (a migration reads them three
 # times). What is under test is what the commands write, not how they read a checkpoint folder.
 WARM_UP = "PLORA_KILL_TEST_WARM_UP"
+_POLLING = threading.Lock()
+"""Starts and polls of the forked commands take turns. Process.start() polls every child started
+before (multiprocessing's _cleanup), from whichever lane starts one. Two threads polling one
+forkserver child race for the 4 bytes of its exit status; the loser reads EOF, which
+multiprocessing reports as exit status 255, for a command that had exited 0."""
 
 
 def _warm_up(backbone: Path) -> None:
@@ -176,19 +182,26 @@ class Case:
         `kill_at_cpu_s` seconds of CPU, if given and if it has not ended by then."""
         env = {"PLORA_DB_URL": self.db_url, CRASH_AT: crash_at}
         process = _forks.Process(target=_cli_process, args=(args, env, str(self.folder / "log.txt"), fail_after_checkpoint))
-        process.start()
+        with _POLLING:
+            process.start()
         deadline, cpu_s, killed = time.monotonic() + 300, 0.0, False
-        while process.exitcode is None and time.monotonic() < deadline:
+
+        def exit_status() -> int | None:
+            with _POLLING:
+                return process.exitcode
+
+        while exit_status() is None and time.monotonic() < deadline:
             cpu_s = _cpu_s(process.pid, cpu_s)
             if kill_at_cpu_s is not None and not killed and cpu_s >= kill_at_cpu_s:
                 os.kill(process.pid, signal.SIGKILL)
                 killed = True
-            process.join(0.01)
-        if process.exitcode is None:
+            time.sleep(0.01)
+        status = exit_status()
+        if status is None:
             os.kill(process.pid, signal.SIGKILL)
             pytest.fail(f"{self.name}: plora {args[0]} did not end within 300 s:\n{self.log()}")
         # A kill sent as the process was exiting finds it already done: it ended first.
-        return Ran(process.exitcode, cpu_s, killed and process.exitcode == -signal.SIGKILL)
+        return Ran(status, cpu_s, killed and status == -signal.SIGKILL)
 
     def log(self) -> str:
         path = self.folder / "log.txt"
