@@ -151,10 +151,19 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def _load_files(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    folder, extra = _from_pretrained_args(path)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **extra)
-    return model, tokenizer
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint folder or GGUF file, without reading the weights."""
+    folder, extra = _from_pretrained_args(path)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+
+
+def _from_pretrained_args(path: Path) -> tuple[Path, dict[str, str]]:
+    return (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
 
 
 def load(spec: str | BackboneSource) -> Backbone:

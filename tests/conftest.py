@@ -39,7 +39,7 @@ if "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
         torch.set_num_threads(1)
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from plora.cloud_backbone import loading  # noqa: E402
 from plora.cloud_backbone.loading import Backbone, BackboneSource  # noqa: E402
@@ -114,8 +114,11 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer(embedded_dir):
-    return AutoTokenizer.from_pretrained(embedded_dir, local_files_only=True)
+def smol_tokenizer():
+    """SmolLM2's tokenizer, read from the embedded GGUF file: a few seconds, where converting the
+    whole backbone (embedded_dir) takes half a minute, which only a worker that runs the
+    embedded tests then pays."""
+    return loading.load_tokenizer(loading.resolve(loading.EMBEDDED).path)
 
 
 @pytest.fixture(scope="session")
