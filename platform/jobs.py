@@ -42,6 +42,10 @@ from plora.storage.registry import Registry, open_registry
 
 log = logging.getLogger(__name__)
 
+# What a device is doing: (device, phase, step, total, loss); the last three are None while it
+# is in a phase without training steps. A Board's `update` is one.
+DeviceProgress = Callable[[str, str, int | None, int | None, float | None], None]
+
 CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
 ANCHOR = "anchor.json"  # in the device's public folder: the anchor text its base model wrote
 ANCHOR_TARGETS = "anchor-targets.safetensors"  # next to it: the base model's targets on that text

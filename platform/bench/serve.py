@@ -88,8 +88,10 @@ def serve_backbone(spec: str, config: dict, home: str, ports, compute_slots: int
     os.environ["PLORA_DB_URL"] = bench_registry_url(home)
     from plora.cloud_backbone.server import start_service
     from plora.cloud_backbone.service import Limits
+    from plora.cloud_backbone.slots import STEP_TORCH_THREADS, set_step_threads
     from plora.storage.registry import open_registry
 
+    set_step_threads(STEP_TORCH_THREADS)  # as `plora backbone serve` does by default
     limits = Limits(max_sessions_per_device=SESSIONS_PER_DEVICE, compute_slots=compute_slots)
     server = start_service([spec], PrivateLoRAConfig.from_dict(config), open_registry(), limits)
     ports.put(server.port)

@@ -59,6 +59,11 @@ backbone.add_command(devices)
 @click.option("--compute-slots", default=0, show_default=True, type=click.IntRange(min=0),
               help="Steps that compute at once, each with torch's threads; a step waiting for its device holds none. "
                    "0: any number, which on 2 cores beat a bound (see cloud_backbone/slots.py).")
+# 1 is cloud_backbone.slots.STEP_TORCH_THREADS, which the CLI must not import (it imports torch)
+# before a command runs.
+@click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Intra-op threads of each step that computes. torch's default (0: one per core) gives every computing "
+                   "thread a team as wide as the machine, and concurrent steps then fight over the cores.")
 @click.option("--failed-steps-per-minute", default=10, show_default=True, type=click.IntRange(min=0),
               help="Steps a device may make fail by its own fault (malformed input, steps out of protocol) before its next "
                    "steps are refused unrun until the allowance refills over a minute. 0: no limit.")
@@ -75,7 +80,7 @@ backbone.add_command(devices)
 @fail_cleanly
 def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
           max_tokens, max_message_mb, reply_timeout, idle_timeout, first_frame_timeout, write_timeout, max_step_tokens,
-          session_memory_mb, memory_budget_mb, compute_slots, failed_steps_per_minute, open_enrollment, open_enrollment_rate, record, record_confirmed, **adapter) -> None:
+          session_memory_mb, memory_budget_mb, compute_slots, torch_threads, failed_steps_per_minute, open_enrollment, open_enrollment_rate, record, record_confirmed, **adapter) -> None:
     """Serve the frozen cloud half of one or more backbone versions to devices over gRPC.
 
     With neither --backbone nor --version it hosts every registered version that is not
@@ -88,8 +93,10 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
     from plora.cloud_backbone.device_access import Enrollment
     from plora.cloud_backbone.server import TLSFiles, start_service
     from plora.cloud_backbone.service import Limits
+    from plora.cloud_backbone.slots import set_step_threads
     from plora.storage.registry import open_registry
 
+    set_step_threads(torch_threads)
     if insecure == bool(tls_cert or tls_key):
         raise click.UsageError("give --tls-cert and --tls-key, or --insecure (plain text, for loopback only)")
     if bool(tls_cert) != bool(tls_key):

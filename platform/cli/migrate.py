@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -103,22 +101,10 @@ def migrate(target, device_ids, method, engine, dry_run, root, address, data_pat
             raise click.ClickException(f"{len(failed)} device(s) failed to migrate ({', '.join(sorted({line['error'] for line in failed}))}); "
                                        "run the same command again to retry them")
         return
-    settings = DistillSettings(steps=steps, lr=lr)
-    reports, refused = [], []
-    with nullcontext() if dry_run else migration.service_for(folders, target, reg, address) as reach, \
-            Board(title, loss_name="KL", keys=[folder.name for folder in folders]) as board:
-        for folder in folders:
-            board.update(folder.name, "checking" if dry_run else "preparing")
-            try:
-                report = asdict(migration.migrate_device(
-                    folder, target, method, reg, reach, data_path, settings, dry_run, board.steps(folder.name, "distilling"),
-                    migration.MIN_RETENTION if min_retention is None else min_retention))
-            except migration.MigrationRefused as err:  # the device stays as it was; the others go on
-                refused.append(str(err))
-                report = {"device_id": DeviceStore.open(folder, midway=True).record.device_id, "method": method,
-                          "outcome": "refused", "before": err.before, "after": err.after}
-            board.done(folder.name, report["outcome"])
-            reports.append(report)
+    with Board(title, loss_name="KL", keys=[folder.name for folder in folders]) as board:
+        reports, refused = migration.migrate_devices(
+            folders, target, method, reg, address, data_path, DistillSettings(steps=steps, lr=lr), dry_run,
+            migration.MIN_RETENTION if min_retention is None else min_retention, board.update)
     show(reports, MIGRATION_COLUMNS, as_json, title=title)
     if refused:
         raise click.ClickException(f"{len(refused)} device(s) refused to switch:\n" + "\n".join(refused))

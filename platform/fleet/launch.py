@@ -40,15 +40,13 @@ from plora.platform.fleet.settings import (
     sampled_per_round,
 )
 from plora.platform.fleet.superlink import check_engine, run_app
+from plora.platform.jobs import DeviceProgress
 from plora.platform.runtime import is_address
 from plora.platform.versions import migration
 from plora.storage.errors import ConfigError
 from plora.storage.models import utcnow
 from plora.storage.registry import open_registry
 
-# What a device is doing, as its progress file says: (device, phase, step, total, loss); the
-# last three are None while it is in a phase without training steps.
-DeviceProgress = Callable[[str, str, int | None, int | None, float | None], None]
 # Progress as a Board shows it: (key, phase, step, total, loss, note).
 Progress = Callable[[str, str, int | None, int | None, float | None, str | None], None]
 

@@ -26,8 +26,8 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
@@ -47,7 +47,7 @@ from plora.clients.migration import (
 from plora.clients.training import evaluate, fingerprint
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import ensure_version, load_version
-from plora.platform.jobs import device_job, register
+from plora.platform.jobs import DeviceProgress, device_job, register
 from plora.storage.registry import open_registry
 from plora.platform.runtime import connect, fetch_bundle, is_address, open_device
 from plora.storage.crashpoints import crash_point
@@ -317,6 +317,42 @@ def _finish(reg: Registry, root: Path, report: MigrationReport, plan: dict | Non
     crash_point("migrate:job-finished")
     shutil.rmtree(root / DeviceStore.MIGRATION, ignore_errors=True)
     return report
+
+
+def migrate_devices(
+    folders: list[Path],
+    target: str,
+    method: str,
+    reg: Registry,
+    address: str | None,
+    data: Path | None,
+    settings: DistillSettings,
+    dry_run: bool,
+    min_retention: float,
+    on_device: DeviceProgress,
+) -> tuple[list[dict], list[str]]:
+    """Migrate the devices in `folders` one after another, in this process (`plora migrate
+    --engine direct`), as `migrate_device` does each. A device whose new M is refused stays as
+    it was, and the others go on. Returns a report per device, and each refusal's message."""
+    reports, refused = [], []
+    with nullcontext() if dry_run else service_for(folders, target, reg, address) as reach:
+        for folder in folders:
+            last: list = [None, None, None]  # the device's last step, total and loss, shown with its outcome
+
+            def on_step(step: int, total: int, loss: float, key: str = folder.name, last: list = last) -> None:
+                last[:] = step, total, loss
+                on_device(key, "distilling", step, total, loss)
+
+            on_device(folder.name, "checking" if dry_run else "preparing", None, None, None)
+            try:
+                report = asdict(migrate_device(folder, target, method, reg, reach, data, settings, dry_run, on_step, min_retention))
+            except MigrationRefused as err:
+                refused.append(str(err))
+                report = {"device_id": DeviceStore.open(folder, midway=True).record.device_id, "method": method,
+                          "outcome": "refused", "before": err.before, "after": err.after}
+            on_device(folder.name, report["outcome"], *last)
+            reports.append(report)
+    return reports, refused
 
 
 def device_folders(root: Path, wanted: Sequence[str] = ()) -> list[Path]:

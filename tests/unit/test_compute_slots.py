@@ -11,7 +11,7 @@ import torch
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, ForwardRequest
-from plora.cloud_backbone.slots import ComputeSlots
+from plora.cloud_backbone.slots import STEP_TORCH_THREADS, ComputeSlots, set_step_threads
 from tests.conftest import tiny_backbone
 from tests.unit.test_batching import HeldReplies, decode, device
 
@@ -106,3 +106,18 @@ def test_concurrent_sessions_never_compute_in_more_slots_than_there_are_and_get_
     for mine, reference in zip(together, alone):
         for a, b in zip(mine, reference):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_serving_process_narrows_torch_teams_to_the_step_threads_its_cli_names():
+    from plora.platform.cli.backbone import serve
+
+    default = next(option.default for option in serve.params if option.name == "torch_threads")
+    assert default == STEP_TORCH_THREADS == 1
+    before = torch.get_num_threads()
+    try:
+        set_step_threads(0)  # torch's default: left as it is
+        assert torch.get_num_threads() == before
+        set_step_threads(STEP_TORCH_THREADS)
+        assert torch.get_num_threads() == STEP_TORCH_THREADS
+    finally:
+        torch.set_num_threads(before)
