@@ -28,11 +28,13 @@ import torch
 
 STEP_TORCH_THREADS = 1
 """Intra-op threads of each computing thread in a serving process. With torch's default (one
-per core) a thread that computes beside another's idle team ran about 2.9× slower here; and
-`plora bench serve` (embedded backbone, 2 cores, 8 devices) with every process at 1 thread
-against the default got single gRPC decode 6.0 against 3.7 tokens/s, fleet decode 7.9 against
-7.2, and 8 concurrent training steps 81 against 55 tokens/s."""
-
+per core) a thread's loop of small matmuls ran 2.9× slower here beside another thread that
+only now and then computes, whose team holds the second core. `plora bench serve` (embedded
+backbone, 2 cores, 8 devices; one run each, the service at 1 thread against the default)
+moved every ratio but fleet decode: single gRPC decode ÷ monolithic 0.40 → 0.47, split
+training ÷ LoRA 0.52 → 0.56, batched prefills ÷ the base model's 0.61 → 0.72, cloud CPU per
+fleet token 126 → 106 ms, 8 concurrent training steps 55 → 68 tokens/s; fleet decode ÷
+monolithic 0.16 → 0.15."""
 
 def set_step_threads(threads: int) -> None:
     """Give each thread that computes in this process `threads` intra-op threads (0: torch's
