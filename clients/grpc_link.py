@@ -79,7 +79,7 @@ class Endpoint:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            # Pings during a call find a dead service in 40 s; the service accepts one per 10 s.
+            # Pings during a call find a dead service in 40 s; the service accepts one a second.
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
         ]
