@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from plora.storage.files import exclusive
 DEVICE_HALVES_KEPT = 2
 _loaded: OrderedDict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = OrderedDict()
 _checked: set[tuple] = set()  # (folder, digest, its files' names, sizes and times) found whole in this process
+# transformers' from_pretrained is not thread-safe: two devices of one process loading their
+# half at once both got meta tensors and an untied, random LM head (the demo's answering step).
+_loading = threading.Lock()
 
 
 class PublicStore:
@@ -71,6 +75,11 @@ def load_device_half(folder: Path, sha256: str | None) -> tuple[PreTrainedModel,
     """The device half in `folder`, checked against `sha256` (None: a device made before plora
     recorded it, which is not checked). The model is shared by whoever loads the same half in
     this process and must not be changed: a DeviceModel copies what it adapts."""
+    with _loading:
+        return _load_device_half(folder, sha256)
+
+
+def _load_device_half(folder: Path, sha256: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if sha256 is not None and sha256 in _loaded:
         _loaded.move_to_end(sha256)
         return _loaded[sha256]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -112,3 +113,23 @@ def test_sharing_the_public_half_changes_nothing_of_a_devices_result(fleet, tmp_
     for name in shared_m:
         torch.testing.assert_close(shared_m[name], alone_m[name], atol=1e-5, rtol=0)
     assert device_dir(fleet.fleet_root, 0) == shared
+
+
+def test_devices_of_one_process_loading_the_half_at_once_each_get_all_of_it(tiny_checkpoint):
+    """transformers' loading is not thread-safe. Two devices of the demo, opened at once in one
+    process, each got meta tensors and a random LM head, and answered gibberish."""
+    loaded = []
+
+    def load() -> None:
+        loaded.append(public_store.load_device_half(tiny_checkpoint, None)[0])  # no digest: never from the cache
+
+    for _ in range(3):
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(loaded) == 12
+    for model in loaded:
+        assert not any(parameter.is_meta for parameter in model.parameters())
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as saved
