@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -105,6 +106,28 @@ def offline_probe(tmp_path, monkeypatch) -> OfflineProbe:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(OFFLINE_PROBE), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("PLORA_OFFLINE_PROBE", str(folder))
     return OfflineProbe(folder)
+
+
+@pytest.fixture
+def own_port():
+    """Takes loopback ports that stay this test's until it ends: each is kept bound, never
+    listening, so no other process is handed it, and connecting to it is refused while none of
+    the test's services listens there. A port merely found free can be handed to another test's
+    service, started on port 0, while this test's service is down; a device retrying then
+    reached that stranger (AuthenticationError in the suite)."""
+    held = []
+
+    def take() -> int:
+        holder = socket.socket()
+        # gRPC's servers bind with SO_REUSEADDR too, so the test's services can still listen here.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        held.append(holder)
+        return holder.getsockname()[1]
+
+    yield take
+    for holder in held:
+        holder.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ tokens, open enrollment and its rate limit, revocation of live sessions, forgett
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -141,13 +140,7 @@ def test_revoking_a_device_from_another_process_ends_its_live_sessions_within_a_
     assert open_registry().list_devices() == [] and not (tmp_path / "dev").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_forget_removes_the_device_from_the_service_and_deletes_its_folder(server, endpoint, tmp_path, monkeypatch):
+def test_forget_removes_the_device_from_the_service_and_deletes_its_folder(server, endpoint, tmp_path, monkeypatch, own_port):
     token = open_registry().issue_enrollment_token(uses=2)[1]
     folder, neighbour = tmp_path / "dev", tmp_path / "neighbour"
     for path in (folder, neighbour):
@@ -156,7 +149,7 @@ def test_forget_removes_the_device_from_the_service_and_deletes_its_folder(serve
     open_registry().start_job(device_id, "personalize", {"lr": 0.01})  # a job recorded while it was in use
     runner = CliRunner()
 
-    unreachable = runner.invoke(main, ["device", "forget", str(folder), "--yes", "--backbone", f"127.0.0.1:{free_port()}"])
+    unreachable = runner.invoke(main, ["device", "forget", str(folder), "--yes", "--backbone", f"127.0.0.1:{own_port()}"])
     assert unreachable.exit_code == 1 and "Nothing was deleted" in unreachable.output and "again" in unreachable.output
     declined = runner.invoke(main, ["device", "forget", str(folder)], input="n\n")
     assert declined.exit_code == 1 and "Aborted" in declined.output

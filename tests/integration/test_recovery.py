@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,12 +36,6 @@ CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 # above the default minute, since a loaded 2-core machine can take that long to start it.
 QUICK_RETRY = RetryPolicy(budget_s=300.0, max_delay_s=1.0)
 PARK_TIMEOUT_S = 120  # a thread waits this long at its kill point before the test gives up
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def enroll(root: Path, endpoint: Endpoint) -> None:
@@ -123,8 +116,8 @@ def decode_and_train_through(device: Path, disrupt: Callable[[], None], caplog) 
     training.close()
 
 
-def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_step(tiny_checkpoint, tmp_path, caplog, offline_probe):
-    port = free_port()
+def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_step(tiny_checkpoint, tmp_path, caplog, offline_probe, own_port):
+    port = own_port()
     endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
     services = [ServeProcess(tiny_checkpoint, tmp_path / "serve-1.log", *TINY_ADAPTER, port=port)]
     try:
@@ -143,9 +136,9 @@ def test_a_service_killed_mid_step_and_restarted_costs_no_token_and_no_training_
 
 
 @pytest.fixture
-def in_process_service(tiny_checkpoint):
+def in_process_service(tiny_checkpoint, own_port):
     """Start services on one port: the second (and later) starts replace a stopped one."""
-    port, running = free_port(), []
+    port, running = own_port(), []
 
     def start(reg=None):
         running.append(start_service([str(tiny_checkpoint)], CONFIG, reg or open_registry(), port=port))
@@ -188,8 +181,8 @@ def test_a_service_that_stays_down_fails_the_step_saying_how_long_it_tried(in_pr
     device.close()
 
 
-def test_a_job_whose_service_stays_down_fails_cleanly_and_the_next_run_resumes_it(tiny_checkpoint, tmp_path):
-    port = free_port()
+def test_a_job_whose_service_stays_down_fails_cleanly_and_the_next_run_resumes_it(tiny_checkpoint, tmp_path, own_port):
+    port = own_port()
     endpoint = Endpoint(f"127.0.0.1:{port}", insecure=True)
     data = tmp_path / "notes.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i} is {i * 7}."}) + "\n" for i in range(8)))

@@ -12,7 +12,7 @@ import sqlalchemy
 from plora.clients.grpc_link import Endpoint
 from plora.platform.runtime import init_device
 from plora.storage.registry import open_registry
-from tests.integration.test_recovery import decode_and_train_through, free_port
+from tests.integration.test_recovery import decode_and_train_through
 from tests.service_process import TINY_ADAPTER, ServeProcess
 
 
@@ -28,9 +28,9 @@ def fresh_database(server_url: str) -> str:
     return str(sqlalchemy.engine.make_url(server_url).set(database=name))
 
 
-def test_a_device_carries_on_at_another_replica_when_its_replica_dies_mid_step(tiny_checkpoint, tmp_path, postgres_url, caplog):
+def test_a_device_carries_on_at_another_replica_when_its_replica_dies_mid_step(tiny_checkpoint, tmp_path, postgres_url, caplog, own_port):
     db = fresh_database(postgres_url)
-    ports = [free_port(), free_port()]
+    ports = [own_port(), own_port()]
     replicas = []
     try:
         for i, port in enumerate(ports):  # one after the other: the first sets up the registry
