@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # A plora fleet on Flower's deployment engine, all on loopback: one SuperLink, one SuperNode per
 # device, then one run of the Flower App in deploy/fleet-app. On a real fleet the same commands
-# run on separate machines: flower-superlink on the server, flower-supernode on each phone or PC
-# (with TLS instead of --insecure). `plora fleet launch --engine deployment` does all of this
-# itself, on free ports, and starts a backbone service too.
+# run on separate machines: flower-superlink on the server, flower-supernode on each phone or PC.
+# Flower's traffic is TLS, and the SuperLink admits only the SuperNodes whose public keys were
+# registered with it (`plora fleet credentials` makes the certificate and keys; on separate
+# machines, give it --host for the SuperLink's name and copy each SuperNode its own key only).
+# `plora fleet launch --engine deployment` does all of this itself, on free ports, and starts a
+# backbone service too.
 #
 # Usage: deploy/fleet-local.sh DEVICES BACKBONE [ROOT] [KEY=VALUE ...]
 #   DEVICES    SuperNodes to start, one per device
@@ -27,8 +30,10 @@ app=$(dirname "$(realpath "$0")")/fleet-app
 # Flower offline, and its state in a private FLWR_HOME rather than ~/.flwr.
 export FLWR_HOME="$root/flower" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-logs=$FLWR_HOME/logs
+logs=$FLWR_HOME/logs tls=$FLWR_HOME/tls
 mkdir -p "$logs"
+rm -rf "$tls"  # a run of its own: fresh credentials for its SuperLink and SuperNodes
+plora fleet credentials "$tls" --supernodes "$devices" >/dev/null
 # An explicit address: `flwr` then uses this SuperLink and starts no local one of its own.
 cat >"$FLWR_HOME/config.toml" <<EOF
 [superlink]
@@ -36,7 +41,7 @@ default = "fleet"
 
 [superlink.fleet]
 address = "127.0.0.1:$link_port"
-insecure = true
+root-certificates = "$tls/ca.pem"
 EOF
 
 pids=()
@@ -48,16 +53,20 @@ stop_all() {
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
-flower-superlink --insecure --host 127.0.0.1 --port "$link_port" >"$logs/superlink.log" 2>&1 &
+flower-superlink --ssl-ca-certfile "$tls/ca.pem" --ssl-certfile "$tls/server.pem" --ssl-keyfile "$tls/server.key" \
+  --enable-supernode-auth --host 127.0.0.1 --port "$link_port" >"$logs/superlink.log" 2>&1 &
 pids+=($!)
-for ((i = 0; i < devices; i++)); do
-  flower-supernode --insecure --superlink "127.0.0.1:$link_port" --port $((link_port + 1 + i)) \
-    --node-config "partition-id=$i num-partitions=$devices" >"$logs/supernode-$(printf %03d "$i").log" 2>&1 &
-  pids+=($!)
-done
 for ((tries = 0; tries < 120; tries++)); do
   (exec 3<>"/dev/tcp/127.0.0.1/$link_port") 2>/dev/null && break
   sleep 0.5
+done
+for ((i = 0; i < devices; i++)); do
+  node=$(printf %03d "$i")
+  flwr supernode register "$tls/supernode-$node.pub" fleet --format json >/dev/null
+  flower-supernode --superlink "127.0.0.1:$link_port" --root-certificates "$tls/ca.pem" \
+    --auth-supernode-private-key "$tls/supernode-$node.key" --port $((link_port + 1 + i)) \
+    --node-config "partition-id=$i num-partitions=$devices" >"$logs/supernode-$node.log" 2>&1 &
+  pids+=($!)
 done
 
 run_id=$(flwr run "$app" fleet --format json \

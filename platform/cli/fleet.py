@@ -136,6 +136,34 @@ def fleet_status(db, as_json) -> None:
     show(rows, STATUS_COLUMNS, as_json)
 
 
+@fleet.command("credentials")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--supernodes", default=1, show_default=True, type=click.IntRange(min=0),
+              help="SuperNode key pairs to make: one per device host.")
+@click.option("--host", "hosts", multiple=True, default=("127.0.0.1", "localhost"), show_default=True,
+              help="A name or IP address the SuperLink is reached at (repeat for each); the certificate names them all.")
+@fail_cleanly
+def fleet_credentials(folder, supernodes, hosts) -> None:
+    """Issue a fleet's TLS certificate and SuperNode keys into FOLDER, owner-only, for a SuperLink
+    and SuperNodes started by hand (deploy/fleet-local.sh); `plora fleet launch` issues its own.
+
+    \b
+    ca.pem                 trusted by every SuperNode and `flwr` command (--root-certificates)
+    server.pem, server.key the SuperLink's (--ssl-certfile, --ssl-keyfile; --ssl-ca-certfile ca.pem)
+    supernode-NNN.key      SuperNode NNN's own key (--auth-supernode-private-key): copy it to that host only
+    supernode-NNN.pub      register it where the SuperLink runs: flwr supernode register supernode-NNN.pub
+
+    The CA's own key is never written, so no further certificate can be issued under it: a new
+    host name means new credentials. Run the SuperLink with --enable-supernode-auth, so that it
+    admits only registered SuperNodes."""
+    from plora.platform.fleet.credentials import FleetCredentials, issue_credentials
+
+    if FleetCredentials(folder).ca.exists():
+        raise click.ClickException(f"{folder} already holds a fleet's credentials; choose another folder, or delete it first")
+    issue_credentials(folder, supernodes, tuple(hosts))
+    say(f"a CA, a certificate for {', '.join(hosts)} and {supernodes} SuperNode key pairs in {folder}")
+
+
 @click.command()
 @click.option("--out", default="plora-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the fleet's devices, the report (report.md, report.html, before_after.png) and results.json.")

@@ -14,30 +14,37 @@ after the run. Here the SuperLink gets free ports, and it and everything Flower 
 (the SuperExec, the app processes, Ray's daemons and workers) are stopped before `run_app`
 returns, even on failure or Ctrl-C. Flower keeps its state in a private FLWR_HOME under the fleet
 root, never the user's; all the processes' logs and the run's whole log stream go there too.
+Flower's traffic is TLS, with credentials issued for the run (credentials.py), and in deployment
+the SuperLink admits only the SuperNodes whose keys the launcher registered with it.
 deploy/fleet-local.sh runs the deployment engine the same way, by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 import psutil
 import tomli_w
 
+from plora.platform.fleet.credentials import FleetCredentials, issue_credentials
 from plora.platform.fleet.settings import ENGINES, FEDAVG, ORCHESTRATOR_TAG, FleetSettings
 from plora.storage.errors import ConfigError, TransportError
+from plora.storage.offline import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +60,11 @@ FEDERATION_COMPONENTS = {
     "serverapp": "plora.platform.fleet.federation:server",
     "clientapp": "plora.platform.fleet.federation:client",
 }
-# Flower's processes inherit these: no telemetry, no update check, no pip install of the App's
-# dependencies (plora is installed already, and the fleet may have no network), no Ray usage report.
-FLOWER_OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+# Flower's processes get Flower's and Ray's offline flags whatever this process's environment
+# says: no telemetry, no update check, no pip install of the App's dependencies (plora is
+# installed already, and the fleet may have no network), no Ray usage report. Hugging Face's
+# flags are left to the apps, which go offline themselves (the offline probe checks it).
+FLOWER_OFFLINE_ENV = {flag: value for flag, value in OFFLINE_ENV.items() if flag.startswith(("FLWR_", "RAY_"))}
 RAY_STARTS = 2  # Ray gives its node a fixed 30 s to come up, which a busy small machine can miss
 RAY_LATE = "timed out during startup"
 """What Ray's error says, in the run's log, when its node missed that wait."""
@@ -89,34 +93,74 @@ def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], c
     check_engine(engine, concurrency)
     flower = settings.fleet_root / FLOWER_DIR
     (flower / "app").mkdir(parents=True, exist_ok=True)
-    (flower / "logs").mkdir(exist_ok=True)
     (flower / "app" / "pyproject.toml").write_text(tomli_w.dumps(flower_app(settings)))
     simulation = engine == "simulation"
-    link_port, *node_ports = _free_ports(1 if simulation else 1 + settings.devices)
-    link = f"127.0.0.1:{link_port}"
-    # An explicit address: `flwr` then uses this SuperLink and starts no local one of its own.
-    (flower / "config.toml").write_text(tomli_w.dumps(
-        {"superlink": {"default": CONNECTION, CONNECTION: {"address": link, "insecure": True}}}
-    ))
-    env = {**os.environ, **FLOWER_OFFLINE_ENV, "FLWR_HOME": str(flower), "PYTHONUNBUFFERED": "1"}
-    with _Processes(env, flower / "logs") as processes:
-        processes.start("superlink", "flower-superlink", "--insecure", *(["--simulation"] * simulation),
-                        "--host", "127.0.0.1", "--port", str(link_port))
-        _wait_until_up(link, processes)
-        for partition_id, port in enumerate(node_ports):
-            node_config = f"partition-id={partition_id} num-partitions={settings.devices}"
-            processes.start(f"supernode-{partition_id:03d}", "flower-supernode", "--insecure", "--superlink", link,
-                            "--port", str(port), "--node-config", node_config)
+    with superlink(flower, 0 if simulation else settings.devices, simulation) as link:
+        for partition_id in range(link.nodes):
+            link.register(partition_id)
+            link.start_supernode(partition_id, settings.devices)
         federation = ["--federation-config", _simulation_config(settings.devices, concurrency)] if simulation else []
         attempts = RAY_STARTS if simulation else 1
         for attempt in range(1, attempts + 1):
-            run = _one_run(processes, link, federation, echo)
+            run = _one_run(link.processes, link.address, federation, echo)
             if run["status"] == "finished:completed":
                 return
             if not run["ray_late"] or attempt == attempts:
                 raise TransportError(f"Flower run {run['run-id']} ended {run['status']} ({run['status-details']}); "
                                      f"its log and the SuperLink's are in {flower / 'logs'}")
             log.warning("Ray's node did not come up within Ray's start-up wait; running the fleet once more")
+
+
+@contextlib.contextmanager
+def superlink(flower: Path, nodes: int, simulation: bool) -> Iterator[SuperLink]:
+    """A SuperLink of the launcher's own, with its state, config and logs under `flower` (its
+    FLWR_HOME), on a free loopback port, with TLS on all its APIs from credentials issued for
+    the run. In deployment (`simulation` False) it admits only SuperNodes whose public keys were
+    registered with it; free ports and key pairs are set aside for `nodes` of them. On exit it
+    stops, with every process started under it."""
+    (flower / "logs").mkdir(parents=True, exist_ok=True)
+    link_port, *node_ports = _free_ports(1 + nodes)
+    address = f"127.0.0.1:{link_port}"
+    credentials = issue_credentials(flower / "tls", nodes)
+    # An explicit address: `flwr` then uses this SuperLink and starts no local one of its own.
+    (flower / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "root-certificates": str(credentials.ca)}}}
+    ))
+    env = {**os.environ, **FLOWER_OFFLINE_ENV, "FLWR_HOME": str(flower), "PYTHONUNBUFFERED": "1"}
+    with _Processes(env, flower / "logs") as processes:
+        processes.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(credentials.ca),
+                        "--ssl-certfile", str(credentials.server_cert), "--ssl-keyfile", str(credentials.server_key),
+                        "--simulation" if simulation else "--enable-supernode-auth",
+                        "--host", "127.0.0.1", "--port", str(link_port))
+        _wait_until_up(address, credentials.ca, processes)
+        yield SuperLink(address, credentials, processes, node_ports)
+
+
+@dataclass(frozen=True)
+class SuperLink:
+    address: str
+    credentials: FleetCredentials
+    processes: _Processes
+    node_ports: list[int]
+
+    @property
+    def nodes(self) -> int:
+        return len(self.node_ports)
+
+    def register(self, partition_id: int) -> None:
+        """Admit the SuperNode of this partition: its public key, registered with the SuperLink."""
+        _flwr(self.processes.env, "supernode", "register", str(self.credentials.node_public_key(partition_id)),
+              CONNECTION, "--format", "json")
+
+    def start_supernode(self, partition_id: int, devices: int) -> subprocess.Popen:
+        """The SuperNode of one device, on its own port, trusting the fleet's CA and signing in with its key."""
+        return self.processes.start(
+            f"supernode-{partition_id:03d}", "flower-supernode", "--superlink", self.address,
+            "--root-certificates", str(self.credentials.ca),
+            "--auth-supernode-private-key", str(self.credentials.node_key(partition_id)),
+            "--port", str(self.node_ports[partition_id]),
+            "--node-config", f"partition-id={partition_id} num-partitions={devices}",
+        )
 
 
 def check_engine(engine: str, concurrency: int | None) -> None:
@@ -289,12 +333,13 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _wait_until_up(address: str, processes: _Processes) -> None:
+def _wait_until_up(address: str, ca: Path, processes: _Processes) -> None:
     deadline = time.monotonic() + _STARTUP_S
+    trusting_the_fleet_ca = ssl.create_default_context(cafile=str(ca))
     while True:
         processes.check_running()
         try:
-            with urllib.request.urlopen(f"http://{address}/health", timeout=1):
+            with urllib.request.urlopen(f"https://{address}/health", timeout=1, context=trusting_the_fleet_ca):
                 return
         except OSError:
             if time.monotonic() > deadline:

@@ -37,7 +37,7 @@ def notes(tmp_path) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_a_deployed_fleet_trains_every_device_and_leaves_no_flower_process(tiny_checkpoint, tmp_path, notes):
+def test_a_deployed_fleet_trains_every_device_and_leaves_no_flower_process(tiny_checkpoint, tmp_path, notes, offline_probe):
     root, lines = tmp_path / "fleet", []
     # No service address: launch serves the checkpoint itself, as in simulation.
     summary = launch(DEVICES, 1, data=str(notes), backbone=str(tiny_checkpoint), root=root, engine="deployment", steps=2,
@@ -56,6 +56,36 @@ def test_a_deployed_fleet_trains_every_device_and_leaves_no_flower_process(tiny_
         assert "Receiving: train message" in (root / "flower" / "logs" / f"supernode-{i:03d}.log").read_text()
     assert not any(line.startswith("INFO") for line in lines)
     assert flower_processes(root) == []
+    # The ClientApps' processes went offline themselves, before loading a model: nothing set
+    # their flags. (The ServerApp's never imports Hugging Face's libraries.)
+    assert "flwr-clientapp" in offline_probe.offline_kinds()
+
+
+@pytest.mark.timeout(120)
+def test_the_superlink_admits_only_registered_supernodes_and_only_over_tls(tmp_path):
+    with superlink.superlink(tmp_path / "flower", 4, simulation=False) as link:
+        link.register(0)
+        registered, unregistered = link.start_supernode(0, 4), link.start_supernode(1, 4)
+        # Without a key, a SuperNode asks to register itself: only a SuperLink with SuperNode
+        # authentication refuses. Without TLS, it cannot even connect.
+        keyless = link.processes.start("supernode-keyless", "flower-supernode", "--superlink", link.address,
+                                       "--root-certificates", str(link.credentials.ca), "--port", str(link.node_ports[2]))
+        plain = link.processes.start("supernode-plain", "flower-supernode", "--insecure", "--superlink", link.address,
+                                     "--port", str(link.node_ports[3]), "--max-retries", "3")
+        refused = (unregistered, keyless, plain)
+        deadline = time.monotonic() + 90
+        while any(node.poll() is None for node in refused) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert all(node.returncode not in (None, 0) for node in refused), [node.returncode for node in refused]
+        assert "Failed to activate SuperNode" in (link.processes.logs / "supernode-001.log").read_text()
+        assert registered.poll() is None
+        env = link.processes.env
+        nodes = json.loads(subprocess.run(["flwr", "supernode", "ls", superlink.CONNECTION, "--format", "json"], env=env,
+                                          capture_output=True, text=True, timeout=60, check=True).stdout)["nodes"]
+        assert [node["status"] for node in nodes] == ["online"]
+    # Owner-only: the keys of every SuperNode and of the server are in there.
+    assert (link.credentials.folder.stat().st_mode & 0o777) == 0o700
+    assert {path.stat().st_mode & 0o777 for path in link.credentials.folder.iterdir()} == {0o600}
 
 
 @pytest.mark.timeout(120)

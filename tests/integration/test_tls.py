@@ -3,13 +3,6 @@ localhost/127.0.0.1, a device that trusts that CA, and one that trusts another C
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import shutil
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,103 +12,24 @@ from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import TLSFiles, start_service
 from plora.cloud_backbone.service import Limits
 from plora.platform.cli.main import main
+from plora.platform.fleet.credentials import FleetCredentials, issue_credentials
 from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device
 from plora.storage.errors import TransportError
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
-try:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    HAVE_CRYPTOGRAPHY = True
-except ImportError:  # fall back on the openssl command line
-    HAVE_CRYPTOGRAPHY = False
-
-if not HAVE_CRYPTOGRAPHY and shutil.which("openssl") is None:
-    pytest.skip("needs the cryptography package or the openssl command", allow_module_level=True)
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path  # the CA certificate devices trust
-    cert: Path  # the server certificate, signed by the CA
-    key: Path  # the server's private key
-
-
-def _write_with_cryptography(folder: Path, with_server: bool) -> Pki:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=1))
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder(subject_name=name(f"plora test CA {folder.name}"), issuer_name=name(f"plora test CA {folder.name}"),
-                                public_key=ca_key.public_key(), serial_number=x509.random_serial_number(), **valid)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    if with_server:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder(subject_name=name("localhost"), issuer_name=ca_cert.subject, public_key=key.public_key(),
-                                    serial_number=x509.random_serial_number(), **valid)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (folder / "server.key").write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key")
-
-
-def _write_with_openssl(folder: Path, with_server: bool) -> Pki:
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=30)
-
-    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec_key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-            "-subj", f"/CN=plora test CA {folder.name}", "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    if with_server:
-        openssl("req", "-new", *ec_key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-        (folder / "server.ext").write_text(
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"
-        )
-        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", "server.pem", "-days", "1", "-sha256", "-extfile", "server.ext")
-    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key")
-
-
-def make_pki(folder: Path, with_server: bool = True) -> Pki:
-    folder.mkdir(parents=True)
-    return (_write_with_cryptography if HAVE_CRYPTOGRAPHY else _write_with_openssl)(folder, with_server)
-
 
 @pytest.fixture
-def pki(tmp_path) -> Pki:
-    return make_pki(tmp_path / "pki")
+def pki(tmp_path) -> FleetCredentials:
+    """A throwaway CA and a server certificate for localhost and 127.0.0.1 (the fleet's, reused)."""
+    return issue_credentials(tmp_path / "pki", nodes=0)
 
 
 @pytest.fixture
 def tls_server(tiny_checkpoint, pki):
     running = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits(reply_timeout_s=5),
-                            host="127.0.0.1", port=0, tls=TLSFiles(pki.cert, pki.key))
+                            host="127.0.0.1", port=0, tls=TLSFiles(pki.server_cert, pki.server_key))
     yield running
     running.stop(grace_s=1)
 
@@ -136,7 +50,7 @@ def test_a_device_that_trusts_the_ca_enrolls_and_runs_a_forward(tmp_path, tls_se
 
 
 def test_a_device_that_trusts_another_ca_is_refused(tmp_path, tls_server):
-    other = make_pki(tmp_path / "other-pki", with_server=False)
+    other = issue_credentials(tmp_path / "other-pki", nodes=0)
     address = f"localhost:{tls_server.port}"
     folder = tmp_path / "dev"
     with pytest.raises(TransportError, match="unreachable"):
@@ -160,6 +74,6 @@ def test_serve_refuses_to_start_without_tls_or_insecure(tiny_checkpoint):
 
 
 def test_serve_refuses_half_a_tls_pair(tiny_checkpoint, pki):
-    result = CliRunner().invoke(main, ["backbone", "serve", "--backbone", str(tiny_checkpoint), "--tls-cert", str(pki.cert)])
+    result = CliRunner().invoke(main, ["backbone", "serve", "--backbone", str(tiny_checkpoint), "--tls-cert", str(pki.server_cert)])
     assert result.exit_code == 2
     assert "--tls-cert and --tls-key go together" in result.output

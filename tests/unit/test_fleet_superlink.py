@@ -1,5 +1,5 @@
 """A fleet's run on Flower's runtime, without starting Flower: which failed runs are run once
-more, and what of a run's log stream reaches the launcher."""
+more, what of a run's log stream reaches the launcher, and the credentials a fleet is issued."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+from click.testing import CliRunner
+from cryptography import x509
 
+from plora.platform.cli.main import main
 from plora.platform.fleet import superlink
 from plora.platform.fleet.settings import ORCHESTRATOR_TAG, FleetSettings
 from plora.storage.errors import TransportError
@@ -36,11 +39,12 @@ def test_the_run_log_is_kept_whole_and_only_the_orchestrators_lines_are_passed_o
 
 @pytest.fixture
 def outcomes(monkeypatch) -> list[tuple[str, bool]]:
-    """Flower's processes left out, and each run ending as the next (status, Ray was late) says."""
+    """Flower's processes and commands left out, and each run ending as the next (status, Ray was late) says."""
     planned: list[tuple[str, bool]] = []
 
     class NoProcesses:
-        def __init__(self, env, logs) -> None: ...
+        def __init__(self, env, logs) -> None:
+            self.env = env
 
         def __enter__(self):
             return self
@@ -54,7 +58,8 @@ def outcomes(monkeypatch) -> list[tuple[str, bool]]:
         return {"run-id": "7", "status": status, "status-details": "N/A", "ray_late": ray_late}
 
     monkeypatch.setattr(superlink, "_Processes", NoProcesses)
-    monkeypatch.setattr(superlink, "_wait_until_up", lambda address, processes: None)
+    monkeypatch.setattr(superlink, "_wait_until_up", lambda address, ca, processes: None)
+    monkeypatch.setattr(superlink, "_flwr", lambda env, *args: {})  # registering SuperNodes
     monkeypatch.setattr(superlink, "_one_run", one_run)
     return planned
 
@@ -82,3 +87,25 @@ def test_a_simulation_is_run_once_more_only_when_rays_node_was_late(tmp_path, ou
     with pytest.raises(TransportError, match=r"Flower run 7 ended finished:failed \(N/A\)"):
         superlink.run_app(settings, engine, echo=lambda line: None)
     assert outcomes == [completed]
+
+
+def test_fleet_credentials_name_the_hosts_stay_owner_only_and_are_never_overwritten(tmp_path):
+    folder = tmp_path / "tls"
+    made = CliRunner().invoke(main, ["fleet", "credentials", str(folder), "--supernodes", "2",
+                                     "--host", "10.0.0.5", "--host", "link.example.org"])
+    assert made.exit_code == 0, made.output
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "ca.pem", "server.key", "server.pem", "supernode-000.key", "supernode-000.pub", "supernode-001.key", "supernode-001.pub"]
+    assert folder.stat().st_mode & 0o777 == 0o700 and {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o600}
+    ca = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    server = x509.load_pem_x509_certificate((folder / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert names.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    assert (folder / "supernode-000.pub").read_text().startswith("ecdsa-sha2-nistp384 ")  # OpenSSH's, as Flower reads it
+
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    again = CliRunner().invoke(main, ["fleet", "credentials", str(folder)])
+    assert again.exit_code == 1 and "already holds" in again.output
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
