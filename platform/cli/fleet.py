@@ -34,8 +34,10 @@ def fleet() -> None:
 @click.option("--data", default=PERSONAS, show_default=True,
               help="'personas' (a synthetic persona per device) or a JSONL file dealt out among the devices.")
 @click.option("--rounds", default=FleetSettings.rounds, show_default=True, type=click.IntRange(min=1))
-@click.option("--backbone", help="HOST:PORT of a backbone service on loopback, or a local backbone to serve for the run "
-              "(default: the embedded one).")
+@click.option("--backbone", help="HOST:PORT of a backbone service (on loopback unless --backbone-ca is given), or a local "
+              "backbone to serve for the run (default: the embedded one).")
+@click.option("--backbone-ca", default="", type=click.Path(dir_okay=False),
+              help="A CA certificate file the devices trust for the backbone service, which they then reach over TLS.")
 @click.option("--engine", default=ENGINES[0], show_default=True, type=click.Choice(ENGINES),
               help="simulation: every device in this machine's Ray workers; deployment: a Flower SuperLink and one "
               "SuperNode per device on loopback, their logs under ROOT/flower/logs.")
@@ -69,7 +71,7 @@ def fleet() -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 @stop_on_sigterm
-def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, fraction_evaluate, root, strategy,
+def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, steps, lr, fraction, fraction_evaluate, root, strategy,
                  secure_aggregation, dp_noise, dp_clip, dp_delta, opt_out, as_json) -> None:
     """Personalize a fleet of devices in rounds, each against the same backbone service.
 
@@ -82,8 +84,10 @@ def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, f
     With --strategy fedavg each round's figures go to ROOT/federation.jsonl, and rerunning
     continues from the fleet's starting M.
     """
+    from plora.cloud_backbone.slots import STEP_TORCH_THREADS, set_step_threads
     from plora.platform.fleet.launch import launch
 
+    set_step_threads(STEP_TORCH_THREADS)  # a service it starts computes as `plora backbone serve`'s does
     federation = {}
     if strategy == FEDAVG:
         federation = {"strategy": strategy, "secure_aggregation": secure_aggregation, "dp_noise": dp_noise,
@@ -92,7 +96,7 @@ def fleet_launch(devices, data, rounds, backbone, engine, steps, lr, fraction, f
         raise click.UsageError("--opt-out, --dp-noise and --no-secure-aggregation are for --strategy fedavg")
     with Board(f"{devices} devices, {rounds} round(s) of {steps} steps, on the {engine} engine") as board:
         rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=board.say,
-                      on_progress=board.update, fraction_evaluate=fraction_evaluate, **federation)
+                      on_progress=board.update, fraction_evaluate=fraction_evaluate, backbone_ca=backbone_ca, **federation)
     if strategy == FEDAVG:
         show(rows, FEDERATION_COLUMNS, as_json)
         say(f"per-round record: {root / FEDERATION_FILE}; the starting M: {root / FEDERATION_DIR}/")
@@ -179,8 +183,10 @@ def demo(out, devices, steps) -> None:
     with each device's answers before and after. With the demo's pinned settings it takes about
     10 minutes on 2 CPU cores (the README has the time measured).
     """
+    from plora.cloud_backbone.slots import STEP_TORCH_THREADS, set_step_threads
     from plora.platform.fleet.demo import DEVICES, run_demo
 
+    set_step_threads(STEP_TORCH_THREADS)  # its service computes as `plora backbone serve`'s does
     devices = devices or DEVICES
     with Board(f"plora demo: {devices} devices personalize on the embedded backbone") as board:
         run_demo(out, board.say, steps=steps, devices=devices, on_progress=board.update)

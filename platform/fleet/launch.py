@@ -71,6 +71,7 @@ def launch(
     concurrency: int | None = None,
     on_progress: Progress | None = None,
     fraction_evaluate: float = FleetSettings.fraction_evaluate,
+    backbone_ca: str = "",
     **federation: object,
 ) -> list[dict]:
     """Run `rounds` personalization rounds on `devices` devices; returns one summary per device.
@@ -81,7 +82,8 @@ def launch(
     `backbone` is HOST:PORT of a running service, or a local backbone spec ("embedded", a
     checkpoint folder) to serve on a free loopback port for the length of the run (None means
     "embedded"), with adapter `config`. `concurrency` caps the devices that train at once in
-    simulation; in deployment every SuperNode trains as soon as it is asked.
+    simulation; in deployment every SuperNode trains as soon as it is asked. With `backbone_ca`,
+    a CA certificate file, the devices reach the service given as HOST:PORT over TLS, trusting it.
 
     Devices not yet enrolled enroll with a token issued for the run in this process's
     registry, which a service given as HOST:PORT must share; it is revoked when the run ends.
@@ -95,6 +97,12 @@ def launch(
         data = str(Path(data).resolve())  # Flower's processes need not share this working directory
     root = Path(root).resolve()
     reg, service = open_registry(), None
+    if backbone_ca:
+        if backbone is None or not is_address(backbone):
+            raise ConfigError("backbone-ca is for a service given as HOST:PORT; one the launch serves itself is on loopback")
+        if not Path(backbone_ca).is_file():
+            raise ConfigError(f"backbone-ca must be a CA certificate file, got {backbone_ca!r}")
+        backbone_ca = str(Path(backbone_ca).resolve())  # Flower's processes need not share this working directory
     if backbone is None or not is_address(backbone):
         service = start_service([backbone or "embedded"], config or PrivateLoRAConfig(), reg)
         backbone = f"127.0.0.1:{service.port}"
@@ -102,7 +110,7 @@ def launch(
     enrollment, token = reg.issue_enrollment_token(devices, utcnow() + ENROLLMENT_VALID, label="plora fleet launch")
     try:
         settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction,
-                                 fraction_evaluate=fraction_evaluate, enroll_token=token, **federation)
+                                 fraction_evaluate=fraction_evaluate, enroll_token=token, backbone_ca=backbone_ca, **federation)
         joining = devices - sum(settings.opts_out(i) for i in range(devices)) if settings.strategy == FEDAVG else devices
         tally = FleetTally(rounds, sampled_per_round(joining, fraction), steps, on_progress or echo_progress(echo), root,
                            device_rows=devices <= DEVICE_ROWS_UP_TO)

@@ -49,7 +49,7 @@ class FleetSettings:
     fleet_root: Path
     """Folder holding one sub-folder per device, and rounds.jsonl."""
     backbone: str
-    """HOST:PORT of the backbone service, on loopback: the fleet talks plain text."""
+    """HOST:PORT of the backbone service: on loopback, in plain text, unless backbone-ca is set."""
     data: str = PERSONAS
     """Either "personas" (a synthetic persona per device) or a JSONL file split among the devices."""
     devices: int = 3
@@ -94,11 +94,17 @@ class FleetSettings:
     opt_out: str = ""
     """fedavg, simulated users only: comma-separated partition ids of the devices whose users
     decline the federation; every other device of a federated fleet joins it."""
+    backbone_ca: str = ""
+    """A CA certificate (PEM file, the same path on every device host) that the devices trust for
+    the backbone service: they then reach it over TLS, at any address. Empty: plain text."""
 
     def __post_init__(self) -> None:
         host, _, port = self.backbone.rpartition(":")
-        if host not in _LOOPBACK or not (port.isdigit() and len(port) <= 5):
-            raise ConfigError(f"backbone must be HOST:PORT on loopback (the fleet talks plain text), got {self.backbone!r}")
+        if not (host and port.isdigit() and len(port) <= 5):
+            raise ConfigError(f"backbone must be HOST:PORT, got {self.backbone!r}")
+        if host not in _LOOPBACK and not self.backbone_ca:
+            raise ConfigError(f"a backbone service off loopback ({self.backbone!r}) is reached over TLS only: "
+                              "give the CA certificate the devices trust for it (backbone-ca)")
         if min(self.devices, self.rounds, self.steps, self.batch_size) < 1:
             raise ConfigError(
                 f"devices, rounds, steps and batch-size must be >= 1, got {self.devices}, {self.rounds}, {self.steps}, {self.batch_size}"

@@ -85,7 +85,7 @@ def prepare_device(settings: FleetSettings, partition_id: int, num_partitions: i
             write_atomically(folder / HELDOUT_FILE, _jsonl(heldout))
         write_atomically(folder / TRAIN_FILE, _jsonl(train))  # last: its presence marks the data complete
     if not (folder / DeviceStore.RECORD).exists():
-        endpoint = Endpoint(settings.backbone, insecure=True)
+        endpoint = Endpoint(settings.backbone, insecure=not settings.backbone_ca, ca_file=settings.backbone_ca or None)
         init_device(folder, settings.backbone, endpoint=endpoint, label=f"fleet {folder.name}",
                     enroll_token=settings.enroll_token, public=settings.fleet_root / PUBLIC_DIR)
     return folder

@@ -1,5 +1,6 @@
 """The backbone service over TLS on loopback: a throwaway CA, a server certificate for
-localhost/127.0.0.1, a device that trusts that CA, and one that trusts another CA."""
+localhost/127.0.0.1, a device that trusts that CA, one that trusts another CA, and a fleet's
+device given the CA."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Endpoint
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import TLSFiles, start_service
 from plora.cloud_backbone.service import Limits
 from plora.platform.cli.main import main
+from plora.platform.fleet import task
 from plora.platform.fleet.credentials import FleetCredentials, issue_credentials
+from plora.platform.fleet.settings import FleetSettings
 from plora.storage.registry import open_registry
 from plora.platform.runtime import init_device, open_device
-from plora.storage.errors import TransportError
+from plora.storage.errors import ConfigError, TransportError
 
 CONFIG = PrivateLoRAConfig(rank=4, device_layers=1)
 
@@ -77,3 +81,14 @@ def test_serve_refuses_half_a_tls_pair(tiny_checkpoint, pki):
     result = CliRunner().invoke(main, ["backbone", "serve", "--backbone", str(tiny_checkpoint), "--tls-cert", str(pki.server_cert)])
     assert result.exit_code == 2
     assert "--tls-cert and --tls-key go together" in result.output
+
+
+def test_a_fleets_devices_reach_the_backbone_over_tls_when_given_its_ca(tmp_path, tls_server, pki):
+    with pytest.raises(ConfigError, match="over TLS only"):
+        FleetSettings(tmp_path / "fleet", f"10.0.0.5:{tls_server.port}")  # plain text is for loopback
+    token = open_registry().issue_enrollment_token(uses=1)[1]
+    settings = FleetSettings(tmp_path / "fleet", f"localhost:{tls_server.port}", steps=2, batch_size=2,
+                             enroll_token=token, backbone_ca=str(pki.ca))
+    folder = task.prepare_device(settings, 0, 1)
+    assert DeviceStore.open(folder).record.endpoint == {"insecure": False, "ca_file": str(pki.ca)}
+    assert task.personalize(settings, 0, 1)["steps"] == 2
