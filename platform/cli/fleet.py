@@ -41,6 +41,9 @@ def fleet() -> None:
 @click.option("--engine", default=ENGINES[0], show_default=True, type=click.Choice(ENGINES),
               help="simulation: every device in this machine's Ray workers; deployment: a Flower SuperLink and one "
               "SuperNode per device on loopback, their logs under ROOT/flower/logs.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="simulation: join this running Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of starting "
+              "one; its CPUs say how many devices train at once, and it keeps running after the fleet.")
 @click.option("--steps", default=FleetSettings.steps, show_default=True, type=click.IntRange(min=1), help="Training steps per device per round.")
 @click.option("--lr", default=FleetSettings.lr, show_default=True, help="AdamW learning rate for M.")
 @click.option("--fraction", default=FleetSettings.fraction, show_default=True, type=click.FloatRange(0, 1, min_open=True),
@@ -71,7 +74,7 @@ def fleet() -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 @stop_on_sigterm
-def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, steps, lr, fraction, fraction_evaluate, root, strategy,
+def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, ray_address, steps, lr, fraction, fraction_evaluate, root, strategy,
                  secure_aggregation, dp_noise, dp_clip, dp_delta, opt_out, as_json) -> None:
     """Personalize a fleet of devices in rounds, each against the same backbone service.
 
@@ -96,7 +99,8 @@ def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, steps, lr
         raise click.UsageError("--opt-out, --dp-noise and --no-secure-aggregation are for --strategy fedavg")
     with Board(f"{devices} devices, {rounds} round(s) of {steps} steps, on the {engine} engine") as board:
         rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=board.say,
-                      on_progress=board.update, fraction_evaluate=fraction_evaluate, backbone_ca=backbone_ca, **federation)
+                      on_progress=board.update, fraction_evaluate=fraction_evaluate, backbone_ca=backbone_ca,
+                      ray_address=ray_address, **federation)
     if strategy == FEDAVG:
         show(rows, FEDERATION_COLUMNS, as_json)
         say(f"per-round record: {root / FEDERATION_FILE}; the starting M: {root / FEDERATION_DIR}/")
@@ -172,7 +176,7 @@ def fleet_credentials(folder, supernodes, hosts) -> None:
 @click.option("--out", default="plora-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the fleet's devices, the report (report.md, report.html, before_after.png) and results.json.")
 @click.option("--devices", default=None, type=click.IntRange(min=1), help="Devices in the fleet (default: the demo's pinned 2).")
-@click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's pinned 60).")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's pinned 40).")
 @fail_cleanly
 @stop_on_sigterm
 def demo(out, devices, steps) -> None:

@@ -41,12 +41,13 @@ from plora.storage.registry import open_registry
 
 MARKER = ".plora-demo"
 # Pinned, not the product's defaults, which may change: `make demo` must stay under 10 minutes
-# on 2 cores, install included. Two devices train at once there, one wave of the fleet. The
-# benchmarks' persona job (personas.PERSONA_JOB, 90 steps at lr 5e-3) costs half as much again;
-# 60 steps at lr 7e-3, measured by `plora bench quality` on the same two personas: held-out
-# recall 88% and 100%, generic-text loss +2.5% and +5.7%.
+# on 2 cores, install included. Two devices train at once there, one wave of the fleet, and a
+# step of both costs about 5.5 s, compute-bound. The install takes 3 min of the 10. Measured
+# with `plora demo` on 2 cores, recall and generic-text loss per device: 60 steps at lr 7e-3,
+# 7 min 41 s and 8 min 31 s, 100% and 100%, +2.4% and +2.2%; 40 steps at 7e-3, 7 min 23 s,
+# 62% and 100%; 40 steps at 1e-2, 6 min 28 s, 88% and 88%, +6.2% and +4.3%.
 DEVICES = 2
-STEPS, LR = 60, 7e-3
+STEPS, LR = 40, 1e-2
 CONFIG = PrivateLoRAConfig(rank=64, targets=("q", "k", "v"))
 QUESTIONS_SHOWN = 3
 ANSWER_TOKENS = 24  # what the fleet's recall gives each reply, so a ✓ is what recall counted

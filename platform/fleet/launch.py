@@ -72,6 +72,7 @@ def launch(
     on_progress: Progress | None = None,
     fraction_evaluate: float = FleetSettings.fraction_evaluate,
     backbone_ca: str = "",
+    ray_address: str | None = None,
     **federation: object,
 ) -> list[dict]:
     """Run `rounds` personalization rounds on `devices` devices; returns one summary per device.
@@ -82,7 +83,8 @@ def launch(
     `backbone` is HOST:PORT of a running service, or a local backbone spec ("embedded", a
     checkpoint folder) to serve on a free loopback port for the length of the run (None means
     "embedded"), with adapter `config`. `concurrency` caps the devices that train at once in
-    simulation; in deployment every SuperNode trains as soon as it is asked. With `backbone_ca`,
+    simulation; in deployment every SuperNode trains as soon as it is asked. `ray_address` joins
+    a running Ray cluster for the simulation instead of starting one. With `backbone_ca`,
     a CA certificate file, the devices reach the service given as HOST:PORT over TLS, trusting it.
 
     Devices not yet enrolled enroll with a token issued for the run in this process's
@@ -90,7 +92,7 @@ def launch(
     The fleet's progress, one line for all its devices and one for each of a fleet of at most
     DEVICE_ROWS_UP_TO (FleetTally), goes to `on_progress`, or else to `echo`.
     """
-    check_engine(engine, concurrency)
+    check_engine(engine, concurrency, ray_address)
     if data != PERSONAS:
         if not Path(data).is_file():
             raise ConfigError(f"--data must be 'personas' or an existing JSONL file, got {data!r}")
@@ -115,7 +117,7 @@ def launch(
         tally = FleetTally(rounds, sampled_per_round(joining, fraction), steps, on_progress or echo_progress(echo), root,
                            device_rows=devices <= DEVICE_ROWS_UP_TO)
         with _device_progress(root, tally):
-            run_app(settings, engine, echo, concurrency)
+            run_app(settings, engine, echo, concurrency, ray_address)
     finally:
         reg.revoke_enrollment_token(enrollment.id)
         if service is not None:

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -84,13 +85,17 @@ def flower_app(settings: FleetSettings) -> dict:
     }
 
 
-def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], concurrency: int | None = None) -> None:
+def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], concurrency: int | None = None,
+            ray_address: str | None = None) -> None:
     """Run the fleet's Flower App on `engine` until the run ends; raises TransportError unless it
     completed. The orchestrator's log lines go to `echo`.
 
     `concurrency` is how many devices train at once in simulation (by default one per CPU, up to
-    the fleet's size); in deployment every SuperNode trains as soon as it is asked."""
-    check_engine(engine, concurrency)
+    the fleet's size); in deployment every SuperNode trains as soon as it is asked. With
+    `ray_address` ("auto", HOST:PORT or ray://HOST:PORT) the simulation joins that Ray cluster,
+    whose CPUs then say how many devices train at once, instead of starting one of its own; the
+    cluster keeps running after the run."""
+    check_engine(engine, concurrency, ray_address)
     flower = settings.fleet_root / FLOWER_DIR
     (flower / "app").mkdir(parents=True, exist_ok=True)
     (flower / "app" / "pyproject.toml").write_text(tomli_w.dumps(flower_app(settings)))
@@ -99,8 +104,8 @@ def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], c
         for partition_id in range(link.nodes):
             link.register(partition_id)
             link.start_supernode(partition_id, settings.devices)
-        federation = ["--federation-config", _simulation_config(settings.devices, concurrency)] if simulation else []
-        attempts = RAY_STARTS if simulation else 1
+        federation = ["--federation-config", _simulation_config(settings.devices, concurrency, ray_address)] if simulation else []
+        attempts = RAY_STARTS if simulation and not ray_address else 1
         for attempt in range(1, attempts + 1):
             run = _one_run(link.processes, link.address, federation, echo)
             if run["status"] == "finished:completed":
@@ -163,18 +168,30 @@ class SuperLink:
         )
 
 
-def check_engine(engine: str, concurrency: int | None) -> None:
+def check_engine(engine: str, concurrency: int | None, ray_address: str | None = None) -> None:
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "deployment" and concurrency is not None:
-        raise ConfigError("concurrency applies to the simulation engine; in deployment every SuperNode trains at once")
+    if engine == "deployment" and (concurrency is not None or ray_address):
+        raise ConfigError("concurrency and ray-address apply to the simulation engine; in deployment every SuperNode "
+                          "trains at once, on its own host")
+    if ray_address is not None and not _RAY_ADDRESS.fullmatch(ray_address):
+        raise ConfigError(f"ray-address must be auto, HOST:PORT or ray://HOST:PORT, got {ray_address!r}")
+    if ray_address and concurrency is not None:
+        raise ConfigError("with ray-address the cluster's CPUs say how many devices train at once; leave out concurrency")
 
 
-def _simulation_config(devices: int, concurrency: int | None) -> str:
-    # One CPU per device and `concurrency` logical CPUs for Ray: that many devices train at once.
+_RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9.\-]+:\d{1,5}|(ray://)?\[[0-9A-Fa-f:.]+\]:\d{1,5}")
+
+
+def _simulation_config(devices: int, concurrency: int | None, ray_address: str | None) -> str:
+    # One CPU per device: as many devices train at once as Ray has logical CPUs, which are
+    # `concurrency` in a Ray of the launcher's own, and the cluster's in one it joins (a driver
+    # joining a cluster may not declare any).
+    resources = f"num-supernodes={devices} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+    if ray_address:
+        return resources + f'init-args-address="{ray_address}" init-args-logging-level="WARNING"'
     cpus = concurrency or min(devices, max(2, os.cpu_count() or 2))
-    return (f"num-supernodes={devices} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
-            f'init-args-num-cpus={cpus} init-args-num-gpus=0 init-args-logging-level="WARNING"')
+    return resources + f'init-args-num-cpus={cpus} init-args-num-gpus=0 init-args-logging-level="WARNING"'
 
 
 def _one_run(processes: _Processes, link: str, federation: list[str], echo: Callable[[str], None]) -> dict:

@@ -1,18 +1,26 @@
-"""For the fleet's tests: the Flower processes a fleet left running, and a ServerApp that records
-every message the orchestrator sends and receives.
+"""For the fleet's tests: the Flower processes a fleet left running, a ServerApp that records
+every message the orchestrator sends and receives, and a Ray cluster to join.
 
 The fleet's ServerApp runs in a process of Flower's own on either engine, out of a test's
 reach; to watch its messages a test runs `spy_app` instead (through superlink.COMPONENTS, with
 the repository on PYTHONPATH), which runs the orchestrator's own `main` and writes one JSON line
 per message to the file named by $PLORA_TEST_FLOWER_MESSAGES. A federated fleet's orchestrator
 is watched the same way by `federation_spy` (through superlink.FEDERATION_COMPONENTS), which
-keeps every reply whole, numbers and all.
+keeps every reply whole, numbers and all. `ray_cluster` starts a Ray cluster for a fleet to join.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +150,37 @@ def flower_processes(fleet_root: Path, kill: bool = False) -> list[str]:
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             pass
     return found
+
+
+@contextlib.contextmanager
+def ray_cluster(cpus: int, log: Path) -> Iterator[str]:
+    """A Ray cluster of its own, as an operator starts one (`ray start --head --block`), with
+    the environment of the moment; yields its address, and stops every process of it after."""
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    ray = str(Path(sys.executable).parent / "ray")
+    with log.open("wb") as output:
+        head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                                 f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=false",
+                                 "--disable-usage-stats", f"--temp-dir={temp}"],
+                                stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, f"the Ray cluster did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield address
+        assert head.poll() is None, "the Ray cluster stopped during the test"
+    finally:
+        try:
+            tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            member.kill()
+        psutil.wait_procs(tree, timeout=30)
+        head.wait()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -35,7 +35,7 @@ from plora.platform.runtime import open_device
 from plora.storage.errors import ConfigError
 from plora.storage.models import JobStatus, utcnow
 from plora.storage.registry import open_registry
-from tests.integration.fleet_helpers import FEDERATION_SPY_APP, RECEIVED_ENV, flower_processes, numbers_in
+from tests.integration.fleet_helpers import FEDERATION_SPY_APP, RECEIVED_ENV, flower_processes, numbers_in, ray_cluster
 
 pytestmark = pytest.mark.xdist_group("processes")
 
@@ -107,7 +107,10 @@ def federated_fleet(tiny_checkpoint, tmp_path_factory):
                     tensor.normal_(0, 0.3)
             opted_out.write_adapter(weights, steps=7)
             adapters = {i: (device_dir(root, i) / DeviceStore.ADAPTER).read_bytes() for i in range(DEVICES)}
-            lines = launch(DEVICES, 1, backbone=address, root=root, steps=2, lr=5e-2, strategy=FEDAVG, opt_out=str(OPTED_OUT))
+            # On a Ray cluster the fleet joins, as on an operator's (the other fleet tests start their own).
+            with ray_cluster(cpus=2, log=base / "ray.log") as ray_address:
+                lines = launch(DEVICES, 1, backbone=address, root=root, steps=2, lr=5e-2, strategy=FEDAVG,
+                               opt_out=str(OPTED_OUT), ray_address=ray_address)
             version = DeviceStore.open(device_dir(root, 0)).record.identity.version
             yield {"root": root, "settings": settings, "lines": lines, "received": received(base / "received"),
                    "contributions": contributions(root, list(range(DEVICES))), "start": load_file(start_path(root, version)),
