@@ -100,7 +100,7 @@ def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], c
     (flower / "app").mkdir(parents=True, exist_ok=True)
     (flower / "app" / "pyproject.toml").write_text(tomli_w.dumps(flower_app(settings)))
     simulation = engine == "simulation"
-    with superlink(flower, 0 if simulation else settings.devices, simulation) as link:
+    with superlink(flower, 0 if simulation else settings.devices, simulation, ray_address) as link:
         for partition_id in range(link.nodes):
             link.register(partition_id)
             link.start_supernode(partition_id, settings.devices)
@@ -117,12 +117,13 @@ def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], c
 
 
 @contextlib.contextmanager
-def superlink(flower: Path, nodes: int, simulation: bool) -> Iterator[SuperLink]:
+def superlink(flower: Path, nodes: int, simulation: bool, ray_address: str | None = None) -> Iterator[SuperLink]:
     """A SuperLink of the launcher's own, with its state, config and logs under `flower` (its
     FLWR_HOME), on a free loopback port, with TLS on all its APIs from credentials issued for
     the run. In deployment (`simulation` False) it admits only SuperNodes whose public keys were
-    registered with it; free ports and key pairs are set aside for `nodes` of them. On exit it
-    stops, with every process started under it."""
+    registered with it; free ports and key pairs are set aside for `nodes` of them. A simulation
+    joins the Ray cluster at `ray_address`, if given. On exit it stops, with every process
+    started under it (not a cluster it joined)."""
     (flower / "logs").mkdir(parents=True, exist_ok=True)
     link_port, *node_ports = _free_ports(1 + nodes)
     address = f"127.0.0.1:{link_port}"
@@ -132,6 +133,11 @@ def superlink(flower: Path, nodes: int, simulation: bool) -> Iterator[SuperLink]
         {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "root-certificates": str(credentials.ca)}}}
     ))
     env = {**os.environ, **FLOWER_OFFLINE_ENV, "FLWR_HOME": str(flower), "PYTHONUNBUFFERED": "1"}
+    # Flower's simulation passes Ray only CPUs, GPUs and logging; ray.init finds a cluster to
+    # join by RAY_ADDRESS, and must not find one the user's shell happened to name otherwise.
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     with _Processes(env, flower / "logs") as processes:
         processes.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(credentials.ca),
                         "--ssl-certfile", str(credentials.server_cert), "--ssl-keyfile", str(credentials.server_key),
@@ -189,7 +195,7 @@ def _simulation_config(devices: int, concurrency: int | None, ray_address: str |
     # joining a cluster may not declare any).
     resources = f"num-supernodes={devices} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
     if ray_address:
-        return resources + f'init-args-address="{ray_address}" init-args-logging-level="WARNING"'
+        return resources + 'init-args-logging-level="WARNING"'
     cpus = concurrency or min(devices, max(2, os.cpu_count() or 2))
     return resources + f'init-args-num-cpus={cpus} init-args-num-gpus=0 init-args-logging-level="WARNING"'
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,10 +153,19 @@ def flower_processes(fleet_root: Path, kill: bool = False) -> list[str]:
     return found
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    address: str
+    session: Path  # the cluster's session folder, with a log of every driver that joined it
+
+    def drivers(self) -> list[Path]:
+        return sorted((self.session / "logs").glob("python-core-driver-*.log"))
+
+
 @contextlib.contextmanager
-def ray_cluster(cpus: int, log: Path) -> Iterator[str]:
+def ray_cluster(cpus: int, log: Path) -> Iterator[RayCluster]:
     """A Ray cluster of its own, as an operator starts one (`ray start --head --block`), with
-    the environment of the moment; yields its address, and stops every process of it after."""
+    the environment of the moment; stops every process of it after."""
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -172,7 +182,7 @@ def ray_cluster(cpus: int, log: Path) -> Iterator[str]:
         while subprocess.run([ray, "status", f"--address={address}"], capture_output=True, timeout=60).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, f"the Ray cluster did not start:\n{log.read_text()[-3000:]}"
             time.sleep(1)
-        yield address
+        yield RayCluster(address, Path(temp) / "session_latest")
         assert head.poll() is None, "the Ray cluster stopped during the test"
     finally:
         try:

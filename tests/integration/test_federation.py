@@ -108,9 +108,10 @@ def federated_fleet(tiny_checkpoint, tmp_path_factory):
             opted_out.write_adapter(weights, steps=7)
             adapters = {i: (device_dir(root, i) / DeviceStore.ADAPTER).read_bytes() for i in range(DEVICES)}
             # On a Ray cluster the fleet joins, as on an operator's (the other fleet tests start their own).
-            with ray_cluster(cpus=2, log=base / "ray.log") as ray_address:
+            with ray_cluster(cpus=2, log=base / "ray.log") as cluster:
                 lines = launch(DEVICES, 1, backbone=address, root=root, steps=2, lr=5e-2, strategy=FEDAVG,
-                               opt_out=str(OPTED_OUT), ray_address=ray_address)
+                               opt_out=str(OPTED_OUT), ray_address=cluster.address)
+                assert len(cluster.drivers()) == 1  # the fleet's simulation joined it, and started no Ray of its own
             version = DeviceStore.open(device_dir(root, 0)).record.identity.version
             yield {"root": root, "settings": settings, "lines": lines, "received": received(base / "received"),
                    "contributions": contributions(root, list(range(DEVICES))), "start": load_file(start_path(root, version)),

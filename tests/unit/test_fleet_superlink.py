@@ -13,7 +13,7 @@ from cryptography import x509
 from plora.platform.cli.main import main
 from plora.platform.fleet import superlink
 from plora.platform.fleet.settings import ORCHESTRATOR_TAG, FleetSettings
-from plora.storage.errors import TransportError
+from plora.storage.errors import ConfigError, TransportError
 
 RAY_ERROR = "ERROR :   An exception occured!! The current node timed out during startup. This could happen because ...\n"
 
@@ -109,3 +109,19 @@ def test_fleet_credentials_name_the_hosts_stay_owner_only_and_are_never_overwrit
     again = CliRunner().invoke(main, ["fleet", "credentials", str(folder)])
     assert again.exit_code == 1 and "already holds" in again.output
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("engine, concurrency, ray_address, refused", [
+    ("simulation", None, "auto", None),
+    ("simulation", None, "10.0.0.5:6379", None),
+    ("simulation", None, "ray://head.example.org:10001", None),
+    ("simulation", None, '10.0.0.5:6379" init-args-num-cpus="64', "must be auto, HOST:PORT"),
+    ("simulation", 4, "10.0.0.5:6379", "leave out concurrency"),
+    ("deployment", None, "10.0.0.5:6379", "apply to the simulation engine"),
+])
+def test_a_ray_address_is_checked_before_anything_starts(engine, concurrency, ray_address, refused):
+    if refused is None:
+        superlink.check_engine(engine, concurrency, ray_address)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            superlink.check_engine(engine, concurrency, ray_address)
