@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -171,7 +170,7 @@ def ray_cluster(cpus: int, log: Path) -> Iterator[RayCluster]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    ray = str(Path(sys.executable).parent / "ray")
+    ray = superlink._executable("ray")  # where the launcher finds Flower's commands: this environment's first
     with log.open("wb") as output:
         head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                                  f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=false",
