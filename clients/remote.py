@@ -22,6 +22,7 @@ from plora.cloud_backbone.protocol.messages import (
     CacheMode,
     ForwardRequest,
     Phase,
+    all_finite,
 )
 from plora.storage.errors import DivergedError, NonFiniteError, ValidationError, quoted
 
@@ -86,7 +87,7 @@ def _check_request(request: AdapterRequest, phase: Phase, weights: AdapterWeight
             f"adapter request for layer {request.layer} {request.group}: {tensor.dtype} of shape {tuple(tensor.shape)}, "
             f"expected float32 of shape (batch, tokens, {width})"
         )
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise NonFiniteError(f"adapter request for layer {request.layer} {request.group} contains NaN or infinity")
 
 
@@ -95,7 +96,7 @@ def _check_result(hidden: torch.Tensor, sent: torch.Tensor, what: str) -> torch.
         raise ValidationError(
             f"{what} from the service: {_describe(hidden)}, expected a finite float32 tensor of shape {tuple(sent.shape)}"
         )
-    if not torch.isfinite(hidden).all():
+    if not all_finite(hidden):
         raise NonFiniteError(f"{what} from the service contains NaN or infinity")
     return hidden
 
@@ -104,7 +105,7 @@ def _check_own(tensor: torch.Tensor, what: str) -> None:
     """The device checks what it is about to send: NaN or infinity of its own making means its
     M diverged, which is the device's business, not the service's (whose checks would refuse
     the frame, and count the refusal against the device)."""
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise DivergedError(f"{what} holds NaN or infinity: training diverged; try a lower learning rate")
 
 

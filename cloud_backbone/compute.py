@@ -27,6 +27,7 @@ from plora.cloud_backbone.protocol.messages import (
     ForwardRequest,
     ForwardResult,
     Phase,
+    all_finite,
 )
 from plora.cloud_backbone.slots import ComputeSlots
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError, quoted
@@ -317,7 +318,7 @@ def check_tensor(tensor: object, shape: tuple[int, ...], what: str) -> None:
         raise ValidationError(f"{what}: dtype {tensor.dtype}, expected torch.float32")
     if tuple(tensor.shape) != tuple(shape):
         raise ValidationError(f"{what}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise ValidationError(f"{what}: contains NaN or infinity")
 
 

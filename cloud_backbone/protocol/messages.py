@@ -23,12 +23,22 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import torch
 
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.storage.errors import VersionMismatchError
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor a step carries holds no NaN or infinity, as both sides check before
+    using or sending one. Any NaN or infinity makes the sum NaN or infinite: one op and a read
+    where isfinite().all() takes two, and the check runs a few times per adapted layer of every
+    decoded token (the device's checks cost 2% of in-process decode the other way). A sum that
+    overflows float32, from entries near 1e38, counts as not finite; such numbers are as broken."""
+    return math.isfinite(tensor.sum().item())
 
 
 class Phase(enum.Enum):
