@@ -1,9 +1,9 @@
-"""A fleet's own TLS certificates and SuperNode keys, issued when `plora fleet launch` brings
-its Flower processes (and, when it serves the backbone itself, the backbone service) up.
+"""A fleet's own TLS certificates and SuperNode keys: issued when `plora fleet launch` brings
+its Flower processes up, and by `plora fleet credentials` for processes started by hand.
 
-A throwaway CA signs one server certificate, for the SuperLink and the backbone service on
-`hosts`, and is then forgotten: its private key is never written, so nobody can issue another
-certificate the fleet would trust. Each SuperNode gets its own NIST P-384 key pair, which the
+A throwaway CA signs one server certificate, for the SuperLink on `hosts`, and is then
+forgotten: its private key is never written, so nobody can issue another certificate the
+fleet would trust. Each SuperNode gets its own NIST P-384 key pair, which the
 SuperLink knows by its public key (`flwr supernode register`); a SuperNode whose key is not
 registered is refused. Everything is written owner-only.
 """
