@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -166,9 +165,7 @@ def ray_cluster(cpus: int, log: Path) -> Iterator[RayCluster]:
     """A Ray cluster of its own, as an operator starts one (`ray start --head --block`), with
     the environment of the moment; stops every process of it after."""
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    (port,) = superlink._free_ports(1)
     address = f"127.0.0.1:{port}"
     ray = superlink._executable("ray")  # where the launcher finds Flower's commands: this environment's first
     with log.open("wb") as output:
@@ -184,12 +181,6 @@ def ray_cluster(cpus: int, log: Path) -> Iterator[RayCluster]:
         yield RayCluster(address, Path(temp) / "session_latest")
         assert head.poll() is None, "the Ray cluster stopped during the test"
     finally:
-        try:
-            tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for member in tree:
-            member.kill()
-        psutil.wait_procs(tree, timeout=30)
+        superlink._stop(superlink._with_descendants(head.pid))  # as the launcher stops Flower's processes
         head.wait()
         shutil.rmtree(temp, ignore_errors=True)

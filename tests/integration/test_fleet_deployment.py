@@ -79,9 +79,7 @@ def test_the_superlink_admits_only_registered_supernodes_and_only_over_tls(tmp_p
         assert all(node.returncode not in (None, 0) for node in refused), [node.returncode for node in refused]
         assert "Failed to activate SuperNode" in (link.processes.logs / "supernode-001.log").read_text()
         assert registered.poll() is None
-        env = link.processes.env
-        nodes = json.loads(subprocess.run(["flwr", "supernode", "ls", superlink.CONNECTION, "--format", "json"], env=env,
-                                          capture_output=True, text=True, timeout=60, check=True).stdout)["nodes"]
+        nodes = superlink._flwr(link.processes.env, "supernode", "ls", superlink.CONNECTION, "--format", "json")["nodes"]
         assert [node["status"] for node in nodes] == ["online"]
     # Owner-only: the keys of every SuperNode and of the server are in there.
     assert (link.credentials.folder.stat().st_mode & 0o777) == 0o700
