@@ -20,35 +20,37 @@ from plora.storage.offline import go_offline
 go_offline()  # Flower's processes start here: offline before the imports below load Hugging Face's libraries
 
 from plora.platform.fleet import task
-from plora.platform.fleet.settings import FAILED, FleetSettings, device_dir
+from plora.platform.fleet.settings import FAILED, FleetSettings, NodeConfig, device_dir
 from plora.storage.errors import PloraError
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-# Parsed once per run in each worker process; handlers run many times per run.
-_settings: dict[int, FleetSettings] = {}
+# Parsed once per run and node in each worker process; handlers run many times per run.
+_settings: dict[tuple[int, int], FleetSettings] = {}
 
 
 def settings_of(context: Context) -> FleetSettings:
-    if context.run_id not in _settings:
-        _settings[context.run_id] = FleetSettings.from_run_config(context.run_config)
-    return _settings[context.run_id]
+    """The run's settings as this node's device sees them (NodeConfig.device_settings)."""
+    key = (context.run_id, context.node_id)
+    if key not in _settings:
+        run = FleetSettings.from_run_config(context.run_config)
+        _settings[key] = NodeConfig.parse(context.node_config).device_settings(run)
+    return _settings[key]
 
 
 def _run_job(
     msg: Message, context: Context, job: Callable[[FleetSettings, int], dict[str, int | float]], enroll: bool = True
 ) -> Message:
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    partition_id = context.node_config.get("partition-id", -1)
     metrics: dict[str, int | float] = {"partition_id": partition_id}
     content, settings = RecordDict(), None
     try:
-        settings = settings_of(context)
-        partition_id = metrics["partition_id"] = settings.device_of(partition_id)
+        settings, node = settings_of(context), NodeConfig.parse(context.node_config)
+        partition_id = metrics["partition_id"] = settings.device_of(node.partition_id)
         if enroll:
-            task.prepare_device(settings, partition_id, num_partitions)
+            task.prepare_device(settings, partition_id, node.num_partitions, own_data=node.data is not None)
         metrics.update(job(settings, partition_id), failed=0)
     except (PloraError, OSError) as err:
         log.error("device %d: %s failed: %s: %s", partition_id, msg.metadata.message_type, type(err).__name__, err)

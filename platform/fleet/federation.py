@@ -69,6 +69,7 @@ from plora.platform.fleet.settings import (
     FAILED,
     FEDERATION_FILE,
     FleetSettings,
+    NodeConfig,
     device_dir,
     sampled_per_round,
     start_path,
@@ -375,7 +376,8 @@ def participation(msg: Message, context: Context) -> Message:
     partition_id = _partition(context, settings)
     content = RecordDict({"metrics": MetricRecord({"partition_id": partition_id})})
     try:
-        joined, identity = task.federation_answer(settings, partition_id, int(context.node_config["num-partitions"]))
+        node = NodeConfig.parse(context.node_config)
+        joined, identity = task.federation_answer(settings, partition_id, node.num_partitions, own_data=node.data is not None)
         content["metrics"]["joined"] = int(joined)
         content["reply"] = ConfigRecord({"version": identity.version, "identity": identity_json(identity)})
     except (PloraError, OSError) as err:

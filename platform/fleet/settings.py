@@ -9,6 +9,7 @@ without loading a model library.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -47,11 +48,13 @@ class FleetSettings:
     """One fleet run. Run-config keys are the field names with hyphens ("fleet-root")."""
 
     fleet_root: Path
-    """Folder holding one sub-folder per device, and rounds.jsonl."""
+    """Folder holding rounds.jsonl and one sub-folder per device; a device on a host of its own
+    keeps its folder in its host's device-root instead (NodeConfig)."""
     backbone: str
     """HOST:PORT of the backbone service: on loopback, in plain text, unless backbone-ca is set."""
     data: str = PERSONAS
-    """Either "personas" (a synthetic persona per device) or a JSONL file split among the devices."""
+    """Either "personas" (a synthetic persona per device) or a JSONL file split among the devices;
+    a device on a host of its own reads its host's own data file instead (NodeConfig)."""
     devices: int = 3
     """Devices the orchestrator waits for before the first round."""
     rounds: int = 2
@@ -145,6 +148,42 @@ class FleetSettings:
 
     def to_run_config(self) -> dict[str, str | int | float]:
         return {f.name.replace("_", "-"): _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a SuperNode's --node-config says of the device it runs; Flower hands it to each of
+    that SuperNode's ClientApps. The run config is the same on every host, but only the
+    operator's host has the fleet root: a device on a host of its own gets its folder and its
+    data from its host's node config, and nothing of the run's fleet root or data file."""
+
+    partition_id: int
+    """The device's partition id: its folder's name, its persona, its share of a split data file."""
+    num_partitions: int
+    device_root: Path | None = None
+    """"device-root": this host's folder holding the device's folder and the PublicStore, instead
+    of the run's fleet root."""
+    data: str | None = None
+    """"data": this host's own data file, all of it this device's, instead of a share of the run's data."""
+
+    @classmethod
+    def parse(cls, node_config: Mapping[str, object]) -> NodeConfig:
+        partition_id, num_partitions = node_config.get("partition-id"), node_config.get("num-partitions")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (partition_id, num_partitions)) or not (
+            0 <= partition_id < num_partitions  # type: ignore[operator]
+        ):
+            raise ConfigError("the node config needs partition-id and num-partitions, integers with "
+                              f"0 <= partition-id < num-partitions; got {partition_id!r} and {num_partitions!r}")
+        device_root, data = node_config.get("device-root"), node_config.get("data")
+        if device_root is not None and not (isinstance(device_root, str) and Path(device_root).is_absolute()):
+            raise ConfigError(f"the node config's device-root must be an absolute path, got {device_root!r}")
+        if data is not None and not (isinstance(data, str) and data):
+            raise ConfigError(f"the node config's data must be a data file's path, got {data!r}")
+        return cls(partition_id, num_partitions, Path(device_root) if device_root else None, data)  # type: ignore[arg-type]
+
+    def device_settings(self, run: FleetSettings) -> FleetSettings:
+        """The run's settings as this node's device sees them: its host's folder and data."""
+        return dataclasses.replace(run, fleet_root=self.device_root or run.fleet_root, data=self.data or run.data)
 
 
 def _plain(value: object) -> str | int | float:

@@ -47,11 +47,13 @@ TRAIN_FILE = DeviceStore.PRIVATE_TRAIN
 HELDOUT_FILE = DeviceStore.PRIVATE_HELDOUT
 
 
-def private_records(settings: FleetSettings, partition_id: int, num_partitions: int) -> tuple[list[dict], list[dict]]:
+def private_records(settings: FleetSettings, partition_id: int, num_partitions: int,
+                    own_data: bool = False) -> tuple[list[dict], list[dict]]:
     """(train, held-out) records of one device.
 
-    A play (.txt of `SPEAKER:` blocks) gives each device one speaker, the natural partition;
-    any other data file is split IID. A tenth is held out when the share is big enough.
+    The device's `own_data` file (on a host of its own) is all its own. Of a data file shared
+    by the fleet, a play (.txt of `SPEAKER:` blocks) gives each device one speaker, the natural
+    partition; any other file is split IID. A tenth is held out when the share is big enough.
     """
     if settings.data == PERSONAS:
         persona = make_persona(seed=partition_id)
@@ -63,7 +65,9 @@ def private_records(settings: FleetSettings, partition_id: int, num_partitions: 
     path = Path(settings.data)
     if not path.is_file():
         raise ConfigError(f"data must be 'personas' or an existing data file, got {settings.data!r}")
-    if path.suffix.lower() == ".txt":
+    if own_data:
+        mine = load_examples(path)
+    elif path.suffix.lower() == ".txt":
         mine = partition(play_blocks(path), "natural", num_partitions, partition_by="speaker")[partition_id]
         mine = mine.select_columns(["text"])
     else:
@@ -74,12 +78,12 @@ def private_records(settings: FleetSettings, partition_id: int, num_partitions: 
     return train.to_list(), held.to_list()
 
 
-def prepare_device(settings: FleetSettings, partition_id: int, num_partitions: int = 1) -> Path:
+def prepare_device(settings: FleetSettings, partition_id: int, num_partitions: int = 1, own_data: bool = False) -> Path:
     """Enroll the device and write its private data, unless done before. Returns its folder."""
     folder = device_dir(settings.fleet_root, partition_id)
     # Data first: a device without data is not worth enrolling with the service.
     if not (folder / TRAIN_FILE).exists():
-        train, heldout = private_records(settings, partition_id, num_partitions)
+        train, heldout = private_records(settings, partition_id, num_partitions, own_data)
         (folder / TRAIN_FILE).parent.mkdir(parents=True, exist_ok=True)
         if heldout:
             write_atomically(folder / HELDOUT_FILE, _jsonl(heldout))
@@ -165,11 +169,12 @@ def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | floa
     return metrics
 
 
-def federation_answer(settings: FleetSettings, partition_id: int, num_partitions: int) -> tuple[bool, BackboneIdentity]:
+def federation_answer(settings: FleetSettings, partition_id: int, num_partitions: int,
+                      own_data: bool = False) -> tuple[bool, BackboneIdentity]:
     """Whether the device takes part in the fleet's federation, and the backbone version it is
     bound to. Its simulated user's choice (settings.opt_out) is recorded on the device first, as a
     real owner's is by `plora device federation`."""
-    store = DeviceStore.open(prepare_device(settings, partition_id, num_partitions))
+    store = DeviceStore.open(prepare_device(settings, partition_id, num_partitions, own_data))
     store.choose_federation(FederationChoice(joined=not settings.opts_out(partition_id),
                                              in_the_clear=not settings.secure_aggregation))
     return store.federation_choice().joined, store.record.identity

@@ -18,10 +18,10 @@ from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import register as register_version
-from plora.platform.fleet import client_app, superlink
+from plora.platform.fleet import client_app, superlink, task
 from plora.platform.fleet import launch as launch_module
 from plora.platform.fleet.launch import FleetTally, _device_progress, echo_progress, launch, launch_migration, read_rounds
-from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, device_dir, device_name
+from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, NodeConfig, device_dir, device_name
 from plora.platform.fleet.task import report_progress
 from plora.storage.errors import ConfigError
 from plora.storage.registry import open_registry
@@ -148,6 +148,28 @@ def test_a_failed_device_job_is_reported_with_its_kind_and_no_message(tmp_path, 
     assert dict(reply.content.metric_records["metrics"]) == {"partition_id": 1, "failed": 1}
     assert dict(reply.content.config_records["error"]) == {"kind": "DataError"}
     assert len(reply.content.array_records) == 0
+
+
+def test_a_device_on_a_host_of_its_own_keeps_its_folder_and_its_whole_data_file_there(tmp_path, monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    host = tmp_path / "host-1"
+    host.mkdir()
+    (host / "notes.jsonl").write_text("".join(json.dumps({"text": f"Note {i}."}) + "\n" for i in range(3)))
+    run_config = FleetSettings(tmp_path / "operator" / "fleet", "127.0.0.1:1", "/on/the/operator/notes.jsonl", steps=1).to_run_config()
+    node_config = {"partition-id": 1, "num-partitions": 2, "device-root": str(host), "data": str(host / "notes.jsonl")}
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    question = Message(RecordDict({"config": ConfigRecord({"round": 1, "steps": 1, "lr": 0.01})}), dst_node_id=7, message_type="train")
+    client_app._settings.clear()
+    reply = client_app.app(question, context)
+    # Nothing listens at the run's service: the job fails at enrolling, once the data is in place.
+    assert dict(reply.content.config_records["error"]) == {"kind": "ConnectionLost"}
+    train = (device_dir(host, 1) / task.TRAIN_FILE).read_text().splitlines()
+    assert [json.loads(line)["text"] for line in train] == ["Note 0.", "Note 1.", "Note 2."]  # all of it: no share of 2
+    assert not (tmp_path / "operator").exists()
+    for bad in ({"partition-id": 2, "num-partitions": 2}, {**node_config, "device-root": "host-1"}, {"num-partitions": 2}):
+        with pytest.raises(ConfigError):
+            NodeConfig.parse(bad)
 
 
 def test_settings_come_from_the_run_config_and_are_checked():
