@@ -54,7 +54,8 @@ class Endpoint:
     separated (a name that resolves to several addresses does as well). A channel uses gRPC's
     pick_first: it connects to the first replica that answers, so each session, one stream on
     a channel of its own, sticks to one replica, and a new session after a failure finds the
-    next one alive."""
+    next one alive. Over TLS, every replica's certificate must name the first replica's host
+    (one certificate naming each replica's address does): gRPC checks them all against one name."""
 
     address: str  # host:port, or ip:port,ip:port,...
     insecure: bool = False  # plain text: loopback and tests only
@@ -85,6 +86,8 @@ class Endpoint:
         ]
         if self.insecure:
             return grpc.insecure_channel(self.target, options=options)
+        if "," in self.address:  # else gRPC checks the certificates against the whole list's name
+            options.append(("grpc.ssl_target_name_override", self.address.split(",")[0].rpartition(":")[0].strip("[]")))
         root = Path(self.ca_file).read_bytes() if self.ca_file else None
         return grpc.secure_channel(self.target, grpc.ssl_channel_credentials(root_certificates=root), options=options)
 

@@ -53,6 +53,15 @@ def test_a_device_that_trusts_the_ca_enrolls_and_runs_a_forward(tmp_path, tls_se
         device.close()
 
 
+def test_a_device_given_several_replicas_checks_their_certificate_against_their_host(tmp_path, tls_server, pki, own_port):
+    # gRPC checks a list of replicas against one name, by default not a host the certificate
+    # could name: the handshake failed with "Hostname Verification Check failed".
+    address = f"127.0.0.1:{own_port()},127.0.0.1:{tls_server.port}"  # the first replica is down
+    init_device(tmp_path / "dev", address, endpoint=Endpoint(address, ca_file=str(pki.ca)),
+                enroll_token=open_registry().issue_enrollment_token()[1])
+    assert DeviceStore.open(tmp_path / "dev").record.device_id
+
+
 def test_a_device_that_trusts_another_ca_is_refused(tmp_path, tls_server):
     other = issue_credentials(tmp_path / "other-pki", nodes=0)
     address = f"localhost:{tls_server.port}"
