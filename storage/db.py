@@ -7,9 +7,12 @@ database up to ``head`` before it is used.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -71,9 +74,23 @@ def _alembic_config(url: str) -> Config:
     return config
 
 
+@contextlib.contextmanager
+def _one_process_at_a_time(engine: Engine) -> Iterator[None]:
+    """Holds a SQLite file's migration lock. SQLite's driver runs DDL outside a transaction, so
+    processes opening a new database at once both found no schema and both created it: all
+    but one failed with "table ... already exists". PostgreSQL's DDL is transactional."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or database in (None, "", ":memory:"):
+        yield
+        return
+    with open(Path(database).expanduser().with_name(Path(database).name + ".migration-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def _upgrade_to_head(engine: Engine) -> None:
     config = _alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
+    with _one_process_at_a_time(engine), engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     log.info("registry schema at head on %s", engine.url.render_as_string(hide_password=True))

@@ -7,6 +7,9 @@ are dropped before each PostgreSQL test.
 
 import dataclasses
 import re
+import subprocess
+import sys
+import time
 from datetime import timezone
 
 import pytest
@@ -124,6 +127,26 @@ def test_opening_twice_in_one_process_and_again_after_close_is_harmless(db_url):
     db.close_all()  # the next open migrates an up-to-date database, as a new process would
     third = Registry(db.open_database(db_url))
     assert [b.name for b in second.list_backbones()] == [b.name for b in third.list_backbones()] == ["v1"]
+
+
+# Each process imports first, then opens the registry at one shared instant.
+OPEN_AT_ONCE = """
+import sys, time
+from plora.storage import db
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+db.open_database(sys.argv[1])
+"""
+
+
+def test_processes_opening_a_new_database_at_once_all_find_it_ready(db_url):
+    # Several device processes of one host (a simulated fleet's workers) share its registry. They
+    # raced to create the schema: "table backbone_versions already exists", and a job failed.
+    at = time.time() + 8
+    processes = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, db_url, str(at)], stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+    errors = [process.communicate(timeout=120)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 6, "\n".join(errors)[-3000:]
+    assert TABLES <= set(inspect(db.create_registry_engine(db_url)).get_table_names())
 
 
 def test_default_url_prefers_env_url_then_sqlite_in_plora_home(monkeypatch, tmp_path):
