@@ -117,13 +117,28 @@ def own_port():
     reached that stranger (AuthenticationError in the suite)."""
     held = []
 
-    def take() -> int:
+    def hold(port: int) -> int:
         holder = socket.socket()
         # gRPC's servers bind with SO_REUSEADDR too, so the test's services can still listen here.
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.bind(("127.0.0.1", 0))
+        try:
+            holder.bind(("127.0.0.1", port))
+        except OSError:
+            holder.close()
+            raise
         held.append(holder)
         return holder.getsockname()[1]
+
+    def take(consecutive: int = 1) -> int:
+        """A port, and the `consecutive` - 1 after it, for a service that numbers its ports on from one."""
+        while True:
+            first = hold(0)
+            try:
+                for port in range(first + 1, first + consecutive):
+                    hold(port)
+                return first
+            except OSError:
+                continue  # what it held stays held till the end: never handed out twice
 
     yield take
     for holder in held:

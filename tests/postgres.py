@@ -64,6 +64,25 @@ def _run_as() -> dict:
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
 
+def binaries_in(folder: Path) -> Path:
+    """The folder of PostgreSQL's programs (initdb, postgres), for a server run as this process's
+    user or, under root, as UNPRIVILEGED_USER.
+
+    The unprivileged user may not be able to reach the installed package (under /root, say), so
+    it gets a copy in `folder`, laid out as in site-packages: the binaries find the wheel's
+    bundled libraries by relative path. `folder` must be one that user can pass through."""
+    installation = _pgserver_installation()
+    if not _run_as():
+        return installation / "bin"
+    copy = folder / "pgserver" / "pginstall"
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(installation / part, copy / part, symlinks=True)
+    bundled_libraries = installation.parents[1] / "pgserver.libs"
+    if bundled_libraries.is_dir():
+        shutil.copytree(bundled_libraries, folder / bundled_libraries.name, symlinks=True)
+    return copy / "bin"
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -108,23 +127,12 @@ def _wait_until_ready(server: subprocess.Popen, data: Path, log: Path) -> None:
 @contextlib.contextmanager
 def throwaway_server() -> Iterator[str]:
     """Start a PostgreSQL server, yield its SQLAlchemy URL, then stop it and delete its files."""
-    installation = _pgserver_installation()
     run_as = _run_as()
     folder = Path(tempfile.mkdtemp(prefix="plora-postgres-"))
     data, log = folder / "data", folder / "server.log"
-    binaries = installation / "bin"
     try:
+        binaries = binaries_in(folder)
         if run_as:
-            # The unprivileged user may not be able to reach the installed package (under
-            # /root, say), so it gets a copy in a folder of its own, laid out as in
-            # site-packages: the binaries find the wheel's bundled libraries by relative path.
-            copy = folder / "pgserver" / "pginstall"
-            for part in ("bin", "lib", "share"):
-                shutil.copytree(installation / part, copy / part, symlinks=True)
-            bundled_libraries = installation.parents[1] / "pgserver.libs"
-            if bundled_libraries.is_dir():
-                shutil.copytree(bundled_libraries, folder / bundled_libraries.name, symlinks=True)
-            binaries = copy / "bin"
             os.chown(folder, run_as["user"], run_as["group"])
         _initdb(binaries, data, folder, run_as)
         port = _free_port()

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
 
 from plora.storage.errors import ConfigError, DataError
 
@@ -44,6 +43,10 @@ def partition(
     natural: the `num_partitions` largest groups of `partition_by` (e.g. speakers), one each.
     iid: shuffled equal shares.
     """
+    # Imported here: flwr-datasets takes seconds to import (its plotting loads matplotlib), and a
+    # device on a host of its own, holding only its own data, never partitions anything.
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
+
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown partition scheme {scheme!r}; choose from {SCHEMES}")
     if num_partitions < 1:

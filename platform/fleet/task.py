@@ -58,8 +58,8 @@ def private_records(settings: FleetSettings, partition_id: int, num_partitions: 
     if settings.data == PERSONAS:
         persona = make_persona(seed=partition_id)
         return persona.train_records(), persona.heldout_records()
-    # Imported here: flwr-datasets takes seconds to import, and in deployment every message
-    # starts a fresh ClientApp process, which needs it only for a data file's first split.
+    # Imported here: datasets takes seconds to import, and in deployment every message starts a
+    # fresh ClientApp process, which needs it only for a data file's first split.
     from plora.platform.fleet.partition import holdout, partition, play_blocks
 
     path = Path(settings.data)

@@ -1,0 +1,216 @@
+"""The operator and every device on a host of their own (tests/hosts.py).
+
+deploy/operator-up.sh brings up the operator's side: PostgreSQL, two backbone replicas and the
+SuperLink, all over TLS. Each of three device hosts gets what an operator hands out (the CA
+certificate and its own SuperNode key), keeps its own data file, and runs a SuperNode whose
+node config names its own folder. A personalization fleet runs on Flower's deployment engine;
+the replica every device is on is killed while they train. The devices carry on at the other
+replica, and their M are those of an uninterrupted run of the same devices' data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plora.clients.device_store import DeviceStore
+from plora.platform.fleet.settings import PROGRESS_FILE, device_dir
+from plora.platform.fleet.superlink import FLOWER_OFFLINE_ENV, _executable
+from tests.hosts import HOSTS_ENV, LOOPBACK, Host, emulated_hosts
+from tests.postgres import UNPRIVILEGED_USER, binaries_in
+
+pytestmark = pytest.mark.xdist_group("processes")
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICES = 3
+STEPS = 8
+UP_S = 240
+
+
+# What each host's ClientApp runs for a round-1 train message, run for a new device of each
+# host in turn: backbone, enrollment token, steps, then each host's folder and partition id.
+REFERENCE_JOBS = """
+import sys
+from pathlib import Path
+from plora.platform.fleet import task
+from plora.platform.fleet.settings import FleetSettings
+backbone, token, steps, *hosts = sys.argv[1:]
+for folder, partition in zip(hosts[::2], map(int, hosts[1::2])):
+    settings = FleetSettings(Path(folder) / "plora", backbone, str(Path(folder) / "notes.jsonl"), steps=int(steps), batch_size=2,
+                             backbone_ca=str(Path(folder) / "ca.pem"), enroll_token=token)
+    task.prepare_device(settings, partition, own_data=True)
+    task.personalize(settings, partition, 1)
+"""
+
+
+def _notes(i: int) -> str:
+    return "".join(json.dumps({"text": f"Host {i}, note {k}: my locker code is {(i * 97 + k * 31) % 1000:03d}."}) + "\n"
+                   for k in range(12))
+
+
+def _wait_for_line(process, log: Path, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text().splitlines() if line.startswith(text)]
+        if lines:
+            return lines[0]
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    pytest.fail(f"no {text!r} in {log}:\n{log.read_text()[-3000:]}")
+
+
+def _run(host: Host, *args: str, **env: str) -> str:
+    done = host.run(list(args), **env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _progress(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / PROGRESS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@pytest.mark.timeout(420)
+def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_sees_every_job(tiny_checkpoint, own_port):
+    with emulated_hosts(DEVICES) as hosts:
+        operator, devices = hosts.operator, hosts.devices
+        # Each replica takes BACKBONE_PORT + i and METRICS_PORT + i.
+        ports = {name: (default if hosts.namespaces else own_port(replicas)) for name, default, replicas in
+                 (("PG_PORT", 5432, 1), ("BACKBONE_PORT", 50051, 2), ("SUPERLINK_PORT", 9093, 1), ("METRICS_PORT", 9464, 2))}
+        pg_bin = binaries_in(operator.folder / "postgres-programs")
+        up = operator.popen(["bash", str(REPO / "deploy" / "operator-up.sh"), str(operator.home / "plora"), operator.address,
+                             str(DEVICES), "--backbone", str(tiny_checkpoint), "--rank", "4", "--device-layers", "1"],
+                            operator.folder / "operator-up.log", **{k: str(v) for k, v in ports.items()}, REPLICAS="2",
+                            PG_BIN=str(operator.home / pg_bin.relative_to(operator.folder)), PG_USER=UNPRIVILEGED_USER)
+        ready = _wait_for_line(up, operator.folder / "operator-up.log", "operator up:", UP_S)
+        backbone, link = ready.split()[3], ready.split()[5]
+        plora = operator.folder / "plora"
+        operator_env = {"FLWR_HOME": str(operator.home / "plora" / "flower"), "PLORA_DB_URL": (plora / "db-url").read_text().strip(),
+                        **FLOWER_OFFLINE_ENV}
+
+        def flwr(*args: str) -> dict:
+            return json.loads(_run(operator, _executable("flwr"), *args, "--format", "json", **operator_env))
+
+        # What the operator hands each device host: the CA certificate and that host's own key.
+        for i, host in enumerate(devices):
+            shutil.copy(plora / "tls" / "ca.pem", host.folder / "ca.pem")
+            shutil.copy(plora / "tls" / f"supernode-{i:03d}.key", host.folder / "supernode.key")
+            (host.folder / "notes.jsonl").write_text(_notes(i))
+            node_config = (f'partition-id={i} num-partitions={DEVICES} device-root="{host.home / "plora"}" '
+                           f'data="{host.home / "notes.jsonl"}"')
+            node_port = 9094 if hosts.namespaces else own_port()
+            host.popen([_executable("flower-supernode"), "--superlink", link, "--root-certificates", str(host.home / "ca.pem"),
+                        "--auth-supernode-private-key", str(host.home / "supernode.key"), "--port", str(node_port),
+                        "--node-config", node_config],
+                       host.folder / "supernode.log", **FLOWER_OFFLINE_ENV, FLWR_HOME=str(host.home / "flower"))
+
+        reference_token = _run(operator, "plora", "backbone", "enroll", "create", "--uses", str(DEVICES), **operator_env).strip()
+        # One round of personalization; the first replica is killed once the devices train.
+        config = (f'fleet-root="{operator.home / "plora" / "fleet"}" backbone="{backbone}" devices={DEVICES} rounds=1 '
+                  f'steps={STEPS} batch-size=2 fraction-evaluate=0.3 backbone-ca="{devices[0].home / "ca.pem"}" '
+                  f'enroll-token="{(plora / "enroll-token").read_text().strip()}"')
+        run_id = flwr("run", str(REPO / "deploy" / "fleet-app"), "fleet", "--run-config", config)["run-id"]
+        folders = [device_dir(host.folder / "plora", i) for i, host in enumerate(devices)]
+        steps_at_kill: list[int] = []
+        deadline = time.monotonic() + 300
+        while not steps_at_kill:  # asking Flower takes a second: the files are quicker
+            assert time.monotonic() < deadline, "the devices never trained"
+            progress = [_progress(folder) or {} for folder in folders]
+            if any(p.get("what") == "round 1" for p in progress):
+                os.kill(int((plora / "replica-0.pid").read_text()), signal.SIGKILL)
+                steps_at_kill = [p.get("step") or 0 for p in progress]
+            time.sleep(0.01)
+        # One process that ends with the run: a `flwr` command a second would load two cores.
+        streamed = operator.popen([_executable("flwr"), "log", str(run_id), "fleet", "--stream"], operator.folder / "run.log", **operator_env)
+        streamed.wait(max(1.0, deadline - time.monotonic()))
+        status = flwr("ls", "fleet", "--run-id", str(run_id))["runs"][0]["status"]
+        assert status == "finished:completed", (plora / "logs" / "superlink.log").read_text()[-3000:]
+        assert max(steps_at_kill) < STEPS, steps_at_kill  # killed while every device was still training
+        assert up.poll() is None and "backbone replica 0 ended; 1 still serve" in (operator.folder / "operator-up.log").read_text()
+
+        # The reference: the same job on each host's data, for a new device that knows only the
+        # second replica, so that nothing interrupts it. One process for every host, a test's
+        # instrument rather than a device: it sees every host's folder, and reaches the replica.
+        hosts_and_partitions = [str(arg) for i, host in enumerate(devices) for arg in (host.folder, DEVICES + i)]
+        reference = subprocess.run([*operator.network_prefix, sys.executable, "-c", REFERENCE_JOBS, backbone.split(",")[1],
+                                    reference_token, str(STEPS), *hosts_and_partitions],
+                                   capture_output=True, text=True, timeout=180, env=operator.env())
+        assert reference.returncode == 0, reference.stderr[-3000:]
+
+        for i, host in enumerate(devices):
+            interrupted, uninterrupted = (load_file(DeviceStore.open(device_dir(host.folder / "plora", p)).adapter_path)
+                                          for p in (i, DEVICES + i))
+            assert interrupted.keys() == uninterrupted.keys()
+            assert all(torch.allclose(interrupted[k], uninterrupted[k], rtol=0, atol=1e-5) for k in interrupted)
+            assert any(interrupted[k].abs().max() > 0 for k in interrupted)  # trained at all
+        # The operator's host: the runs' records, and no device folder, yet every device's job.
+        fleet = plora / "fleet"
+        rounds = [json.loads(line) for line in (fleet / "rounds.jsonl").read_text().splitlines()]
+        assert sorted((line["round"], line["partition_id"], line["failed"]) for line in rounds) == [
+            (r, i, False) for r in (0, 1) for i in range(DEVICES)]
+        assert not list(fleet.glob("device-*"))
+        listed = json.loads(_run(operator, "plora", "jobs", "list", "--json", "--limit", "100", **operator_env))
+        jobs = [job for job in listed if job["kind"] == "personalize"]
+        device_ids = {DeviceStore.open(device_dir(host.folder / "plora", p)).record.device_id
+                      for i, host in enumerate(devices) for p in (i, DEVICES + i)}
+        assert {job["device_id"] for job in jobs} == device_ids
+        assert all(job["status"] == "succeeded" and job["steps_done"] == STEPS for job in jobs), jobs
+
+        # A device host reads its own folder, and nothing of another device's or the operator's.
+        def readable(host: Host, path: Path) -> bool:
+            return host.run([sys.executable, "-c", f"open({str(path)!r}).read()"]).returncode == 0
+
+        assert readable(devices[1], devices[1].home / "notes.jsonl")
+        if hosts.isolated:
+            assert not readable(devices[1], devices[2].folder / "notes.jsonl")
+            assert not readable(devices[1], device_dir(devices[2].folder / "plora", 2) / DeviceStore.ADAPTER)
+            assert not readable(devices[1], plora / "tls" / "supernode-002.key")
+
+
+
+# Serves one line on the host's address, then says so on stdout.
+ECHO = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+connection, _ = server.accept()
+connection.sendall(b"hello from " + sys.argv[1].encode())
+"""
+CONNECT = "import socket, sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).recv(100).decode())"
+
+
+@pytest.mark.parametrize("mode", ["as root can", LOOPBACK])
+def test_emulated_hosts_reach_each_other_see_only_their_own_files_and_leave_nothing(mode, monkeypatch, own_port):
+    if mode == LOOPBACK:  # the mode of a machine without root, forced here so that CI runs it too
+        monkeypatch.setenv(HOSTS_ENV, LOOPBACK)
+    with emulated_hosts(2) as hosts:
+        operator, first, second = hosts.operator, *hosts.devices
+        assert hosts.namespaces == (mode != LOOPBACK and os.geteuid() == 0)
+        port = own_port()
+        server = operator.popen([sys.executable, "-c", ECHO, operator.address, str(port)], operator.folder / "echo.log")
+        _wait_for_line(server, operator.folder / "echo.log", "listening", 30)
+        assert _run(first, sys.executable, "-c", CONNECT, operator.address, str(port)).strip() == f"hello from {operator.address}"
+        (first.folder / "notes.jsonl").write_text("mine")
+        (second.folder / "notes.jsonl").write_text("theirs")
+        assert _run(first, sys.executable, "-c", "import os; print(open(os.environ['HOME'] + '/notes.jsonl').read())").strip() == "mine"
+        if hosts.isolated:
+            assert first.run([sys.executable, "-c", f"open({str(second.folder / 'notes.jsonl')!r})"]).returncode != 0
+        namespaces = [host.namespace for host in (operator, first, second) if host.namespace]
+        base = operator.folder.parents[1]
+    assert server.poll() is not None
+    assert not base.exists()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout if namespaces else ""
+    assert not any(namespace in listed for namespace in namespaces)
