@@ -90,11 +90,13 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
         # Each replica takes BACKBONE_PORT + i and METRICS_PORT + i.
         ports = {name: (default if hosts.namespaces else own_port(replicas)) for name, default, replicas in
                  (("PG_PORT", 5432, 1), ("BACKBONE_PORT", 50051, 2), ("SUPERLINK_PORT", 9093, 1), ("METRICS_PORT", 9464, 2))}
-        pg_bin = binaries_in(operator.folder / "postgres-programs")
+        pg_bin = binaries_in(operator.folder / "postgres-programs")  # copied there as root, for PostgreSQL's own user
+        if pg_bin.is_relative_to(operator.folder):
+            pg_bin = operator.home / pg_bin.relative_to(operator.folder)
         up = operator.popen(["bash", str(REPO / "deploy" / "operator-up.sh"), str(operator.home / "plora"), operator.address,
                              str(DEVICES), "--backbone", str(tiny_checkpoint), "--rank", "4", "--device-layers", "1"],
                             operator.folder / "operator-up.log", **{k: str(v) for k, v in ports.items()}, REPLICAS="2",
-                            PG_BIN=str(operator.home / pg_bin.relative_to(operator.folder)), PG_USER=UNPRIVILEGED_USER)
+                            PG_BIN=str(pg_bin), PG_USER=UNPRIVILEGED_USER)
         ready = _wait_for_line(up, operator.folder / "operator-up.log", "operator up:", UP_S)
         backbone, link = ready.split()[3], ready.split()[5]
         plora = operator.folder / "plora"
@@ -138,7 +140,9 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
         streamed.wait(max(1.0, deadline - time.monotonic()))
         status = flwr("ls", "fleet", "--run-id", str(run_id))["runs"][0]["status"]
         assert status == "finished:completed", (plora / "logs" / "superlink.log").read_text()[-3000:]
-        assert max(steps_at_kill) < STEPS, steps_at_kill  # killed while every device was still training
+        assert max(steps_at_kill) < STEPS, steps_at_kill  # killed before any device had finished training
+        # At least one job had a step in flight, and made it again at the other replica.
+        assert any("trying again on a new session" in (host.folder / "supernode.log").read_text() for host in devices)
         assert up.poll() is None and "backbone replica 0 ended; 1 still serve" in (operator.folder / "operator-up.log").read_text()
 
         # The reference: the same job on each host's data, for a new device that knows only the
