@@ -21,8 +21,9 @@ demo: install
 # beforehand. One pytest worker per core (xdist): run one after another, the tests kept the
 # cores about half busy, many of them waiting on the processes they start; the tests that
 # start many processes at once (fleets, the soak, kills) share one worker, marked
-# xdist_group("processes"), so they never run side by side. --durations: every run shows
-# where its time went.
+# xdist_group("processes"), so they never run side by side; only the hosts test (operator and
+# devices on emulated hosts, about 3 minutes) has a group of its own, since that worker's tests
+# alone already take the suite's length. --durations: every run shows where its time went.
 test: install-test
 	RAY_USAGE_STATS_ENABLED=0 $(PYTHON) -c "import ray; ray.init(num_cpus=1, include_dashboard=False); ray.shutdown()" >/dev/null 2>&1 || true
 	$(PYTHON) -m pytest -n auto --dist loadgroup --durations=30

@@ -29,7 +29,9 @@ from plora.platform.fleet.superlink import FLOWER_OFFLINE_ENV, _executable
 from tests.hosts import HOSTS_ENV, LOOPBACK, Host, emulated_hosts
 from tests.postgres import UNPRIVILEGED_USER, binaries_in
 
-pytestmark = pytest.mark.xdist_group("processes")
+# A group of its own, not "processes": that worker's tests already take the suite's length, and
+# this one takes three minutes of two busy cores.
+pytestmark = pytest.mark.xdist_group("hosts")
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = 3

@@ -100,4 +100,4 @@ def test_a_fleets_devices_reach_the_backbone_over_tls_when_given_its_ca(tmp_path
                              enroll_token=token, backbone_ca=str(pki.ca))
     folder = task.prepare_device(settings, 0, 1)
     assert DeviceStore.open(folder).record.endpoint == {"insecure": False, "ca_file": str(pki.ca)}
-    assert task.personalize(settings, 0, 1)["steps"] == 2
+    # Its jobs then go over TLS too: test_hosts.py runs a fleet's jobs so, across hosts.
