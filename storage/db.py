@@ -17,7 +17,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,6 +29,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Named for plora, so the registry can share a PostgreSQL database with other apps.
 VERSION_TABLE = "plora_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATION_LOCK_KEY = int.from_bytes(b"plora-db", "big") >> 1  # a PostgreSQL advisory lock's bigint, plora's own
 
 # One engine per URL per process: engines own connection pools, and the schema needs
 # checking only once per process.
@@ -75,10 +76,8 @@ def _alembic_config(url: str) -> Config:
 
 
 @contextlib.contextmanager
-def _one_process_at_a_time(engine: Engine) -> Iterator[None]:
-    """Holds a SQLite file's migration lock. SQLite's driver runs DDL outside a transaction, so
-    processes opening a new database at once both found no schema and both created it: all
-    but one failed with "table ... already exists". PostgreSQL's DDL is transactional."""
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Holds a SQLite file's migration lock (see _upgrade_to_head)."""
     database = engine.url.database
     if engine.dialect.name != "sqlite" or database in (None, "", ":memory:"):
         yield
@@ -89,8 +88,14 @@ def _one_process_at_a_time(engine: Engine) -> Iterator[None]:
 
 
 def _upgrade_to_head(engine: Engine) -> None:
+    """Processes opening a new database at once (a host's devices, replicas starting together)
+    take turns: each found no schema and created it, and all but one failed ("table ...
+    already exists", or on PostgreSQL a duplicate type). SQLite's driver runs DDL outside any
+    transaction, so a file lock; PostgreSQL, a lock held until the migration commits."""
     config = _alembic_config(engine.url.render_as_string(hide_password=False))
-    with _one_process_at_a_time(engine), engine.begin() as connection:
+    with _sqlite_file_lock(engine), engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     log.info("registry schema at head on %s", engine.url.render_as_string(hide_password=True))
