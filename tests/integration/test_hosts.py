@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,7 @@ from plora.platform.fleet.superlink import FLOWER_OFFLINE_ENV, _executable
 from tests.hosts import HOSTS_ENV, LOOPBACK, Host, emulated_hosts
 from tests.postgres import UNPRIVILEGED_USER, binaries_in
 
-# A group of its own, not "processes": that worker's tests already take the suite's length, and
-# this one takes three minutes of two busy cores.
-pytestmark = pytest.mark.xdist_group("hosts")
+pytestmark = pytest.mark.xdist_group("processes")
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = 3
@@ -85,25 +84,78 @@ def _progress(folder: Path) -> dict | None:
         return None
 
 
+@dataclass
+class OperatorSide:
+    up: subprocess.Popen
+    """deploy/operator-up.sh, still running."""
+    backbone: str
+    """The replicas' addresses, comma-separated."""
+    superlink: str
+    folder: Path
+    """Its ROOT, as the test sees it."""
+    env: dict[str, str]
+    """For the operator's commands: its FLWR_HOME and registry."""
+
+
+def operator_up(operator: Host, tiny_checkpoint: Path, supernodes: int, own_port) -> OperatorSide:
+    """deploy/operator-up.sh on the operator's host, with two replicas of the tiny model, once it says it is up."""
+    # Each replica takes BACKBONE_PORT + i and METRICS_PORT + i.
+    namespaces = operator.namespace is not None
+    ports = {name: (default if namespaces else own_port(replicas)) for name, default, replicas in
+             (("PG_PORT", 5432, 1), ("BACKBONE_PORT", 50051, 2), ("SUPERLINK_PORT", 9093, 1), ("METRICS_PORT", 9464, 2))}
+    pg_bin = binaries_in(operator.folder / "postgres-programs")  # copied there as root, for PostgreSQL's own user
+    if pg_bin.is_relative_to(operator.folder):
+        pg_bin = operator.home / pg_bin.relative_to(operator.folder)
+    up = operator.popen(["bash", str(REPO / "deploy" / "operator-up.sh"), str(operator.home / "plora"), operator.address,
+                         str(supernodes), "--backbone", str(tiny_checkpoint), "--rank", "4", "--device-layers", "1"],
+                        operator.folder / "operator-up.log", **{k: str(v) for k, v in ports.items()}, REPLICAS="2",
+                        PG_BIN=str(pg_bin), PG_USER=UNPRIVILEGED_USER)
+    ready = _wait_for_line(up, operator.folder / "operator-up.log", "operator up:", UP_S)
+    folder = operator.folder / "plora"
+    env = {"FLWR_HOME": str(operator.home / "plora" / "flower"), "PLORA_DB_URL": (folder / "db-url").read_text().strip(),
+           **FLOWER_OFFLINE_ENV}
+    return OperatorSide(up, ready.split()[3], ready.split()[5], folder, env)
+
+
+def _kill_replica(side: OperatorSide, replica: int) -> None:
+    os.kill(int((side.folder / f"replica-{replica}.pid").read_text()), signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_operator_up_serves_devices_of_other_hosts_over_tls_and_outlives_a_replica(tiny_checkpoint, own_port):
+    """The operator's side as deploy/operator-up.sh brings it up, reached from device hosts: what
+    CI runs of `make hosts` (the whole fleet across hosts takes three minutes of two cores)."""
+    with emulated_hosts(2) as hosts:
+        operator, devices = hosts.operator, hosts.devices
+        side = operator_up(operator, tiny_checkpoint, len(devices), own_port)
+        token = (side.folder / "enroll-token").read_text().strip()
+        assert (side.folder / "db-url").stat().st_mode & 0o777 == 0o600 and (side.folder / "tls").stat().st_mode & 0o777 == 0o700
+
+        def enroll(host: Host) -> None:
+            shutil.copy(side.folder / "tls" / "ca.pem", host.folder / "ca.pem")
+            _run(host, "plora", "device", "init", str(host.home / "device"), "--backbone", side.backbone,
+                 "--tls-ca", str(host.home / "ca.pem"), "--enroll-token", token)
+
+        enroll(devices[0])
+        _kill_replica(side, 0)
+        enroll(devices[1])  # at the replica left
+        _wait_for_line(side.up, operator.folder / "operator-up.log", "backbone replica 0 ended; 1 still serve", 30)
+        assert side.up.poll() is None
+        # The operator's registry, shared by both replicas, knows both devices.
+        enrolled = json.loads(_run(operator, "plora", "backbone", "devices", "list", "--json", **side.env))
+        device_ids = {DeviceStore.open(host.folder / "device").record.device_id for host in devices}
+        assert device_ids <= {device["id"] for device in enrolled}, enrolled
+        if hosts.isolated:  # the registry's password stays on the operator's host
+            assert devices[0].run([sys.executable, "-c", f"open({str(side.folder / 'db-url')!r})"]).returncode != 0
+
+
+@pytest.mark.long
 @pytest.mark.timeout(420)
 def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_sees_every_job(tiny_checkpoint, own_port):
     with emulated_hosts(DEVICES) as hosts:
         operator, devices = hosts.operator, hosts.devices
-        # Each replica takes BACKBONE_PORT + i and METRICS_PORT + i.
-        ports = {name: (default if hosts.namespaces else own_port(replicas)) for name, default, replicas in
-                 (("PG_PORT", 5432, 1), ("BACKBONE_PORT", 50051, 2), ("SUPERLINK_PORT", 9093, 1), ("METRICS_PORT", 9464, 2))}
-        pg_bin = binaries_in(operator.folder / "postgres-programs")  # copied there as root, for PostgreSQL's own user
-        if pg_bin.is_relative_to(operator.folder):
-            pg_bin = operator.home / pg_bin.relative_to(operator.folder)
-        up = operator.popen(["bash", str(REPO / "deploy" / "operator-up.sh"), str(operator.home / "plora"), operator.address,
-                             str(DEVICES), "--backbone", str(tiny_checkpoint), "--rank", "4", "--device-layers", "1"],
-                            operator.folder / "operator-up.log", **{k: str(v) for k, v in ports.items()}, REPLICAS="2",
-                            PG_BIN=str(pg_bin), PG_USER=UNPRIVILEGED_USER)
-        ready = _wait_for_line(up, operator.folder / "operator-up.log", "operator up:", UP_S)
-        backbone, link = ready.split()[3], ready.split()[5]
-        plora = operator.folder / "plora"
-        operator_env = {"FLWR_HOME": str(operator.home / "plora" / "flower"), "PLORA_DB_URL": (plora / "db-url").read_text().strip(),
-                        **FLOWER_OFFLINE_ENV}
+        side = operator_up(operator, tiny_checkpoint, DEVICES, own_port)
+        up, backbone, link, plora, operator_env = side.up, side.backbone, side.superlink, side.folder, side.env
 
         def flwr(*args: str) -> dict:
             return json.loads(_run(operator, _executable("flwr"), *args, "--format", "json", **operator_env))
@@ -134,7 +186,7 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
             assert time.monotonic() < deadline, "the devices never trained"
             progress = [_progress(folder) or {} for folder in folders]
             if any(p.get("what") == "round 1" for p in progress):
-                os.kill(int((plora / "replica-0.pid").read_text()), signal.SIGKILL)
+                _kill_replica(side, 0)
                 steps_at_kill = [p.get("step") or 0 for p in progress]
             time.sleep(0.01)
         # One process that ends with the run: a `flwr` command a second would load two cores.
