@@ -140,7 +140,9 @@ def _stop_processes_of(host: Host) -> None:
             doomed += [parent, *parent.children(recursive=True)]
     if host.namespace:
         found = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True, timeout=30)
-        doomed += [psutil.Process(int(pid)) for pid in found.stdout.split() if psutil.pid_exists(int(pid))]
+        for pid in found.stdout.split():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                doomed.append(psutil.Process(int(pid)))
     for process in doomed:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
