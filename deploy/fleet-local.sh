@@ -34,32 +34,13 @@ logs=$FLWR_HOME/logs tls=$FLWR_HOME/tls
 mkdir -p "$logs"
 rm -rf "$tls"  # a run of its own: fresh credentials for its SuperLink and SuperNodes
 plora fleet credentials "$tls" --supernodes "$devices" >/dev/null
-# An explicit address: `flwr` then uses this SuperLink and starts no local one of its own.
-cat >"$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "fleet"
-
-[superlink.fleet]
-address = "127.0.0.1:$link_port"
-root-certificates = "$tls/ca.pem"
-EOF
-
-pids=()
-stop_all() {
-  # SuperLink and SuperNodes stop their SuperExec and app processes on SIGTERM.
-  ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null
-  wait
-}
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+source "$(dirname "$(realpath "$0")")/processes.sh"
+write_flower_connection "127.0.0.1:$link_port" "$tls/ca.pem"
 
 flower-superlink --ssl-ca-certfile "$tls/ca.pem" --ssl-certfile "$tls/server.pem" --ssl-keyfile "$tls/server.key" \
   --enable-supernode-auth --host 127.0.0.1 --port "$link_port" >"$logs/superlink.log" 2>&1 &
 pids+=($!)
-for ((tries = 0; tries < 120; tries++)); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$link_port") 2>/dev/null && break
-  sleep 0.5
-done
+wait_for_port 127.0.0.1 "$link_port" "the SuperLink" "$logs"
 for ((i = 0; i < devices; i++)); do
   node=$(printf %03d "$i")
   flwr supernode register "$tls/supernode-$node.pub" fleet --format json >/dev/null

@@ -39,22 +39,7 @@ export FLWR_HOME="$root/flower" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHE
 mkdir -p "$FLWR_HOME"
 chmod 700 "$FLWR_HOME"
 
-pids=()
-stop_all() {
-  ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null
-  wait
-}
-trap stop_all EXIT
-trap 'exit 130' INT TERM
-
-wait_for_port() {  # HOST PORT WHAT: until something listens there, or fail
-  for ((tries = 0; tries < 240; tries++)); do
-    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return
-    sleep 0.5
-  done
-  echo "$3 did not come up on $1:$2; see $logs" >&2
-  exit 1
-}
+source "$(dirname "$(realpath "$0")")/processes.sh"
 
 secret() { head -c 24 /dev/urandom | base64 | tr '+/' '-_'; }
 write_secret() { (umask 077 && printf '%s\n' "$2" >"$1"); }
@@ -86,7 +71,7 @@ if [[ -z ${PLORA_DB_URL:-} ]]; then
   "${as_pg_user[@]}" "$pg_bin/postgres" -D "$data" -c "listen_addresses=$host" -c "port=$pg_port" \
     -c "unix_socket_directories=$data" >"$logs/postgres.log" 2>&1 &
   pids+=($!)
-  wait_for_port "$host" "$pg_port" PostgreSQL
+  wait_for_port "$host" "$pg_port" PostgreSQL "$logs"
   PLORA_DB_URL=$(<"$root/db-url")
 fi
 export PLORA_DB_URL  # in the environment, not on command lines that `ps` shows
@@ -106,20 +91,13 @@ for ((i = 0; i < replicas; i++)); do
   replica_of[$!]=$i
   echo $! >"$root/replica-$i.pid"
   # One at a time: the first sets up the registry and registers the backbone version.
-  wait_for_port "$host" "$port" "backbone replica $i"
+  wait_for_port "$host" "$port" "backbone replica $i" "$logs"
   addresses+=("$host:$port")
 done
 write_secret "$root/enroll-token" "$(plora backbone enroll create --uses "$supernodes" --label "operator-up $host" 2>>"$logs/enroll.log")"
 
-cat >"$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "fleet"
-
-[superlink.fleet]
-address = "$host:$link_port"
-root-certificates = "$tls/ca.pem"
-EOF
-wait_for_port "$host" "$link_port" "the SuperLink"
+write_flower_connection "$host:$link_port" "$tls/ca.pem"
+wait_for_port "$host" "$link_port" "the SuperLink" "$logs"
 for ((i = 0; i < supernodes; i++)); do
   flwr supernode register "$tls/supernode-$(printf %03d "$i").pub" fleet --format json >/dev/null
 done
