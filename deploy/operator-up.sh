@@ -90,7 +90,7 @@ for ((i = 0; i < replicas; i++)); do
   pids+=($!)
   replica_of[$!]=$i
   echo $! >"$root/replica-$i.pid"
-  # One at a time: the first sets up the registry and registers the backbone version.
+  # One at a time: the first registers the backbone version, which the others then find.
   wait_for_port "$host" "$port" "backbone replica $i" "$logs"
   addresses+=("$host:$port")
 done
