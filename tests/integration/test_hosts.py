@@ -5,7 +5,9 @@ SuperLink, all over TLS. Each of three device hosts gets what an operator hands 
 certificate and its own SuperNode key), keeps its own data file, and runs a SuperNode whose
 node config names its own folder. A personalization fleet runs on Flower's deployment engine;
 the replica every device is on is killed while they train. The devices carry on at the other
-replica, and their M are those of an uninterrupted run of the same devices' data.
+replica, and their M are those of an uninterrupted run of the same devices' data. That test
+takes about three minutes of two cores, so it is marked long and runs by `make hosts`; `make
+test` runs the operator's side alone, reached from device hosts, and the host emulation.
 """
 
 from __future__ import annotations
