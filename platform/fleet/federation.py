@@ -361,7 +361,7 @@ def _clipped_when_asked(msg: Message, context: Context, call_next: Callable) -> 
 
 
 def _partition(context: Context, settings: FleetSettings) -> int:
-    return settings.device_of(int(context.node_config["partition-id"]))
+    return settings.device_of(NodeConfig.parse(context.node_config).partition_id)
 
 
 def _failed(msg: Message, err: Exception) -> Message:
