@@ -41,8 +41,11 @@ def settings_of(context: Context) -> FleetSettings:
 
 
 def _run_job(
-    msg: Message, context: Context, job: Callable[[FleetSettings, int], dict[str, int | float]], enroll: bool = True
+    msg: Message, context: Context, job: Callable[[FleetSettings, int], dict[str, int | float]], enroll: bool = True,
+    records: dict[str, dict[str, int | float]] | None = None,
 ) -> Message:
+    """`job`'s metrics as the reply's MetricRecord "metrics", with any `records` the job filled in
+    as MetricRecords of their own, even when it failed after filling them."""
     partition_id = context.node_config.get("partition-id", -1)
     metrics: dict[str, int | float] = {"partition_id": partition_id}
     content, settings = RecordDict(), None
@@ -60,19 +63,26 @@ def _run_job(
         metrics["failed"] = 1
         content["error"] = ConfigRecord({"kind": type(err).__name__})
     content["metrics"] = MetricRecord(metrics)
+    for name, record in (records or {}).items():
+        if record:
+            content[name] = MetricRecord(record)
     return Message(content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Personalize this device's M for one round, with the round's steps and learning rate."""
+    """Personalize this device's M for one round, with the round's steps and learning rate; first
+    measure its baseline (as evaluate does) when the config asks for it."""
     config = msg.content["config"]
+    baseline: dict[str, int | float] = {}
 
     def job(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
+        if config.get("baseline"):
+            baseline.update(task.evaluate(settings, partition_id))
         this_round = dataclasses.replace(settings, steps=int(config["steps"]), lr=float(config["lr"]))
         return task.personalize(this_round, partition_id, int(config["round"]))
 
-    return _run_job(msg, context, job)
+    return _run_job(msg, context, job, records={"baseline": baseline})
 
 
 @app.evaluate()

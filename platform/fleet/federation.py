@@ -150,7 +150,7 @@ def main(grid: Grid, context: Context) -> None:
     tag_orchestrator_log(log)
     settings = FleetSettings.from_run_config(context.run_config)
     nodes = wait_for_nodes(grid, settings.devices, settings.reply_timeout)
-    answers = exchange(grid, nodes, "query.federation", {}, settings.reply_timeout)
+    answers = exchange(grid, dict.fromkeys(nodes, {}), "query.federation", settings.reply_timeout)
     joined = {node: answer for node, answer in answers.items() if not answer["error"] and answer["metrics"].get("joined")}
     identity, participants = _version_of_the_round(joined)
     if len(participants) < MIN_PARTICIPANTS:

@@ -1,8 +1,8 @@
 """The orchestrator of the fleet: a Flower ServerApp that runs personalization rounds.
 
-Each round it samples devices, has those sampled for the first time in the run evaluated
-(round 0, their baseline), asks the sampled ones to train, then a sample of them to evaluate,
-and appends one line per device to <fleet-root>/rounds.jsonl. Only sampled devices ever hear
+Each round it asks the sampled devices to train, those sampled for the first time in the run
+measuring their baseline first (round 0), then a sample of them to evaluate, and appends one
+line per device to <fleet-root>/rounds.jsonl. Only sampled devices ever hear
 from it, so a fleet costs what its sampled devices do, however many it declares. Nothing is
 aggregated: every device keeps its own M, so the orchestrator only schedules work and collects
 scalar metrics. Messages it sends carry
@@ -50,25 +50,31 @@ def _sample(nodes: list[int], fraction: float, server_round: int) -> list[int]:
 
 
 def _outcome(reply: Message) -> dict:
-    """A reply as {"metrics": {...}, "reply": {...}, "error": kind or None}: its scalars, its other
-    settings (a ConfigRecord "reply", if any) and its failure; a reply without content is an error."""
+    """A reply as {"metrics": {...}, "baseline": {...}, "reply": {...}, "error": kind or None}: its
+    scalars, those measured before its job (a MetricRecord "baseline", if any), its other settings
+    (a ConfigRecord "reply", if any) and its failure; a reply without content is an error."""
     if reply.has_error():
-        return {"metrics": {}, "reply": {}, "error": f"flower-error-{reply.error.code}"}
+        return {"metrics": {}, "baseline": {}, "reply": {}, "error": f"flower-error-{reply.error.code}"}
     if not reply.has_content() or "metrics" not in reply.content.metric_records:
-        return {"metrics": {}, "reply": {}, "error": "no-content"}
+        return {"metrics": {}, "baseline": {}, "reply": {}, "error": "no-content"}
     metrics = dict(reply.content.metric_records["metrics"])
+    baseline = dict(reply.content.metric_records.get("baseline", {}))
     error = reply.content.config_records.get("error")
     said = dict(reply.content.config_records.get("reply", {}))
-    return {"metrics": metrics, "reply": said, "error": str(error["kind"]) if error else None}
+    return {"metrics": metrics, "baseline": baseline, "reply": said, "error": str(error["kind"]) if error else None}
 
 
-def exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, timeout: float) -> dict[int, dict]:
-    """Send one message to each node and gather the outcomes, keyed by node id.
+def exchange(grid: Grid, configs: dict[int, dict], message_type: str, timeout: float) -> dict[int, dict]:
+    """Send one message to each node, with that node's config, and gather the outcomes, keyed by node id.
 
     Not Grid.send_and_receive: in deployment it looks for replies only every 3 s, and it
     returns none until all are in, where this logs each one as it comes."""
+    if not configs:
+        return {}
+    nodes = list(configs)
     messages = [
-        Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node, message_type=message_type) for node in nodes
+        Message(RecordDict({"config": ConfigRecord(configs[node])}), dst_node_id=node, message_type=message_type)
+        for node in nodes
     ]
     waiting = dict(zip(grid.push_messages(messages), nodes))
     outcomes = {}
@@ -86,7 +92,7 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, config: dict, time
             time.sleep(_POLL_S)
     for node in waiting.values():
         log.warning("%s on node %d: no reply within %.0f s", message_type, node, timeout)
-        outcomes[node] = {"metrics": {}, "reply": {}, "error": "no-reply"}
+        outcomes[node] = {"metrics": {}, "baseline": {}, "reply": {}, "error": "no-reply"}
     return outcomes
 
 
@@ -135,20 +141,25 @@ def main(grid: Grid, context: Context) -> None:
     measured: set[int] = set()  # devices with a baseline in this run
     for server_round in range(1, settings.rounds + 1):
         sampled = _sample(nodes, settings.fraction, server_round)
-        # A device's baseline is taken before its first training in this run, and only then:
-        # a device never sampled is never set up (it enrolls when first asked to do something).
+        # A device's baseline is taken before its first training in this run, and only then: a
+        # device never sampled is never set up (it enrolls when first asked to do something). It
+        # is measured within that train message: in deployment, each message costs a device a
+        # new process of its own, importing torch and transformers again.
         fresh = [node for node in sampled if node not in measured]
+        config = {"round": server_round, "steps": settings.steps, "lr": settings.lr}
+        trained = exchange(grid, {node: {**config, "baseline": node in fresh} for node in sampled}, "train",
+                           settings.reply_timeout)
         if fresh:
-            baseline = exchange(grid, fresh, "evaluate", {"round": 0}, settings.reply_timeout)
             untrained = {node: {"metrics": {}, "error": None} for node in fresh}
+            # A job that failed before its baseline was measured failed the baseline too.
+            baseline = {node: {"metrics": {"partition_id": trained[node]["metrics"].get("partition_id"), **trained[node]["baseline"]},
+                               "error": None if trained[node]["baseline"] else trained[node]["error"]} for node in fresh}
             _append(record, _round_lines(0, untrained, baseline))
             measured.update(fresh)
-        config = {"round": server_round, "steps": settings.steps, "lr": settings.lr}
-        trained = exchange(grid, sampled, "train", config, settings.reply_timeout)
         # Only devices whose training went through are worth evaluating, and of them a sample.
         done = [node for node in sampled if not trained[node]["error"]]
         chosen = _sample(done, settings.fraction_evaluate, server_round) if done else []
-        evaluated = exchange(grid, chosen, "evaluate", {"round": server_round}, settings.reply_timeout) if chosen else {}
+        evaluated = exchange(grid, {node: {"round": server_round} for node in chosen}, "evaluate", settings.reply_timeout)
         lines = _round_lines(server_round, trained, evaluated)
         _append(record, lines)
         failed = sum(line["failed"] for line in lines)
@@ -169,7 +180,7 @@ def _migrate(grid: Grid, settings: FleetSettings) -> None:
     record.write_text("")
     nodes = wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     log.info("migrating %d devices to %s by %s", len(nodes), settings.migrate_to, settings.migrate_method)
-    outcomes = exchange(grid, nodes, "query.migrate", {}, settings.reply_timeout)
+    outcomes = exchange(grid, dict.fromkeys(nodes, {}), "query.migrate", settings.reply_timeout)
     nodes = [node for node in nodes if not outcomes[node]["metrics"].get("absent")]
     with record.open("a") as out:
         for node in nodes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
@@ -18,7 +18,7 @@ from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import register as register_version
-from plora.platform.fleet import client_app, superlink, task
+from plora.platform.fleet import client_app, server_app, superlink, task
 from plora.platform.fleet import launch as launch_module
 from plora.platform.fleet.launch import FleetTally, _device_progress, echo_progress, launch, launch_migration, read_rounds
 from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, NodeConfig, device_dir, device_name
@@ -104,7 +104,9 @@ def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cro
 
     messages = read_messages(flower_messages)
     sent = [m for m in messages if m["type"] in ("train", "evaluate") and not m["reply"]]
-    assert len(sent) == len(sampled) + 2 * jobs and len(messages) == 2 * len(sent)
+    # A train message and an evaluate message per job: a device's baseline is measured within
+    # its first train message, which costs no message of its own.
+    assert len(sent) == 2 * jobs and len(messages) == 2 * len(sent)
     for message in messages:
         assert not message["error"]
         assert message["array_records"] == 0 and message["records"] == message["metric_and_config_records"]
@@ -148,6 +150,56 @@ def test_a_failed_device_job_is_reported_with_its_kind_and_no_message(tmp_path, 
     assert dict(reply.content.metric_records["metrics"]) == {"partition_id": 1, "failed": 1}
     assert dict(reply.content.config_records["error"]) == {"kind": "DataError"}
     assert len(reply.content.array_records) == 0
+
+
+class AnsweringGrid:
+    """A Grid whose nodes answer each message at once, by `answer(message)`; it keeps what it was sent."""
+
+    def __init__(self, nodes: list[int], answer) -> None:
+        self.nodes, self.answer, self.sent, self.replies = nodes, answer, [], []
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def push_messages(self, messages) -> list[str]:
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's SuperLink names a message
+            self.sent.append(message)
+            self.replies.append(self.answer(message))
+        return [message.metadata.message_id for message in messages]
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        ready = [reply for reply in self.replies if reply.metadata.reply_to_message_id in message_ids]
+        self.replies = [reply for reply in self.replies if reply not in ready]
+        return ready
+
+
+def test_a_devices_baseline_is_measured_in_its_first_train_message_and_fails_with_it(tmp_path, monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    partition_of = {11: 0, 12: 1}  # node 12's data is broken: its first job fails before its baseline
+
+    def answer(message: Message) -> Message:
+        node, config = message.metadata.dst_node_id, message.content.config_records["config"]
+        content = RecordDict({"metrics": MetricRecord({"partition_id": partition_of[node], "failed": int(node == 12)})})
+        if node == 12:
+            content["error"] = ConfigRecord({"kind": "DataError"})
+        elif config.get("baseline"):
+            content["baseline"] = MetricRecord({"heldout_loss": 2.5})
+        return Message(content, reply_to=message)
+
+    grid = AnsweringGrid(list(partition_of), answer)
+    run_config = FleetSettings(tmp_path / "fleet", "127.0.0.1:1", devices=2, rounds=2, steps=1).to_run_config()
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    # No evaluate message of its own: each device's first train message asks for the baseline, and only the first.
+    asked = [(m.metadata.message_type, m.metadata.dst_node_id, m.content.config_records["config"].get("baseline"))
+             for m in grid.sent]
+    assert asked == [("train", 11, True), ("train", 12, True), ("evaluate", 11, None),
+                     ("train", 11, False), ("train", 12, False), ("evaluate", 11, None)]
+    lines = read_rounds(tmp_path / "fleet")
+    first, broken = (next(line for line in lines if line["round"] == 0 and line["node_id"] == node) for node in (11, 12))
+    assert first["evaluate"] == {"partition_id": 0, "heldout_loss": 2.5} and not first["failed"]
+    assert broken["failed"] and broken["errors"] == {"evaluate": "DataError"} and broken["partition_id"] == 1
 
 
 def test_a_device_on_a_host_of_its_own_keeps_its_folder_and_its_whole_data_file_there(tmp_path, monkeypatch):
