@@ -81,18 +81,18 @@ flower-superlink --ssl-ca-certfile "$tls/ca.pem" --ssl-certfile "$tls/server.pem
   --enable-supernode-auth --host "$host" --port "$link_port" >"$logs/superlink.log" 2>&1 &
 pids+=($!)
 
+# The replicas start together: each registers the version it serves on first sight, and the
+# registry lets exactly one of them add it (the others find it). The rest of the set-up runs
+# while they load their backbone.
 addresses=()
 declare -A replica_of
 for ((i = 0; i < replicas; i++)); do
-  port=$((backbone_port + i))
-  plora backbone serve --host "$host" --port "$port" --http-port $((metrics_port + i)) \
+  plora backbone serve --host "$host" --port $((backbone_port + i)) --http-port $((metrics_port + i)) \
     --tls-cert "$tls/server.pem" --tls-key "$tls/server.key" "$@" >"$logs/replica-$i.log" 2>&1 &
   pids+=($!)
   replica_of[$!]=$i
   echo $! >"$root/replica-$i.pid"
-  # One at a time: the first registers the backbone version, which the others then find.
-  wait_for_port "$host" "$port" "backbone replica $i" "$logs"
-  addresses+=("$host:$port")
+  addresses+=("$host:$((backbone_port + i))")
 done
 write_secret "$root/enroll-token" "$(plora backbone enroll create --uses "$supernodes" --label "operator-up $host" 2>>"$logs/enroll.log")"
 
@@ -100,6 +100,9 @@ write_flower_connection "$host:$link_port" "$tls/ca.pem"
 wait_for_port "$host" "$link_port" "the SuperLink" "$logs"
 for ((i = 0; i < supernodes; i++)); do
   flwr supernode register "$tls/supernode-$(printf %03d "$i").pub" fleet --format json >/dev/null
+done
+for ((i = 0; i < replicas; i++)); do
+  wait_for_port "$host" $((backbone_port + i)) "backbone replica $i" "$logs"
 done
 
 echo "operator up: backbone $(IFS=,; echo "${addresses[*]}") superlink $host:$link_port"

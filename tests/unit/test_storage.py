@@ -9,7 +9,9 @@ import dataclasses
 import re
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timezone
 
 import pytest
@@ -147,6 +149,23 @@ def test_processes_opening_a_new_database_at_once_all_find_it_ready(db_url):
     errors = [process.communicate(timeout=120)[1] for process in processes]
     assert [process.returncode for process in processes] == [0] * 6, "\n".join(errors)[-3000:]
     assert TABLES <= set(inspect(db.create_registry_engine(db_url)).get_table_names())
+
+
+def test_replicas_registering_one_version_at_once_all_get_the_same_record(registry):
+    # Backbone replicas that share a registry start together, and each registers the version it
+    # serves on first sight: all but one find the name taken between their check and their insert.
+    writers = 8
+    for name in ("v1", "v2", "v3"):
+        at_once = threading.Barrier(writers)
+
+        def register(name=name, at_once=at_once):
+            at_once.wait()
+            return _backbone(registry, name).id
+
+        with ThreadPoolExecutor(writers) as pool:
+            ids = list(pool.map(lambda _: register(), range(writers)))
+        assert len(set(ids)) == 1, ids
+    assert [b.name for b in registry.list_backbones()] == ["v1", "v2", "v3"]
 
 
 def test_default_url_prefers_env_url_then_sqlite_in_plora_home(monkeypatch, tmp_path):
