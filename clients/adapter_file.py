@@ -30,7 +30,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, m_name
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig, m_name
+from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import AdapterFileError, ConfigError
 from plora.storage.files import write_atomically

@@ -19,14 +19,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from plora.clients.remote import RemoteDecoder
-from plora.cloud_backbone.privatelora import (
-    AdapterWeights,
-    PrivateLoRAConfig,
-    attach,
-    decoder_slice,
-    local_exchange,
-    truncate_cache,
-)
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.privatelora import AdapterWeights, attach, decoder_slice, local_exchange, truncate_cache
 from plora.cloud_backbone.protocol.link import SplitLink
 from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.storage.errors import VersionMismatchError

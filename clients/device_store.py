@@ -28,7 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.clients.public_store import PublicStore, load_device_half, relative_to
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically

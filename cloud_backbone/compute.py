@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from plora.cloud_backbone.adapter_config import TARGET_MODULES, PrivateLoRAConfig
 from plora.cloud_backbone.batching import LateReply, StepBatcher, batchable
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
-from plora.cloud_backbone.privatelora import TARGET_MODULES, AdaptedGroup, PrivateLoRAConfig, attach, decoder_slice, truncate_cache
+from plora.cloud_backbone.privatelora import AdaptedGroup, attach, decoder_slice, truncate_cache
 from plora.cloud_backbone.protocol.link import DeviceHandler
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,

@@ -1,4 +1,4 @@
-"""What PrivateLoRA is: the one module both halves of the split import.
+"""What PrivateLoRA is: the math both halves of the split import, with its settings (adapter_config.py).
 
 A target projection y = W·x (x: [..., d], y: [..., k]) becomes
 
@@ -24,159 +24,17 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from plora.cloud_backbone.adapter_config import TARGET_MODULES, PrivateLoRAConfig, m_name
 from plora.storage.errors import ConfigError
 
 if TYPE_CHECKING:  # transformers is imported only where a model is loaded, after plora went offline
     from transformers import DynamicCache
-
-# Short target name -> the module's path inside a Llama-family decoder layer.
-TARGET_MODULES: dict[str, str] = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-# Input groups in the order a decoder layer runs them; members read the same tensor.
-INPUT_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn_in": ("q", "k", "v"),
-    "attn_out": ("o",),
-    "mlp_in": ("gate", "up"),
-    "mlp_out": ("down",),
-}
-DEFAULT_TARGETS = ("q", "k", "v")
-
-
-@dataclass(frozen=True)
-class PrivateLoRAConfig:
-    """Everything that fixes the personalized model's math, apart from M itself."""
-
-    rank: int = 64
-    """r: the width of u and of M. Traffic per adapted group and token is r numbers each way."""
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    """Short names of the adapted projections in every decoder layer (see TARGET_MODULES)."""
-    shared_a: bool = False
-    """Members of an input group share one A, so the cloud sends one r-vector per group."""
-    scale: float = 1.0
-    """s in y + s·(x·A·M)·B. The reference code uses 1."""
-    seed: int = 0
-    """Seed of the public projections A and B; part of the backbone version."""
-    device_layers: int = 0
-    """How many of the first decoder layers run on the device. It moves computation, not
-    math: the same M gives the same model for every split point."""
-    device_last_layers: int = 0
-    """How many of the last decoder layers run on the device, after the cloud's. Like
-    device_layers it moves computation, not math; with them the cloud never sees the state the
-    device's head reads, so the public head no longer reads the device's output off it."""
-    adapt_layers: tuple[int, ...] = ()
-    """The decoder layers adapted (0-based); empty: every one. Each adapted cloud layer costs
-    one round trip per group per pass, so adapting fewer layers buys speed over a slow link."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, str) or not isinstance(self.targets, (tuple, list)):
-            raise TypeError(f"targets must be a tuple of names, got {self.targets!r}")
-        unknown = [t for t in self.targets if t not in TARGET_MODULES]
-        if unknown or not self.targets:
-            raise ConfigError(
-                f"unknown or empty targets {list(self.targets)!r}; choose from {sorted(TARGET_MODULES)}"
-            )
-        if len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"targets repeat a name: {list(self.targets)!r}")
-        # Canonical order (layer execution order) so that equal configs compare equal.
-        order = [t for group in INPUT_GROUPS.values() for t in group]
-        object.__setattr__(self, "targets", tuple(sorted(self.targets, key=order.index)))
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        for name in ("device_layers", "device_last_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value!r}")
-        if not (self.scale > 0 and self.scale == self.scale):
-            raise ConfigError(f"scale must be a positive number, got {self.scale!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if isinstance(self.adapt_layers, (str, bytes)) or not isinstance(self.adapt_layers, (tuple, list)):
-            raise TypeError(f"adapt_layers must be a tuple of layer numbers, got {self.adapt_layers!r}")
-        if not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in self.adapt_layers):
-            raise ConfigError(f"adapt_layers must be layer numbers >= 0, got {list(self.adapt_layers)!r}")
-        if len(set(self.adapt_layers)) != len(self.adapt_layers):
-            raise ConfigError(f"adapt_layers repeats a layer: {list(self.adapt_layers)!r}")
-        object.__setattr__(self, "adapt_layers", tuple(sorted(self.adapt_layers)))
-
-    @property
-    def groups(self) -> dict[str, tuple[str, ...]]:
-        """The adapted input groups, each with its adapted members, in execution order."""
-        out = {}
-        for name, members in INPUT_GROUPS.items():
-            chosen = tuple(m for m in members if m in self.targets)
-            if chosen:
-                out[name] = chosen
-        return out
-
-    def a_count(self, group: str) -> int:
-        """How many r-vectors the cloud sends for one token of this group."""
-        return 1 if self.shared_a else len(self.groups[group])
-
-    def width(self, group: str, a_side: bool) -> int:
-        """The last dimension of a group's tensors: a_count·r on A's side (u and dL/du),
-        members·r on M's output side (u·M and its gradient)."""
-        return self.rank * (self.a_count(group) if a_side else len(self.groups[group]))
-
-    def adapts(self, layer: int) -> bool:
-        return not self.adapt_layers or layer in self.adapt_layers
-
-    def cloud_layers(self, num_layers: int) -> range:
-        """The decoder layers the cloud runs: those between the device's first and last ones."""
-        return range(self.device_layers, num_layers - self.device_last_layers)
-
-    def adapted_cloud_layers(self, num_layers: int) -> int:
-        return sum(self.adapts(layer) for layer in self.cloud_layers(num_layers))
-
-    def round_trips(self, num_layers: int) -> int:
-        """Device round trips per pass through the cloud's layers: one per adapted group of
-        each adapted cloud layer."""
-        return self.adapted_cloud_layers(num_layers) * len(self.groups)
-
-    def to_dict(self) -> dict:
-        # Every layer adapted, or no last layer on the device, is written as no entry, so the
-        # versions made before those fields existed keep their digest.
-        data = {**asdict(self), "targets": list(self.targets), "adapt_layers": list(self.adapt_layers)}
-        for name in ("adapt_layers", "device_last_layers"):
-            if not data[name]:
-                del data[name]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PrivateLoRAConfig:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        for name in ("targets", "adapt_layers"):
-            if name in known:
-                known[name] = tuple(known[name])
-        return cls(**known)
-
-    def check_backbone(self, num_layers: int) -> None:
-        if self.device_layers + self.device_last_layers >= num_layers:
-            raise ConfigError(
-                f"device_layers={self.device_layers} with device_last_layers={self.device_last_layers} leaves no decoder "
-                f"layer for the cloud; the backbone has {num_layers} layers, so together use at most {num_layers - 1}"
-            )
-        if self.adapt_layers and self.adapt_layers[-1] >= num_layers:
-            raise ConfigError(
-                f"adapt_layers names layer {self.adapt_layers[-1]}, but the backbone has {num_layers} layers (0 to {num_layers - 1})"
-            )
-
-
-def m_name(layer: int, target: str) -> str:
-    """The tensor name of one M, as written in adapter files: layers.{i}.{module}.M."""
-    return f"layers.{layer}.{TARGET_MODULES[target]}.M"
 
 
 def _generator(seed: int, layer: int, key: str) -> torch.Generator:

@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 
 from plora.cloud_backbone import loading
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.device_access import Enrollment
 from plora.cloud_backbone.metrics import Metrics
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.recording import Recording
 from plora.cloud_backbone.service import BackboneService, Limits, prepare_version
 from plora.cloud_backbone.servicer import SplitBackboneServicer, add_to_server

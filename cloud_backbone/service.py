@@ -16,11 +16,11 @@ from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.budget import MemoryBudget
 from plora.cloud_backbone.compute import CloudHalf, CloudSession
 from plora.cloud_backbone.device_access import Enrollment, OpenEnrollmentGate, RevocationWatcher
 from plora.cloud_backbone.loading import Backbone, save_checkpoint
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity, OpenSession
 from plora.cloud_backbone.protocol.bundle import bundle_digest
 from plora.cloud_backbone.recording import Recording

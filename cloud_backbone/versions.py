@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import ConfigError, RegistryError
 from plora.storage.models import BackboneVersion

@@ -23,8 +23,8 @@ from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, describe, d
 from plora.clients.public_store import PublicStore
 from plora.clients.recovery import RetryPolicy
 from plora.cloud_backbone import loading
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.cloud_backbone.protocol.messages import HostedBackbone
 from plora.storage.errors import AuthenticationError, ConfigError, TransportError, VersionMismatchError

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.storage.errors import VersionMismatchError
 
 

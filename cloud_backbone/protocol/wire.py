@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import torch
 from google.protobuf.message import DecodeError
 
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     AdapterRequest,

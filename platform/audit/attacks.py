@@ -36,8 +36,9 @@ from transformers import DynamicCache
 
 from plora.clients.device_model import DeviceModel
 from plora.clients.training import CONSTANT, TrainSettings, train
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.loading import Backbone
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig, decoder_slice
+from plora.cloud_backbone.privatelora import decoder_slice
 from plora.cloud_backbone.recording import CapturedStep
 from plora.platform.audit.settings import InverterBudget
 from plora.platform.runtime import split_embedded

@@ -27,7 +27,8 @@ from plora.clients.generation import PromptLookup, encode_prompt, stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import TrainSettings
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig, truncate_cache
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.privatelora import truncate_cache
 from plora.cloud_backbone.recording import CapturedStep, read_session, recorded_sessions
 from plora.cloud_backbone.server import start_service
 from plora.platform.audit.attacks import (

@@ -30,7 +30,7 @@ import datasets
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, tokenize
 from plora.clients.device_store import DeviceStore
 from plora.clients.training import evaluate
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.bench.fleet import _registry_of_its_own
 from plora.platform.bench.quality import pick_speakers

@@ -24,7 +24,7 @@ from pathlib import Path
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
 from plora.clients.migration import DistillSettings
 from plora.clients.training import evaluate
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.versions import register
 from plora.platform.versions.derive import derive
 from plora.platform.jobs import run_personalization

@@ -28,7 +28,7 @@ from plora.clients.data import DEVICE_JOB_MAX_LENGTH, PERSONALIZE_MAX_LENGTH, lo
 from plora.clients.search import LrSearch, personalization_settings, search_rates
 from plora.clients.training import TrainResult, TrainSettings, causal_lm_batch_loss, evaluate, personalize, result_of, train
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.fleet.partition import holdout, play_blocks
 from plora.platform.fleet.personas import PERSONA_JOB, make_persona, persona_recall
 from plora.platform.jobs import ANCHOR_SEED, run_personalization, split_holdout

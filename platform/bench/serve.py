@@ -41,7 +41,7 @@ from plora.clients.generation import stream_tokens, token_logprobs
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import causal_lm_loss
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.protocol.messages import AdapterReply, AdapterRequest, CacheMode, Phase
 from plora.platform.bench import neighbour

@@ -18,7 +18,8 @@ from transformers import DynamicCache
 
 from plora.clients.generation import stream_tokens
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, attach, local_exchange, truncate_cache
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.privatelora import AdapterWeights, attach, local_exchange, truncate_cache
 from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.platform.runtime import split_embedded
 

@@ -33,7 +33,7 @@ import torch
 from plora.clients.generation import encode_prompt, token_logprobs
 from plora.clients.grpc_link import Endpoint
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.bench.relay import Link, relay
 from plora.platform.bench.serve import (
     FIRST_TOKEN_PROMPT,

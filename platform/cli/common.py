@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from plora.cloud_backbone.privatelora import DEFAULT_TARGETS, TARGET_MODULES, PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import DEFAULT_TARGETS, TARGET_MODULES, PrivateLoRAConfig
 from plora.storage.errors import PloraError
 
 db_option = click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")

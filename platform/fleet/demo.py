@@ -27,7 +27,7 @@ from plora.clients.anchor import base_model
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, tokenize
 from plora.clients.generation import encode_prompt, generate_batch
 from plora.clients.training import evaluate
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet.launch import Progress, launch, read_rounds

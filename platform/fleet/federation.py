@@ -60,7 +60,8 @@ import torch
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
 from plora.clients.device_store import DeviceStore
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.platform.fleet import task
 from plora.platform.fleet.client_app import settings_of

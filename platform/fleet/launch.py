@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from plora.clients.migration import DistillSettings
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet.settings import (
     BASELINE,

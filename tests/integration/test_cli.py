@@ -55,6 +55,14 @@ def test_console_script_is_installed_and_explains_itself():
         assert command in done.stdout
 
 
+def test_the_cli_starts_without_importing_torch():
+    # Every command (`plora --help`, `plora jobs list`, what deploy scripts run) paid torch's
+    # seconds of import before its first line; a command that computes imports it when it runs.
+    code = "import sys; import plora.platform.cli.main; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_init_creates_a_base_model_device_registered_in_the_database(device_dir):
     record = json.loads((device_dir / "device.json").read_text())
     tensors, header = load_adapter(device_dir / "adapter.safetensors", DeviceStore.open(device_dir).record.identity)

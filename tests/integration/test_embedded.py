@@ -11,7 +11,7 @@ from plora.clients.data import tokenize
 from plora.clients.generation import encode_prompt, stream_tokens
 from plora.clients.training import TrainSettings, evaluate, personalize
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.clients.grpc_link import Endpoint
 from plora.cloud_backbone.server import start_service
 from plora.storage.registry import open_registry

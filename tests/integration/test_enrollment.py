@@ -17,8 +17,8 @@ from sqlalchemy.orm import sessionmaker
 from plora.clients.device_store import DeviceStore
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint, register
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.device_access import Enrollment
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2 as pb, split_pb2_grpc as pb_grpc
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits

@@ -26,7 +26,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from plora.clients.device_store import DeviceStore, FederationChoice
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet import client_app, federation, superlink, task
 from plora.platform.fleet.launch import launch

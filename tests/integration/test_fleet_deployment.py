@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.fleet import superlink
 from plora.platform.fleet.launch import launch
 from plora.platform.fleet.settings import FleetSettings

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from plora.clients.grpc_link import Credentials, Endpoint, _Session
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2 as pb, wire
 from plora.cloud_backbone.protocol.messages import (
     AdapterRequest,

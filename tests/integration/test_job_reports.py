@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from plora.clients.training import TrainSettings
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform import jobs
 from plora.platform.jobs import run_personalization

@@ -20,7 +20,7 @@ from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.remote import RemoteDecoder
 from plora.clients.training import TrainSettings, personalize
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2 as pb, wire
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits

@@ -19,7 +19,7 @@ from plora.clients.anchor import AnchorSettings
 from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import TrainSettings
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.platform import jobs
 from plora.platform.fleet import task

@@ -13,7 +13,7 @@ from plora.clients.data import TokenizedExample
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import TrainSettings, personalize
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.recording import read_session, recorded_sessions
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits

@@ -22,7 +22,7 @@ from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.recovery import RetryPolicy
 from plora.clients.training import TrainResult, TrainSettings, personalize
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, Phase
 from plora.cloud_backbone.server import start_service
 from plora.platform.jobs import run_personalization

@@ -25,8 +25,8 @@ from plora.clients.recovery import RetryPolicy
 from plora.clients.search import LrSearch, search_lr, trial_key
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.budget import StepCosts
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, ForwardResult, OpenSession, Phase
 from plora.cloud_backbone.server import start_service

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
 from plora.clients.grpc_link import Endpoint

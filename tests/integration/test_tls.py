@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Endpoint
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import TLSFiles, start_service
 from plora.cloud_backbone.service import Limits
 from plora.platform.cli.main import main

@@ -12,7 +12,8 @@ import torch
 
 from plora.clients import adapter_file
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig, m_name
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig, m_name
+from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import AdapterFileError
 

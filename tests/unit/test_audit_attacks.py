@@ -12,7 +12,7 @@ import torch
 from plora.clients.data import TokenizedExample
 from plora.clients.generation import Draft, stream_tokens
 from plora.clients.training import TrainSettings, labelled_loss, personalize
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.recording import Recording, read_session
 from plora.platform.audit.attacks import (
     InputInverter,

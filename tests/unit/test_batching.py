@@ -9,8 +9,9 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import AdapterWeights, PrivateLoRAConfig
+from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest
 from plora.storage.errors import SessionError, ValidationError
 from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS

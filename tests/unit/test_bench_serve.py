@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import wire
 from plora.platform.bench.serve import _cpu_seconds_per_token, bare_round_trip
 

@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, ForwardRequest
 from plora.cloud_backbone.slots import STEP_TORCH_THREADS, ComputeSlots, set_step_threads
 from tests.conftest import tiny_backbone

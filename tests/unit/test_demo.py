@@ -9,7 +9,7 @@ import re
 import torch
 
 from plora.clients.generation import encode_prompt, generate_batch
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.fleet.demo import ANSWER_TOKENS, QUESTIONS_SHOWN, answer_on_device, crossed_per_token
 from plora.platform.fleet.personas import make_persona
 from plora.platform.fleet.report import HTML, MARKDOWN, PLOT, RESULTS, Answer, DemoReport, DeviceReport, write_report

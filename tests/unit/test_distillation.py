@@ -11,7 +11,7 @@ from plora.clients.data import IGNORE_INDEX, TokenizedExample, collate
 from plora.clients.distillation import distillation_loss, labelled_positions, mean_kl, teacher_targets
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.runtime import split_embedded
 from plora.storage.errors import ConfigError
 from tests.conftest import TINY, tiny_backbone

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from plora.clients.device_model import DeviceModel
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,

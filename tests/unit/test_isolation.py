@@ -11,9 +11,9 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.budget import MemoryBudget
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, ForwardRequest
 from plora.cloud_backbone.servicer import FailedSteps
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError

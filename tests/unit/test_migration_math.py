@@ -7,7 +7,7 @@ import torch
 
 from plora.clients.distillation import mean_kl, teacher_targets
 from plora.clients.migration import DistillSettings, can_copy, copy_weights, distill
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.runtime import split_embedded
 from plora.storage.errors import ConfigError
 from tests.conftest import tiny_backbone

@@ -10,8 +10,8 @@ import pytest
 import torch
 from grpc._cython import cygrpc
 
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.server import PeerGone
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,

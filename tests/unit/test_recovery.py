@@ -14,8 +14,8 @@ from plora.clients.device_model import DeviceModel
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint, rpc_error
 from plora.clients.recovery import ConnectionLost, RetryPolicy, SequenceHistory
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.cloud_backbone.protocol.messages import CacheMode, ForwardRequest
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, TransportError, ValidationError, VersionMismatchError

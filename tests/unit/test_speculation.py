@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from plora.clients.generation import Draft, ModelDrafter, PromptLookup, _nucleus, _pick, stream_tokens, verify
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import CacheMode, ForwardRequest
 from plora.platform.runtime import split_embedded
 from plora.storage.errors import ValidationError

@@ -14,8 +14,8 @@ import torch
 from plora.clients.device_model import DeviceModel
 from plora.clients.generation import generate_batch, stream_tokens
 from plora.clients.training import causal_lm_loss, labelled_loss
+from plora.cloud_backbone.adapter_config import TARGET_MODULES, PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf, public_tensors
-from plora.cloud_backbone.privatelora import TARGET_MODULES, PrivateLoRAConfig
 from plora.cloud_backbone.protocol.link import InProcessLink, TrafficCounter
 from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.platform.runtime import split_embedded

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import (
     AdapterReply,
     AdapterRequest,
