@@ -50,9 +50,9 @@ def fleet() -> None:
               help="Share of the devices sampled each round. A device is set up (enrolled, given its data) when first "
               "sampled, so a large fleet costs what its sampled devices do.")
 @click.option("--fraction-evaluate", default=FleetSettings.fraction_evaluate, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True),
-              help="Share of each round's trained devices evaluated after training. Each sampled device's baseline is "
-              "measured before its first training all the same.")
+              type=click.FloatRange(0, 1),
+              help="Share of each round's trained devices evaluated after training; 0 evaluates none. Each sampled "
+              "device's baseline is measured before its first training all the same.")
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the devices (one sub-folder each) and rounds.jsonl.")
 @click.option("--strategy", default=FleetSettings.strategy, show_default=True, type=click.Choice(STRATEGIES),

@@ -158,7 +158,7 @@ def main(grid: Grid, context: Context) -> None:
             measured.update(fresh)
         # Only devices whose training went through are worth evaluating, and of them a sample.
         done = [node for node in sampled if not trained[node]["error"]]
-        chosen = _sample(done, settings.fraction_evaluate, server_round) if done else []
+        chosen = _sample(done, settings.fraction_evaluate, server_round) if done and settings.fraction_evaluate else []
         evaluated = exchange(grid, {node: {"round": server_round} for node in chosen}, "evaluate", settings.reply_timeout)
         lines = _round_lines(server_round, trained, evaluated)
         _append(record, lines)

@@ -65,7 +65,7 @@ class FleetSettings:
     fraction: float = 1.0
     """Share of the devices sampled for each round."""
     fraction_evaluate: float = 1.0
-    """Share of each round's trained devices evaluated after training."""
+    """Share of each round's trained devices evaluated after training; 0: none."""
     reply_timeout: float = 3600.0
     """Seconds the orchestrator waits for devices to join, and for each round's replies. On a
     small machine a round's devices train in turns, so a round takes several jobs' time: the
@@ -112,8 +112,8 @@ class FleetSettings:
             raise ConfigError(
                 f"devices, rounds, steps and batch-size must be >= 1, got {self.devices}, {self.rounds}, {self.steps}, {self.batch_size}"
             )
-        if not (0 < self.fraction <= 1 and 0 < self.fraction_evaluate <= 1 and self.lr > 0 and self.reply_timeout > 0):
-            raise ConfigError(f"need 0 < fraction <= 1, 0 < fraction-evaluate <= 1, lr > 0, reply-timeout > 0; got "
+        if not (0 < self.fraction <= 1 and 0 <= self.fraction_evaluate <= 1 and self.lr > 0 and self.reply_timeout > 0):
+            raise ConfigError(f"need 0 < fraction <= 1, 0 <= fraction-evaluate <= 1, lr > 0, reply-timeout > 0; got "
                               f"{self.fraction}, {self.fraction_evaluate}, {self.lr}, {self.reply_timeout}")
         ids = self.partitions.split(",") if self.partitions else []
         if not all(i.isdigit() for i in ids) or len({int(i) for i in ids}) != len(ids) or (ids and len(ids) != self.devices):

@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from plora.clients.device_store import DeviceStore
-from plora.cloud_backbone.privatelora import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app, server_app, superlink, task
@@ -200,6 +200,13 @@ def test_a_devices_baseline_is_measured_in_its_first_train_message_and_fails_wit
     first, broken = (next(line for line in lines if line["round"] == 0 and line["node_id"] == node) for node in (11, 12))
     assert first["evaluate"] == {"partition_id": 0, "heldout_loss": 2.5} and not first["failed"]
     assert broken["failed"] and broken["errors"] == {"evaluate": "DataError"} and broken["partition_id"] == 1
+
+    # --fraction-evaluate 0: no evaluation after training, and the baselines all the same.
+    grid = AnsweringGrid(list(partition_of), answer)
+    run_config = FleetSettings(tmp_path / "fleet", "127.0.0.1:1", devices=2, rounds=1, fraction_evaluate=0).to_run_config()
+    server_app.main(grid, Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    assert [m.metadata.message_type for m in grid.sent] == ["train", "train"]
+    assert [line["round"] for line in read_rounds(tmp_path / "fleet")] == [0, 0, 1, 1]
 
 
 def test_a_device_on_a_host_of_its_own_keeps_its_folder_and_its_whole_data_file_there(tmp_path, monkeypatch):
