@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import ConfigError
+from plora.storage.files import exclusive
 from plora.storage.paths import plora_home
 
 log = logging.getLogger(__name__)
@@ -121,19 +122,18 @@ def resolve(spec: str) -> BackboneSource:
 def _converted_copy(source: BackboneSource) -> Path:
     """A safetensors copy of a GGUF backbone, made once, so later loads skip dequantizing."""
     target = plora_home() / "backbones" / f"{source.name}-{source.content_hash[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    log.info("converting %s to safetensors once (about 15 s)", source.path.name)
-    model, tokenizer = _load_files(source.path)
-    # transformers marks GGUF loads as quantized, although the weights are dequantized to
-    # float32 by now, and refuses to save them while that mark is there.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas sharing PLORA_HOME start together: one converts, the others wait and find it.
+    with exclusive(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        log.info("converting %s to safetensors once (about 15 s)", source.path.name)
+        model, tokenizer = _load_files(source.path)
+        # transformers marks GGUF loads as quantized, although the weights are dequantized to
+        # float32 by now, and refuses to save them while that mark is there.
+        model.hf_quantizer = None
+        del model.config.quantization_config
         save_checkpoint(model, tokenizer, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # another process may have won the race
-            raise
     return target
 
 

@@ -27,6 +27,7 @@ from plora.cloud_backbone.recording import Recording
 from plora.cloud_backbone.slots import ComputeSlots
 from plora.cloud_backbone.versions import ensure_version
 from plora.storage.errors import AuthenticationError, CapacityError, ConfigError, RegistryError, VersionMismatchError
+from plora.storage.files import exclusive
 from plora.storage.models import BackboneStatus, utcnow
 from plora.storage.registry import JobReport, Registry
 from plora.storage.tokens import hash_token, new_token
@@ -127,8 +128,11 @@ def prepare_version(
     """Prepare a backbone version for serving: its device bundle first, then its cloud half
     (which takes the decoder layers out of the model), computing in `compute`'s slots."""
     bundle = bundle_root / backbone.identity(config).version
-    if not (bundle / "config.json").is_file():
-        export_device_bundle(backbone, config, bundle)
+    bundle_root.mkdir(parents=True, exist_ok=True)
+    # Replicas sharing this folder start together: one writes the bundle, the others find it.
+    with exclusive(bundle_root / f".{bundle.name}.lock"):
+        if not (bundle / "config.json").is_file():
+            export_device_bundle(backbone, config, bundle)
     digest, size = bundle_digest(bundle)
     half = CloudHalf(backbone, config, compute)
     half.enable_batching(late_floor_s=limits.late_reply_floor_s, late_factor=limits.late_reply_factor)

@@ -5,11 +5,16 @@ from its own history: the same tokens, the same M."""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy
 
 from plora.clients.grpc_link import Endpoint
+from plora.cloud_backbone import loading
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.service import prepare_version
 from plora.platform.runtime import init_device
 from plora.storage.registry import open_registry
 from tests.integration.test_recovery import decode_and_train_through
@@ -44,3 +49,19 @@ def test_a_device_carries_on_at_another_replica_when_its_replica_dies_mid_step(t
     finally:
         for replica in replicas:
             replica.kill()
+
+
+def test_replicas_starting_at_once_write_their_shared_device_bundle_once(tiny_checkpoint, tmp_path):
+    # deploy/operator-up.sh starts its replicas together, on one host's PLORA_HOME: the second to
+    # finish writing the device bundle failed to move it into place ("Directory not empty").
+    backbones = [loading.load(str(tiny_checkpoint)) for _ in range(3)]
+    config, at_once = PrivateLoRAConfig(rank=4, device_layers=1), threading.Barrier(len(backbones))
+
+    def prepare(backbone):
+        at_once.wait()
+        return prepare_version(backbone, config, tmp_path / "bundles")
+
+    with ThreadPoolExecutor(len(backbones)) as pool:
+        hosted = list(pool.map(prepare, backbones))
+    assert len({(version.bundle, version.bundle_sha256) for version in hosted}) == 1
+    assert [path.name for path in (tmp_path / "bundles").iterdir() if path.is_dir()] == [hosted[0].bundle.name]
