@@ -40,7 +40,7 @@ write_flower_connection "127.0.0.1:$link_port" "$tls/ca.pem"
 flower-superlink --ssl-ca-certfile "$tls/ca.pem" --ssl-certfile "$tls/server.pem" --ssl-keyfile "$tls/server.key" \
   --enable-supernode-auth --host 127.0.0.1 --port "$link_port" >"$logs/superlink.log" 2>&1 &
 pids+=($!)
-wait_for_port 127.0.0.1 "$link_port" "the SuperLink" "$logs"
+wait_for_port 127.0.0.1 "$link_port" "the SuperLink" "$logs" $!
 for ((i = 0; i < devices; i++)); do
   node=$(printf %03d "$i")
   flwr supernode register "$tls/supernode-$node.pub" fleet --format json >/dev/null

@@ -71,7 +71,7 @@ if [[ -z ${PLORA_DB_URL:-} ]]; then
   "${as_pg_user[@]}" "$pg_bin/postgres" -D "$data" -c "listen_addresses=$host" -c "port=$pg_port" \
     -c "unix_socket_directories=$data" >"$logs/postgres.log" 2>&1 &
   pids+=($!)
-  wait_for_port "$host" "$pg_port" PostgreSQL "$logs"
+  wait_for_port "$host" "$pg_port" PostgreSQL "$logs" $!
   PLORA_DB_URL=$(<"$root/db-url")
 fi
 export PLORA_DB_URL  # in the environment, not on command lines that `ps` shows
@@ -80,29 +80,31 @@ export PLORA_DB_URL  # in the environment, not on command lines that `ps` shows
 flower-superlink --ssl-ca-certfile "$tls/ca.pem" --ssl-certfile "$tls/server.pem" --ssl-keyfile "$tls/server.key" \
   --enable-supernode-auth --host "$host" --port "$link_port" >"$logs/superlink.log" 2>&1 &
 pids+=($!)
+link_pid=$!
 
 # The replicas start together: each registers the version it serves on first sight, and the
-# registry lets exactly one of them add it (the others find it). The rest of the set-up runs
-# while they load their backbone.
-addresses=()
+# registry lets exactly one of them add it (the others find it); one writes the device bundle
+# they share, the others wait for it. The rest of the set-up runs while they load their backbone.
+addresses=() replica_pids=()
 declare -A replica_of
 for ((i = 0; i < replicas; i++)); do
   plora backbone serve --host "$host" --port $((backbone_port + i)) --http-port $((metrics_port + i)) \
     --tls-cert "$tls/server.pem" --tls-key "$tls/server.key" "$@" >"$logs/replica-$i.log" 2>&1 &
   pids+=($!)
   replica_of[$!]=$i
+  replica_pids+=($!)
   echo $! >"$root/replica-$i.pid"
   addresses+=("$host:$((backbone_port + i))")
 done
 write_secret "$root/enroll-token" "$(plora backbone enroll create --uses "$supernodes" --label "operator-up $host" 2>>"$logs/enroll.log")"
 
 write_flower_connection "$host:$link_port" "$tls/ca.pem"
-wait_for_port "$host" "$link_port" "the SuperLink" "$logs"
+wait_for_port "$host" "$link_port" "the SuperLink" "$logs" "$link_pid"
 for ((i = 0; i < supernodes; i++)); do
   flwr supernode register "$tls/supernode-$(printf %03d "$i").pub" fleet --format json >/dev/null
 done
 for ((i = 0; i < replicas; i++)); do
-  wait_for_port "$host" $((backbone_port + i)) "backbone replica $i" "$logs"
+  wait_for_port "$host" $((backbone_port + i)) "backbone replica $i" "$logs" "${replica_pids[i]}"
 done
 
 echo "operator up: backbone $(IFS=,; echo "${addresses[*]}") superlink $host:$link_port"

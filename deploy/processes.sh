@@ -9,9 +9,13 @@ stop_all() {
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
-wait_for_port() {  # HOST PORT WHAT LOGS: until something listens there, or fail
+wait_for_port() {  # HOST PORT WHAT LOGS PID: until process PID listens there, or fail
   for ((tries = 0; tries < 240; tries++)); do
     (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return
+    if ! kill -0 "$5" 2>/dev/null; then
+      echo "$3 ended before it listened on $1:$2; see $4" >&2
+      exit 1
+    fi
     sleep 0.5
   done
   echo "$3 did not come up on $1:$2; see $4" >&2

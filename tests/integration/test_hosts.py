@@ -41,13 +41,16 @@ UP_S = 240
 
 
 # What each host's ClientApp runs for a round-1 train message, run for a new device of each
-# host in turn: backbone, enrollment token, steps, then each host's folder and partition id.
+# host in turn, enrolled with a token of the operator's registry ($PLORA_DB_URL): backbone,
+# steps, then each host's folder and partition id.
 REFERENCE_JOBS = """
 import sys
 from pathlib import Path
 from plora.platform.fleet import task
 from plora.platform.fleet.settings import FleetSettings
-backbone, token, steps, *hosts = sys.argv[1:]
+from plora.storage.registry import open_registry
+backbone, steps, *hosts = sys.argv[1:]
+token = open_registry().issue_enrollment_token(uses=len(hosts) // 2, label="reference")[1]
 for folder, partition in zip(hosts[::2], map(int, hosts[1::2])):
     settings = FleetSettings(Path(folder) / "plora", backbone, str(Path(folder) / "notes.jsonl"), steps=int(steps), batch_size=2,
                              backbone_ca=str(Path(folder) / "ca.pem"), enroll_token=token)
@@ -151,6 +154,18 @@ def test_operator_up_serves_devices_of_other_hosts_over_tls_and_outlives_a_repli
             assert devices[0].run([sys.executable, "-c", f"open({str(side.folder / 'db-url')!r})"]).returncode != 0
 
 
+def test_operator_up_says_at_once_which_process_ended_before_it_listened(tmp_path, own_port):
+    # It waited two minutes for a port nothing would ever open, then said the replica "did not come up".
+    env = {**os.environ, "PLORA_DB_URL": f"sqlite:///{tmp_path / 'registry.db'}", "REPLICAS": "1", "PLORA_HOME": str(tmp_path / "home"),
+           "BACKBONE_PORT": str(own_port()), "SUPERLINK_PORT": str(own_port()), "METRICS_PORT": str(own_port())}
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(REPO / "deploy" / "operator-up.sh"), str(tmp_path / "operator"), "127.0.0.1", "1",
+                           "--backbone", str(tmp_path / "no-such-backbone")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    assert f"backbone replica 0 ended before it listened on 127.0.0.1:{env['BACKBONE_PORT']}" in done.stderr, done.stderr
+    assert "no-such-backbone" in (tmp_path / "operator" / "logs" / "replica-0.log").read_text()
+
+
 @pytest.mark.long
 @pytest.mark.timeout(420)
 def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_sees_every_job(tiny_checkpoint, own_port):
@@ -175,10 +190,9 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
                         "--node-config", node_config],
                        host.folder / "supernode.log", **FLOWER_OFFLINE_ENV, FLWR_HOME=str(host.home / "flower"))
 
-        reference_token = _run(operator, "plora", "backbone", "enroll", "create", "--uses", str(DEVICES), **operator_env).strip()
         # One round of personalization; the first replica is killed once the devices train.
         config = (f'fleet-root="{operator.home / "plora" / "fleet"}" backbone="{backbone}" devices={DEVICES} rounds=1 '
-                  f'steps={STEPS} batch-size=2 fraction-evaluate=0.3 backbone-ca="{devices[0].home / "ca.pem"}" '
+                  f'steps={STEPS} batch-size=2 fraction-evaluate=0 backbone-ca="{devices[0].home / "ca.pem"}" '
                   f'enroll-token="{(plora / "enroll-token").read_text().strip()}"')
         run_id = flwr("run", str(REPO / "deploy" / "fleet-app"), "fleet", "--run-config", config)["run-id"]
         folders = [device_dir(host.folder / "plora", i) for i, host in enumerate(devices)]
@@ -206,8 +220,8 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
         # instrument rather than a device: it sees every host's folder, and reaches the replica.
         hosts_and_partitions = [str(arg) for i, host in enumerate(devices) for arg in (host.folder, DEVICES + i)]
         reference = subprocess.run([*operator.network_prefix, sys.executable, "-c", REFERENCE_JOBS, backbone.split(",")[1],
-                                    reference_token, str(STEPS), *hosts_and_partitions],
-                                   capture_output=True, text=True, timeout=180, env=operator.env())
+                                    str(STEPS), *hosts_and_partitions], capture_output=True, text=True, timeout=180,
+                                   env=operator.env(PLORA_DB_URL=operator_env["PLORA_DB_URL"]))
         assert reference.returncode == 0, reference.stderr[-3000:]
 
         for i, host in enumerate(devices):
