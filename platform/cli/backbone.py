@@ -89,6 +89,7 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
     enroll with a token from `plora backbone enroll create`, unless --open-enrollment.
     """
     import signal
+    import threading
 
     from plora.cloud_backbone.device_access import Enrollment
     from plora.cloud_backbone.server import TLSFiles, start_service
@@ -129,7 +130,14 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
                else "enrollment: with a token from `plora backbone enroll create`")
     if record:
         click.echo(f"RECORDING every session's activations in {record}: delete them once audited", err=True)
+    stopping = threading.Event()
+
     def shut_down(*_) -> None:
+        # A signal handler runs between two bytecodes of the main thread, even of itself: a second
+        # SIGTERM (a supervisor's, after its process group's) re-entered server.stop() and hung.
+        if stopping.is_set():
+            return
+        stopping.set()
         click.echo("shutting down: finishing sessions in flight", err=True)
         server.stop()
 

@@ -5,7 +5,9 @@ from its own history: the same tokens, the same M."""
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,3 +67,24 @@ def test_replicas_starting_at_once_write_their_shared_device_bundle_once(tiny_ch
         hosted = list(pool.map(prepare, backbones))
     assert len({(version.bundle, version.bundle_sha256) for version in hosted}) == 1
     assert [path.name for path in (tmp_path / "bundles").iterdir() if path.is_dir()] == [hosted[0].bundle.name]
+
+
+def test_a_replica_told_twice_to_stop_stops(tiny_checkpoint, tmp_path):
+    # A supervisor's SIGTERM often comes twice: to the process group, then to the process. The
+    # second re-entered the first's shutdown and the replica hung, holding its registry
+    # connection, so PostgreSQL's own shutdown waited for it too.
+    replica = ServeProcess(tiny_checkpoint, tmp_path / "replica.log", *TINY_ADAPTER).wait_until_listening()
+    try:
+        replica.process.send_signal(signal.SIGTERM)
+        # Signals that arrive before Python's handler runs make one call: keep signalling while it stops.
+        for _ in range(200):
+            if replica.process.poll() is not None:
+                break
+            replica.process.send_signal(signal.SIGTERM)
+            time.sleep(0.005)
+        # It ends, cleanly: a signal that comes as Python itself exits, after the handler's time,
+        # ends it as SIGTERM does by default.
+        assert replica.process.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in replica.log.read_text(), replica.log.read_text()[-3000:]
+    finally:
+        replica.kill()
