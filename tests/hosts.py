@@ -67,6 +67,12 @@ class Host:
     def run(self, args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([*self.prefix, *args], capture_output=True, text=True, env=self.env(**env), timeout=timeout)
 
+    def run_beside(self, process: subprocess.Popen, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+        """Runs a command where `process`, one this host started, runs: in its network and mount
+        namespaces, which the processes it starts in turn share, so it sees the files they see."""
+        beside = ["nsenter", f"--target={process.pid}", "--mount", "--net"] if self.prefix else []
+        return subprocess.run([*beside, *args], capture_output=True, text=True, env=self.env(), timeout=timeout)
+
 
 @dataclass
 class Hosts:

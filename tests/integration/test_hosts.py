@@ -150,6 +150,7 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
             return json.loads(_run(operator, _executable("flwr"), *args, "--format", "json", **operator_env))
 
         # What the operator hands each device host: the CA certificate and that host's own key.
+        supernodes = []
         for i, host in enumerate(devices):
             shutil.copy(plora / "tls" / "ca.pem", host.folder / "ca.pem")
             shutil.copy(plora / "tls" / f"supernode-{i:03d}.key", host.folder / "supernode.key")
@@ -157,10 +158,10 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
             node_config = (f'partition-id={i} num-partitions={DEVICES} device-root="{host.home / "plora"}" '
                            f'data="{host.home / "notes.jsonl"}"')
             node_port = 9094 if hosts.namespaces else own_port()
-            host.popen([_executable("flower-supernode"), "--superlink", link, "--root-certificates", str(host.home / "ca.pem"),
-                        "--auth-supernode-private-key", str(host.home / "supernode.key"), "--port", str(node_port),
-                        "--node-config", node_config],
-                       host.folder / "supernode.log", **FLOWER_OFFLINE_ENV, FLWR_HOME=str(host.home / "flower"))
+            supernodes.append(host.popen([_executable("flower-supernode"), "--superlink", link, "--root-certificates",
+                                          str(host.home / "ca.pem"), "--auth-supernode-private-key", str(host.home / "supernode.key"),
+                                          "--port", str(node_port), "--node-config", node_config],
+                                         host.folder / "supernode.log", **FLOWER_OFFLINE_ENV, FLWR_HOME=str(host.home / "flower")))
 
         # One round of personalization; the first replica is killed once the devices train.
         config = (f'fleet-root="{operator.home / "plora" / "fleet"}" backbone="{backbone}" devices={DEVICES} rounds=1 '
@@ -215,17 +216,19 @@ def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_se
         assert {job["device_id"] for job in jobs} == device_ids
         assert all(job["status"] == "succeeded" and job["steps_done"] == STEPS for job in jobs), jobs
 
-        # A device host reads its own folder, and nothing of another device's or the operator's:
-        # neither its SuperNode keys nor the registry's password.
-        def readable(host: Host, path: Path) -> bool:
-            return host.run([sys.executable, "-c", f"open({str(path)!r}).read()"]).returncode == 0
+        # Where a device host's SuperNode and the ClientApps it starts run, its own folder is
+        # readable, and nothing of another device's or the operator's: neither its SuperNode keys
+        # nor the registry's password.
+        def readable(i: int, path: Path) -> bool:
+            return devices[i].run_beside(supernodes[i], [sys.executable, "-c", f"open({str(path)!r}, 'rb').read()"]).returncode == 0
 
-        assert readable(devices[1], devices[1].home / "notes.jsonl")
+        assert readable(1, devices[1].home / "notes.jsonl")
+        assert readable(1, device_dir(devices[1].home / "plora", 1) / DeviceStore.ADAPTER)
         if hosts.isolated:
-            assert not readable(devices[1], devices[2].folder / "notes.jsonl")
-            assert not readable(devices[1], device_dir(devices[2].folder / "plora", 2) / DeviceStore.ADAPTER)
-            assert not readable(devices[1], plora / "tls" / "supernode-002.key")
-            assert not readable(devices[1], plora / "db-url")
+            assert not readable(1, devices[2].folder / "notes.jsonl")
+            assert not readable(1, device_dir(devices[2].folder / "plora", 2) / DeviceStore.ADAPTER)
+            assert not readable(1, plora / "tls" / "supernode-002.key")
+            assert not readable(1, plora / "db-url")
 
 
 
