@@ -72,15 +72,17 @@ def _run_job(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Personalize this device's M for one round, with the round's steps and learning rate; first
-    measure its baseline (as evaluate does) when the config asks for it."""
+    measure its baseline (as evaluate does) when the config asks for it. The device's first job
+    may start from the fleet's M the message brings (ConfigRecord "fleet_start")."""
     config = msg.content["config"]
+    starts = dict(msg.content.config_records.get("fleet_start", {}))
     baseline: dict[str, int | float] = {}
 
     def job(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:
         if config.get("baseline"):
             baseline.update(task.evaluate(settings, partition_id))
         this_round = dataclasses.replace(settings, steps=int(config["steps"]), lr=float(config["lr"]))
-        return task.personalize(this_round, partition_id, int(config["round"]))
+        return task.personalize(this_round, partition_id, int(config["round"]), starts)
 
     return _run_job(msg, context, job, records={"baseline": baseline})
 

@@ -5,8 +5,9 @@ measuring their baseline first (round 0), then a sample of them to evaluate, and
 line per device to <fleet-root>/rounds.jsonl. Only sampled devices ever hear
 from it, so a fleet costs what its sampled devices do, however many it declares. Nothing is
 aggregated: every device keeps its own M, so the orchestrator only schedules work and collects
-scalar metrics. Messages it sends carry
-a ConfigRecord of settings; replies carry a MetricRecord, and on failure the error's kind.
+scalar metrics. Messages it sends carry a ConfigRecord of settings, and a device's first train
+message of a run the fleet's starting M (federation.py), if there is one; replies carry a
+MetricRecord, and on failure the error's kind.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from plora.storage.offline import go_offline
 
 go_offline()  # Flower's processes start here: offline before the imports below load Hugging Face's libraries
 
-from plora.platform.fleet.settings import MIGRATIONS_FILE, ORCHESTRATOR_TAG, ROUNDS_FILE, FleetSettings, sampled_per_round
+from plora.platform.fleet.settings import (
+    FEDERATION_DIR,
+    MIGRATIONS_FILE,
+    ORCHESTRATOR_TAG,
+    ROUNDS_FILE,
+    FleetSettings,
+    sampled_per_round,
+)
 from plora.storage.errors import TransportError
 
 log = logging.getLogger(__name__)
@@ -64,18 +72,20 @@ def _outcome(reply: Message) -> dict:
     return {"metrics": metrics, "baseline": baseline, "reply": said, "error": str(error["kind"]) if error else None}
 
 
-def exchange(grid: Grid, configs: dict[int, dict], message_type: str, timeout: float) -> dict[int, dict]:
-    """Send one message to each node, with that node's config, and gather the outcomes, keyed by node id.
+def config_content(config: dict, **records: ConfigRecord) -> RecordDict:
+    """A message's content: its settings as the ConfigRecord "config", and any `records` besides."""
+    return RecordDict({"config": ConfigRecord(config), **records})
+
+
+def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, timeout: float) -> dict[int, dict]:
+    """Send one message to each node, with that node's content, and gather the outcomes, keyed by node id.
 
     Not Grid.send_and_receive: in deployment it looks for replies only every 3 s, and it
     returns none until all are in, where this logs each one as it comes."""
-    if not configs:
+    if not contents:
         return {}
-    nodes = list(configs)
-    messages = [
-        Message(RecordDict({"config": ConfigRecord(configs[node])}), dst_node_id=node, message_type=message_type)
-        for node in nodes
-    ]
+    nodes = list(contents)
+    messages = [Message(contents[node], dst_node_id=node, message_type=message_type) for node in nodes]
     waiting = dict(zip(grid.push_messages(messages), nodes))
     outcomes = {}
     deadline = time.monotonic() + timeout
@@ -138,6 +148,10 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     log.info("fleet of %d devices, %d rounds of %d steps, %d devices a round",
              len(nodes), settings.rounds, settings.steps, sampled_per_round(len(nodes), settings.fraction))
+    # The fleet's starting M of each backbone version, as adapter files' bytes: a device on a
+    # host of its own has no fleet root to read them from. A device that joined the federation
+    # starts its first personalization from the one of its version.
+    starts = {path.stem: path.read_bytes() for path in sorted((settings.fleet_root / FEDERATION_DIR).glob("*.safetensors"))}
     measured: set[int] = set()  # devices with a baseline in this run
     for server_round in range(1, settings.rounds + 1):
         sampled = _sample(nodes, settings.fraction, server_round)
@@ -147,8 +161,9 @@ def main(grid: Grid, context: Context) -> None:
         # new process of its own, importing torch and transformers again.
         fresh = [node for node in sampled if node not in measured]
         config = {"round": server_round, "steps": settings.steps, "lr": settings.lr}
-        trained = exchange(grid, {node: {**config, "baseline": node in fresh} for node in sampled}, "train",
-                           settings.reply_timeout)
+        contents = {node: config_content({**config, "baseline": True}, fleet_start=ConfigRecord(starts)) if node in fresh
+                    else config_content({**config, "baseline": False}) for node in sampled}
+        trained = exchange(grid, contents, "train", settings.reply_timeout)
         if fresh:
             untrained = {node: {"metrics": {}, "error": None} for node in fresh}
             # A job that failed before its baseline was measured failed the baseline too.
@@ -159,7 +174,7 @@ def main(grid: Grid, context: Context) -> None:
         # Only devices whose training went through are worth evaluating, and of them a sample.
         done = [node for node in sampled if not trained[node]["error"]]
         chosen = _sample(done, settings.fraction_evaluate, server_round) if done and settings.fraction_evaluate else []
-        evaluated = exchange(grid, {node: {"round": server_round} for node in chosen}, "evaluate", settings.reply_timeout)
+        evaluated = exchange(grid, {node: config_content({"round": server_round}) for node in chosen}, "evaluate", settings.reply_timeout)
         lines = _round_lines(server_round, trained, evaluated)
         _append(record, lines)
         failed = sum(line["failed"] for line in lines)
@@ -180,7 +195,7 @@ def _migrate(grid: Grid, settings: FleetSettings) -> None:
     record.write_text("")
     nodes = wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     log.info("migrating %d devices to %s by %s", len(nodes), settings.migrate_to, settings.migrate_method)
-    outcomes = exchange(grid, dict.fromkeys(nodes, {}), "query.migrate", settings.reply_timeout)
+    outcomes = exchange(grid, {node: config_content({}) for node in nodes}, "query.migrate", settings.reply_timeout)
     nodes = [node for node in nodes if not outcomes[node]["metrics"].get("absent")]
     with record.open("a") as out:
         for node in nodes:

@@ -11,8 +11,11 @@ device half once (clients.public_store).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -35,12 +38,11 @@ from plora.platform.fleet.settings import (
     WAITING,
     FleetSettings,
     device_dir,
-    start_path,
 )
 from plora.platform.jobs import run_personalization
-from plora.platform.runtime import init_device, open_device
+from plora.platform.runtime import Device, init_device, open_device
 from plora.platform.versions.migration import MIN_RETENTION, migrate_device
-from plora.storage.errors import ConfigError
+from plora.storage.errors import ConfigError, ValidationError
 from plora.storage.files import write_atomically
 
 TRAIN_FILE = DeviceStore.PRIVATE_TRAIN
@@ -106,12 +108,14 @@ def report_progress(folder: Path, what: str, step: int | None = None, steps: int
     write_atomically(folder / PROGRESS_FILE, json.dumps(progress).encode())
 
 
-def personalize(settings: FleetSettings, partition_id: int, server_round: int) -> dict[str, int | float]:
+def personalize(settings: FleetSettings, partition_id: int, server_round: int,
+                fleet_starts: Mapping[str, object] = MappingProxyType({})) -> dict[str, int | float]:
     """One personalization job on the device's private training data; returns scalar metrics.
 
     A device whose owner joined the fleet's federation starts its first job from the fleet's M
-    when there is one for its backbone version: measured, that beats starting from M = 0 for
-    every new speaker of `plora bench federated`."""
+    when `fleet_starts` (backbone version -> the bytes of an adapter file, as the orchestrator
+    sends them) holds one for its version: measured, that beats starting from M = 0 for every
+    new speaker of `plora bench federated`."""
     folder = device_dir(settings.fleet_root, partition_id)
     device = open_device(folder, settings.backbone)
     traffic = TrafficCounter()
@@ -126,9 +130,9 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
     report_progress(folder, f"round {server_round}: preparing")
     started = time.perf_counter()
     try:
-        fleet_start = start_path(settings.fleet_root, device.store.record.identity.version)
-        if not device.steps and device.store.federation_choice().joined and fleet_start.exists():
-            device.start_from_fleet(fleet_start)
+        fleet_start = fleet_starts.get(device.store.record.identity.version)
+        if fleet_start is not None and not device.steps and device.store.federation_choice().joined:
+            _start_from_fleet(device, fleet_start)
         outcome = run_personalization(device, folder / TRAIN_FILE, train, max_length=DEVICE_JOB_MAX_LENGTH, val_fraction=0.0, on_step=report)
     finally:
         device.close()
@@ -146,6 +150,17 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int) -
         "bytes_down": traffic.bytes["down"],
         "bytes_exchanged": traffic.total_bytes,
     }
+
+
+def _start_from_fleet(device: Device, sent: object) -> None:
+    """Load the fleet's M as sent, as `plora personalize --from-fleet` loads its file: checked
+    whole against the device's backbone version before a number of it is used."""
+    if not isinstance(sent, bytes):
+        raise ValidationError(f"the fleet's starting M must come as an adapter file's bytes, got {type(sent).__name__}")
+    with tempfile.NamedTemporaryFile(dir=device.store.root, prefix=".fleet-start-", suffix=".safetensors") as file:
+        file.write(sent)
+        file.flush()
+        device.start_from_fleet(Path(file.name))
 
 
 def evaluate(settings: FleetSettings, partition_id: int) -> dict[str, int | float]:

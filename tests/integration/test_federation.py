@@ -33,7 +33,7 @@ from plora.platform.fleet import client_app, federation, superlink, task
 from plora.platform.fleet.launch import launch
 from plora.platform.fleet.settings import FEDAVG, FleetSettings, device_dir, start_path
 from plora.platform.runtime import open_device
-from plora.storage.errors import ConfigError
+from plora.storage.errors import AdapterFileError, ConfigError
 from plora.storage.models import JobStatus, utcnow
 from plora.storage.registry import open_registry
 from tests.integration.fleet_helpers import FEDERATION_SPY_APP, RECEIVED_ENV, flower_processes, numbers_in, ray_cluster
@@ -216,9 +216,16 @@ def test_a_device_starts_its_first_personalization_from_the_fleets_m_and_only_it
         personalized.close()
 
 
-def test_a_joined_devices_first_personal_fleet_job_starts_from_the_fleets_m_and_its_next_does_not(federated_fleet):
+def test_a_joined_devices_first_personal_fleet_job_starts_from_the_fleets_m_sent_and_its_next_does_not(federated_fleet):
     # Last in the module: it changes device 0's adapter, which the tests above compare.
     settings, reg = federated_fleet["settings"], open_registry()
-    first = reg.get_job(task.personalize(settings, 0, 1)["job_id"])
+    version = DeviceStore.open(device_dir(settings.fleet_root, 0)).record.identity.version
+    # The device reads no fleet root, which a device on a host of its own lacks: the orchestrator
+    # sends the starting M, checked whole before the job starts.
+    with pytest.raises(AdapterFileError):
+        task.personalize(settings, 0, 1, {version: b"not an adapter file"})
+    sent = {version: start_path(settings.fleet_root, version).read_bytes()}
+    first = reg.get_job(task.personalize(settings, 0, 1, sent)["job_id"])
     assert first.status == JobStatus.SUCCEEDED and first.params["fleet_start_rounds"] == 1
-    assert "fleet_start_rounds" not in reg.get_job(task.personalize(settings, 0, 2)["job_id"]).params
+    assert "fleet_start_rounds" not in reg.get_job(task.personalize(settings, 0, 2, sent)["job_id"]).params
+    assert not list(device_dir(settings.fleet_root, 0).glob(".fleet-start-*"))

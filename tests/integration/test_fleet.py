@@ -21,7 +21,7 @@ from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app, server_app, superlink, task
 from plora.platform.fleet import launch as launch_module
 from plora.platform.fleet.launch import FleetTally, _device_progress, echo_progress, launch, launch_migration, read_rounds
-from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, NodeConfig, device_dir, device_name
+from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, NodeConfig, device_dir, device_name, start_path
 from plora.platform.fleet.task import report_progress
 from plora.storage.errors import ConfigError
 from plora.storage.registry import open_registry
@@ -174,7 +174,7 @@ class AnsweringGrid:
         return ready
 
 
-def test_a_devices_baseline_is_measured_in_its_first_train_message_and_fails_with_it(tmp_path, monkeypatch):
+def test_a_devices_first_train_message_of_a_run_asks_its_baseline_and_brings_the_fleets_starting_m(tmp_path, monkeypatch):
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
     partition_of = {11: 0, 12: 1}  # node 12's data is broken: its first job fails before its baseline
@@ -190,12 +190,19 @@ def test_a_devices_baseline_is_measured_in_its_first_train_message_and_fails_wit
 
     grid = AnsweringGrid(list(partition_of), answer)
     run_config = FleetSettings(tmp_path / "fleet", "127.0.0.1:1", devices=2, rounds=2, steps=1).to_run_config()
+    starts = {"v1": b"the M of v1", "v2": b"the M of v2"}  # as platform.fleet.federation writes them
+    for version, data in starts.items():
+        start_path(tmp_path / "fleet", version).parent.mkdir(parents=True, exist_ok=True)
+        start_path(tmp_path / "fleet", version).write_bytes(data)
     server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     # No evaluate message of its own: each device's first train message asks for the baseline, and only the first.
     asked = [(m.metadata.message_type, m.metadata.dst_node_id, m.content.config_records["config"].get("baseline"))
              for m in grid.sent]
     assert asked == [("train", 11, True), ("train", 12, True), ("evaluate", 11, None),
                      ("train", 11, False), ("train", 12, False), ("evaluate", 11, None)]
+    # The fleet's starting M of every version: with a device's first train message of the run only.
+    assert [dict(m.content.config_records.get("fleet_start", {})) for m in grid.sent if m.metadata.message_type == "train"] == [
+        starts, starts, {}, {}]
     lines = read_rounds(tmp_path / "fleet")
     first, broken = (next(line for line in lines if line["round"] == 0 and line["node_id"] == node) for node in (11, 12))
     assert first["evaluate"] == {"partition_id": 0, "heldout_loss": 2.5} and not first["failed"]
