@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.task_identity import TaskIdentity
@@ -31,7 +31,7 @@ from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.server import start_service
 from plora.platform.fleet import client_app, federation, superlink, task
 from plora.platform.fleet.launch import launch
-from plora.platform.fleet.settings import FEDAVG, FleetSettings, device_dir, start_path
+from plora.platform.fleet.settings import FEDAVG, PERSONAL, FleetSettings, device_dir, start_path
 from plora.platform.runtime import open_device
 from plora.storage.errors import AdapterFileError, ConfigError
 from plora.storage.models import JobStatus, utcnow
@@ -216,16 +216,26 @@ def test_a_device_starts_its_first_personalization_from_the_fleets_m_and_only_it
         personalized.close()
 
 
-def test_a_joined_devices_first_personal_fleet_job_starts_from_the_fleets_m_sent_and_its_next_does_not(federated_fleet):
+def test_a_joined_devices_first_personal_fleet_job_starts_from_the_fleets_m_sent_and_its_next_does_not(federated_fleet, monkeypatch):
     # Last in the module: it changes device 0's adapter, which the tests above compare.
-    settings, reg = federated_fleet["settings"], open_registry()
-    version = DeviceStore.open(device_dir(settings.fleet_root, 0)).record.identity.version
+    settings, reg = dataclasses.replace(federated_fleet["settings"], strategy=PERSONAL), open_registry()
+    store = DeviceStore.open(device_dir(settings.fleet_root, 0))
+    version = store.record.identity.version
     # The device reads no fleet root, which a device on a host of its own lacks: the orchestrator
     # sends the starting M, checked whole before the job starts.
     with pytest.raises(AdapterFileError):
         task.personalize(settings, 0, 1, {version: b"not an adapter file"})
+    # The first train message of a personal run, to the device's ClientApp (posing as Flower's task).
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
     sent = {version: start_path(settings.fleet_root, version).read_bytes()}
-    first = reg.get_job(task.personalize(settings, 0, 1, sent)["job_id"])
+    config = ConfigRecord({"round": 1, "steps": settings.steps, "lr": settings.lr, "baseline": False})
+    question = Message(RecordDict({"config": config, "fleet_start": ConfigRecord(sent)}), dst_node_id=7, message_type="train")
+    context = Context(run_id=3, node_id=7, node_config={"partition-id": 0, "num-partitions": DEVICES}, state=RecordDict(),
+                      run_config=settings.to_run_config())
+    client_app._settings.clear()
+    assert client_app.app(question, context).content.metric_records["metrics"]["failed"] == 0
+    first = reg.list_jobs(store.record.device_id, limit=1)[0]
     assert first.status == JobStatus.SUCCEEDED and first.params["fleet_start_rounds"] == 1
     assert "fleet_start_rounds" not in reg.get_job(task.personalize(settings, 0, 2, sent)["job_id"]).params
     assert not list(device_dir(settings.fleet_root, 0).glob(".fleet-start-*"))
