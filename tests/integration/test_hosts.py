@@ -32,8 +32,6 @@ from plora.platform.fleet.superlink import FLOWER_OFFLINE_ENV, _executable
 from tests.hosts import HOSTS_ENV, LOOPBACK, Host, emulated_hosts
 from tests.postgres import UNPRIVILEGED_USER, binaries_in
 
-pytestmark = pytest.mark.xdist_group("processes")
-
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = 3
 STEPS = 8
@@ -138,6 +136,7 @@ def test_operator_up_says_at_once_which_process_ended_before_it_listened(tmp_pat
     assert "no-such-backbone" in (tmp_path / "operator" / "logs" / "replica-0.log").read_text()
 
 
+@pytest.mark.xdist_group("processes")
 @pytest.mark.timeout(300)
 def test_a_fleet_across_hosts_carries_on_when_a_replica_dies_and_the_operator_sees_every_job(tiny_checkpoint, own_port):
     with emulated_hosts(DEVICES) as hosts:
