@@ -48,9 +48,27 @@ def test_a_device_carries_on_at_another_replica_when_its_replica_dies_mid_step(t
         init_device(tmp_path / "dev", address, endpoint=Endpoint(address, insecure=True), enroll_token=token)
         decode_and_train_through(tmp_path / "dev", replicas[0].kill, caplog)  # pick_first: the sessions were on the first
         assert replicas[1].metrics().get('plora_tokens_total{step="forward"}', 0) > 0  # the second replica took over
+        stops_when_told_again_and_again(replicas[1])
     finally:
         for replica in replicas:
             replica.kill()
+
+
+def stops_when_told_again_and_again(replica: ServeProcess) -> None:
+    """A supervisor's SIGTERM often comes twice: to the process group, then to the process. The
+    second re-entered the first's shutdown, and the replica crashed or hung, holding its registry
+    connection, so that PostgreSQL's own shutdown waited for it too."""
+    replica.process.send_signal(signal.SIGTERM)
+    # Signals that arrive before Python's handler runs make one call: keep signalling while it stops.
+    for _ in range(200):
+        if replica.process.poll() is not None:
+            break
+        replica.process.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    # It ends, cleanly: a signal that comes as Python itself exits, after the handler's time,
+    # ends it as SIGTERM does by default.
+    assert replica.process.wait(30) in (0, -signal.SIGTERM)
+    assert "Traceback" not in replica.log.read_text(), replica.log.read_text()[-3000:]
 
 
 def test_replicas_starting_at_once_write_their_shared_device_bundle_once(tiny_checkpoint, tmp_path):
@@ -68,23 +86,3 @@ def test_replicas_starting_at_once_write_their_shared_device_bundle_once(tiny_ch
     assert len({(version.bundle, version.bundle_sha256) for version in hosted}) == 1
     assert [path.name for path in (tmp_path / "bundles").iterdir() if path.is_dir()] == [hosted[0].bundle.name]
 
-
-def test_a_replica_told_twice_to_stop_stops(tiny_checkpoint, tmp_path):
-    # A supervisor's SIGTERM often comes twice: to the process group, then to the process. The
-    # second re-entered the first's shutdown and the replica hung, holding its registry
-    # connection, so PostgreSQL's own shutdown waited for it too.
-    replica = ServeProcess(tiny_checkpoint, tmp_path / "replica.log", *TINY_ADAPTER).wait_until_listening()
-    try:
-        replica.process.send_signal(signal.SIGTERM)
-        # Signals that arrive before Python's handler runs make one call: keep signalling while it stops.
-        for _ in range(200):
-            if replica.process.poll() is not None:
-                break
-            replica.process.send_signal(signal.SIGTERM)
-            time.sleep(0.005)
-        # It ends, cleanly: a signal that comes as Python itself exits, after the handler's time,
-        # ends it as SIGTERM does by default.
-        assert replica.process.wait(30) in (0, -signal.SIGTERM)
-        assert "Traceback" not in replica.log.read_text(), replica.log.read_text()[-3000:]
-    finally:
-        replica.kill()
