@@ -87,7 +87,7 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
 
 def _tensor_problems(tensors: dict[str, torch.Tensor], config: PrivateLoRAConfig, num_layers: int) -> list[str]:
     """Why these tensors are not exactly the M matrices of (config, num_layers); empty if they are."""
-    expected = {m_name(layer, t) for layer in range(num_layers) for t in config.targets}
+    expected = {m_name(layer, target) for layer, target in config.adapted(num_layers)}
     problems = []
     extra = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))

@@ -7,6 +7,7 @@ CLI's options: `plora --help`, `plora jobs list`) starts without importing torch
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from plora.storage.errors import ConfigError
@@ -120,6 +121,17 @@ class PrivateLoRAConfig:
         """Device round trips per pass through the cloud's layers: one per adapted group of
         each adapted cloud layer."""
         return self.adapted_cloud_layers(num_layers) * len(self.groups)
+
+    def adapted(self, num_layers: int) -> Iterator[tuple[int, str]]:
+        """(layer, target) of every M, wherever its layer runs, in the order adapter files store them."""
+        for layer in range(num_layers):
+            if self.adapts(layer):
+                for target in self.targets:
+                    yield layer, target
+
+    def trainable_parameters(self, num_layers: int) -> int:
+        """The numbers in M: one r×r matrix per target of each adapted layer."""
+        return sum(1 for _ in self.adapted(num_layers)) * self.rank ** 2
 
     def to_dict(self) -> dict:
         # Every layer adapted, or no last layer on the device, is written as no entry, so the

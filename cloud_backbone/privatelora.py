@@ -104,9 +104,7 @@ class AdapterWeights(nn.Module):
         self.ms = nn.ParameterDict(
             {
                 self._key(layer, target): nn.Parameter(torch.zeros(config.rank, config.rank))
-                for layer in range(num_layers)
-                if config.adapts(layer)
-                for target in config.targets
+                for layer, target in config.adapted(num_layers)
             }
         )
 
@@ -122,9 +120,8 @@ class AdapterWeights(nn.Module):
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(file name, M) in a stable order, as adapter files store them."""
-        for layer in range(self.num_layers):
-            for target in self.config.targets if self.config.adapts(layer) else ():
-                yield m_name(layer, target), self.ms[self._key(layer, target)]
+        for layer, target in self.config.adapted(self.num_layers):
+            yield m_name(layer, target), self.ms[self._key(layer, target)]
 
     def load_named_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         expected = dict(self.named_tensors())

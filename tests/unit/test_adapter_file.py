@@ -51,6 +51,17 @@ def test_round_trip_preserves_tensors_and_header(saved: Path) -> None:
         assert torch.equal(tensors[name], tensor)
 
 
+
+def test_a_configuration_adapting_some_layers_saves_and_loads_their_m_only(tmp_path: Path) -> None:
+    subset = dataclasses.replace(IDENTITY, adapter=dataclasses.replace(CONFIG, adapt_layers=(0, 2)))
+    weights = AdapterWeights(subset.adapter, subset.num_layers)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(path, weights, AdapterHeader(subset))
+    tensors, _ = load_adapter(path, subset)
+    assert sorted(tensors) == sorted(m_name(layer, t) for layer in (0, 2) for t in ("q", "v"))
+    with pytest.raises(AdapterFileError, match=r"unexpected tensors \['layers.1.self_attn.q_proj.M'"):
+        save_adapter(path, {**tensors, m_name(1, "q"): torch.zeros(4, 4)}, AdapterHeader(subset))
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_round_trip_preserves_half_precision_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
     path = tmp_path / "a.safetensors"
