@@ -38,15 +38,16 @@ from plora.storage.errors import DataError
 from plora.storage.registry import Registry
 
 
-def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool = True) -> list[dict]:
+def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool = True,
+             config: PrivateLoRAConfig = PrivateLoRAConfig(), backbone: str = "embedded") -> list[dict]:
     """Recall and generic-text loss before and after, one fresh device per persona; with
     `compare`, also after the same job without the anchor, from M = 0 again."""
     generic_rows = [json.loads(line) for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
     rows = []
     for seed in range(count):
-        backbone = loading.load("embedded")
-        tok = backbone.tokenizer
-        model = split_embedded(backbone, PrivateLoRAConfig())
+        base = loading.load(backbone)
+        tok = base.tokenizer
+        model = split_embedded(base, config)
         persona = make_persona(seed)
         train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, DEVICE_JOB_MAX_LENGTH)
         generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, PERSONALIZE_MAX_LENGTH)
@@ -85,7 +86,8 @@ LORA = {"r": 16, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_pro
 MIN_BLOCKS = 15  # a speaker with fewer gives too small a validation and held-out split to compare on
 
 
-def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str = "embedded") -> list[dict]:
+def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str = "embedded",
+             config: PrivateLoRAConfig | None = None, compare: bool = True, max_blocks: int | None = None) -> list[dict]:
     """Per speaker, `count` speakers spread over the sizes of the play's (from MIN_BLOCKS up):
     held-out NLL before and after plora's default job, run as the README tells a user to
     (`plora personalize DIR --data FILE` on a new device: the rate searched on the device, the
@@ -93,10 +95,13 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
     protocol: the same file, the same 10% validation split, a search over its own rates with the
     same trials, the same early stopping and budget, the best step kept. A fifth of each
     speaker's blocks is held out, outside the device, and never used for any choice. Generic
-    text (GSM8K answers) says what each costs the model's general ability."""
+    text (GSM8K answers) says what each costs the model's general ability.
+
+    `config` binds the devices to another adapter configuration; without `compare`, LoRA is
+    left out; `max_blocks` leaves the larger speakers out of the pick."""
     blocks = play_blocks(data / "tinyshakespeare" / "input.txt")
     generic_rows = [{"text": json.loads(line)["answer"]} for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
-    picks = pick_speakers(Counter(blocks["speaker"]), count)
+    picks = pick_speakers(Counter(blocks["speaker"]), count, max_blocks=max_blocks)
     rows = []
     with tempfile.TemporaryDirectory(prefix="plora-bench-quality-") as scratch:
         reg = Registry(open_database(f"sqlite:///{scratch}/registry.sqlite"))
@@ -107,9 +112,14 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
             notes.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
             row = {"speaker": speaker, "train_blocks": len(train_rows), "heldout_blocks": len(held_rows),
                    "privatelora": _plora_default_job(Path(scratch) / f"device-{speaker}", notes, held_rows, generic_rows,
-                                                     backbone, reg),
-                   "lora": _lora_same_protocol(notes, held_rows, generic_rows, backbone)}
-            plora, lora = row["privatelora"], row["lora"]
+                                                     backbone, reg, config)}
+            plora = row["privatelora"]
+            if not compare:
+                rows.append(row)
+                echo(f"{speaker} ({len(train_rows)} blocks): plora gain {plora['gain']:.3f} nats (lr {plora['lr']}), "
+                     f"generic NLL {plora['generic_change']:+.1%}")
+                continue
+            lora = row["lora"] = _lora_same_protocol(notes, held_rows, generic_rows, backbone)
             row["gain_ratio"] = plora["gain"] / lora["gain"] if lora["gain"] > 0 else float("nan")
             row["param_ratio"] = plora["params"] / lora["params"]
             rows.append(row)
@@ -119,19 +129,23 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
     return rows
 
 
-def pick_speakers(sizes: dict[str, int], count: int, min_blocks: int = MIN_BLOCKS) -> list[str]:
+def pick_speakers(sizes: dict[str, int], count: int, min_blocks: int = MIN_BLOCKS, max_blocks: int | None = None) -> list[str]:
     """`count` speakers spread evenly, by rank, over the sizes (blocks) of those with at least
-    `min_blocks`, smallest first: the smallest and the largest always among them."""
-    eligible = [name for n, name in sorted((n, name) for name, n in sizes.items() if n >= min_blocks)]
+    `min_blocks` (and at most `max_blocks`), smallest first: the smallest and the largest always
+    among them."""
+    eligible = [name for n, name in sorted((n, name) for name, n in sizes.items()
+                                           if n >= min_blocks and (max_blocks is None or n <= max_blocks))]
     if len(eligible) < count:
-        raise DataError(f"the play has {len(eligible)} speakers with at least {min_blocks} blocks; {count} were asked for")
+        within = f"between {min_blocks} and {max_blocks}" if max_blocks is not None else f"at least {min_blocks}"
+        raise DataError(f"the play has {len(eligible)} speakers with {within} blocks; {count} were asked for")
     if count == 1:
         return eligible[:1]
     return [eligible[round(i * (len(eligible) - 1) / (count - 1))] for i in range(count)]
 
 
-def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[dict], backbone: str, reg: Registry) -> dict:
-    init_device(folder, backbone)
+def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[dict], backbone: str, reg: Registry,
+                       config: PrivateLoRAConfig | None) -> dict:
+    init_device(folder, backbone, config)
     device = open_device(folder)
     try:
         pad, tok = device.tokenizer.pad_token_id, device.tokenizer
@@ -181,3 +195,4 @@ def _figures(before: dict, after: dict, params: int, lr: float | None, steps: in
             "generic_before": before["generic"], "generic_after": after["generic"],
             "generic_change": after["generic"] / before["generic"] - 1, "params": params, "lr": lr, "steps": steps,
             "seconds": seconds, "selection": selection}
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from plora.platform.bench.adapters import CANDIDATES as ADAPTER_CANDIDATES
 from plora.platform.cli.common import adapter_config, adapter_options, fail_cleanly, stop_on_sigterm, wire_dtype_option
 from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, say, show
 
@@ -150,6 +151,48 @@ def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
         return
     show(results["personas"], PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
     show(results["speakers"], SPEAKER_COLUMNS, False, title="Shakespeare speakers: held-out NLL gain, plora's default job against PEFT LoRA")
+
+
+ADAPTER_COLUMNS = (
+    Column("configuration", "config"), Column("round trips per pass", "round_trips"),
+    Column("their time at 20 ms RTT (s)", lambda row: row["round_trips"] * 0.020, ".2f"),
+    Column("parameters", lambda row: f"{row['params']:,}"), Column("persona recall", "recall", ".0%"),
+    Column("generic NLL", "persona_generic_change", "+.1%"), Column("speakers' gain (nats)", "speaker_gain", ".3f"),
+    Column("of the first's", "gain_vs_first", ".0%"), Column("generic NLL", "speaker_generic_change", "+.1%"),
+    Column("minutes", lambda row: row["seconds"] / 60, ".1f"),
+)
+
+
+@bench.command("adapters")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding gsm8k/dev.jsonl and tinyshakespeare/input.txt (e.g. ../shared/data).")
+@click.option("--config", "configs", multiple=True, type=click.Choice(list(ADAPTER_CANDIDATES)),
+              default=tuple(ADAPTER_CANDIDATES), show_default=True,
+              help="A configuration to measure (repeatable), in the table's order: every layer adapted (the default), "
+                   "every other, the last half, every third, the last third, or every layer at rank 16.")
+@click.option("--personas", default=1, show_default=True, type=click.IntRange(min=0), help="Personas per configuration.")
+@click.option("--speakers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Shakespeare speakers per configuration, spread over the sizes of those with 15 to --max-blocks blocks.")
+@click.option("--max-blocks", default=60, show_default=True, type=click.IntRange(min=15),
+              help="The largest speaker to pick, in blocks: larger ones make each job longer.")
+@click.option("--backbone", default="embedded", show_default=True, help="The backbone to personalize on.")
+@results_options
+@fail_cleanly
+@stop_on_sigterm
+def bench_adapters(data_dir, configs, personas, speakers, max_blocks, backbone, as_json, out_path) -> None:
+    """Quality per round trip and per parameter: for each adapter configuration, fresh devices
+    bound to it run the persona job and `plora personalize`'s default job on Shakespeare
+    speakers; persona recall, held-out gain and generic-text loss, against the round trips a
+    pass costs and the parameters M holds. Each adapted cloud layer costs a round trip per pass,
+    so over a slow link fewer layers decode faster; this says what they cost in quality.
+
+    With the defaults, on the embedded backbone and 2 cores: about 8 minutes per configuration."""
+    from plora.platform.bench.adapters import adapters
+
+    rows = adapters(data_dir, list(configs), personas, speakers, say, backbone, max_blocks)
+    _keep({"configurations": rows}, out_path)
+    show(rows, ADAPTER_COLUMNS, as_json, document={"configurations": rows},
+         title="Adapter configurations: quality per round trip and per parameter")
 
 
 @bench.command("federated")

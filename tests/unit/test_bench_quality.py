@@ -10,7 +10,7 @@ import random
 import pytest
 
 from plora.clients.search import LrSearch
-from plora.platform.bench import quality
+from plora.platform.bench import adapters, quality
 from plora.storage.errors import DataError
 
 WORDS = "the a king queen sword night crown rose blood moon gold my thy lord lady heart".split()
@@ -60,3 +60,22 @@ def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_
         assert row["gain_ratio"] == pytest.approx(plora["gain"] / lora["gain"])
     else:
         assert math.isnan(row["gain_ratio"])
+
+
+@pytest.mark.timeout(300)
+def test_each_configuration_of_the_adapter_bench_binds_its_devices_to_it(data, tiny_checkpoint):
+    rows = adapters.adapters(data, ["all", "last-half"], 0, 1, echo=lambda line: None, backbone=str(tiny_checkpoint),
+                             max_blocks=20)
+    assert [row["config"] for row in rows] == ["all", "last-half"]
+    every, half = rows
+    layers = 4  # the tiny model's
+    assert every["round_trips"] == layers and half["round_trips"] == layers // 2  # q/k/v: one group a layer
+    assert half["adapter_config"]["adapt_layers"] == [2, 3]
+    # What the speaker's device trained, counted on the device: so it was bound to the configuration.
+    for row in rows:
+        (speaker,) = row["speakers"]
+        assert speaker["speaker"] == "CAROL" and "lora" not in speaker  # 16 blocks: the only one between 15 and 20
+        assert speaker["privatelora"]["params"] == row["params"]
+        assert row["speaker_gain"] == speaker["privatelora"]["gain"] and row["recall"] is None
+    assert half["params"] * 2 == every["params"]
+    assert every["gain_vs_first"] == 1 or every["speaker_gain"] <= 0
