@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from plora.clients.cut_noise import CutNoise
 from plora.clients.remote import RemoteDecoder
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.privatelora import AdapterWeights, attach, decoder_slice, local_exchange, truncate_cache
@@ -51,10 +52,13 @@ class DeviceModel(nn.Module):
 
     `model` is a causal LM holding the device's decoder layers: the full backbone in embedded
     mode, or the device bundle, whose layers are the first `config.device_layers` followed by
-    the last `config.device_last_layers`. Its other layers are ignored.
+    the last `config.device_last_layers`. Its other layers are ignored. With `cut_noise`, every
+    state it sends the cloud at the cut carries fresh noise (clients.cut_noise); `noise_seed`
+    fixes the draws, for tests.
     """
 
-    def __init__(self, model: PreTrainedModel, config: PrivateLoRAConfig, link: SplitLink):
+    def __init__(self, model: PreTrainedModel, config: PrivateLoRAConfig, link: SplitLink, cut_noise: CutNoise | None = None,
+                 noise_seed: int | None = None):
         super().__init__()
         identity = link.identity
         if identity.adapter != config:
@@ -75,6 +79,8 @@ class DeviceModel(nn.Module):
         self.tail = (_LocalLayers(copy.deepcopy(decoder_slice(model, last_at, last_at + last)), identity.num_layers - last, config,
                                   self.weights) if last else None)
         self.remote = RemoteDecoder(link, self.weights)
+        self.cut_noise = cut_noise
+        self._noise_draws = cut_noise.generator(noise_seed) if cut_noise else None
         for name, param in self.named_parameters():
             param.requires_grad_(name.startswith("weights."))
 
@@ -107,6 +113,8 @@ class DeviceModel(nn.Module):
         hidden = self.embed(input_ids)
         if self.local is not None:
             hidden = self.local(hidden, cache, attention_mask, keep_cached)
+        if self.cut_noise is not None:
+            hidden = self.cut_noise.apply(hidden, self._noise_draws)
         hidden = self.remote(hidden, cache, attention_mask, keep_cached)
         if self.tail is not None:
             hidden = self.tail(hidden, cache, attention_mask, keep_cached)

@@ -27,6 +27,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
+from plora.clients.cut_noise import CutNoise
 from plora.clients.public_store import PublicStore, load_device_half, relative_to
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.privatelora import AdapterWeights
@@ -56,6 +57,7 @@ class DeviceRecord:
     endpoint: dict | None = None  # for a networked backbone: {"insecure": bool, "ca_file": str | None}
     bundle_sha256: str | None = None  # a networked backbone's device half, as enrolled; None before plora kept it
     public: str | None = None  # the PublicStore shared with other devices, from the device's folder; None: its own
+    cut_noise: CutNoise | None = None  # noise on the state the device sends at the cut; None: none
 
     def to_json(self) -> dict:
         # The form of plora-device/1 since the first device, the identity's fields flat under
@@ -73,7 +75,8 @@ class DeviceRecord:
             "endpoint": self.endpoint,
             "adapter": identity.adapter.to_dict(),
             # Added since; left out when unset, so that older records write back as they were read.
-            **{key: value for key, value in (("bundle_sha256", self.bundle_sha256), ("public", self.public)) if value is not None},
+            **{key: value for key, value in (("bundle_sha256", self.bundle_sha256), ("public", self.public),
+                                             ("cut_noise", self.cut_noise and self.cut_noise.to_dict())) if value is not None},
         }
 
     @classmethod
@@ -83,8 +86,9 @@ class DeviceRecord:
         try:
             identity = BackboneIdentity(data["backbone_name"], data["backbone_hash"], data["num_layers"], data["hidden_size"],
                                         PrivateLoRAConfig.from_dict(data["adapter"]))
+            noise = data.get("cut_noise")
             return cls(data["device_id"], data["backbone_spec"], identity, data["created_at"], data.get("endpoint"),
-                       data.get("bundle_sha256"), data.get("public"))
+                       data.get("bundle_sha256"), data.get("public"), CutNoise.from_dict(noise) if noise is not None else None)
         except (KeyError, TypeError) as err:
             raise ConfigError(f"{where} is missing or has a malformed field: {err}") from err
 
@@ -112,10 +116,11 @@ class DeviceStore:
     @classmethod
     def create(
         cls, root: Path, backbone_spec: str, identity: BackboneIdentity, endpoint: dict | None = None, device_id: str | None = None,
-        bundle_sha256: str | None = None, public: Path | None = None,
+        bundle_sha256: str | None = None, public: Path | None = None, cut_noise: CutNoise | None = None,
     ) -> DeviceStore:
         """A new device folder. `device_id` is the one a service issued; local devices get a fresh
-        one. `public` is a PublicStore the device shares with others, None to keep its own files."""
+        one. `public` is a PublicStore the device shares with others, None to keep its own files.
+        `cut_noise` is the noise its passes put on the state they send at the cut."""
         root = Path(root)
         if (root / cls.RECORD).exists():
             raise ConfigError(f"{root} already holds a device; use another folder")
@@ -129,6 +134,7 @@ class DeviceStore:
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             bundle_sha256=bundle_sha256,
             public=None if public is None else relative_to(root, public),
+            cut_noise=cut_noise,
         )
         store = cls(root, record)
         write_atomically(root / cls.RECORD, json.dumps(record.to_json(), indent=2).encode())

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from plora.clients.adapter_file import load_adapter
+from plora.clients.cut_noise import CutNoise
 from plora.clients.device_model import DeviceModel
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, GrpcLink, describe, download_bundle, forget, register
@@ -78,6 +79,7 @@ def init_device(
     label: str = "",
     enroll_token: str = "",
     public: Path | None = None,
+    cut_noise: CutNoise | None = None,
 ) -> DeviceStore:
     """Create a device folder bound to a backbone, with M = 0.
 
@@ -87,13 +89,14 @@ def init_device(
     create`, or Registry.issue_enrollment_token); only one with open enrollment takes none.
     The device keeps its public files (its backbone's device half, its base model's anchor
     text) in its own folder, or with `public` in that PublicStore, shared with other devices.
+    With `cut_noise`, every pass of the device puts that noise on the state it sends at the cut.
     """
     root = Path(root)
     if (root / DeviceStore.RECORD).exists():
         raise ConfigError(f"{root} already holds a device; use another folder")
     if not is_address(backbone_spec):
         identity = loading.load(backbone_spec).identity(config or PrivateLoRAConfig())
-        return DeviceStore.create(root, backbone_spec, identity, public=public)
+        return DeviceStore.create(root, backbone_spec, identity, public=public, cut_noise=cut_noise)
     endpoint = endpoint or Endpoint(backbone_spec)
     credentials, hosted = register(endpoint, enroll_token, label=label)
     identity = hosted.identity
@@ -104,7 +107,7 @@ def init_device(
     credentials.save(root / DeviceStore.CREDENTIALS)
     transport = {"insecure": endpoint.insecure, "ca_file": endpoint.ca_file}
     return DeviceStore.create(root, backbone_spec, identity, endpoint=transport, device_id=credentials.device_id,
-                              bundle_sha256=hosted.bundle_sha256, public=public)
+                              bundle_sha256=hosted.bundle_sha256, public=public, cut_noise=cut_noise)
 
 
 def fetch_bundle(folder: Path, endpoint: Endpoint, credentials: Credentials, hosted: HostedBackbone, public: Path | None) -> None:
@@ -144,10 +147,10 @@ def forget_device(root: Path, reg: Registry, address: str | None = None) -> dict
     return removed
 
 
-def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig) -> DeviceModel:
+def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig, cut_noise: CutNoise | None = None) -> DeviceModel:
     """Both halves of `backbone` in this process, joined by an in-process link."""
     link = InProcessLink(CloudHalf(backbone, config).open_session())
-    return DeviceModel(backbone.model, config, link)
+    return DeviceModel(backbone.model, config, link, cut_noise)
 
 
 def connect(
@@ -176,10 +179,10 @@ def connect(
             shared.fetch_bundle(endpoint, credentials, hosted)
         model_k, tokenizer = store.load_bundle(record, bundle)
         link = GrpcLink(endpoint, credentials, record.identity, retry=retry, wire_dtype=wire_dtype)
-        model = DeviceModel(model_k, record.identity.adapter, link)
+        model = DeviceModel(model_k, record.identity.adapter, link, record.cut_noise)
     else:
         backbone = loading.load(record.backbone_spec)
-        model, tokenizer = split_embedded(backbone, record.identity.adapter), backbone.tokenizer
+        model, tokenizer = split_embedded(backbone, record.identity.adapter, record.cut_noise), backbone.tokenizer
     try:
         model.link.identity.require_match(record.identity)
     except BaseException:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from plora.clients.cut_noise import CutNoise
 from plora.clients.device_model import DeviceModel
 from plora.clients.training import CONSTANT, TrainSettings, train
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
@@ -114,13 +115,15 @@ class LearnedInverter(nn.Module):
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         return self.map(self.norm(states.float())) @ self.public.embedding.T
 
-    def fit(self, sequences: list[list[int]], budget: InverterBudget, seed: int = 0) -> dict:
+    def fit(self, sequences: list[list[int]], budget: InverterBudget, seed: int = 0, noise: CutNoise | None = None) -> dict:
         """Train on the states of `sequences` (public text) through the public device-side
-        layers; returns what it trained on and its last loss."""
+        layers, with the devices' `noise` on them; returns what it trained on and its last loss."""
         ids = [torch.tensor(seq[:128]) for seq in sequences if seq]
         with torch.no_grad():
             states = torch.cat([self.public.run_front(self.public.embedding[seq][None], None)[0] if self.public.front is not None
                                 else self.public.embedding[seq] for seq in ids])
+            if noise is not None:
+                states = noise.apply(states, noise.generator(seed))
         targets = torch.cat(ids)
 
         def batch_loss(positions: list[int]) -> tuple[torch.Tensor, int]:

@@ -34,6 +34,7 @@ def _interval(row: dict, key: str) -> str:
 def columns() -> list[Column]:
     return [
         Column("device layers: first, last", lambda r: f"{r['device_layers']}, {r['device_last_layers']}"),
+        Column("noise at the cut", lambda r: r.get("cut_noise") or "none"),
         *[Column(header, lambda row, key=key: _interval(row, key)) for key, header in ATTACKS],
         Column("M exact", "m_exact", ".0%"),
         Column("M worst rel. error", lambda r: r["m_worst_error_by_tokens"]["all"], ".1e"),
@@ -41,6 +42,7 @@ def columns() -> list[Column]:
         Column("facts: cloud / device / base", lambda r: f"{r['facts_cloud']:.0%} / {r['facts_device']:.0%} / {r['facts_base_model']:.0%}"),
         Column("decode tok/s", "decode_tokens_per_s", ".1f"),
         Column("held-out loss", "heldout_loss", ".3f"),
+        Column("generic NLL vs base", lambda r: r.get("generic_nll_change"), "+.1%"),
     ]
 
 
@@ -53,8 +55,9 @@ def markdown(document: dict) -> str:
         "alone, with a 95% interval over texts; the share of the cloud layers' M matrices that least squares "
         "recovers to a relative error of 1e-4 from the u, u·M pairs of the replies after the job, and the worst "
         "relative error (the JSON has it against the pairs seen); the persona facts the cloud's recovered M states, "
-        "against the device's own model and the base model; and each configuration's decode speed (loopback gRPC) "
-        "and held-out loss after the job.",
+        "against the device's own model and the base model; and each configuration's decode speed (loopback gRPC), "
+        "held-out loss after the job, and the device's NLL on public text after the job against the base model's "
+        "without noise.",
         "",
         *markdown_table(document["rows"], cols),
         "",
@@ -91,7 +94,8 @@ def plot(document: dict) -> bytes:
     for i, (key, header) in enumerate(ATTACKS):
         xs = [j + (i - (len(ATTACKS) - 1) / 2) * width for j in range(len(rows))]
         axis.bar(xs, [100 * (_share(r, key) or 0) for r in rows], width, label=header)
-    axis.set_xticks(range(len(rows)), [f"device: {r['device_layers']} first, {r['device_last_layers']} last" for r in rows])
+    axis.set_xticks(range(len(rows)), [f"device: {r['device_layers']} first, {r['device_last_layers']} last"
+                                       + (f"\n{r['cut_noise']}" if r.get("cut_noise") else "") for r in rows])
     axis.set_ylabel("recovered (%)")
     axis.set_ylim(0, 105)
     axis.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18), frameon=False)

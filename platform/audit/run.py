@@ -22,10 +22,12 @@ from statistics import fmean
 import torch
 
 from plora.clients.anchor import OPENINGS, REQUESTS, AnchorSettings, write_anchor
+from plora.clients.cut_noise import CutNoise
+from plora.clients.data import TokenizedExample
 from plora.clients.device_model import DeviceModel
 from plora.clients.generation import PromptLookup, encode_prompt, stream_tokens
 from plora.clients.grpc_link import Endpoint
-from plora.clients.training import TrainSettings
+from plora.clients.training import TrainSettings, evaluate
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.privatelora import truncate_cache
@@ -241,8 +243,16 @@ def public_sequences(settings: AuditSettings, backbone: loading.Backbone) -> lis
     return sequences
 
 
-def _split_name(config: PrivateLoRAConfig) -> str:
-    return f"device layers {config.device_layers} first, {config.device_last_layers} last"
+GENERIC_SEQUENCES = 16  # of the public text, scored by each device after its job: what it costs general ability
+
+
+def _split_name(config: PrivateLoRAConfig, noise: CutNoise | None) -> str:
+    return f"device layers {config.device_layers} first, {config.device_last_layers} last" + (f", noise {noise}" if noise else "")
+
+
+def generic_text(public_text: list[list[int]]) -> list[TokenizedExample]:
+    """The public sequences each device is scored on, every token labelled."""
+    return [TokenizedExample(seq, list(seq)) for seq in public_text[:GENERIC_SEQUENCES]]
 
 
 def _persona_notes(persona: Persona, folder: Path) -> Path:
@@ -268,19 +278,21 @@ class UserRun:
     recall_after: float
     tokens_per_s: float
     heldout_loss: float
+    generic_nll: float
 
 
-def _run_user(settings: AuditSettings, config: PrivateLoRAConfig, endpoint: Endpoint, record: Path, reg: Registry, folder: Path,
-              seed: int, echo: Callable[[str], None]) -> UserRun:
-    """A new device answers its persona's questions, runs the personalization job on the
-    persona's notes, and answers again, as its user would with `plora generate` and `plora personalize`."""
+def _run_user(settings: AuditSettings, config: PrivateLoRAConfig, noise: CutNoise | None, endpoint: Endpoint, record: Path,
+              reg: Registry, folder: Path, seed: int, generic: list[TokenizedExample], echo: Callable[[str], None]) -> UserRun:
+    """A new device (with `noise` at its cut) answers its persona's questions, runs the
+    personalization job on the persona's notes, and answers again, as its user would with
+    `plora generate` and `plora personalize`; then it scores the generic text."""
     folder.mkdir()
     init_device(folder / "device", endpoint.address, endpoint=endpoint, enroll_token=reg.issue_enrollment_token()[1],
-                public=folder.parent / "public")
+                public=folder.parent / "public", cut_noise=noise)
     device = open_device(folder / "device")
     witness = DeviceWitness(device.model)
     persona = make_persona(settings.seed + seed)
-    label = f"{_split_name(config)}, persona {seed}"
+    label = f"{_split_name(config, noise)}, persona {seed}"
     try:
         echo(f"{label}: answering as a new user")
         recall_before, _ = _answer(device, persona, settings.questions, settings.reply_tokens)
@@ -291,14 +303,17 @@ def _run_user(settings: AuditSettings, config: PrivateLoRAConfig, endpoint: Endp
         outcome = run_personalization(device, _persona_notes(persona, folder), job, reg=reg, keep_text=False)
         trained = len(witness.passes)
         recall_after, tokens_per_s = _answer(device, persona, settings.questions, settings.reply_tokens)
+        answered = len(witness.passes)
+        with torch.no_grad():
+            generic_nll = evaluate(device.model, generic, device.tokenizer.pad_token_id)
     finally:
         witness.close()
         device.close()
     steps = [s for session in recorded_sessions(record, device.store.record.device_id) for s in read_session(session)]
     echo(f"{label}: attacking {len(steps)} captured steps")
-    (new_user, training, personalized), backward = _phases(steps, witness, [before, trained])
+    (new_user, training, personalized, _), backward = _phases(steps, witness, [before, trained, answered])
     return UserRun(new_user, training, personalized, backward, device.model, persona, device.tokenizer.pad_token_id,
-                   recall_before, recall_after, tokens_per_s, outcome.loss_after)
+                   recall_before, recall_after, tokens_per_s, outcome.loss_after, generic_nll)
 
 
 def _attack(run: UserRun, settings: AuditSettings, config: PrivateLoRAConfig, public: PublicModel,
@@ -330,27 +345,31 @@ def _attack(run: UserRun, settings: AuditSettings, config: PrivateLoRAConfig, pu
     }
 
 
-def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work: Path, reg: Registry,
+def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, noise: CutNoise | None, work: Path, reg: Registry,
                         public_text: list[list[int]], echo: Callable[[str], None]) -> dict:
-    """One configuration's row: each attack's recovery, and what the configuration costs."""
-    record = work / f"captures-{config.device_layers}-{config.device_last_layers}"
+    """One configuration's row: each attack's recovery, and what the configuration costs. The
+    attacker knows the noise the devices use (a defence is public), and trains its learned
+    inverter on public states with that noise."""
+    name = f"{config.device_layers}-{config.device_last_layers}-{str(noise).replace(':', '-') if noise else 'exact'}"
+    record = work / f"captures-{name}"
     server = start_service([settings.backbone], config, reg, record=record)
     public = PublicModel(loading.load(settings.backbone).model, config)
-    echo(f"{_split_name(config)}: training the learned inverter on {sum(map(len, public_text))} public tokens")
+    echo(f"{_split_name(config, noise)}: training the learned inverter on {sum(map(len, public_text))} public tokens")
     learned = LearnedInverter(public)
-    trained = learned.fit(public_text, settings.inverter, settings.seed)
+    trained = learned.fit(public_text, settings.inverter, settings.seed, noise)
     inverter = InputInverter(public, settings.candidates, settings.widened, learned)
     runs, attacked = [], []
     try:
         endpoint = Endpoint(f"127.0.0.1:{server.port}", insecure=True)
         for seed in range(settings.personas):
-            folder = work / f"device-{config.device_layers}-{config.device_last_layers}-{seed}"
-            runs.append(_run_user(settings, config, endpoint, record, reg, folder, seed, echo))
+            folder = work / f"device-{name}-{seed}"
+            runs.append(_run_user(settings, config, noise, endpoint, record, reg, folder, seed, generic_text(public_text), echo))
             attacked.append(_attack(runs[-1], settings, config, public, inverter))
             attacked[-1]["inputs_learned"] = learned_inversion(learned, runs[-1].personalized)
     finally:
         server.stop(grace_s=1)
-    row = {"device_layers": config.device_layers, "device_last_layers": config.device_last_layers}
+    row = {"device_layers": config.device_layers, "device_last_layers": config.device_last_layers,
+           "cut_noise": str(noise) if noise else None}
     for attack in ("inputs_new_user", "inputs_personalized", "inputs_learned", "inputs_training", "labels", "outputs_new_user",
                    "outputs"):
         row[attack] = share([unit for figures in attacked for unit in figures[attack]])
@@ -364,6 +383,7 @@ def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, work
     row["facts_base_model"] = fmean([r.recall_before for r in runs])
     row["decode_tokens_per_s"] = fmean([r.tokens_per_s for r in runs])
     row["heldout_loss"] = fmean([r.heldout_loss for r in runs])
+    row["generic_nll"] = fmean([r.generic_nll for r in runs])
     return row
 
 
@@ -383,10 +403,15 @@ def run_audit(settings: AuditSettings, echo: Callable[[str], None], base: Privat
         reg = open_registry(f"sqlite:///{work / 'registry.db'}")
         echo("gathering public text for the learned inverter")
         public_text = public_sequences(settings, loading.load(settings.backbone))
+        backbone = loading.load(settings.backbone)
+        with torch.no_grad():  # the base model, without noise: what each row's generic NLL is compared with
+            generic_base = evaluate(split_embedded(backbone, base), generic_text(public_text), backbone.tokenizer.pad_token_id)
         for first, last in settings.splits:
-            config = replace(base, device_layers=first, device_last_layers=last)
-            rows.append(audit_configuration(settings, config, work, reg, public_text, echo))
+            for noise in settings.cut_noise:
+                config = replace(base, device_layers=first, device_last_layers=last)
+                rows.append(audit_configuration(settings, config, noise and CutNoise.parse(noise), work, reg, public_text, echo))
+                rows[-1]["generic_nll_change"] = rows[-1]["generic_nll"] / generic_base - 1
     shown = {**settings.__dict__, "splits": [list(split) for split in settings.splits], "inverter": settings.inverter.__dict__,
              "public_data": str(settings.public_data) if settings.public_data else None}
-    return {"settings": shown, "adapter": base.to_dict(),
+    return {"settings": shown, "adapter": base.to_dict(), "generic_nll_base_model": generic_base,
             "rows": rows, "seconds": time.perf_counter() - started}

@@ -30,6 +30,8 @@ class AuditSettings:
     backbone: str = "embedded"
     splits: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (2, 0), (4, 0), (2, 2))
     """The configurations audited: (first, last) decoder layers run on the device."""
+    cut_noise: tuple[str | None, ...] = (None,)
+    """The noise each split is audited with (clients.cut_noise, as KIND:LEVEL); None: none."""
     personas: int = 2
     train_steps: int | None = None
     """Steps of each personalization job; None: the persona job's (platform.fleet.personas.PERSONA_JOB)."""

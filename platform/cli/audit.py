@@ -27,10 +27,29 @@ def split_points(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(splits)
 
 
+def noise_levels(text: str) -> tuple[str | None, ...]:
+    """'none,gaussian:1' -> (None, 'gaussian:1'), each checked."""
+    from plora.clients.cut_noise import CutNoise
+    from plora.storage.errors import ConfigError
+
+    levels = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            levels.append(None if part == "none" else str(CutNoise.parse(part)))
+        except ConfigError as err:
+            raise click.BadParameter(str(err), param_hint="--cut-noise") from None
+    if not levels:
+        raise click.BadParameter("name at least one level (none for no noise)", param_hint="--cut-noise")
+    return tuple(levels)
+
+
 @click.command()
 @click.option("--backbone", default=AuditSettings.backbone, show_default=True, help="The backbone to audit: 'embedded', a checkpoint folder or a .gguf file.")
 @click.option("--splits", default=",".join(f"{first}:{last}" for first, last in AuditSettings.splits), show_default=True,
               help="The configurations to audit, as FIRST:LAST decoder layers run on the device (FIRST alone means FIRST:0).")
+@click.option("--cut-noise", default="none", show_default=True,
+              help="The noise on the state at the cut each split is audited with, comma-separated: none, gaussian:σ or dchi:ε "
+                   "(as `plora device init --cut-noise`), e.g. none,gaussian:1,gaussian:4.")
 @click.option("--personas", default=AuditSettings.personas, show_default=True, type=click.IntRange(min=1), help="Synthetic users per configuration.")
 @click.option("--train-steps", type=click.IntRange(min=1), help="Steps of each personalization job [default: the persona job's].")
 @click.option("--questions", default=AuditSettings.questions, show_default=True, type=click.IntRange(min=1),
@@ -53,7 +72,7 @@ def split_points(text: str) -> tuple[tuple[int, int], ...]:
               help="Also write audit.md, audit.png and audit.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
-def audit(backbone, splits, personas, train_steps, questions, reply_tokens, candidates, widened, training_passes,
+def audit(backbone, splits, cut_noise, personas, train_steps, questions, reply_tokens, candidates, widened, training_passes,
           public_data, inverter_tokens, inverter_steps, report_dir, as_json) -> None:
     """Measure what an honest-but-curious cloud learns from the split protocol.
 
@@ -68,7 +87,7 @@ def audit(backbone, splits, personas, train_steps, questions, reply_tokens, cand
     from plora.platform.audit.report import columns, write_report
     from plora.platform.audit.run import run_audit
 
-    settings = AuditSettings(backbone=backbone, splits=split_points(splits), personas=personas,
+    settings = AuditSettings(backbone=backbone, splits=split_points(splits), cut_noise=noise_levels(cut_noise), personas=personas,
                              questions=questions, reply_tokens=reply_tokens, candidates=candidates, widened=widened,
                              training_passes=training_passes, public_data=public_data,
                              inverter=InverterBudget(tokens=inverter_tokens, steps=inverter_steps), train_steps=train_steps)

@@ -31,11 +31,15 @@ def device() -> None:
 @click.option("--label", default="", help="A label for this device in the service's registry.")
 @click.option("--enroll-token", envvar="PLORA_ENROLL_TOKEN", default="",
               help="The enrollment token the service's operator gave you (or set $PLORA_ENROLL_TOKEN).")
+@click.option("--cut-noise", metavar="KIND:LEVEL",
+              help="Noise on every state the device sends the cloud at the cut, against inversion of its inputs: "
+                   "gaussian:σ (σ times each position's own scale) or dchi:ε (d_χ-privacy; smaller is more noise). It costs "
+                   "quality and hides inputs only, never outputs or M: `plora audit --cut-noise` measures both. None by default.")
 @adapter_options
 @click.pass_context
 @fail_cleanly
 def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str | None, label: str, enroll_token: str,
-                **adapter) -> None:
+                cut_noise: str | None, **adapter) -> None:
     """Create a device in DIRECTORY bound to a backbone, with M = 0 (exactly the base model).
 
     With HOST:PORT the device enrolls with the service using an enrollment token from its
@@ -43,6 +47,7 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
     embeddings, device layers, norm, LM head), verifying its hash. The service fixes the
     adapter configuration.
     """
+    from plora.clients.cut_noise import CutNoise
     from plora.clients.grpc_link import Endpoint
     from plora.platform.jobs import register
     from plora.platform.runtime import init_device, is_address
@@ -54,13 +59,15 @@ def device_init(ctx, directory: Path, backbone: str, insecure: bool, tls_ca: str
     endpoint = Endpoint(backbone, insecure, ca_file) if is_address(backbone) else None
     if enroll_token and endpoint is None:
         raise click.UsageError("--enroll-token is for enrolling with a backbone service (--backbone HOST:PORT)")
-    store = init_device(directory, backbone, config, endpoint, label, enroll_token)
+    store = init_device(directory, backbone, config, endpoint, label, enroll_token, cut_noise=cut_noise and CutNoise.parse(cut_noise))
     if endpoint is None:
         register(store.record, open_registry())
     record = store.record
     click.echo(f"device {record.device_id} created in {directory}")
     identity = record.identity
     click.echo(f"backbone {identity.name} ({identity.content_hash[:12]}), {identity.num_layers} layers; {identity.adapter}")
+    if record.cut_noise:
+        click.echo(f"noise at the cut: {record.cut_noise}")
 
 
 @device.command("forget")

@@ -27,7 +27,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from plora.clients.adapter_file import AdapterHeader, load_adapter, save_adapter
@@ -197,7 +197,7 @@ def _target_record(store: DeviceStore, version: BackboneVersion, address: str | 
     else:
         backbone, config = load_version(version)
         identity, spec, bundle_sha256 = backbone.identity(config), version.source, None
-    return DeviceRecord(old.device_id, spec, identity, old.created_at, old.endpoint, bundle_sha256, old.public)
+    return replace(old, backbone_spec=spec, identity=identity, bundle_sha256=bundle_sha256)  # the rest is the device's own
 
 
 def _device_text(store: DeviceStore, data: Path | None, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], str]:

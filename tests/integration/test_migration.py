@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from plora.clients.adapter_file import load_adapter
+from plora.clients.cut_noise import CutNoise
 from plora.clients.device_store import DeviceStore
 from plora.clients.training import evaluate
 from plora.clients.data import load_examples, tokenize
@@ -226,8 +227,13 @@ def test_a_failed_migration_leaves_the_device_as_it_was_and_can_be_retried_anoth
 
 def test_dry_run_changes_nothing_and_retire_then_succeeds(fleet):
     v1, v2, devices = fleet
+    # A device's own settings are not the version's: its noise at the cut comes along to v2.
+    record = devices[1] / DeviceStore.RECORD
+    record.write_text(json.dumps({**json.loads(record.read_text()), "cut_noise": {"kind": "gaussian", "level": 1e-6}}))
     out = plora("migrate", "--to", v2, "--root", devices[0].parent, "--dry-run").stdout
     assert out.count("would migrate") == 2 and not any((r / DeviceStore.MIGRATION).exists() for r in devices)
     assert "still bound" in plora("backbone", "retire", v1, ok=False).output
     plora("migrate", "--to", v2, "--root", devices[0].parent, "--method", "copy", "--min-retention", "0")
     assert "now retired" in plora("backbone", "retire", v1).output
+    migrated = DeviceStore.open(devices[1]).record
+    assert migrated.identity.version == v2 and migrated.cut_noise == CutNoise("gaussian", 1e-6)
