@@ -7,8 +7,8 @@ CLI's options: `plora --help`, `plora jobs list`) starts without importing torch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 
 from plora.storage.errors import ConfigError
 
@@ -160,6 +160,22 @@ class PrivateLoRAConfig:
             raise ConfigError(
                 f"adapt_layers names layer {self.adapt_layers[-1]}, but the backbone has {num_layers} layers (0 to {num_layers - 1})"
             )
+
+
+# The layers adapted, for a backbone of n decoder layers, by the link a configuration suits: each
+# adapted cloud layer costs a device round trip per pass, so a slow link wants fewer of them. The
+# README's table of `plora bench adapters` says what each costs in quality.
+LINK_PRESETS: dict[str, Callable[[int], tuple[int, ...]]] = {
+    "lan": lambda n: (),  # every layer: the default
+    "wan": lambda n: tuple(range(n - n // 3, n)),  # the last third: a third of the round trips
+}
+
+
+def for_link(preset: str, config: PrivateLoRAConfig, num_layers: int) -> PrivateLoRAConfig:
+    """`config` adapting the layers `preset` (of LINK_PRESETS) chooses for a backbone of `num_layers`."""
+    if preset not in LINK_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(LINK_PRESETS)}")
+    return replace(config, adapt_layers=LINK_PRESETS[preset](num_layers))
 
 
 def m_name(layer: int, target: str) -> str:

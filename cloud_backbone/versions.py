@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from plora.cloud_backbone import loading
-from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig, for_link
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.storage.errors import ConfigError, RegistryError
 from plora.storage.models import BackboneVersion
@@ -40,9 +40,13 @@ def ensure_version(
         )
 
 
-def register(reg: Registry, spec: str, config: PrivateLoRAConfig, parent: str | None = None) -> BackboneVersion:
-    """Load the backbone at `spec` and record it, with `config`, as a version."""
+def register(reg: Registry, spec: str, config: PrivateLoRAConfig, parent: str | None = None,
+             preset: str | None = None) -> BackboneVersion:
+    """Load the backbone at `spec` and record it, with `config`, as a version; with `preset` (a
+    link's name, adapter_config.LINK_PRESETS), adapting the layers it chooses for this backbone."""
     backbone = loading.load(spec)
+    if preset is not None:
+        config = for_link(preset, config, backbone.num_layers)
     return ensure_version(reg, backbone.identity(config), backbone.source.spec, parent, architecture(backbone))
 
 

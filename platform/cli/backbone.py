@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from plora.cloud_backbone.adapter_config import LINK_PRESETS
 from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly
 from plora.platform.cli.enroll import devices, enroll
 from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, show
@@ -181,10 +182,15 @@ def _version_row(version, devices: int) -> dict:
 @backbone.command("register")
 @click.option("--backbone", "spec", default="embedded", show_default=True,
               help="'embedded', a Hugging Face checkpoint folder or a .gguf file.")
+@click.option("--preset", type=click.Choice(list(LINK_PRESETS)),
+              help="Adapt the layers chosen for a link: lan, every layer (the default); wan, the last third, a third "
+                   "of the round trips per pass (the README's table of `plora bench adapters` says what it costs). "
+                   "Not with --adapt-layers.")
 @db_option
 @adapter_options
+@click.pass_context
 @fail_cleanly
-def register_version(spec, db, **adapter) -> None:
+def register_version(ctx, spec, preset, db, **adapter) -> None:
     """Record a backbone, with an adapter configuration, as a version (idempotent).
 
     The name is derived from the weights' hash and the adapter math, so the same weights with
@@ -193,7 +199,9 @@ def register_version(spec, db, **adapter) -> None:
     from plora.cloud_backbone.versions import register
     from plora.storage.registry import open_registry
 
-    version = register(open_registry(db), spec, adapter_config(**adapter))
+    if preset and ctx.get_parameter_source("adapt_layers") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--preset chooses the layers adapted; give it or --adapt-layers, not both")
+    version = register(open_registry(db), spec, adapter_config(**adapter), preset=preset)
     click.echo(f"{version.name}  ({version.status}; {version.architecture['num_layers']} layers, hash {version.content_hash[:12]})")
 
 
