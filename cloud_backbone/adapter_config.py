@@ -167,7 +167,9 @@ class PrivateLoRAConfig:
 # README's table of `plora bench adapters` says what each costs in quality.
 LINK_PRESETS: dict[str, Callable[[int], tuple[int, ...]]] = {
     "lan": lambda n: (),  # every layer: the default
-    "wan": lambda n: tuple(range(n - n // 3, n)),  # the last third: a third of the round trips
+    # The last half: half the round trips. Of the configurations measured it kept the most per
+    # round trip saved (72% of the speakers' gain, 75% persona recall); a third of them kept 54-66%.
+    "wan": lambda n: tuple(range(n - n // 2, n)),
 }
 
 

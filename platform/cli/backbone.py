@@ -183,8 +183,8 @@ def _version_row(version, devices: int) -> dict:
 @click.option("--backbone", "spec", default="embedded", show_default=True,
               help="'embedded', a Hugging Face checkpoint folder or a .gguf file.")
 @click.option("--preset", type=click.Choice(list(LINK_PRESETS)),
-              help="Adapt the layers chosen for a link: lan, every layer (the default); wan, the last third, a third "
-                   "of the round trips per pass (the README's table of `plora bench adapters` says what it costs). "
+              help="Adapt the layers chosen for a link: lan, every layer (the default); wan, the last half, half "
+                   "the round trips per pass (the README's table of `plora bench adapters` says what it costs). "
                    "Not with --adapt-layers.")
 @db_option
 @adapter_options

@@ -59,9 +59,9 @@ def test_a_subset_of_adapted_layers_is_a_version_of_its_own(tiny_checkpoint, v1)
     assert "adapt_layers" not in json.loads(plora("backbone", "show", v1).output)["adapter_config"]
     refused = plora("backbone", "register", "--backbone", tiny_checkpoint, "--adapt-layers", "5-3", ok=False)
     assert "a range goes up" in refused.output
-    # The presets resolve against the backbone's own layers: the wan one adapts the last third.
+    # The presets resolve against the backbone's own layers: the wan one adapts the last half.
     wan = plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4", "--preset", "wan").output.split()[0]
-    assert json.loads(plora("backbone", "show", wan).output)["adapter_config"]["adapt_layers"] == [3]  # 4 layers
+    assert json.loads(plora("backbone", "show", wan).output)["adapter_config"]["adapt_layers"] == [2, 3]  # of 4 layers
     lan = plora("backbone", "register", "--backbone", tiny_checkpoint, "--rank", "4", "--preset", "lan").output.split()[0]
     assert lan == v1
     both = plora("backbone", "register", "--backbone", tiny_checkpoint, "--preset", "wan", "--adapt-layers", "1", ok=False)
