@@ -186,7 +186,7 @@ def bench_adapters(data_dir, configs, personas, speakers, max_blocks, backbone, 
     pass costs and the parameters M holds. Each adapted cloud layer costs a round trip per pass,
     so over a slow link fewer layers decode faster; this says what they cost in quality.
 
-    With the defaults, on the embedded backbone and 2 cores: about 8 minutes per configuration."""
+    With the defaults, on the embedded backbone and 2 cores: about 10 minutes per configuration."""
     from plora.platform.bench.adapters import adapters
 
     rows = adapters(data_dir, list(configs), personas, speakers, say, backbone, max_blocks)
