@@ -407,8 +407,8 @@ def run_audit(settings: AuditSettings, echo: Callable[[str], None], base: Privat
         with torch.no_grad():  # the base model, without noise: what each row's generic NLL is compared with
             generic_base = evaluate(split_embedded(backbone, base), generic_text(public_text), backbone.tokenizer.pad_token_id)
         for first, last in settings.splits:
+            config = replace(base, device_layers=first, device_last_layers=last)
             for noise in settings.cut_noise:
-                config = replace(base, device_layers=first, device_last_layers=last)
                 rows.append(audit_configuration(settings, config, noise and CutNoise.parse(noise), work, reg, public_text, echo))
                 rows[-1]["generic_nll_change"] = rows[-1]["generic_nll"] / generic_base - 1
     shown = {**settings.__dict__, "splits": [list(split) for split in settings.splits], "inverter": settings.inverter.__dict__,
