@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ OnStep = Callable[[int, int, float], None]
 """on_step(step, total, loss): called after each optimizer step with the batch's loss."""
 
 
+MIN_STEPS = 90
+"""How far AdamW moves M is set by its steps, not by the data's size, so a budget of two epochs
+left small data barely trained: a persona's 22 notes made 12 steps, which lowered the held-out
+loss of its facts from 3.70 to 1.18 but let greedy replies state none of them (recall 0%); 60
+steps (early stopping on validation still guards them) brought PLACEHOLDER."""
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     lr: float = 5e-3
@@ -53,6 +61,8 @@ class TrainSettings:
     """Stop after this many optimizer steps (exclusive with epochs)."""
     epochs: float | None = None
     """Passes over the training data; the default when neither is given is 2."""
+    min_steps: int = MIN_STEPS
+    """A budget in epochs runs at least this many optimizer steps (see MIN_STEPS); 0: exactly its epochs."""
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
     """Decay pulls M towards 0, i.e. towards the base model; off by default."""
@@ -67,8 +77,9 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
-        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise ConfigError(f"steps must be >= 1 and epochs > 0, got steps={self.steps} epochs={self.epochs}")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0) or self.min_steps < 0:
+            raise ConfigError(f"steps must be >= 1, epochs > 0 and min_steps >= 0, got steps={self.steps} "
+                              f"epochs={self.epochs} min_steps={self.min_steps}")
         if not self.lr > 0 or self.batch_size < 1:
             raise ConfigError(f"lr must be > 0 and batch_size >= 1, got lr={self.lr} batch_size={self.batch_size}")
         if (self.eval_every is not None and self.eval_every < 1) or (self.patience is not None and self.patience < 1):
@@ -79,7 +90,7 @@ class TrainSettings:
         per_epoch = math.ceil(examples / self.batch_size)
         if self.steps is not None:
             return self.steps
-        return max(1, round(per_epoch * (self.epochs if self.epochs is not None else 2.0)))
+        return max(1, self.min_steps, round(per_epoch * (self.epochs if self.epochs is not None else 2.0)))
 
 
 @dataclass
@@ -135,9 +146,10 @@ def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
     checkpoint resumes only the same job (a migrated device's old checkpoint is not).
 
     Anchor text needs no part in it: the settings and the backbone determine it."""
-    # A setting added since (patience) stays out of it while unset, so a checkpoint an older
-    # plora left still resumes.
-    digest = hashlib.sha256(repr((settings, backbone)).replace(", patience=None", "").encode())
+    # Settings added since stay out of it where they change nothing (patience while unset,
+    # min_steps under a budget in steps), so a checkpoint an older plora left still resumes.
+    identity = re.sub(r"(steps=\d+, epochs=None), min_steps=\d+", r"\1", repr((settings, backbone)))
+    digest = hashlib.sha256(identity.replace(", patience=None", "").encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())
     return digest.hexdigest()

@@ -22,7 +22,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, text_key, write_anchor
@@ -276,6 +276,12 @@ def _personalization_job(
         reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
         raise
     train, val = split_holdout(examples, val_fraction, settings.seed)
+    if not val:
+        # Nothing would stop a longer run where it stops helping, and cross-validation runs the
+        # job's budget once per fold: small data stays at its epochs (plora bench federated).
+        settings = replace(settings, min_steps=0)
+    if settings.steps is None:
+        params["min_steps"] = settings.min_steps
     selection = _selection(search, train, val, settings)
     searching = selection in (SEARCHED, CROSS_VALIDATED)  # the job chooses what it trains on the device
     params["selection"] = selection

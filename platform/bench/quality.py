@@ -1,9 +1,8 @@
 """`plora bench quality`: what personalization buys, on the embedded backbone.
 
-- personas: held-out recall of private facts before and after, and the loss on generic text
-  (GSM8K answers) before and after, which must not get more than 5% worse; with the default
-  settings of a job (anchored to the base model, on anchor text the device writes itself) and,
-  for comparison, without the anchor;
+- personas: held-out recall of private facts before and after plora's default job, run as a user
+  runs it, and the loss on generic text (GSM8K answers) before and after, which must not get
+  more than 5% worse; for comparison, also after the same job without the anchor;
 - speakers: per-speaker held-out NLL gain of plora's default job, run as a user runs it, against
   PEFT LoRA on the monolithic model under the same protocol (see `speakers`).
 
@@ -21,59 +20,71 @@ from dataclasses import replace
 from pathlib import Path
 
 import datasets
-import torch
 
-from plora.clients.anchor import anchor_of, write_anchor
-from plora.clients.data import DEVICE_JOB_MAX_LENGTH, PERSONALIZE_MAX_LENGTH, load_examples, tokenize
+from plora.clients.data import PERSONALIZE_MAX_LENGTH, load_examples, tokenize
 from plora.clients.search import LrSearch, personalization_settings, search_rates
-from plora.clients.training import TrainResult, TrainSettings, causal_lm_batch_loss, evaluate, personalize, result_of, train
+from plora.clients.training import TrainResult, TrainSettings, causal_lm_batch_loss, evaluate, result_of, train
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.fleet.partition import holdout, play_blocks
-from plora.platform.fleet.personas import PERSONA_JOB, make_persona, persona_recall
-from plora.platform.jobs import ANCHOR_SEED, run_personalization, split_holdout
-from plora.platform.runtime import init_device, open_device, split_embedded
+from plora.platform.fleet.personas import make_persona, persona_recall
+from plora.platform.jobs import JobOutcome, run_personalization, split_holdout
+from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.errors import DataError
 from plora.storage.registry import Registry
 
 
 def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool = True,
-             config: PrivateLoRAConfig = PrivateLoRAConfig(), backbone: str = "embedded") -> list[dict]:
-    """Recall and generic-text loss before and after, one fresh device per persona; with
-    `compare`, also after the same job without the anchor, from M = 0 again."""
-    generic_rows = [json.loads(line) for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
+             config: PrivateLoRAConfig | None = None, backbone: str = "embedded") -> list[dict]:
+    """Per persona, on a fresh device: held-out recall of its private facts and generic-text
+    (GSM8K answers) NLL, before and after `plora personalize`'s default job on its notes, run as
+    a user runs it (the notes in a file outside the device folder, the rate searched on the
+    device, the anchor on); with `compare`, also after the same job without the anchor, on
+    another fresh device."""
+    generic_rows = [{"text": json.loads(line)["answer"]} for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
     rows = []
-    for seed in range(count):
-        base = loading.load(backbone)
-        tok = base.tokenizer
-        model = split_embedded(base, config)
-        persona = make_persona(seed)
-        train = tokenize(datasets.Dataset.from_list(persona.train_records()), tok, DEVICE_JOB_MAX_LENGTH)
-        generic = tokenize(datasets.Dataset.from_list([{"text": r["answer"]} for r in generic_rows]), tok, PERSONALIZE_MAX_LENGTH)
-        before = _measure(model, tok, persona, generic)
-        # As a job does it: the anchor is written on the device, by the base model.
-        anchor = anchor_of(model, write_anchor(model, tok, PERSONA_JOB.anchor, ANCHOR_SEED), tok.pad_token_id,
-                           PERSONA_JOB.anchor.top_k)
-        result = personalize(model, train, tok.pad_token_id, PERSONA_JOB, anchor=anchor)
-        row = {"persona": seed, "before": before, **_after(_measure(model, tok, persona, generic), before),
-               "train_seconds": result.seconds}
-        echo(f"persona {seed}: recall {before['recall']:.0%} -> {row['after']['recall']:.0%}, generic NLL "
-             f"{before['generic_nll']:.3f} -> {row['after']['generic_nll']:.3f} ({row['generic_nll_change']:+.1%})")
-        if compare:
-            with torch.no_grad():
-                for m in model.weights.parameters():
-                    m.zero_()
-            personalize(model, train, tok.pad_token_id, replace(PERSONA_JOB, anchor=None))
-            row["without_anchor"] = _after(_measure(model, tok, persona, generic), before)
-            echo(f"persona {seed} without the anchor: recall {row['without_anchor']['after']['recall']:.0%}, "
-                 f"generic NLL change {row['without_anchor']['generic_nll_change']:+.1%}")
-        rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="plora-bench-personas-") as scratch:
+        reg = Registry(open_database(f"sqlite:///{scratch}/registry.sqlite"))
+        for seed in range(count):
+            persona = make_persona(seed)
+            notes = Path(scratch) / f"persona-{seed}.jsonl"
+            notes.write_text("".join(json.dumps(row) + "\n" for row in persona.train_records()))
+
+            def measure(device, persona=persona) -> dict:
+                generic = tokenize(datasets.Dataset.from_list(generic_rows), device.tokenizer, PERSONALIZE_MAX_LENGTH)
+                return {"recall": persona_recall(device.model, device.tokenizer, persona),
+                        "generic_nll": evaluate(device.model, generic, device.tokenizer.pad_token_id)}
+
+            before, after, outcome = _job_on_a_new_device(Path(scratch) / f"device-{seed}", notes, backbone, config, reg, measure)
+            row = {"persona": seed, "before": before, **_after(after, before), "lr": outcome.lr,
+                   "steps": outcome.result.steps, "train_seconds": outcome.result.seconds}
+            echo(f"persona {seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, generic NLL "
+                 f"{before['generic_nll']:.3f} -> {after['generic_nll']:.3f} ({row['generic_nll_change']:+.1%}); "
+                 f"{outcome.result.steps} steps at lr {outcome.lr}")
+            if compare:
+                _, unanchored, _ = _job_on_a_new_device(Path(scratch) / f"device-{seed}-unanchored", notes, backbone, config,
+                                                         reg, measure, replace(TrainSettings(), anchor=None))
+                row["without_anchor"] = _after(unanchored, before)
+                echo(f"persona {seed} without the anchor: recall {unanchored['recall']:.0%}, "
+                     f"generic NLL change {row['without_anchor']['generic_nll_change']:+.1%}")
+            rows.append(row)
     return rows
 
 
-def _measure(model, tok, persona, generic) -> dict:
-    return {"recall": persona_recall(model, tok, persona), "generic_nll": evaluate(model, generic, tok.pad_token_id)}
+def _job_on_a_new_device(folder: Path, notes: Path, backbone: str, config: PrivateLoRAConfig | None, reg: Registry,
+                         measure: Callable, settings: TrainSettings | None = None) -> tuple[dict, dict, JobOutcome]:
+    """`measure(device)` on a new device, before and after a personalization job on `notes`: the
+    job's defaults, or `settings` with the rate searched as the defaults search it."""
+    init_device(folder, backbone, config)
+    device = open_device(folder)
+    try:
+        before = measure(device)
+        outcome = run_personalization(device, notes, settings, reg=reg, keep_text=False,
+                                      search=LrSearch() if settings else None)
+        return before, measure(device), outcome
+    finally:
+        device.close()
 
 
 def _after(after: dict, before: dict) -> dict:
@@ -145,19 +156,15 @@ def pick_speakers(sizes: dict[str, int], count: int, min_blocks: int = MIN_BLOCK
 
 def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[dict], backbone: str, reg: Registry,
                        config: PrivateLoRAConfig | None) -> dict:
-    init_device(folder, backbone, config)
-    device = open_device(folder)
-    try:
+    def measure(device) -> dict:
         pad, tok = device.tokenizer.pad_token_id, device.tokenizer
-        heldout = tokenize(held_rows, tok, PERSONALIZE_MAX_LENGTH)
         generic = tokenize(datasets.Dataset.from_list(generic_rows), tok, PERSONALIZE_MAX_LENGTH)
-        before = {"heldout": evaluate(device.model, heldout, pad), "generic": evaluate(device.model, generic, pad)}
-        outcome = run_personalization(device, notes, reg=reg, keep_text=False)
-        after = {"heldout": evaluate(device.model, heldout, pad), "generic": evaluate(device.model, generic, pad)}
-        params = sum(m.numel() for m in device.model.weights.parameters())
-    finally:
-        device.close()
-    return _figures(before, after, params, outcome.lr, outcome.result.steps, outcome.result.seconds, outcome.selection)
+        return {"heldout": evaluate(device.model, tokenize(held_rows, tok, PERSONALIZE_MAX_LENGTH), pad),
+                "generic": evaluate(device.model, generic, pad),
+                "params": sum(m.numel() for m in device.model.weights.parameters())}
+
+    before, after, outcome = _job_on_a_new_device(folder, notes, backbone, config, reg, measure)
+    return _figures(before, after, after["params"], outcome.lr, outcome.result.steps, outcome.result.seconds, outcome.selection)
 
 
 def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbone: str) -> dict:

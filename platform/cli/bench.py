@@ -132,19 +132,25 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_p
 @bench.command("quality")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding gsm8k/dev.jsonl and tinyshakespeare/input.txt (e.g. ../shared/data).")
-@click.option("--personas", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--personas", default=4, show_default=True, type=click.IntRange(min=0))
 @click.option("--speakers", default=8, show_default=True, type=click.IntRange(min=0),
-              help="Shakespeare speakers, spread over the sizes of those with enough lines, each compared with PEFT LoRA.")
+              help="Shakespeare speakers, spread over the sizes of those with 15 blocks or more, each compared with "
+                   "PEFT LoRA.")
+@click.option("--max-blocks", type=click.IntRange(min=15), help="The largest speaker to pick, in blocks [default: any].")
 @results_options
 @fail_cleanly
 @stop_on_sigterm
-def bench_quality(data_dir, personas, speakers, as_json, out_path) -> None:
-    """Persona recall and generic-text loss; per speaker, the held-out gain of plora's default job
-    (`plora personalize` as a user runs it) against PEFT LoRA (r=16, q/k/v) under the same
-    validation split, rate search, early stopping and budget."""
+def bench_quality(data_dir, personas, speakers, max_blocks, as_json, out_path) -> None:
+    """Persona recall and generic-text loss after plora's default job (`plora personalize` as a
+    user runs it), with and without its anchor; per speaker, the held-out gain of the default
+    job against PEFT LoRA (r=16, q/k/v) under the same validation split, rate search, early
+    stopping and budget.
+
+    On the embedded backbone and 2 cores, about 8 minutes per persona and 10 to 15 per speaker."""
     from plora.platform.bench import quality
 
-    results = {"personas": quality.personas(data_dir, personas, say), "speakers": quality.speakers(data_dir, speakers, say)}
+    results = {"personas": quality.personas(data_dir, personas, say),
+               "speakers": quality.speakers(data_dir, speakers, say, max_blocks=max_blocks)}
     _keep(results, out_path)
     if as_json:
         print_json(results)
@@ -181,8 +187,8 @@ ADAPTER_COLUMNS = (
 @stop_on_sigterm
 def bench_adapters(data_dir, configs, personas, speakers, max_blocks, backbone, as_json, out_path) -> None:
     """Quality per round trip and per parameter: for each adapter configuration, fresh devices
-    bound to it run the persona job and `plora personalize`'s default job on Shakespeare
-    speakers; persona recall, held-out gain and generic-text loss, against the round trips a
+    bound to it run `plora personalize`'s default job on personas and on Shakespeare speakers;
+    persona recall, held-out gain and generic-text loss, against the round trips a
     pass costs and the parameters M holds. Each adapted cloud layer costs a round trip per pass,
     so over a slow link fewer layers decode faster; this says what they cost in quality.
 

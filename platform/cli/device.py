@@ -129,7 +129,13 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL with 'text' or 'prompt'+'response' per line, a CSV with those columns, or a .txt file.")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to run.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data (default 2).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
+              help="Passes over the data (default 2), but at least --min-steps optimizer steps.")
+# 90 is clients.training.MIN_STEPS, which the CLI must not import (it imports torch) to show --help.
+@click.option("--min-steps", default=90, show_default=True, type=click.IntRange(min=0),
+              help="The least optimizer steps a job given in epochs runs: two epochs of a few dozen notes are too few "
+                   "steps to teach their facts. Validation still stops the job early once it stops improving. "
+                   "0: exactly the epochs.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Pin AdamW's learning rate for M. By default the job chooses it on the device: it tries 2e-3 and "
                    "6e-3 from the current M for a quarter of the steps each, runs the one best on the validation "
@@ -157,7 +163,7 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
                    "--strategy fedavg) instead of M = 0: for a device's first personalization, most useful with little data.")
 @wire_dtype_option
 @fail_cleanly
-def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, batch_size, max_length, val_fraction, seed,
+def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, eval_every, batch_size, max_length, val_fraction, seed,
                 checkpoint_every, keep_text, from_fleet, wire_dtype) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
     from plora.clients.search import LrSearch
@@ -168,8 +174,8 @@ def personalize(directory, data_path, steps, epochs, lr, patience, eval_every, b
 
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
-    settings = TrainSettings(lr=lr or TrainSettings.lr, batch_size=batch_size, steps=steps, epochs=epochs, seed=seed,
-                             eval_every=eval_every, patience=patience)
+    settings = TrainSettings(lr=lr or TrainSettings.lr, batch_size=batch_size, steps=steps, epochs=epochs, min_steps=min_steps,
+                             seed=seed, eval_every=eval_every, patience=patience)
     dev = open_device(directory, wire_dtype=WIRE_DTYPES[wire_dtype])
     name = directory.resolve().name
     try:

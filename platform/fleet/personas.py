@@ -16,7 +16,7 @@ from plora.clients.training import TrainSettings
 # A persona job as it should run: anchored (the default), 90 steps at lr 5e-3. Measured with
 # `plora bench quality` on personas 0 and 1: recall 100% and 100%, generic NLL -1.2% and +1.8%.
 # At lr 7e-3 and 60 steps: 88% and 100%, +2.5% and +5.7%; at lr 1e-2 and 60 steps: 100% on
-# persona 0, but +7.5%. The benchmarks and the demo train with it.
+# persona 0, but +7.5%. The privacy audit trains its personas with it.
 PERSONA_JOB = TrainSettings(lr=5e-3, steps=90, batch_size=4)
 
 # kind: (question paraphrases, answer template, values). Values are unusual on purpose,

@@ -63,6 +63,15 @@ def test_the_cli_starts_without_importing_torch():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+def test_the_cli_states_the_defaults_of_the_code_it_must_not_import():
+    from plora.clients.data import PERSONALIZE_MAX_LENGTH
+    from plora.clients.training import MIN_STEPS
+    from plora.platform.cli.device import personalize
+
+    defaults = {param.name: param.default for param in personalize.params}
+    assert (defaults["min_steps"], defaults["max_length"]) == (MIN_STEPS, PERSONALIZE_MAX_LENGTH)
+
+
 def test_init_creates_a_base_model_device_registered_in_the_database(device_dir):
     record = json.loads((device_dir / "device.json").read_text())
     tensors, header = load_adapter(device_dir / "adapter.safetensors", DeviceStore.open(device_dir).record.identity)

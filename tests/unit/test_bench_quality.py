@@ -3,6 +3,7 @@ against PEFT LoRA under the same protocol."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -10,11 +11,22 @@ import random
 import pytest
 
 from plora.clients.search import LrSearch
+from plora.clients.training import TrainSettings
+from plora.platform import jobs
 from plora.platform.bench import adapters, quality
 from plora.storage.errors import DataError
 
 WORDS = "the a king queen sword night crown rose blood moon gold my thy lord lady heart".split()
 SIZES = {"ALICE": 40, "BOB": 22, "CAROL": 16, "DAN": 5}  # DAN has too few blocks to compare on
+
+
+@pytest.fixture(autouse=True)
+def two_epochs(monkeypatch):
+    """Jobs here run their two epochs, not the default's floor of steps: what is tested is what
+    the benches compare, and the floor's steps would only add time."""
+    epochs = functools.partial(TrainSettings, min_steps=0)
+    monkeypatch.setattr(jobs, "TrainSettings", epochs)
+    monkeypatch.setattr(quality, "TrainSettings", epochs)
 
 
 @pytest.fixture
