@@ -98,7 +98,8 @@ MIN_BLOCKS = 15  # a speaker with fewer gives too small a validation and held-ou
 
 
 def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str = "embedded",
-             config: PrivateLoRAConfig | None = None, compare: bool = True, max_blocks: int | None = None) -> list[dict]:
+             config: PrivateLoRAConfig | None = None, compare: bool = True, max_blocks: int | None = None,
+             names: list[str] | None = None) -> list[dict]:
     """Per speaker, `count` speakers spread over the sizes of the play's (from MIN_BLOCKS up):
     held-out NLL before and after plora's default job, run as the README tells a user to
     (`plora personalize DIR --data FILE` on a new device: the rate searched on the device, the
@@ -109,10 +110,12 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
     text (GSM8K answers) says what each costs the model's general ability.
 
     `config` binds the devices to another adapter configuration; without `compare`, LoRA is
-    left out; `max_blocks` leaves the larger speakers out of the pick."""
+    left out; `max_blocks` leaves the larger speakers out of the pick; `names` picks these
+    speakers instead (`count` is then ignored)."""
     blocks = play_blocks(data / "tinyshakespeare" / "input.txt")
     generic_rows = [{"text": json.loads(line)["answer"]} for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
-    picks = pick_speakers(Counter(blocks["speaker"]), count, max_blocks=max_blocks)
+    sizes = Counter(blocks["speaker"])
+    picks = named_speakers(sizes, names) if names else pick_speakers(sizes, count, max_blocks=max_blocks)
     rows = []
     with tempfile.TemporaryDirectory(prefix="plora-bench-quality-") as scratch:
         reg = Registry(open_database(f"sqlite:///{scratch}/registry.sqlite"))
@@ -152,6 +155,14 @@ def pick_speakers(sizes: dict[str, int], count: int, min_blocks: int = MIN_BLOCK
     if count == 1:
         return eligible[:1]
     return [eligible[round(i * (len(eligible) - 1) / (count - 1))] for i in range(count)]
+
+
+def named_speakers(sizes: dict[str, int], names: list[str], min_blocks: int = MIN_BLOCKS) -> list[str]:
+    """`names`, once each, if the play has each with at least `min_blocks` blocks."""
+    unfit = [f"{name} ({sizes.get(name, 0)} blocks)" for name in names if sizes.get(name, 0) < min_blocks]
+    if unfit:
+        raise DataError(f"speakers need at least {min_blocks} blocks in the play: {', '.join(unfit)}")
+    return list(dict.fromkeys(names))
 
 
 def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[dict], backbone: str, reg: Registry,

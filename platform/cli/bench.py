@@ -137,10 +137,12 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_p
               help="Shakespeare speakers, spread over the sizes of those with 15 blocks or more, each compared with "
                    "PEFT LoRA.")
 @click.option("--max-blocks", type=click.IntRange(min=15), help="The largest speaker to pick, in blocks [default: any].")
+@click.option("--speaker", "names", multiple=True, metavar="NAME",
+              help="Measure this speaker (repeatable; as the play names them, e.g. DERBY) instead of a spread.")
 @results_options
 @fail_cleanly
 @stop_on_sigterm
-def bench_quality(data_dir, personas, speakers, max_blocks, as_json, out_path) -> None:
+def bench_quality(data_dir, personas, speakers, max_blocks, names, as_json, out_path) -> None:
     """Persona recall and generic-text loss after plora's default job (`plora personalize` as a
     user runs it), with and without its anchor; per speaker, the held-out gain of the default
     job against PEFT LoRA (r=16, q/k/v) under the same validation split, rate search, early
@@ -150,7 +152,7 @@ def bench_quality(data_dir, personas, speakers, max_blocks, as_json, out_path) -
     from plora.platform.bench import quality
 
     results = {"personas": quality.personas(data_dir, personas, say),
-               "speakers": quality.speakers(data_dir, speakers, say, max_blocks=max_blocks)}
+               "speakers": quality.speakers(data_dir, speakers, say, max_blocks=max_blocks, names=list(names))}
     _keep(results, out_path)
     if as_json:
         print_json(results)

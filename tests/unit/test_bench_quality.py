@@ -50,6 +50,13 @@ def test_speakers_are_picked_across_the_sizes_of_those_with_enough_lines():
         quality.pick_speakers(sizes, 8)
 
 
+def test_speakers_are_picked_by_name_if_the_play_has_enough_of_their_lines():
+    sizes = {"DERBY": 15, "Servant": 32, "DAN": 5}
+    assert quality.named_speakers(sizes, ["Servant", "DERBY", "Servant"]) == ["Servant", "DERBY"]
+    with pytest.raises(DataError, match=r"at least 15 blocks in the play: DAN \(5 blocks\), NOBODY \(0 blocks\)"):
+        quality.named_speakers(sizes, ["DERBY", "DAN", "NOBODY"])
+
+
 @pytest.mark.timeout(300)
 def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_checkpoint, monkeypatch):
     # The tiny random model wants rates ten times LoRA's usual ones.
