@@ -48,8 +48,9 @@ OnStep = Callable[[int, int, float], None]
 MIN_STEPS = 90
 """How far AdamW moves M is set by its steps, not by the data's size, so a budget of two epochs
 left small data barely trained: a persona's 22 notes made 12 steps, which lowered the held-out
-loss of its facts from 3.70 to 1.18 but let greedy replies state none of them (recall 0%); 60
-steps (early stopping on validation still guards them) brought PLACEHOLDER."""
+loss of its facts from 3.70 to 1.18 but let greedy replies state none of them (recall 0%). With
+at least 90 steps, stopping early on validation, four personas recalled 88%, 100%, 100% and 75%
+(`plora bench quality`); at 60 steps, never stopping early, three of them 88%, 100% and 88%."""
 
 
 @dataclass(frozen=True)
