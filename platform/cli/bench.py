@@ -148,7 +148,7 @@ def bench_quality(data_dir, personas, speakers, max_blocks, names, as_json, out_
     job against PEFT LoRA (r=16, q/k/v) under the same validation split, rate search, early
     stopping and budget.
 
-    On the embedded backbone and 2 cores, about 8 minutes per persona and 10 to 15 per speaker."""
+    On the embedded backbone and 2 cores, about 10 minutes per persona and 10 to 15 per speaker."""
     from plora.platform.bench import quality
 
     results = {"personas": quality.personas(data_dir, personas, say),

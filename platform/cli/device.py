@@ -133,9 +133,9 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
               help="Passes over the data (default 2), but at least --min-steps optimizer steps.")
 # 90 is clients.training.MIN_STEPS, which the CLI must not import (it imports torch) to show --help.
 @click.option("--min-steps", default=90, show_default=True, type=click.IntRange(min=0),
-              help="The least optimizer steps a job given in epochs runs: two epochs of a few dozen notes are too few "
-                   "steps to teach their facts. Validation still stops the job early once it stops improving. "
-                   "0: exactly the epochs.")
+              help="The least optimizer steps a job given in epochs runs when it holds out a validation split (10 "
+                   "examples or more), which still stops it once it stops improving: two epochs of a few dozen notes are "
+                   "too few steps to teach their facts. 0: exactly the epochs.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Pin AdamW's learning rate for M. By default the job chooses it on the device: it tries 2e-3 and "
                    "6e-3 from the current M for a quarter of the steps each, runs the one best on the validation "
