@@ -37,7 +37,8 @@ def adapters(data: Path, names: list[str], persona_count: int, speaker_count: in
              backbone: str = "embedded", max_blocks: int | None = 60) -> list[dict]:
     """For each named configuration, the same measurements on fresh devices bound to it:
     persona recall and generic-text loss, and the held-out gain for `speaker_count` speakers of
-    at most `max_blocks` blocks, after `plora personalize`'s default job; with its round trips per pass and its parameters. Gains are also given as a share of
+    at most `max_blocks` blocks, after `plora personalize`'s default job; with its round trips
+    per pass and its parameters. Gains are also given as a share of
     the first configuration's."""
     from plora.cloud_backbone import loading
     from plora.platform.bench.quality import personas, speakers
