@@ -32,9 +32,10 @@ class Progress:
     first_loss: float = float("nan")
     last_loss: float = float("nan")
     val_before: float | None = None
-    best_score: float | None = None
+    best_score: float | None = None  # the kept parameters' validation score (clients.training.NEAR_BEST)
     last_score: float | None = None  # the latest validation check's
-    best_step: int = 0
+    best_step: int = 0  # the step whose parameters are kept; 0: the starting ones
+    lowest_score: float | None = None  # the lowest validation score yet; None in checkpoints older than it
     seconds: float = 0.0  # training time so far, across resumptions
     anchor_kl: float | None = None  # KL(base || model) per anchor position at the last step, if anchored
     stopped_early: bool = False  # validation stopped improving (TrainSettings.patience); nothing is left to run

@@ -8,7 +8,7 @@ import torch
 from plora.clients import anchor as anchor_module
 from plora.clients.anchor import AnchorSettings, anchor_of, kept_anchor
 from plora.clients.checkpoint import TrainingCheckpoint
-from plora.clients.training import TrainSettings, causal_lm_batch_loss, personalize, train
+from plora.clients.training import NEAR_BEST, TrainSettings, causal_lm_batch_loss, personalize, train
 from tests.unit.test_distillation import PAD, sequences, tiny_split
 
 TASK, VAL, GENERIC = sequences(6, seed=10), sequences(4, seed=11), sequences(5, seed=12)
@@ -67,6 +67,24 @@ def test_the_loop_keeps_the_parameters_of_the_step_that_scored_best_on_validatio
     assert (progress.val_before, progress.best_step, progress.best_score, progress.step) == (5.0, 2, 2.0, 4)
     assert not all(torch.equal(a, b) for a, b in zip(seen[2], seen[4]))  # training moved on after step 2
     assert all(torch.equal(a, b) for a, b in zip(_ms(model), seen[2]))
+
+
+def test_the_loop_keeps_a_later_step_whose_validation_gain_is_within_near_best_of_the_best():
+    model = tiny_split()
+    params = list(model.weights.parameters())
+    # A gain of 3.0 at step 2; step 3 is 0.1 above it (3% of the gain), step 4 is far above.
+    scores = iter([5.0, 4.0, 2.0, 2.1, 6.0])
+    assert 0.1 < NEAR_BEST * 3.0
+    seen = {}
+
+    def record(step, total, loss):
+        seen[step] = _ms(model)
+
+    settings = TrainSettings(lr=0.05, steps=4, batch_size=2, eval_every=1, anchor=None)
+    progress = train(model, params, causal_lm_batch_loss(model, PAD), TASK, settings, validate=lambda: next(scores),
+                     on_step=record)
+    assert (progress.best_step, progress.best_score, progress.lowest_score) == (3, 2.1, 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(_ms(model), seen[3]))
 
 
 def _counting_targets(monkeypatch) -> list[int]:
