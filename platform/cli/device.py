@@ -143,7 +143,8 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
                    "of a pinned job). With fewer than 10 examples there is no validation split: it trains at 5e-3 "
                    "only if that beats the current M in two-fold cross-validation, and otherwise keeps the current M.")
 @click.option("--patience", type=click.IntRange(min=1),
-              help="Stop after this many validation checks in a row without improvement, keeping the best M "
+              help="Stop after this many validation checks in a row that kept nothing, keeping the latest M within "
+                   "5% of the best validation gain "
                    "[default: 2 when the rate is chosen, off when pinned].")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Steps between validation checks [default: one epoch].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
