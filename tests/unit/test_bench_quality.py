@@ -8,7 +8,9 @@ import json
 import math
 import random
 
+import datasets
 import pytest
+import torch
 
 from plora.clients.search import LrSearch
 from plora.clients.training import TrainSettings
@@ -79,6 +81,20 @@ def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_
         assert row["gain_ratio"] == pytest.approx(plora["gain"] / lora["gain"])
     else:
         assert math.isnan(row["gain_ratio"])
+
+
+@pytest.mark.timeout(120)
+def test_lora_s_baseline_draws_the_same_adapter_whatever_ran_before(data, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(quality, "LORA_SEARCH", LrSearch(candidates=(1e-2,)))
+    rng = random.Random(1)
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(12))} for _ in range(14)]
+    notes = data / "notes.jsonl"
+    notes.write_text("".join(json.dumps(row) + "\n" for row in rows[:10]))
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # whatever drew from torch's generator before
+        runs.append(quality._lora_same_protocol(notes, datasets.Dataset.from_list(rows[10:]), rows[10:], str(tiny_checkpoint)))
+    assert runs[0]["after"] == runs[1]["after"] and runs[0]["steps"] > 0
 
 
 @pytest.mark.timeout(300)
