@@ -59,10 +59,10 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
 
             before, after, outcome = _job_on_a_new_device(Path(scratch) / f"device-{seed}", notes, backbone, config, reg, measure)
             row = {"persona": seed, "before": before, **_after(after, before), "lr": outcome.lr,
-                   "steps": outcome.result.steps, "train_seconds": outcome.result.seconds}
+                   "steps": outcome.result.steps, "kept_step": outcome.result.best_step, "train_seconds": outcome.result.seconds}
             echo(f"persona {seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, generic NLL "
                  f"{before['generic_nll']:.3f} -> {after['generic_nll']:.3f} ({row['generic_nll_change']:+.1%}); "
-                 f"{outcome.result.steps} steps at lr {outcome.lr}")
+                 f"{outcome.result.steps} steps at lr {outcome.lr}, the M of step {outcome.result.best_step} kept")
             if compare:
                 _, unanchored, _ = _job_on_a_new_device(Path(scratch) / f"device-{seed}-unanchored", notes, backbone, config,
                                                          reg, measure, replace(TrainSettings(), anchor=None))
@@ -176,7 +176,7 @@ def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[
                 "params": sum(m.numel() for m in device.model.weights.parameters())}
 
     before, after, outcome = _job_on_a_new_device(folder, notes, backbone, config, reg, measure)
-    return _figures(before, after, after["params"], outcome.lr, outcome.result.steps, outcome.result.seconds, outcome.selection)
+    return _figures(before, after, after["params"], outcome.lr, outcome.result, outcome.selection)
 
 
 def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbone: str) -> dict:
@@ -207,13 +207,14 @@ def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbo
     found = search_rates(params, run, settings.total_steps(len(train_set)), settings, LORA_SEARCH, start)
     result = run(personalization_settings(settings, LORA_SEARCH, found.chosen)) if found.chosen else None
     after = {"heldout": evaluate(logits, heldout, pad), "generic": evaluate(logits, generic, pad)}
-    return _figures(before, after, sum(p.numel() for p in params), found.chosen, result.steps if result else 0,
-                    result.seconds if result else 0.0, "searched" if result else "kept the start: no rate beat it")
+    return _figures(before, after, sum(p.numel() for p in params), found.chosen, result,
+                    "searched" if result else "kept the start: no rate beat it")
 
 
-def _figures(before: dict, after: dict, params: int, lr: float | None, steps: int, seconds: float, selection: str) -> dict:
+def _figures(before: dict, after: dict, params: int, lr: float | None, result: TrainResult | None, selection: str) -> dict:
     return {"before": before["heldout"], "after": after["heldout"], "gain": before["heldout"] - after["heldout"],
             "generic_before": before["generic"], "generic_after": after["generic"],
-            "generic_change": after["generic"] / before["generic"] - 1, "params": params, "lr": lr, "steps": steps,
-            "seconds": seconds, "selection": selection}
+            "generic_change": after["generic"] / before["generic"] - 1, "params": params, "lr": lr,
+            "steps": result.steps if result else 0, "kept_step": result.best_step if result else 0,
+            "seconds": result.seconds if result else 0.0, "selection": selection}
 

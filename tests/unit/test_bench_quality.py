@@ -77,6 +77,7 @@ def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_
     assert row["param_ratio"] == plora["params"] / lora["params"]
     for side in (plora, lora):  # a search that found no rate worth it keeps the start exactly
         assert side["lr"] is not None or (side["gain"] == 0 and side["steps"] == 0)
+        assert 0 <= side["kept_step"] <= side["steps"]
     if lora["gain"] > 0:
         assert row["gain_ratio"] == pytest.approx(plora["gain"] / lora["gain"])
     else:
