@@ -62,6 +62,12 @@ FIXED_FEW = "fixed: too few examples to cross-validate"
 FIXED_FEW_STEPS = "fixed: too few steps to search"
 HOLDOUT_MIN_EXAMPLES = 10
 """Fewer examples hold no validation split out: the job cross-validates instead."""
+VAL_MIN_EXAMPLES = 3
+"""A validation split holds at least this many examples. One example is one draw, and the job
+follows it wherever it leads: a Shakespeare speaker's 12 blocks held 1 out at 10%, whose loss was
+lowest at step 12 of the chosen rate's run, where the held-out gain had fallen to 0.090 nats from
+0.172 at step 6. Holding 3 out (training on 9), validation was lowest at step 3, where the held-out
+gain was 0.134, its highest of the run."""
 
 
 def register(record: DeviceRecord, reg: Registry) -> None:
@@ -76,10 +82,11 @@ def register(record: DeviceRecord, reg: Registry) -> None:
 
 
 def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
-    """(train, validation). Validation is empty when there are fewer than HOLDOUT_MIN_EXAMPLES."""
+    """(train, validation): `fraction` of the examples, at least VAL_MIN_EXAMPLES, for validation;
+    none when `fraction` is 0 or there are fewer than HOLDOUT_MIN_EXAMPLES."""
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)
-    n_val = int(len(shuffled) * fraction) if len(shuffled) >= HOLDOUT_MIN_EXAMPLES else 0
+    n_val = max(VAL_MIN_EXAMPLES, int(len(shuffled) * fraction)) if fraction and len(shuffled) >= HOLDOUT_MIN_EXAMPLES else 0
     return shuffled[n_val:], shuffled[:n_val]
 
 
