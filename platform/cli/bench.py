@@ -133,6 +133,9 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_p
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding gsm8k/dev.jsonl and tinyshakespeare/input.txt (e.g. ../shared/data).")
 @click.option("--personas", default=4, show_default=True, type=click.IntRange(min=0))
+@click.option("--unanchored/--no-unanchored", default=True, show_default=True,
+              help="Also run each persona's job without the anchor, on another new device, for comparison; "
+                   "it doubles the personas' time.")
 @click.option("--speakers", default=8, show_default=True, type=click.IntRange(min=0),
               help="Shakespeare speakers, spread over the sizes of those with 15 blocks or more, each compared with "
                    "PEFT LoRA.")
@@ -142,7 +145,7 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, as_json, out_p
 @results_options
 @fail_cleanly
 @stop_on_sigterm
-def bench_quality(data_dir, personas, speakers, max_blocks, names, as_json, out_path) -> None:
+def bench_quality(data_dir, personas, unanchored, speakers, max_blocks, names, as_json, out_path) -> None:
     """Persona recall and generic-text loss after plora's default job (`plora personalize` as a
     user runs it), with and without its anchor; per speaker, the held-out gain of the default
     job against PEFT LoRA (r=16, q/k/v) under the same validation split, rate search, early
@@ -151,7 +154,7 @@ def bench_quality(data_dir, personas, speakers, max_blocks, names, as_json, out_
     On the embedded backbone and 2 cores, about 10 minutes per persona and 10 to 15 per speaker."""
     from plora.platform.bench import quality
 
-    results = {"personas": quality.personas(data_dir, personas, say),
+    results = {"personas": quality.personas(data_dir, personas, say, compare=unanchored),
                "speakers": quality.speakers(data_dir, speakers, say, max_blocks=max_blocks, names=list(names))}
     _keep(results, out_path)
     if as_json:

@@ -115,3 +115,18 @@ def test_each_configuration_of_the_adapter_bench_binds_its_devices_to_it(data, t
         assert row["speaker_gain"] == speaker["privatelora"]["gain"] and row["recall"] is None
     assert half["params"] * 2 == every["params"]
     assert every["gain_vs_first"] == 1 or every["speaker_gain"] <= 0
+
+
+@pytest.mark.parametrize("flag, compared", [(None, True), ("--no-unanchored", False)])
+def test_the_bench_runs_the_personas_without_the_anchor_too_unless_told_not_to(tmp_path, monkeypatch, flag, compared):
+    from click.testing import CliRunner
+
+    from plora.platform.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(quality, "personas", lambda data, count, echo, compare=True: calls.append(compare) or [])
+    monkeypatch.setattr(quality, "speakers", lambda *args, **kwargs: [])
+    args = ["bench", "quality", "--data", str(tmp_path), "--personas", "1", "--speakers", "0"] + ([flag] if flag else [])
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert calls == [compared]
