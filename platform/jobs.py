@@ -67,7 +67,8 @@ VAL_MIN_EXAMPLES = 3
 follows it wherever it leads: a Shakespeare speaker's 12 blocks held 1 out at 10%, whose loss was
 lowest at step 12 of the chosen rate's run, where the held-out gain had fallen to 0.090 nats from
 0.172 at step 6. Holding 3 out (training on 9), validation was lowest at step 3, where the held-out
-gain was 0.134, its highest of the run."""
+gain was 0.134, its highest of the run. In `plora bench quality` the speaker's job went from 59% of
+PEFT LoRA's held-out gain (generic text +8.1%) to 71% (+1.7%), LoRA on the same split alike."""
 
 
 def register(record: DeviceRecord, reg: Registry) -> None:
