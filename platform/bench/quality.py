@@ -105,7 +105,7 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
     held-out NLL before and after plora's default job, run as the README tells a user to
     (`plora personalize DIR --data FILE` on a new device: the rate searched on the device, the
     anchor on), against PEFT LoRA (r=16 on q/k/v of the monolithic model) under the same
-    protocol: the same file, the same validation split (10%, at least 3), a search over its own rates with the
+    protocol: the same file, the same validation split (10%, at least 2), a search over its own rates with the
     same trials, the same early stopping and budget, the same rule for the M kept. A fifth of each
     speaker's blocks is held out, outside the device, and never used for any choice. Generic
     text (GSM8K answers) says what each costs the model's general ability.

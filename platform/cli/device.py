@@ -152,7 +152,7 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
 # datasets) before main() takes plora offline.
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
-              help="Share of examples held out to pick the best M, at least 3 of them (used when there are at least 10 examples; 0: none).")
+              help="Share of examples held out to pick the best M, at least 2 of them (used when there are at least 10 examples; 0: none).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Steps between checkpoints, from which a killed or failed job resumes when run again.")

@@ -145,10 +145,10 @@ def _lines(path, records) -> object:
     return path
 
 
-def test_a_validation_split_holds_at_least_three_examples_and_none_below_ten_or_when_asked_for_none():
+def test_a_validation_split_holds_at_least_two_examples_and_none_below_ten_or_when_asked_for_none():
     # One held-out example steered a speaker's job to an M whose held-out gain was half its best.
     train, val = split_holdout(list(range(12)), 0.1, seed=0)
-    assert len(val) == 3 and sorted(train + val) == list(range(12))
+    assert len(val) == 2 and sorted(train + val) == list(range(12))
     assert len(split_holdout(list(range(50)), 0.1, seed=0)[1]) == 5
     train, val = split_holdout(list(range(9)), 0.1, seed=0)
     assert val == [] and len(train) == 9
@@ -157,7 +157,7 @@ def test_a_validation_split_holds_at_least_three_examples_and_none_below_ten_or_
 
 @pytest.fixture
 def facts(tmp_path):
-    """Enough examples for a validation split (3 of 20), in one pattern: training on some helps on the others."""
+    """Enough examples for a validation split (2 of 20), in one pattern: training on some helps on the others."""
     return _lines(tmp_path / "facts.jsonl", [{"text": f"Question {i}? Answer {i} is {i * 7}."} for i in range(20)])
 
 
