@@ -86,12 +86,13 @@ def register(record: DeviceRecord, reg: Registry) -> None:
         reg.register_device(record.device_id, version.name)
 
 
-def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
-    """(train, validation): `fraction` of the examples, at least VAL_MIN_EXAMPLES, for validation;
-    none when `fraction` is 0 or there are fewer than HOLDOUT_MIN_EXAMPLES."""
+def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int,
+                  at_least: int = VAL_MIN_EXAMPLES) -> tuple[list, list]:
+    """(train, validation): `fraction` of the examples, at least `at_least`, for validation; none
+    when `fraction` is 0 or there are fewer than HOLDOUT_MIN_EXAMPLES."""
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)
-    n_val = max(VAL_MIN_EXAMPLES, int(len(shuffled) * fraction)) if fraction and len(shuffled) >= HOLDOUT_MIN_EXAMPLES else 0
+    n_val = max(at_least, int(len(shuffled) * fraction)) if fraction and len(shuffled) >= HOLDOUT_MIN_EXAMPLES else 0
     return shuffled[n_val:], shuffled[:n_val]
 
 
@@ -308,6 +309,12 @@ def _personalization_job(
     job_settings = (settings, search) if searching else settings
     checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, job_settings, record.identity.version))
     resumed = _resumable(checkpoint, record.device_id, reg)
+    if not resumed and val:
+        # A job killed before VAL_MIN_EXAMPLES held out its fraction alone, and resumes on that split.
+        old_train, old_val = split_holdout(examples, val_fraction, settings.seed, at_least=0)
+        old_checkpoint = TrainingCheckpoint(checkpoint.path, fingerprint(old_train, job_settings, record.identity.version))
+        if old_val and len(old_val) != len(val) and (old_resumed := _resumable(old_checkpoint, record.device_id, reg)):
+            train, val, checkpoint, resumed = old_train, old_val, old_checkpoint, old_resumed
     if resumed:
         params.update(resumed_from_job=resumed.job["id"], resumed_from_step=resumed.step)
     job_id = reg.start_job(record.device_id, "personalize", params)
