@@ -309,11 +309,11 @@ def _personalization_job(
     job_settings = (settings, search) if searching else settings
     checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, job_settings, record.identity.version))
     resumed = _resumable(checkpoint, record.device_id, reg)
-    if not resumed and val:
-        # A job killed before VAL_MIN_EXAMPLES held out its fraction alone, and resumes on that split.
-        old_train, old_val = split_holdout(examples, val_fraction, settings.seed, at_least=0)
+    # A job killed before VAL_MIN_EXAMPLES held out its fraction alone, and resumes on that split.
+    old_train, old_val = split_holdout(examples, val_fraction, settings.seed, at_least=0)
+    if not resumed and val and old_val and len(old_val) != len(val) and checkpoint.path.exists():
         old_checkpoint = TrainingCheckpoint(checkpoint.path, fingerprint(old_train, job_settings, record.identity.version))
-        if old_val and len(old_val) != len(val) and (old_resumed := _resumable(old_checkpoint, record.device_id, reg)):
+        if old_resumed := _resumable(old_checkpoint, record.device_id, reg):
             train, val, checkpoint, resumed = old_train, old_val, old_checkpoint, old_resumed
     if resumed:
         params.update(resumed_from_job=resumed.job["id"], resumed_from_step=resumed.step)
