@@ -5,10 +5,12 @@ loopback, the Flower simulation engine, synthetic personas), from nothing (an em
 root, a registry of its own) for a small and a large fleet that sample the same number of
 devices for one round. The two runs differ only in the devices declared and never sampled, so
 the differences between them are what those devices cost: wall time per device never sampled,
-and the ratio of peak memory. Peak memory is the largest sum of resident memory over this
-process and every process it started (the SuperLink, Flower's, Ray's), sampled every
-MEMORY_EVERY_S. Disk is what the fleet root holds: each device's own folder, and the public
-store the devices share.
+and the ratio of peak memory. Peak memory is the largest sum of proportional set sizes (PSS)
+over this process and every process it started (the SuperLink, Flower's, Ray's), sampled every
+MEMORY_EVERY_S. PSS divides a page that n processes share among them, so the device half every
+Ray worker memory-maps counts once, as the machine holds it; the sum of resident sizes (RSS),
+which counts it once per worker, is kept beside it. Disk is what the fleet root holds: each
+device's own folder, and the public store the devices share.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def run_fleet_bench(small: int, large: int, sampled: int, steps: int, backbone: 
          "target": "<= 5", "detail": f"{large_run['disk_mb']:.0f} MB in all, the public store {large_run['public_mb']:.0f} MB"},
         {"figure": f"{large}-device fleet, 1 round, {sampled} sampled, {steps} steps each (min)",
          "value": large_run["seconds"] / 60, "target": "<= 15", "detail": f"{os.cpu_count()} cores"},
-        {"figure": f"peak memory, {large} devices / {small} devices", "value": large_run["peak_mb"] / small_run["peak_mb"],
-         "target": "<= 1.1", "detail": f"{large_run['peak_mb']:.0f} MB / {small_run['peak_mb']:.0f} MB"},
+        {"figure": f"peak memory (PSS), {large} devices / {small} devices", "value": large_run["peak_mb"] / small_run["peak_mb"],
+         "target": "<= 1.1", "detail": f"{large_run['peak_mb']:.0f} MB / {small_run['peak_mb']:.0f} MB; the RSS sums', which count "
+                                       f"shared pages once per process: {large_run['peak_rss_mb'] / small_run['peak_rss_mb']:.2f}"},
         {"figure": "set-up per device never sampled (ms)",
          "value": max(0.0, large_run["seconds"] - small_run["seconds"]) / (large - small) * 1000, "target": "<= 50",
          "detail": f"the runs' wall-time difference, {large_run['seconds']:.0f} s - {small_run['seconds']:.0f} s, "
@@ -74,12 +77,11 @@ def _run(devices: int, sampled: int, steps: int, backbone: str | None, echo: Cal
             rows = launch(devices, 1, backbone=backbone, root=root, steps=steps, fraction=sampled / devices, echo=echo,
                           on_progress=on_progress)
             seconds = time.perf_counter() - started
-        peak_bytes, shares = peak()
         folders = sorted(root.glob("device-*"))
         device_mb = [_size(folder) / MB for folder in folders]
         return {"devices": devices, "sampled": sampled_per_round(devices, sampled / devices), "steps": steps,
-                "seconds": seconds, "peak_mb": peak_bytes / MB,
-                "peak_mb_by_process": {kind: rss / MB for kind, rss in sorted(shares.items(), key=lambda kv: -kv[1])},
+                "seconds": seconds, "peak_mb": peak.pss / MB, "peak_rss_mb": peak.rss / MB,
+                "peak_mb_by_process": {kind: pss / MB for kind, pss in sorted(peak.pss_by_kind.items(), key=lambda kv: -kv[1])},
                 "disk_mb": _size(root) / MB,
                 "public_mb": _size(root / PUBLIC_DIR) / MB, "devices_set_up": len(folders),
                 "device_folder_mb": sum(device_mb) / len(device_mb) if device_mb else 0.0,
@@ -101,32 +103,43 @@ def _registry_of_its_own(scratch: Path) -> Iterator[None]:
             os.environ["PLORA_DB_URL"] = kept
 
 
-@contextmanager
-def _peak_memory() -> Iterator[Callable[[], tuple[int, dict[str, int]]]]:
-    """Within the block, the peak of the resident memory summed over this process and its
-    descendants; the callable gives it (bytes), with each kind of process's share at that moment."""
-    me, peak, stop = psutil.Process(), [0, {}], threading.Event()
+@dataclass
+class MemoryPeak:
+    """The peak of memory summed over a process tree: by PSS, with each kind of process's share
+    and the RSS sum at that moment (bytes)."""
+    pss: int = 0
+    rss: int = 0
+    pss_by_kind: dict[str, int] = field(default_factory=dict)
 
-    def sample() -> tuple[int, dict[str, int]]:
-        shares: dict[str, int] = {}
+
+@contextmanager
+def _peak_memory() -> Iterator[MemoryPeak]:
+    """Within the block, the peak of memory summed over this process and its descendants."""
+    me, peak, stop = psutil.Process(), MemoryPeak(), threading.Event()
+
+    def sample() -> MemoryPeak:
+        now = MemoryPeak()
         for process in [me, *me.children(recursive=True)]:
             try:
                 kind = "this process" if process.pid == me.pid else _kind(process)
-                shares[kind] = shares.get(kind, 0) + process.memory_info().rss
+                memory = process.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass
-        return sum(shares.values()), shares
+                continue
+            now.pss += memory.pss
+            now.rss += memory.rss
+            now.pss_by_kind[kind] = now.pss_by_kind.get(kind, 0) + memory.pss
+        return now
 
     def watch() -> None:
         while not stop.wait(MEMORY_EVERY_S):
-            total, shares = sample()
-            if total > peak[0]:
-                peak[:] = [total, shares]
+            now = sample()
+            if now.pss > peak.pss:
+                peak.pss, peak.rss, peak.pss_by_kind = now.pss, now.rss, now.pss_by_kind
 
     watcher = threading.Thread(target=watch, name="bench-memory", daemon=True)
     watcher.start()
     try:
-        yield lambda: (peak[0], peak[1])
+        yield peak
     finally:
         stop.set()
         watcher.join()
