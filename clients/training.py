@@ -204,8 +204,8 @@ class Schedule:
 
 COSINE_TO_10_PERCENT = Schedule()
 """Personalization's and distillation's: up to lr over the warm-up, then a cosine down to 10%
-of lr at the last step. transformers' warm-up starts at 0, so the first step moves nothing
-(a 4-step job makes 3 real steps); the measured defaults were chosen with it so."""
+of lr at the last step. The warm-up's first step runs at lr/w, w its steps, not at 0 as
+transformers' plain cosine_with_warmup would have it, so a 4-step job (w = 1) makes 4 real steps."""
 CONSTANT = Schedule("constant", None)
 
 

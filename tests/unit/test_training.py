@@ -133,3 +133,9 @@ def test_kept_anchor_targets_that_do_not_fit_or_are_damaged_are_computed_afresh(
         assert _same_targets(anchor, made)
     assert _same_targets(kept_anchor(path, model, text, PAD, top_k, backbone), anchor)  # written afresh
     assert len(computed) == 1
+
+
+def test_the_warm_up_s_first_step_trains():
+    once = tiny_split()
+    personalize(once, TASK, PAD, TrainSettings(lr=0.05, steps=1, batch_size=2))
+    assert any(m.abs().max() > 0 for m in _ms(once)), "a 1-step job at lr > 0 moved nothing"
