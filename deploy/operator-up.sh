@@ -71,6 +71,7 @@ if [[ -z ${PLORA_DB_URL:-} ]]; then
   "${as_pg_user[@]}" "$pg_bin/postgres" -D "$data" -c "listen_addresses=$host" -c "port=$pg_port" \
     -c "unix_socket_directories=$data" >"$logs/postgres.log" 2>&1 &
   pids+=($!)
+  stop_signal[$!]=INT  # a fast shutdown: SIGTERM's smart one waits for every client to leave, the operator's own too
   wait_for_port "$host" "$pg_port" PostgreSQL "$logs" $!
   PLORA_DB_URL=$(<"$root/db-url")
 fi

@@ -1,9 +1,10 @@
 # Sourced by the scripts in deploy/: what they start is stopped when they end, however they end;
 # they wait for a port to listen, and write the `flwr` connection to their SuperLink.
 pids=()
+declare -A stop_signal  # by pid: a process that SIGTERM would not stop at once, and the signal that does
 stop_all() {
   # plora's services, the SuperLink and SuperNodes stop their own children on SIGTERM.
-  ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null
+  for pid in "${pids[@]}"; do kill -"${stop_signal[$pid]:-TERM}" "$pid" 2>/dev/null || true; done
   wait
 }
 trap stop_all EXIT

@@ -12,17 +12,21 @@ machine without root.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
+import sqlalchemy
 import torch
 from safetensors.torch import load_file
 
@@ -134,6 +138,41 @@ def test_operator_up_says_at_once_which_process_ended_before_it_listened(tmp_pat
     assert done.returncode == 1 and time.monotonic() - started < 60
     assert f"backbone replica 0 ended before it listened on 127.0.0.1:{env['BACKBONE_PORT']}" in done.stderr, done.stderr
     assert "No such option '--no-such-option'" in (tmp_path / "operator" / "logs" / "replica-0.log").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_operator_up_stops_its_registry_on_sigterm_while_a_client_is_connected(tiny_checkpoint, own_port):
+    # SIGTERM asks PostgreSQL for its smart shutdown, which waits for every client to leave: an
+    # operator's open session kept the script from ever ending.
+    folder = Path(tempfile.mkdtemp(prefix="plora-operator-"))
+    folder.chmod(0o711)  # PostgreSQL's own user passes through to its folder and programs
+    env = {**{k: v for k, v in os.environ.items() if k != "PLORA_DB_URL"}, "REPLICAS": "1", "PG_USER": UNPRIVILEGED_USER,
+           "PG_BIN": str(binaries_in(folder / "postgres-programs")), "PLORA_HOME": str(folder / "home"),
+           **{name: str(own_port()) for name in ("PG_PORT", "BACKBONE_PORT", "SUPERLINK_PORT", "METRICS_PORT")}}
+    log = folder / "operator-up.log"
+    with log.open("w") as sink:
+        up = subprocess.Popen(["bash", str(REPO / "deploy" / "operator-up.sh"), str(folder / "plora"), "127.0.0.1", "1",
+                               "--backbone", str(tiny_checkpoint), "--rank", "4"], stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for_line(up, log, "operator up:", UP_S)
+        engine = sqlalchemy.create_engine((folder / "plora" / "db-url").read_text().strip(), poolclass=sqlalchemy.pool.NullPool)
+        session = engine.connect()
+        session.execute(sqlalchemy.text("select 1"))
+        up.send_signal(signal.SIGTERM)
+        try:
+            assert up.wait(60) == 130, log.read_text()[-3000:]
+        finally:
+            with contextlib.suppress(sqlalchemy.exc.OperationalError):  # the shutdown ended the session
+                session.close()
+        assert not (folder / "plora" / "postgres" / "postmaster.pid").exists(), "PostgreSQL did not shut down cleanly"
+    finally:
+        if up.poll() is None:
+            doomed = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
+            for process in doomed:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            psutil.wait_procs(doomed, timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.xdist_group("processes")
