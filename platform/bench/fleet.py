@@ -70,7 +70,7 @@ def run_fleet_bench(small: int, large: int, sampled: int, steps: int, backbone: 
 
 def _run(devices: int, sampled: int, steps: int, backbone: str | None, echo: Callable[[str], None],
          on_progress: Progress | None) -> dict:
-    with tempfile.TemporaryDirectory(prefix="plora-bench-fleet-") as scratch, _registry_of_its_own(Path(scratch)):
+    with tempfile.TemporaryDirectory(prefix="plora-bench-fleet-") as scratch, registry_of_its_own(Path(scratch)):
         root = Path(scratch) / "fleet"
         with _peak_memory() as peak:
             started = time.perf_counter()
@@ -89,9 +89,9 @@ def _run(devices: int, sampled: int, steps: int, backbone: str | None, echo: Cal
 
 
 @contextmanager
-def _registry_of_its_own(scratch: Path) -> Iterator[None]:
-    """The runs' devices and jobs go to a registry in `scratch`, not the user's; Flower's
-    processes, which record the jobs, inherit it."""
+def registry_of_its_own(scratch: Path) -> Iterator[None]:
+    """A bench's devices, versions and jobs go to a registry in `scratch`, not the user's;
+    Flower's processes, which record the jobs, inherit it."""
     kept = os.environ.get("PLORA_DB_URL")
     os.environ["PLORA_DB_URL"] = f"sqlite:///{scratch / 'registry.sqlite'}"
     try:

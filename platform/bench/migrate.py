@@ -10,6 +10,13 @@ retrained from scratch on the same notes. Devices are real device folders with a
 backbone, migrated by `migrate_device`, the code `plora migrate` runs; the bench accepts any
 retention (min_retention=0) so that it can measure the migrations a device would refuse, and
 reports the share of the gain each migration measured itself.
+
+Then the operator's flow for a fleet (`fleet_upgrade`): `plora fleet launch` personalizes a fleet
+of persona devices, each keeping its notes and held-out paraphrases in its own folder as a fleet
+device does; the operator registers v2 (fresh projections) and runs `plora migrate --root`
+(`launch_migration`, a Flower job) with its default retention rule, under which a device that
+would keep too little stays on v1. Each device is measured, through a service hosting both
+versions, before and after, against the base model on the same text.
 """
 
 from __future__ import annotations
@@ -18,21 +25,25 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
+from plora.clients.device_store import DeviceStore
 from plora.clients.migration import DistillSettings
 from plora.clients.training import evaluate
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.versions import register
-from plora.platform.versions.derive import derive
-from plora.platform.jobs import run_personalization
-from plora.platform.versions.migration import migrate_device
+from plora.platform.bench.fleet import registry_of_its_own
+from plora.platform.fleet.launch import launch, launch_migration
 from plora.platform.fleet.personas import make_persona, persona_recall
+from plora.platform.fleet.settings import partition_of
+from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
+from plora.platform.versions.derive import derive
+from plora.platform.versions.migration import device_folders, migrate_device, service_for
 from plora.storage.db import open_database
-from plora.storage.registry import Registry
+from plora.storage.registry import Registry, open_registry
 
 KINDS = ("derived", "fresh-seed")
 
@@ -45,8 +56,8 @@ class MigrateBench:
         return {"rows": self.rows}
 
 
-def _measure(root: Path, persona, heldout: Path) -> dict:
-    device = open_device(root)
+def _measure(root: Path, persona, heldout: Path, address: str | None = None) -> dict:
+    device = open_device(root, address)
     try:
         examples = tokenize(load_examples(heldout), device.tokenizer, DEVICE_JOB_MAX_LENGTH)
         return {"recall": persona_recall(device.model, device.tokenizer, persona),
@@ -69,7 +80,7 @@ def _personalize(root: Path, reg: Registry, notes: Path) -> None:
 
 
 def run_migrate_bench(data: Path, persona_seed: int, echo: Callable[[str], None], derive_steps: int = 30,
-                      distill: DistillSettings = DistillSettings()) -> MigrateBench:
+                      distill: DistillSettings = DistillSettings(), fleet_devices: int = 4, fleet_rounds: int = 3) -> MigrateBench:
     work = Path(tempfile.mkdtemp(prefix="plora-bench-migrate-"))
     try:
         reg = Registry(open_database(f"sqlite:///{work / 'registry.db'}"))
@@ -111,6 +122,51 @@ def run_migrate_bench(data: Path, persona_seed: int, echo: Callable[[str], None]
                 row["recall_gain_kept"] = (values["recall"] - none["recall"]) / recall_gain if recall_gain > 0 else None
                 rows.append(row)
                 echo(f"{kind}: {model}: recall {values['recall']:.0%}, held-out loss {values['heldout_loss']:.3f}")
+        if fleet_devices:
+            rows += fleet_upgrade(work / "fleet-upgrade", fleet_devices, fleet_rounds, distill, echo)
         return MigrateBench(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def fleet_upgrade(work: Path, devices: int, rounds: int, distill: DistillSettings, echo: Callable[[str], None],
+                  backbone: str = "embedded") -> list[dict]:
+    """A fleet of `devices` personas personalized for `rounds` rounds by `plora fleet launch`, then
+    moved to fresh projections by `plora migrate --root` as an operator runs it: rows per device
+    of v1 + M and of what it has after the migration, against its base model."""
+    work.mkdir(parents=True)
+    with registry_of_its_own(work):
+        root, reg = work / "fleet", open_registry()
+        echo(f"a fleet of {devices} personas, {rounds} rounds")
+        launch(devices, rounds, backbone=backbone, root=root, echo=echo)
+        folders = device_folders(root)
+        v1 = DeviceStore.open(folders[0]).record.identity.version
+        v1_config = PrivateLoRAConfig.from_dict(reg.get_backbone(v1).adapter_config)
+        v2 = register(reg, backbone, replace(v1_config, seed=v1_config.seed + 1))
+        base = init_device(work / "base", backbone, v1_config).root  # M = 0: the base model, which v1 and v2 share
+
+        def measure_all() -> dict[int, dict]:
+            with service_for(folders, v2.name, reg, None) as address:
+                return {partition_of(folder): _measure(folder, make_persona(partition_of(folder)),
+                                                       folder / DeviceStore.PRIVATE_HELDOUT, address) for folder in folders}
+
+        before = measure_all()
+        echo(f"migrating the fleet to {v2.name} as an operator does")
+        lines = {line["partition_id"]: line for line in launch_migration(root, v2.name, "distill", steps=distill.steps,
+                                                                         lr=distill.lr, echo=echo)}
+        after = measure_all()
+        rows = []
+        for folder in folders:
+            device = partition_of(folder)
+            none = _measure(base, make_persona(device), folder / DeviceStore.PRIVATE_HELDOUT)
+            line, version = lines[device], DeviceStore.open(folder).record.identity.version
+            outcome = "migrated" if version == v2.name else f"stayed on v1 ({line['error'] or '?'})"
+            loss_gain, recall_gain = none["heldout_loss"] - before[device]["heldout_loss"], before[device]["recall"] - none["recall"]
+            rows.append({"upgrade": "fleet", "model": f"{folder.name}, v1 + M", **before[device]})
+            rows.append({"upgrade": "fleet", "model": f"{folder.name}, {outcome}", **after[device],
+                         "loss_gain_kept": (none["heldout_loss"] - after[device]["heldout_loss"]) / loss_gain if loss_gain > 0 else None,
+                         "recall_gain_kept": (after[device]["recall"] - none["recall"]) / recall_gain if recall_gain > 0 else None,
+                         "gain_kept_measured": line["metrics"].get("after_gain_kept")})
+            echo(f"fleet: {folder.name} {outcome}: recall {before[device]['recall']:.0%} -> {after[device]['recall']:.0%}, "
+                 f"held-out loss {before[device]['heldout_loss']:.3f} -> {after[device]['heldout_loss']:.3f} (base {none['heldout_loss']:.3f})")
+        return rows
