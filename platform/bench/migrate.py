@@ -66,6 +66,14 @@ def _measure(root: Path, persona, heldout: Path, address: str | None = None) -> 
         device.close()
 
 
+def _gain_kept(base: dict, personalized: dict, base_now: dict, now: dict) -> dict:
+    """The share of the gain `personalized` made over `base` that `now` keeps over `base_now`,
+    its own base model, in held-out loss and in recall (None where there was no gain)."""
+    loss_gain, recall_gain = base["heldout_loss"] - personalized["heldout_loss"], personalized["recall"] - base["recall"]
+    return {"loss_gain_kept": (base_now["heldout_loss"] - now["heldout_loss"]) / loss_gain if loss_gain > 0 else None,
+            "recall_gain_kept": (now["recall"] - base_now["recall"]) / recall_gain if recall_gain > 0 else None}
+
+
 def _write(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -113,14 +121,8 @@ def run_migrate_bench(data: Path, persona_seed: int, echo: Callable[[str], None]
             retrained = init_device(work / f"{kind}-retrained", v2.source, v2_config).root
             _personalize(retrained, reg, notes)
             measured["v2 + retrained M"] = _measure(retrained, persona, heldout)
-            none = measured["v2, no M"]
-            loss_gain = v1_none["heldout_loss"] - v1_m["heldout_loss"]
-            recall_gain = v1_m["recall"] - v1_none["recall"]
             for model, values in measured.items():
-                row = {"upgrade": kind, "model": model, **values}
-                row["loss_gain_kept"] = (none["heldout_loss"] - values["heldout_loss"]) / loss_gain if loss_gain > 0 else None
-                row["recall_gain_kept"] = (values["recall"] - none["recall"]) / recall_gain if recall_gain > 0 else None
-                rows.append(row)
+                rows.append({"upgrade": kind, "model": model, **values, **_gain_kept(v1_none, v1_m, measured["v2, no M"], values)})
                 echo(f"{kind}: {model}: recall {values['recall']:.0%}, held-out loss {values['heldout_loss']:.3f}")
         if fleet_devices:
             rows += fleet_upgrade(work / "fleet-upgrade", fleet_devices, fleet_rounds, distill, echo)
@@ -161,11 +163,9 @@ def fleet_upgrade(work: Path, devices: int, rounds: int, distill: DistillSetting
             none = _measure(base, make_persona(device), folder / DeviceStore.PRIVATE_HELDOUT)
             line, version = lines[device], DeviceStore.open(folder).record.identity.version
             outcome = "migrated" if version == v2.name else f"stayed on v1 ({line['error'] or '?'})"
-            loss_gain, recall_gain = none["heldout_loss"] - before[device]["heldout_loss"], before[device]["recall"] - none["recall"]
             rows.append({"upgrade": "fleet", "model": f"{folder.name}, v1 + M", **before[device]})
             rows.append({"upgrade": "fleet", "model": f"{folder.name}, {outcome}", **after[device],
-                         "loss_gain_kept": (none["heldout_loss"] - after[device]["heldout_loss"]) / loss_gain if loss_gain > 0 else None,
-                         "recall_gain_kept": (after[device]["recall"] - none["recall"]) / recall_gain if recall_gain > 0 else None,
+                         **_gain_kept(none, before[device], none, after[device]),
                          "gain_kept_measured": line["metrics"].get("after_gain_kept")})
             echo(f"fleet: {folder.name} {outcome}: recall {before[device]['recall']:.0%} -> {after[device]['recall']:.0%}, "
                  f"held-out loss {before[device]['heldout_loss']:.3f} -> {after[device]['heldout_loss']:.3f} (base {none['heldout_loss']:.3f})")
