@@ -45,7 +45,9 @@ from plora.platform.versions.migration import device_folders, migrate_device, se
 from plora.storage.db import open_database
 from plora.storage.registry import Registry, open_registry
 
-KINDS = ("derived", "fresh-seed")
+UPGRADES = ("derived", "fresh-seed", "fleet")
+"""What the bench can measure: one device moved to a derived decoder, or to fresh projections of
+the same weights; and a fleet moved to fresh projections by its operator."""
 
 
 @dataclass
@@ -88,47 +90,56 @@ def _personalize(root: Path, reg: Registry, notes: Path) -> None:
 
 
 def run_migrate_bench(data: Path, persona_seed: int, echo: Callable[[str], None], derive_steps: int = 30,
-                      distill: DistillSettings = DistillSettings(), fleet_devices: int = 4, fleet_rounds: int = 3) -> MigrateBench:
+                      distill: DistillSettings = DistillSettings(), upgrades: tuple[str, ...] = UPGRADES,
+                      fleet_devices: int = 4, fleet_rounds: int = 3) -> MigrateBench:
     work = Path(tempfile.mkdtemp(prefix="plora-bench-migrate-"))
     try:
-        reg = Registry(open_database(f"sqlite:///{work / 'registry.db'}"))
-        config, persona = PrivateLoRAConfig(), make_persona(persona_seed)
-        notes, heldout = _write(work / "notes.jsonl", persona.train_records()), _write(work / "heldout.jsonl", persona.heldout_records())
-        v1 = register(reg, "embedded", config)
-        base = init_device(work / "v1-device", "embedded", config).root
-        v1_none = _measure(base, persona, heldout)
-        echo(f"v1 without M: recall {v1_none['recall']:.0%}, held-out loss {v1_none['heldout_loss']:.3f}; personalizing")
-        _personalize(base, reg, notes)
-        v1_m = _measure(base, persona, heldout)
-        echo(f"v1 + M: recall {v1_m['recall']:.0%}, held-out loss {v1_m['heldout_loss']:.3f}")
-        rows = [{"upgrade": "-", "model": "v1, no M", **v1_none}, {"upgrade": "-", "model": "v1 + M", **v1_m}]
-        for kind in KINDS:
-            if kind == "derived":
-                echo(f"deriving v2: {derive_steps} steps on GSM8K train")
-                v2 = derive(reg, v1.name, data / "gsm8k" / "train.jsonl", f"bench-derived-{persona_seed}", steps=derive_steps,
-                            on_step=lambda s, t, loss: s % 10 == 0 and echo(f"  derive step {s}/{t}, loss {loss:.3f}"),
-                            folder=work / "backbones")
-            else:
-                v2 = register(reg, "embedded", PrivateLoRAConfig(seed=config.seed + 1))
-            v2_config = PrivateLoRAConfig.from_dict(v2.adapter_config)
-            measured = {"v2, no M": _measure(init_device(work / f"{kind}-none", v2.source, v2_config).root, persona, heldout)}
-            for method in ("copy", "distill"):
-                folder = work / f"{kind}-{method}"
-                shutil.copytree(base, folder)
-                report = migrate_device(folder, v2.name, method, reg, settings=distill, min_retention=0.0)
-                measured[f"v2 + {method} M"] = {**_measure(folder, persona, heldout),
-                                                "gain_kept_measured": report.after.get("gain_kept")}
-            retrained = init_device(work / f"{kind}-retrained", v2.source, v2_config).root
-            _personalize(retrained, reg, notes)
-            measured["v2 + retrained M"] = _measure(retrained, persona, heldout)
-            for model, values in measured.items():
-                rows.append({"upgrade": kind, "model": model, **values, **_gain_kept(v1_none, v1_m, measured["v2, no M"], values)})
-                echo(f"{kind}: {model}: recall {values['recall']:.0%}, held-out loss {values['heldout_loss']:.3f}")
-        if fleet_devices:
+        single = [kind for kind in upgrades if kind != "fleet"]
+        rows = single_device_upgrades(work, data, persona_seed, single, derive_steps, distill, echo) if single else []
+        if "fleet" in upgrades:
             rows += fleet_upgrade(work / "fleet-upgrade", fleet_devices, fleet_rounds, distill, echo)
         return MigrateBench(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def single_device_upgrades(work: Path, data: Path, persona_seed: int, kinds: list[str], derive_steps: int,
+                           distill: DistillSettings, echo: Callable[[str], None]) -> list[dict]:
+    """One persona's device personalized on v1, then, per kind of upgrade, v2 with no, copied,
+    distilled and retrained M; rows of each against v2's base model."""
+    reg = Registry(open_database(f"sqlite:///{work / 'registry.db'}"))
+    config, persona = PrivateLoRAConfig(), make_persona(persona_seed)
+    notes, heldout = _write(work / "notes.jsonl", persona.train_records()), _write(work / "heldout.jsonl", persona.heldout_records())
+    v1 = register(reg, "embedded", config)
+    base = init_device(work / "v1-device", "embedded", config).root
+    v1_none = _measure(base, persona, heldout)
+    echo(f"v1 without M: recall {v1_none['recall']:.0%}, held-out loss {v1_none['heldout_loss']:.3f}; personalizing")
+    _personalize(base, reg, notes)
+    v1_m = _measure(base, persona, heldout)
+    echo(f"v1 + M: recall {v1_m['recall']:.0%}, held-out loss {v1_m['heldout_loss']:.3f}")
+    rows = [{"upgrade": "-", "model": "v1, no M", **v1_none}, {"upgrade": "-", "model": "v1 + M", **v1_m}]
+    for kind in kinds:
+        if kind == "derived":
+            echo(f"deriving v2: {derive_steps} steps on GSM8K train")
+            v2 = derive(reg, v1.name, data / "gsm8k" / "train.jsonl", f"bench-derived-{persona_seed}", steps=derive_steps,
+                        on_step=lambda s, t, loss: s % 10 == 0 and echo(f"  derive step {s}/{t}, loss {loss:.3f}"),
+                        folder=work / "backbones")
+        else:
+            v2 = register(reg, "embedded", PrivateLoRAConfig(seed=config.seed + 1))
+        v2_config = PrivateLoRAConfig.from_dict(v2.adapter_config)
+        measured = {"v2, no M": _measure(init_device(work / f"{kind}-none", v2.source, v2_config).root, persona, heldout)}
+        for method in ("copy", "distill"):
+            folder = work / f"{kind}-{method}"
+            shutil.copytree(base, folder)
+            report = migrate_device(folder, v2.name, method, reg, settings=distill, min_retention=0.0)
+            measured[f"v2 + {method} M"] = {**_measure(folder, persona, heldout), "gain_kept_measured": report.after.get("gain_kept")}
+        retrained = init_device(work / f"{kind}-retrained", v2.source, v2_config).root
+        _personalize(retrained, reg, notes)
+        measured["v2 + retrained M"] = _measure(retrained, persona, heldout)
+        for model, values in measured.items():
+            rows.append({"upgrade": kind, "model": model, **values, **_gain_kept(v1_none, v1_m, measured["v2, no M"], values)})
+            echo(f"{kind}: {model}: recall {values['recall']:.0%}, held-out loss {values['heldout_loss']:.3f}")
+    return rows
 
 
 def fleet_upgrade(work: Path, devices: int, rounds: int, distill: DistillSettings, echo: Callable[[str], None],

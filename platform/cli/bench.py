@@ -116,22 +116,25 @@ def bench_serve(as_json, out_path, spec, devices, repeats) -> None:
 @click.option("--persona", default=0, show_default=True, help="Seed of the synthetic persona the device personalizes on.")
 @click.option("--derive-steps", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--distill-steps", default=40, show_default=True, type=click.IntRange(min=1))
-@click.option("--fleet-devices", default=4, show_default=True, type=click.IntRange(min=0),
-              help="Persona devices of the fleet that `plora fleet launch` personalizes and `plora migrate --root` "
-                   "then moves to fresh projections, as an operator would; 0 leaves the fleet out.")
+@click.option("--upgrade", "upgrades", multiple=True, type=click.Choice(["derived", "fresh-seed", "fleet"]),
+              help="Measure this upgrade (repeatable) [default: all]: one device moved to a derived decoder "
+                   "(derived) or to fresh projections (fresh-seed), or a fleet moved to fresh projections by its "
+                   "operator (fleet).")
+@click.option("--fleet-devices", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Persona devices of that fleet, personalized by `plora fleet launch` and moved by `plora migrate --root`.")
 @click.option("--fleet-rounds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Personalization rounds of that fleet, each of the fleet's default steps.")
 @results_options
 @fail_cleanly
 @stop_on_sigterm
-def bench_migrate(data_dir, persona, derive_steps, distill_steps, fleet_devices, fleet_rounds, as_json, out_path) -> None:
+def bench_migrate(data_dir, persona, derive_steps, distill_steps, upgrades, fleet_devices, fleet_rounds, as_json, out_path) -> None:
     """Personalization kept across backbone upgrades: v1 + M against v2 with no, copied, distilled and retrained M;
     then a fleet's devices after an operator's fleet-wide `plora migrate`."""
     from plora.clients.migration import DistillSettings
-    from plora.platform.bench.migrate import run_migrate_bench
+    from plora.platform.bench.migrate import UPGRADES, run_migrate_bench
 
-    results = run_migrate_bench(data_dir, persona, say, derive_steps, DistillSettings(steps=distill_steps), fleet_devices,
-                                fleet_rounds)
+    results = run_migrate_bench(data_dir, persona, say, derive_steps, DistillSettings(steps=distill_steps),
+                                upgrades or UPGRADES, fleet_devices, fleet_rounds)
     _keep(results.to_json(), out_path)
     show(results.rows, MIGRATE_COLUMNS, as_json, document=results.to_json())
 

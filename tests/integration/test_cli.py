@@ -66,12 +66,16 @@ def test_the_cli_starts_without_importing_torch():
 def test_the_cli_states_the_defaults_of_the_code_it_must_not_import():
     from plora.clients.data import PERSONALIZE_MAX_LENGTH
     from plora.clients.training import MIN_STEPS, NEAR_BEST
+    from plora.platform.bench.migrate import UPGRADES
+    from plora.platform.cli.bench import bench_migrate
     from plora.platform.cli.device import personalize
 
     defaults = {param.name: param.default for param in personalize.params}
     assert (defaults["min_steps"], defaults["max_length"]) == (MIN_STEPS, PERSONALIZE_MAX_LENGTH)
     patience = next(param for param in personalize.params if param.name == "patience")
     assert f"within {NEAR_BEST:.0%} of the best validation gain" in patience.help
+    upgrades = next(param for param in bench_migrate.params if param.name == "upgrades")
+    assert tuple(upgrades.type.choices) == UPGRADES
 
 
 def test_init_creates_a_base_model_device_registered_in_the_database(device_dir):
