@@ -73,6 +73,20 @@ OPENINGS = (
     "The recipe calls for two cups of flour,",
     "When the first settlers arrived in the valley,",
 )
+# Generic prompts no anchor holds, so no job trains on the base model's text on them: how far
+# the personalized model's NLL on that text moved measures its drift on generic text
+# (clients.training.generic_drift), which the anchor's own text, trained on, would understate.
+PROBES = (
+    ("What is 7 times 8, and how can you check the answer?", True),
+    ("Describe how the gears of a bicycle work.", True),
+    ("Write a haiku about autumn leaves.", True),
+    ("What should I pack for a weekend of hiking?", True),
+    ("The river that runs through the old town", False),
+    ("A rectangle is 9 cm long and 4 cm wide, so its area", False),
+    ("The museum's new exhibition opens with", False),
+    ("Water boils at a lower temperature on a mountain because", False),
+)
+PROBE_TOKENS = 48  # tokens the base model writes per probe
 
 
 @dataclass(frozen=True)
@@ -136,11 +150,26 @@ def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, s
     generic behaviour worth keeping too, and those positions go through the model anyway."""
     prompts = [(p, True) for p in REQUESTS] + [(p, False) for p in OPENINGS]
     rng = random.Random(seed)
-    chosen = rng.sample(prompts, settings.texts)
-    seeds = [rng.randrange(2**31) for _ in chosen]
-    encoded = [encode_prompt(tokenizer, prompt, chat=chat) for prompt, chat in chosen]
+    return _base_text(model, tokenizer, rng.sample(prompts, settings.texts), settings.new_tokens, rng)
+
+
+def probe_key(seed: int) -> str:
+    """Equal for arguments that give the same probe text on the same backbone."""
+    return hashlib.sha256(repr((PROBES, PROBE_TOKENS, seed, "batch")).encode()).hexdigest()
+
+
+def write_probe(model: DeviceModel, tokenizer: Any, seed: int) -> list[TokenizedExample]:
+    """The base model's own text on PROBES, labelled as `write_anchor` labels it."""
+    return _base_text(model, tokenizer, list(PROBES), PROBE_TOKENS, random.Random(seed))
+
+
+def _base_text(model: DeviceModel, tokenizer: Any, prompts: list[tuple[str, bool]], new_tokens: int,
+               rng: random.Random) -> list[TokenizedExample]:
+    """The base model's continuation of each (prompt, is a chat request), sampled with seeds from `rng`."""
+    seeds = [rng.randrange(2**31) for _ in prompts]
+    encoded = [encode_prompt(tokenizer, prompt, chat=chat) for prompt, chat in prompts]
     with base_model(model):
-        written = generate_batch(model, encoded, settings.new_tokens, {tokenizer.eos_token_id}, temperature=1.0, seeds=seeds)
+        written = generate_batch(model, encoded, new_tokens, {tokenizer.eos_token_id}, temperature=1.0, seeds=seeds)
     return [TokenizedExample(ids + new, ids + new) for ids, new in zip(encoded, written)]
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
-from plora.clients.anchor import Anchor, AnchorSettings
+from plora.clients.anchor import Anchor, AnchorSettings, base_model
 from plora.clients.checkpoint import Progress, TrainingCheckpoint
 from plora.clients.data import IGNORE_INDEX, TokenizedExample, batches, collate
 from plora.clients.device_model import DeviceModel
@@ -154,6 +154,15 @@ def evaluate(model: DeviceModel, examples: list[TokenizedExample], pad_id: int, 
         loss, n = causal_lm_loss(model(ids), labels)
         total, count = total + loss.item() * n, count + n
     return total / max(count, 1)
+
+
+def generic_drift(model: DeviceModel, probe: list[TokenizedExample], pad_id: int) -> float:
+    """How much worse the model with its M predicts generic text than the base model does: the
+    relative change in NLL on `probe`, text the base model wrote that no job trains on
+    (clients.anchor.write_probe). 0 at M = 0; +0.02 is 2% worse."""
+    with base_model(model):
+        base = evaluate(model, probe, pad_id)
+    return evaluate(model, probe, pad_id) / base - 1
 
 
 def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:

@@ -25,13 +25,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, text_key, write_anchor
+from plora.clients.anchor import Anchor, AnchorSettings, kept_anchor, probe_key, text_key, write_anchor, write_probe
 from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, send_job_reports
 from plora.clients.search import CrossValidation, LrSearch, SearchResult, cross_validate, personalization_settings, search_lr
-from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, personalize
+from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, generic_drift, personalize
 from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device, is_address
 from plora.storage.crashpoints import crash_point
@@ -49,7 +49,8 @@ DeviceProgress = Callable[[str, str, int | None, int | None, float | None], None
 CHECKPOINT = "checkpoint.safetensors"  # in the device folder while a job is in progress
 ANCHOR = "anchor.json"  # in the device's public folder: the anchor text its base model wrote
 ANCHOR_TARGETS = "anchor-targets.safetensors"  # next to it: the base model's targets on that text
-ANCHOR_LOCK = ".anchor.lock"  # next to them in a shared store: held while they are read or made
+PROBE = "probe.json"  # next to them: the base model's text on generic prompts no job trains on
+ANCHOR_LOCK = ".anchor.lock"  # next to them in a shared store: held while they or the probe are read or made
 ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
 ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
@@ -105,20 +106,29 @@ def device_anchor(device: Device, settings: AnchorSettings) -> Anchor:
     folder = device.store.public_folder()
     # A device's own folder is under its job lock already (device_job).
     with exclusive(folder / ANCHOR_LOCK) if device.store.public_store() else nullcontext():
-        return kept_anchor(folder / ANCHOR_TARGETS, device.model, _anchor_text(device, settings, folder, version),
-                           device.tokenizer.pad_token_id, settings.top_k, version)
+        text = _kept_text(folder / ANCHOR, f"{version}/{text_key(settings, ANCHOR_SEED)}",
+                          lambda: write_anchor(device.model, device.tokenizer, settings, ANCHOR_SEED))
+        return kept_anchor(folder / ANCHOR_TARGETS, device.model, text, device.tokenizer.pad_token_id, settings.top_k, version)
 
 
-def _anchor_text(device: Device, settings: AnchorSettings, folder: Path, version: str) -> list[TokenizedExample]:
-    path = folder / ANCHOR
-    key = f"{version}/{text_key(settings, ANCHOR_SEED)}"
+def device_probe(device: Device) -> list[TokenizedExample]:
+    """The device's probe text (clients.anchor.write_probe), written on first use and kept
+    beside its anchor, as the anchor is."""
+    folder = device.store.public_folder()
+    with exclusive(folder / ANCHOR_LOCK) if device.store.public_store() else nullcontext():
+        return _kept_text(folder / PROBE, f"{device.store.record.identity.version}/{probe_key(ANCHOR_SEED)}",
+                          lambda: write_probe(device.model, device.tokenizer, ANCHOR_SEED))
+
+
+def _kept_text(path: Path, key: str, write: Callable[[], list[TokenizedExample]]) -> list[TokenizedExample]:
+    """The text kept in `path` under `key`, else `write()`'s, kept there."""
     try:
         kept = json.loads(path.read_text())
         if kept["key"] == key:
             return [TokenizedExample(ids, labels) for ids, labels in kept["examples"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, or unreadable: write it afresh
-    examples = write_anchor(device.model, device.tokenizer, settings, ANCHOR_SEED)
+    examples = write()
     stored = {"key": key, "examples": [[e.input_ids, e.labels] for e in examples]}
     write_atomically(path, json.dumps(stored).encode())
     return examples
@@ -130,6 +140,7 @@ class JobOutcome:
     result: TrainResult
     loss_before: float  # on validation if there is one, else on the training set
     loss_after: float
+    generic_drift: float  # the NLL change of the kept M on generic text no job trains on (clients.training.generic_drift)
     selection: str = PINNED  # how the learning rate was selected: SEARCHED, CROSS_VALIDATED, PINNED or a FIXED_*
     lr: float | None = None  # the rate M was trained at; None when the search found none worth training
     search: SearchResult | CrossValidation | None = None  # how it chose, when it chose in this run (not when resumed)
@@ -162,7 +173,7 @@ def device_job(store: DeviceStore, reg: Registry, address: str | None = None) ->
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        discard_partial_writes(store.root, (CHECKPOINT, ANCHOR, ANCHOR_TARGETS, DeviceStore.ADAPTER, DeviceStore.RECORD))
+        discard_partial_writes(store.root, (CHECKPOINT, ANCHOR, ANCHOR_TARGETS, PROBE, DeviceStore.ADAPTER, DeviceStore.RECORD))
         for job_id in reg.interrupt_abandoned_jobs(store.record.device_id, ABANDONED):
             log.warning("job %d of device %s was left open by a process that is gone; closed as interrupted",
                         job_id, store.record.device_id)
@@ -330,6 +341,7 @@ def _personalization_job(
         checkpoint.job = {**job, "id": job_id}
         before = job["loss_before"]
         anchor = device_anchor(device, settings.anchor) if settings.anchor else None
+        probe = device_probe(device)
         found, lr, chosen_by = None, settings.lr, {}
         if searching:
             chosen_by = job.get("search", {})
@@ -354,6 +366,7 @@ def _personalization_job(
                                  val_before=before if selection == SEARCHED else None)
         crash_point("personalize:trained")
         after = result.val_after if val else evaluate(device.model, train, pad)
+        drift = generic_drift(device.model, probe, pad)
         device.save(job["adapter_steps"] + result.steps)
         crash_point("personalize:adapter-saved")
         if keep_text and Path(data_path).resolve() not in [p.resolve() for p in device.store.private_text()]:
@@ -365,13 +378,14 @@ def _personalization_job(
         reg.interrupt_job(job_id, type(err).__name__)
         raise
     metric = "val_loss" if val else "train_loss"
-    metrics_after = {metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps}
+    metrics_after = {metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps,
+                     "generic_drift": drift}
     if result.anchor_kl is not None:
         metrics_after["anchor_kl"] = result.anchor_kl
     metrics_after.update(chosen_by, selection=selection, stopped_early=result.stopped_early)
     if lr is not None:
         metrics_after["lr"] = lr
-    outcome = JobOutcome(job_id, result, before, after, selection, lr, found)
+    outcome = JobOutcome(job_id, result, before, after, drift, selection, lr, found)
     if val:  # False: no step beat the starting M, which the job kept
         metrics_after.update(improved=outcome.improved, best_step=result.best_step)
     elif outcome.improved is not None:  # False: cross-validation found training worse than the starting M

@@ -217,6 +217,8 @@ def _summary(outcome) -> None:
         click.echo(f"job {outcome.job_id}: no training run")
     which = "validation" if result.val_before is not None else "training-set"
     click.echo(f"{which} loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f}")
+    click.echo(f"generic text: loss {outcome.generic_drift:+.1%} against the base model, on text it wrote that no job "
+               "trains on")
     if outcome.improved is False:
         where = "on validation" if result.val_before is not None else "in cross-validation"
         click.echo(f"no gain {where}: the starting M is kept")

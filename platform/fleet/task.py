@@ -126,7 +126,7 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int,
     def report(step: int, total: int, loss: float) -> None:
         report_progress(folder, f"round {server_round}", step, total, loss)
 
-    # Before the first step: the first job also has the base model write its anchor text.
+    # Before the first step: the first job also has the base model write its anchor and probe text.
     report_progress(folder, f"round {server_round}: preparing")
     started = time.perf_counter()
     try:

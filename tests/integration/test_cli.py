@@ -94,6 +94,7 @@ def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file)
     assert job.status == "succeeded" and job.steps_done == 30 and job.tokens_processed > 0
     # A tiny random model starts near ln(vocab); the real backbone is tested in test_embedded.
     assert job.metrics_after["train_loss"] < job.metrics_before["train_loss"] - 0.1
+    assert f"generic text: loss {job.metrics_after['generic_drift']:+.1%} against the base model" in result.output
     tensors, header = load_adapter(device_dir / "adapter.safetensors", DeviceStore.open(device_dir).record.identity)
     assert header.steps == 30 and any(torch.count_nonzero(t) for t in tensors.values())
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from plora.clients.anchor import AnchorSettings
+from plora.clients.anchor import PROBES, AnchorSettings
 from plora.clients.search import LrSearch, trial_key
 from plora.clients.training import TrainSettings
 from plora.platform.jobs import CHECKPOINT, run_personalization, split_holdout
@@ -114,13 +114,14 @@ def test_fleet_status_lists_devices_by_version_with_their_latest_job(tmp_path, t
     assert store.record.identity.version in row and "personalize succeeded, 2 steps" in row
 
 
-def test_the_anchor_and_its_targets_are_made_once_per_device_and_used_by_every_job(tmp_path, tiny_checkpoint, data, monkeypatch):
+def test_the_anchor_its_targets_and_the_probe_are_made_once_per_device_and_used_by_every_job(tmp_path, tiny_checkpoint, data, monkeypatch):
     from plora.clients import anchor
     from plora.platform import jobs
 
-    written, computed = [], []
-    write, compute = jobs.write_anchor, anchor.teacher_targets
+    written, probed, computed = [], [], []
+    write, probe, compute = jobs.write_anchor, jobs.write_probe, anchor.teacher_targets
     monkeypatch.setattr(jobs, "write_anchor", lambda *args: written.append(1) or write(*args))
+    monkeypatch.setattr(jobs, "write_probe", lambda *args: probed.append(1) or probe(*args))
     monkeypatch.setattr(anchor, "teacher_targets", lambda *args: computed.append(1) or compute(*args))
     init_device(tmp_path / "dev", str(tiny_checkpoint))
     for seed in (0, 1):
@@ -128,10 +129,13 @@ def test_the_anchor_and_its_targets_are_made_once_per_device_and_used_by_every_j
         outcome = run_personalization(open_device(tmp_path / "dev"), data, settings, val_fraction=0.0)
         assert outcome.result.anchor_kl is not None
     assert len(written) == 1 and (tmp_path / "dev" / jobs.ANCHOR).is_file()
+    assert len(probed) == 1 and (tmp_path / "dev" / jobs.PROBE).is_file()
     # The base model's forward over the anchor text, most of a short job, runs on the first job only.
     assert len(computed) == 1 and (tmp_path / "dev" / jobs.ANCHOR_TARGETS).is_file()
     (job, _) = open_registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
     assert "anchor_kl" in job.metrics_after
+    # The job reports its drift on generic text it never trained on, as the outcome does.
+    assert job.metrics_after["generic_drift"] == outcome.generic_drift != 0.0
 
 
 # --- choosing the learning rate (clients.search) -------------------------------------------------
@@ -256,7 +260,8 @@ def test_below_10_examples_a_job_trains_only_if_training_wins_in_cross_validatio
     assert outcome.lr == 0.05 and outcome.result.steps == 8
     # Each of the 2 folds trained for the job's budget and scored its half twice.
     assert cost["cross-validated"]["steps"] == 3 * 8 and outcome.search.steps == 2 * 8
-    assert cost["cross-validated"]["examples_scored"] == 2 * cost["plain"]["examples_scored"], cost
+    probe = 2 * len(PROBES)  # each job scores the probe with its M and at M = 0 (generic_drift)
+    assert cost["cross-validated"]["examples_scored"] - probe == 2 * (cost["plain"]["examples_scored"] - probe), cost
     assert torch.allclose(ms(open_device(tmp_path / "cross-validated")), ms(open_device(tmp_path / "plain")))
     (job,) = open_registry().list_jobs(open_device(tmp_path / "cross-validated").store.record.device_id)
     assert job.params["selection"] == outcome.selection and job.params["cv_folds"] == 2

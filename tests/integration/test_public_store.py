@@ -61,9 +61,10 @@ def test_devices_share_the_public_half_and_keep_their_private_state_apart(fleet)
     personalize(first, first / task.TRAIN_FILE)
     public_after_first = files_digest(public)
     personalize(second, second / task.TRAIN_FILE)
-    # The anchor was written once, by the first job, for both devices.
+    # The anchor and the probe were written once, by the first job, for both devices.
     assert files_digest(public) == public_after_first
     assert any(name.endswith(jobs.ANCHOR) for name in public_after_first)
+    assert any(name.endswith(jobs.PROBE) for name in public_after_first)
 
     # The devices hold different M, and training one changes nothing of the other's.
     first_m, second_m = (load_file(folder / DeviceStore.ADAPTER) for folder in (first, second))

@@ -75,6 +75,10 @@ def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_
         assert side["gain"] == pytest.approx(side["before"] - side["after"])
         assert side["params"] > 0
     assert row["param_ratio"] == plora["params"] / lora["params"]
+    # Beside the bench's generic text, the job's own measure of its drift, on the device's probe.
+    assert math.isfinite(plora["device_drift"]) and "device_drift" not in lora
+    if plora["steps"] == 0:
+        assert plora["device_drift"] == pytest.approx(0.0, abs=1e-6)
     for side in (plora, lora):  # a search that found no rate worth it keeps the start exactly
         assert side["lr"] is not None or (side["gain"] == 0 and side["steps"] == 0)
         assert 0 <= side["kept_step"] <= side["steps"]

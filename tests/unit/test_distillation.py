@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from plora.clients.anchor import OPENINGS, REQUESTS, Anchor, AnchorSettings, anchor_of, base_model, write_anchor
+from plora.clients.anchor import OPENINGS, PROBES, REQUESTS, Anchor, AnchorSettings, anchor_of, base_model, write_anchor, write_probe
 from plora.clients.data import IGNORE_INDEX, TokenizedExample, collate
 from plora.clients.distillation import distillation_loss, labelled_positions, mean_kl, teacher_targets
-from plora.clients.training import TrainSettings, personalize
+from plora.clients.training import TrainSettings, generic_drift, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.runtime import split_embedded
@@ -175,3 +177,24 @@ def test_anchor_text_is_the_base_models_own_and_the_same_for_the_same_seed(tiny_
     with base_model(model):
         base_first = write_anchor(model, tok, settings, 0)
     assert [e.input_ids for e in base_first] == [e.input_ids for e in first]
+
+
+def test_generic_drift_is_zero_at_the_base_model_and_grows_as_m_moves_it():
+    model = peaked_split()
+    assert generic_drift(model, HELD_OUT, PAD) == pytest.approx(0.0, abs=1e-6)
+    personalize(model, NARROW, PAD, replace(ANCHORED, anchor=None))
+    drift = generic_drift(model, HELD_OUT, PAD)
+    assert drift > 0.01
+    random_ms(model, std=1.0)  # and with the M held, not the base, whatever it is
+    assert generic_drift(model, HELD_OUT, PAD) != pytest.approx(drift, rel=0.01)
+
+
+def test_the_probe_is_the_base_models_text_on_prompts_no_anchor_holds(tiny_checkpoint):
+    backbone = loading.load(str(tiny_checkpoint))
+    model, tok = split_embedded(backbone, PrivateLoRAConfig(rank=4)), backbone.tokenizer
+    assert not {prompt for prompt, _ in PROBES} & set(REQUESTS + OPENINGS)
+    random_ms(model)
+    probe = write_probe(model, tok, 0)
+    assert len(probe) == len(PROBES) and all(e.labels == e.input_ids for e in probe)
+    with base_model(model):
+        assert [e.input_ids for e in write_probe(model, tok, 0)] == [e.input_ids for e in probe]
