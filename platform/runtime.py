@@ -147,10 +147,11 @@ def forget_device(root: Path, reg: Registry, address: str | None = None) -> dict
     return removed
 
 
-def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig, cut_noise: CutNoise | None = None) -> DeviceModel:
-    """Both halves of `backbone` in this process, joined by an in-process link."""
+def split_embedded(backbone: loading.Backbone, config: PrivateLoRAConfig, cut_noise: CutNoise | None = None,
+                   noise_seed: int | None = None) -> DeviceModel:
+    """Both halves of `backbone` in this process, joined by an in-process link; `noise_seed` as DeviceModel's."""
     link = InProcessLink(CloudHalf(backbone, config).open_session())
-    return DeviceModel(backbone.model, config, link, cut_noise)
+    return DeviceModel(backbone.model, config, link, cut_noise, noise_seed)
 
 
 def connect(

@@ -21,8 +21,9 @@ VOCAB = 96  # conftest's tiny model
 
 
 def states_at_the_cut(tmp_path, noise: CutNoise | None, ids: torch.Tensor, passes: int = 1, device_layers: int = 0):
-    """What the cloud recorded entering its first layer, pass after pass, and the device's model."""
-    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers), noise)
+    """What the cloud recorded entering its first layer, pass after pass, and the device's model.
+    The noise is seeded: a test that checks a share of tokens must not pass or fail by the draw."""
+    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers), noise, noise_seed=0)
     split.link.taps.append(Recording(tmp_path).session("device", "session", "tiny"))
     with torch.no_grad():
         for _ in range(passes):
