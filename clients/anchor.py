@@ -75,7 +75,7 @@ OPENINGS = (
 )
 # Generic prompts no anchor holds, so no job trains on the base model's text on them: how far
 # the personalized model's NLL on that text moved measures its drift on generic text
-# (clients.training.generic_drift), which the anchor's own text, trained on, would understate.
+# (clients.training.DriftProbe), which the anchor's own text, trained on, would understate.
 PROBES = (
     ("What is 7 times 8, and how can you check the answer?", True),
     ("Describe how the gears of a bicycle work.", True),
@@ -94,11 +94,22 @@ class AnchorSettings:
     """How personalization stays close to the base model on generic text."""
 
     weight: float = 3.0
-    """Weight of KL(base || personalized) on the anchor, added to the task loss. Under the default
-    job (`plora bench quality`), weight 3 taught four personas all their facts with generic NLL
+    """Weight of KL(base || personalized) on the anchor, added to the task loss, at the start of a
+    job and whenever it keeps within `drift_budget`. Under the default job at a fixed weight
+    (`plora bench quality`), weight 3 taught four personas all their facts with generic NLL
     within +1.8%, but let it rise by 2.1% to 5.6% on 6 of 7 Shakespeare speakers; weight 10 held
     6 of the 7 within 2% but cost three personas a fact each (mean recall 91%) and the speakers
-    7 points of their gain against LoRA. No one weight suits every user (README)."""
+    7 points of their gain against LoRA. No one weight suits every user (README), hence the budget."""
+    drift_budget: float | None = 0.02
+    """How much worse than the base model the job may make generic text, as measured on the
+    job's probe (clients.training.DriftProbe). Every `drift_check_every` steps the job measures
+    it, and scales the weight by measured drift / budget (at most 4x, at least 1/2 per check,
+    between `weight` and `max_weight`): a job within its budget trains as at `weight`, one over
+    it is pulled back harder until it is within. None: the weight stays fixed."""
+    max_weight: float = 10.0
+    """The most the budget may raise the weight to."""
+    drift_check_every: int = 10
+    """Optimizer steps between measurements of the drift, when there is a budget."""
     rows: int = 2
     """Anchor sequences mixed into every training batch."""
     texts: int = 24
@@ -112,12 +123,22 @@ class AnchorSettings:
     def __post_init__(self) -> None:
         if not self.weight > 0:
             raise ConfigError(f"anchor weight must be > 0, got {self.weight}; turn the anchor off with anchor=None")
+        if self.drift_budget is not None and not self.drift_budget > 0:
+            raise ConfigError(f"the drift budget must be > 0 or None (a fixed weight), got {self.drift_budget}")
+        if not self.max_weight >= self.weight or self.drift_check_every < 1:
+            raise ConfigError(f"max_weight must be >= weight ({self.weight}) and drift_check_every >= 1, got "
+                              f"{self.max_weight} and {self.drift_check_every}")
         if not 1 <= self.texts <= len(REQUESTS) + len(OPENINGS):
             raise ConfigError(f"anchor texts must be between 1 and {len(REQUESTS) + len(OPENINGS)}, got {self.texts}")
         if min(self.rows, self.new_tokens, self.top_k) < 1:
             raise ConfigError(
                 f"anchor rows, new_tokens and top_k must be >= 1, got {self.rows}, {self.new_tokens}, {self.top_k}"
             )
+
+    def steered_weight(self, weight: float, drift: float) -> float:
+        """The weight for the steps after a check that measured `drift` (see `drift_budget`)."""
+        factor = min(4.0, max(0.5, drift / self.drift_budget))
+        return min(self.max_weight, max(self.weight, weight * factor))
 
 
 @contextmanager

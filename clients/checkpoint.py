@@ -38,6 +38,7 @@ class Progress:
     lowest_score: float | None = None  # the lowest validation score yet; None in checkpoints older than it
     seconds: float = 0.0  # training time so far, across resumptions
     anchor_kl: float | None = None  # KL(base || model) per anchor position at the last step, if anchored
+    anchor_weight: float | None = None  # the anchor's weight now, if anchored (AnchorSettings.drift_budget)
     stopped_early: bool = False  # validation stopped improving (TrainSettings.patience); nothing is left to run
 
 

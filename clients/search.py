@@ -42,7 +42,7 @@ import torch
 from plora.clients.anchor import Anchor
 from plora.clients.data import TokenizedExample
 from plora.clients.device_model import DeviceModel
-from plora.clients.training import OnStep, TrainResult, TrainSettings, evaluate, personalize
+from plora.clients.training import DriftProbe, OnStep, TrainResult, TrainSettings, evaluate, personalize
 from plora.storage.errors import ConfigError, DivergedError, NonFiniteError
 
 
@@ -146,13 +146,14 @@ def search_lr(
     *,
     val_before: float | None = None,
     anchor: Anchor | None = None,
+    probe: DriftProbe | None = None,
     on_step: OnStep | None = None,
 ) -> SearchResult:
     """Try each of `search.candidates` for `search.trial_steps` of the job's budget, each from
     the model's M as it is now, and score each on `val`. The model's M is left as it was.
 
-    A trial is a short job of its own (`personalize` with the settings' batches, anchor and
-    schedule shape over the trial's steps), validated once, at its end; `val_before` is the
+    A trial is a short job of its own (`personalize` with the settings' batches, anchor, drift
+    probe and schedule shape over the trial's steps), validated once, at its end; `val_before` is the
     starting M's validation loss if the caller has it. `on_step(step, total, loss)` counts the
     steps of all trials together.
     """
@@ -161,7 +162,8 @@ def search_lr(
     start_loss = evaluate(model, list(val), pad_id) if val_before is None else val_before
 
     def run_trial(trial: TrainSettings, trial_step: OnStep) -> TrainResult:
-        return personalize(model, train, pad_id, trial, list(val), on_step=trial_step, anchor=anchor, val_before=start_loss)
+        return personalize(model, train, pad_id, trial, list(val), on_step=trial_step, anchor=anchor, val_before=start_loss,
+                           probe=probe)
 
     return search_rates(list(model.weights.parameters()), run_trial, settings.total_steps(len(train)), settings, search,
                         start_loss, on_step)
@@ -246,10 +248,11 @@ def cross_validate(
     search: LrSearch,
     *,
     anchor: Anchor | None = None,
+    probe: DriftProbe | None = None,
     on_step: OnStep | None = None,
 ) -> CrossValidation:
     """Split `examples` (already shuffled) into `search.folds` folds; train from the model's M
-    as it is now on all folds but one, for the job's budget, at `settings.lr` with its anchor and
+    as it is now on all folds but one, for the job's budget, at `settings.lr` with its anchor, drift probe and
     schedule, and score the fold left out; restore M after each. `on_step(step, total, loss)`
     counts the steps of all folds together."""
     folds, steps = search.folds, settings.total_steps(len(examples))
@@ -269,7 +272,8 @@ def cross_validate(
 
         start_losses.append(evaluate(model, held, pad_id))
         try:
-            result = personalize(model, fit, pad_id, trial, held, on_step=fold_step, anchor=anchor, val_before=start_losses[-1])
+            result = personalize(model, fit, pad_id, trial, held, on_step=fold_step, anchor=anchor, val_before=start_losses[-1],
+                                 probe=probe)
             trained_losses.append(result.val_last)
         except DIVERGED:
             trained_losses.append(math.nan)

@@ -12,7 +12,8 @@ checkpoints that an interrupted job resumes exactly, and progress reported as
 Personal data is small: a few epochs over it overfit (held-out loss rises above the base
 model's), so when a validation split is given the M that did best on it is kept. Narrow data also
 moves the whole model, so by default every batch carries a few rows of anchor text (generic
-text the base model wrote, see clients.anchor) on which the loss adds KL(base || model).
+text the base model wrote, see clients.anchor) on which the loss adds KL(base || model), with a
+weight that grows when the model drifts off generic text beyond its budget (DriftProbe).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class TrainResult:
     val_after: float | None
     best_step: int | None  # the step whose M was kept, when validating
     anchor_kl: float | None = None  # KL(base || model) per anchor position at the last step
+    anchor_weight: float | None = None  # the anchor's weight at the last step (AnchorSettings.drift_budget)
     stopped_early: bool = False  # validation stopped improving for `patience` checks before the last step
     val_last: float | None = None  # the last validation check's loss, kept or not
 
@@ -156,13 +158,24 @@ def evaluate(model: DeviceModel, examples: list[TokenizedExample], pad_id: int, 
     return total / max(count, 1)
 
 
-def generic_drift(model: DeviceModel, probe: list[TokenizedExample], pad_id: int) -> float:
-    """How much worse the model with its M predicts generic text than the base model does: the
-    relative change in NLL on `probe`, text the base model wrote that no job trains on
-    (clients.anchor.write_probe). 0 at M = 0; +0.02 is 2% worse."""
-    with base_model(model):
-        base = evaluate(model, probe, pad_id)
-    return evaluate(model, probe, pad_id) / base - 1
+@dataclass(frozen=True)
+class DriftProbe:
+    """Text the base model wrote that no job trains on (clients.anchor.write_probe), and the base
+    model's NLL on it: what `drift` compares a model's NLL with."""
+
+    examples: list[TokenizedExample]
+    pad_id: int
+    base_nll: float
+
+    @classmethod
+    def of(cls, model: DeviceModel, examples: list[TokenizedExample], pad_id: int) -> DriftProbe:
+        with base_model(model):
+            return cls(examples, pad_id, evaluate(model, examples, pad_id))
+
+    def drift(self, model: torch.nn.Module) -> float:
+        """How much worse `model` predicts generic text than the base model does: the relative
+        change in NLL on the probe. 0 at M = 0; +0.02 is 2% worse."""
+        return evaluate(model, self.examples, self.pad_id) / self.base_nll - 1
 
 
 def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
@@ -171,8 +184,10 @@ def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
 
     Anchor text needs no part in it: the settings and the backbone determine it."""
     # Settings added since stay out of it where they change nothing (patience while unset,
-    # min_steps under a budget in steps), so a checkpoint an older plora left still resumes.
+    # min_steps under a budget in steps), so a checkpoint an older plora left still resumes; so do
+    # the drift budget's defaults, under which such a checkpoint resumes.
     identity = re.sub(r"(steps=\d+, epochs=None), min_steps=\d+", r"\1", repr((settings, backbone)))
+    identity = identity.replace(", drift_budget=0.02, max_weight=10.0, drift_check_every=10", "")
     digest = hashlib.sha256(identity.replace(", patience=None", "").encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())
@@ -235,6 +250,7 @@ def train(
     *,
     schedule: Schedule = COSINE_TO_10_PERCENT,
     anchor: Anchor | None = None,
+    probe: DriftProbe | None = None,
     validate: Callable[[], float] | None = None,
     val_before: float | None = None,
     checkpoint: TrainingCheckpoint | None = None,
@@ -246,7 +262,9 @@ def train(
 
     With `anchor`, `settings.anchor.rows` of its rows join every batch and the loss adds
     `settings.anchor.weight` times KL(base || model) on them, with `model(ids)` as the model's
-    logits; the loss reported is the batch's alone.
+    logits; the loss reported is the batch's alone. With `probe` too and a drift budget in
+    `settings.anchor`, the weight is steered by the model's drift on the probe, measured every
+    `settings.anchor.drift_check_every` steps (AnchorSettings.steered_weight).
 
     With `validate` (lower is better), it runs before training, every `settings.eval_every`
     steps (default once per epoch) and after the last one, and the latest parameters whose gain
@@ -282,6 +300,9 @@ def train(
             best = [p.detach().clone() for p in params]
     if validate and progress.lowest_score is None:  # also a checkpoint from before NEAR_BEST, which kept the lowest
         progress.lowest_score = progress.best_score
+    if anchor is not None and progress.anchor_weight is None:  # also a checkpoint from before the drift budget
+        progress.anchor_weight = settings.anchor.weight
+    steering = anchor is not None and probe is not None and settings.anchor.drift_budget is not None
     step_batches = batches(data, settings.batch_size, settings.seed, epochs=math.ceil(total / per_epoch))
     anchor_batches = _anchor_batches(anchor, settings.anchor, settings.seed, total) if anchor else itertools.repeat([])
     started, seconds_before = time.perf_counter(), progress.seconds
@@ -297,7 +318,7 @@ def train(
         if anchor_batch:
             rows = [example for example, _ in anchor_batch]
             kl = distillation_loss(model(collate(rows, anchor.pad_id)[0]), [targets for _, targets in anchor_batch])
-            (settings.anchor.weight * kl).backward()
+            (progress.anchor_weight * kl).backward()
             progress.anchor_kl, tokens = kl.item(), tokens + tokens_in(rows)
         optimizer.step()
         scheduler.step()
@@ -308,6 +329,8 @@ def train(
             progress.first_loss = progress.last_loss
         if on_step:
             on_step(progress.step, total, progress.last_loss)
+        if steering and progress.step % settings.anchor.drift_check_every == 0:
+            progress.anchor_weight = settings.anchor.steered_weight(progress.anchor_weight, probe.drift(model))
         if validate and (progress.step % eval_every == 0 or progress.step == total):
             score = progress.last_score = validate()
             progress.lowest_score = min(progress.lowest_score, score)
@@ -343,17 +366,19 @@ def personalize(
     checkpoint_every: int = 10,
     anchor: Anchor | None = None,
     val_before: float | None = None,
+    probe: DriftProbe | None = None,
 ) -> TrainResult:
     """Train the model's M on `examples` with `train`: the causal LM loss on their
     labelled tokens, validated on `val`, anchored on `anchor` (clients.anchor: `kept_anchor`
-    on a device). Without an anchor nothing holds the model near the base."""
+    on a device) with the weight steered by the drift on `probe`. Without an anchor nothing
+    holds the model near the base."""
 
     def batch_loss(batch: list[TokenizedExample]) -> tuple[torch.Tensor, int]:
         return labelled_loss(model, *collate(batch, pad_id))[0], tokens_in(batch)
 
     progress = train(
         model, list(model.weights.parameters()), batch_loss, examples, settings,
-        anchor=anchor, validate=(lambda: evaluate(model, val, pad_id)) if val else None, val_before=val_before,
+        anchor=anchor, probe=probe, validate=(lambda: evaluate(model, val, pad_id)) if val else None, val_before=val_before,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, on_step=on_step,
     )
     return result_of(progress, validated=bool(val))
@@ -371,6 +396,7 @@ def result_of(progress: Progress, validated: bool) -> TrainResult:
         val_after=progress.best_score if validated else None,
         best_step=progress.best_step if validated else None,
         anchor_kl=progress.anchor_kl,
+        anchor_weight=progress.anchor_weight,
         stopped_early=progress.stopped_early,
         val_last=progress.last_score if validated else None,
     )

@@ -31,7 +31,7 @@ from plora.clients.data import PERSONALIZE_MAX_LENGTH, TokenizedExample, load_ex
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, send_job_reports
 from plora.clients.search import CrossValidation, LrSearch, SearchResult, cross_validate, personalization_settings, search_lr
-from plora.clients.training import TrainResult, TrainSettings, evaluate, fingerprint, generic_drift, personalize
+from plora.clients.training import DriftProbe, TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device, is_address
 from plora.storage.crashpoints import crash_point
@@ -140,7 +140,7 @@ class JobOutcome:
     result: TrainResult
     loss_before: float  # on validation if there is one, else on the training set
     loss_after: float
-    generic_drift: float  # the NLL change of the kept M on generic text no job trains on (clients.training.generic_drift)
+    generic_drift: float  # the NLL change of the kept M on generic text no job trains on (clients.training.DriftProbe)
     selection: str = PINNED  # how the learning rate was selected: SEARCHED, CROSS_VALIDATED, PINNED or a FIXED_*
     lr: float | None = None  # the rate M was trained at; None when the search found none worth training
     search: SearchResult | CrossValidation | None = None  # how it chose, when it chose in this run (not when resumed)
@@ -290,6 +290,8 @@ def _personalization_job(
     params = {"lr": settings.lr, "batch_size": settings.batch_size, "max_length": max_length}
     params.update({k: v for k, v in (("steps", settings.steps), ("epochs", settings.epochs)) if v is not None})
     params["anchor_weight"] = settings.anchor.weight if settings.anchor else 0.0
+    if settings.anchor and settings.anchor.drift_budget is not None:
+        params["drift_budget"] = settings.anchor.drift_budget
     params["keeps_text"] = keep_text
     if device.fleet_start_rounds:
         params["fleet_start_rounds"] = device.fleet_start_rounds
@@ -341,16 +343,17 @@ def _personalization_job(
         checkpoint.job = {**job, "id": job_id}
         before = job["loss_before"]
         anchor = device_anchor(device, settings.anchor) if settings.anchor else None
-        probe = device_probe(device)
+        probe = DriftProbe.of(device.model, device_probe(device), pad)
         found, lr, chosen_by = None, settings.lr, {}
         if searching:
             chosen_by = job.get("search", {})
             if not chosen_by:  # not chosen yet (a job resumed after choosing skips its trials)
                 if selection == SEARCHED:
                     found = search_lr(device.model, train, val, pad, settings, search, val_before=before, anchor=anchor,
-                                      on_step=on_search_step)
+                                      probe=probe, on_step=on_search_step)
                 else:
-                    found = cross_validate(device.model, train, pad, settings, search, anchor=anchor, on_step=on_search_step)
+                    found = cross_validate(device.model, train, pad, settings, search, anchor=anchor, probe=probe,
+                                           on_step=on_search_step)
                 chosen_by = found.as_metrics()
                 # Kept with every checkpoint of the run that follows, so a re-run resumes it at this rate.
                 checkpoint.job = {**checkpoint.job, "search": chosen_by}
@@ -362,11 +365,11 @@ def _personalization_job(
         else:
             run = personalization_settings(settings, search, lr) if selection == SEARCHED else settings
             result = personalize(device.model, train, pad, run, val or None, on_step=on_step, checkpoint=checkpoint,
-                                 checkpoint_every=checkpoint_every, anchor=anchor,
+                                 checkpoint_every=checkpoint_every, anchor=anchor, probe=probe,
                                  val_before=before if selection == SEARCHED else None)
         crash_point("personalize:trained")
         after = result.val_after if val else evaluate(device.model, train, pad)
-        drift = generic_drift(device.model, probe, pad)
+        drift = probe.drift(device.model)
         device.save(job["adapter_steps"] + result.steps)
         crash_point("personalize:adapter-saved")
         if keep_text and Path(data_path).resolve() not in [p.resolve() for p in device.store.private_text()]:
@@ -381,7 +384,7 @@ def _personalization_job(
     metrics_after = {metric: after, "tokens_per_second": result.tokens_per_second, "best_step": result.best_step or result.steps,
                      "generic_drift": drift}
     if result.anchor_kl is not None:
-        metrics_after["anchor_kl"] = result.anchor_kl
+        metrics_after.update(anchor_kl=result.anchor_kl, anchor_weight=result.anchor_weight)
     metrics_after.update(chosen_by, selection=selection, stopped_early=result.stopped_early)
     if lr is not None:
         metrics_after["lr"] = lr

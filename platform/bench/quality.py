@@ -59,11 +59,12 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
 
             before, after, outcome = _job_on_a_new_device(Path(scratch) / f"device-{seed}", notes, backbone, config, reg, measure)
             row = {"persona": seed, "before": before, **_after(after, before), "device_drift": outcome.generic_drift,
-                   "lr": outcome.lr, "steps": outcome.result.steps, "kept_step": outcome.result.best_step,
+                   "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr, "steps": outcome.result.steps, "kept_step": outcome.result.best_step,
                    "train_seconds": outcome.result.seconds}
             echo(f"persona {seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, generic NLL "
                  f"{before['generic_nll']:.3f} -> {after['generic_nll']:.3f} ({row['generic_nll_change']:+.1%}; "
-                 f"on its probe, the device measured {outcome.generic_drift:+.1%}); "
+                 f"on its probe, the device measured {outcome.generic_drift:+.1%}, anchor weight "
+                 f"{outcome.result.anchor_weight or 0:.3g} at the end); "
                  f"{outcome.result.steps} steps at lr {outcome.lr}, the M of step {outcome.result.best_step} kept")
             if compare:
                 _, unanchored, _ = _job_on_a_new_device(Path(scratch) / f"device-{seed}-unanchored", notes, backbone, config,
@@ -134,7 +135,8 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
             if not compare:
                 rows.append(row)
                 echo(f"{speaker} ({len(train_rows)} blocks): plora gain {plora['gain']:.3f} nats (lr {plora['lr']}), "
-                     f"generic NLL {plora['generic_change']:+.1%} (on its probe {plora['device_drift']:+.1%})")
+                     f"generic NLL {plora['generic_change']:+.1%} (on its probe {plora['device_drift']:+.1%}, "
+                     f"anchor weight {plora['anchor_weight'] or 0:.3g} at the end)")
                 continue
             lora = row["lora"] = _lora_same_protocol(notes, held_rows, generic_rows, backbone)
             row["gain_ratio"] = plora["gain"] / lora["gain"] if lora["gain"] > 0 else float("nan")
@@ -179,7 +181,8 @@ def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[
 
     before, after, outcome = _job_on_a_new_device(folder, notes, backbone, config, reg, measure)
     figures = _figures(before, after, after["params"], outcome.lr, outcome.result, outcome.selection)
-    return {**figures, "device_drift": outcome.generic_drift}  # the job's own measure of generic_change
+    # The job's own measure of generic_change, and the weight its drift budget left the anchor at.
+    return {**figures, "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight}
 
 
 def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbone: str) -> dict:

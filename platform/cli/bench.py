@@ -51,6 +51,7 @@ PERSONA_COLUMNS = (
     Column("after", lambda row: row["after"]["recall"], ".0%"),
     Column("generic NLL before", lambda row: row["before"]["generic_nll"], ".3f"),
     Column("after", lambda row: row["after"]["generic_nll"], ".3f"), Column("change", "generic_nll_change", "+.1%"),
+    Column("on the device's probe", "device_drift", "+.1%"), Column("anchor weight at the end", "anchor_weight", ".3g"),
     Column("without the anchor: recall", lambda row: row.get("without_anchor", {}).get("after", {}).get("recall"), ".0%"),
     Column("change", lambda row: row.get("without_anchor", {}).get("generic_nll_change"), "+.1%"),
 )
@@ -73,6 +74,8 @@ SPEAKER_COLUMNS = (
     Column("plora gain (nats)", lambda row: row["privatelora"]["gain"], ".3f"),
     Column("LoRA gain", lambda row: row["lora"]["gain"], ".3f"), Column("gain ratio", "gain_ratio", ".0%"),
     Column("generic NLL, plora", lambda row: row["privatelora"]["generic_change"], "+.1%"),
+    Column("on its probe", lambda row: row["privatelora"]["device_drift"], "+.1%"),
+    Column("anchor weight at the end", lambda row: row["privatelora"]["anchor_weight"], ".3g"),
     Column("LoRA", lambda row: row["lora"]["generic_change"], "+.1%"),
     Column("rate, plora", lambda row: row["privatelora"]["lr"], "g"), Column("LoRA", lambda row: row["lora"]["lr"], "g"),
     Column("parameters, of LoRA's", "param_ratio", ".1%"),

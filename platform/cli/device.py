@@ -148,6 +148,12 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
                    "[default: 2 when the rate is chosen, off when pinned].")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Steps between validation checks [default: one epoch].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+# 0.02 is clients.anchor.AnchorSettings.drift_budget, which the CLI must not import (it imports torch).
+@click.option("--drift-budget", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="How much worse than the base model the job may make generic text, as a share of its loss, measured "
+                   "every 10 steps on text the base model wrote that no job trains on. Over it, the anchor's weight "
+                   "rises from 3 towards 10, pulling the model back towards the base model at some cost to what it "
+                   "learns from the data.")
 # 256 is clients.data.PERSONALIZE_MAX_LENGTH, which the CLI must not import (it imports
 # datasets) before main() takes plora offline.
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
@@ -164,9 +170,10 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
                    "--strategy fedavg) instead of M = 0: for a device's first personalization, most useful with little data.")
 @wire_dtype_option
 @fail_cleanly
-def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, eval_every, batch_size, max_length, val_fraction, seed,
-                checkpoint_every, keep_text, from_fleet, wire_dtype) -> None:
+def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, eval_every, batch_size, drift_budget, max_length,
+                val_fraction, seed, checkpoint_every, keep_text, from_fleet, wire_dtype) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
+    from plora.clients.anchor import AnchorSettings
     from plora.clients.search import LrSearch
     from plora.clients.training import TrainSettings
     from plora.cloud_backbone.protocol.wire import WIRE_DTYPES
@@ -176,7 +183,7 @@ def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, ev
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
     settings = TrainSettings(lr=lr or TrainSettings.lr, batch_size=batch_size, steps=steps, epochs=epochs, min_steps=min_steps,
-                             seed=seed, eval_every=eval_every, patience=patience)
+                             seed=seed, eval_every=eval_every, patience=patience, anchor=AnchorSettings(drift_budget=drift_budget))
     dev = open_device(directory, wire_dtype=WIRE_DTYPES[wire_dtype])
     name = directory.resolve().name
     try:
@@ -190,12 +197,12 @@ def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, ev
             board.done(name, "saved")
     finally:
         dev.close()
-    _summary(outcome)
+    _summary(outcome, settings.anchor.weight)
     click.echo(f"adapter saved to {dev.store.adapter_path}")
 
 
-def _summary(outcome) -> None:
-    """What a personalization job chose, ran and kept."""
+def _summary(outcome, anchor_weight: float) -> None:
+    """What a personalization job chose, ran and kept; `anchor_weight` the anchor's at its start."""
     from plora.clients.search import CrossValidation
 
     result, chose = outcome.result, outcome.search
@@ -219,6 +226,8 @@ def _summary(outcome) -> None:
     click.echo(f"{which} loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f}")
     click.echo(f"generic text: loss {outcome.generic_drift:+.1%} against the base model, on text it wrote that no job "
                "trains on")
+    if result.anchor_weight and result.anchor_weight > anchor_weight:
+        click.echo(f"over its drift budget, the job raised the anchor's weight from {anchor_weight:g} to {result.anchor_weight:.3g}")
     if outcome.improved is False:
         where = "on validation" if result.val_before is not None else "in cross-validation"
         click.echo(f"no gain {where}: the starting M is kept")

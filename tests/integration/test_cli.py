@@ -87,7 +87,8 @@ def test_init_creates_a_base_model_device_registered_in_the_database(device_dir)
 
 
 def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file):
-    result = plora("personalize", device_dir, "--data", facts_file, "--steps", 30, "--lr", "1e-1")
+    # A budget no training keeps within: the job raises the anchor's weight, and says so.
+    result = plora("personalize", device_dir, "--data", facts_file, "--steps", 30, "--lr", "1e-1", "--drift-budget", "1e-6")
     assert "adapter saved" in result.output and "learning rate: 0.1; selection: pinned by --lr" in result.output
     device_id = json.loads((device_dir / "device.json").read_text())["device_id"]
     (job,) = open_registry().list_jobs(device_id)
@@ -95,6 +96,8 @@ def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file)
     # A tiny random model starts near ln(vocab); the real backbone is tested in test_embedded.
     assert job.metrics_after["train_loss"] < job.metrics_before["train_loss"] - 0.1
     assert f"generic text: loss {job.metrics_after['generic_drift']:+.1%} against the base model" in result.output
+    assert job.params["drift_budget"] == 1e-6 and job.metrics_after["anchor_weight"] == 10.0
+    assert "over its drift budget, the job raised the anchor's weight from 3 to 10" in result.output
     tensors, header = load_adapter(device_dir / "adapter.safetensors", DeviceStore.open(device_dir).record.identity)
     assert header.steps == 30 and any(torch.count_nonzero(t) for t in tensors.values())
 

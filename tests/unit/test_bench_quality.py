@@ -79,6 +79,7 @@ def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_
     assert math.isfinite(plora["device_drift"]) and "device_drift" not in lora
     if plora["steps"] == 0:
         assert plora["device_drift"] == pytest.approx(0.0, abs=1e-6)
+    assert (plora["anchor_weight"] is None) == (plora["steps"] == 0)  # where the drift budget left the anchor
     for side in (plora, lora):  # a search that found no rate worth it keeps the start exactly
         assert side["lr"] is not None or (side["gain"] == 0 and side["steps"] == 0)
         assert 0 <= side["kept_step"] <= side["steps"]

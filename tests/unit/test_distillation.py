@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from plora.clients.anchor import OPENINGS, PROBES, REQUESTS, Anchor, AnchorSettings, anchor_of, base_model, write_anchor, write_probe
 from plora.clients.data import IGNORE_INDEX, TokenizedExample, collate
 from plora.clients.distillation import distillation_loss, labelled_positions, mean_kl, teacher_targets
-from plora.clients.training import TrainSettings, generic_drift, personalize
+from plora.clients.training import DriftProbe, TrainSettings, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.runtime import split_embedded
@@ -130,6 +130,10 @@ def test_bad_inputs_are_config_errors():
         distillation_loss(fixed_logits()(ids), targets[:1])
     with pytest.raises(ConfigError, match="anchor"):
         AnchorSettings(weight=0)
+    with pytest.raises(ConfigError, match="drift budget"):
+        AnchorSettings(drift_budget=0)
+    with pytest.raises(ConfigError, match="max_weight"):
+        AnchorSettings(weight=3, max_weight=2)
     with pytest.raises(ConfigError, match="settings.anchor is None"):
         personalize(tiny_split(), examples, PAD, TrainSettings(steps=1, anchor=None), anchor=Anchor(examples, targets, PAD))
 
@@ -181,12 +185,45 @@ def test_anchor_text_is_the_base_models_own_and_the_same_for_the_same_seed(tiny_
 
 def test_generic_drift_is_zero_at_the_base_model_and_grows_as_m_moves_it():
     model = peaked_split()
-    assert generic_drift(model, HELD_OUT, PAD) == pytest.approx(0.0, abs=1e-6)
+    random_ms(model, std=1.0)  # the probe's reference is the base model, whatever M the model holds
+    probe = DriftProbe.of(model, HELD_OUT, PAD)
+    with base_model(model):
+        assert probe.drift(model) == pytest.approx(0.0, abs=1e-6)
+    model = peaked_split()
     personalize(model, NARROW, PAD, replace(ANCHORED, anchor=None))
-    drift = generic_drift(model, HELD_OUT, PAD)
+    drift = probe.drift(model)
     assert drift > 0.01
     random_ms(model, std=1.0)  # and with the M held, not the base, whatever it is
-    assert generic_drift(model, HELD_OUT, PAD) != pytest.approx(drift, rel=0.01)
+    assert probe.drift(model) != pytest.approx(drift, rel=0.01)
+
+
+def test_the_budget_scales_the_weight_by_drift_over_budget_within_its_bounds():
+    settings = AnchorSettings(weight=3.0, drift_budget=0.02, max_weight=10.0)
+    assert settings.steered_weight(3.0, 0.03) == pytest.approx(4.5)
+    assert settings.steered_weight(3.0, 0.5) == 10.0  # at most 4x, and at most max_weight
+    assert settings.steered_weight(2.5, 0.5) == 10.0
+    assert settings.steered_weight(2.0, 0.5) == 8.0
+    assert settings.steered_weight(8.0, 0.01) == 4.0  # within the budget it falls back
+    assert settings.steered_weight(4.0, -0.01) == 3.0  # by half at most, and never below weight
+
+
+def test_a_job_over_its_drift_budget_is_anchored_harder_and_drifts_less_and_one_within_trains_as_at_its_weight():
+    light = replace(ANCHORED.anchor, weight=1.0, max_weight=50.0, drift_check_every=5)
+
+    def job(budget: float | None):
+        model = peaked_split()
+        probe = DriftProbe.of(model, HELD_OUT, PAD)
+        settings = replace(ANCHORED, anchor=replace(light, drift_budget=budget))
+        result = personalize(model, NARROW, PAD, settings, anchor=anchor_of(model, GENERIC, PAD, light.top_k), probe=probe)
+        return result, probe.drift(model), [m.detach().clone() for m in model.weights.parameters()]
+
+    fixed, fixed_drift, fixed_ms = job(None)
+    within, _, within_ms = job(10 * fixed_drift)
+    over, over_drift, _ = job(fixed_drift / 4)
+    assert fixed.anchor_weight == within.anchor_weight == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(fixed_ms, within_ms))
+    assert over.anchor_weight > 4.0 and over_drift < 0.6 * fixed_drift
+    assert over.last_loss < 0.5 * over.first_loss  # the task is still learned
 
 
 def test_the_probe_is_the_base_models_text_on_prompts_no_anchor_holds(tiny_checkpoint):

@@ -8,12 +8,14 @@ import torch
 from plora.clients import anchor as anchor_module
 from plora.clients.anchor import AnchorSettings, anchor_of, kept_anchor
 from plora.clients.checkpoint import TrainingCheckpoint
-from plora.clients.training import NEAR_BEST, TrainSettings, causal_lm_batch_loss, personalize, train
+from plora.clients.training import NEAR_BEST, DriftProbe, TrainSettings, causal_lm_batch_loss, personalize, train
 from tests.unit.test_distillation import PAD, sequences, tiny_split
 
-TASK, VAL, GENERIC = sequences(6, seed=10), sequences(4, seed=11), sequences(5, seed=12)
-# Validated after every step and checkpointed every third, anchored: every part of the loop runs.
-SETTINGS = TrainSettings(lr=0.05, steps=8, batch_size=2, eval_every=1, anchor=AnchorSettings(rows=2, top_k=8))
+TASK, VAL, GENERIC, PROBE = sequences(6, seed=10), sequences(4, seed=11), sequences(5, seed=12), sequences(3, seed=13)
+# Validated after every step and checkpointed every third, anchored with a budget that steers the
+# weight from the second step on: every part of the loop runs.
+SETTINGS = TrainSettings(lr=0.05, steps=8, batch_size=2, eval_every=1,
+                         anchor=AnchorSettings(rows=2, top_k=8, drift_budget=1e-4, max_weight=1e4, drift_check_every=2))
 
 
 class Stop(Exception):
@@ -26,7 +28,8 @@ def _ms(model) -> list[torch.Tensor]:
 
 def _personalize(model, checkpoint: TrainingCheckpoint, on_step=None):
     anchor = anchor_of(model, GENERIC, PAD, SETTINGS.anchor.top_k)
-    return personalize(model, TASK, PAD, SETTINGS, VAL, on_step, checkpoint, checkpoint_every=3, anchor=anchor)
+    return personalize(model, TASK, PAD, SETTINGS, VAL, on_step, checkpoint, checkpoint_every=3, anchor=anchor,
+                       probe=DriftProbe.of(model, PROBE, PAD))
 
 
 def test_a_run_stopped_after_a_checkpoint_and_resumed_ends_with_the_m_of_a_straight_run(tmp_path):
@@ -50,6 +53,7 @@ def test_a_run_stopped_after_a_checkpoint_and_resumed_ends_with_the_m_of_a_strai
     assert (result.best_step, result.val_after, result.tokens) == (straight_result.best_step, straight_result.val_after,
                                                                     straight_result.tokens)
     assert result.anchor_kl == pytest.approx(straight_result.anchor_kl)
+    assert result.anchor_weight == pytest.approx(straight_result.anchor_weight) and result.anchor_weight > SETTINGS.anchor.weight
 
 
 def test_the_loop_keeps_the_parameters_of_the_step_that_scored_best_on_validation():
