@@ -173,8 +173,11 @@ def bench_quality(data_dir, personas, unanchored, speakers, max_blocks, names, a
     if as_json:
         print_json(results)
         return
-    show(results["personas"], PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
-    show(results["speakers"], SPEAKER_COLUMNS, False, title="Shakespeare speakers: held-out NLL gain, plora's default job against PEFT LoRA")
+    if results["personas"]:
+        show(results["personas"], PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
+    if results["speakers"]:
+        show(results["speakers"], SPEAKER_COLUMNS, False,
+             title="Shakespeare speakers: held-out NLL gain, plora's default job against PEFT LoRA")
 
 
 ADAPTER_COLUMNS = (

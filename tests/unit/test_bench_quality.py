@@ -135,3 +135,4 @@ def test_the_bench_runs_the_personas_without_the_anchor_too_unless_told_not_to(t
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert calls == [compared]
+    assert "Shakespeare speakers" not in result.output and "Persona facts" not in result.output  # no empty table
