@@ -187,7 +187,9 @@ def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
     # min_steps under a budget in steps), so a checkpoint an older plora left still resumes; so do
     # the drift budget's defaults, under which such a checkpoint resumes.
     identity = re.sub(r"(steps=\d+, epochs=None), min_steps=\d+", r"\1", repr((settings, backbone)))
-    identity = identity.replace(", drift_budget=0.02, max_weight=10.0, drift_check_every=10", "")
+    steering = AnchorSettings()
+    identity = identity.replace(f", drift_budget={steering.drift_budget!r}, max_weight={steering.max_weight!r}, "
+                                f"drift_check_every={steering.drift_check_every!r}", "")
     digest = hashlib.sha256(identity.replace(", patience=None", "").encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())

@@ -59,8 +59,8 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
 
             before, after, outcome = _job_on_a_new_device(Path(scratch) / f"device-{seed}", notes, backbone, config, reg, measure)
             row = {"persona": seed, "before": before, **_after(after, before), "device_drift": outcome.generic_drift,
-                   "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr, "steps": outcome.result.steps, "kept_step": outcome.result.best_step,
-                   "train_seconds": outcome.result.seconds}
+                   "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr, "steps": outcome.result.steps,
+                   "kept_step": outcome.result.best_step, "train_seconds": outcome.result.seconds}
             echo(f"persona {seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, generic NLL "
                  f"{before['generic_nll']:.3f} -> {after['generic_nll']:.3f} ({row['generic_nll_change']:+.1%}; "
                  f"on its probe, the device measured {outcome.generic_drift:+.1%}, anchor weight "
