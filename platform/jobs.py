@@ -21,7 +21,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -104,8 +104,7 @@ def device_anchor(device: Device, settings: AnchorSettings) -> Anchor:
     the base model's, and one of them makes it while the others wait."""
     version = device.store.record.identity.version
     folder = device.store.public_folder()
-    # A device's own folder is under its job lock already (device_job).
-    with exclusive(folder / ANCHOR_LOCK) if device.store.public_store() else nullcontext():
+    with _public_folder_lock(device):
         text = _kept_text(folder / ANCHOR, f"{version}/{text_key(settings, ANCHOR_SEED)}",
                           lambda: write_anchor(device.model, device.tokenizer, settings, ANCHOR_SEED))
         return kept_anchor(folder / ANCHOR_TARGETS, device.model, text, device.tokenizer.pad_token_id, settings.top_k, version)
@@ -115,9 +114,15 @@ def device_probe(device: Device) -> list[TokenizedExample]:
     """The device's probe text (clients.anchor.write_probe), written on first use and kept
     beside its anchor, as the anchor is."""
     folder = device.store.public_folder()
-    with exclusive(folder / ANCHOR_LOCK) if device.store.public_store() else nullcontext():
+    with _public_folder_lock(device):
         return _kept_text(folder / PROBE, f"{device.store.record.identity.version}/{probe_key(ANCHOR_SEED)}",
                           lambda: write_probe(device.model, device.tokenizer, ANCHOR_SEED))
+
+
+def _public_folder_lock(device: Device) -> AbstractContextManager:
+    """Held while the anchor or the probe in the device's public folder is read or made: a store's
+    lock where devices share it; none in a device's own folder, under its job lock already (device_job)."""
+    return exclusive(device.store.public_folder() / ANCHOR_LOCK) if device.store.public_store() else nullcontext()
 
 
 def _kept_text(path: Path, key: str, write: Callable[[], list[TokenizedExample]]) -> list[TokenizedExample]:
