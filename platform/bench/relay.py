@@ -83,7 +83,10 @@ async def _carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sch
                 gone = True
                 hang_up()
         if not gone and writer.can_write_eof():
-            writer.write_eof()
+            try:
+                writer.write_eof()
+            except OSError:  # ENOTCONN: the receiving side reset the connection before the end reached it
+                hang_up()
 
     delivering = asyncio.create_task(deliver())
     try:

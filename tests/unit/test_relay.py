@@ -3,13 +3,15 @@ a real relay between real sockets within loose bounds."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import socket
 import threading
 import time
 
 import pytest
 
-from plora.platform.bench.relay import Link, LinkSchedule, relay
+from plora.platform.bench.relay import Link, LinkSchedule, _carry, relay
 from plora.storage.errors import ConfigError
 
 
@@ -74,3 +76,25 @@ def test_a_real_relay_delays_a_round_trip_and_caps_the_rate(echo_port):
     assert received == size
     assert paced + rtt <= elapsed < 2 * paced + rtt + 1.0
     assert received / elapsed <= rate * 1e6 / 8
+
+
+class _ResetWriter:
+    """The relay's side of a connection its receiver has reset: the end of the stream cannot be passed on."""
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+
+def test_a_receiver_gone_before_the_end_of_the_stream_hangs_the_connection_up_without_an_error():
+    hung_up = []
+
+    async def carry() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_eof()
+        await _carry(reader, _ResetWriter(), LinkSchedule(0.0, None), time.monotonic, lambda: hung_up.append(True))
+
+    asyncio.run(carry())
+    assert hung_up == [True]
