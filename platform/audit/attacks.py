@@ -16,6 +16,11 @@ tensor of the protocol (cloud_backbone.recording). From those alone:
   when the device runs its last layers itself).
 - `recover_labels` reads the training targets off the gradient the device sends back: that
   gradient is J_norm^T·W^T·c(p − onehot(label)), and everything in it but the label is known.
+  With last layers on the device it is that vector pulled back through them: the attack
+  undoes them at M = 0, from the last position back, verifying candidate labels through the
+  public last layers as vocabulary matching does. A training label is the next input
+  token, so this is also the inputs' reconstruction from the gradients (BiSR's backward
+  direction, arXiv 2409.00960): nothing else the device sends back depends on its text.
 - `recover_m` solves u·M = (u·M) for M by least squares from the pairs the cloud relays, and
   `cloud_personalized` puts what it recovers on the public model, to ask it the user's facts.
 
@@ -28,6 +33,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from functools import cached_property
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,7 +46,7 @@ from plora.clients.device_model import DeviceModel
 from plora.clients.training import CONSTANT, TrainSettings, train
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.loading import Backbone
-from plora.cloud_backbone.privatelora import decoder_slice
+from plora.cloud_backbone.privatelora import decoder_slice, truncate_cache
 from plora.cloud_backbone.recording import CapturedStep
 from plora.platform.audit.settings import InverterBudget
 from plora.platform.runtime import split_embedded
@@ -68,6 +75,14 @@ class PublicModel:
     @property
     def vocab_size(self) -> int:
         return self.embedding.shape[0]
+
+    @cached_property
+    def head_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The label attack's float64 W, Q = w ⊙ W (w the final norm's weight) and |Q_v|²:
+        computed once, as each costs a pass over the whole head."""
+        head = self.head.double()
+        q = head * self.norm.weight.detach().double()
+        return head, q, (q * q).sum(-1)
 
     @torch.no_grad()
     def run_front(self, embeds: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
@@ -211,38 +226,141 @@ def recover_outputs(public: PublicModel, hidden_out: torch.Tensor, cache: Dynami
     return (public.norm(hidden) @ public.head.T).argmax(-1)
 
 
-@torch.no_grad()
 def recover_labels(public: PublicModel, hidden_out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """(N, d) returned states and the (N, d) gradients the device sent for them -> (N,) the
-    training labels; -1 where the gradient is zero (no label at that position).
+    """(B, T, d) states the cloud returned in a training step and the gradients the device sent
+    for them -> (B, T) the label each position's loss took (the row's next token); -1 where
+    the gradient names none (no loss at that position)."""
+    if public.back is None:
+        return _labels_at_head(public, hidden_out.flatten(0, 1), grad.flatten(0, 1)).view(hidden_out.shape[:2])
+    labels = torch.full(hidden_out.shape[:2], -1, dtype=torch.long)
+    for row, (states, grads) in enumerate(zip(hidden_out, grad)):
+        # Positions after the last one with a gradient reach no loss (the layers are causal):
+        # padding, or a response's last token.
+        live = (grads.abs().amax(-1) > 0).nonzero()
+        if len(live):
+            n = int(live[-1]) + 1
+            labels[row, :n] = _labels_through_last_layers(public, states[:n], grads[:n])
+    return labels
 
-    The device's loss is c·CE(W·norm(h), y) per labelled position, so its gradient is
-    g = c·Jᵀ·Wᵀ·(p − e_y), where p = softmax(W·norm(h)) is known to the cloud. For each
-    candidate y the best c leaves a residual; the label is the candidate with the least."""
-    norm = public.norm
-    w = norm.weight.double()
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    head = public.head.double()
-    q = head * w  # Q_v = w ⊙ W_v, so that Jᵀ·W_v = s·Q_v − (s³/d)(x·Q_v)·x
-    q_sq = (q * q).sum(-1)
-    labels = torch.full((hidden_out.shape[0],), -1, dtype=torch.long)
+
+LABEL_FIT = 0.5  # a position names a label only if the label's gradient explains this share of what was sent
+# The attack through the last layers verifies this many candidate labels per ranking, and,
+# unless one explains nearly all of the gradient, this many more.
+PROPOSALS, WIDENED_PROPOSALS = 64, 1024
+NEARLY_ALL = 0.9
+NO_GRADIENT_LEFT = 1e-4  # of the gradient's norm at a position: later positions' terms explain all of it
+
+
+class _HeadReading(NamedTuple):
+    """What the cloud computes of the device's loss at (N, d) states entering the final norm,
+    for (N, d) gradients g of the loss at them. The loss is c·CE(W·norm(h), y) per labelled
+    position, so g = c·Jᵀ·Wᵀ·(p − e_y), and all of it but y and c is public."""
+
+    fit: torch.Tensor  # (N, V): |g|² less the least residual over c, per candidate y
+    pulled_p: torch.Tensor  # (N, d): Jᵀ·Wᵀ·p
+    probs: torch.Tensor  # (N, V): p
+
+
+@torch.no_grad()
+def _read_head(public: PublicModel, hidden: torch.Tensor, grad: torch.Tensor) -> _HeadReading:
+    x, g = hidden.double(), grad.double()
+    head, q, q_sq = public.head_terms  # Jᵀ·W_v = s·Q_v − (s³/d)(x·Q_v)·x
+    s, k = _norm_scales(public, x)
+    probs = torch.softmax((x * s * public.norm.weight.double()) @ head.T, dim=-1)  # (n, V)
+    a = _through_norm(x, s, k, probs @ q)
+    qx, qg, qa = x @ q.T, g @ q.T, a @ q.T  # (n, V)
+    g_b = s * qg - k * qx * (g * x).sum(-1, keepdim=True)  # <g, Jᵀ·W_v>
+    a_b = s * qa - k * qx * (a * x).sum(-1, keepdim=True)  # <a, Jᵀ·W_v>
+    b_b = s**2 * q_sq - 2 * s * k * qx**2 + k**2 * qx**2 * (x * x).sum(-1, keepdim=True)  # |Jᵀ·W_v|²
+    diff_sq = (a * a).sum(-1, keepdim=True) - 2 * a_b + b_b  # |a − Jᵀ·W_v|²
+    return _HeadReading(((g * a).sum(-1, keepdim=True) - g_b) ** 2 / diff_sq.clamp_min(1e-300), a, probs)
+
+
+def _norm_scales(public: PublicModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final RMS norm's s = 1/rms(x) and s³/d at (n, d) states x, each (n, 1)."""
+    eps = getattr(public.norm, "variance_epsilon", getattr(public.norm, "eps", 1e-6))
+    s = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    return s, s**3 / x.shape[-1]
+
+
+def _through_norm(x: torch.Tensor, s: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """J_normᵀ applied to (n, d) vectors u already scaled by the norm's weight."""
+    return s * u - k * x * (x * u).sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def _labels_at_head(public: PublicModel, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(N, d) states entering the final norm and the (N, d) gradients of the loss at them ->
+    (N,) labels: the candidate with the least residual, -1 where none explains the gradient."""
+    labels = torch.full((hidden.shape[0],), -1, dtype=torch.long)
     labelled = grad.abs().amax(-1) > 0
     for rows in labelled.nonzero()[:, 0].split(256):
-        x, g = hidden_out[rows].double(), grad[rows].double()
-        d = x.shape[-1]
-        s = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()  # (n, 1)
-        k = s**3 / d
-        probs = torch.softmax((x * s * w) @ head.T, dim=-1)  # (n, V)
-        a = probs @ q  # Jᵀ·Wᵀ·p = s·(Qᵀp) − k·(x·Qᵀp)·x
-        a = s * a - k * x * (x * a).sum(-1, keepdim=True)
-        qx, qg, qa = x @ q.T, g @ q.T, a @ q.T  # (n, V)
-        g_b = s * qg - k * qx * (g * x).sum(-1, keepdim=True)  # <g, Jᵀ·W_v>
-        a_b = s * qa - k * qx * (a * x).sum(-1, keepdim=True)  # <a, Jᵀ·W_v>
-        b_b = s**2 * q_sq - 2 * s * k * qx**2 + k**2 * qx**2 * (x * x).sum(-1, keepdim=True)  # |Jᵀ·W_v|²
-        diff_sq = (a * a).sum(-1, keepdim=True) - 2 * a_b + b_b  # |a − Jᵀ·W_v|²
-        fit = ((g * a).sum(-1, keepdim=True) - g_b) ** 2 / diff_sq.clamp_min(1e-300)
-        labels[rows] = fit.argmax(-1)  # the least residual |g|² − fit
+        best = _read_head(public, hidden[rows], grad[rows]).fit.max(-1)
+        explains = best.values >= LABEL_FIT * grad[rows].double().pow(2).sum(-1)
+        labels[rows] = torch.where(explains, best.indices, -1)
     return labels
+
+
+def _labels_through_last_layers(public: PublicModel, states: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """One sequence's (n, d) states the cloud returned and the gradients the device sent for
+    them -> (n,) labels, through the device's last layers at M = 0.
+
+    The gradient at position t is Σ_{u ≥ t} J_utᵀ·v_u, v_u the gradient at the layers' output
+    (the layers are causal). From the last position back, the terms of later positions are
+    known, which leaves J_ttᵀ·v_t: each candidate label's v_t runs back through the public
+    layers, for the position alone after its cached prefix, and the one that explains the rest
+    is the label. The candidates are the labels that would explain it without the layers, and
+    the public model's likeliest next tokens (PROPOSALS of each, then WIDENED_PROPOSALS)."""
+    n = len(states)
+    x = states.float()[None].requires_grad_()
+    with torch.enable_grad():
+        out = public.back(inputs_embeds=x).last_hidden_state
+    final = out.detach()[0].double()
+    prefix = public.new_sequence(public.back)
+    with torch.no_grad():
+        public.back(inputs_embeds=x.detach(), cache=prefix, use_cache=True)
+    later = torch.zeros(n, states.shape[-1], dtype=torch.float64)  # Σ_{u > t} J_utᵀ·v_u, as the v_u are found
+    labels = torch.full((n,), -1, dtype=torch.long)
+    q = public.head_terms[1]
+    for t in reversed(range(n)):
+        rest = grads[t].double() - later[t]
+        if rest.norm() <= NO_GRADIENT_LEFT * grads[t].double().norm():
+            continue
+        reading = _read_head(public, final[t : t + 1], rest[None])
+        s, k = _norm_scales(public, final[t : t + 1])
+        for proposals in (PROPOSALS, WIDENED_PROPOSALS):
+            proposals = min(proposals, public.vocab_size)
+            candidates = torch.cat([reading.fit[0].topk(proposals).indices, reading.probs[0].topk(proposals).indices]).unique()
+            at_output = torch.cat([reading.pulled_p, _through_norm(final[t : t + 1], s, k, q[candidates])])  # Jᵀ·Wᵀ·p, Jᵀ·W_y
+            pulled = _pull_back_alone(public, x.detach()[0, t], prefix, t, at_output)
+            diff = pulled[0] - pulled[1:]  # J_ttᵀ·Jᵀ·Wᵀ·(p − e_y), per candidate y
+            fit = (diff @ rest) ** 2 / (diff * diff).sum(-1).clamp_min(1e-300)
+            best = int(fit.argmax())
+            if fit[best] >= NEARLY_ALL * (rest @ rest):
+                break
+        if fit[best] < LABEL_FIT * (rest @ rest):
+            continue
+        labels[t] = candidates[best]
+        v = (diff[best] @ rest) / (diff[best] @ diff[best]) * (at_output[0] - at_output[1 + best])
+        cotangent = torch.zeros_like(out)
+        cotangent[0, t] = v.float()
+        (earlier,) = torch.autograd.grad(out, x, cotangent, retain_graph=True)
+        later[:t] += earlier[0, :t].double()
+    return labels
+
+
+def _pull_back_alone(public: PublicModel, state: torch.Tensor, prefix: DynamicCache, t: int, vectors: torch.Tensor) -> torch.Tensor:
+    """J_ttᵀ·vectors: (K, d) gradients at the last layers' output at position t, back to its
+    input at t, with the earlier positions held (their keys and values in `prefix`)."""
+    cache = copy.deepcopy(prefix)
+    truncate_cache(cache, t)
+    if t:
+        cache.batch_repeat_interleave(len(vectors))
+    alone = state.expand(len(vectors), 1, -1).clone().requires_grad_()
+    with torch.enable_grad():
+        out = public.back(inputs_embeds=alone, cache=cache if t else None, use_cache=t > 0).last_hidden_state
+        (pulled,) = torch.autograd.grad(out, alone, vectors[:, None].float())
+    return pulled[:, 0].double()
 
 
 def recover_m(u: torch.Tensor, um: torch.Tensor, config: PrivateLoRAConfig, members: int) -> list[torch.Tensor]:

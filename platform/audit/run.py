@@ -58,15 +58,23 @@ class AuditError(PloraError):
 
 
 class DeviceWitness:
-    """The device's own view of every pass, for scoring: the token ids it embedded and its
-    greedy next token at each position. It never leaves the audit's scoring."""
+    """The device's own view of every pass, for scoring: the token ids it embedded, its greedy
+    next token at each position and, in training, the positions its loss was taken at. It
+    never leaves the audit's scoring."""
 
     def __init__(self, model: DeviceModel):
         self.passes: list[dict[str, torch.Tensor]] = []
-        self._hooks = [model.embed.register_forward_hook(self._embedded), model.lm_head.register_forward_hook(self._headed)]
+        self._hooks = [model.embed.register_forward_hook(self._embedded), model.norm.register_forward_hook(self._normed),
+                       model.lm_head.register_forward_hook(self._headed)]
 
     def _embedded(self, module, args, output) -> None:
         self.passes.append({"ids": args[0].detach().clone()})
+
+    def _normed(self, module, args, output) -> None:
+        if output.requires_grad:
+            seen = self.passes[-1]
+            # A position's final state has a gradient exactly where the loss predicts the next token from it.
+            output.register_hook(lambda grad: seen.__setitem__("loss_at", grad.abs().amax(-1) > 0))
 
     def _headed(self, module, args, output) -> None:
         self.passes[-1]["next"] = output.detach().argmax(-1)
@@ -103,18 +111,13 @@ class Phase:
     passes: list[dict[str, torch.Tensor]]
 
 
-def invert_inputs(inverter: InputInverter, phase: Phase, pad_id: int) -> list[tuple[int, int]]:
-    """(tokens recovered, tokens sent) per text: a row of a stateless pass, or a generated
-    sequence from its START through its EXTENDs (cutting the attacker's cache where the device
-    rolled back a draft, as the cloud's own cache is cut)."""
+def invert_inputs(inverter: InputInverter, phase: Phase) -> list[tuple[int, int]]:
+    """(tokens recovered, tokens sent) per generated sequence, from its START through its
+    EXTENDs (cutting the attacker's cache where the device rolled back a draft, as the cloud's
+    own cache is cut)."""
     units, cache = [], None
     for step, seen in zip(phase.steps, phase.passes):
         states, ids = step.tensors["hidden_in"], seen["ids"]
-        if step.meta["cache"] == "none":
-            for row, truth in zip(states, ids):
-                n = _real_length(truth, pad_id)
-                units.append((int((inverter.invert(row[:n]) == truth[:n]).sum()), n))
-            continue
         if step.meta["cache"] == "start":
             cache = inverter.new_sequence()
             units.append((0, 0))
@@ -161,19 +164,30 @@ def recover_generated(public: PublicModel, phase: Phase) -> list[tuple[int, int]
     return _per_sequence(phase, score)
 
 
-def recover_training_labels(public: PublicModel, training: Phase, backward: dict[int, CapturedStep]) -> list[tuple[int, int]]:
-    """(labels recovered, labels) per training row, from each train step's returned states and
-    the gradients the device sent for them. Position t's label is the row's token t + 1."""
-    units = []
+TRAINING_ATTACKS = ("inputs_training", "inputs_training_gradients", "inputs_training_both", "labels")
+
+
+def invert_training(inverter: InputInverter, public: PublicModel, training: Phase, backward: dict[int, CapturedStep],
+                    pad_id: int) -> dict[str, list[tuple[int, int]]]:
+    """(hits, total) per training row of each TRAINING_ATTACKS: its input tokens from the state
+    at the cut, from the gradient the device sent back (the label at t is the input token at
+    t + 1), and from both (the gradient's token where it names one); and the labels the
+    device's loss took."""
+    units: dict[str, list[tuple[int, int]]] = {attack: [] for attack in TRAINING_ATTACKS}
     for step, seen in zip(training.steps, training.passes):
         grads = backward.get(step.index)
-        if grads is None:
-            continue
-        hidden, grad = step.tensors["hidden_out"], grads.tensors["grad_hidden_out"]
-        recovered = recover_labels(public, hidden.flatten(0, 1), grad.flatten(0, 1)).view(hidden.shape[:2])
-        for labels, ids in zip(recovered, seen["ids"]):
-            labelled = labels[:-1] != -1
-            units.append((int((labels[:-1][labelled] == ids[1:][labelled]).sum()), int(labelled.sum())))
+        named = (recover_labels(public, step.tensors["hidden_out"], grads.tensors["grad_hidden_out"]) if grads is not None
+                 else torch.full(seen["ids"].shape, -1))
+        loss_at = seen.get("loss_at", torch.zeros(seen["ids"].shape, dtype=torch.bool))
+        for states, ids, labels, taken in zip(step.tensors["hidden_in"], seen["ids"], named, loss_at):
+            n = _real_length(ids, pad_id)
+            at_cut = inverter.invert(states[:n])
+            from_gradients = torch.cat([torch.tensor([-1]), labels[: n - 1]])
+            both = torch.where(from_gradients >= 0, from_gradients, at_cut)
+            for attack, guess in zip(TRAINING_ATTACKS, (at_cut, from_gradients, both)):
+                units[attack].append((int((guess == ids[:n]).sum()), n))
+            taken = taken[: n - 1]
+            units["labels"].append((int((labels[: n - 1][taken] == ids[1:n][taken]).sum()), int(taken.sum())))
     return units
 
 
@@ -330,12 +344,9 @@ def _attack(run: UserRun, settings: AuditSettings, config: PrivateLoRAConfig, pu
         if tokens <= seen:
             worst[str(tokens)] = max(m_errors(recover_ms(run.personalized.steps, config, tokens), run.model))
     return {
-        "inputs_new_user": invert_inputs(inverter, run.new_user, run.pad_id),
-        "inputs_personalized": invert_inputs(inverter, run.personalized, run.pad_id),
-        "inputs_training": invert_inputs(inverter, sample, run.pad_id),
-        # The gradient attack reads labels through the public norm and head only: with last
-        # layers on the device it is not run, and the table shows no figure rather than a low one.
-        "labels": recover_training_labels(public, sample, run.backward) if not config.device_last_layers else [],
+        "inputs_new_user": invert_inputs(inverter, run.new_user),
+        "inputs_personalized": invert_inputs(inverter, run.personalized),
+        **invert_training(inverter, public, sample, run.backward, run.pad_id),
         "outputs_new_user": recover_generated(public, run.new_user),
         "outputs": recover_generated(public, run.personalized),
         "m_exact": sum(e <= EXACT_M for e in errors) / len(errors),
@@ -370,8 +381,7 @@ def audit_configuration(settings: AuditSettings, config: PrivateLoRAConfig, nois
         server.stop(grace_s=1)
     row = {"device_layers": config.device_layers, "device_last_layers": config.device_last_layers,
            "cut_noise": str(noise) if noise else None}
-    for attack in ("inputs_new_user", "inputs_personalized", "inputs_learned", "inputs_training", "labels", "outputs_new_user",
-                   "outputs"):
+    for attack in ("inputs_new_user", "inputs_personalized", "inputs_learned", *TRAINING_ATTACKS, "outputs_new_user", "outputs"):
         row[attack] = share([unit for figures in attacked for unit in figures[attack]])
     row["inverter"] = {**trained, "meets_minimum": settings.inverter.meets(MINIMUM_INVERTER_BUDGET)}
     row["m_exact"] = fmean([a["m_exact"] for a in attacked])

@@ -80,9 +80,10 @@ def audit(backbone, splits, cut_noise, personas, train_steps, questions, reply_t
     serve --record` does), runs synthetic users over loopback gRPC (answers as a new user, a
     personalization job, answers again), and attacks the captures with public weights only:
     input inversion (nearest rows, vocabulary matching, a learned inverter trained on public
-    text), output recovery, training labels from gradients, M by least squares, and the
-    persona facts the recovered M states. Everything runs in a temporary folder that is
-    deleted afterwards; the captures never outlive the audit.
+    text), output recovery, training labels and so the training text from the gradients the
+    device sends, M by least squares, and the persona facts the recovered M states.
+    Everything runs in a temporary folder that is deleted afterwards; the captures never
+    outlive the audit.
     """
     from plora.platform.audit.report import columns, write_report
     from plora.platform.audit.run import run_audit

@@ -28,6 +28,9 @@ def test_the_audit_recovers_a_new_users_text_through_public_device_layers_and_re
     # matching; the outputs come back through the public last layer at M = 0 too.
     assert one_layer_each_end["inputs_new_user"]["share"] >= 0.9
     assert one_layer_each_end["outputs"]["share"] >= 0.5
-    assert one_layer_each_end["labels"]["share"] is None  # not attacked with last layers on the device
+    # The job's one step is at M = 0: its labels, and so its responses' tokens (a fifth of the
+    # rows; the prompts take no loss), come back from the gradients through the public last layer.
+    assert one_layer_each_end["labels"]["share"] >= 0.9
+    assert one_layer_each_end["inputs_training_gradients"]["share"] >= 0.1
     assert {p.name for p in report.iterdir()} == {"audit.md", "audit.png", "audit.json"}
     assert "below the minimum budget" in (report / "audit.md").read_text()

@@ -105,24 +105,27 @@ def test_outputs_come_back_from_the_last_hidden_state_for_a_new_user(tmp_path, l
     assert share(units)["share"] == 1.0
 
 
-def test_training_labels_come_back_from_the_gradients_the_device_sends(tmp_path):
-    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4))
-    personal_ms(split)
+@pytest.mark.parametrize("last", [0, 1, 2])
+def test_training_labels_come_back_from_the_gradients_the_device_sends(tmp_path, last):
+    """With last layers on the device at M = 0 (a new user's first step), through the public ones."""
+    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4, device_last_layers=last), **PEAKED)
+    personal_ms(split, layers=range(0, 4 - last))
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (3, 16))
     labels = ids.clone()
     labels[:, :5] = -100  # a prompt carries no loss
+    labels[2, 12:] = -100  # nor does padding
     loss, _ = labelled_loss(split, ids, labels)
     loss.backward()
 
     forward, backward = read_session(folder)
     assert forward.meta["train"] == "True" and backward.kind == "backward"
-    hidden = forward.tensors["hidden_out"].flatten(0, 1)
-    recovered = recover_labels(PublicModel(tiny_llama(), split.config), hidden, backward.tensors["grad_hidden_out"].flatten(0, 1))
+    recovered = recover_labels(PublicModel(tiny_llama(**PEAKED), split.config), forward.tensors["hidden_out"],
+                               backward.tensors["grad_hidden_out"])
 
-    truth = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], 1).flatten()  # position t predicts t + 1
+    truth = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], 1)  # position t predicts t + 1
     labelled = truth != -100
-    assert torch.equal(recovered == -1, ~labelled)  # no gradient, no label: the attacker knows where labels are
+    assert torch.equal(recovered == -1, ~labelled)  # the attacker knows where labels are
     assert (recovered[labelled] == truth[labelled]).float().mean() >= 0.9
 
 
