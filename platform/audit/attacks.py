@@ -317,7 +317,7 @@ def _labels_through_last_layers(public: PublicModel, states: torch.Tensor, grads
         out = public.back(inputs_embeds=x).last_hidden_state
     final = out.detach()[0].double()
     prefix = public.new_sequence(public.back)
-    with torch.no_grad():
+    with torch.no_grad():  # a second pass, for a cache without a graph: each position copies it
         public.back(inputs_embeds=x.detach(), cache=prefix, use_cache=True)
     later = torch.zeros(n, states.shape[-1], dtype=torch.float64)  # Σ_{u > t} J_utᵀ·v_u, as the v_u are found
     labels = torch.full((n,), -1, dtype=torch.long)
