@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from plora.clients.cut_noise import CutNoise
 from plora.clients.data import TokenizedExample
 from plora.clients.generation import Draft, stream_tokens
 from plora.clients.training import TrainSettings, labelled_loss, personalize
@@ -24,7 +25,7 @@ from plora.platform.audit.attacks import (
     recover_m,
     recover_ms,
 )
-from plora.platform.audit.run import DeviceWitness, Phase, recover_generated, share
+from plora.platform.audit.run import DeviceWitness, Phase, _phases, invert_training, recover_generated, share
 from plora.platform.runtime import split_embedded
 from tests.conftest import tiny_backbone, tiny_llama
 
@@ -127,6 +128,34 @@ def test_training_labels_come_back_from_the_gradients_the_device_sends(tmp_path,
     labelled = truth != -100
     assert torch.equal(recovered == -1, ~labelled)  # the attacker knows where labels are
     assert (recovered[labelled] == truth[labelled]).float().mean() >= 0.9
+
+
+def test_noise_at_the_cut_leaves_the_training_text_in_the_gradients(tmp_path):
+    """Noise on the state at the cut hides a training row's tokens from it, but each token a loss
+    predicts comes back from the gradient the device sends, and both together give more."""
+    split = split_embedded(tiny_backbone(**PEAKED), PrivateLoRAConfig(rank=4), CutNoise.parse("gaussian:8"), noise_seed=0)
+    split.link.taps.append(Recording(tmp_path).session("device", "session", "tiny"))
+    witness = DeviceWitness(split)
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (3, 16))
+    labels = ids.clone()
+    labels[:, :8] = -100  # a prompt carries no loss: the losses predict tokens 8 to 15
+    loss, _ = labelled_loss(split, ids, labels)
+    loss.backward()
+    witness.close()
+    (training,), backward = _phases(read_session(tmp_path / "device" / "session"), witness, [])
+    public = PublicModel(tiny_llama(**PEAKED), split.config)
+
+    units = invert_training(InputInverter(public), public, training, backward, pad_id=-1)  # no row is padded
+
+    shares = {attack: share(rows)["share"] for attack, rows in units.items()}
+    assert shares["labels"] == 1.0
+    assert shares["inputs_training_gradients"] == 0.5
+    assert shares["inputs_training"] < 0.5
+    # Where no loss looks, only the cut tells: both give the gradients' half and what the cut gives of the rest.
+    prompt_hits = sum(int((InputInverter(public).invert(states[:8]) == row[:8]).sum())
+                      for states, row in zip(training.steps[0].tensors["hidden_in"], ids))
+    assert shares["inputs_training_both"] == pytest.approx(0.5 + prompt_hits / ids.numel())
 
 
 @pytest.mark.parametrize("shared_a", [False, True])
