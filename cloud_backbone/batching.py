@@ -14,7 +14,7 @@ cache never makes its neighbours attend over it, and the batch's padded copy of 
 holds less than twice the cached bytes the sessions' own budgets already count. In that
 forward, every row's request (its real tokens only) goes to its device before
 any reply is awaited. A session stepping alone skips all this and runs its own steps, as does
-a step of more than MAX_BATCHED_TOKENS new tokens, whose matmuls are large enough alone.
+a step of more than `max_tokens` new tokens (all its rows), whose matmuls are large enough alone.
 
 Passes are pipelined: while one batch waits for its devices' replies at a layer, which over a
 real link is most of a pass, the next batch (the sessions that came meanwhile) computes. Up to
@@ -26,6 +26,16 @@ the rows that did answer)) is taken out of the batch. Its session hears of it at
 is replaced by zeros for the rest of that pass, its result is discarded, its cache is left as it
 was, and the others go on. A late row is not failed: its session runs the step again on its own
 (a slow link is no fault).
+
+Stateless steps (scoring, and the forward of a training step) batch the same way, with each
+other only: every session's rows right-padded to the widest, each row masked as its session
+masked it, so that padding comes after its real tokens causally and never changes them. A
+training step's graph is then shared (SharedGraph): each session sends its backward over its own
+rows, and the backwards that come together run as one, with zeros for the other rows' gradients,
+which therefore get nothing from them. A session whose backward comes later than the others'
+budget runs it on the same graph afterwards; the graph is freed once no session holds it. The
+buckets keep each session's padded rows, and so its share of the graph, within twice what its
+own account holds.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from plora.storage.errors import PloraError, SessionError, TransportError
 log = logging.getLogger(__name__)
 
 COMPANY_WINDOW_S = 1.0  # sessions that made a step this recently are batched together
-MAX_BATCHED_TOKENS = 256
+MAX_BATCHED_TOKENS = 256  # the default of a step's tokens that batch; a longer step runs alone
 
 
 class LateReply(TransportError):
@@ -63,10 +73,15 @@ class LateReply(TransportError):
 @dataclass(eq=False)
 class _Ticket:
     session: object  # CloudSession
-    hidden: torch.Tensor  # (1, tokens, d)
+    hidden: torch.Tensor  # (rows, tokens, d): a step's input, or a backward's gradient of its output
     cached: int  # positions in the session's cache, which does not change while the step waits
+    stateless: bool = False  # a step without a cache: one or more rows, each masked as its session says
+    mask: torch.Tensor | None = None  # (rows, tokens) of a stateless step; None: every token is real
+    train: bool = False  # a stateless step that keeps its graph for a backward
+    rows: slice = field(default_factory=lambda: slice(0, 1))  # its rows in the batch
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
+    graph: SharedGraph | None = None  # a training step's, once its batch ran
     error: BaseException | None = None
 
     def fail(self, error: BaseException) -> None:
@@ -81,31 +96,35 @@ class _Ticket:
         return self.hidden.shape[1]
 
     @property
-    def bucket(self) -> tuple[int, int]:
+    def bucket(self) -> tuple[bool, bool, int, int]:
         """Steps of 1, 2, 3-4, 5-8, ... new tokens on caches of 0, 1, 2-3, 4-7, ... positions:
-        rows batched together are at most twice as long as each other, in both."""
-        return (self.tokens - 1).bit_length(), self.cached.bit_length()
+        rows batched together are at most twice as long as each other, in both. Stateless
+        steps batch only with stateless ones, training steps only with training steps."""
+        return self.stateless, self.train, (self.tokens - 1).bit_length(), self.cached.bit_length()
 
 
-def batchable(cache: DynamicCache | None, hidden: torch.Tensor, train: bool, attention_mask) -> bool:
-    """An inference step of one sequence, of at most MAX_BATCHED_TOKENS new tokens, with no
-    mask of its own, on a plain (non-sliding) cache."""
-    return (
-        cache is not None
-        and not train
-        and attention_mask is None
-        and hidden.shape[0] == 1
-        and hidden.shape[1] <= MAX_BATCHED_TOKENS
-        and all(type(layer) is DynamicLayer for layer in cache.layers)
-    )
+class DeviceRoundTrip(torch.autograd.Function):
+    """u -> u·M by asking the devices of `asker`, whose exchange(phase, layer, group, tensor)
+    sends each its rows; its backward asks them for dL/du the same way."""
+
+    @staticmethod
+    def forward(ctx, u, asker, layer: int, group: str):
+        ctx.asker, ctx.layer, ctx.group = asker, layer, group
+        return asker.exchange(Phase.FORWARD, layer, group, u.detach())
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        return ctx.asker.exchange(Phase.BACKWARD, ctx.layer, ctx.group, grad_v.contiguous()), None, None, None
 
 
 class StepBatcher:
     def __init__(
-        self, half, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0, in_flight: int = 2
+        self, half, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0, in_flight: int = 2,
+        max_tokens: int = MAX_BATCHED_TOKENS,
     ):
         self.half = half
         self.max_batch = max_batch
+        self.max_tokens = max_tokens
         self.gather_s = gather_s
         self.late_floor_s, self.late_factor = late_floor_s, late_factor
         self.in_flight = in_flight
@@ -118,6 +137,8 @@ class StepBatcher:
         self._thread: threading.Thread | None = None  # the scheduler, started by the first step
         self.batches = 0
         self.rows = 0
+        self.backwards = 0  # batched backwards, and the rows they served
+        self.backward_rows = 0
 
     def close(self) -> None:
         """Run the steps already queued, then stop the scheduler thread and its passes."""
@@ -126,6 +147,20 @@ class StepBatcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+
+    def takes(self, cache: DynamicCache | None, hidden: torch.Tensor, train: bool, attention_mask) -> bool:
+        """Whether a step batches: a stateless step (scoring or training) of at most `max_tokens`
+        tokens in all its rows; or an inference step of one sequence, of at most `max_tokens`
+        new tokens, with no mask of its own, on a plain (non-sliding) cache."""
+        if cache is None:
+            return hidden.shape[0] * hidden.shape[1] <= self.max_tokens
+        return (
+            not train
+            and attention_mask is None
+            and hidden.shape[0] == 1
+            and hidden.shape[1] <= self.max_tokens
+            and all(type(layer) is DynamicLayer for layer in cache.layers)
+        )
 
     def has_company(self, session) -> bool:
         """Whether another session made a step lately. A lone session runs its steps itself:
@@ -138,11 +173,20 @@ class StepBatcher:
             return len(self._stepping) > 1
 
     def step(self, session, hidden: torch.Tensor) -> torch.Tensor:
-        """Run one step of `session` in a batch; blocks until it ran."""
+        """Run one step of `session` on its cache in a batch; blocks until it ran."""
+        cached = session.cache.get_seq_length() if session.cache is not None else 0
+        return self._queued(_Ticket(session, hidden, cached)).result
+
+    def stateless_step(self, session, hidden: torch.Tensor, mask: torch.Tensor | None, train: bool) -> tuple[torch.Tensor, SharedRows | None]:
+        """Run a step of `session` without a cache in a batch; blocks until it ran. Returns its
+        output, and for a training step its rows of the batch's graph, for its backward."""
+        ticket = self._queued(_Ticket(session, hidden, 0, stateless=True, mask=mask, train=train))
+        return ticket.result, SharedRows(ticket.graph, ticket) if train else None
+
+    def _queued(self, ticket: _Ticket) -> _Ticket:
         with self._cond:
             if self._closed:
                 raise SessionError("the service is stopping")
-            ticket = _Ticket(session, hidden, session.cache.get_seq_length())
             if self._thread is None:
                 self._thread = threading.Thread(target=self._schedule, name="plora-batcher", daemon=True)
                 self._thread.start()
@@ -151,7 +195,7 @@ class StepBatcher:
         ticket.done.wait()
         if ticket.error is not None:
             raise ticket.error
-        return ticket.result
+        return ticket
 
     def _gather(self) -> list[_Ticket]:
         """The next batch; empty once closed with nothing queued."""
@@ -209,8 +253,16 @@ class StepBatcher:
                 ticket.fail(err if isinstance(err, PloraError) else TransportError(f"cannot reach the device: {type(err).__name__}"))
         return None
 
-    def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], group: str, widest: int) -> torch.Tensor:
-        """Every row's u·M, padded to `widest` tokens; a row that failed or is late gets zeros and its error."""
+    def ask(self, batch: list[_Ticket], phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Each ticket's rows of `tensor` (u, or the gradient of u·M) go to its device, every one
+        before any reply is awaited, so that the devices work in parallel. Returns the replies
+        in their rows of one tensor: zeros for other rows, and for the tickets that fail or are
+        late, which get their error."""
+        requests = [AdapterRequest(layer, group, phase, tensor[t.rows, : t.tokens]) for t in batch]
+        futures = [self._submit(t, r) for t, r in zip(batch, requests)]
+        return self._replies(batch, requests, futures, tensor.shape[:2])
+
+    def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], shape: torch.Size) -> torch.Tensor:
         started = time.monotonic()
         waiting = {f: i for i, f in enumerate(futures) if f is not None}
         times: list[float] = []
@@ -227,22 +279,51 @@ class StepBatcher:
                 deadline = started + max(self.late_floor_s, self.late_factor * statistics.median(times))
         for future, i in waiting.items():
             batch[i].fail(LateReply(
-                f"the reply for layer {requests[i].layer} {group} came later than the batch's budget of "
+                f"the reply for layer {requests[i].layer} {requests[i].group} came later than the batch's budget of "
                 f"{deadline - started:.3f} s; this step was taken out of its batch",
                 future,
             ))
-        rows = []
+        request = requests[0]
+        replies = torch.zeros(*shape, self.half.width(request.group, request.phase, "up"))
         for ticket, request, future in zip(batch, requests, futures):
-            row = torch.zeros(1, ticket.tokens, self.half.width(group, Phase.FORWARD, "up"))
             if future is not None and ticket.error is None:
                 try:
-                    row = ticket.session.checked(request, future, timeout=0)
+                    replies[ticket.rows, : ticket.tokens] = ticket.session.checked(request, future, timeout=0)
                 except PloraError as err:
                     ticket.fail(err)
-            rows.append(F.pad(row, (0, 0, 0, widest - ticket.tokens)))
-        return torch.cat(rows)
+        return replies
 
     def _run(self, batch: list[_Ticket]) -> None:
+        start = 0
+        for ticket in batch:
+            ticket.rows = slice(start, start + ticket.hidden.shape[0])
+            start += ticket.hidden.shape[0]
+        (self._run_stateless if batch[0].stateless else self._run_cached)(batch)
+
+    def _run_stateless(self, batch: list[_Ticket]) -> None:
+        widest = max(t.tokens for t in batch)
+        hidden = torch.cat([F.pad(t.hidden.detach(), (0, 0, 0, widest - t.tokens)) for t in batch])
+        masks = [torch.ones(t.hidden.shape[:2], dtype=torch.long) if t.mask is None else t.mask for t in batch]
+        mask = torch.cat([F.pad(m, (0, widest - t.tokens)) for m, t in zip(masks, batch)])
+        train = batch[0].train
+        graph = SharedGraph(self, hidden.requires_grad_(train), batch) if train else None
+
+        def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
+            if train:
+                return DeviceRoundTrip.apply(u, graph, layer, group)
+            return self.ask(batch, Phase.FORWARD, layer, group, u)
+
+        with torch.set_grad_enabled(train), self.half.slot.using(exchange):
+            out = self.half.stack(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        for ticket in batch:
+            if ticket.error is None:
+                ticket.result = out[ticket.rows, : ticket.tokens].detach().clone()
+        if train:
+            graph.hold(out, [t for t in batch if t.error is None])
+            for ticket in batch:
+                ticket.graph = graph
+
+    def _run_cached(self, batch: list[_Ticket]) -> None:
         config = self.half.stack.config
         pasts = [t.cached for t in batch]
         longest, widest = max(pasts), max(t.tokens for t in batch)
@@ -261,10 +342,7 @@ class StepBatcher:
         hidden = torch.cat([F.pad(t.hidden, (0, 0, 0, widest - t.tokens)) for t in batch])
 
         def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
-            # Every row's request goes out before any reply is awaited: the devices work in parallel.
-            requests = [AdapterRequest(layer, group, Phase.FORWARD, u[i : i + 1, : t.tokens]) for i, t in enumerate(batch)]
-            futures = [self._submit(t, r) for t, r in zip(batch, requests)]
-            return self._replies(batch, requests, futures, group, widest)
+            return self.ask(batch, Phase.FORWARD, layer, group, u)
 
         with torch.no_grad(), self.half.slot.using(exchange):
             out = self.half.stack(
@@ -277,3 +355,116 @@ class StepBatcher:
                     # Copies: a view would keep the whole batch's cache alive in this session's.
                     ticket.session.cache.update(layer.keys[i : i + 1, :, new].clone(), layer.values[i : i + 1, :, new].clone(), j)
                 ticket.result = out[i : i + 1, : ticket.tokens].clone()
+
+
+class SharedGraph:
+    """The graph of a batched training forward, which the sessions of its rows share: each sends
+    the backward of its own rows, and those that come together run as one backward."""
+
+    def __init__(self, batcher: StepBatcher, hidden: torch.Tensor, batch: list[_Ticket]):
+        self.batcher = batcher
+        self.hidden, self.out = hidden, None
+        self.current = batch  # the tickets whose devices the exchanges ask now
+        self._holding: set[_Ticket] = set()  # the rows whose sessions may still send their backward
+        self._arrived: list[tuple[_Ticket, _Ticket]] = []  # (the row, its backward) waiting to run
+        self._running = False
+        self._cond = threading.Condition()
+        self._ran_at = 0.0  # when the forward ended
+        self._first_at: float | None = None  # when the first backward of the next run came
+
+    def hold(self, out: torch.Tensor, rows: list[_Ticket]) -> None:
+        self.out, self._holding, self._ran_at = out, set(rows), time.monotonic()
+
+    def exchange(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> torch.Tensor:
+        return self.batcher.ask(self.current, phase, layer, group, tensor)
+
+    def backward(self, row: _Ticket, grad: torch.Tensor, alone: bool = False) -> torch.Tensor:
+        """dL/d(hidden) of `row`'s rows, given dL/d(out) of them. It waits for the backwards of
+        the other rows, up to max(floor, factor × how long the first of them took to come), and
+        runs with those that came; `alone` runs it without waiting for any."""
+        mine, run = _Ticket(row.session, grad, 0, rows=row.rows), None
+        with self._cond:
+            self._first_at = self._first_at or time.monotonic()
+            self._arrived.append((row, mine))
+            self._cond.notify_all()
+            # Whoever finds the others come (or their time up) runs the backward for all who came.
+            while run is None and not mine.done.is_set():
+                if not self._running and (alone or self._everyone_came() or self._wait_left() == 0):
+                    run, self._arrived, self._first_at, self._running = self._arrived, [], None, True
+                else:
+                    self._cond.wait(self._wait_left())
+        if run is not None:
+            self._run([backward for _, backward in run])
+        if mine.error is not None:
+            raise mine.error
+        return mine.result
+
+    def release(self, row: _Ticket) -> None:
+        """The session of `row` sends no backward over this graph any more; the last to go frees it."""
+        with self._cond:
+            self._holding.discard(row)
+            if not self._holding and not self._running:
+                self.hidden = self.out = None
+            self._cond.notify_all()
+
+    def _everyone_came(self) -> bool:
+        return self._holding <= {row for row, _ in self._arrived}
+
+    def _wait_left(self) -> float | None:
+        if self._first_at is None:
+            return None
+        budget = max(self.batcher.late_floor_s, self.batcher.late_factor * (self._first_at - self._ran_at))
+        return max(0.0, self._first_at + budget - time.monotonic())
+
+    def _run(self, run: list[_Ticket]) -> None:
+        try:
+            grad = torch.zeros_like(self.out)
+            for ticket in run:
+                grad[ticket.rows, : ticket.tokens] = ticket.hidden
+            self.current = run
+            with self.batcher.half.compute.computing():
+                # The graph is kept for the rows whose backward comes later.
+                (grads,) = torch.autograd.grad(self.out, self.hidden, grad, retain_graph=True)
+            for ticket in run:
+                if ticket.error is None:
+                    ticket.result = grads[ticket.rows, : ticket.tokens].clone()
+            self.batcher.backwards += 1
+            self.batcher.backward_rows += len(run)
+        except BaseException as err:  # a bug must not hang the callers
+            log.exception("a batched backward failed")
+            for ticket in run:
+                ticket.error = ticket.error or err
+        finally:
+            with self._cond:
+                self._running = False
+                if not self._holding:
+                    self.hidden = self.out = None
+                # Under the lock: a waiter that wakes finds its backward done, not to be run again.
+                for ticket in run:
+                    ticket.done.set()
+                self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class SharedRows:
+    """A session's rows of a SharedGraph: what it holds between its training forward and backward."""
+
+    graph: SharedGraph
+    row: _Ticket
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.row.result.shape)
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.graph.backward(self.row, grad)
+        except LateReply as late:
+            # As a late forward row does: once the late reply came, the backward runs again, alone.
+            error = late.pending.exception()
+            if error is not None:
+                raise error
+            return self.graph.backward(self.row, grad, alone=True)
+
+    def release(self) -> None:
+        self.graph.release(self.row)

@@ -8,13 +8,14 @@ same code serve the in-process link and the network service.
 from __future__ import annotations
 
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from plora.cloud_backbone.adapter_config import TARGET_MODULES, PrivateLoRAConfig
-from plora.cloud_backbone.batching import LateReply, StepBatcher, batchable
+from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS, DeviceRoundTrip, LateReply, SharedRows, StepBatcher
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import AdaptedGroup, attach, decoder_slice, truncate_cache
@@ -54,9 +55,10 @@ class CloudHalf(nn.Module):
         self.costs = StepCosts.of(self.stack.config, len(layers))
         self.batcher: StepBatcher | None = None
 
-    def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0) -> None:
-        """Run concurrent sessions' inference steps as one batch (see batching.py)."""
-        self.batcher = StepBatcher(self, max_batch, gather_s, late_floor_s, late_factor)
+    def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0,
+                        max_tokens: int = MAX_BATCHED_TOKENS) -> None:
+        """Run concurrent sessions' steps of up to `max_tokens` tokens as one batch (see batching.py)."""
+        self.batcher = StepBatcher(self, max_batch, gather_s, late_floor_s, late_factor, max_tokens=max_tokens)
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -70,18 +72,25 @@ class CloudHalf(nn.Module):
         return self.config.width(group, a_side=(phase is Phase.FORWARD) == (direction == "down"))
 
 
-class _DeviceRoundTrip(torch.autograd.Function):
-    """u -> u·M by asking the device; its backward asks the device for dL/du."""
+@dataclass(frozen=True)
+class _OwnGraph:
+    """The graph of a training forward the session ran alone."""
 
-    @staticmethod
-    def forward(ctx, u, session: CloudSession, layer: int, group: str):
-        ctx.session, ctx.layer, ctx.group = session, layer, group
-        return session.ask(AdapterRequest(layer, group, Phase.FORWARD, u.detach()))
+    hidden: torch.Tensor  # the input, a leaf
+    out: torch.Tensor
+    compute: ComputeSlots
 
-    @staticmethod
-    def backward(ctx, grad_v):
-        request = AdapterRequest(ctx.layer, ctx.group, Phase.BACKWARD, grad_v.contiguous())
-        return ctx.session.ask(request), None, None, None
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.out.shape)
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        with self.compute.computing():
+            torch.autograd.backward(self.out, grad)
+        return self.hidden.grad
+
+    def release(self) -> None:
+        pass  # dropping it frees it
 
 
 class CloudSession:
@@ -99,7 +108,7 @@ class CloudSession:
         self.max_step_tokens = max_step_tokens
         self.account = account
         self.cache: DynamicCache | None = None  # keys and values of the cloud layers
-        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None  # (input leaf, output)
+        self._graph: _OwnGraph | SharedRows | None = None
         self._handler: DeviceHandler | None = None
 
     def ask(self, request: AdapterRequest) -> torch.Tensor:
@@ -147,10 +156,13 @@ class CloudSession:
         check_tensor(answer.tensor, expected, f"layer {request.layer} {request.group} reply")
         return answer.tensor
 
+    def exchange(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> torch.Tensor:
+        return self.ask(AdapterRequest(layer, group, phase, tensor))
+
     def _exchange(self, layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
-            return _DeviceRoundTrip.apply(u, self, layer, group)
-        return self.ask(AdapterRequest(layer, group, Phase.FORWARD, u))
+            return DeviceRoundTrip.apply(u, self, layer, group)
+        return self.exchange(Phase.FORWARD, layer, group, u)
 
     def forward(self, request: ForwardRequest, ask: DeviceHandler) -> ForwardResult:
         hidden = request.hidden
@@ -169,11 +181,11 @@ class CloudSession:
         self._handler = ask
         try:
             batcher = self.half.batcher
-            # Every inference step counts, so that sessions starting together batch from their first step.
-            company = batcher is not None and cache is not None and not request.train and batcher.has_company(self)
+            # Every step counts, so that sessions starting together batch from their first step.
+            company = batcher is not None and batcher.has_company(self)
             out = None
-            if company and batchable(cache, hidden, request.train, request.attention_mask):
-                out = self._batched(batcher, hidden)
+            if company and batcher.takes(cache, hidden, request.train, request.attention_mask):
+                out = self._batched(batcher, hidden, cache is None, request.attention_mask, request.train)
             if out is None:
                 with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange), self.half.compute.computing():
                     out = self.half.stack(
@@ -182,6 +194,8 @@ class CloudSession:
                         cache=cache,
                         use_cache=cache is not None,
                     ).last_hidden_state
+                if request.train:
+                    self._graph = _OwnGraph(hidden, out, self.half.compute)
         except BaseException:
             if request.cache is CacheMode.START:
                 self.cache = previous
@@ -193,15 +207,16 @@ class CloudSession:
             self._handler = None
             self.account.hold("pending", 0)
             self.account.hold("kv", self._kv_bytes())
-        if request.train:
-            self._graph = (hidden, out)
         return ForwardResult(out.detach())
 
-    def _batched(self, batcher: StepBatcher, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The step run in the next batch; None when the device's reply came too late for the
-        batch, and the step must run alone."""
+    def _batched(self, batcher: StepBatcher, hidden: torch.Tensor, stateless: bool, mask: torch.Tensor | None, train: bool) -> torch.Tensor | None:
+        """The step run in the next batch (a training step keeps its rows of the batch's graph);
+        None when the device's reply came too late for the batch, and the step must run alone."""
         try:
-            return batcher.step(self, hidden)
+            if not stateless:
+                return batcher.step(self, hidden)
+            out, self._graph = batcher.stateless_step(self, hidden, mask, train)
+            return out
         except LateReply as late:
             # Let the late reply arrive (its exchange's own timeout bounds the wait); a device
             # that never replied fails its step.
@@ -282,24 +297,24 @@ class CloudSession:
         return batch * self.cache.get_seq_length() * self.half.costs.kv_per_token
 
     def _drop_graph(self) -> None:
+        if self._graph is not None:
+            self._graph.release()
         self._graph = None
         self.account.hold("graph", 0)
 
     def backward(self, request: BackwardRequest, ask: DeviceHandler) -> BackwardResult:
         if self._graph is None:
             raise SessionError("backward needs a preceding forward with train=True")
-        hidden, out = self._graph
         try:
-            check_tensor(request.grad_hidden, tuple(out.shape), "gradient of the hidden state")
-            self.account.hold("pending", 2 * hidden.numel() * hidden.element_size())
+            check_tensor(request.grad_hidden, self._graph.shape, "gradient of the hidden state")
+            self.account.hold("pending", 2 * request.grad_hidden.numel() * request.grad_hidden.element_size())
             self._handler = ask
-            with self.half.compute.computing():
-                torch.autograd.backward(out, request.grad_hidden)
+            grad = self._graph.backward(request.grad_hidden)
         finally:
             self._handler = None
             self._drop_graph()
             self.account.hold("pending", 0)
-        return BackwardResult(hidden.grad if request.want_input_grad else None)
+        return BackwardResult(grad if request.want_input_grad else None)
 
     def close(self) -> None:
         self.cache = None

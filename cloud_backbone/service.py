@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS
 from plora.cloud_backbone.budget import MemoryBudget
 from plora.cloud_backbone.compute import CloudHalf, CloudSession
 from plora.cloud_backbone.device_access import Enrollment, OpenEnrollmentGate, RevocationWatcher
@@ -61,6 +62,9 @@ class Limits:
     """How long the service waits for a device's adapter reply before failing its session."""
     write_timeout_s: float = 10.0
     """How long a write to a device may wait for it to read, before its session is closed."""
+    max_batched_tokens: int = MAX_BATCHED_TOKENS
+    """Steps of at most this many tokens (all their rows) run batched with other sessions'
+    concurrent steps; longer ones run alone. 0: every step runs alone."""
     late_reply_floor_s: float = 0.25
     late_reply_factor: float = 5.0
     """A row of a batched step is taken out of the batch once its reply is later than
@@ -135,7 +139,9 @@ def prepare_version(
             export_device_bundle(backbone, config, bundle)
     digest, size = bundle_digest(bundle)
     half = CloudHalf(backbone, config, compute)
-    half.enable_batching(late_floor_s=limits.late_reply_floor_s, late_factor=limits.late_reply_factor)
+    if limits.max_batched_tokens:
+        half.enable_batching(late_floor_s=limits.late_reply_floor_s, late_factor=limits.late_reply_factor,
+                             max_tokens=limits.max_batched_tokens)
     return HostedVersion(half, backbone.source.spec, bundle, digest, size)
 
 

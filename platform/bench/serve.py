@@ -84,7 +84,7 @@ def bench_registry_url(home: str) -> str:
     return f"sqlite:///{home}/bench.db"  # a throwaway registry; converted backbones are reused
 
 
-def serve_backbone(spec: str, config: dict, home: str, ports, compute_slots: int) -> None:
+def serve_backbone(spec: str, config: dict, home: str, ports, limits: dict) -> None:
     os.environ["PLORA_DB_URL"] = bench_registry_url(home)
     from plora.cloud_backbone.server import start_service
     from plora.cloud_backbone.service import Limits
@@ -92,8 +92,8 @@ def serve_backbone(spec: str, config: dict, home: str, ports, compute_slots: int
     from plora.storage.registry import open_registry
 
     set_step_threads(STEP_TORCH_THREADS)  # as `plora backbone serve` does by default
-    limits = Limits(max_sessions_per_device=SESSIONS_PER_DEVICE, compute_slots=compute_slots)
-    server = start_service([spec], PrivateLoRAConfig.from_dict(config), open_registry(), limits)
+    server = start_service([spec], PrivateLoRAConfig.from_dict(config), open_registry(),
+                           Limits(max_sessions_per_device=SESSIONS_PER_DEVICE, **limits))
     ports.put(server.port)
     server.wait()
 
@@ -210,9 +210,9 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
         rates = _alternate(runs, repeats)
         results.add(f"fleet{fleet}_prefill_ratio", _ratio(rates, "fleet", "mono"), "report",
                     fleet_tok_s=statistics.median(rates["fleet"]), monolithic_tok_s=statistics.median(rates["mono"]))
-        echo(f"{fleet} devices each taking a training step at once: unbounded compute slots (the default) vs a slot per "
-             "core and vs one slot, each on a service of its own")
-        _compare_slots(results, context, spec, config, fleet_devices, service, repeats)
+        echo(f"{fleet} devices each taking a training step at once: the default service (unbounded compute slots, "
+             "steps batched) vs a slot per core, one slot, and no batching, each on a service of its own")
+        _compare_services(results, context, spec, config, fleet_devices, service, repeats)
 
         echo("fine-tuning: split over gRPC vs monolithic PEFT LoRA (r=16, q/k/v)")
         ids = train_ids(base.config.vocab_size)
@@ -227,24 +227,29 @@ def run_serve_bench(spec: str, fleet: int, repeats: int, echo: Callable[[str], N
     return results
 
 
-def _compare_slots(results: ServeBench, context, spec: str, config: PrivateLoRAConfig, devices, service: psutil.Process, repeats: int) -> None:
-    """Concurrent training steps, which are not batched, on the bench's service (unbounded
-    slots, the default) against services with a slot per core and with one slot, alternated:
-    time and the service's CPU, as ratios."""
+def _compare_services(results: ServeBench, context, spec: str, config: PrivateLoRAConfig, devices, service: psutil.Process,
+                      repeats: int) -> None:
+    """Concurrent training steps on the bench's service (the defaults: unbounded compute slots,
+    the steps batched across sessions) against services with a slot per core, with one slot, and
+    with no batching, alternated: time and the service's CPU, as ratios."""
     ids = train_ids(devices[0].model.embed.num_embeddings, FLEET_TRAIN_BATCH)
-    runs, services = {"unbounded": _fleet_train(devices, ids)}, {"unbounded": service}
+    runs, services = {"default": _fleet_train(devices, ids)}, {"default": service}
+    variants = {"per core": {"compute_slots": os.cpu_count() or 1}, "one": {"compute_slots": 1}, "unbatched": {"max_batched_tokens": 0}}
     with ExitStack() as stack:
-        for name, slots in (("per core", os.cpu_count() or 1), ("one", 1)):
-            home, port, pid = stack.enter_context(service_process(context, spec, config, compute_slots=slots))
+        for name, limits in variants.items():
+            home, port, pid = stack.enter_context(service_process(context, spec, config, **limits))
             enroll(home, Endpoint(f"127.0.0.1:{port}", insecure=True), len(devices))
             others = [stack.enter_context(closing(open_device(home / f"device{i}"))) for i in range(len(devices))]
             runs[name], services[name] = _fleet_train(others, ids), psutil.Process(pid)
         rates = _alternate(runs, repeats)
         cpu = {name: _cpu_seconds_per_token(run, {"cloud": lambda s=services[name]: sum(s.cpu_times()[:2])})["cloud"]
                for name, run in runs.items()}
-    results.add(f"fleet{len(devices)}_train_slots_ratio", _ratio(rates, "per core", "unbounded"), "report",
-                one_slot=_ratio(rates, "one", "unbounded"), cloud_cpu_per_core=cpu["per core"] / cpu["unbounded"],
-                cloud_cpu_one_slot=cpu["one"] / cpu["unbounded"], unbounded_tok_s=statistics.median(rates["unbounded"]))
+    results.add(f"fleet{len(devices)}_train_slots_ratio", _ratio(rates, "per core", "default"), "report",
+                one_slot=_ratio(rates, "one", "default"), cloud_cpu_per_core=cpu["per core"] / cpu["default"],
+                cloud_cpu_one_slot=cpu["one"] / cpu["default"], default_tok_s=statistics.median(rates["default"]))
+    results.add(f"fleet{len(devices)}_train_batched_ratio", _ratio(rates, "default", "unbatched"), "report",
+                cloud_cpu_unbatched_per_batched=cpu["unbatched"] / cpu["default"],
+                unbatched_tok_s=statistics.median(rates["unbatched"]))
 
 
 def enroll(home: Path, endpoint: Endpoint, count: int) -> None:
@@ -255,14 +260,14 @@ def enroll(home: Path, endpoint: Endpoint, count: int) -> None:
 
 
 @contextmanager
-def service_process(context, spec: str, config: PrivateLoRAConfig, compute_slots: int = 0) -> Iterator[tuple[Path, int, int]]:
+def service_process(context, spec: str, config: PrivateLoRAConfig, **limits) -> Iterator[tuple[Path, int, int]]:
     """The backbone service in a child process, as it would be on its own machine, with a
-    throwaway registry and `compute_slots` (0: its default); yields (a scratch folder for the
+    throwaway registry and `limits` (Limits' fields; the others its defaults); yields (a scratch folder for the
     bench's devices, the service's port, its pid). The folder goes when the block ends: with many
     devices' bundles, gigabytes."""
     home = tempfile.mkdtemp(prefix="plora-bench-")
     ports = context.Queue()
-    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports, compute_slots), daemon=True)
+    server = context.Process(target=serve_backbone, args=(spec, config.to_dict(), home, ports, limits), daemon=True)
     server.start()
     try:
         yield Path(home), ports.get(timeout=600), server.pid

@@ -65,6 +65,10 @@ backbone.add_command(devices)
 @click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="Intra-op threads of each step that computes. torch's default (0: one per core) gives every computing "
                    "thread a team as wide as the machine, and concurrent steps then fight over the cores.")
+# 256 is cloud_backbone.batching.MAX_BATCHED_TOKENS, for the same reason.
+@click.option("--max-batched-tokens", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Steps of at most this many tokens (all their rows: decode steps, prefills, scoring and training "
+                   "steps) run batched with other devices' concurrent steps; longer ones run alone. 0: no batching.")
 @click.option("--failed-steps-per-minute", default=10, show_default=True, type=click.IntRange(min=0),
               help="Steps a device may make fail by its own fault (malformed input, steps out of protocol) before its next "
                    "steps are refused unrun until the allowance refills over a minute. 0: no limit.")
@@ -81,7 +85,7 @@ backbone.add_command(devices)
 @fail_cleanly
 def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_key, insecure, max_sessions, max_sessions_per_device,
           max_tokens, max_message_mb, reply_timeout, idle_timeout, first_frame_timeout, write_timeout, max_step_tokens,
-          session_memory_mb, memory_budget_mb, compute_slots, torch_threads, failed_steps_per_minute, open_enrollment, open_enrollment_rate, record, record_confirmed, **adapter) -> None:
+          session_memory_mb, memory_budget_mb, compute_slots, torch_threads, max_batched_tokens, failed_steps_per_minute, open_enrollment, open_enrollment_rate, record, record_confirmed, **adapter) -> None:
     """Serve the frozen cloud half of one or more backbone versions to devices over gRPC.
 
     With neither --backbone nor --version it hosts every registered version that is not
@@ -115,7 +119,7 @@ def serve(specs, versions, host, port, http_host, http_port, db, tls_cert, tls_k
                     max_sessions_per_device=max_sessions_per_device, reply_timeout_s=reply_timeout, idle_timeout_s=idle_timeout,
                     first_frame_timeout_s=first_frame_timeout, write_timeout_s=write_timeout, max_step_tokens=max_step_tokens,
                     session_memory_bytes=session_memory_mb << 20, compute_slots=compute_slots,
-                    failed_steps_per_minute=failed_steps_per_minute, **memory)
+                    max_batched_tokens=max_batched_tokens, failed_steps_per_minute=failed_steps_per_minute, **memory)
     tls = TLSFiles(tls_cert, tls_key) if tls_cert else None
     reg = open_registry(db)
     if not specs and not versions:

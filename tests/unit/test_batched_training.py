@@ -1,0 +1,183 @@
+"""Training steps of several sessions batched into one forward and one backward equal each
+session run alone, and a session's failure or lateness in either stays its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.compute import CloudHalf
+from plora.cloud_backbone.privatelora import AdapterWeights
+from plora.cloud_backbone.protocol.messages import AdapterReply, BackwardRequest, CacheMode, ForwardRequest, Phase
+from plora.storage.errors import PloraError, ValidationError
+from tests.conftest import tiny_backbone
+
+CONFIG = PrivateLoRAConfig(rank=4)
+
+
+class Trainer:
+    """A device that answers u with u·M and, in a backward, dL/d(u·M) with dL/du, adding
+    dL/dM to its M's gradients as the real device does. `broken` sends a misshapen reply at
+    layer 2 of its backward; `slow_s` delays its call for the backward."""
+
+    def __init__(self, seed: int, broken: bool = False):
+        self.weights = AdapterWeights(CONFIG, 4)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for m in self.weights.ms.values():
+                m.normal_(0, 0.3)
+        self.broken = broken
+        self.kept: dict = {}
+
+    def __call__(self, request):
+        key = request.layer, request.group
+        if request.phase is Phase.FORWARD:
+            self.kept[key] = request.tensor.clone()
+            with torch.no_grad():
+                v = self.weights.products(request.layer, request.group, request.tensor)
+            return AdapterReply(request.layer, request.group, request.phase, v)
+        ms = list(self.weights.ms.values())
+        with torch.enable_grad():  # the service asks from within its own backward, where grad is off
+            u = self.kept[key].requires_grad_(True)
+            v = self.weights.products(request.layer, request.group, u)
+            grads = torch.autograd.grad(v, [u, *ms], request.tensor, allow_unused=True)
+        for m, g in zip(ms, grads[1:]):
+            if g is not None:
+                m.grad = g if m.grad is None else m.grad + g
+        grad_u = grads[0]
+        if self.broken and request.layer == 2:
+            grad_u = grad_u[..., :-1]
+        return AdapterReply(request.layer, request.group, request.phase, grad_u)
+
+    def m_grads(self) -> list[torch.Tensor]:
+        return [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.weights.ms.values()]
+
+
+def step(half: CloudHalf, trainer: Trainer, hidden, mask, grad, barrier=None, pause_s: float = 0.0):
+    """A training step of one session: forward, then backward. A first stateless step alone lets
+    the batcher see the session stepping, so that the steps after the barrier batch."""
+    session = half.open_session()
+    session.forward(ForwardRequest(hidden[:1, :1]), trainer)
+    if barrier:
+        barrier.wait()
+    out = session.forward(ForwardRequest(hidden, CacheMode.NONE, attention_mask=mask, train=True), trainer).hidden
+    time.sleep(pause_s)
+    grad_in = session.backward(BackwardRequest(grad, want_input_grad=True), trainer).grad_input
+    return out, grad_in, trainer.m_grads()
+
+
+def together(half: CloudHalf, specs: dict) -> tuple[dict, dict, dict]:
+    results, errors, took = {}, {}, {}
+    barrier = threading.Barrier(len(specs))
+
+    def run(name, spec):
+        started = time.monotonic()
+        try:
+            results[name] = step(half, *spec[:4], barrier, *spec[4:])
+        except PloraError as err:
+            errors[name] = err
+        took[name] = time.monotonic() - started
+
+    threads = [threading.Thread(target=run, args=item) for item in specs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors, took
+
+
+def inputs(seed: int, rows: int, tokens: int, masked: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    mask = None
+    if masked:  # the device's own padding: its second row is shorter
+        mask = torch.ones(rows, tokens, dtype=torch.long)
+        mask[1:, tokens - 2 :] = 0
+    return torch.randn(rows, tokens, 32, generator=gen), mask, torch.randn(rows, tokens, 32, generator=gen)
+
+
+def alone(seed: int, spec) -> tuple:
+    return step(CloudHalf(tiny_backbone(), CONFIG), Trainer(seed), *spec)
+
+
+def assert_equal(got: tuple, expected: tuple) -> None:
+    out, grad_in, m_grads = got
+    assert torch.allclose(out, expected[0], atol=1e-5)
+    assert torch.allclose(grad_in, expected[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(m_grads, expected[2]))
+
+
+def test_batched_training_steps_of_different_shapes_equal_each_session_alone():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    shapes = {"a": (1, 5, False), "b": (2, 6, True), "c": (1, 7, False)}
+    specs = {name: (Trainer(i), *inputs(i, *shape)) for i, (name, shape) in enumerate(shapes.items())}
+    results, errors, _ = together(half, specs)
+    assert errors == {}
+    for i, name in enumerate(shapes):
+        assert_equal(results[name], alone(i, inputs(i, *shapes[name])))
+    batcher = half.batcher
+    assert batcher.batches < batcher.rows  # the forwards were batched across sessions
+    assert batcher.backwards < batcher.backward_rows  # and so were their backwards
+
+
+def test_a_device_failing_in_a_batched_backward_fails_only_its_own_step():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    good, bad = (Trainer(0), *inputs(0, 1, 5)), (Trainer(1, broken=True), *inputs(1, 1, 6))
+    results, errors, _ = together(half, {"good": good, "bad": bad})
+    assert set(errors) == {"bad"} and isinstance(errors["bad"], ValidationError) and "shape" in str(errors["bad"])
+    assert_equal(results["good"], alone(0, inputs(0, 1, 5)))
+    assert half.batcher.backwards < half.batcher.backward_rows  # the failing backward was shared
+
+
+def test_a_late_backward_does_not_hold_the_others_and_runs_on_the_same_graph():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5, late_floor_s=0.25, late_factor=5.0)
+    prompt, late = (Trainer(0), *inputs(0, 1, 5)), (Trainer(1), *inputs(1, 1, 6), 2.0)
+    results, errors, took = together(half, {"prompt": prompt, "late": late})
+    assert errors == {}
+    assert_equal(results["prompt"], alone(0, inputs(0, 1, 5)))
+    assert_equal(results["late"], alone(1, inputs(1, 1, 6)))
+    assert half.batcher.batches < half.batcher.rows  # the forwards ran together
+    # Its backward did not wait 2 s for the late one's, which ran after it, alone.
+    assert took["prompt"] < 1.5 < 2.0 < took["late"]
+    assert half.batcher.backwards == half.batcher.backward_rows == 2
+
+
+def test_a_shared_graph_is_freed_once_every_session_let_go_of_it():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    graphs, barrier = [], threading.Barrier(2)
+
+    def train_without_backward(seed: int) -> None:
+        session = half.open_session()
+        hidden, mask, _ = inputs(seed, 1, 3 + seed)
+        session.forward(ForwardRequest(hidden[:1, :1]), Trainer(seed))
+        barrier.wait()
+        session.forward(ForwardRequest(hidden, attention_mask=mask, train=True), Trainer(seed))
+        graphs.append(session._graph.graph)
+        barrier.wait()
+        if seed == 0:
+            session.close()  # it abandons the step
+        else:
+            session.forward(ForwardRequest(hidden), Trainer(seed))  # a new step abandons it
+
+    threads = [threading.Thread(target=train_without_backward, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(g) for g in graphs}) == 1 and graphs[0].out is None and graphs[0].hidden is None
+
+
+def test_a_training_step_of_more_tokens_than_the_batcher_takes_runs_alone():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5, max_tokens=10)
+    specs = {name: (Trainer(i), *inputs(i, 2, 6)) for i, name in enumerate("ab")}
+    results, errors, _ = together(half, specs)
+    assert errors == {} and half.batcher.backwards == 0  # 2 × 6 tokens: over the 10 it takes
+    for i, name in enumerate("ab"):
+        assert_equal(results[name], alone(i, inputs(i, 2, 6)))
