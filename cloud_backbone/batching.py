@@ -14,7 +14,9 @@ cache never makes its neighbours attend over it, and the batch's padded copy of 
 holds less than twice the cached bytes the sessions' own budgets already count. In that
 forward, every row's request (its real tokens only) goes to its device before
 any reply is awaited. A session stepping alone skips all this and runs its own steps, as does
-a step of more than `max_tokens` new tokens (all its rows), whose matmuls are large enough alone.
+a step of more than `max_tokens` new tokens (all its rows), whose matmuls are large enough alone;
+for the same reason a pass holds at most `max_tokens` new tokens, and the next steps make the
+next pass, which computes beside it.
 
 Passes are pipelined: while one batch waits for its devices' replies at a layer, which over a
 real link is most of a pass, the next batch (the sessions that came meanwhile) computes. Up to
@@ -94,6 +96,11 @@ class _Ticket:
     @property
     def tokens(self) -> int:
         return self.hidden.shape[1]
+
+    @property
+    def size(self) -> int:
+        """New tokens in all its rows."""
+        return self.hidden.shape[0] * self.hidden.shape[1]
 
     @property
     def bucket(self) -> tuple[bool, bool, int, int]:
@@ -206,20 +213,29 @@ class StepBatcher:
                 self._cond.wait()
             deadline = time.monotonic() + self.gather_s
             # Wait for company, but not once every session stepping lately is queued or in a
-            # pass: then nobody else is likely to come soon.
-            while len(self._queue) < self.max_batch:
+            # pass (then nobody else is likely to come soon), nor once the batch is full.
+            while len(batch := self._next_batch()) < self.max_batch and sum(t.size for t in batch) < self.max_tokens:
                 if len({id(t.session) for t in self._queue} | self._passing) >= len(self._stepping):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            # The first in line, with the steps of its bucket; the others come next.
-            bucket = self._queue[0].bucket
-            batch = [t for t in self._queue if t.bucket == bucket][: self.max_batch]
             self._queue = [t for t in self._queue if t not in batch]
             self._passing |= {id(t.session) for t in batch}
             return batch
+
+    def _next_batch(self) -> list[_Ticket]:
+        """The first step in line, with the next steps of its bucket up to `max_tokens` new
+        tokens in all: a pass of more gains no matmul efficiency, and passes of fewer compute
+        side by side, each on a core (measured on 2 cores: 16 training steps of 2 × 100 tokens
+        in one pass ran at about half the speed of each alone)."""
+        bucket, batch, tokens = self._queue[0].bucket, [], 0
+        for ticket in self._queue:
+            if ticket.bucket == bucket and len(batch) < self.max_batch and (not batch or tokens + ticket.size <= self.max_tokens):
+                batch.append(ticket)
+                tokens += ticket.size
+        return batch
 
     def _schedule(self) -> None:
         with ThreadPoolExecutor(self.in_flight, thread_name_prefix="plora-pass") as passes:

@@ -68,7 +68,8 @@ backbone.add_command(devices)
 # 256 is cloud_backbone.batching.MAX_BATCHED_TOKENS, for the same reason.
 @click.option("--max-batched-tokens", default=256, show_default=True, type=click.IntRange(min=0),
               help="Steps of at most this many tokens (all their rows: decode steps, prefills, scoring and training "
-                   "steps) run batched with other devices' concurrent steps; longer ones run alone. 0: no batching.")
+                   "steps) run batched with other devices' concurrent steps, up to this many tokens a pass; longer "
+                   "ones run alone. 0: no batching.")
 @click.option("--failed-steps-per-minute", default=10, show_default=True, type=click.IntRange(min=0),
               help="Steps a device may make fail by its own fault (malformed input, steps out of protocol) before its next "
                    "steps are refused unrun until the allowance refills over a minute. 0: no limit.")

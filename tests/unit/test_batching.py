@@ -233,6 +233,23 @@ def test_a_step_too_long_to_batch_runs_alone():
     assert [1, 1] in shapes and max(max(batch) for batch in shapes) == 1  # the decode steps batched, the prompts not
 
 
+def test_a_pass_holds_at_most_the_tokens_a_step_may_and_the_rest_run_side_by_side():
+    """More would gain no matmul efficiency, and the passes in flight each compute on a core."""
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5, max_tokens=12)
+    gen = torch.Generator().manual_seed(6)
+    shapes = spy_on_batches(half)
+    prompts = [torch.randn(1, 5, 32, generator=gen) for _ in range(4)]
+    barrier = threading.Barrier(len(prompts))
+    threads = [threading.Thread(target=steps_of, args=(half, device(i), prompts[i], [], barrier)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    prefills = [batch for batch in shapes if max(batch) == 5]
+    assert sorted(len(batch) for batch in prefills) == [2, 2]  # 4 prompts of 5 tokens, 12 a pass
+
+
 def test_a_failing_device_in_a_batched_prefill_fails_only_its_own_row_and_keeps_no_cache():
     half = CloudHalf(tiny_backbone(), CONFIG)
     half.enable_batching(gather_s=0.5)
