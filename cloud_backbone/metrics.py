@@ -27,6 +27,17 @@ class Metrics:
             "plora_accounted_bytes", "Bytes the sessions hold, by kind (kv, graph, pending).", ["kind"], registry=self.registry
         )
 
+    def track_batching(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Report what the batchers ran, read at each scrape: rows ÷ batches is the steps a pass held."""
+        batched = Gauge(
+            "plora_batched",
+            "Since the service started: passes shared by several sessions' steps (batches) and the steps they ran "
+            "(rows); batched backwards of training steps and their steps (backward_rows).",
+            ["what"], registry=self.registry,
+        )
+        for what in counts():
+            batched.labels(what).set_function(lambda what=what: counts()[what])
+
     def track_memory(self, used: Callable[[], dict[str, int]]) -> None:
         """Report the memory budget's figures, read at each scrape."""
         for kind in used():

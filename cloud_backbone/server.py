@@ -78,6 +78,7 @@ class RunningServer:
         self.service = service  # from here on, stopping the server closes it
         self.metrics = Metrics()
         self.metrics.track_memory(service.memory.used)
+        self.metrics.track_batching(service.batching)
         self._servicer = SplitBackboneServicer(service, self.metrics)
         self.http = None
         self._loop = asyncio.new_event_loop()

@@ -314,3 +314,9 @@ class BackboneService:
     def accounted_bytes(self) -> dict[str, int]:
         """Bytes the sessions hold, per kind (kv, graph, pending)."""
         return self.memory.used()
+
+    def batching(self) -> dict[str, int]:
+        """What every hosted version's batcher ran since the service started: passes and their
+        rows (steps), batched backwards and their rows."""
+        batchers = [v.half.batcher for v in self.versions.values() if v.half.batcher is not None]
+        return {what: sum(getattr(b, what) for b in batchers) for what in ("batches", "rows", "backwards", "backward_rows")}

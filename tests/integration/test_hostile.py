@@ -268,7 +268,7 @@ def test_honest_devices_are_unharmed_by_a_seeded_attack(serve, fleet, record_pro
     baselines = [device.play() for device in honest]  # each alone, before any attack
     for device in honest:
         device.close()
-    logged = tracebacks(serve)
+    logged, batched = tracebacks(serve), serve.metrics()
     phases = [("warm-up", SEED, FRAMES // 10), ("attack A", SEED + 1, 9 * FRAMES // 20), ("attack B", SEED + 1, 9 * FRAMES // 20)]
     problems, rss, sent, attacked = [], {}, 0, set()
     attackers = hostile.AttackProcess(fleet.target, fleet.hostile, serve.process.pid)
@@ -309,6 +309,11 @@ def test_honest_devices_are_unharmed_by_a_seeded_attack(serve, fleet, record_pro
         problems.append(f"kinds never attacked: {sorted(set(hostile.KINDS) - attacked)}")
     if "attack B" in rss and rss["attack B"] > RSS_GROWTH * rss["attack A"]:
         problems.append(f"service RSS grew from {rss['attack A'] >> 20} MiB to {rss['attack B'] >> 20} MiB between identical attacks")
+    # The attack reached the batched paths: passes and training backwards that several sessions' steps shared.
+    ran = {what: serve.metrics()[f'plora_batched{{what="{what}"}}'] - batched[f'plora_batched{{what="{what}"}}']
+           for what in ("batches", "rows", "backwards", "backward_rows")}
+    if not (ran["rows"] > ran["batches"] and ran["backward_rows"] > ran["backwards"]):
+        problems.append(f"the attack never reached both a pass and a training backward that several sessions shared: {ran}")
     assert not problems, f"seed {SEED} (replay: PLORA_FUZZ_SEED={SEED}):\n" + "\n".join(problems)
 
 

@@ -322,6 +322,7 @@ def test_health_and_metrics(server, device):
     assert "plora_active_sessions 1.0" in metrics
     assert 'plora_tokens_total{step="forward"} 3.0' in metrics
     assert "plora_adapter_round_trip_seconds_count" in metrics
+    assert 'plora_batched{what="backward_rows"} 0.0' in metrics  # one device: nothing to batch with
 
 
 def test_session_limits_are_enforced(tiny_checkpoint, tmp_path):
