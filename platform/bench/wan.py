@@ -18,20 +18,34 @@ Then the same device decodes the workloads of workloads.py greedily, guessing ah
 prompt lookup (`Drafting`): tokens per pass, decode tokens/s and that over the same one-pass
 bound, which a pass of one token can never exceed; on loopback also without drafting, to
 check that the replies are the same.
+
+Last, over each delayed link, the cloud's own throughput: a fleet of replay clients decoding
+at once, each on its own connection through the relay, against one of them alone. A replay
+client is a device without its own compute: it sends the prompt's embeddings as the hidden
+state at the cut, answers u·M, and runs no device layer and no LM head, so that its figures are
+the cloud's and the link's. Aggregate tokens/s ÷ (clients × one alone) is 1 when the cloud adds
+no queueing. Everything shares this machine's cores, so the run also reports the machine's
+ceiling on that ratio: the cores ÷ the CPU seconds a fleet token cost every process here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import statistics
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import psutil
 import torch
 
 from plora.clients.generation import encode_prompt, token_logprobs
 from plora.clients.grpc_link import Endpoint
+from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.bench.relay import Link, relay
@@ -50,6 +64,7 @@ from plora.platform.bench.serve import (
 )
 from plora.platform.bench.split import MonolithicModel, rate
 from plora.platform.bench.workloads import WORKLOADS
+from plora.platform.runtime import open_device
 
 
 @dataclass(frozen=True)
@@ -71,13 +86,14 @@ class WanBench:
     links: list[dict] = field(default_factory=list)
     monolithic: dict = field(default_factory=dict)
     drafting: list[dict] = field(default_factory=list)
+    fleets: list[dict] = field(default_factory=list)  # replay clients at once, per delayed link
     wire_dtype: str = "float32"
     max_logprob_change: float | None = None  # of a token, the split with wire_dtype against the monolithic model
 
     def to_json(self) -> dict:
         return {"backbone": self.backbone, "config": self.config, "wire_dtype": self.wire_dtype,
                 "max_logprob_change": self.max_logprob_change, "monolithic": self.monolithic, "links": self.links,
-                "drafting": self.drafting}
+                "drafting": self.drafting, "fleets": self.fleets}
 
 
 def run_wan_bench(
@@ -89,15 +105,16 @@ def run_wan_bench(
     echo: Callable[[str], None],
     wire_dtype: str = "float32",
     config: PrivateLoRAConfig = PrivateLoRAConfig(),
+    fleet: int = 16,
 ) -> WanBench:
     """`wire_dtype`: what the activations cross in; other than float32, loopback also measures
     the largest change it makes to a token's log-probability on the workloads' prompts.
-    `config`: the adapter the service hosts."""
+    `config`: the adapter the service hosts. `fleet`: replay clients at once (0: none)."""
     context = multiprocessing.get_context("spawn")
     results = WanBench(spec, config.to_dict(), wire_dtype=wire_dtype)
     with service_process(context, spec, config) as (home, port, _):
         echo(f"service up on port {port}; the monolithic model's figures first")
-        enroll(home, Endpoint(f"127.0.0.1:{port}", insecure=True), 1)
+        enroll(home, Endpoint(f"127.0.0.1:{port}", insecure=True), max(1, fleet))
         folder = home / "device0"
         results.monolithic, scored, monolithic_logprobs = _monolithic(spec, config, repeats)
         compute_per_pass = loopback_train = None
@@ -131,7 +148,75 @@ def run_wan_bench(
                                   "train_vs_loopback": figures["train_tok_s"] / loopback_train})
             echo(f"{where}: {figures['decode_tok_s']:.2f} decoded tokens/s, first token {figures['first_token_s']:.2f} s, "
                  f"training step {figures['train_step_s']:.2f} s")
+            if rtt_ms and fleet:
+                echo(f"{where}: {fleet} replay clients decoding at once, against one alone")
+                with relay(link, port) as address:
+                    figures = _replay_fleet([home / f"device{i}" for i in range(fleet)], address, repeats)
+                results.fleets.append({"link": where, "rtt_ms": rtt_ms, "emulated": True, **figures})
+                echo(f"{where}: {fleet} replay clients at {figures['fleet_tok_s']:.1f} tokens/s, "
+                     f"{figures['vs_alone']:.2f} of {fleet} × one alone (this machine's ceiling {figures['ceiling']:.2f})")
     return results
+
+
+REPLAY_TOKENS = 24  # decoded per client and run, after its prefill
+
+
+class _ReplayClient:
+    """A device without compute of its own (the module's docstring): its session decodes
+    REPLAY_TOKENS steps of fixed hidden states."""
+
+    def __init__(self, folder: Path, address: str):
+        self.device = open_device(folder, address)
+        with torch.no_grad():
+            embedded = self.device.model.embed(torch.tensor([PROMPT]))
+        self.prompt, self.step = embedded, embedded[:, -1:]
+
+    @torch.no_grad()
+    def decode(self) -> int:
+        remote = self.device.model.remote
+        remote(self.prompt, CacheMode.START)
+        for _ in range(REPLAY_TOKENS):
+            remote(self.step, CacheMode.EXTEND)
+        return REPLAY_TOKENS
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def _replay_fleet(folders: list[Path], address: str, repeats: int) -> dict:
+    """Aggregate decode tokens/s of the replay clients at once, one of them alone, their ratio
+    and this machine's ceiling on it (the module's docstring)."""
+    clients = []
+    try:
+        clients = [_ReplayClient(folder, address) for folder in folders]
+        for client in clients:
+            client.decode()  # warm up: connections, sessions, caches
+        alone = statistics.median(rate(clients[0].decode) for _ in range(repeats))
+        runs = []
+        for _ in range(repeats):
+            busy_before, started = _busy_cpu_s(), time.perf_counter()
+            threads = [threading.Thread(target=client.decode) for client in clients]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            runs.append((len(clients) * REPLAY_TOKENS / (time.perf_counter() - started),
+                         (_busy_cpu_s() - busy_before) / (len(clients) * REPLAY_TOKENS)))
+        fleet_tok_s, cpu_per_token = statistics.median(rate for rate, _ in runs), statistics.median(cpu for _, cpu in runs)
+    finally:
+        for client in clients:
+            client.close()
+    cores = os.cpu_count() or 1
+    return {"clients": len(folders), "alone_tok_s": alone, "fleet_tok_s": fleet_tok_s,
+            "vs_alone": fleet_tok_s / (len(folders) * alone), "cpu_s_per_token": cpu_per_token, "cores": cores,
+            "ceiling": min(1.0, cores / cpu_per_token / (len(folders) * alone))}
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds this machine's cores have spent busy, every process together."""
+    times = psutil.cpu_times()
+    # Not guest time, which Linux counts in user time already, nor steal, which was not ours.
+    return sum(getattr(times, kind, 0.0) for kind in ("user", "nice", "system", "irq", "softirq"))
 
 
 def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> tuple[dict, list[list[int]], list[list[float]]]:

@@ -68,6 +68,11 @@ DRAFTING_COLUMNS = (
     Column("÷ one-pass bound", "decode_vs_bound", ".2f"), Column("÷ no drafting", "vs_plain", ".2f"),
     Column("same replies", lambda row: f"{row['same_replies']}/{row['prompts']}" if "same_replies" in row else None),
 )
+FLEET_WAN_COLUMNS = (
+    Column("link", "link"), Column("one alone (tok/s)", "alone_tok_s", ".2f"), Column("all at once (tok/s)", "fleet_tok_s", ".1f"),
+    Column("÷ clients × one alone", "vs_alone", ".2f"), Column("this machine's ceiling", "ceiling", ".2f"),
+    Column("CPU s per token, every process", "cpu_s_per_token", ".3f"),
+)
 FLEET_COLUMNS = (Column("figure", "figure"), Column("value", "value", ".3f"), Column("target", "target"), Column("detail", "detail"))
 SPEAKER_COLUMNS = (
     Column("speaker", "speaker"), Column("blocks", "train_blocks"),
@@ -297,12 +302,15 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
               help="Tokens per workload reply, at most.")
 @click.option("--delayed-prompts", default=6, show_default=True, type=click.IntRange(min=1),
               help="Prompts of each workload decoded over each delayed link (loopback decodes them all).")
+@click.option("--fleet", default=16, show_default=True, type=click.IntRange(min=0),
+              help="Replay clients decoding at once over each delayed link, each on a link of its own, against one "
+                   "alone: the cloud's throughput. 0: none.")
 @wire_dtype_option
 @adapter_options
 @results_options
 @fail_cleanly
 @stop_on_sigterm
-def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, wire_dtype, as_json, out_path,
+def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, fleet, wire_dtype, as_json, out_path,
               **adapter) -> None:
     """The split over emulated network links: decode tokens/s, time to first token, training steps,
     and decoding with drafts on a grounded and an open workload.
@@ -312,7 +320,9 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
     link is emulated. The monolithic model's figures come from the same run. With a 16-bit
     --wire-dtype, loopback also measures the largest change to a token's log-probability. The
     adapter options measure another configuration than the default, such as decoder layers on
-    the device (--device-layers, --device-last-layers), which the cloud then asks no round trip for."""
+    the device (--device-layers, --device-last-layers), which the cloud then asks no round trip for.
+    Over each delayed link, --fleet replay clients (devices that only answer u·M: no device layers,
+    no LM head) decode at once against one alone, with this machine's ceiling on that ratio."""
     from plora.platform.bench.wan import Drafting, run_wan_bench
 
     try:
@@ -323,7 +333,7 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
         raise click.BadParameter("round-trip times must be >= 0 ms", param_hint="--rtt")
     config = adapter_config(**adapter)
     results = run_wan_bench(spec, rtt_ms, mbit, repeats, Drafting(draft_tokens, reply_tokens, delayed_prompts), echo=say,
-                            wire_dtype=wire_dtype, config=config)
+                            wire_dtype=wire_dtype, config=config, fleet=fleet)
     _keep(results.to_json(), out_path)
     mono = results.monolithic
     show(results.links, WAN_COLUMNS, as_json, document=results.to_json(),
@@ -334,3 +344,6 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
     if not as_json:
         show(results.drafting, DRAFTING_COLUMNS, False,
              title=f"greedy decoding with up to {draft_tokens} tokens guessed per pass by prompt lookup, {reply_tokens}-token replies")
+        if results.fleets:
+            show(results.fleets, FLEET_WAN_COLUMNS, False,
+                 title=f"the cloud's throughput: {fleet} replay clients decoding at once, each over its own emulated link")
