@@ -25,7 +25,9 @@ client is a device without its own compute: it sends the prompt's embeddings as 
 state at the cut, answers u·M, and runs no device layer and no LM head, so that its figures are
 the cloud's and the link's. Aggregate tokens/s ÷ (clients × one alone) is 1 when the cloud adds
 no queueing. Everything shares this machine's cores, so the run also reports the machine's
-ceiling on that ratio: the cores ÷ the CPU seconds a fleet token cost every process here.
+ceiling on that ratio: the cores ÷ the CPU seconds a fleet token cost every process here. The
+clients are threads of this process, which share its interpreter lock: the ratio counts their
+serialization too, so the cloud's own queueing is at most what it shows.
 """
 
 from __future__ import annotations
@@ -189,17 +191,12 @@ def _replay_fleet(folders: list[Path], address: str, repeats: int) -> dict:
     clients = []
     try:
         clients = [_ReplayClient(folder, address) for folder in folders]
-        for client in clients:
-            client.decode()  # warm up: connections, sessions, caches
+        _at_once(clients)  # warm up: connections, sessions, caches
         alone = statistics.median(rate(clients[0].decode) for _ in range(repeats))
         runs = []
         for _ in range(repeats):
             busy_before, started = _busy_cpu_s(), time.perf_counter()
-            threads = [threading.Thread(target=client.decode) for client in clients]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            _at_once(clients)
             runs.append((len(clients) * REPLAY_TOKENS / (time.perf_counter() - started),
                          (_busy_cpu_s() - busy_before) / (len(clients) * REPLAY_TOKENS)))
         fleet_tok_s, cpu_per_token = statistics.median(rate for rate, _ in runs), statistics.median(cpu for _, cpu in runs)
@@ -210,6 +207,14 @@ def _replay_fleet(folders: list[Path], address: str, repeats: int) -> dict:
     return {"clients": len(folders), "alone_tok_s": alone, "fleet_tok_s": fleet_tok_s,
             "vs_alone": fleet_tok_s / (len(folders) * alone), "cpu_s_per_token": cpu_per_token, "cores": cores,
             "ceiling": min(1.0, cores / cpu_per_token / (len(folders) * alone))}
+
+
+def _at_once(clients: list[_ReplayClient]) -> None:
+    threads = [threading.Thread(target=client.decode) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _busy_cpu_s() -> float:
