@@ -124,6 +124,13 @@ class DeviceRoundTrip(torch.autograd.Function):
         return ctx.asker.exchange(Phase.BACKWARD, ctx.layer, ctx.group, grad_v.contiguous()), None, None, None
 
 
+def _fail_every(tickets: list[_Ticket], error: BaseException, what: str) -> None:
+    """A bug in a batched pass must not hang its callers: each gets the error, unless it had its own."""
+    log.exception("a batched %s failed", what)
+    for ticket in tickets:
+        ticket.error = ticket.error or error
+
+
 class StepBatcher:
     def __init__(
         self, half, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0, in_flight: int = 2,
@@ -246,10 +253,8 @@ class StepBatcher:
         try:
             with self.half.compute.computing():
                 self._run(batch)
-        except BaseException as err:  # a bug must not hang the callers
-            log.exception("a batched step failed")
-            for ticket in batch:
-                ticket.error = ticket.error or err
+        except BaseException as err:
+            _fail_every(batch, err, "step")
         finally:
             with self._cond:
                 self.batches += 1
@@ -446,10 +451,8 @@ class SharedGraph:
                     ticket.result = grads[ticket.rows, : ticket.tokens].clone()
             self.batcher.backwards += 1
             self.batcher.backward_rows += len(run)
-        except BaseException as err:  # a bug must not hang the callers
-            log.exception("a batched backward failed")
-            for ticket in run:
-                ticket.error = ticket.error or err
+        except BaseException as err:
+            _fail_every(run, err, "backward")
         finally:
             with self._cond:
                 self._running = False

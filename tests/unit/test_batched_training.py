@@ -12,8 +12,9 @@ from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import AdapterReply, BackwardRequest, CacheMode, ForwardRequest, Phase
-from plora.storage.errors import PloraError, ValidationError
+from plora.storage.errors import ValidationError
 from tests.conftest import tiny_backbone
+from tests.unit.test_batching import together
 
 CONFIG = PrivateLoRAConfig(rank=4)
 
@@ -69,24 +70,9 @@ def step(half: CloudHalf, trainer: Trainer, hidden, mask, grad, barrier=None, pa
     return out, grad_in, trainer.m_grads()
 
 
-def together(half: CloudHalf, specs: dict) -> tuple[dict, dict, dict]:
-    results, errors, took = {}, {}, {}
-    barrier = threading.Barrier(len(specs))
-
-    def run(name, spec):
-        started = time.monotonic()
-        try:
-            results[name] = step(half, *spec[:4], barrier, *spec[4:])
-        except PloraError as err:
-            errors[name] = err
-        took[name] = time.monotonic() - started
-
-    threads = [threading.Thread(target=run, args=item) for item in specs.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, errors, took
+def train_together(half: CloudHalf, specs: dict) -> tuple[dict, dict, dict]:
+    """A training step of every (trainer, hidden, mask, grad[, pause_s]), each session in its own thread."""
+    return together(specs, lambda spec, barrier: step(half, *spec[:4], barrier, *spec[4:]))
 
 
 def inputs(seed: int, rows: int, tokens: int, masked: bool = False):
@@ -114,7 +100,7 @@ def test_batched_training_steps_of_different_shapes_equal_each_session_alone():
     half.enable_batching(gather_s=0.5)
     shapes = {"a": (1, 5, False), "b": (2, 6, True), "c": (1, 7, False)}
     specs = {name: (Trainer(i), *inputs(i, *shape)) for i, (name, shape) in enumerate(shapes.items())}
-    results, errors, _ = together(half, specs)
+    results, errors, _ = train_together(half, specs)
     assert errors == {}
     for i, name in enumerate(shapes):
         assert_equal(results[name], alone(i, inputs(i, *shapes[name])))
@@ -127,7 +113,7 @@ def test_a_device_failing_in_a_batched_backward_fails_only_its_own_step():
     half = CloudHalf(tiny_backbone(), CONFIG)
     half.enable_batching(gather_s=0.5)
     good, bad = (Trainer(0), *inputs(0, 1, 5)), (Trainer(1, broken=True), *inputs(1, 1, 6))
-    results, errors, _ = together(half, {"good": good, "bad": bad})
+    results, errors, _ = train_together(half, {"good": good, "bad": bad})
     assert set(errors) == {"bad"} and isinstance(errors["bad"], ValidationError) and "shape" in str(errors["bad"])
     assert_equal(results["good"], alone(0, inputs(0, 1, 5)))
     assert half.batcher.backwards < half.batcher.backward_rows  # the failing backward was shared
@@ -137,7 +123,7 @@ def test_a_late_backward_does_not_hold_the_others_and_runs_on_the_same_graph():
     half = CloudHalf(tiny_backbone(), CONFIG)
     half.enable_batching(gather_s=0.5, late_floor_s=0.25, late_factor=5.0)
     prompt, late = (Trainer(0), *inputs(0, 1, 5)), (Trainer(1), *inputs(1, 1, 6), 2.0)
-    results, errors, took = together(half, {"prompt": prompt, "late": late})
+    results, errors, took = train_together(half, {"prompt": prompt, "late": late})
     assert errors == {}
     assert_equal(results["prompt"], alone(0, inputs(0, 1, 5)))
     assert_equal(results["late"], alone(1, inputs(1, 1, 6)))
@@ -177,7 +163,7 @@ def test_a_training_step_of_more_tokens_than_the_batcher_takes_runs_alone():
     half = CloudHalf(tiny_backbone(), CONFIG)
     half.enable_batching(gather_s=0.5, max_tokens=10)
     specs = {name: (Trainer(i), *inputs(i, 2, 6)) for i, name in enumerate("ab")}
-    results, errors, _ = together(half, specs)
+    results, errors, _ = train_together(half, specs)
     assert errors == {} and half.batcher.backwards == 0  # 2 × 6 tokens: over the 10 it takes
     for i, name in enumerate("ab"):
         assert_equal(results[name], alone(i, inputs(i, 2, 6)))

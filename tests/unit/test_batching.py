@@ -4,6 +4,7 @@ batched into one pass equal each session run alone."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -13,7 +14,7 @@ from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest
-from plora.storage.errors import SessionError, ValidationError
+from plora.storage.errors import PloraError, SessionError, ValidationError
 from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS
 from tests.conftest import tiny_backbone
 
@@ -36,6 +37,28 @@ def device(seed: int, fail_at_layer: int | None = None):
         return AdapterReply(request.layer, request.group, request.phase, v)
 
     return handler
+
+
+def together(specs: dict, run) -> tuple[dict, dict, dict]:
+    """run(spec, barrier) for every spec, each in a thread of its own, all started together:
+    their results, PloraErrors and seconds, by name."""
+    results, errors, took = {}, {}, {}
+    barrier = threading.Barrier(len(specs))
+
+    def one(name, spec):
+        started = time.monotonic()
+        try:
+            results[name] = run(spec, barrier)
+        except PloraError as err:
+            errors[name] = err
+        took[name] = time.monotonic() - started
+
+    threads = [threading.Thread(target=one, args=item) for item in specs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors, took
 
 
 def decode(half: CloudHalf, handler, prompt: torch.Tensor, steps: torch.Tensor, barrier=None) -> list[torch.Tensor]:

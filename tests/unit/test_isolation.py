@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import Future
 
 import pytest
@@ -18,7 +17,7 @@ from plora.cloud_backbone.protocol.messages import BackwardRequest, CacheMode, F
 from plora.cloud_backbone.servicer import FailedSteps
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError
 from tests.conftest import tiny_backbone
-from tests.unit.test_batching import decode, device
+from tests.unit.test_batching import decode, device, together
 
 CONFIG = PrivateLoRAConfig(rank=4)
 GEN = torch.Generator().manual_seed(7)
@@ -59,23 +58,7 @@ class LateHandler:
 
 def run_together(half: CloudHalf, specs: dict) -> tuple[dict, dict, dict]:
     """Decode every (handler, prompt, steps) in its own thread, first steps in one batch."""
-    results, errors, took = {}, {}, {}
-    barrier = threading.Barrier(len(specs))
-
-    def run(name, spec):
-        started = time.monotonic()
-        try:
-            results[name] = decode(half, *spec, barrier)
-        except PloraError as err:
-            errors[name] = err
-        took[name] = time.monotonic() - started
-
-    threads = [threading.Thread(target=run, args=item) for item in specs.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, errors, took
+    return together(specs, lambda spec, barrier: decode(half, *spec, barrier))
 
 
 @pytest.mark.parametrize(
