@@ -449,8 +449,9 @@ class SharedGraph:
             for ticket in run:
                 if ticket.error is None:
                     ticket.result = grads[ticket.rows, : ticket.tokens].clone()
-            self.batcher.backwards += 1
-            self.batcher.backward_rows += len(run)
+            with self.batcher._cond:  # graphs of several passes count into the same figures
+                self.batcher.backwards += 1
+                self.batcher.backward_rows += len(run)
         except BaseException as err:
             _fail_every(run, err, "backward")
         finally:
