@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
 
 from plora.clients.recovery import ConnectionLost, RetryPolicy, SequenceHistory
 from plora.cloud_backbone.protocol import bundle, split_pb2 as pb, split_pb2_grpc as pb_grpc, wire
 from plora.cloud_backbone.protocol.link import DeviceHandler, SplitLink
+from plora.cloud_backbone.protocol.wire import WireDtypes
 from plora.cloud_backbone.protocol.messages import (
     AdapterRequest,
     BackboneIdentity,
@@ -265,11 +265,11 @@ class GrpcLink(SplitLink):
         expected: BackboneIdentity,
         reply_timeout_s: float = 120.0,
         retry: RetryPolicy = RetryPolicy(),
-        wire_dtype: torch.dtype = torch.float32,
+        wire_dtypes: WireDtypes = WireDtypes(),
     ):
         super().__init__()
         self.retry = retry
-        self.wire_dtype = wire_dtype  # the activations cross in it; the device computes in float32
+        self.wire_dtypes = wire_dtypes
         self._endpoint, self._credentials, self._expected, self._timeout = endpoint, credentials, expected, reply_timeout_s
         self._history = SequenceHistory()
         self._closed = False
@@ -308,16 +308,16 @@ class GrpcLink(SplitLink):
 
     def _exchange(self, session: _Session, request, handler: DeviceHandler, final: type):
         # The taps see the messages as they cross, in the wire dtype.
-        dtype = self.wire_dtype
+        dtypes = self.wire_dtypes
 
         def answer(sent: AdapterRequest):
-            return wire.to_wire_dtype(handler(wire.from_wire_dtype(sent, dtype)), dtype)
+            return wire.to_wire_dtype(handler(wire.from_wire_dtype(sent, dtypes.exchanges)), dtypes.exchanges)
 
-        request = wire.to_wire_dtype(request, dtype)
+        request = dtypes.request(request)
         self._record("up", request)
         result = session.step(request, self._recorded(answer), final)
         self._record("down", result)
-        return wire.from_wire_dtype(result, dtype)
+        return wire.from_wire_dtype(result, dtypes.cut)
 
     def _step(self, request, handler: DeviceHandler, final: type, what: str):
         if self._closed:

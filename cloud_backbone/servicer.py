@@ -140,8 +140,8 @@ class DeviceAsker:
     Calling it blocks until the reply; `submit` returns at once with a future, so a batch
     of sessions can have all its requests in flight together (see batching.py)."""
 
-    def __init__(self, stream: SessionStream, step: int, dtype: torch.dtype):
-        self._stream, self._step, self._dtype = stream, step, dtype
+    def __init__(self, stream: SessionStream, step: int, exchange_dtype: torch.dtype):
+        self._stream, self._step, self._dtype = stream, step, exchange_dtype
         self.sent: list[Future] = []
 
     def submit(self, request: AdapterRequest) -> Future:
@@ -293,9 +293,9 @@ class SessionStream:
             self._serving.cancel()
 
     async def _serve_step(self, session: ServiceSession, step: int, message) -> None:
-        dtype = wire.step_dtype(message)
-        message = wire.from_wire_dtype(message, dtype)
-        ask = DeviceAsker(self, step, dtype)
+        dtypes = wire.step_dtypes(message)
+        message = wire.from_wire_dtype(message, dtypes.cut)
+        ask = DeviceAsker(self, step, dtypes.exchanges)
         if isinstance(message, ForwardRequest):
             compute = session.cloud.forward
         elif isinstance(message, BackwardRequest):
@@ -316,7 +316,7 @@ class SessionStream:
             await self._settle(ask)
         if isinstance(message, ForwardRequest):
             self.metrics.tokens.labels("train" if message.train else "forward").inc(message.hidden.shape[0] * message.hidden.shape[1])
-        await self._write(step, wire.to_wire_dtype(result, dtype))
+        await self._write(step, wire.to_wire_dtype(result, dtypes.cut))
 
     async def _settle(self, ask: DeviceAsker) -> None:
         """Wait for the exchanges a step left behind (a row taken out of its batch while its

@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from plora.clients.adapter_file import load_adapter
@@ -28,6 +27,7 @@ from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.protocol.link import InProcessLink
 from plora.cloud_backbone.protocol.messages import HostedBackbone
+from plora.cloud_backbone.protocol.wire import WireDtypes
 from plora.storage.errors import AuthenticationError, ConfigError, TransportError, VersionMismatchError
 from plora.storage.files import write_atomically
 from plora.storage.registry import Registry
@@ -160,13 +160,13 @@ def connect(
     address: str | None = None,
     bundle: Path | None = None,
     retry: RetryPolicy = RetryPolicy(),
-    wire_dtype: torch.dtype = torch.float32,
+    wire_dtypes: WireDtypes = WireDtypes(),
 ) -> tuple[DeviceModel, PreTrainedTokenizerBase]:
     """The device's model for `record`, with M = 0: over the network when the record names a
     service (at `address` if given: services move, the device's identity does not), else in
     this process. `bundle` is the device half's folder when it is not the store's current one.
     `retry` says how long a network step that lost its connection is tried again, and
-    `wire_dtype` what the activations cross the network in."""
+    `wire_dtypes` what the activations cross the network in."""
     if is_address(record.backbone_spec):
         endpoint = Endpoint(address or record.backbone_spec, **(record.endpoint or {}))
         credentials = Credentials.load(store.root / DeviceStore.CREDENTIALS)
@@ -179,7 +179,7 @@ def connect(
                                            f"{record.identity.version}, not the {record.bundle_sha256} {store.root} enrolled with")
             shared.fetch_bundle(endpoint, credentials, hosted)
         model_k, tokenizer = store.load_bundle(record, bundle)
-        link = GrpcLink(endpoint, credentials, record.identity, retry=retry, wire_dtype=wire_dtype)
+        link = GrpcLink(endpoint, credentials, record.identity, retry=retry, wire_dtypes=wire_dtypes)
         model = DeviceModel(model_k, record.identity.adapter, link, record.cut_noise)
     else:
         backbone = loading.load(record.backbone_spec)
@@ -193,11 +193,11 @@ def connect(
 
 
 def open_device(
-    root: Path, address: str | None = None, retry: RetryPolicy = RetryPolicy(), wire_dtype: torch.dtype = torch.float32
+    root: Path, address: str | None = None, retry: RetryPolicy = RetryPolicy(), wire_dtypes: WireDtypes = WireDtypes()
 ) -> Device:
     """The device in folder `root` with its stored M; `address` overrides where its service is."""
     store = DeviceStore.open(root)
-    model, tokenizer = connect(store, store.record, address, retry=retry, wire_dtype=wire_dtype)
+    model, tokenizer = connect(store, store.record, address, retry=retry, wire_dtypes=wire_dtypes)
     try:
         steps = store.read_adapter(model.weights)
     except BaseException:

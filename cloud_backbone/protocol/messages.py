@@ -131,6 +131,8 @@ class ForwardRequest:
     # ones (a draft the device rejected) are dropped first. None keeps every position. It
     # rides on the next step, so rolling back a draft costs no round trip of its own.
     keep_cached: int | None = None
+    # What u, u·M and their gradients cross the wire in for this step; None: hidden's dtype.
+    exchange_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class ForwardResult:
 class BackwardRequest:
     grad_hidden: torch.Tensor  # (B, T, d) dL/d ForwardResult.hidden
     want_input_grad: bool = False  # only a device with trainable layers of its own needs it
+    exchange_dtype: torch.dtype | None = None  # as ForwardRequest's
 
 
 @dataclass(frozen=True)

@@ -100,18 +100,20 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., identity: _Optional[_Union[BackboneIdentity, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("hidden", "cache", "train", "attention_mask", "keep_cached")
+    __slots__ = ("hidden", "cache", "train", "attention_mask", "keep_cached", "exchange_dtype")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     KEEP_CACHED_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     cache: CacheMode
     train: bool
     attention_mask: Tensor
     keep_cached: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., train: bool = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., keep_cached: _Optional[int] = ...) -> None: ...
+    exchange_dtype: DType
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., train: bool = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., keep_cached: _Optional[int] = ..., exchange_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class AdapterRequest(_message.Message):
     __slots__ = ("layer", "group", "phase", "tensor")
@@ -144,12 +146,14 @@ class ForwardResult(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("grad_hidden", "want_input_grad")
+    __slots__ = ("grad_hidden", "want_input_grad", "exchange_dtype")
     GRAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     WANT_INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     grad_hidden: Tensor
     want_input_grad: bool
-    def __init__(self, grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., want_input_grad: bool = ...) -> None: ...
+    exchange_dtype: DType
+    def __init__(self, grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., want_input_grad: bool = ..., exchange_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class BackwardResult(_message.Message):
     __slots__ = ("grad_input",)

@@ -18,6 +18,7 @@ import math
 import re
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -61,13 +62,41 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def step_dtype(request) -> torch.dtype:
-    """The dtype a device speaks for a step: that of the hidden state (or its gradient) it sent,
-    when it is one of WIRE_DTYPES. The cloud computes in float32 whatever it is, and speaks it
-    back: u and the result in it, and the device's replies expected in it."""
+@dataclass(frozen=True)
+class WireDtypes:
+    """What a device's activations cross the network in; device and cloud compute in float32.
+    `exchanges`: u, u·M and their gradients, once each way per adapted layer, so nearly every
+    byte of a pass; `cut`: the hidden state at the cut and its gradient, once each way a pass.
+    The default halves the exchanges' bytes: float16 moved a token's log-probability far less
+    than the cut's rounding does (README, "Over emulated networks")."""
+
+    exchanges: torch.dtype = torch.float16
+    cut: torch.dtype = torch.float32
+
+    @classmethod
+    def named(cls, exchanges: str, cut: str) -> WireDtypes:
+        """From WIRE_DTYPES' names."""
+        return cls(WIRE_DTYPES[exchanges], WIRE_DTYPES[cut])
+
+    def request(self, message):
+        """A float32 ForwardRequest or BackwardRequest as it is sent: its tensors in `cut`,
+        naming `exchanges` where it differs."""
+        message = to_wire_dtype(message, self.cut)
+        return dataclasses.replace(message, exchange_dtype=self.exchanges) if self.exchanges != self.cut else message
+
+
+EXACT_WIRE = WireDtypes(torch.float32)
+"""Every activation in float32: the split gives exactly the in-process result."""
+
+
+def step_dtypes(request) -> WireDtypes:
+    """What a device speaks for a step: the cut in the dtype of the hidden state (or its
+    gradient) it sent, when it is one of WIRE_DTYPES; the exchanges in the dtype it named, or
+    the cut's. The cloud computes in float32 whatever they are, and speaks them back."""
     tensor = request.hidden if isinstance(request, ForwardRequest) else getattr(request, "grad_hidden", None)
     dtype = getattr(tensor, "dtype", None)
-    return dtype if dtype in WIRE_DTYPES.values() else torch.float32
+    cut = dtype if dtype in WIRE_DTYPES.values() else torch.float32
+    return WireDtypes(getattr(request, "exchange_dtype", None) or cut, cut)
 
 
 def to_wire_dtype(message, dtype: torch.dtype):
@@ -289,6 +318,25 @@ def _adapter_to_proto(cls, m: AdapterRequest | AdapterReply):
     return cls(layer=m.layer, group=m.group, phase=_PHASE[m.phase], tensor=tensor_to_proto(m.tensor))
 
 
+def _exchange_code(dtype: torch.dtype | None) -> int:
+    if dtype is None:
+        return pb.DTYPE_UNSPECIFIED
+    if dtype not in WIRE_DTYPES.values():
+        raise ValidationError(f"exchanges cannot cross as {dtype}; expected one of {sorted(WIRE_DTYPES)}")
+    return _CODES[dtype]
+
+
+def _exchange_dtype(body) -> torch.dtype | None:
+    code = body.exchange_dtype
+    if code == pb.DTYPE_UNSPECIFIED:
+        return None
+    dtype = _DTYPES.get(code)
+    if dtype not in WIRE_DTYPES.values():
+        name = pb.DType.Name(code) if code in pb.DType.values() else f"unknown value {code}"
+        raise ValidationError(f"{type(body).__name__}.exchange_dtype is {name}; expected one of {sorted(WIRE_DTYPES)}")
+    return dtype
+
+
 def _adapter_from_proto(cls, msg, max_elements: int):
     phase = _enum(_PHASE, msg.phase, f"{type(msg).__name__}.phase")
     return cls(msg.layer, msg.group, phase, _field(msg, "tensor", max_elements))
@@ -304,10 +352,12 @@ def device_message(step: int, message) -> pb.DeviceMessage:
                 body = {"forward": pb.ForwardRequest(
                     hidden=tensor_to_proto(message.hidden), cache=_CACHE[message.cache], train=message.train,
                     attention_mask=_maybe(message.attention_mask), keep_cached=message.keep_cached,
+                    exchange_dtype=_exchange_code(message.exchange_dtype),
                 )}
             case BackwardRequest():
                 body = {"backward": pb.BackwardRequest(
-                    grad_hidden=tensor_to_proto(message.grad_hidden), want_input_grad=message.want_input_grad
+                    grad_hidden=tensor_to_proto(message.grad_hidden), want_input_grad=message.want_input_grad,
+                    exchange_dtype=_exchange_code(message.exchange_dtype),
                 )}
             case AdapterReply():
                 body = {"reply": _adapter_to_proto(pb.AdapterReply, message)}
@@ -329,10 +379,10 @@ def parse_device_message(msg: pb.DeviceMessage, max_elements: int) -> tuple[int,
         return msg.step, ForwardRequest(
             _field(body, "hidden", max_elements), _enum(_CACHE, body.cache, "ForwardRequest.cache"),
             body.train, _field(body, "attention_mask", max_elements, False),
-            body.keep_cached if body.HasField("keep_cached") else None,
+            body.keep_cached if body.HasField("keep_cached") else None, _exchange_dtype(body),
         )
     if kind == "backward":
-        return msg.step, BackwardRequest(_field(body, "grad_hidden", max_elements), body.want_input_grad)
+        return msg.step, BackwardRequest(_field(body, "grad_hidden", max_elements), body.want_input_grad, _exchange_dtype(body))
     if kind == "reply":
         return msg.step, _adapter_from_proto(AdapterReply, body, max_elements)
     raise ValidationError("empty message: a DeviceMessage must carry open, forward, backward or reply")

@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache
 
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH
-from plora.clients.generation import stream_tokens, token_logprobs
+from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import causal_lm_loss
 from plora.cloud_backbone import loading
@@ -285,12 +285,12 @@ class DeviceProcess:
     small machine with the service causes (on 2 cores, split training ran at about 0.55 of
     LoRA spinning and 0.7 to 0.85 not). The monolithic baselines keep the default."""
 
-    def __init__(self, context, folder: Path, address: str | None = None, wire_dtype: str = "float32"):
+    def __init__(self, context, folder: Path, address: str | None = None, wire_dtypes: wire.WireDtypes = wire.WireDtypes()):
         self._pipe, child = context.Pipe()
         previous = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read once, when the child's OpenMP starts
         try:
-            self._process = context.Process(target=_device_loop, args=(folder, child, address, wire_dtype), daemon=True)
+            self._process = context.Process(target=_device_loop, args=(folder, child, address, wire_dtypes), daemon=True)
             self._process.start()
         finally:
             if previous is None:
@@ -310,8 +310,8 @@ class DeviceProcess:
         self._process.join()
 
 
-def _device_loop(folder: Path, pipe, address: str | None, wire_dtype: str) -> None:
-    device = open_device(folder, address, wire_dtype=wire.WIRE_DTYPES[wire_dtype])
+def _device_loop(folder: Path, pipe, address: str | None, wire_dtypes: wire.WireDtypes) -> None:
+    device = open_device(folder, address, wire_dtypes=wire_dtypes)
     model = device.model
     vocab = model.embed.num_embeddings
     job_step = train_run(model, list(model.weights.parameters()), train_ids(vocab, JOB_BATCH))
@@ -324,7 +324,6 @@ def _device_loop(folder: Path, pipe, address: str | None, wire_dtype: str) -> No
         "wire": lambda: (_decode_wire_bytes(model, PROMPT, NEW_TOKENS),
                          _minimum_bytes_per_token(model.config, model)),
         "workload": lambda *args: decode_workload(device, *args),
-        "logprobs": lambda prompts: [token_logprobs(model, ids) for ids in prompts],
     }
     while (message := pipe.recv()) != ("stop",):
         what, *args = message

@@ -45,11 +45,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from plora.clients.generation import encode_prompt, token_logprobs
 from plora.clients.grpc_link import Endpoint
 from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.protocol.wire import WireDtypes
 from plora.platform.bench.relay import Link, relay
 from plora.platform.bench.serve import (
     FIRST_TOKEN_PROMPT,
@@ -65,6 +65,7 @@ from plora.platform.bench.serve import (
     train_ids,
 )
 from plora.platform.bench.split import MonolithicModel, rate
+from plora.platform.bench.wire import describe
 from plora.platform.bench.workloads import WORKLOADS
 from plora.platform.runtime import open_device
 
@@ -89,12 +90,10 @@ class WanBench:
     monolithic: dict = field(default_factory=dict)
     drafting: list[dict] = field(default_factory=list)
     fleets: list[dict] = field(default_factory=list)  # replay clients at once, per delayed link
-    wire_dtype: str = "float32"
-    max_logprob_change: float | None = None  # of a token, the split with wire_dtype against the monolithic model
+    wire: str = describe(WireDtypes())
 
     def to_json(self) -> dict:
-        return {"backbone": self.backbone, "config": self.config, "wire_dtype": self.wire_dtype,
-                "max_logprob_change": self.max_logprob_change, "monolithic": self.monolithic, "links": self.links,
+        return {"backbone": self.backbone, "config": self.config, "wire": self.wire, "monolithic": self.monolithic, "links": self.links,
                 "drafting": self.drafting, "fleets": self.fleets}
 
 
@@ -105,34 +104,28 @@ def run_wan_bench(
     repeats: int,
     drafting: Drafting,
     echo: Callable[[str], None],
-    wire_dtype: str = "float32",
+    wire_dtypes: WireDtypes = WireDtypes(),
     config: PrivateLoRAConfig = PrivateLoRAConfig(),
     fleet: int = 16,
 ) -> WanBench:
-    """`wire_dtype`: what the activations cross in; other than float32, loopback also measures
-    the largest change it makes to a token's log-probability on the workloads' prompts.
-    `config`: the adapter the service hosts. `fleet`: replay clients at once (0: none)."""
+    """`wire_dtypes`: what the activations cross in (`plora bench wire` measures what that
+    costs). `config`: the adapter the service hosts. `fleet`: replay clients at once (0: none)."""
     context = multiprocessing.get_context("spawn")
-    results = WanBench(spec, config.to_dict(), wire_dtype=wire_dtype)
+    results = WanBench(spec, config.to_dict(), wire=describe(wire_dtypes))
     with service_process(context, spec, config) as (home, port, _):
         echo(f"service up on port {port}; the monolithic model's figures first")
         enroll(home, Endpoint(f"127.0.0.1:{port}", insecure=True), max(1, fleet))
         folder = home / "device0"
-        results.monolithic, scored, monolithic_logprobs = _monolithic(spec, config, repeats)
+        results.monolithic = _monolithic(spec, config, repeats)
         compute_per_pass = loopback_train = None
         for rtt_ms in sorted({0.0, *rtts_ms}):  # loopback first: the others' bound needs its compute per pass
             link = Link(rtt_ms / 1e3, mbit_per_s if rtt_ms else None)
             where = "loopback" if not rtt_ms else link.describe()
             echo(f"device over {where}")
             with relay(link, port) if rtt_ms else contextlib.nullcontext(f"127.0.0.1:{port}") as address:
-                device = DeviceProcess(context, folder, address, wire_dtype)
+                device = DeviceProcess(context, folder, address, wire_dtypes)
                 try:
                     figures = _device_figures(device, repeats)
-                    if not rtt_ms and wire_dtype != "float32":
-                        split_logprobs = device.call("logprobs", scored)
-                        results.max_logprob_change = max((torch.tensor(a) - torch.tensor(b)).abs().max().item()
-                                                         for a, b in zip(split_logprobs, monolithic_logprobs))
-                        echo(f"activations as {wire_dtype}: token log-probabilities within {results.max_logprob_change:.4f} nats")
                     if compute_per_pass is None:
                         compute_per_pass, loopback_train = 1 / figures["decode_tok_s"], figures["train_tok_s"]
                     bound = 1 / (figures["round_trips_per_pass"] * link.rtt_s + compute_per_pass)
@@ -223,12 +216,9 @@ def _busy_cpu_s() -> float:
     return sum(getattr(times, kind, 0.0) for kind in ("user", "nice", "system", "irq", "softirq"))
 
 
-def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> tuple[dict, list[list[int]], list[list[float]]]:
-    """The monolithic model's figures; every workload prompt's token ids, as the chat template
-    wraps them; and their tokens' log-probabilities under the monolithic model."""
-    backbone = loading.load(spec)
-    scored = [encode_prompt(backbone.tokenizer, prompt) for prompts in WORKLOADS.values() for prompt in prompts()]
-    model = MonolithicModel(backbone, config)
+def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> dict:
+    """The monolithic model's figures."""
+    model = MonolithicModel(loading.load(spec), config)
     vocab = model.model.config.vocab_size
     decode, first = decode_run(model, PROMPT, NEW_TOKENS), decode_run(model, random_prompt(FIRST_TOKEN_PROMPT, vocab), 1)
     step = train_run(model, list(model.weights.parameters()), train_ids(vocab, JOB_BATCH))
@@ -237,7 +227,7 @@ def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> tuple[dic
     figures = {"decode_tok_s": statistics.median(rate(decode) for _ in range(repeats)),
                "first_token_s": statistics.median(1 / rate(first) for _ in range(repeats)),
                "train_step_s": statistics.median(JOB_BATCH[0] * JOB_BATCH[1] / rate(step) for _ in range(repeats))}
-    return figures, scored, [token_logprobs(model, ids) for ids in scored]
+    return figures
 
 
 def _drafting_figures(device: DeviceProcess, drafting: Drafting, loopback: bool) -> list[dict]:

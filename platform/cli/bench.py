@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from plora.platform.bench.adapters import CANDIDATES as ADAPTER_CANDIDATES
-from plora.platform.cli.common import adapter_config, adapter_options, fail_cleanly, stop_on_sigterm, wire_dtype_option
+from plora.platform.cli.common import adapter_config, adapter_options, fail_cleanly, stop_on_sigterm, wire_options
 from plora.platform.cli.output import JSON_HELP, Board, Column, print_json, say, show
 
 
@@ -72,6 +72,12 @@ FLEET_WAN_COLUMNS = (
     Column("link", "link"), Column("one alone (tok/s)", "alone_tok_s", ".2f"), Column("all at once (tok/s)", "fleet_tok_s", ".1f"),
     Column("÷ clients × one alone", "vs_alone", ".2f"), Column("this machine's ceiling", "ceiling", ".2f"),
     Column("CPU s per token, every process", "cpu_s_per_token", ".3f"),
+)
+WIRE_COLUMNS = (
+    Column("persona", "persona"), Column("wire", "wire"), Column("recall", "recall", ".0%"),
+    Column("held-out loss", "heldout_loss", ".4f"), Column("÷ float32's", lambda row: row.get("heldout_loss_vs_float32"), "+.2%"),
+    Column("max Δ log-prob (nats)", "max_logprob_change", ".4f"), Column("mean", "mean_logprob_change", ".5f"),
+    Column("steps", "steps"), Column("rate", "lr", "g"), Column("job's MB on the wire", lambda row: row["job_wire_bytes"] / 1e6, ".0f"),
 )
 FLEET_COLUMNS = (Column("figure", "figure"), Column("value", "value", ".3f"), Column("target", "target"), Column("detail", "detail"))
 SPEAKER_COLUMNS = (
@@ -305,24 +311,24 @@ def bench_fleet(small, large, sampled, steps, backbone, as_json, out_path) -> No
 @click.option("--fleet", default=16, show_default=True, type=click.IntRange(min=0),
               help="Replay clients decoding at once over each delayed link, each on a link of its own, against one "
                    "alone: the cloud's throughput. 0: none.")
-@wire_dtype_option
+@wire_options
 @adapter_options
 @results_options
 @fail_cleanly
 @stop_on_sigterm
-def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, fleet, wire_dtype, as_json, out_path,
+def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_prompts, fleet, wire, as_json, out_path,
               **adapter) -> None:
     """The split over emulated network links: decode tokens/s, time to first token, training steps,
     and decoding with drafts on a grounded and an open workload.
 
     The service and the device run in processes of their own, a relay on loopback between them
     delaying and pacing the bytes (these machines have no netem); every figure over a delayed
-    link is emulated. The monolithic model's figures come from the same run. With a 16-bit
-    --wire-dtype, loopback also measures the largest change to a token's log-probability. The
+    link is emulated. The monolithic model's figures come from the same run. The
     adapter options measure another configuration than the default, such as decoder layers on
     the device (--device-layers, --device-last-layers), which the cloud then asks no round trip for.
     Over each delayed link, --fleet replay clients (devices that only answer u·M: no device layers,
     no LM head) decode at once against one alone, with this machine's ceiling on that ratio."""
+    from plora.cloud_backbone.protocol.wire import WireDtypes
     from plora.platform.bench.wan import Drafting, run_wan_bench
 
     try:
@@ -333,12 +339,12 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
         raise click.BadParameter("round-trip times must be >= 0 ms", param_hint="--rtt")
     config = adapter_config(**adapter)
     results = run_wan_bench(spec, rtt_ms, mbit, repeats, Drafting(draft_tokens, reply_tokens, delayed_prompts), echo=say,
-                            wire_dtype=wire_dtype, config=config, fleet=fleet)
+                            wire_dtypes=WireDtypes.named(*wire), config=config, fleet=fleet)
     _keep(results.to_json(), out_path)
     mono = results.monolithic
     show(results.links, WAN_COLUMNS, as_json, document=results.to_json(),
          title=f"{spec}, r = {config.rank} on {','.join(config.targets)}, {config.device_layers} first and "
-               f"{config.device_last_layers} last layers on the device, one device, activations as {wire_dtype}; "
+               f"{config.device_last_layers} last layers on the device, one device, {results.wire}; "
                f"monolithic on this machine: {mono['decode_tok_s']:.2f} "
                f"decoded tokens/s, first token {mono['first_token_s']:.2f} s, training step {mono['train_step_s']:.2f} s")
     if not as_json:
@@ -347,3 +353,34 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
         if results.fleets:
             show(results.fleets, FLEET_WAN_COLUMNS, False,
                  title=f"the cloud's throughput: {fleet} replay clients decoding at once, each over its own emulated link")
+
+
+@bench.command("wire")
+@click.option("--personas", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Synthetic personas, each personalized once per wire, on a device of its own.")
+@click.option("--wire", "wires", multiple=True, default=["float16,float32"], show_default=True, metavar="EXCHANGES,CUT",
+              help="A wire to measure against float32 (repeatable): the dtypes of the exchanges (u, u·M and their "
+                   "gradients) and of the cut, among float32, bfloat16 and float16.")
+@results_options
+@fail_cleanly
+@stop_on_sigterm
+def bench_wire(personas, wires, as_json, out_path) -> None:
+    """What a cheaper wire costs a personalization, on the embedded backbone served in a process
+    of its own: per persona, `plora personalize`'s default job once per wire, float32 included,
+    each on a new device; held-out recall and loss over that wire, and how far the wire moves a
+    token's log-probability, with the job's M, on the WAN bench's workload prompts. About 6
+    minutes a job on 2 cores."""
+    from plora.cloud_backbone.protocol.wire import WIRE_DTYPES, WireDtypes
+    from plora.platform.bench.wire import run_wire_bench
+
+    chosen = []
+    for value in wires:
+        names = [name.strip() for name in value.split(",")]
+        if len(names) != 2 or any(name not in WIRE_DTYPES for name in names):
+            raise click.BadParameter(f"{value!r} is not EXCHANGES,CUT with each one of {', '.join(WIRE_DTYPES)}",
+                                     param_hint="--wire")
+        chosen.append(WireDtypes.named(*names))
+    with Board("personalizing over each wire") as board:
+        rows = run_wire_bench(personas, chosen, board.say)
+    _keep({"rows": rows}, out_path)
+    show(rows, WIRE_COLUMNS, as_json, document={"rows": rows})

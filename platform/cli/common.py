@@ -11,11 +11,26 @@ from plora.cloud_backbone.adapter_config import DEFAULT_TARGETS, TARGET_MODULES,
 from plora.storage.errors import PloraError
 
 db_option = click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
-wire_dtype_option = click.option(
-    "--wire-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
-    help="What the activations cross the network in, for a device on a service (device and cloud compute in float32): "
-         "bfloat16 and float16 halve the bytes a step moves; on the embedded backbone they moved a token's "
-         "log-probability by up to 0.071 and 0.012 nats. float32 is exact.")
+_WIRE_DTYPE_NAMES = click.Choice(["float32", "bfloat16", "float16"])
+
+
+def wire_options(command):
+    """--wire-dtype and --cut-dtype, given to `command` as `wire`: their names, (exchanges, cut)."""
+
+    @functools.wraps(command)
+    def run(*args, wire_dtype, cut_dtype, **kwargs):
+        return command(*args, wire=(wire_dtype, cut_dtype), **kwargs)
+
+    run = click.option(
+        "--cut-dtype", default="float32", show_default=True, type=_WIRE_DTYPE_NAMES,
+        help="What the hidden state at the cut and its gradient cross the network in, once each way a pass. "
+             "16-bit floats moved a token's log-probability by up to 0.071 (bfloat16) and 0.012 (float16) nats "
+             "on the embedded backbone.")(run)
+    return click.option(
+        "--wire-dtype", default="float16", show_default=True, type=_WIRE_DTYPE_NAMES,
+        help="What u, u·M and their gradients cross the network in, for a device on a service: once each way per "
+             "adapted layer, so nearly all of a step's bytes. Device and cloud compute in float32; float16 halves "
+             "the bytes (`plora bench wire` measures what it costs), float32 is exact.")(run)
 
 
 def fail_cleanly(command):

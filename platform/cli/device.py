@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly, wire_dtype_option
+from plora.platform.cli.common import adapter_config, adapter_options, db_option, fail_cleanly, wire_options
 from plora.platform.cli.output import JSON_HELP, Board, Column, show
 
 
@@ -168,15 +168,15 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
 @click.option("--from-fleet", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
               help="Start from the fleet's shared starting M (ROOT/federation/VERSION.safetensors of a fleet run with "
                    "--strategy fedavg) instead of M = 0: for a device's first personalization, most useful with little data.")
-@wire_dtype_option
+@wire_options
 @fail_cleanly
 def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, eval_every, batch_size, drift_budget, max_length,
-                val_fraction, seed, checkpoint_every, keep_text, from_fleet, wire_dtype) -> None:
+                val_fraction, seed, checkpoint_every, keep_text, from_fleet, wire) -> None:
     """Train this device's M on local data. Nothing of the data leaves the device."""
     from plora.clients.anchor import AnchorSettings
     from plora.clients.search import LrSearch
     from plora.clients.training import TrainSettings
-    from plora.cloud_backbone.protocol.wire import WIRE_DTYPES
+    from plora.cloud_backbone.protocol.wire import WireDtypes
     from plora.platform.jobs import run_personalization
     from plora.platform.runtime import open_device
 
@@ -184,7 +184,7 @@ def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, ev
         raise click.UsageError("give --steps or --epochs, not both")
     settings = TrainSettings(lr=lr or TrainSettings.lr, batch_size=batch_size, steps=steps, epochs=epochs, min_steps=min_steps,
                              seed=seed, eval_every=eval_every, patience=patience, anchor=AnchorSettings(drift_budget=drift_budget))
-    dev = open_device(directory, wire_dtype=WIRE_DTYPES[wire_dtype])
+    dev = open_device(directory, wire_dtypes=WireDtypes.named(*wire))
     name = directory.resolve().name
     try:
         if from_fleet:
@@ -247,15 +247,15 @@ def _summary(outcome, anchor_weight: float) -> None:
     "them in the pass of one token, so each right guess saves a pass of round trips. The reply is the same "
     "(greedy) or equally distributed (sampling). 0 decodes one token per pass.",
 )
-@wire_dtype_option
+@wire_options
 @fail_cleanly
-def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw, draft_tokens, wire_dtype) -> None:
+def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, raw, draft_tokens, wire) -> None:
     """Generate a reply with the personalized model, streaming it as it comes."""
     from plora.clients.generation import PromptLookup, encode_prompt, stream_tokens
-    from plora.cloud_backbone.protocol.wire import WIRE_DTYPES
+    from plora.cloud_backbone.protocol.wire import WireDtypes
     from plora.platform.runtime import open_device
 
-    dev = open_device(directory, wire_dtype=WIRE_DTYPES[wire_dtype])
+    dev = open_device(directory, wire_dtypes=WireDtypes.named(*wire))
     try:
         ids = encode_prompt(dev.tokenizer, prompt, chat=not raw)
         drafter = PromptLookup(draft_tokens) if draft_tokens else None

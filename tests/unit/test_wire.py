@@ -70,7 +70,9 @@ DEVICE_MESSAGES = [
     ForwardRequest(_rand(1, 1, 8, dtype=torch.float16), CacheMode.EXTEND),
     ForwardRequest(_rand(1, 4, 8), CacheMode.EXTEND, keep_cached=0),  # 0 is a value, not "absent"
     ForwardRequest(_rand(1, 4, 8), CacheMode.EXTEND, keep_cached=17),
+    ForwardRequest(_rand(1, 4, 8), CacheMode.START, exchange_dtype=torch.float16),
     BackwardRequest(_rand(2, 3, 8), want_input_grad=True),
+    BackwardRequest(_rand(2, 3, 8), exchange_dtype=torch.bfloat16),
     AdapterReply(3, "attn_in", Phase.FORWARD, _rand(2, 3, 8, dtype=torch.bfloat16)),
     AdapterReply(0, "mlp_in", Phase.BACKWARD, _rand(2, 3, 4, dtype=torch.float16)),
 ]
@@ -182,6 +184,27 @@ def test_unknown_enum_values_are_refused():
     msg.request.phase = 5
     with pytest.raises(ValidationError, match="phase"):
         wire.parse_cloud_message(msg, LIMIT)
+
+
+@pytest.mark.parametrize("code", [pb.INT64, 77])
+def test_exchanges_cross_only_in_a_float_dtype_of_the_wire(code):
+    for message, body in ((ForwardRequest(_rand(1, 1, 8)), "forward"), (BackwardRequest(_rand(1, 1, 8)), "backward")):
+        msg = wire.device_message(0, message)
+        getattr(msg, body).exchange_dtype = code
+        with pytest.raises(ValidationError, match="exchange_dtype"):
+            wire.parse_device_message(msg, LIMIT)
+    with pytest.raises(ValidationError, match="exchanges cannot cross"):
+        wire.device_message(0, ForwardRequest(_rand(1, 1, 8), exchange_dtype=torch.int64))
+
+
+def test_a_step_names_its_exchanges_dtype_apart_from_its_cut():
+    default = wire.WireDtypes()
+    sent = default.request(ForwardRequest(_rand(1, 2, 8)))
+    assert sent.hidden.dtype == torch.float32 and sent.exchange_dtype == torch.float16
+    assert wire.step_dtypes(wire.parse_device_message(wire.device_message(0, sent), LIMIT)[1]) == default
+    # A device that names none speaks the cut's dtype in the exchanges too, as before the field.
+    half = wire.WireDtypes(torch.float16, torch.float16).request(BackwardRequest(_rand(1, 2, 8)))
+    assert half.exchange_dtype is None and wire.step_dtypes(half) == wire.WireDtypes(torch.float16, torch.float16)
 
 
 def test_missing_required_tensor_is_refused():
