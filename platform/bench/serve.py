@@ -278,7 +278,7 @@ def service_process(context, spec: str, config: PrivateLoRAConfig, **limits) -> 
 
 
 class DeviceProcess:
-    """The single device in a process of its own, as it would be on its own machine.
+    """A device in a process of its own, as it would be on its own machine.
 
     Its OpenMP threads wait passively. Spinning after each op, as they do by default, would
     burn the cores the service needs while the device waits for it, which only sharing one
@@ -299,7 +299,14 @@ class DeviceProcess:
                 os.environ["OMP_WAIT_POLICY"] = previous
 
     def call(self, what: str, *args):
+        self.send(what, *args)
+        return self.answer()
+
+    def send(self, what: str, *args) -> None:
+        """Start a run of `what`; `answer` waits for it."""
         self._pipe.send((what, *args))
+
+    def answer(self):
         answer = self._pipe.recv()
         if isinstance(answer, str):
             raise RuntimeError(f"the device process failed: {answer}")
@@ -324,6 +331,7 @@ def _device_loop(folder: Path, pipe, address: str | None, wire_dtypes: wire.Wire
         "wire": lambda: (_decode_wire_bytes(model, PROMPT, NEW_TOKENS),
                          _minimum_bytes_per_token(model.config, model)),
         "workload": lambda *args: decode_workload(device, *args),
+        "replay": lambda tokens: _replay(model, tokens),
     }
     while (message := pipe.recv()) != ("stop",):
         what, *args = message
@@ -332,6 +340,18 @@ def _device_loop(folder: Path, pipe, address: str | None, wire_dtypes: wire.Wire
         except Exception as err:  # the parent raises it with this text
             pipe.send(f"{type(err).__name__}: {err}")
     device.close()
+
+
+@torch.no_grad()
+def _replay(model, tokens: int) -> int:
+    """The cloud's half of decoding `tokens` tokens after PROMPT, and none of the device's: the
+    prompt's embeddings cross as the state at the cut, each step sends the last one again, and
+    no device layer or LM head runs. What remains is the cloud's work and the link's."""
+    prompt = model.embed(torch.tensor([PROMPT]))
+    model.remote(prompt, CacheMode.START)
+    for _ in range(tokens):
+        model.remote(prompt[:, -1:], CacheMode.EXTEND)
+    return tokens
 
 
 def train_ids(vocab_size: int, shape: tuple[int, int] = (4, 64)) -> torch.Tensor:

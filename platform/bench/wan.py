@@ -25,9 +25,9 @@ client is a device without its own compute: it sends the prompt's embeddings as 
 state at the cut, answers u·M, and runs no device layer and no LM head, so that its figures are
 the cloud's and the link's. Aggregate tokens/s ÷ (clients × one alone) is 1 when the cloud adds
 no queueing. Everything shares this machine's cores, so the run also reports the machine's
-ceiling on that ratio: the cores ÷ the CPU seconds a fleet token cost every process here. The
-clients are threads of this process, which share its interpreter lock: the ratio counts their
-serialization too, so the cloud's own queueing is at most what it shows.
+ceiling on that ratio: the cores ÷ the CPU seconds a fleet token cost every process here. Each
+client runs in a process of its own, as a device would on its own machine, so that no client
+waits for another's interpreter lock.
 """
 
 from __future__ import annotations
@@ -38,15 +38,12 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import torch
 
 from plora.clients.grpc_link import Endpoint
-from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol.wire import WireDtypes
@@ -67,7 +64,6 @@ from plora.platform.bench.serve import (
 from plora.platform.bench.split import MonolithicModel, rate
 from plora.platform.bench.wire import describe
 from plora.platform.bench.workloads import WORKLOADS
-from plora.platform.runtime import open_device
 
 
 @dataclass(frozen=True)
@@ -146,7 +142,7 @@ def run_wan_bench(
             if rtt_ms and fleet:
                 echo(f"{where}: {fleet} replay clients decoding at once, against one alone")
                 with relay(link, port) as address:
-                    figures = _replay_fleet([home / f"device{i}" for i in range(fleet)], address, repeats)
+                    figures = _replay_fleet(context, [home / f"device{i}" for i in range(fleet)], address, repeats)
                 results.fleets.append({"link": where, "rtt_ms": rtt_ms, "emulated": True, **figures})
                 echo(f"{where}: {fleet} replay clients at {figures['fleet_tok_s']:.1f} tokens/s, "
                      f"{figures['vs_alone']:.2f} of {fleet} × one alone (this machine's ceiling {figures['ceiling']:.2f})")
@@ -156,37 +152,15 @@ def run_wan_bench(
 REPLAY_TOKENS = 24  # decoded per client and run, after its prefill
 
 
-class _ReplayClient:
-    """A device without compute of its own (the module's docstring): its session decodes
-    REPLAY_TOKENS steps of fixed hidden states."""
-
-    def __init__(self, folder: Path, address: str):
-        self.device = open_device(folder, address)
-        with torch.no_grad():
-            embedded = self.device.model.embed(torch.tensor([PROMPT]))
-        self.prompt, self.step = embedded, embedded[:, -1:]
-
-    @torch.no_grad()
-    def decode(self) -> int:
-        remote = self.device.model.remote
-        remote(self.prompt, CacheMode.START)
-        for _ in range(REPLAY_TOKENS):
-            remote(self.step, CacheMode.EXTEND)
-        return REPLAY_TOKENS
-
-    def close(self) -> None:
-        self.device.close()
-
-
-def _replay_fleet(folders: list[Path], address: str, repeats: int) -> dict:
+def _replay_fleet(context, folders: list[Path], address: str, repeats: int) -> dict:
     """Aggregate decode tokens/s of the replay clients at once, one of them alone, their ratio
     and this machine's ceiling on it (the module's docstring)."""
-    clients: list[_ReplayClient] = []
+    clients: list[DeviceProcess] = []
     try:
         for folder in folders:
-            clients.append(_ReplayClient(folder, address))
+            clients.append(DeviceProcess(context, folder, address))
         _at_once(clients)  # warm up: connections, sessions, caches
-        alone = statistics.median(rate(clients[0].decode) for _ in range(repeats))
+        alone = statistics.median(rate(lambda: clients[0].call("replay", REPLAY_TOKENS)) for _ in range(repeats))
         runs = []
         for _ in range(repeats):
             busy_before, started = _busy_cpu_s(), time.perf_counter()
@@ -203,10 +177,12 @@ def _replay_fleet(folders: list[Path], address: str, repeats: int) -> dict:
             "ceiling": min(1.0, cores / cpu_per_token / (len(folders) * alone))}
 
 
-def _at_once(clients: list[_ReplayClient]) -> None:
+def _at_once(clients: list[DeviceProcess]) -> None:
     """Every client decodes, all at once; a client's failure is raised, not counted as tokens."""
-    with ThreadPoolExecutor(len(clients)) as pool:
-        list(pool.map(lambda client: client.decode(), clients))
+    for client in clients:
+        client.send("replay", REPLAY_TOKENS)
+    for client in clients:
+        client.answer()
 
 
 def _busy_cpu_s() -> float:

@@ -148,6 +148,16 @@ def test_speculative_sampling_keeps_the_distribution_of_plain_sampling(temperatu
     assert _chi_square_p(mistaken, plain_first) < 0.01
 
 
+@pytest.mark.parametrize("scale", [0.5, 30.0], ids=["flat", "peaked"])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
+def test_the_nucleus_is_that_of_the_whole_vocabulary_sorted(scale, top_p):
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(0)) * scale
+    probs = torch.softmax(logits, -1)
+    ordered, order = probs.sort(descending=True)
+    expected = torch.zeros_like(probs).scatter_(0, order, ordered * (ordered.cumsum(-1) - ordered < top_p))
+    assert torch.allclose(_nucleus(logits, 1.0, top_p), expected / expected.sum(), atol=1e-7)
+
+
 def test_speculative_sampling_of_a_model_drafter_keeps_the_distribution_of_plain_sampling():
     split = split_embedded(tiny_backbone(**PEAKED), PrivateLoRAConfig(rank=4))
     random_ms(split)
