@@ -65,7 +65,7 @@ from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import BackboneIdentity
 from plora.platform.fleet import task
 from plora.platform.fleet.client_app import settings_of
-from plora.platform.fleet.server_app import config_content, exchange, tag_orchestrator_log, wait_for_nodes
+from plora.platform.fleet.server_app import config_content, exchange, orchestrating, wait_for_nodes
 from plora.platform.fleet.settings import (
     FAILED,
     FEDERATION_FILE,
@@ -148,8 +148,12 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    tag_orchestrator_log(log)
     settings = FleetSettings.from_run_config(context.run_config)
+    with orchestrating(log, settings.fleet_root, context.run_id):
+        _federate(grid, context, settings)
+
+
+def _federate(grid: Grid, context: Context, settings: FleetSettings) -> None:
     nodes = wait_for_nodes(grid, settings.devices, settings.reply_timeout)
     answers = exchange(grid, {node: config_content({}) for node in nodes}, "query.federation", settings.reply_timeout)
     joined = {node: answer for node, answer in answers.items() if not answer["error"] and answer["metrics"].get("joined")}

@@ -12,10 +12,12 @@ MetricRecord, and on failure the error's kind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -31,9 +33,11 @@ from plora.platform.fleet.settings import (
     ORCHESTRATOR_TAG,
     ROUNDS_FILE,
     FleetSettings,
+    completion_marker,
     sampled_per_round,
 )
 from plora.storage.errors import TransportError
+from plora.storage.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +128,50 @@ def _round_lines(server_round: int, trained: dict[int, dict], evaluated: dict[in
     return lines
 
 
-def tag_orchestrator_log(logger: logging.Logger) -> None:
-    """The orchestrator's lines, tagged for the launcher to pass on. An app runs in a process of
-    Flower's own, whose output goes to the run's log stream; the tag tells them from Flower's."""
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"{ORCHESTRATOR_TAG}%(message)s"))
-        logger.addHandler(handler)
+class _Tagged(logging.StreamHandler):
+    """The orchestrator's lines, tagged for the launcher to pass on, and counted. An app runs in
+    a process of Flower's own, whose output goes to the run's log stream; the tag tells them
+    from Flower's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(f"{ORCHESTRATOR_TAG}%(message)s"))
+        self.lines = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.lines += 1
+
+
+@contextlib.contextmanager
+def orchestrating(logger: logging.Logger, fleet_root: Path, run_id: int) -> Iterator[None]:
+    """Tag `logger`'s lines for the launcher; once the block completes, write the run's
+    completion marker (settings.completion_marker), which a failed run never has."""
+    tagged = next((h for h in logger.handlers if isinstance(h, _Tagged)), None)
+    if tagged is None:
+        tagged = _Tagged()
+        logger.addHandler(tagged)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    before = tagged.lines
+    yield
+    tagged.flush()
+    marker = completion_marker(fleet_root, run_id)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(marker, json.dumps({"lines": tagged.lines - before}).encode())
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    tag_orchestrator_log(log)
     settings = FleetSettings.from_run_config(context.run_config)
-    if settings.migrate_to:
-        _migrate(grid, settings)
-        return
+    with orchestrating(log, settings.fleet_root, context.run_id):
+        if settings.migrate_to:
+            _migrate(grid, settings)
+        else:
+            _rounds(grid, settings)
+
+
+def _rounds(grid: Grid, settings: FleetSettings) -> None:
     record = settings.fleet_root / ROUNDS_FILE
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text("")  # this run's record starts empty; the devices' adapters carry over

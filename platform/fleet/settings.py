@@ -40,6 +40,15 @@ BASELINE, WAITING = "evaluating", "waiting to train"
 """The phases of a device measuring its baseline, and then waiting for its first training."""
 ORCHESTRATOR_TAG = "orchestrator: "
 """Starts each of the ServerApp's log lines, so the launcher tells them from Flower's in the run's log."""
+FLOWER_DIR = "flower"
+"""Under the fleet root: FLWR_HOME (config.toml, installed apps), the Flower App, logs/."""
+
+
+def completion_marker(fleet_root: Path, run_id: int) -> Path:
+    """The file a ServerApp writes as its last act when its run completed: JSON with the number
+    of lines it logged for the launcher. The launcher then takes those lines from the run's log
+    stream and stops, without waiting for Flower's own wind-down of the run (seconds)."""
+    return fleet_root / FLOWER_DIR / "logs" / f"run-{run_id}.completed"
 _LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
 
 

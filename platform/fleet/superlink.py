@@ -43,14 +43,12 @@ import psutil
 import tomli_w
 
 from plora.platform.fleet.credentials import FleetCredentials, issue_credentials
-from plora.platform.fleet.settings import ENGINES, FEDAVG, ORCHESTRATOR_TAG, FleetSettings
+from plora.platform.fleet.settings import ENGINES, FEDAVG, FLOWER_DIR, ORCHESTRATOR_TAG, FleetSettings, completion_marker
 from plora.storage.errors import ConfigError, TransportError
 from plora.storage.offline import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
 
-FLOWER_DIR = "flower"
-"""Under the fleet root: FLWR_HOME (config.toml, installed apps), the Flower App, logs/."""
 CONNECTION = "fleet"
 """The SuperLink connection's name in $FLWR_HOME/config.toml."""
 COMPONENTS = {
@@ -107,7 +105,7 @@ def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], c
         federation = ["--federation-config", _simulation_config(settings.devices, concurrency, ray_address)] if simulation else []
         attempts = RAY_STARTS if simulation and not ray_address else 1
         for attempt in range(1, attempts + 1):
-            run = _one_run(link.processes, link.address, federation, echo)
+            run = _one_run(link.processes, link.address, federation, echo, settings.fleet_root)
             if run["status"] == "finished:completed":
                 return
             if not run["ray_late"] or attempt == attempts:
@@ -200,36 +198,54 @@ def _simulation_config(devices: int, concurrency: int | None, ray_address: str |
     return resources + f'init-args-num-cpus={cpus} init-args-num-gpus=0 init-args-logging-level="WARNING"'
 
 
-def _one_run(processes: _Processes, link: str, federation: list[str], echo: Callable[[str], None]) -> dict:
+def _one_run(processes: _Processes, link: str, federation: list[str], echo: Callable[[str], None], fleet_root: Path) -> dict:
     """Submit the App, follow its log stream to the end, and return its entry in `flwr ls`,
-    with "ray_late" saying whether the log told of Ray's node missing its start-up wait."""
+    with "ray_late" saying whether the log told of Ray's node missing its start-up wait. A run
+    whose ServerApp wrote its completion marker ends once its lines have come through."""
     env, app = processes.env, str(Path(processes.env["FLWR_HOME"]) / "app")
     run_id = _flwr(env, "run", app, CONNECTION, *federation, "--format", "json")["run-id"]
     run_log = processes.logs / f"run-{run_id}.log"
     echo(f"Flower run {run_id} on the SuperLink at {link}; logs in {processes.logs}")
     stream = processes.start(f"run-{run_id}", "flwr", "log", run_id, CONNECTION, "--stream", pipe=True)
-    ray_late = threading.Event()
-    reader = threading.Thread(target=_follow, args=(stream, run_log, echo, ray_late), daemon=True)
-    reader.start()
-    while stream.poll() is None:  # the log stream ends with the run
+    follower = _Follower(stream, run_log, echo)
+    marker = completion_marker(fleet_root, run_id)
+    while stream.poll() is None and not marker.exists():  # the log stream ends with the run
         processes.check_running()
         time.sleep(_POLL_S)
-    reader.join(timeout=_STOP_S)
+    if marker.exists() and follower.wait_for(json.loads(marker.read_text())["lines"], _STOP_S):
+        return {"run-id": run_id, "status": "finished:completed", "ray_late": follower.ray_late.is_set()}
+    follower.reader.join(timeout=_STOP_S)
     # `flwr log --stream` (like `flwr run --stream`) exits 0 whatever became of the run: ask.
     run = _flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json")["runs"][0]
-    return {**run, "ray_late": ray_late.is_set()}
+    return {**run, "ray_late": follower.ray_late.is_set()}
 
 
-def _follow(stream: subprocess.Popen, run_log: Path, echo: Callable[[str], None], ray_late: threading.Event) -> None:
-    """Keep the whole log stream in `run_log`, and pass on the orchestrator's own lines."""
-    with run_log.open("w") as kept:
-        for line in stream.stdout:
-            kept.write(line)
-            kept.flush()
-            if RAY_LATE in line:
-                ray_late.set()
-            if line.startswith(ORCHESTRATOR_TAG):
-                echo(line.removeprefix(ORCHESTRATOR_TAG).rstrip())
+class _Follower:
+    """Keeps the whole log stream in `run_log`, and passes on the orchestrator's own lines."""
+
+    def __init__(self, stream: subprocess.Popen, run_log: Path, echo: Callable[[str], None]) -> None:
+        self.ray_late = threading.Event()
+        self._passed, self._more = 0, threading.Condition()
+        self.reader = threading.Thread(target=self._follow, args=(stream, run_log, echo), daemon=True)
+        self.reader.start()
+
+    def _follow(self, stream: subprocess.Popen, run_log: Path, echo: Callable[[str], None]) -> None:
+        with run_log.open("w") as kept:
+            for line in stream.stdout:
+                kept.write(line)
+                kept.flush()
+                if RAY_LATE in line:
+                    self.ray_late.set()
+                if line.startswith(ORCHESTRATOR_TAG):
+                    echo(line.removeprefix(ORCHESTRATOR_TAG).rstrip())
+                    with self._more:
+                        self._passed += 1
+                        self._more.notify_all()
+
+    def wait_for(self, lines: int, timeout: float) -> bool:
+        """Whether `lines` of the orchestrator's were passed on within `timeout` seconds."""
+        with self._more:
+            return self._more.wait_for(lambda: self._passed >= lines, timeout)
 
 
 class _Processes:

@@ -3,6 +3,8 @@ more, what of a run's log stream reaches the launcher, and the credentials a fle
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from types import SimpleNamespace
 
@@ -12,16 +14,18 @@ from cryptography import x509
 
 from plora.platform.cli.main import main
 from plora.platform.fleet import superlink
-from plora.platform.fleet.settings import ORCHESTRATOR_TAG, FleetSettings
+from plora.platform.fleet.server_app import orchestrating
+from plora.platform.fleet.settings import ORCHESTRATOR_TAG, FleetSettings, completion_marker
 from plora.storage.errors import ConfigError, TransportError
 
 RAY_ERROR = "ERROR :   An exception occured!! The current node timed out during startup. This could happen because ...\n"
 
 
 def follow(lines: list[str], run_log) -> tuple[list[str], bool]:
-    echoed, ray_late = [], threading.Event()
-    superlink._follow(SimpleNamespace(stdout=iter(lines)), run_log, echoed.append, ray_late)
-    return echoed, ray_late.is_set()
+    echoed = []
+    follower = superlink._Follower(SimpleNamespace(stdout=iter(lines)), run_log, echoed.append)
+    follower.reader.join()
+    return echoed, follower.ray_late.is_set()
 
 
 def test_the_run_log_is_kept_whole_and_only_the_orchestrators_lines_are_passed_on(tmp_path):
@@ -35,6 +39,42 @@ def test_the_run_log_is_kept_whole_and_only_the_orchestrators_lines_are_passed_o
     assert (tmp_path / "run.log").read_text() == "".join(lines)
     assert not ray_late
     assert follow([lines[0], RAY_ERROR], tmp_path / "run.log") == ([], True)
+
+
+def test_a_run_whose_server_app_completed_ends_once_its_lines_came_through(tmp_path, monkeypatch):
+    delivered: queue.Queue = queue.Queue()
+
+    class Stream:  # the run's log stream, which Flower's wind-down keeps open for seconds more
+        stdout = iter(delivered.get, None)
+
+        def poll(self) -> None:
+            return None
+
+    commands = []
+    monkeypatch.setattr(superlink, "_flwr", lambda env, *args: commands.append(args[0]) or {"run-id": 7})
+    processes = SimpleNamespace(env={"FLWR_HOME": str(tmp_path)}, logs=tmp_path, start=lambda *args, **kwargs: Stream(),
+                                check_running=lambda: None)
+    logger = logging.getLogger("a-test-orchestrator")
+    with orchestrating(logger, tmp_path / "fleet", 7):  # as the ServerApp ends: its lines, then the marker
+        logger.info("round 1/1: 2 devices trained, 0 failed")
+        logger.info("the last line")
+    lines = [f"{ORCHESTRATOR_TAG}round 1/1: 2 devices trained, 0 failed\n", "INFO : Flower's own line\n",
+             f"{ORCHESTRATOR_TAG}the last line\n"]
+    threading.Timer(0.3, lambda: [delivered.put(line) for line in lines]).start()  # the stream comes later
+    echoed = []
+    run = superlink._one_run(processes, "link", [], echoed.append, tmp_path / "fleet")
+    assert run["status"] == "finished:completed"
+    assert echoed[1:] == ["round 1/1: 2 devices trained, 0 failed", "the last line"]
+    assert commands == ["run"]  # and no `flwr ls` after it
+    delivered.put(None)
+
+
+def test_a_failed_server_app_leaves_no_completion_marker(tmp_path):
+    logger = logging.getLogger("a-failing-test-orchestrator")
+    with pytest.raises(RuntimeError), orchestrating(logger, tmp_path, 3):
+        logger.info("round 1/2")
+        raise RuntimeError("the strategy failed")
+    assert not completion_marker(tmp_path, 3).exists()
 
 
 @pytest.fixture
@@ -53,7 +93,7 @@ def outcomes(monkeypatch) -> list[tuple[str, bool]]:
 
         def start(self, name, program, *args, pipe=False) -> None: ...
 
-    def one_run(processes, link, federation, echo) -> dict:
+    def one_run(processes, link, federation, echo, fleet_root) -> dict:
         status, ray_late = planned.pop(0)
         return {"run-id": "7", "status": status, "status-details": "N/A", "ray_late": ray_late}
 
