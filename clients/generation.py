@@ -168,7 +168,7 @@ def stream_tokens(
         raise ConfigError("the prompt is empty")
     _check_sampling(temperature, top_p)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    logits = model(torch.tensor([prompt_ids]), CacheMode.START)[0, -1]
+    logits = model(torch.tensor([prompt_ids]), CacheMode.START, logits_to_keep=1)[0, -1]
     token = _pick(logits, temperature, top_p, generator)
     context, accepted = list(prompt_ids), []
     valid = held = len(prompt_ids)  # positions the cloud holds that belong to the reply, and all it holds
@@ -218,7 +218,7 @@ def generate_batch(
     # Pad with a real token id: masked positions are never attended to, but must embed.
     ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    logits = model(ids, CacheMode.START, mask)[:, -1]
+    logits = model(ids, CacheMode.START, mask, logits_to_keep=1)[:, -1]
     written: list[list[int]] = [[] for _ in prompts]
     running = list(range(len(prompts)))
     for _ in range(max_new_tokens):

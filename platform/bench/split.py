@@ -40,14 +40,15 @@ class MonolithicModel(torch.nn.Module):
         self._slot = attach(self.model.get_decoder().layers, 0, config)
         self._cache: DynamicCache | None = None
 
-    def forward(self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, keep_cached: int | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: CacheMode = CacheMode.NONE, keep_cached: int | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         if cache is CacheMode.START:
             self._cache = DynamicCache(config=self.model.config)
         if keep_cached is not None and cache is CacheMode.EXTEND:
             truncate_cache(self._cache, keep_cached)
         kv = None if cache is CacheMode.NONE else self._cache
         with self._slot.using(local_exchange(self.weights)):
-            return self.model(input_ids=input_ids, cache=kv, use_cache=kv is not None).logits
+            return self.model(input_ids=input_ids, cache=kv, use_cache=kv is not None, logits_to_keep=logits_to_keep).logits
 
 
 @dataclass

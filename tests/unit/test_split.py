@@ -110,6 +110,15 @@ def test_cached_decoding_matches_full_recompute(last):
     assert torch.allclose(torch.stack(steps, 1), full[:, 5:], atol=1e-5)
 
 
+def test_a_pass_may_keep_the_logits_of_its_last_positions_alone():
+    split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=1, device_last_layers=1))
+    random_ms(split)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full, last = split(ids), split(ids, logits_to_keep=2)
+    assert last.shape == (2, 2, full.shape[-1]) and torch.allclose(last, full[:, -2:], atol=1e-6)
+
+
 @pytest.mark.parametrize(("device_layers", "last"), [(0, 0), (2, 0), (1, 1)])
 def test_batched_generation_matches_one_prompt_at_a_time(device_layers, last):
     split = split_embedded(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=device_layers, device_last_layers=last))
