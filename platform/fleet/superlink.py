@@ -303,7 +303,7 @@ def _stop(processes: list[psutil.Process]) -> None:
         _signal(member, psutil.Process.terminate)
     _, alive = psutil.wait_procs(processes, timeout=_STOP_S)
     for member in alive:
-        log.warning("Flower process %d ignored SIGTERM; killing it", member.pid)
+        log.warning("Flower process %d (%s) ignored SIGTERM; killing it", member.pid, _name(member))
         _signal(member, psutil.Process.kill)
     psutil.wait_procs(alive, timeout=_STOP_S)
 
@@ -325,6 +325,13 @@ def _with_descendants(pid: int) -> list[psutil.Process]:
         return [process, *process.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline()[:2])[:120]
+    except psutil.Error:
+        return "gone"
 
 
 def _signal(process: psutil.Process, send: Callable[[psutil.Process], None]) -> None:
