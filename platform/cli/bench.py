@@ -326,8 +326,9 @@ def bench_wan(spec, rtts, mbit, repeats, draft_tokens, reply_tokens, delayed_pro
     link is emulated. The monolithic model's figures come from the same run. The
     adapter options measure another configuration than the default, such as decoder layers on
     the device (--device-layers, --device-last-layers), which the cloud then asks no round trip for.
-    Over each delayed link, --fleet replay clients (devices that only answer u·M: no device layers,
-    no LM head) decode at once against one alone, with this machine's ceiling on that ratio."""
+    Over each delayed link, --fleet replay clients (devices, each in a process of its own, that only
+    answer u·M: no device layers, no LM head) decode at once against one alone, with this machine's
+    ceiling on that ratio."""
     from plora.cloud_backbone.protocol.wire import WireDtypes
     from plora.platform.bench.wan import Drafting, run_wan_bench
 
