@@ -46,6 +46,7 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -111,17 +112,27 @@ class _Ticket:
 
 
 class DeviceRoundTrip(torch.autograd.Function):
-    """u -> u·M by asking the devices of `asker`, whose exchange(phase, layer, group, tensor)
-    sends each its rows; its backward asks them for dL/du the same way."""
+    """u -> u·M, where `answer` waits for the devices' reply to u, which `asker` already sent; the
+    backward sends dL/d(u·M) through `asker` the same way and waits for dL/du. An asker's
+    send(phase, layer, group, tensor) sends each device its rows and returns the wait."""
 
     @staticmethod
-    def forward(ctx, u, asker, layer: int, group: str):
+    def forward(ctx, u, asker, layer: int, group: str, answer: Callable[[], torch.Tensor]):
         ctx.asker, ctx.layer, ctx.group = asker, layer, group
-        return asker.exchange(Phase.FORWARD, layer, group, u.detach())
+        return answer()
 
     @staticmethod
     def backward(ctx, grad_v):
-        return ctx.asker.exchange(Phase.BACKWARD, ctx.layer, ctx.group, grad_v.contiguous()), None, None, None
+        return ctx.asker.send(Phase.BACKWARD, ctx.layer, ctx.group, grad_v.contiguous())(), None, None, None, None
+
+
+def round_trip(asker, layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Sends u through `asker` now; the function returned waits for u·M, as a node of the
+    graph when gradients are on."""
+    answer = asker.send(Phase.FORWARD, layer, group, u.detach())
+    if torch.is_grad_enabled():
+        return lambda: DeviceRoundTrip.apply(u, asker, layer, group, answer)
+    return answer
 
 
 def _fail_every(tickets: list[_Ticket], error: BaseException, what: str) -> None:
@@ -274,17 +285,18 @@ class StepBatcher:
                 ticket.fail(err if isinstance(err, PloraError) else TransportError(f"cannot reach the device: {type(err).__name__}"))
         return None
 
-    def ask(self, batch: list[_Ticket], phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Each ticket's rows of `tensor` (u, or the gradient of u·M) go to its device, every one
-        before any reply is awaited, so that the devices work in parallel. Returns the replies
-        in their rows of one tensor: zeros for other rows, and for the tickets that fail or are
-        late, which get their error."""
+    def send(self, batch: list[_Ticket], phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Each ticket's rows of `tensor` (u, or the gradient of u·M) go to its device now, so that
+        the devices work in parallel. The function returned waits for the replies and returns
+        them in their rows of one tensor: zeros for other rows, and for the tickets that fail
+        or are late, which get their error."""
+        started = time.monotonic()
         requests = [AdapterRequest(layer, group, phase, tensor[t.rows, : t.tokens]) for t in batch]
         futures = [self._submit(t, r) for t, r in zip(batch, requests)]
-        return self._replies(batch, requests, futures, tensor.shape[:2])
+        return lambda: self._replies(batch, requests, futures, tensor.shape[:2], started)
 
-    def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], shape: torch.Size) -> torch.Tensor:
-        started = time.monotonic()
+    def _replies(self, batch: list[_Ticket], requests: list[AdapterRequest], futures: list[Future | None], shape: torch.Size,
+                 started: float) -> torch.Tensor:
         waiting = {f: i for i, f in enumerate(futures) if f is not None}
         times: list[float] = []
         deadline = None  # set once the first reply is in
@@ -329,10 +341,10 @@ class StepBatcher:
         train = batch[0].train
         graph = SharedGraph(self, hidden.requires_grad_(train), batch) if train else None
 
-        def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
+        def exchange(layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:
             if train:
-                return DeviceRoundTrip.apply(u, graph, layer, group)
-            return self.ask(batch, Phase.FORWARD, layer, group, u)
+                return round_trip(graph, layer, group, u)
+            return self.send(batch, Phase.FORWARD, layer, group, u)
 
         with torch.set_grad_enabled(train), self.half.slot.using(exchange):
             out = self.half.stack(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
@@ -362,8 +374,8 @@ class StepBatcher:
         positions = torch.stack([torch.arange(n, n + widest) for n in pasts])
         hidden = torch.cat([F.pad(t.hidden, (0, 0, 0, widest - t.tokens)) for t in batch])
 
-        def exchange(layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
-            return self.ask(batch, Phase.FORWARD, layer, group, u)
+        def exchange(layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:
+            return self.send(batch, Phase.FORWARD, layer, group, u)
 
         with torch.no_grad(), self.half.slot.using(exchange):
             out = self.half.stack(
@@ -396,8 +408,8 @@ class SharedGraph:
     def hold(self, out: torch.Tensor, rows: list[_Ticket]) -> None:
         self.out, self._holding, self._ran_at = out, set(rows), time.monotonic()
 
-    def exchange(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> torch.Tensor:
-        return self.batcher.ask(self.current, phase, layer, group, tensor)
+    def send(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return self.batcher.send(self.current, phase, layer, group, tensor)
 
     def backward(self, row: _Ticket, grad: torch.Tensor, alone: bool = False) -> torch.Tensor:
         """dL/d(hidden) of `row`'s rows, given dL/d(out) of them. It waits for the backwards of

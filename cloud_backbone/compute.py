@@ -7,6 +7,7 @@ same code serve the in-process link and the network service.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from plora.cloud_backbone.adapter_config import TARGET_MODULES, PrivateLoRAConfig
-from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS, DeviceRoundTrip, LateReply, SharedRows, StepBatcher
+from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS, LateReply, SharedRows, StepBatcher, round_trip
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import AdaptedGroup, attach, decoder_slice, truncate_cache
@@ -111,13 +112,20 @@ class CloudSession:
         self._graph: _OwnGraph | SharedRows | None = None
         self._handler: DeviceHandler | None = None
 
-    def ask(self, request: AdapterRequest) -> torch.Tensor:
-        """One adapter round trip, with the reply checked before it touches the graph. The
-        step's compute slot is free while the device answers."""
+    def send(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """One adapter round trip, begun: the request goes now, and the function returned waits
+        for the reply and checks it before it touches the graph. The step's compute slot is
+        free while it waits."""
+        request = AdapterRequest(layer, group, phase, tensor)
         reply = self.submit(request)
-        with self.half.compute.waiting():
-            wait([reply])
-        return self.checked(request, reply)
+
+        def answer() -> torch.Tensor:
+            if not reply.done():
+                with self.half.compute.waiting():
+                    wait([reply])
+            return self.checked(request, reply)
+
+        return answer
 
     def submit(self, request: AdapterRequest) -> Future:
         """Send `request` now; the future holds the device's reply.
@@ -156,13 +164,8 @@ class CloudSession:
         check_tensor(answer.tensor, expected, f"layer {request.layer} {request.group} reply")
         return answer.tensor
 
-    def exchange(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> torch.Tensor:
-        return self.ask(AdapterRequest(layer, group, phase, tensor))
-
-    def _exchange(self, layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return DeviceRoundTrip.apply(u, self, layer, group)
-        return self.exchange(Phase.FORWARD, layer, group, u)
+    def _exchange(self, layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return round_trip(self, layer, group, u)
 
     def forward(self, request: ForwardRequest, ask: DeviceHandler) -> ForwardResult:
         hidden = request.hidden

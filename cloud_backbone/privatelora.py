@@ -14,7 +14,9 @@ sends u for the whole group (one r-vector per module, or a single one when the g
 shares A) and gets back u·M for every module in it, concatenated in target order.
 
 Where u·M comes from is an `Exchange`: locally it is a matmul with the device's M (device-side
-layers, monolithic reference); on the cloud it is a round trip to the device.
+layers, monolithic reference); on the cloud it is a round trip to the device. An exchange sends
+u when it is called and hands back a function that waits for u·M, so that the group's base
+projections compute while the device answers.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def group_products(u: torch.Tensor, ms: list[torch.Tensor], shared_a: bool) -> t
     return torch.cat([u[..., i * r : (i + 1) * r] @ m for i, m in enumerate(ms)], dim=-1)
 
 
-# (layer, group, u) -> u·M. Locally a matmul; on the cloud a round trip to the device.
-Exchange = Callable[[int, str, torch.Tensor], torch.Tensor]
+# (layer, group, u) -> a function that returns u·M. Locally a matmul; on the cloud a round trip
+# to the device, begun when the exchange is called and awaited when the function is.
+Exchange = Callable[[int, str, torch.Tensor], Callable[[], torch.Tensor]]
 
 
 class AdapterWeights(nn.Module):
@@ -137,35 +140,38 @@ class AdapterWeights(nn.Module):
 
 
 class AdaptedGroup(nn.Module):
-    """Computes the residuals of one input group once, for all its members.
+    """Computes the outputs of one input group once, for all its members.
 
     The first member called with a new input sends u for the whole group through the
-    exchange; the others pick up their residual for the same input tensor. That pending
-    state is per thread, so several sessions can run the same layers at once.
+    exchange, computes every member's base projection while the reply is on its way, and
+    adds the residuals; the others pick up their output for the same input tensor. That
+    pending state is per thread, so several sessions can run the same layers at once.
     """
 
-    def __init__(self, config: PrivateLoRAConfig, layer: int, name: str, projections: GroupProjections, exchange_slot: ExchangeSlot):
+    def __init__(self, config: PrivateLoRAConfig, layer: int, name: str, projections: GroupProjections, bases: list[nn.Linear],
+                 exchange_slot: ExchangeSlot):
         super().__init__()
         self.layer, self.name, self.scale, self.rank = layer, name, config.scale, config.rank
         self.register_buffer("a", projections.a, persistent=False)
         for i, b in enumerate(projections.b):
             self.register_buffer(f"b{i}", b, persistent=False)
-        self._members = len(projections.b)
+        # A plain attribute, not submodules: each base stays registered once, in its wrapper.
+        self.__dict__["bases"] = tuple(bases)
         self._slot = exchange_slot
-        self._pending = threading.local()  # .input and .residuals of the call in flight
+        self._pending = threading.local()  # .input and .outputs of the call in flight
 
-    def residual(self, member: int, x: torch.Tensor) -> torch.Tensor:
+    def output(self, member: int, x: torch.Tensor) -> torch.Tensor:
         pending = self._pending
-        if getattr(pending, "input", None) is not x or pending.residuals[member] is None:
-            u = x @ self.a  # (B, T, a_count·r)
-            v = self._slot.exchange(self.layer, self.name, u)  # (B, T, members·r)
-            r = self.rank
-            pending.residuals = [
-                self.scale * (v[..., i * r : (i + 1) * r] @ getattr(self, f"b{i}")) for i in range(self._members)
+        if getattr(pending, "input", None) is not x or pending.outputs[member] is None:
+            answer = self._slot.exchange(self.layer, self.name, x @ self.a)  # u: (B, T, a_count·r)
+            bases = [base(x) for base in self.bases]
+            v, r = answer(), self.rank  # (B, T, members·r)
+            pending.outputs = [
+                base + self.scale * (v[..., i * r : (i + 1) * r] @ getattr(self, f"b{i}")) for i, base in enumerate(bases)
             ]
             pending.input = x
-        out, pending.residuals[member] = pending.residuals[member], None
-        if all(res is None for res in pending.residuals):
+        out, pending.outputs[member] = pending.outputs[member], None
+        if all(output is None for output in pending.outputs):
             pending.input = None  # drop the reference so activations are not kept alive
         return out
 
@@ -182,7 +188,7 @@ class PrivateLoRALinear(nn.Module):
         self.member = member
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.group.residual(self.member, x)
+        return self.group.output(self.member, x)
 
 
 class ExchangeSlot:
@@ -191,7 +197,7 @@ class ExchangeSlot:
     def __init__(self) -> None:
         self._current = threading.local()
 
-    def exchange(self, layer: int, group: str, u: torch.Tensor) -> torch.Tensor:
+    def exchange(self, layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:
         exchange = getattr(self._current, "exchange", None)
         if exchange is None:
             raise RuntimeError("an adapted layer ran outside `using(exchange)`")
@@ -232,7 +238,7 @@ def attach(layers: nn.ModuleList, first_layer: int, config: PrivateLoRAConfig) -
             if len(in_features) != 1:
                 raise ConfigError(f"layer {index} group {group_name} members read different widths {in_features}")
             proj = public_projections(config, index, group_name, in_features.pop(), [b.out_features for b in bases])
-            group = AdaptedGroup(config, index, group_name, proj, slot).to(bases[0].weight.device)
+            group = AdaptedGroup(config, index, group_name, proj, bases, slot).to(bases[0].weight.device)
             layer.add_module(f"privatelora_{group_name}", group)
             for member, (path, base) in enumerate(zip(paths, bases)):
                 parent_path, _, child = path.rpartition(".")
@@ -242,7 +248,12 @@ def attach(layers: nn.ModuleList, first_layer: int, config: PrivateLoRAConfig) -
 
 def local_exchange(weights: AdapterWeights) -> Exchange:
     """u·M computed in place with the device's own M (differentiable)."""
-    return weights.products
+
+    def exchange(layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:
+        v = weights.products(layer, group, u)
+        return lambda: v
+
+    return exchange
 
 
 def decoder_slice(model: nn.Module, start: int, stop: int) -> nn.Module:

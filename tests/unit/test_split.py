@@ -7,6 +7,7 @@ projection's output, using the published A and B and a copy of the device's M.
 from __future__ import annotations
 
 import gc
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from plora.clients.training import causal_lm_loss, labelled_loss
 from plora.cloud_backbone.adapter_config import TARGET_MODULES, PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf, public_tensors
 from plora.cloud_backbone.protocol.link import InProcessLink, TrafficCounter
-from plora.cloud_backbone.protocol.messages import CacheMode
+from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest
 from plora.platform.runtime import split_embedded
 from plora.storage.errors import ConfigError
 from tests.conftest import tiny_backbone, tiny_llama
@@ -183,6 +184,37 @@ def test_cloud_half_holds_no_device_parameter():
     assert len(cloud_side) > 10  # the walk does see the cloud's tensors
     assert not private & {t.data_ptr() for t in cloud_side}
     assert all(id(t) not in {id(m) for m in device.weights.ms.values()} for t in cloud_side)
+
+
+class _ReplyIn(Future):
+    """A device's reply that is already in; it notes when the cloud takes it."""
+
+    def __init__(self, events: list[str], reply: AdapterReply):
+        super().__init__()
+        self.events = events
+        self.set_result(reply)
+
+    def result(self, timeout=None):
+        self.events.append("reply taken")
+        return super().result(timeout)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_the_cloud_computes_a_groups_base_projections_while_its_device_answers(train):
+    half = CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=0))
+    events: list[str] = []
+    for layer in half.stack.layers:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(layer.self_attn, name).base_layer.register_forward_hook(lambda *_, name=name: events.append(name))
+
+    class NetworkDevice:  # as the service's handler: it sends without waiting for the reply
+        def submit(self, request):
+            events.append(f"u of layer {request.layer} sent")
+            return _ReplyIn(events, AdapterReply(request.layer, request.group, request.phase, torch.zeros(1, 5, 12)))
+
+    half.open_session().forward(ForwardRequest(torch.randn(1, 5, 32), train=train), NetworkDevice())
+    assert events == [event for layer in range(4)
+                      for event in (f"u of layer {layer} sent", "q_proj", "k_proj", "v_proj", "reply taken")]
 
 
 def test_traffic_is_one_hidden_state_each_way_plus_r_vectors_per_group():
