@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plora.clients.generation import Draft, ModelDrafter, PromptLookup, _nucleus, _pick, stream_tokens, verify
+from plora.clients.generation import NUCLEUS_CANDIDATES, Draft, ModelDrafter, PromptLookup, _nucleus, _pick, stream_tokens, verify
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.protocol.messages import CacheMode, ForwardRequest
@@ -156,6 +156,23 @@ def test_the_nucleus_is_that_of_the_whole_vocabulary_sorted(scale, top_p):
     ordered, order = probs.sort(descending=True)
     expected = torch.zeros_like(probs).scatter_(0, order, ordered * (ordered.cumsum(-1) - ordered < top_p))
     assert torch.allclose(_nucleus(logits, 1.0, top_p), expected / expected.sum(), atol=1e-7)
+
+
+@pytest.mark.parametrize("top_p", [0.95, 1.0])
+def test_a_token_drawn_past_the_nucleus_candidates_comes_from_the_nucleus_distribution(top_p):
+    # 400 tokens of flat logits: a nucleus of 0.95 holds more than NUCLEUS_CANDIDATES of them.
+    logits, generator = torch.randn(400, generator=torch.Generator().manual_seed(2)) * 0.5, torch.Generator().manual_seed(3)
+    expected = _nucleus(logits, 0.8, top_p)
+    assert int((expected > 0).sum()) > NUCLEUS_CANDIDATES
+    counts = torch.bincount(torch.tensor([_pick(logits, 0.8, top_p, generator) for _ in range(20_000)]), minlength=400)
+    assert not counts[expected == 0].any()
+    statistic = ((counts - 20_000 * expected)[expected > 0] ** 2 / (20_000 * expected[expected > 0])).sum()
+    assert float(torch.special.gammaincc(torch.tensor((int((expected > 0).sum()) - 1) / 2), statistic / 2)) > 0.01
+
+
+def test_tokens_as_probable_as_the_last_of_the_nucleus_are_in_it():
+    logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.0]).log()  # probabilities 0.4, 0.2, 0.2, 0.2, 0
+    assert _nucleus(logits, 1.0, 0.5).tolist() == pytest.approx([0.4, 0.2, 0.2, 0.2, 0.0])
 
 
 def test_speculative_sampling_of_a_model_drafter_keeps_the_distribution_of_plain_sampling():
