@@ -92,20 +92,24 @@ class OfflineProbe:
         return {Path(record["argv"][0]).name for record in records}
 
 
-@pytest.fixture
-def offline_probe(tmp_path, monkeypatch) -> OfflineProbe:
-    """Processes this test starts begin without the offline flags, as on a machine where
-    nobody set them, and each records whether it had gone offline itself by the time it first
-    imported huggingface_hub; one that had not fails there (tests/offline_probe). For tests
-    that start plora's entry points (the CLI, Flower's app processes, Ray's workers), not
-    helpers that rely on inheriting this process's environment."""
-    folder = tmp_path / "offline-probe"
+def probe_offline(folder: Path, monkeypatch: pytest.MonkeyPatch) -> OfflineProbe:
+    """Processes started under `monkeypatch`'s environment begin without the offline flags, as
+    on a machine where nobody set them, and each records in `folder` whether it had gone
+    offline itself by the time it first imported huggingface_hub; one that had not fails there
+    (tests/offline_probe). For tests that start plora's entry points (the CLI, Flower's app
+    processes, Ray's workers), not helpers that rely on inheriting this process's environment."""
     folder.mkdir()
     for flag in OFFLINE_ENV:
         monkeypatch.delenv(flag, raising=False)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(OFFLINE_PROBE), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("PLORA_OFFLINE_PROBE", str(folder))
     return OfflineProbe(folder)
+
+
+@pytest.fixture
+def offline_probe(tmp_path, monkeypatch) -> OfflineProbe:
+    """`probe_offline` for the processes this test starts."""
+    return probe_offline(tmp_path / "offline-probe", monkeypatch)
 
 
 @pytest.fixture

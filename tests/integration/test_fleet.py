@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from safetensors.torch import load_file
 
 from plora.clients.device_store import DeviceStore
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
-from plora.cloud_backbone.server import start_service
+from plora.cloud_backbone.server import RunningServer, start_service
 from plora.cloud_backbone.versions import register as register_version
 from plora.platform.fleet import client_app, server_app, superlink, task
 from plora.platform.fleet import launch as launch_module
@@ -25,6 +27,7 @@ from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, NodeConfig,
 from plora.platform.fleet.task import report_progress
 from plora.storage.errors import ConfigError
 from plora.storage.registry import open_registry
+from tests.conftest import OfflineProbe, probe_offline
 from tests.integration.fleet_helpers import MESSAGES_ENV, SPY_APP, flower_processes
 
 # Runs in one xdist worker with the other tests that start many processes (see the Makefile).
@@ -35,22 +38,39 @@ REPO = Path(__file__).resolve().parents[2]
 DEVICES, SAMPLED, ROUNDS = 200, 2, 2
 
 
-@pytest.fixture
-def server(tiny_checkpoint):
-    running = start_service([str(tiny_checkpoint)], PrivateLoRAConfig(rank=4, device_layers=1), open_registry())
-    yield running
-    running.stop(grace_s=1)
+@dataclass(frozen=True)
+class LaunchedFleet:
+    root: Path
+    server: RunningServer
+    summary: list[dict]
+    echoed: list[str]  # what the launcher printed
+    messages: Path  # every message Flower carried, one JSON line each (fleet_helpers.spy_app)
+    launched: list[dict]  # those of the launch
+    database: str  # the registry's URL
+    probe: OfflineProbe
 
 
-@pytest.fixture
-def flower_messages(tmp_path, monkeypatch) -> Path:
-    """Where the ServerApp, in Flower's process, records every message it sends and every reply
-    it receives (fleet_helpers.spy_app), one JSON line each."""
-    path = tmp_path / "flower-messages.jsonl"
-    monkeypatch.setenv(MESSAGES_ENV, str(path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setitem(superlink.COMPONENTS, "serverapp", SPY_APP)
-    return path
+@pytest.fixture(scope="module")
+def fleet(tiny_checkpoint, tmp_path_factory) -> Iterator[LaunchedFleet]:
+    """A fleet of DEVICES simulated devices, launched from nothing once for the tests that read
+    it: the suite's durations show the launch alone, as this fixture's set-up."""
+    folder = tmp_path_factory.mktemp("fleet")
+    with pytest.MonkeyPatch.context() as patch:
+        database = f"sqlite:///{folder / 'registry.db'}"
+        patch.setenv("PLORA_DB_URL", database)
+        messages = folder / "flower-messages.jsonl"
+        patch.setenv(MESSAGES_ENV, str(messages))
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        patch.setitem(superlink.COMPONENTS, "serverapp", SPY_APP)
+        probe = probe_offline(folder / "offline-probe", patch)
+        server = start_service([str(tiny_checkpoint)], PrivateLoRAConfig(rank=4, device_layers=1), open_registry())
+        try:
+            root, echoed = folder / "fleet", []
+            summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2,
+                             fraction=SAMPLED / DEVICES, echo=echoed.append)
+            yield LaunchedFleet(root, server, summary, echoed, messages, read_messages(messages), database, probe)
+        finally:
+            server.stop(grace_s=1)
 
 
 def read_messages(path: Path) -> list[dict]:
@@ -62,13 +82,12 @@ def is_small_scalar(value: dict) -> bool:
 
 
 @pytest.mark.timeout(600)
-def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cross_flower(server, tmp_path, flower_messages, offline_probe):
-    root, echoed = tmp_path / "fleet", []
-    summary = launch(DEVICES, ROUNDS, backbone=f"127.0.0.1:{server.port}", root=root, steps=2, lr=1e-2,
-                     fraction=SAMPLED / DEVICES, echo=echoed.append)
+def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cross_flower(fleet, monkeypatch):
+    monkeypatch.setenv("PLORA_DB_URL", fleet.database)
+    root, summary, echoed = fleet.root, fleet.summary, fleet.echoed
     assert flower_processes(root) == []  # no SuperLink, no Ray left behind
     # The ServerApp's process and Ray's workers went offline themselves: this launcher set no flags.
-    assert {"flwr-simulation", "default_worker.py"} <= offline_probe.offline_kinds()
+    assert {"flwr-simulation", "default_worker.py"} <= fleet.probe.offline_kinds()
 
     lines = read_rounds(root)
     trained = [line for line in lines if line["round"] > 0]
@@ -102,7 +121,7 @@ def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cro
         assert a.keys() == b.keys()
         assert any(not torch.equal(a[name], b[name]) for name in a), "two devices hold the same M"
 
-    messages = read_messages(flower_messages)
+    messages = fleet.launched
     sent = [m for m in messages if m["type"] in ("train", "evaluate") and not m["reply"]]
     # A train message and an evaluate message per job: a device's baseline is measured within
     # its first train message, which costs no message of its own.
@@ -112,9 +131,15 @@ def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cro
         assert message["array_records"] == 0 and message["records"] == message["metric_and_config_records"]
         assert message["values"] and all(is_small_scalar(v) for v in message["values"]), message
 
-    # A backbone upgrade (fresh public projections), migrated as a Flower job: each device set
-    # up distills its new M itself, the others have nothing to move, and only scalars cross Flower again.
-    reg, before = open_registry(), len(messages)
+
+@pytest.mark.timeout(600)
+def test_a_backbone_upgrade_migrates_the_devices_set_up_in_a_flower_job_where_only_scalars_cross(fleet, monkeypatch):
+    # Fresh public projections: each device set up distills its new M itself, the others have
+    # nothing to move, and only scalars cross Flower again.
+    monkeypatch.setenv("PLORA_DB_URL", fleet.database)
+    root, server, echoed = fleet.root, fleet.server, []
+    sampled = sorted({line["partition_id"] for line in read_rounds(root) if line["round"] > 0})
+    reg, before = open_registry(), len(read_messages(fleet.messages))
     v1 = reg.get_device(DeviceStore.open(device_dir(root, sampled[0])).record.device_id).backbone_version_id
     v2 = register_version(reg, str(server.service.versions[reg.get_backbone(v1).name].source),
                           PrivateLoRAConfig(rank=4, device_layers=1, seed=1)).name
@@ -129,7 +154,7 @@ def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cro
         assert [job.status for job in reg.migration_jobs(device_id, v2)] == ["succeeded"]
     # Fresh projections, the same weights: the same device half, still on disk once.
     assert len([folder for folder in (root / PUBLIC_DIR / "bundles").iterdir() if folder.is_dir()]) == 1
-    migration_messages = read_messages(flower_messages)[before:]
+    migration_messages = read_messages(fleet.messages)[before:]
     assert len(migration_messages) == 2 * len(sampled)  # only the devices set up are asked
     assert all(not m["error"] and m["array_records"] == 0 for m in migration_messages)
     assert flower_processes(root) == []
