@@ -7,6 +7,8 @@ same code serve the in-process link and the network service.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
@@ -36,6 +38,13 @@ from plora.cloud_backbone.slots import ComputeSlots
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError, quoted
 
 
+# A prefill of at least twice this many tokens runs in chunks of it, pipelined through the
+# layers. Each chunk costs a round trip per adapted layer of its own: 64 makes a 128-token
+# prompt two chunks, which hides most of a layer's compute and bytes behind the next one's
+# round trip at 20 ms, and adds the fewest messages where the link is fast.
+PREFILL_CHUNK_TOKENS = 64
+
+
 class CloudHalf(nn.Module):
     """The decoder layers between the device's first and last ones (config.cloud_layers), adapted with A and B.
 
@@ -55,6 +64,23 @@ class CloudHalf(nn.Module):
         self.slot = attach(self.stack.layers, layers.start, config)
         self.costs = StepCosts.of(self.stack.config, len(layers))
         self.batcher: StepBatcher | None = None
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
+
+    def pipelines(self, request: ForwardRequest, cache: DynamicCache | None) -> bool:
+        """Whether a step runs as a pipelined prefill (`CloudSession._pipelined`): an inference
+        step of one sequence into the cache, of two chunks or more, on a stack whose layers
+        take sdpa's boolean mask with no sliding window, as that path builds it."""
+        config = self.stack.config
+        return (
+            self.prefill_chunk_tokens > 0
+            and not request.train
+            and cache is not None
+            and request.attention_mask is None
+            and request.hidden.shape[0] == 1
+            and request.hidden.shape[1] >= 2 * self.prefill_chunk_tokens
+            and config._attn_implementation == "sdpa"
+            and getattr(config, "sliding_window", None) is None
+        )
 
     def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0,
                         max_tokens: int = MAX_BATCHED_TOKENS) -> None:
@@ -189,6 +215,8 @@ class CloudSession:
             out = None
             if company and batcher.takes(cache, hidden, request.train, request.attention_mask):
                 out = self._batched(batcher, hidden, cache is None, request.attention_mask, request.train)
+            elif self.half.pipelines(request, cache):
+                out = self._pipelined(hidden, cache, past)
             if out is None:
                 with torch.set_grad_enabled(request.train), self.half.slot.using(self._exchange), self.half.compute.computing():
                     out = self.half.stack(
@@ -211,6 +239,52 @@ class CloudSession:
             self.account.hold("pending", 0)
             self.account.hold("kv", self._kv_bytes())
         return ForwardResult(out.detach())
+
+    def _pipelined(self, hidden: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
+        """An inference prefill in chunks of the sequence, each in a thread of its own, that
+        follow each other through the layers: chunk c enters a layer once chunk c-1 has left
+        it, its keys and values cached. So while one chunk waits for the device's reply at
+        a layer, the next computes, and its exchange travels, at the layer before; over a real
+        link a prefill then pays each layer's round trip about once, not its compute and its
+        bytes besides. The result is the one pass's up to float rounding (tested)."""
+        stack, chunks = self.half.stack, hidden.split(self.half.prefill_chunk_tokens, dim=1)
+        left = [[threading.Event() for _ in stack.layers] for _ in chunks]  # left[c][l]: chunk c is past layer l
+        outs: list[torch.Tensor | None] = [None] * len(chunks)
+        errors: list[BaseException] = []
+
+        def run(c: int, x: torch.Tensor, start: int) -> None:
+            positions = torch.arange(past + start, past + start + x.shape[1])[None]
+            # Causal over the chunk, and every position cached before it (sdpa's boolean mask).
+            mask = (torch.arange(past + start + x.shape[1])[None, :] <= positions[0][:, None])[None, None]
+            try:
+                with torch.no_grad(), self.half.slot.using(self._exchange), self.half.compute.computing():
+                    embeddings = stack.rotary_emb(x, position_ids=positions)
+                    for l, layer in enumerate(stack.layers):
+                        if c:
+                            with self.half.compute.waiting():
+                                left[c - 1][l].wait()
+                            if errors:
+                                return
+                        x = layer(x, attention_mask=mask, position_embeddings=embeddings, position_ids=positions,
+                                  cache=cache, use_cache=True)
+                        left[c][l].set()
+                    outs[c] = stack.norm(x)
+            except BaseException as err:  # the step's error, raised by the caller
+                errors.append(err)
+            finally:
+                for event in left[c]:
+                    event.set()  # a chunk that failed holds no other back
+
+        starts = [0, *itertools.accumulate(chunk.shape[1] for chunk in chunks)]
+        threads = [threading.Thread(target=run, args=(c, chunk, starts[c]), name=f"plora-prefill-{c}")
+                   for c, chunk in enumerate(chunks)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return torch.cat(outs, dim=1)
 
     def _batched(self, batcher: StepBatcher, hidden: torch.Tensor, stateless: bool, mask: torch.Tensor | None, train: bool) -> torch.Tensor | None:
         """The step run in the next batch (a training step keeps its rows of the batch's graph);

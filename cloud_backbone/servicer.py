@@ -168,6 +168,9 @@ class SessionStream:
         self._ended_for: str | None = None  # why the service ended the session, if it did
         self._warned = False  # one log line per session for malformed input, never a flood
         self._capture: SessionCapture | None = None  # set while the service records this session
+        # Adapter requests written and replies read: the reply to request n is the n-th read.
+        self._asked = self._answered = 0
+        self._writing, self._replies = asyncio.Lock(), asyncio.Condition()
 
     async def _read(self, timeout: float, waiting_for: str):
         try:
@@ -207,10 +210,19 @@ class SessionStream:
 
     async def exchange(self, step: int, request: AdapterRequest, dtype: torch.dtype) -> AdapterReply:
         """One round trip: u down to the device, its reply back, both in the step's wire dtype.
-        Fails only with a PloraError."""
+        Fails only with a PloraError. A step may have several in flight (a pipelined prefill):
+        the device answers in the order it was asked, so each takes the reply of its turn."""
         started = time.perf_counter()
-        await self._write(step, wire.to_wire_dtype(request, dtype))
-        got_step, reply = await self._read(self.limits.reply_timeout_s, f"reply for layer {request.layer}")
+        async with self._writing:
+            await self._write(step, wire.to_wire_dtype(request, dtype))
+            turn, self._asked = self._asked, self._asked + 1
+        async with self._replies:
+            await self._replies.wait_for(lambda: self._answered == turn)
+            try:
+                got_step, reply = await self._read(self.limits.reply_timeout_s, f"reply for layer {request.layer}")
+            finally:
+                self._answered += 1
+                self._replies.notify_all()
         if got_step != step:
             raise ValidationError(f"reply belongs to step {got_step}, expected step {step}")
         self.metrics.round_trip.labels(str(request.layer)).observe(time.perf_counter() - started)

@@ -7,6 +7,7 @@ projection's output, using the published A and B and a copy of the device's M.
 from __future__ import annotations
 
 import gc
+import threading
 from concurrent.futures import Future
 
 import pytest
@@ -215,6 +216,48 @@ def test_the_cloud_computes_a_groups_base_projections_while_its_device_answers(t
     half.open_session().forward(ForwardRequest(torch.randn(1, 5, 32), train=train), NetworkDevice())
     assert events == [event for layer in range(4)
                       for event in (f"u of layer {layer} sent", "q_proj", "k_proj", "v_proj", "reply taken")]
+
+
+class SlowDevice:
+    """A device over a slow link: each reply (u·M with M of its own, fixed per layer) comes
+    `delay_s` after its request, from a thread of the link's; it counts the requests in flight."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s, self.in_flight, self.most_in_flight, self.lock = delay_s, 0, 0, threading.Lock()
+        self.ms = {layer: torch.randn(12, 12, generator=torch.Generator().manual_seed(layer)) * 0.3 for layer in range(4)}
+
+    def submit(self, request):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        reply = Future()
+
+        def answer():
+            with self.lock:
+                self.in_flight -= 1
+            reply.set_result(AdapterReply(request.layer, request.group, request.phase, request.tensor @ self.ms[request.layer]))
+
+        threading.Timer(self.delay_s, answer).start()
+        return reply
+
+
+@pytest.mark.parametrize("past", [0, 5], ids=["start", "extend"])
+def test_a_prefill_pipelined_in_chunks_through_the_layers_equals_the_one_pass(past):
+    halves = {chunk: CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=4, device_layers=0)) for chunk in (0, 4)}
+    hidden = torch.randn(1, past + 11 + 1, 32, generator=torch.Generator().manual_seed(0))
+    results, devices = {}, {}
+    for chunk, half in halves.items():
+        half.prefill_chunk_tokens = chunk  # 0: one pass; 4: chunks of 4, 4 and 3 tokens
+        session, devices[chunk] = half.open_session(), SlowDevice(delay_s=0.05)
+        steps = [ForwardRequest(hidden[:, past : past + 11], CacheMode.EXTEND), ForwardRequest(hidden[:, -1:], CacheMode.EXTEND)]
+        if past:
+            steps.insert(0, ForwardRequest(hidden[:, :past], CacheMode.START))
+        else:
+            steps[0] = ForwardRequest(hidden[:, :11], CacheMode.START)
+        results[chunk] = [session.forward(step, devices[chunk]).hidden for step in steps]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0], results[4], strict=True))
+    # The chunks were in flight together: the next one computed while one waited for its reply.
+    assert devices[0].most_in_flight == 1 and devices[4].most_in_flight >= 2
 
 
 def test_traffic_is_one_hidden_state_each_way_plus_r_vectors_per_group():
