@@ -71,6 +71,11 @@ _STARTUP_S = 60.0
 _POLL_S = 0.5
 _SWEEPS = 3  # rounds of stopping a run's processes, each for those started during the last
 _STOP_S = 5.0
+# After a completed run nothing of it is left to save (the SuperLink keeps its state in memory,
+# and every reply was in before the ServerApp marked the run done): Flower's wind-down, Ray's
+# shutdown and the SuperLink draining its connections, took 5 s of each launch, so the processes
+# still there after this grace are killed.
+_DONE_STOP_S = 0.5
 
 
 def flower_app(settings: FleetSettings) -> dict:
@@ -107,6 +112,7 @@ def run_app(settings: FleetSettings, engine: str, echo: Callable[[str], None], c
         for attempt in range(1, attempts + 1):
             run = _one_run(link.processes, link.address, federation, echo, settings.fleet_root)
             if run["status"] == "finished:completed":
+                link.processes.run_completed = True
                 return
             if not run["ray_late"] or attempt == attempts:
                 raise TransportError(f"Flower run {run['run-id']} ended {run['status']} ({run['status-details']}); "
@@ -256,6 +262,7 @@ class _Processes:
         self.env, self.logs = env, logs
         self.running: dict[str, subprocess.Popen] = {}
         self.services: set[str] = set()  # those that must run until the end; the others are log streams
+        self.run_completed = False
 
     def __enter__(self) -> Self:
         return self
@@ -291,21 +298,38 @@ class _Processes:
         for _ in range(_SWEEPS):
             if not tree:
                 break
-            _stop(tree)
+            _stop(tree, _DONE_STOP_S if self.run_completed else _STOP_S, warn=not self.run_completed)
             tree = _running_with_home(self.env["FLWR_HOME"])
         for process in self.running.values():
             process.wait()  # psutil reaped them; this only settles Popen's own bookkeeping
 
 
-def _stop(processes: list[psutil.Process]) -> None:
+def _stop(processes: list[psutil.Process], grace_s: float = _STOP_S, warn: bool = True) -> None:
     # All at once: waiting for each in turn adds up.
     for member in processes:
         _signal(member, psutil.Process.terminate)
-    _, alive = psutil.wait_procs(processes, timeout=_STOP_S)
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
     for member in alive:
-        log.warning("Flower process %d (%s) ignored SIGTERM; killing it", member.pid, _name(member))
+        if warn:
+            log.warning("Flower process %d (%s) ignored SIGTERM; killing it", member.pid, _name(member))
         _signal(member, psutil.Process.kill)
-    psutil.wait_procs(alive, timeout=_STOP_S)
+    _wait_dead(alive, _STOP_S)
+
+
+def _wait_dead(processes: list[psutil.Process], timeout_s: float) -> None:
+    """Until every one of `processes` is gone or a zombie, at most `timeout_s`. A killed process
+    that is not this one's child stays a zombie until its own parent reaps it, and holds nothing
+    then but its process id (psutil's own wait would wait for it the whole time)."""
+    deadline = time.monotonic() + timeout_s
+    while any(_running(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(_POLL_S / 10)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _running_with_home(flwr_home: str) -> list[psutil.Process]:
