@@ -28,7 +28,17 @@ from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.budget import StepCosts
 from plora.cloud_backbone.protocol import split_pb2_grpc as pb_grpc, wire
-from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest, ForwardResult, OpenSession, Phase
+from plora.cloud_backbone.protocol.messages import (
+    AdapterReply,
+    AdapterRequest,
+    CacheMode,
+    ForwardRequest,
+    ForwardResult,
+    OpenSession,
+    Phase,
+    SessionOpened,
+    StepError,
+)
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
 from plora.platform.bench import neighbour
@@ -93,6 +103,53 @@ def test_a_prefill_pipelined_over_the_network_equals_the_in_process_split(server
     # Chunks of 2: the 5-token prefill below runs as 3 chunks, whose exchanges share the stream.
     next(iter(server.service.versions.values())).half.prefill_chunk_tokens = 2
     assert_same_model(device.model, in_process(tiny_checkpoint), torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(1)))
+
+
+def test_replies_swapped_in_a_pipelined_prefill_fail_that_step_alone_and_the_session_goes_on(server, endpoint, device):
+    next(iter(server.service.versions.values())).half.prefill_chunk_tokens = 2  # 6 tokens: 3 chunks
+    outbox, frames = queue.Queue(), queue.Queue()
+    with endpoint.channel() as channel:
+        stream = pb_grpc.SplitBackboneStub(channel).Session(iter(outbox.get, None), timeout=30,
+                                                           metadata=Credentials.load(device.store.root / "credentials.json").metadata())
+
+        def read() -> None:
+            try:
+                for frame in stream:
+                    frames.put(wire.parse_cloud_message(frame, 1 << 20))
+            except grpc.RpcError:
+                pass  # the channel closes at the end
+
+        threading.Thread(target=read, daemon=True).start()
+
+        def step(number: int, swap: bool):
+            """Run a 6-token prefill, answering every request; with `swap`, two requests in flight
+            at once are answered in the reverse order. Returns the step's last message and
+            whether two were ever swapped."""
+            outbox.put(wire.device_message(number, ForwardRequest(torch.randn(1, 6, 32), CacheMode.START)))
+            held, swapped = [], False
+            while True:
+                try:
+                    _, message = frames.get(timeout=0.2)
+                except queue.Empty:  # only one in flight: answer it
+                    message = None
+                if message is not None and not isinstance(message, AdapterRequest):
+                    return message, swapped
+                held += [message] if message is not None else []
+                if message is None or len(held) == 2 or not swap:
+                    swapped |= len(held) == 2
+                    for request in reversed(held):
+                        width = 12 if request.phase is Phase.FORWARD else 4
+                        reply = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:2], width))
+                        outbox.put(wire.device_message(number, reply))
+                    held = []
+
+        outbox.put(wire.device_message(0, OpenSession(device.store.record.identity)))
+        assert isinstance(frames.get(timeout=10)[1], SessionOpened)
+        refused, swapped = step(1, swap=True)
+        assert swapped and isinstance(refused, StepError) and refused.kind == "ValidationError", refused
+        answered, _ = step(2, swap=False)
+        assert isinstance(answered, ForwardResult) and answered.hidden.shape == (1, 6, 32)
+        outbox.put(None)
 
 
 @pytest.mark.parametrize("wire_dtypes", [wire.WireDtypes(), wire.WireDtypes(torch.bfloat16, torch.bfloat16),
