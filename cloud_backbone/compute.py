@@ -38,8 +38,8 @@ from plora.cloud_backbone.slots import ComputeSlots
 from plora.storage.errors import CapacityError, PloraError, SessionError, TransportError, ValidationError, quoted
 
 
-# A prefill of at least twice this many tokens runs in chunks of it, pipelined through the
-# layers. Each chunk costs a round trip per adapted layer of its own: 64 makes a 128-token
+# A prefill of at least twice this many tokens runs in chunks of about it (at least it),
+# pipelined through the layers. Each chunk costs a round trip per adapted layer of its own: 64 makes a 128-token
 # prompt two chunks, which hides most of a layer's compute and bytes behind the next one's
 # round trip at 20 ms, and adds the fewest messages where the link is fast.
 PREFILL_CHUNK_TOKENS = 64
@@ -247,7 +247,9 @@ class CloudSession:
         a layer, the next computes, and its exchange travels, at the layer before; over a real
         link a prefill then pays each layer's round trip about once, not its compute and its
         bytes besides. The result is the one pass's up to float rounding (tested)."""
-        stack, chunks = self.half.stack, hidden.split(self.half.prefill_chunk_tokens, dim=1)
+        # As many chunks as whole chunks of prefill_chunk_tokens fit, of equal sizes: a short
+        # last chunk would cost a round trip per layer for a few tokens.
+        stack, chunks = self.half.stack, hidden.tensor_split(hidden.shape[1] // self.half.prefill_chunk_tokens, dim=1)
         left = [[threading.Event() for _ in stack.layers] for _ in chunks]  # left[c][l]: chunk c is past layer l
         outs: list[torch.Tensor | None] = [None] * len(chunks)
         errors: list[BaseException] = []

@@ -100,7 +100,7 @@ def test_network_scoring_and_training_step_equal_the_in_process_split(device, ti
 
 
 def test_a_prefill_pipelined_over_the_network_equals_the_in_process_split(server, device, tiny_checkpoint):
-    # Chunks of 2: the 5-token prefill below runs as 3 chunks, whose exchanges share the stream.
+    # Chunks of 2: the 5-token prefill below runs as 2 chunks, whose exchanges share the stream.
     next(iter(server.service.versions.values())).half.prefill_chunk_tokens = 2
     assert_same_model(device.model, in_process(tiny_checkpoint), torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(1)))
 
