@@ -43,6 +43,10 @@ from plora.storage.errors import CapacityError, PloraError, SessionError, Transp
 # prompt two chunks, which hides most of a layer's compute and bytes behind the next one's
 # round trip at 20 ms, and adds the fewest messages where the link is fast.
 PREFILL_CHUNK_TOKENS = 64
+# A long prompt's chunks are longer rather than more: once a chunk computes a layer for longer
+# than a round trip takes, the next chunk's wait is hidden anyway, and every chunk's exchanges
+# are messages each side handles. (Only 128-token prompts were measured.)
+PREFILL_CHUNKS = 4
 
 
 class CloudHalf(nn.Module):
@@ -247,9 +251,10 @@ class CloudSession:
         a layer, the next computes, and its exchange travels, at the layer before; over a real
         link a prefill then pays each layer's round trip about once, not its compute and its
         bytes besides. The result is the one pass's up to float rounding (tested)."""
-        # As many chunks as whole chunks of prefill_chunk_tokens fit, of equal sizes: a short
-        # last chunk would cost a round trip per layer for a few tokens.
-        stack, chunks = self.half.stack, hidden.tensor_split(hidden.shape[1] // self.half.prefill_chunk_tokens, dim=1)
+        # As many chunks as whole chunks of prefill_chunk_tokens fit, up to PREFILL_CHUNKS, of
+        # equal sizes: a short last chunk would cost a round trip per layer for a few tokens.
+        count = min(hidden.shape[1] // self.half.prefill_chunk_tokens, PREFILL_CHUNKS)
+        stack, chunks = self.half.stack, hidden.tensor_split(count, dim=1)
         left = [[threading.Event() for _ in stack.layers] for _ in chunks]  # left[c][l]: chunk c is past layer l
         outs: list[torch.Tensor | None] = [None] * len(chunks)
         errors: list[BaseException] = []
