@@ -102,6 +102,7 @@ class SessionCapture:
         self._step = 0
         self._tensors: dict[str, torch.Tensor] = {}
         self._meta: dict[str, str] = {}
+        self._tokens = 0
 
     def __call__(self, direction: str, message: Message) -> None:
         if isinstance(message, ForwardRequest):
@@ -111,8 +112,14 @@ class SessionCapture:
         elif isinstance(message, BackwardRequest):
             self._begin("backward", grad_hidden_out=message.grad_hidden)
         elif isinstance(message, (AdapterRequest, AdapterReply)) and self._meta:
-            name = _ADAPTER_NAMES[message.phase, direction]
-            self._tensors[adapter_key(name, message.layer, message.group)] = message.tensor
+            key = adapter_key(_ADAPTER_NAMES[message.phase, direction], message.layer, message.group)
+            earlier = self._tensors.get(key)
+            # A pipelined prefill exchanges a layer's tensors chunk by chunk, in the sequence's
+            # order; a whole one already there is a step run again (taken out of its batch).
+            if earlier is not None and earlier.shape[1] < self._tokens:
+                self._tensors[key] = torch.cat([earlier, message.tensor], dim=1)
+            else:
+                self._tensors[key] = message.tensor
         elif isinstance(message, ForwardResult):
             self._end(hidden_out=message.hidden)
         elif isinstance(message, BackwardResult):
@@ -123,6 +130,7 @@ class SessionCapture:
     def _begin(self, kind: str, **tensors: torch.Tensor | None) -> None:
         self._tensors = {k: v for k, v in tensors.items() if v is not None}
         self._meta = {"kind": kind}
+        self._tokens = next(iter(self._tensors.values())).shape[1]  # the step's, its hidden state's
 
     def _end(self, error: str = "", **tensors: torch.Tensor | None) -> None:
         if not self._meta:

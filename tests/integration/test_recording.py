@@ -14,6 +14,7 @@ from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
+from plora.cloud_backbone.protocol.messages import CacheMode
 from plora.cloud_backbone.recording import read_session, recorded_sessions
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
@@ -41,8 +42,9 @@ def test_a_recorded_session_holds_what_the_service_saw_and_forgetting_deletes_it
         device.model.link.taps.append(lambda direction, message: seen.append((direction, message)))
         ids = list(range(10, 26))
         personalize(device.model, [TokenizedExample(ids, ids)], 0, TrainSettings(steps=1, lr=0.05, batch_size=1, anchor=None))
+        next(iter(server.service.versions.values())).half.prefill_chunk_tokens = 2  # the prompt's prefill: 2 chunks
         with torch.no_grad():
-            reply = list(stream_tokens(device.model, [5, 6, 7], 3, set()))
+            reply = list(stream_tokens(device.model, [5, 6, 7, 8, 9], 3, set()))
         device.close()
 
         device_id = device.store.record.device_id
@@ -54,6 +56,12 @@ def test_a_recorded_session_holds_what_the_service_saw_and_forgetting_deletes_it
         assert all(torch.equal(s.tensors["hidden_in"], h) for s, h in zip([s for s in steps if s.kind == "forward"], sent))
         assert len(list(steps[0].adapter("u"))) == len(list(steps[0].adapter("um"))) == 3  # cloud layers 1-3, one group
         assert len(list(steps[1].adapter("grad_u"))) == 3
+        # The pipelined prefill's u came chunk by chunk; each layer's is kept whole, as the device saw it.
+        begins = next(i for i, (_, m) in enumerate(seen) if getattr(m, "cache", None) is CacheMode.START)
+        start = [m for d, m in seen[begins:] if d == "down"]
+        start = start[: [type(m).__name__ for m in start].index("ForwardResult")]
+        for layer, _, u in steps[2].adapter("u"):
+            assert torch.equal(u, torch.cat([m.tensor for m in start if m.layer == layer], dim=1)) and u.shape[1] == 5
         assert len(reply) == 3
         assert stat.S_IMODE(record.stat().st_mode) == 0o700
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in session.glob("*.safetensors"))
