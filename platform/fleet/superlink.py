@@ -136,7 +136,12 @@ def superlink(flower: Path, nodes: int, simulation: bool, ray_address: str | Non
     (flower / "config.toml").write_text(tomli_w.dumps(
         {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "root-certificates": str(credentials.ca)}}}
     ))
-    env = {**os.environ, **FLOWER_OFFLINE_ENV, "FLWR_HOME": str(flower), "PYTHONUNBUFFERED": "1"}
+    # Flower's processes start others by name (the SuperExec its flwr-simulation, a SuperNode
+    # its ClientApp process): from this interpreter's environment first, as `_executable` does,
+    # or a plora run from a virtual environment not on PATH would have them run another
+    # installation's code.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, **FLOWER_OFFLINE_ENV, "FLWR_HOME": str(flower), "PYTHONUNBUFFERED": "1", "PATH": path}
     # Flower's simulation passes Ray only CPUs, GPUs and logging; ray.init finds a cluster to
     # join by RAY_ADDRESS, and must not find one the user's shell happened to name otherwise.
     env.pop("RAY_ADDRESS", None)

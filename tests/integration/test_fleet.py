@@ -36,6 +36,7 @@ pytestmark = pytest.mark.xdist_group("processes")
 REPO = Path(__file__).resolve().parents[2]
 # A fleet of Flower scale that samples as many devices a round as train at once on 2 cores.
 DEVICES, SAMPLED, ROUNDS = 200, 2, 2
+DECOY_RAN = "decoy-ran"  # what a decoy flwr-simulation, first on PATH, leaves if it is run
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ def fleet(tiny_checkpoint, tmp_path_factory) -> Iterator[LaunchedFleet]:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         patch.setitem(superlink.COMPONENTS, "serverapp", SPY_APP)
         probe = probe_offline(folder / "offline-probe", patch)
+        # A decoy first on PATH: Flower's processes must start this environment's commands.
+        decoys = folder / "decoys"
+        decoys.mkdir()
+        (decoys / "flwr-simulation").write_text(f"#!/bin/sh\ntouch {folder / DECOY_RAN}\nexit 1\n")
+        (decoys / "flwr-simulation").chmod(0o755)
+        patch.setenv("PATH", os.pathsep.join([str(decoys), os.environ["PATH"]]))
         server = start_service([str(tiny_checkpoint)], PrivateLoRAConfig(rank=4, device_layers=1), open_registry())
         try:
             root, echoed = folder / "fleet", []
@@ -86,6 +93,7 @@ def test_a_simulated_fleet_personalizes_its_sampled_devices_and_only_scalars_cro
     monkeypatch.setenv("PLORA_DB_URL", fleet.database)
     root, summary, echoed = fleet.root, fleet.summary, fleet.echoed
     assert flower_processes(root) == []  # no SuperLink, no Ray left behind
+    assert not (root.parent / DECOY_RAN).exists()  # Flower started this environment's flwr-simulation
     # The ServerApp's process and Ray's workers went offline themselves: this launcher set no flags.
     assert {"flwr-simulation", "default_worker.py"} <= fleet.probe.offline_kinds()
 
