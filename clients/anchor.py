@@ -35,7 +35,7 @@ from safetensors.torch import save as save_tensors
 from plora.clients.data import TokenizedExample
 from plora.clients.device_model import DeviceModel
 from plora.clients.distillation import TeacherTargets, labelled_positions, teacher_targets
-from plora.clients.generation import SAMPLER, encode_prompt, generate_batch
+from plora.clients.generation import encode_prompt, generate_batch
 from plora.storage.errors import ConfigError
 from plora.storage.files import write_atomically
 
@@ -159,9 +159,11 @@ def base_model(model: DeviceModel) -> Iterator[DeviceModel]:
 
 def text_key(settings: AnchorSettings, seed: int) -> str:
     """Equal for arguments that give the same anchor text on the same backbone."""
-    # "batch": the texts are sampled as one batch (generate_batch), which rounds differently;
-    # SAMPLER: how a seed becomes tokens.
-    written_as = (REQUESTS, OPENINGS, settings.texts, settings.new_tokens, seed, "batch", SAMPLER)
+    # "batch": the texts are sampled as one batch (generate_batch), which rounds differently.
+    # The sampler is left out on purpose: text a device kept stays its own when a later plora
+    # samples otherwise, so that a job resumed from its checkpoint trains on the anchor it began
+    # with (tests/integration/test_on_disk_compatibility.py).
+    written_as = (REQUESTS, OPENINGS, settings.texts, settings.new_tokens, seed, "batch")
     return hashlib.sha256(repr(written_as).encode()).hexdigest()
 
 
@@ -177,7 +179,7 @@ def write_anchor(model: DeviceModel, tokenizer: Any, settings: AnchorSettings, s
 
 def probe_key(seed: int) -> str:
     """Equal for arguments that give the same probe text on the same backbone."""
-    return hashlib.sha256(repr((PROBES, PROBE_TOKENS, seed, "batch", SAMPLER)).encode()).hexdigest()
+    return hashlib.sha256(repr((PROBES, PROBE_TOKENS, seed, "batch")).encode()).hexdigest()
 
 
 def write_probe(model: DeviceModel, tokenizer: Any, seed: int) -> list[TokenizedExample]:

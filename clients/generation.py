@@ -17,9 +17,6 @@ from plora.storage.errors import ConfigError
 # Sorting a whole vocabulary costs some 30 times the top few hundred of it, where a trained
 # model's nucleus nearly always ends.
 NUCLEUS_CANDIDATES = 256
-# Names how `_pick` turns a seed into tokens: text kept by its seed (anchor text) was written
-# by this sampler, and another would write other text from the same seed.
-SAMPLER = "inverse-cdf"
 
 
 def _in_nucleus(ordered: torch.Tensor, top_p: float) -> torch.Tensor:
