@@ -138,8 +138,8 @@ def test_replies_swapped_in_a_pipelined_prefill_fail_that_step_alone_and_the_ses
                 if message is None or len(held) == 2 or not swap:
                     swapped |= len(held) == 2
                     for request in reversed(held):
-                        width = 12 if request.phase is Phase.FORWARD else 4
-                        reply = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:2], width))
+                        # u·M of q, k and v: a prefill asks nothing else
+                        reply = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:2], 12))
                         outbox.put(wire.device_message(number, reply))
                     held = []
 
