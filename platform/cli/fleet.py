@@ -53,6 +53,9 @@ def fleet() -> None:
               type=click.FloatRange(0, 1),
               help="Share of each round's trained devices evaluated after training; 0 evaluates none. Each sampled "
               "device's baseline is measured before its first training all the same.")
+@click.option("--drift-budget", default=FleetSettings.drift_budget, show_default=True, type=click.FloatRange(min=0),
+              help="How much worse than the base model each device's job may make generic text, as `plora personalize "
+              "--drift-budget`; 0 keeps the anchor's weight at 3.")
 @click.option("--root", default="plora-fleet", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the devices (one sub-folder each) and rounds.jsonl.")
 @click.option("--strategy", default=FleetSettings.strategy, show_default=True, type=click.Choice(STRATEGIES),
@@ -74,8 +77,8 @@ def fleet() -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @fail_cleanly
 @stop_on_sigterm
-def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, ray_address, steps, lr, fraction, fraction_evaluate, root, strategy,
-                 secure_aggregation, dp_noise, dp_clip, dp_delta, opt_out, as_json) -> None:
+def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, ray_address, steps, lr, fraction, fraction_evaluate,
+                 drift_budget, root, strategy, secure_aggregation, dp_noise, dp_clip, dp_delta, opt_out, as_json) -> None:
     """Personalize a fleet of devices in rounds, each against the same backbone service.
 
     Every device keeps its private data and its M in its own folder; only scalar metrics
@@ -99,7 +102,8 @@ def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, ray_addre
         raise click.UsageError("--opt-out, --dp-noise and --no-secure-aggregation are for --strategy fedavg")
     with Board(f"{devices} devices, {rounds} round(s) of {steps} steps, on the {engine} engine") as board:
         rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=board.say,
-                      on_progress=board.update, fraction_evaluate=fraction_evaluate, backbone_ca=backbone_ca,
+                      on_progress=board.update, fraction_evaluate=fraction_evaluate, drift_budget=drift_budget,
+                      backbone_ca=backbone_ca,
                       ray_address=ray_address, **federation)
     if strategy == FEDAVG:
         show(rows, FEDERATION_COLUMNS, as_json)
@@ -176,7 +180,7 @@ def fleet_credentials(folder, supernodes, hosts) -> None:
 @click.option("--out", default="plora-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the fleet's devices, the report (report.md, report.html, before_after.png) and results.json.")
 @click.option("--devices", default=None, type=click.IntRange(min=1), help="Devices in the fleet (default: the demo's pinned 2).")
-@click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's pinned 40).")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Training steps per device (default: the demo's pinned 60).")
 @fail_cleanly
 @stop_on_sigterm
 def demo(out, devices, steps) -> None:

@@ -71,6 +71,7 @@ def launch(
     concurrency: int | None = None,
     on_progress: Progress | None = None,
     fraction_evaluate: float = FleetSettings.fraction_evaluate,
+    drift_budget: float = FleetSettings.drift_budget,
     backbone_ca: str = "",
     ray_address: str | None = None,
     **federation: object,
@@ -112,7 +113,8 @@ def launch(
     enrollment, token = reg.issue_enrollment_token(devices, utcnow() + ENROLLMENT_VALID, label="plora fleet launch")
     try:
         settings = FleetSettings(root, backbone, data, devices, rounds, steps, lr, fraction=fraction,
-                                 fraction_evaluate=fraction_evaluate, enroll_token=token, backbone_ca=backbone_ca, **federation)
+                                 fraction_evaluate=fraction_evaluate, drift_budget=drift_budget, enroll_token=token,
+                                 backbone_ca=backbone_ca, **federation)
         joining = devices - sum(settings.opts_out(i) for i in range(devices)) if settings.strategy == FEDAVG else devices
         tally = FleetTally(rounds, sampled_per_round(joining, fraction), steps, on_progress or echo_progress(echo), root,
                            device_rows=devices <= DEVICE_ROWS_UP_TO)

@@ -71,6 +71,9 @@ class FleetSettings:
     """Optimizer steps per device per round."""
     lr: float = 1e-2
     batch_size: int = 4
+    drift_budget: float = 0.02
+    """The personalization jobs' drift budget (clients.anchor.AnchorSettings.drift_budget, whose
+    default this is; the settings must not import it); 0: the anchor keeps its starting weight."""
     fraction: float = 1.0
     """Share of the devices sampled for each round."""
     fraction_evaluate: float = 1.0
@@ -121,9 +124,11 @@ class FleetSettings:
             raise ConfigError(
                 f"devices, rounds, steps and batch-size must be >= 1, got {self.devices}, {self.rounds}, {self.steps}, {self.batch_size}"
             )
-        if not (0 < self.fraction <= 1 and 0 <= self.fraction_evaluate <= 1 and self.lr > 0 and self.reply_timeout > 0):
-            raise ConfigError(f"need 0 < fraction <= 1, 0 <= fraction-evaluate <= 1, lr > 0, reply-timeout > 0; got "
-                              f"{self.fraction}, {self.fraction_evaluate}, {self.lr}, {self.reply_timeout}")
+        if not (0 < self.fraction <= 1 and 0 <= self.fraction_evaluate <= 1 and self.lr > 0 and self.reply_timeout > 0
+                and self.drift_budget >= 0):
+            raise ConfigError(f"need 0 < fraction <= 1, 0 <= fraction-evaluate <= 1, lr > 0, reply-timeout > 0, "
+                              f"drift-budget >= 0; got {self.fraction}, {self.fraction_evaluate}, {self.lr}, "
+                              f"{self.reply_timeout}, {self.drift_budget}")
         ids = self.partitions.split(",") if self.partitions else []
         if not all(i.isdigit() for i in ids) or len({int(i) for i in ids}) != len(ids) or (ids and len(ids) != self.devices):
             raise ConfigError(f"partitions must be {self.devices} distinct partition ids, comma-separated; got {self.partitions!r}")

@@ -19,6 +19,7 @@ from types import MappingProxyType
 
 import torch
 
+from plora.clients.anchor import AnchorSettings
 from plora.clients.data import DEVICE_JOB_MAX_LENGTH, load_examples, tokenize
 from plora.clients.device_store import DeviceStore, FederationChoice
 from plora.clients.grpc_link import Endpoint
@@ -121,7 +122,8 @@ def personalize(settings: FleetSettings, partition_id: int, server_round: int,
     traffic = TrafficCounter()
     device.model.link.taps.append(traffic)
     # A new seed each round shuffles the batches differently, so rounds do not repeat each other.
-    train = TrainSettings(lr=settings.lr, steps=settings.steps, batch_size=settings.batch_size, seed=server_round)
+    train = TrainSettings(lr=settings.lr, steps=settings.steps, batch_size=settings.batch_size, seed=server_round,
+                          anchor=AnchorSettings(drift_budget=settings.drift_budget or None))
 
     def report(step: int, total: int, loss: float) -> None:
         report_progress(folder, f"round {server_round}", step, total, loss)

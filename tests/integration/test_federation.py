@@ -237,5 +237,9 @@ def test_a_joined_devices_first_personal_fleet_job_starts_from_the_fleets_m_sent
     assert client_app.app(question, context).content.metric_records["metrics"]["failed"] == 0
     first = reg.list_jobs(store.record.device_id, limit=1)[0]
     assert first.status == JobStatus.SUCCEEDED and first.params["fleet_start_rounds"] == 1
-    assert "fleet_start_rounds" not in reg.get_job(task.personalize(settings, 0, 2, sent)["job_id"]).params
+    assert first.params["drift_budget"] == settings.drift_budget == 0.02  # the fleet's jobs keep the job's budget
+    # A run whose drift budget is 0 (the demo's) keeps the anchor at its weight.
+    second = reg.get_job(task.personalize(dataclasses.replace(settings, drift_budget=0), 0, 2, sent)["job_id"])
+    assert "fleet_start_rounds" not in second.params
+    assert "drift_budget" not in second.params and second.params["anchor_weight"] == 3
     assert not list(device_dir(settings.fleet_root, 0).glob(".fleet-start-*"))

@@ -276,7 +276,7 @@ def test_settings_come_from_the_run_config_and_are_checked():
     settings = FleetSettings.from_run_config(config)
     assert (settings.rounds, settings.lr, settings.steps) == (3, 1.0, 10)
     assert FleetSettings.from_run_config(settings.to_run_config()) == settings
-    for bad in ({"backbone": "127.0.0.1:50051"}, {**config, "rounds": "3"}, {**config, "backbone": "10.0.0.2:50051"}, {**config, "fraction": 0},
+    for bad in ({"backbone": "127.0.0.1:50051"}, {**config, "rounds": "3"}, {**config, "backbone": "10.0.0.2:50051"}, {**config, "fraction": 0}, {**config, "drift-budget": -0.01},
                 {**config, "devices": 2, "partitions": "4"}, {**config, "devices": 2, "partitions": "4,04"}, {**config, "devices": 2, "partitions": "4,-1"}):
         with pytest.raises(ConfigError):
             FleetSettings.from_run_config(bad)
