@@ -189,7 +189,7 @@ def demo(out, devices, steps) -> None:
     Starts a backbone service on loopback, gives each device a synthetic persona of private
     facts, trains every device's M through the service, and reports held-out recall and loss,
     with each device's answers before and after. With the demo's pinned settings it takes about
-    6 minutes on 2 CPU cores (the README has the time measured).
+    5 minutes on 2 CPU cores (the README has the time measured).
     """
     from plora.cloud_backbone.slots import STEP_TORCH_THREADS, set_step_threads
     from plora.platform.fleet.demo import DEVICES, run_demo
