@@ -103,8 +103,7 @@ def fleet_launch(devices, data, rounds, backbone, backbone_ca, engine, ray_addre
     with Board(f"{devices} devices, {rounds} round(s) of {steps} steps, on the {engine} engine") as board:
         rows = launch(devices, rounds, data, backbone, root, engine, steps, lr, fraction, echo=board.say,
                       on_progress=board.update, fraction_evaluate=fraction_evaluate, drift_budget=drift_budget,
-                      backbone_ca=backbone_ca,
-                      ray_address=ray_address, **federation)
+                      backbone_ca=backbone_ca, ray_address=ray_address, **federation)
     if strategy == FEDAVG:
         show(rows, FEDERATION_COLUMNS, as_json)
         say(f"per-round record: {root / FEDERATION_FILE}; the starting M: {root / FEDERATION_DIR}/")
