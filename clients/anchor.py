@@ -119,6 +119,10 @@ class AnchorSettings:
     """Tokens the base model writes per anchor sequence."""
     top_k: int = 32
     """Base-model tokens kept per position; the rest of the vocabulary is merged into one."""
+    text_seed: int = 0
+    """Which sample of anchor and probe text the base model writes (`write_anchor`, `write_probe`).
+    Every device of a backbone writes the same by default, so that devices sharing a store share
+    it; `plora bench quality --anchor-seed` measures how much a job's figures hang on the sample."""
 
     def __post_init__(self) -> None:
         if not self.weight > 0:

@@ -185,11 +185,12 @@ def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
     Anchor text needs no part in it: the settings and the backbone determine it."""
     # Settings added since stay out of it where they change nothing (patience while unset,
     # min_steps under a budget in steps), so a checkpoint an older plora left still resumes; so do
-    # the drift budget's defaults, under which such a checkpoint resumes.
+    # the drift budget's and the anchor text seed's defaults, under which such a checkpoint resumes.
     identity = re.sub(r"(steps=\d+, epochs=None), min_steps=\d+", r"\1", repr((settings, backbone)))
-    steering = AnchorSettings()
-    identity = identity.replace(f", drift_budget={steering.drift_budget!r}, max_weight={steering.max_weight!r}, "
-                                f"drift_check_every={steering.drift_check_every!r}", "")
+    defaults = AnchorSettings()
+    identity = identity.replace(f", drift_budget={defaults.drift_budget!r}, max_weight={defaults.max_weight!r}, "
+                                f"drift_check_every={defaults.drift_check_every!r}", "")
+    identity = identity.replace(f", text_seed={defaults.text_seed!r})", ")")
     digest = hashlib.sha256(identity.replace(", patience=None", "").encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())

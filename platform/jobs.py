@@ -51,7 +51,6 @@ ANCHOR = "anchor.json"  # in the device's public folder: the anchor text its bas
 ANCHOR_TARGETS = "anchor-targets.safetensors"  # next to it: the base model's targets on that text
 PROBE = "probe.json"  # next to them: the base model's text on generic prompts no job trains on
 ANCHOR_LOCK = ".anchor.lock"  # next to them in a shared store: held while they or the probe are read or made
-ANCHOR_SEED = 0  # one anchor text per device, whatever the job's seed, so it is written once
 LOCK = ".job.lock"  # in the device folder: held by the process running a job on the device
 ABANDONED = "its process ended without closing it (killed?); closed by the device's next run"
 
@@ -105,18 +104,18 @@ def device_anchor(device: Device, settings: AnchorSettings) -> Anchor:
     version = device.store.record.identity.version
     folder = device.store.public_folder()
     with _public_folder_lock(device):
-        text = _kept_text(folder / ANCHOR, f"{version}/{text_key(settings, ANCHOR_SEED)}",
-                          lambda: write_anchor(device.model, device.tokenizer, settings, ANCHOR_SEED))
+        text = _kept_text(folder / ANCHOR, f"{version}/{text_key(settings, settings.text_seed)}",
+                          lambda: write_anchor(device.model, device.tokenizer, settings, settings.text_seed))
         return kept_anchor(folder / ANCHOR_TARGETS, device.model, text, device.tokenizer.pad_token_id, settings.top_k, version)
 
 
-def device_probe(device: Device) -> list[TokenizedExample]:
-    """The device's probe text (clients.anchor.write_probe), written on first use and kept
-    beside its anchor, as the anchor is."""
+def device_probe(device: Device, seed: int) -> list[TokenizedExample]:
+    """The device's probe text (clients.anchor.write_probe) of `seed`, written on first use and
+    kept beside its anchor, as the anchor is."""
     folder = device.store.public_folder()
     with _public_folder_lock(device):
-        return _kept_text(folder / PROBE, f"{device.store.record.identity.version}/{probe_key(ANCHOR_SEED)}",
-                          lambda: write_probe(device.model, device.tokenizer, ANCHOR_SEED))
+        return _kept_text(folder / PROBE, f"{device.store.record.identity.version}/{probe_key(seed)}",
+                          lambda: write_probe(device.model, device.tokenizer, seed))
 
 
 def _public_folder_lock(device: Device) -> AbstractContextManager:
@@ -297,6 +296,8 @@ def _personalization_job(
     params["anchor_weight"] = settings.anchor.weight if settings.anchor else 0.0
     if settings.anchor and settings.anchor.drift_budget is not None:
         params["drift_budget"] = settings.anchor.drift_budget
+    if settings.anchor and settings.anchor.text_seed != AnchorSettings.text_seed:
+        params["anchor_text_seed"] = settings.anchor.text_seed
     params["keeps_text"] = keep_text
     if device.fleet_start_rounds:
         params["fleet_start_rounds"] = device.fleet_start_rounds
@@ -348,7 +349,7 @@ def _personalization_job(
         checkpoint.job = {**job, "id": job_id}
         before = job["loss_before"]
         anchor = device_anchor(device, settings.anchor) if settings.anchor else None
-        probe = DriftProbe.of(device.model, device_probe(device), pad)
+        probe = DriftProbe.of(device.model, device_probe(device, (settings.anchor or AnchorSettings()).text_seed), pad)
         found, lr, chosen_by = None, settings.lr, {}
         if searching:
             chosen_by = job.get("search", {})

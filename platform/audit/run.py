@@ -44,7 +44,7 @@ from plora.platform.audit.attacks import (
 )
 from plora.platform.audit.settings import MINIMUM_INVERTER_BUDGET, AuditSettings
 from plora.platform.fleet.personas import PERSONA_JOB, Persona, make_persona, persona_recall, recalled
-from plora.platform.jobs import ANCHOR_SEED, run_personalization
+from plora.platform.jobs import run_personalization
 from plora.platform.runtime import Device, init_device, open_device, split_embedded
 from plora.storage.errors import ConfigError, PloraError
 from plora.storage.registry import Registry, open_registry
@@ -250,7 +250,7 @@ def public_sequences(settings: AuditSettings, backbone: loading.Backbone) -> lis
     model = split_embedded(backbone, PrivateLoRAConfig())
     texts = len(REQUESTS) + len(OPENINGS)
     anchor = AnchorSettings(texts=texts, new_tokens=max(16, min(96, wanted // texts)))
-    sequences, seed = [], ANCHOR_SEED
+    sequences, seed = [], anchor.text_seed
     while sum(map(len, sequences)) < wanted:
         sequences += [example.input_ids for example in write_anchor(model, tokenizer, anchor, seed)]
         seed += 1

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import torch
 
+from plora.clients.anchor import AnchorSettings
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, load_examples, tokenize
 from plora.clients.search import LrSearch, personalization_settings, search_rates
 from plora.clients.training import TrainResult, TrainSettings, causal_lm_batch_loss, evaluate, result_of, train
@@ -36,13 +37,23 @@ from plora.storage.errors import DataError
 from plora.storage.registry import Registry
 
 
+DEFAULT_BUDGET = AnchorSettings.drift_budget
+
+
+def job_settings(text_seed: int = 0, drift_budget: float | None = DEFAULT_BUDGET) -> TrainSettings:
+    """`plora personalize`'s default job (TrainSettings()) but for the sample of anchor and probe
+    text its device's base model writes, and its drift budget (None: the anchor's weight stays fixed)."""
+    return TrainSettings(anchor=AnchorSettings(drift_budget=drift_budget, text_seed=text_seed))
+
+
 def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool = True,
-             config: PrivateLoRAConfig | None = None, backbone: str = "embedded") -> list[dict]:
-    """Per persona, on a fresh device: held-out recall of its private facts and generic-text
-    (GSM8K answers) NLL, before and after `plora personalize`'s default job on its notes, run as
-    a user runs it (the notes in a file outside the device folder, the rate searched on the
-    device, the anchor on); with `compare`, also after the same job without the anchor, on
-    another fresh device."""
+             config: PrivateLoRAConfig | None = None, backbone: str = "embedded", anchor_seeds: Sequence[int] = (0,),
+             drift_budget: float | None = DEFAULT_BUDGET) -> list[dict]:
+    """Per persona and anchor text seed, on a fresh device: held-out recall of its private facts
+    and generic-text (GSM8K answers) NLL, before and after `plora personalize`'s default job on its
+    notes, run as a user runs it (the notes in a file outside the device folder, the rate searched
+    on the device, the anchor on; `job_settings`); with `compare`, also after the same job without
+    the anchor, on another fresh device, once per persona."""
     generic_rows = [{"text": json.loads(line)["answer"]} for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
     rows = []
     with tempfile.TemporaryDirectory(prefix="plora-bench-personas-") as scratch:
@@ -57,35 +68,37 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
                 return {"recall": persona_recall(device.model, device.tokenizer, persona),
                         "generic_nll": evaluate(device.model, generic, device.tokenizer.pad_token_id)}
 
-            before, after, outcome = _job_on_a_new_device(Path(scratch) / f"device-{seed}", notes, backbone, config, reg, measure)
-            row = {"persona": seed, "before": before, **_after(after, before), "device_drift": outcome.generic_drift,
-                   "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr, "steps": outcome.result.steps,
-                   "kept_step": outcome.result.best_step, "train_seconds": outcome.result.seconds}
-            echo(f"persona {seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, generic NLL "
-                 f"{before['generic_nll']:.3f} -> {after['generic_nll']:.3f} ({row['generic_nll_change']:+.1%}; "
-                 f"on its probe, the device measured {outcome.generic_drift:+.1%}, anchor weight "
-                 f"{outcome.result.anchor_weight or 0:.3g} at the end); "
-                 f"{outcome.result.steps} steps at lr {outcome.lr}, the M of step {outcome.result.best_step} kept")
+            for text_seed in anchor_seeds:
+                before, after, outcome = _job_on_a_new_device(Path(scratch) / f"device-{seed}-{text_seed}", notes, backbone,
+                                                              config, reg, measure, job_settings(text_seed, drift_budget))
+                row = {"persona": seed, "anchor_seed": text_seed, "before": before, **_after(after, before),
+                       "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr,
+                       "steps": outcome.result.steps, "kept_step": outcome.result.best_step,
+                       "train_seconds": outcome.result.seconds}
+                echo(f"persona {seed}, anchor text {text_seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, "
+                     f"generic NLL {before['generic_nll']:.3f} -> {after['generic_nll']:.3f} "
+                     f"({row['generic_nll_change']:+.1%}; on its probe, the device measured {outcome.generic_drift:+.1%}, "
+                     f"anchor weight {outcome.result.anchor_weight or 0:.3g} at the end); "
+                     f"{outcome.result.steps} steps at lr {outcome.lr}, the M of step {outcome.result.best_step} kept")
+                rows.append(row)
             if compare:
                 _, unanchored, _ = _job_on_a_new_device(Path(scratch) / f"device-{seed}-unanchored", notes, backbone, config,
                                                          reg, measure, replace(TrainSettings(), anchor=None))
-                row["without_anchor"] = _after(unanchored, before)
+                rows[-1]["without_anchor"] = _after(unanchored, before)
                 echo(f"persona {seed} without the anchor: recall {unanchored['recall']:.0%}, "
-                     f"generic NLL change {row['without_anchor']['generic_nll_change']:+.1%}")
-            rows.append(row)
+                     f"generic NLL change {rows[-1]['without_anchor']['generic_nll_change']:+.1%}")
     return rows
 
 
 def _job_on_a_new_device(folder: Path, notes: Path, backbone: str, config: PrivateLoRAConfig | None, reg: Registry,
-                         measure: Callable, settings: TrainSettings | None = None) -> tuple[dict, dict, JobOutcome]:
-    """`measure(device)` on a new device, before and after a personalization job on `notes`: the
-    job's defaults, or `settings` with the rate searched as the defaults search it."""
+                         measure: Callable, settings: TrainSettings) -> tuple[dict, dict, JobOutcome]:
+    """`measure(device)` on a new device, before and after a personalization job on `notes` with
+    `settings`, the rate searched as the default job searches it."""
     init_device(folder, backbone, config)
     device = open_device(folder)
     try:
         before = measure(device)
-        outcome = run_personalization(device, notes, settings, reg=reg, keep_text=False,
-                                      search=LrSearch() if settings else None)
+        outcome = run_personalization(device, notes, settings, reg=reg, keep_text=False, search=LrSearch())
         return before, measure(device), outcome
     finally:
         device.close()
@@ -103,7 +116,8 @@ MIN_BLOCKS = 15  # a speaker with fewer gives too small a validation and held-ou
 
 def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str = "embedded",
              config: PrivateLoRAConfig | None = None, compare: bool = True, max_blocks: int | None = None,
-             names: list[str] | None = None) -> list[dict]:
+             names: list[str] | None = None, anchor_seeds: Sequence[int] = (0,),
+             drift_budget: float | None = DEFAULT_BUDGET) -> list[dict]:
     """Per speaker, `count` speakers spread over the sizes of the play's (from MIN_BLOCKS up):
     held-out NLL before and after plora's default job, run as the README tells a user to
     (`plora personalize DIR --data FILE` on a new device: the rate searched on the device, the
@@ -113,9 +127,10 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
     speaker's blocks is held out, outside the device, and never used for any choice. Generic
     text (GSM8K answers) says what each costs the model's general ability.
 
-    `config` binds the devices to another adapter configuration; without `compare`, LoRA is
-    left out; `max_blocks` leaves the larger speakers out of the pick; `names` picks these
-    speakers instead (`count` is then ignored)."""
+    One row per speaker and anchor text seed (`job_settings`); LoRA, which has no anchor, runs
+    once per speaker. `config` binds the devices to another adapter configuration; without
+    `compare`, LoRA is left out; `max_blocks` leaves the larger speakers out of the pick; `names`
+    picks these speakers instead (`count` is then ignored)."""
     blocks = play_blocks(data / "tinyshakespeare" / "input.txt")
     generic_rows = [{"text": json.loads(line)["answer"]} for line in (data / "gsm8k" / "dev.jsonl").read_text().splitlines()[:64]]
     sizes = Counter(blocks["speaker"])
@@ -128,23 +143,50 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
             train_rows, held_rows = holdout(mine, 0.2)
             notes = Path(scratch) / f"{speaker}.jsonl"  # the user's file, outside any device folder
             notes.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
-            row = {"speaker": speaker, "train_blocks": len(train_rows), "heldout_blocks": len(held_rows),
-                   "privatelora": _plora_default_job(Path(scratch) / f"device-{speaker}", notes, held_rows, generic_rows,
-                                                     backbone, reg, config)}
-            plora = row["privatelora"]
-            if not compare:
-                rows.append(row)
-                echo(f"{speaker} ({len(train_rows)} blocks): plora gain {plora['gain']:.3f} nats (lr {plora['lr']}), "
-                     f"generic NLL {plora['generic_change']:+.1%} (on its probe {plora['device_drift']:+.1%}, "
-                     f"anchor weight {plora['anchor_weight'] or 0:.3g} at the end)")
-                continue
-            lora = row["lora"] = _lora_same_protocol(notes, held_rows, generic_rows, backbone)
-            row["gain_ratio"] = plora["gain"] / lora["gain"] if lora["gain"] > 0 else float("nan")
-            row["param_ratio"] = plora["params"] / lora["params"]
-            rows.append(row)
-            echo(f"{speaker} ({len(train_rows)} blocks): plora gain {plora['gain']:.3f} nats (lr {plora['lr']}), "
-                 f"LoRA {lora['gain']:.3f} (lr {lora['lr']}): {row['gain_ratio']:.0%}; generic NLL "
-                 f"{plora['generic_change']:+.1%} (on its probe {plora['device_drift']:+.1%}) vs {lora['generic_change']:+.1%}")
+            mine_rows = []
+            for text_seed in anchor_seeds:
+                plora = _plora_default_job(Path(scratch) / f"device-{speaker}-{text_seed}", notes, held_rows, generic_rows,
+                                           backbone, reg, config, job_settings(text_seed, drift_budget))
+                mine_rows.append({"speaker": speaker, "anchor_seed": text_seed, "train_blocks": len(train_rows),
+                                  "heldout_blocks": len(held_rows), "privatelora": plora})
+                echo(f"{speaker} ({len(train_rows)} blocks), anchor text {text_seed}: plora gain {plora['gain']:.3f} nats "
+                     f"(lr {plora['lr']}), generic NLL {plora['generic_change']:+.1%} (on its probe "
+                     f"{plora['device_drift']:+.1%}, anchor weight {plora['anchor_weight'] or 0:.3g} at the end)")
+            if compare:
+                lora = _lora_same_protocol(notes, held_rows, generic_rows, backbone)
+                echo(f"{speaker}: LoRA gain {lora['gain']:.3f} nats (lr {lora['lr']}), generic NLL {lora['generic_change']:+.1%}")
+                for row in mine_rows:
+                    plora = row["privatelora"]
+                    row.update(lora=lora, gain_ratio=plora["gain"] / lora["gain"] if lora["gain"] > 0 else float("nan"),
+                               param_ratio=plora["params"] / lora["params"])
+            rows += mine_rows
+    return rows
+
+
+GENERIC_LIMIT = 0.02  # the issue's target: generic text no more than 2% worse than the base model's
+
+
+def spread(personas_rows: list[dict], speaker_rows: list[dict]) -> list[dict]:
+    """Per anchor text seed, then over all of them: persona recall (mean, lowest) and the worst
+    generic-text change; the speakers' gain ÷ LoRA's (mean, lowest) and how many kept generic
+    text within GENERIC_LIMIT. One anchor sample is not a measurement of the default job."""
+    seeds = list(dict.fromkeys(row["anchor_seed"] for row in personas_rows + speaker_rows))
+
+    def figures(label, personas_of: list[dict], speakers_of: list[dict]) -> dict:
+        recall = [row["after"]["recall"] for row in personas_of]
+        ratios = [row["gain_ratio"] for row in speakers_of if "gain_ratio" in row]
+        generic = [row["privatelora"]["generic_change"] for row in speakers_of]
+        return {"anchor_seed": label, "personas": len(recall),
+                "recall_mean": sum(recall) / len(recall) if recall else None, "recall_lowest": min(recall, default=None),
+                "persona_generic_worst": max((row["generic_nll_change"] for row in personas_of), default=None),
+                "speakers": len(speakers_of), "gain_ratio_mean": sum(ratios) / len(ratios) if ratios else None,
+                "gain_ratio_lowest": min(ratios, default=None),
+                "speakers_within_limit": sum(change <= GENERIC_LIMIT for change in generic) if generic else None}
+
+    rows = [figures(seed, [r for r in personas_rows if r["anchor_seed"] == seed],
+                    [r for r in speaker_rows if r["anchor_seed"] == seed]) for seed in seeds]
+    if len(seeds) > 1:
+        rows.append(figures("all", personas_rows, speaker_rows))
     return rows
 
 
@@ -171,7 +213,7 @@ def named_speakers(sizes: dict[str, int], names: list[str], min_blocks: int = MI
 
 
 def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[dict], backbone: str, reg: Registry,
-                       config: PrivateLoRAConfig | None) -> dict:
+                       config: PrivateLoRAConfig | None, settings: TrainSettings) -> dict:
     def measure(device) -> dict:
         pad, tok = device.tokenizer.pad_token_id, device.tokenizer
         generic = tokenize(datasets.Dataset.from_list(generic_rows), tok, PERSONALIZE_MAX_LENGTH)
@@ -179,7 +221,7 @@ def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[
                 "generic": evaluate(device.model, generic, pad),
                 "params": sum(m.numel() for m in device.model.weights.parameters())}
 
-    before, after, outcome = _job_on_a_new_device(folder, notes, backbone, config, reg, measure)
+    before, after, outcome = _job_on_a_new_device(folder, notes, backbone, config, reg, measure, settings)
     figures = _figures(before, after, after["params"], outcome.lr, outcome.result, outcome.selection)
     # The job's own measure of generic_change, and the weight its drift budget left the anchor at.
     return {**figures, "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight}

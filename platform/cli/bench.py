@@ -47,7 +47,8 @@ MIGRATE_COLUMNS = (
     Column("as the migration measured it", lambda row: row.get("gain_kept_measured"), ".0%"),
 )
 PERSONA_COLUMNS = (
-    Column("persona", "persona"), Column("recall before", lambda row: row["before"]["recall"], ".0%"),
+    Column("persona", "persona"), Column("anchor seed", "anchor_seed"),
+    Column("recall before", lambda row: row["before"]["recall"], ".0%"),
     Column("after", lambda row: row["after"]["recall"], ".0%"),
     Column("generic NLL before", lambda row: row["before"]["generic_nll"], ".3f"),
     Column("after", lambda row: row["after"]["generic_nll"], ".3f"), Column("change", "generic_nll_change", "+.1%"),
@@ -81,7 +82,7 @@ WIRE_COLUMNS = (
 )
 FLEET_COLUMNS = (Column("figure", "figure"), Column("value", "value", ".3f"), Column("target", "target"), Column("detail", "detail"))
 SPEAKER_COLUMNS = (
-    Column("speaker", "speaker"), Column("blocks", "train_blocks"),
+    Column("speaker", "speaker"), Column("anchor seed", "anchor_seed"), Column("blocks", "train_blocks"),
     Column("plora gain (nats)", lambda row: row["privatelora"]["gain"], ".3f"),
     Column("LoRA gain", lambda row: row["lora"]["gain"], ".3f"), Column("gain ratio", "gain_ratio", ".0%"),
     Column("generic NLL, plora", lambda row: row["privatelora"]["generic_change"], "+.1%"),
@@ -90,6 +91,12 @@ SPEAKER_COLUMNS = (
     Column("LoRA", lambda row: row["lora"]["generic_change"], "+.1%"),
     Column("rate, plora", lambda row: row["privatelora"]["lr"], "g"), Column("LoRA", lambda row: row["lora"]["lr"], "g"),
     Column("parameters, of LoRA's", "param_ratio", ".1%"),
+)
+SPREAD_COLUMNS = (
+    Column("anchor seed", "anchor_seed"), Column("personas", "personas"), Column("recall: mean", "recall_mean", ".0%"),
+    Column("lowest", "recall_lowest", ".0%"), Column("generic NLL, worst", "persona_generic_worst", "+.1%"),
+    Column("speakers", "speakers"), Column("gain ÷ LoRA's: mean", "gain_ratio_mean", ".0%"),
+    Column("lowest", "gain_ratio_lowest", ".0%"), Column("generic NLL within 2%", "speakers_within_limit"),
 )
 
 
@@ -166,29 +173,43 @@ def bench_migrate(data_dir, persona, derive_steps, distill_steps, upgrades, flee
 @click.option("--max-blocks", type=click.IntRange(min=15), help="The largest speaker to pick, in blocks [default: any].")
 @click.option("--speaker", "names", multiple=True, metavar="NAME",
               help="Measure this speaker (repeatable; as the play names them, e.g. DERBY) instead of a spread.")
+@click.option("--anchor-seed", "anchor_seeds", multiple=True, default=(0,), show_default=True, type=click.IntRange(min=0),
+              help="Run every plora job once per sample of anchor and probe text its device's base model writes "
+                   "(repeatable; 0 is the one every device writes): how much the figures hang on the sample. LoRA, "
+                   "which has no anchor, runs once per speaker.")
+# 0.02 is clients.anchor.AnchorSettings.drift_budget, which the CLI must not import (it imports torch).
+@click.option("--drift-budget", default=0.02, show_default=True, type=click.FloatRange(min=0),
+              help="The jobs' drift budget, as `plora personalize --drift-budget` (0: the anchor keeps weight 3).")
 @results_options
 @fail_cleanly
 @stop_on_sigterm
-def bench_quality(data_dir, personas, unanchored, speakers, max_blocks, names, as_json, out_path) -> None:
+def bench_quality(data_dir, personas, unanchored, speakers, max_blocks, names, anchor_seeds, drift_budget, as_json,
+                  out_path) -> None:
     """Persona recall and generic-text loss after plora's default job (`plora personalize` as a
     user runs it), with and without its anchor; per speaker, the held-out gain of the default
     job against PEFT LoRA (r=16, q/k/v) under the same validation split, rate search, early
-    stopping and budget.
+    stopping and budget; then, per anchor text seed and over all, the means and the worst.
 
-    On the embedded backbone and 2 cores, about 10 minutes per persona and 10 to 15 per speaker."""
+    On the embedded backbone and 2 cores, about 5 minutes per persona job and 5 to 15 per speaker's
+    jobs and LoRA's."""
     from plora.platform.bench import quality
 
-    results = {"personas": quality.personas(data_dir, personas, say, compare=unanchored),
-               "speakers": quality.speakers(data_dir, speakers, say, max_blocks=max_blocks, names=list(names))}
+    seeds, budget = list(dict.fromkeys(anchor_seeds)), drift_budget or None
+    persona_rows = quality.personas(data_dir, personas, say, compare=unanchored, anchor_seeds=seeds, drift_budget=budget)
+    speaker_rows = quality.speakers(data_dir, speakers, say, max_blocks=max_blocks, names=list(names), anchor_seeds=seeds,
+                                    drift_budget=budget)
+    results = {"settings": {"anchor_seeds": seeds, "drift_budget": budget}, "personas": persona_rows,
+               "speakers": speaker_rows, "spread": quality.spread(persona_rows, speaker_rows)}
     _keep(results, out_path)
     if as_json:
         print_json(results)
         return
-    if results["personas"]:
-        show(results["personas"], PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
-    if results["speakers"]:
-        show(results["speakers"], SPEAKER_COLUMNS, False,
+    if persona_rows:
+        show(persona_rows, PERSONA_COLUMNS, False, title="Persona facts: held-out recall and generic-text NLL")
+    if speaker_rows:
+        show(speaker_rows, SPEAKER_COLUMNS, False,
              title="Shakespeare speakers: held-out NLL gain, plora's default job against PEFT LoRA")
+    show(results["spread"], SPREAD_COLUMNS, False, title="Per sample of anchor text, and over all: means and the worst")
 
 
 ADAPTER_COLUMNS = (

@@ -149,11 +149,11 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
 @click.option("--eval-every", type=click.IntRange(min=1), help="Steps between validation checks [default: one epoch].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 # 0.02 is clients.anchor.AnchorSettings.drift_budget, which the CLI must not import (it imports torch).
-@click.option("--drift-budget", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--drift-budget", default=0.02, show_default=True, type=click.FloatRange(min=0),
               help="How much worse than the base model the job may make generic text, as a share of its loss, measured "
                    "every 10 steps on text the base model wrote that no job trains on. Over it, the anchor's weight "
                    "rises from 3 towards 10, pulling the model back towards the base model at some cost to what it "
-                   "learns from the data.")
+                   "learns from the data. 0: no budget, the anchor keeps weight 3.")
 # 256 is clients.data.PERSONALIZE_MAX_LENGTH, which the CLI must not import (it imports
 # datasets) before main() takes plora offline.
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
@@ -183,7 +183,7 @@ def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, ev
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
     settings = TrainSettings(lr=lr or TrainSettings.lr, batch_size=batch_size, steps=steps, epochs=epochs, min_steps=min_steps,
-                             seed=seed, eval_every=eval_every, patience=patience, anchor=AnchorSettings(drift_budget=drift_budget))
+                             seed=seed, eval_every=eval_every, patience=patience, anchor=AnchorSettings(drift_budget=drift_budget or None))
     dev = open_device(directory, wire_dtypes=WireDtypes.named(*wire))
     name = directory.resolve().name
     try:

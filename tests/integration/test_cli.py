@@ -102,6 +102,12 @@ def test_personalize_lowers_the_loss_and_records_the_job(device_dir, facts_file)
     assert header.steps == 30 and any(torch.count_nonzero(t) for t in tensors.values())
 
 
+def test_personalize_with_a_drift_budget_of_0_keeps_the_anchor_s_weight(device_dir, facts_file):
+    plora("personalize", device_dir, "--data", facts_file, "--steps", 3, "--lr", "1e-1", "--drift-budget", "0")
+    (job,) = open_registry().list_jobs(json.loads((device_dir / "device.json").read_text())["device_id"])
+    assert "drift_budget" not in job.params and job.params["anchor_weight"] == job.metrics_after["anchor_weight"] == 3.0
+
+
 def test_score_json_matches_the_personalized_model(device_dir, facts_file):
     trained = plora("personalize", device_dir, "--data", facts_file, "--steps", 5)
     assert "selection: cross-validated: no validation split" in trained.output  # 3 facts: no validation split

@@ -138,6 +138,21 @@ def test_the_anchor_its_targets_and_the_probe_are_made_once_per_device_and_used_
     assert job.metrics_after["generic_drift"] == outcome.generic_drift != 0.0
 
 
+def test_another_text_seed_has_the_base_model_write_other_anchor_and_probe_text_and_the_job_says_so(tmp_path, tiny_checkpoint,
+                                                                                                    data):
+    from plora.platform import jobs
+
+    init_device(tmp_path / "dev", str(tiny_checkpoint))
+    kept = {}
+    for seed in (0, 1):
+        settings = TrainSettings(lr=0.05, steps=2, anchor=replace(SMALL_ANCHOR, text_seed=seed))
+        run_personalization(open_device(tmp_path / "dev"), data, settings, val_fraction=0.0)
+        kept[seed] = [json.loads((tmp_path / "dev" / name).read_text())["examples"] for name in (jobs.ANCHOR, jobs.PROBE)]
+    assert kept[0][0] != kept[1][0] and kept[0][1] != kept[1][1]
+    latest, first = open_registry().list_jobs(open_device(tmp_path / "dev").store.record.device_id)
+    assert latest.params["anchor_text_seed"] == 1 and "anchor_text_seed" not in first.params
+
+
 # --- choosing the learning rate (clients.search) -------------------------------------------------
 
 SEARCH = LrSearch((0.02, 0.05, 0.15), trial_fraction=0.25)  # rates about 3x apart that suit the tiny model

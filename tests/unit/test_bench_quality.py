@@ -59,12 +59,36 @@ def test_speakers_are_picked_by_name_if_the_play_has_enough_of_their_lines():
         quality.named_speakers(sizes, ["DERBY", "DAN", "NOBODY"])
 
 
+def test_the_spread_gives_each_anchor_sample_s_means_and_worst_then_all_of_them():
+    def persona(seed, recall, change):
+        return {"anchor_seed": seed, "after": {"recall": recall}, "generic_nll_change": change}
+
+    def speaker(seed, ratio, change):
+        return {"anchor_seed": seed, "gain_ratio": ratio, "privatelora": {"generic_change": change}}
+
+    personas = [persona(0, 1.0, 0.01), persona(0, 0.75, -0.02), persona(1, 0.875, 0.03), persona(1, 1.0, 0.0)]
+    speakers = [speaker(0, 0.9, 0.019), speaker(0, 0.5, 0.05), speaker(1, 1.2, 0.021), speaker(1, 0.12, -0.01)]
+    first, second, overall = quality.spread(personas, speakers)
+    assert first == {"anchor_seed": 0, "personas": 2, "recall_mean": 0.875, "recall_lowest": 0.75,
+                     "persona_generic_worst": 0.01, "speakers": 2, "gain_ratio_mean": pytest.approx(0.7),
+                     "gain_ratio_lowest": 0.5, "speakers_within_limit": 1}
+    assert second["recall_mean"] == 0.9375 and second["gain_ratio_lowest"] == 0.12 and second["speakers_within_limit"] == 1
+    assert overall["anchor_seed"] == "all" and overall["recall_lowest"] == 0.75 and overall["persona_generic_worst"] == 0.03
+    assert overall["gain_ratio_mean"] == pytest.approx(0.68) and overall["speakers_within_limit"] == 2
+    # One sample, one row; no speakers, no speakers' figures.
+    (only,) = quality.spread(personas[:2], [])
+    assert only["speakers"] == 0 and only["gain_ratio_mean"] is None and only["speakers_within_limit"] is None
+
+
 @pytest.mark.timeout(300)
 def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_checkpoint, monkeypatch):
     # The tiny random model wants rates ten times LoRA's usual ones.
     monkeypatch.setattr(quality, "LORA_SEARCH", LrSearch(candidates=(3e-3, 1e-2, 3e-2)))
-    (row,) = quality.speakers(data, 1, echo=lambda line: None, backbone=str(tiny_checkpoint))
-    assert row["speaker"] == "CAROL"  # the smallest with enough blocks
+    row, other_anchor = quality.speakers(data, 1, echo=lambda line: None, backbone=str(tiny_checkpoint), anchor_seeds=(0, 1))
+    assert row["speaker"] == other_anchor["speaker"] == "CAROL"  # the smallest with enough blocks
+    # Another sample of anchor text is another plora job on a device of its own; LoRA has no anchor and runs once.
+    assert (row["anchor_seed"], other_anchor["anchor_seed"]) == (0, 1) and other_anchor["lora"] is row["lora"]
+    assert other_anchor["privatelora"] != row["privatelora"]
     total = SIZES["CAROL"]
     assert row["train_blocks"] + row["heldout_blocks"] == total and row["heldout_blocks"] == int(total * 0.2)
     plora, lora = row["privatelora"], row["lora"]
