@@ -29,7 +29,7 @@ from plora.clients.training import TrainResult, TrainSettings, causal_lm_batch_l
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.platform.fleet.partition import holdout, play_blocks
-from plora.platform.fleet.personas import make_persona, persona_recall
+from plora.platform.fleet.personas import facts_missed, make_persona
 from plora.platform.jobs import JobOutcome, run_personalization, split_holdout
 from plora.platform.runtime import init_device, open_device
 from plora.storage.db import open_database
@@ -65,7 +65,8 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
 
             def measure(device, persona=persona) -> dict:
                 generic = tokenize(datasets.Dataset.from_list(generic_rows), device.tokenizer, PERSONALIZE_MAX_LENGTH)
-                return {"recall": persona_recall(device.model, device.tokenizer, persona),
+                missed = facts_missed(device.model, device.tokenizer, persona)
+                return {"recall": 1 - len(missed) / len(persona.facts), "missed": missed,
                         "generic_nll": evaluate(device.model, generic, device.tokenizer.pad_token_id)}
 
             for text_seed in anchor_seeds:
@@ -75,7 +76,8 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
                        "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr,
                        "steps": outcome.result.steps, "kept_step": outcome.result.best_step,
                        "train_seconds": outcome.result.seconds}
-                echo(f"persona {seed}, anchor text {text_seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}, "
+                missed = f" (missed: {', '.join(after['missed'])})" if after["missed"] else ""
+                echo(f"persona {seed}, anchor text {text_seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}{missed}, "
                      f"generic NLL {before['generic_nll']:.3f} -> {after['generic_nll']:.3f} "
                      f"({row['generic_nll_change']:+.1%}; on its probe, the device measured {outcome.generic_drift:+.1%}, "
                      f"anchor weight {outcome.result.anchor_weight or 0:.3g} at the end); "

@@ -105,7 +105,12 @@ def recalled(reply: str, fact: Fact) -> bool:
 
 def persona_recall(model, tokenizer, persona: Persona, max_new_tokens: int = 24) -> float:
     """Share of the persona's facts stated in greedy replies to their held-out questions."""
+    return 1 - len(facts_missed(model, tokenizer, persona, max_new_tokens)) / len(persona.facts)
+
+
+def facts_missed(model, tokenizer, persona: Persona, max_new_tokens: int = 24) -> list[str]:
+    """The kinds of the persona's facts that greedy replies to their held-out questions do not state."""
     prompts = [encode_prompt(tokenizer, fact.heldout_question) for fact in persona.facts]
     replies = generate_batch(model, prompts, max_new_tokens, {tokenizer.eos_token_id})
-    hits = sum(recalled(tokenizer.decode(reply, skip_special_tokens=True), fact) for reply, fact in zip(replies, persona.facts))
-    return hits / len(persona.facts)
+    return [fact.kind for reply, fact in zip(replies, persona.facts)
+            if not recalled(tokenizer.decode(reply, skip_special_tokens=True), fact)]
