@@ -75,7 +75,8 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
                 row = {"persona": seed, "anchor_seed": text_seed, "before": before, **_after(after, before),
                        "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr,
                        "steps": outcome.result.steps, "kept_step": outcome.result.best_step,
-                       "train_seconds": outcome.result.seconds}
+                       "train_seconds": outcome.result.seconds,
+                       "chosen_by": outcome.search.as_metrics() if outcome.search else None}
                 missed = f" (missed: {', '.join(after['missed'])})" if after["missed"] else ""
                 echo(f"persona {seed}, anchor text {text_seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}{missed}, "
                      f"generic NLL {before['generic_nll']:.3f} -> {after['generic_nll']:.3f} "
@@ -225,8 +226,10 @@ def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[
 
     before, after, outcome = _job_on_a_new_device(folder, notes, backbone, config, reg, measure, settings)
     figures = _figures(before, after, after["params"], outcome.lr, outcome.result, outcome.selection)
-    # The job's own measure of generic_change, and the weight its drift budget left the anchor at.
-    return {**figures, "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight}
+    # The job's own measure of generic_change, the weight its drift budget left the anchor at,
+    # and what its search or cross-validation scored on the device (the job's record says the same).
+    return {**figures, "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight,
+            "chosen_by": outcome.search.as_metrics() if outcome.search else None}
 
 
 def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbone: str) -> dict:

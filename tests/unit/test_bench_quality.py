@@ -12,7 +12,7 @@ import datasets
 import pytest
 import torch
 
-from plora.clients.search import LrSearch
+from plora.clients.search import LrSearch, trial_key
 from plora.clients.training import TrainSettings
 from plora.platform import jobs
 from plora.platform.bench import adapters, quality
@@ -94,6 +94,7 @@ def test_a_speaker_compares_the_default_job_with_lora_searched_alike(data, tiny_
     plora, lora = row["privatelora"], row["lora"]
     # The default job, as `plora personalize` runs it: its rate searched, like LoRA's, on the same split.
     assert plora["selection"] == "searched" and plora["lr"] in (None, *LrSearch().candidates)
+    assert plora["chosen_by"].keys() >= {trial_key(lr) for lr in LrSearch().candidates}  # what the search scored
     assert lora["lr"] in (None, 3e-3, 1e-2, 3e-2)
     for side in (plora, lora):
         assert side["gain"] == pytest.approx(side["before"] - side["after"])
