@@ -209,7 +209,8 @@ def bench_quality(data_dir, personas, unanchored, speakers, max_blocks, names, a
     if speaker_rows:
         show(speaker_rows, SPEAKER_COLUMNS, False,
              title="Shakespeare speakers: held-out NLL gain, plora's default job against PEFT LoRA")
-    show(results["spread"], SPREAD_COLUMNS, False, title="Per sample of anchor text, and over all: means and the worst")
+    if results["spread"]:
+        show(results["spread"], SPREAD_COLUMNS, False, title="Per sample of anchor text, and over all: means and the worst")
 
 
 ADAPTER_COLUMNS = (

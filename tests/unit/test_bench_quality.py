@@ -154,10 +154,27 @@ def test_the_bench_runs_the_personas_without_the_anchor_too_unless_told_not_to(t
     from plora.platform.cli.main import main
 
     calls = []
-    monkeypatch.setattr(quality, "personas", lambda data, count, echo, compare=True: calls.append(compare) or [])
+    monkeypatch.setattr(quality, "personas", lambda data, count, echo, compare=True, **job: calls.append((compare, job)) or [])
     monkeypatch.setattr(quality, "speakers", lambda *args, **kwargs: [])
     args = ["bench", "quality", "--data", str(tmp_path), "--personas", "1", "--speakers", "0"] + ([flag] if flag else [])
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert calls == [compared]
+    assert calls == [(compared, {"anchor_seeds": [0], "drift_budget": 0.02})]  # the default job: one sample, the budget
     assert "Shakespeare speakers" not in result.output and "Persona facts" not in result.output  # no empty table
+    assert "anchor text" not in result.output
+
+
+def test_the_bench_runs_the_jobs_on_each_anchor_sample_it_is_given_and_at_a_fixed_weight_for_a_budget_of_0(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from plora.platform.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(quality, "personas", lambda *args, **job: calls.append(job) or [])
+    monkeypatch.setattr(quality, "speakers", lambda *args, **job: calls.append(job) or [])
+    args = ["bench", "quality", "--data", str(tmp_path), "--anchor-seed", "2", "--anchor-seed", "1", "--anchor-seed", "2",
+            "--drift-budget", "0", "--json"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert [(job["anchor_seeds"], job["drift_budget"]) for job in calls] == [([2, 1], None)] * 2
+    assert json.loads(result.stdout)["settings"] == {"anchor_seeds": [2, 1], "drift_budget": None}
