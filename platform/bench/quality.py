@@ -7,7 +7,9 @@
   PEFT LoRA on the monolithic model under the same protocol (see `speakers`).
 
 Both read real data from a folder (the repository's tests use ../shared/data); the product
-ships none.
+ships none. Every device's base model writes the same anchor and probe text, one sample of what
+it could write, and the figures move with the sample, so each plora job may run once per sample
+(`anchor_seeds`), and `spread` gives each sample's means and worst, and theirs over all.
 """
 
 from __future__ import annotations
@@ -75,8 +77,7 @@ def personas(data: Path, count: int, echo: Callable[[str], None], compare: bool 
                 row = {"persona": seed, "anchor_seed": text_seed, "before": before, **_after(after, before),
                        "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight, "lr": outcome.lr,
                        "steps": outcome.result.steps, "kept_step": outcome.result.best_step,
-                       "train_seconds": outcome.result.seconds,
-                       "chosen_by": outcome.search.as_metrics() if outcome.search else None}
+                       "train_seconds": outcome.result.seconds, "chosen_by": _chosen_by(outcome)}
                 missed = f" (missed: {', '.join(after['missed'])})" if after["missed"] else ""
                 echo(f"persona {seed}, anchor text {text_seed}: recall {before['recall']:.0%} -> {after['recall']:.0%}{missed}, "
                      f"generic NLL {before['generic_nll']:.3f} -> {after['generic_nll']:.3f} "
@@ -226,10 +227,14 @@ def _plora_default_job(folder: Path, notes: Path, held_rows, generic_rows: list[
 
     before, after, outcome = _job_on_a_new_device(folder, notes, backbone, config, reg, measure, settings)
     figures = _figures(before, after, after["params"], outcome.lr, outcome.result, outcome.selection)
-    # The job's own measure of generic_change, the weight its drift budget left the anchor at,
-    # and what its search or cross-validation scored on the device (the job's record says the same).
+    # The job's own measure of generic_change, and the weight its drift budget left the anchor at.
     return {**figures, "device_drift": outcome.generic_drift, "anchor_weight": outcome.result.anchor_weight,
-            "chosen_by": outcome.search.as_metrics() if outcome.search else None}
+            "chosen_by": _chosen_by(outcome)}
+
+
+def _chosen_by(outcome: JobOutcome) -> dict | None:
+    """What the job's search or cross-validation scored on the device, as its record says."""
+    return outcome.search.as_metrics() if outcome.search else None
 
 
 def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbone: str) -> dict:
