@@ -42,7 +42,7 @@ from plora.storage.registry import Registry
 DEFAULT_BUDGET = AnchorSettings.drift_budget
 
 
-def job_settings(text_seed: int = 0, drift_budget: float | None = DEFAULT_BUDGET) -> TrainSettings:
+def job_settings(text_seed: int = AnchorSettings.text_seed, drift_budget: float | None = DEFAULT_BUDGET) -> TrainSettings:
     """`plora personalize`'s default job (TrainSettings()) but for the sample of anchor and probe
     text its device's base model writes, and its drift budget (None: the anchor's weight stays fixed)."""
     return TrainSettings(anchor=AnchorSettings(drift_budget=drift_budget, text_seed=text_seed))
