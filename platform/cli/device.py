@@ -139,7 +139,8 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Pin AdamW's learning rate for M. By default the job chooses it on the device: it tries 2e-3 and "
                    "6e-3 from the current M for a quarter of the steps each, runs the one best on the validation "
-                   "split for all the steps, and keeps the current M if none beats it (at most about twice the work "
+                   "split of those whose trial kept within --drift-budget (of all of them if none did) for all the "
+                   "steps, and keeps the current M if none beats it (at most about twice the work "
                    "of a pinned job). With fewer than 10 examples there is no validation split: it trains at 5e-3 "
                    "only if that beats the current M in two-fold cross-validation, and otherwise keeps the current M.")
 @click.option("--patience", type=click.IntRange(min=1),
@@ -153,7 +154,8 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
               help="How much worse than the base model the job may make generic text, as a share of its loss, measured "
                    "every 10 steps on text the base model wrote that no job trains on. Over it, the anchor's weight "
                    "rises from 3 towards 10, pulling the model back towards the base model at some cost to what it "
-                   "learns from the data. 0: no budget, the anchor keeps weight 3.")
+                   "learns from the data; the job's choice of rate keeps within it too (--lr). 0: no budget, the anchor "
+                   "keeps weight 3.")
 # 256 is clients.data.PERSONALIZE_MAX_LENGTH, which the CLI must not import (it imports
 # datasets) before main() takes plora offline.
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")

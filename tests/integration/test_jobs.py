@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from plora.clients.anchor import PROBES, AnchorSettings
-from plora.clients.search import LrSearch, trial_key
+from plora.clients.search import LrSearch, drift_key, trial_key
 from plora.clients.training import TrainSettings
 from plora.platform.jobs import CHECKPOINT, run_personalization, split_holdout
 from plora.storage.registry import open_registry
@@ -262,6 +262,7 @@ def test_a_job_on_data_that_does_not_generalize_keeps_the_starting_m_and_says_so
     (job,) = open_registry().list_jobs(device.store.record.device_id)
     assert job.status == "succeeded" and job.metrics_after["improved"] is False and "lr" not in job.metrics_after
     assert all(job.metrics_after[trial_key(lr)] >= job.metrics_before["val_loss"] for lr in SEARCH.candidates)
+    assert all(isinstance(job.metrics_after[drift_key(lr)], float) for lr in SEARCH.candidates)  # under its drift budget
 
 
 CROSS_VALIDATED = replace(SEARCHED, lr=0.05, steps=8)

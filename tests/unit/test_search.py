@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from plora.clients.checkpoint import TrainingCheckpoint
-from plora.clients.search import LrSearch, cross_validate, search_lr, trial_key
-from plora.clients.training import TrainSettings, causal_lm_batch_loss, personalize, train
+from plora.clients.anchor import anchor_of
+from plora.clients.search import LrSearch, cross_validate, drift_key, search_lr, trial_key
+from plora.clients.training import DriftProbe, TrainSettings, causal_lm_batch_loss, personalize, train
 from plora.storage.errors import ConfigError, DivergedError, NonFiniteError
-from tests.unit.test_distillation import PAD, sequences, tiny_split
+from tests.unit.test_distillation import ANCHORED, GENERIC, HELD_OUT, NARROW, PAD, peaked_split, sequences, tiny_split
 
 TASK = sequences(8, seed=10)
 SEEN = TASK[:4]  # validation on text the job trains on: any rate that learns does better on it
@@ -36,6 +37,30 @@ def test_the_search_picks_the_rate_that_learns_over_one_that_diverges_and_leaves
     assert not by_rate[DIVERGES].improved and not by_rate[DIVERGES].val_loss < result.start_loss
     assert result.steps == 2 * 2  # two trials of a quarter of the 8 steps
     assert all(torch.count_nonzero(m) == 0 for m in _ms(model))  # the starting M (zeros), exactly
+
+
+def test_the_search_chooses_among_the_rates_that_kept_generic_text_within_the_drift_budget_if_any_did():
+    gentle, fast = 0.01, 0.05  # on the narrow task both learn, the fast one more, and it drifts more
+
+    def search(budget: float | None):
+        # Checks of the drift every 100 steps never come in 8-step trials: the budget steers no weight here.
+        anchor_settings = replace(ANCHORED.anchor, weight=1.0, drift_budget=budget, drift_check_every=100)
+        model = peaked_split()
+        return search_lr(model, NARROW, NARROW[:2], PAD, replace(ANCHORED, steps=16, anchor=anchor_settings),
+                         LrSearch((gentle, fast), trial_fraction=0.5), anchor=anchor_of(model, GENERIC, PAD, 16),
+                         probe=DriftProbe.of(model, HELD_OUT, PAD))
+
+    fixed_weight = search(None)
+    assert fixed_weight.chosen == fast and all(trial.drift is None for trial in fixed_weight.trials)
+    assert drift_key(fast) not in fixed_weight.as_metrics()
+    ample = search(1.0)
+    by_rate = {trial.lr: trial for trial in ample.trials}
+    assert ample.chosen == fast and by_rate[fast].val_loss < by_rate[gentle].val_loss
+    assert 0 < by_rate[gentle].drift < by_rate[fast].drift
+    between = search((by_rate[gentle].drift + by_rate[fast].drift) / 2)
+    assert between.chosen == gentle
+    assert between.as_metrics()[drift_key(fast)] == pytest.approx(by_rate[fast].drift)
+    assert search(by_rate[gentle].drift / 2).chosen == fast  # none kept within: validation alone chooses
 
 
 # Rates at which M's numbers stop being finite at the second step, whatever the machine, in two
