@@ -13,7 +13,8 @@ killed mid-way resumes as any other does, and a trial's M need not outlive the s
 
 Cost, for a job of budget B optimizer steps with K candidates tried for ⌊f·B⌋ steps each (f the
 trial fraction): at most B + K·⌊f·B⌋ optimizer steps and K more validation passes than a plain
-job of the same settings (the starting M is scored once, for every trial and the job alike).
+job of the same settings (the starting M is scored once, for every trial and the job alike),
+and under a drift budget K passes over the probe (about 1.4 s each on the embedded backbone).
 The defaults (K = 2, f = 1/4) give at most 1.5·B steps and 2 passes more, at most twice a plain
 job's steps plus validation passes; `LrSearch` refuses K·f > 1, and a budget under 1/f steps is
 not searched at all.
