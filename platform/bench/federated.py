@@ -4,7 +4,8 @@ It runs the flows the README gives, against one backbone service on loopback:
 - the federation, `plora fleet launch --strategy fedavg --data PLAY` (launch(): Flower's
   simulation engine, SecAgg+), whose devices are the play's `federation` largest speakers, one
   each (the fleet's natural partition of a play);
-- new users, speakers never in it: the others with at least NEW_MIN_BLOCKS blocks, spread over
+- new users, speakers never in it: the others with at least NEW_MIN_BLOCKS blocks, and enough
+  to personalize on the largest size besides those they hold out (`fewest_blocks`), spread over
   their sizes. Each holds a fifth of its blocks out (at least MIN_HELDOUT), never used for any
   choice. For each size and seed it writes that many of its other blocks, drawn by the seed, to a
   notes file outside any device folder, and runs `plora personalize DIR --data NOTES` (the
@@ -16,6 +17,7 @@ under DP gives an M₀ at its epsilon, and the first seed's TARGET_BLOCKS runs a
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import tempfile
@@ -32,10 +34,10 @@ from plora.clients.device_store import DeviceStore
 from plora.clients.training import evaluate
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.server import start_service
-from plora.platform.bench.fleet import _registry_of_its_own
+from plora.platform.bench.fleet import registry_of_its_own
 from plora.platform.bench.quality import pick_speakers
 from plora.platform.fleet.launch import Progress, launch
-from plora.platform.fleet.partition import holdout, play_blocks
+from plora.platform.fleet.partition import holdout, holdout_size, play_blocks
 from plora.platform.fleet.settings import FEDAVG, device_dir, start_path
 from plora.platform.jobs import run_personalization
 from plora.platform.runtime import init_device, open_device
@@ -48,6 +50,18 @@ NEW_MIN_BLOCKS = 30
 MIN_HELDOUT = 10
 EVALUATED = 0.25
 """Share of the federation's devices measuring M₀ after each round: a sign of progress, not a figure."""
+
+
+def held_out_fraction(blocks: int) -> float:
+    """The share of a new speaker's `blocks` it holds out of every choice."""
+    return max(0.2, MIN_HELDOUT / blocks)
+
+
+def fewest_blocks(size: int) -> int:
+    """The fewest blocks a new speaker needs to personalize on `size` of them besides those it
+    holds out, and at least NEW_MIN_BLOCKS."""
+    return next(n for n in itertools.count(max(NEW_MIN_BLOCKS, size))
+                if n - holdout_size(n, held_out_fraction(n)) >= size)
 
 
 @dataclass
@@ -71,17 +85,18 @@ def run_federated_bench(data: Path, federation: int, new_speakers: int, sizes: l
     blocks = play_blocks(play)
     per_speaker = Counter(blocks["speaker"])
     members = {name for name, _ in per_speaker.most_common(federation)}  # the fleet's natural partition: the largest
-    newcomers = pick_speakers({name: n for name, n in per_speaker.items() if name not in members}, new_speakers,
-                              NEW_MIN_BLOCKS)
+    try:  # found now, not after the federations
+        newcomers = pick_speakers({name: n for name, n in per_speaker.items() if name not in members}, new_speakers,
+                                  fewest_blocks(max(sizes)))
+    except DataError as err:
+        raise DataError(f"{err}: a new speaker personalizes on up to {max(sizes)} blocks besides those it holds out, "
+                        "so ask for fewer new speakers or smaller sizes") from None
     splits = {}  # each new speaker's (blocks to draw from, held-out blocks)
     for speaker in newcomers:
         mine = blocks.filter(lambda row, speaker=speaker: row["speaker"] == speaker).select_columns(["text"])
-        splits[speaker] = holdout(mine, max(0.2, MIN_HELDOUT / len(mine)))
-        if max(sizes) > len(splits[speaker][0]):  # found now, not after the federations
-            raise DataError(f"{speaker} has {len(splits[speaker][0])} blocks to personalize on; a size of {max(sizes)} "
-                            "asks for more")
+        splits[speaker] = holdout(mine, held_out_fraction(len(mine)))
     bench = FederatedBench()
-    with tempfile.TemporaryDirectory(prefix="plora-bench-federated-") as scratch, _registry_of_its_own(Path(scratch)):
+    with tempfile.TemporaryDirectory(prefix="plora-bench-federated-") as scratch, registry_of_its_own(Path(scratch)):
         scratch = Path(scratch)
         service = start_service([backbone], PrivateLoRAConfig(), open_registry())
         try:  # only the federations use the service; its idle compute threads would slow the device's torch ops 2x

@@ -263,7 +263,8 @@ def bench_adapters(data_dir, configs, personas, speakers, max_blocks, backbone, 
 @click.option("--new-speakers", default=8, show_default=True, type=click.IntRange(min=1),
               help="Speakers never in the federation who personalize on a few blocks.")
 @click.option("--size", "sizes", multiple=True, default=(5, 10, 20), show_default=True, type=click.IntRange(min=1),
-              help="Blocks a new speaker personalizes on (repeatable); the targets are set at 10.")
+              help="Blocks a new speaker personalizes on (repeatable); the targets are set at 10. New speakers are "
+                   "drawn among those with enough blocks for the largest size and a fifth more held out: 75 for 60.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Draws of the 10 blocks each new speaker personalizes on (other sizes: one draw).")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="Federated rounds.")

@@ -74,5 +74,10 @@ def holdout(dataset: datasets.Dataset, fraction: float, seed: int = 0) -> tuple[
     """(train, held-out) of one device's partition."""
     if len(dataset) < 2:
         raise DataError(f"a partition of {len(dataset)} example(s) cannot be split into training and held-out data")
-    split = dataset.train_test_split(test_size=max(1, int(len(dataset) * fraction)), seed=seed)
+    split = dataset.train_test_split(test_size=holdout_size(len(dataset), fraction), seed=seed)
     return split["train"], split["test"]
+
+
+def holdout_size(examples: int, fraction: float) -> int:
+    """How many of a partition's `examples` `holdout` holds out."""
+    return max(1, int(examples * fraction))

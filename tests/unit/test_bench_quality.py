@@ -16,6 +16,8 @@ from plora.clients.search import LrSearch, trial_key
 from plora.clients.training import TrainSettings
 from plora.platform import jobs
 from plora.platform.bench import adapters, quality
+from plora.platform.bench.federated import NEW_MIN_BLOCKS, fewest_blocks, held_out_fraction
+from plora.platform.fleet.partition import holdout
 from plora.storage.errors import DataError
 
 WORDS = "the a king queen sword night crown rose blood moon gold my thy lord lady heart".split()
@@ -178,3 +180,14 @@ def test_the_bench_runs_the_jobs_on_each_anchor_sample_it_is_given_and_at_a_fixe
     assert result.exit_code == 0, result.output
     assert [(job["anchor_seeds"], job["drift_budget"]) for job in calls] == [([2, 1], None)] * 2
     assert json.loads(result.stdout)["settings"] == {"anchor_seeds": [2, 1], "drift_budget": None}
+
+
+@pytest.mark.parametrize("size", [5, 10, 20, 40, 60, 61, 100])
+def test_a_new_speaker_of_the_federated_bench_has_blocks_for_its_size_and_one_block_fewer_would_not(size):
+    def pool(blocks: int) -> int:
+        train, _ = holdout(datasets.Dataset.from_dict({"text": [str(i) for i in range(blocks)]}), held_out_fraction(blocks))
+        return len(train)
+
+    fewest = fewest_blocks(size)
+    assert pool(fewest) >= size
+    assert fewest == NEW_MIN_BLOCKS or pool(fewest - 1) < size
