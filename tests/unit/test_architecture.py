@@ -155,13 +155,33 @@ def test_the_wheel_ships_every_folder_of_code():
     assert found == set(setuptools["packages"])
 
 
-def test_every_module_of_the_product_imports():
-    """Commands import their modules when they run (the CLI starts without torch), so a module
-    that no longer imports fails only when someone runs its command: `plora bench federated` once
-    imported a name another module had renamed, and no test ran it."""
-    modules = sorted(".".join(["plora", *code.relative_to(ROOT).with_suffix("").parts]).removesuffix(".__init__")
-                     for folder in PRODUCT for code in (ROOT / folder).rglob("*.py")
-                     if "migrations" not in code.parts)  # alembic's scripts, which only alembic runs
-    walk = f"import importlib\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
-    result = subprocess.run([sys.executable, "-c", walk], cwd=ROOT.parent, capture_output=True, text=True, timeout=240)
+def test_every_module_of_the_product_imports_and_has_every_name_imported_from_it():
+    """Commands import their modules when they run (the CLI starts without torch), and many a
+    function imports what it needs when called, so a module that no longer imports, or a name
+    renamed under an import in a function, fails only when someone runs that code: `plora bench
+    federated` once imported a name another module had renamed, and no test ran it."""
+    modules, imported = [], []  # imported: (where, module, name) of every `from plora... import`, wherever it sits
+    for folder in PRODUCT:
+        for code in (ROOT / folder).rglob("*.py"):
+            if "migrations" in code.parts:  # alembic's scripts, which only alembic runs
+                continue
+            modules.append(".".join(["plora", *code.relative_to(ROOT).with_suffix("").parts]).removesuffix(".__init__"))
+            for node in ast.walk(ast.parse(code.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("plora."):
+                    where = f"{code.relative_to(ROOT)}:{node.lineno}"
+                    imported.extend((where, node.module, alias.name) for alias in node.names)
+    check = (
+        "import importlib, sys\n"
+        f"for name in {sorted(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        "missing = []\n"
+        f"for where, module, name in {imported!r}:\n"
+        "    try:\n"
+        "        if not hasattr(importlib.import_module(module), name):\n"
+        "            importlib.import_module(module + '.' + name)  # a submodule, or ImportError\n"
+        "    except ImportError:\n"
+        "        missing.append(f'{where}: {module} has no {name}')\n"
+        "sys.exit('\\n'.join(missing) or None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT.parent, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
