@@ -30,6 +30,9 @@ INPUT_GROUPS: dict[str, tuple[str, ...]] = {
     "mlp_out": ("down",),
 }
 DEFAULT_TARGETS = ("q", "k", "v")
+# How A and B are drawn (privatelora.public_projections): at random from the seed, as the paper
+# does, or from each adapted projection's own weight.
+PROJECTIONS = ("random", "principal")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ class PrivateLoRAConfig:
     """s in y + s·(x·A·M)·B. The reference code uses 1."""
     seed: int = 0
     """Seed of the public projections A and B; part of the backbone version."""
+    projections: str = "random"
+    """How A and B are drawn: "random" from the seed; "principal" from each adapted projection's
+    weight W, A its top r right and B its top r left singular vectors, so that M moves W within
+    the directions W uses most (LoRA-XS, arXiv 2405.17604, trains such an r×r core). Either way
+    they are public and the same on every machine for a version."""
     device_layers: int = 0
     """How many of the first decoder layers run on the device. It moves computation, not
     math: the same M gives the same model for every split point."""
@@ -80,6 +88,10 @@ class PrivateLoRAConfig:
             raise ConfigError(f"scale must be a positive number, got {self.scale!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.projections not in PROJECTIONS:
+            raise ConfigError(f"projections must be one of {', '.join(PROJECTIONS)}, got {self.projections!r}")
+        if self.projections != "random" and self.shared_a:
+            raise ConfigError(f"{self.projections} projections give each projection its own A; they cannot be shared (shared_a)")
         if isinstance(self.adapt_layers, (str, bytes)) or not isinstance(self.adapt_layers, (tuple, list)):
             raise TypeError(f"adapt_layers must be a tuple of layer numbers, got {self.adapt_layers!r}")
         if not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in self.adapt_layers):
@@ -134,12 +146,14 @@ class PrivateLoRAConfig:
         return sum(1 for _ in self.adapted(num_layers)) * self.rank ** 2
 
     def to_dict(self) -> dict:
-        # Every layer adapted, or no last layer on the device, is written as no entry, so the
-        # versions made before those fields existed keep their digest.
+        # Every layer adapted, no last layer on the device, or random projections, is written as
+        # no entry, so the versions made before those fields existed keep their digest.
         data = {**asdict(self), "targets": list(self.targets), "adapt_layers": list(self.adapt_layers)}
         for name in ("adapt_layers", "device_last_layers"):
             if not data[name]:
                 del data[name]
+        if self.projections == "random":
+            del data["projections"]
         return data
 
     @classmethod

@@ -4,7 +4,8 @@ A target projection y = W·x (x: [..., d], y: [..., k]) becomes
 
     y + s · ((x·A)·M)·B        A: [d, r] public, M: [r, r] private, B: [r, k] public
 
-A and B are random, frozen and derived from the backbone version's seed, so anyone can
+A and B are frozen and public: random, derived from the backbone version's seed, or derived from
+the adapted projection's own weight (`PrivateLoRAConfig.projections`), so anyone can
 regenerate and audit them and they never travel with a user's data. M starts at zero, so a
 new user's model is exactly the base model.
 
@@ -62,10 +63,9 @@ class GroupProjections:
     b: list[torch.Tensor] = field(default_factory=list)  # per member: (r, k_member)
 
 
-def public_projections(
-    config: PrivateLoRAConfig, layer: int, group: str, in_features: int, out_features: list[int]
-) -> GroupProjections:
-    """A and B for one group of one layer, derived from the seed alone.
+def public_projections(config: PrivateLoRAConfig, layer: int, group: str, weights: list[torch.Tensor]) -> GroupProjections:
+    """A and B for one group of one layer, whose members' weights (out, in) are `weights`: from
+    the seed alone, or from each weight's singular vectors (`_principal`).
 
     Why orthonormal: A with orthonormal columns makes u = x·A an isometric view of x (each
     component is O(|x|/sqrt(d)) whatever the width), and B with orthonormal rows passes u·M
@@ -75,13 +75,30 @@ def public_projections(
     variance work too but condition M's problem worse.
     """
     members = config.groups[group]
+    if config.projections == "principal":
+        pairs = [_principal(weight, config.rank, f"layer {layer} {TARGET_MODULES[m]}") for m, weight in zip(members, weights, strict=True)]
+        return GroupProjections(a=torch.cat([a for a, _ in pairs], 1), b=[b for _, b in pairs])
+    in_features = weights[0].shape[1]
     keys = [group] if config.shared_a else [TARGET_MODULES[m] for m in members]
     a = torch.cat([_orthonormal(in_features, config.rank, _generator(config.seed, layer, f"A/{k}")) for k in keys], 1)
     b = [
-        _orthonormal(config.rank, k, _generator(config.seed, layer, f"B/{TARGET_MODULES[m]}"))
-        for m, k in zip(members, out_features, strict=True)
+        _orthonormal(config.rank, weight.shape[0], _generator(config.seed, layer, f"B/{TARGET_MODULES[m]}"))
+        for m, weight in zip(members, weights, strict=True)
     ]
     return GroupProjections(a=a, b=b)
+
+
+def _principal(weight: torch.Tensor, rank: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (in, r): the top r right singular vectors of `weight` (out, in); B (r, out): its top r left
+    ones. In float64 on the CPU, and each pair of vectors signed so that A's largest entry in
+    that column is positive: SVD fixes a pair only up to a joint sign, which a LAPACK build may
+    choose otherwise, and every machine must derive the same A and B as the one M was trained with."""
+    if rank > min(weight.shape):
+        raise ConfigError(f"rank {rank} is more than {name} has singular vectors ({min(weight.shape)}); use a lower rank")
+    u, _, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
+    a, b = vh[:rank].T, u[:, :rank].T
+    sign = torch.sign(a.gather(0, a.abs().argmax(0, keepdim=True)))
+    return (a * sign).to(torch.float32).contiguous(), (b * sign.T).to(torch.float32).contiguous()
 
 
 def group_products(u: torch.Tensor, ms: list[torch.Tensor], shared_a: bool) -> torch.Tensor:
@@ -237,7 +254,7 @@ def attach(layers: nn.ModuleList, first_layer: int, config: PrivateLoRAConfig) -
             in_features = {b.in_features for b in bases}
             if len(in_features) != 1:
                 raise ConfigError(f"layer {index} group {group_name} members read different widths {in_features}")
-            proj = public_projections(config, index, group_name, in_features.pop(), [b.out_features for b in bases])
+            proj = public_projections(config, index, group_name, [b.weight for b in bases])
             group = AdaptedGroup(config, index, group_name, proj, bases, slot).to(bases[0].weight.device)
             layer.add_module(f"privatelora_{group_name}", group)
             for member, (path, base) in enumerate(zip(paths, bases)):

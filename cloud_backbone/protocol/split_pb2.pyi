@@ -48,7 +48,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterConfig(_message.Message):
-    __slots__ = ("rank", "targets", "shared_a", "scale", "seed", "device_layers", "adapt_layers", "device_last_layers")
+    __slots__ = ("rank", "targets", "shared_a", "scale", "seed", "device_layers", "adapt_layers", "device_last_layers", "projections")
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     SHARED_A_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class AdapterConfig(_message.Message):
     DEVICE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ADAPT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_LAST_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     targets: _containers.RepeatedScalarFieldContainer[str]
     shared_a: bool
@@ -65,7 +66,8 @@ class AdapterConfig(_message.Message):
     device_layers: int
     adapt_layers: _containers.RepeatedScalarFieldContainer[int]
     device_last_layers: int
-    def __init__(self, rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., shared_a: bool = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ..., device_layers: _Optional[int] = ..., adapt_layers: _Optional[_Iterable[int]] = ..., device_last_layers: _Optional[int] = ...) -> None: ...
+    projections: str
+    def __init__(self, rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., shared_a: bool = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ..., device_layers: _Optional[int] = ..., adapt_layers: _Optional[_Iterable[int]] = ..., device_last_layers: _Optional[int] = ..., projections: _Optional[str] = ...) -> None: ...
 
 class BackboneIdentity(_message.Message):
     __slots__ = ("name", "content_hash", "num_layers", "hidden_size", "adapter")

@@ -221,6 +221,7 @@ def identity_from_proto(msg: pb.BackboneIdentity) -> BackboneIdentity:
         adapter = PrivateLoRAConfig(
             rank=a.rank, targets=tuple(a.targets), shared_a=a.shared_a, scale=a.scale, seed=a.seed,
             device_layers=a.device_layers, device_last_layers=a.device_last_layers, adapt_layers=tuple(a.adapt_layers),
+            projections=a.projections or "random",
         )
     except (ConfigError, TypeError) as err:
         raise ValidationError(f"invalid adapter config in BackboneIdentity: {err}") from err

@@ -22,7 +22,8 @@ def _adapt(layers: range) -> PrivateLoRAConfig:
 
 # Name -> the configuration for a backbone of n decoder layers: the default; its adapted layers
 # thinned to a half or a third of the round trips, spread over the stack or contiguous at its
-# top; and a lower rank, which saves parameters but no round trip.
+# top; a lower rank, which saves parameters but no round trip; and A and B drawn from the
+# weights' principal singular vectors instead of at random, which costs neither.
 CANDIDATES: dict[str, Callable[[int], PrivateLoRAConfig]] = {
     "all": lambda n: PrivateLoRAConfig(),
     "alternate": lambda n: _adapt(range(0, n, 2)),
@@ -30,6 +31,7 @@ CANDIDATES: dict[str, Callable[[int], PrivateLoRAConfig]] = {
     "every-third": lambda n: _adapt(range(0, n, 3)),
     "last-third": lambda n: _adapt(range(n - n // 3, n)),
     "rank-16": lambda n: PrivateLoRAConfig(rank=16),
+    "principal": lambda n: PrivateLoRAConfig(projections="principal"),
 }
 
 

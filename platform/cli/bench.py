@@ -229,7 +229,8 @@ ADAPTER_COLUMNS = (
 @click.option("--config", "configs", multiple=True, type=click.Choice(list(ADAPTER_CANDIDATES)),
               default=tuple(ADAPTER_CANDIDATES), show_default=True,
               help="A configuration to measure (repeatable), in the table's order: every layer adapted (the default), "
-                   "every other, the last half, every third, the last third, or every layer at rank 16.")
+                   "every other, the last half, every third, the last third, every layer at rank 16, or every layer with A and B "
+                   "from each weight's principal singular vectors (--projections principal).")
 @click.option("--personas", default=1, show_default=True, type=click.IntRange(min=0), help="Personas per configuration.")
 @click.option("--speakers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Shakespeare speakers per configuration, spread over the sizes of those with 15 to --max-blocks blocks.")

@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from plora.cloud_backbone.adapter_config import DEFAULT_TARGETS, TARGET_MODULES, PrivateLoRAConfig
+from plora.cloud_backbone.adapter_config import DEFAULT_TARGETS, PROJECTIONS, TARGET_MODULES, PrivateLoRAConfig
 from plora.storage.errors import PloraError
 
 db_option = click.option("--db", help="Registry database URL (default: $PLORA_DB_URL or SQLite under $PLORA_HOME).")
@@ -84,6 +84,14 @@ def adapter_options(command):
         click.option("--scale", default=1.0, show_default=True, help="s in y + s·(x·A·M)·B."),
         click.option("--seed", default=0, show_default=True, help="Seed of the public projections A and B."),
         click.option(
+            "--projections",
+            type=click.Choice(PROJECTIONS),
+            default="random",
+            show_default=True,
+            help="How A and B are drawn: at random from --seed, or principal: each adapted projection's top r singular vectors "
+            "(right ones for A, left ones for B), public like the weights they come from.",
+        ),
+        click.option(
             "--device-layers",
             default=0,
             show_default=True,
@@ -109,10 +117,12 @@ def adapter_options(command):
     return command
 
 
-def adapter_config(rank, targets, shared_a, scale, seed, device_layers, device_last_layers, adapt_layers) -> PrivateLoRAConfig:
+def adapter_config(rank, targets, shared_a, scale, seed, projections, device_layers, device_last_layers,
+                   adapt_layers) -> PrivateLoRAConfig:
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
-    return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, device_layers=device_layers,
-                             device_last_layers=device_last_layers, adapt_layers=layer_numbers(adapt_layers))
+    return PrivateLoRAConfig(rank=rank, targets=names, shared_a=shared_a, scale=scale, seed=seed, projections=projections,
+                             device_layers=device_layers, device_last_layers=device_last_layers,
+                             adapt_layers=layer_numbers(adapt_layers))
 
 
 def layer_numbers(text: str, option: str = "--adapt-layers") -> tuple[int, ...]:

@@ -37,6 +37,8 @@ CASES = [
     pytest.param(PrivateLoRAConfig(rank=4, device_layers=1, device_last_layers=1), id="qkv-separateA-1dev-1last"),
     pytest.param(PrivateLoRAConfig(rank=3, targets=tuple(TARGET_MODULES), shared_a=True, device_last_layers=2, adapt_layers=(1, 3)),
                  id="all-targets-sharedA-2last-layers1,3"),
+    pytest.param(PrivateLoRAConfig(rank=4, targets=("q", "v", "up"), projections="principal", device_layers=1, device_last_layers=1),
+                 id="principal-1dev-1last"),
 ]
 
 
@@ -313,6 +315,28 @@ def test_public_projections_are_deterministic_orthonormal_and_seeded():
     assert torch.allclose(b @ b.T, torch.eye(4), atol=1e-5)  # orthonormal rows
     shared = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=4, shared_a=True)))
     assert torch.equal(shared["layers.2.self_attn.q_proj.A"], shared["layers.2.self_attn.v_proj.A"])
+
+
+def test_principal_projections_span_each_weights_top_singular_directions_and_keep_old_versions_digests():
+    backbone = tiny_backbone()
+    weight = backbone.model.model.layers[1].self_attn.k_proj.weight.detach().double()  # (16, 32) in the tiny model
+    public = public_tensors(CloudHalf(backbone, PrivateLoRAConfig(rank=4, projections="principal")))
+    again = public_tensors(CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=4, projections="principal", seed=1)))
+    assert all(torch.equal(public[name], again[name]) for name in public)  # the weights alone fix them, not the seed
+    a, b = public["layers.1.self_attn.k_proj.A"].double(), public["layers.1.self_attn.k_proj.B"].double()
+    assert torch.allclose(a.T @ a, torch.eye(4, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(b @ b.T, torch.eye(4, dtype=torch.float64), atol=1e-5)
+    top = torch.linalg.svdvals(weight)[:4]
+    # W restricted to A's directions in, B's out, is diagonal with W's 4 largest singular values
+    assert torch.allclose(b @ weight @ a, torch.diag(top), atol=1e-4)
+    assert (a.abs().argmax(0) == a.argmax(0)).all()  # the sign fixed: each column's largest entry positive
+    assert "projections" not in PrivateLoRAConfig().to_dict()
+    config = PrivateLoRAConfig(projections="principal")
+    assert PrivateLoRAConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="cannot be shared"):
+        PrivateLoRAConfig(projections="principal", shared_a=True)
+    with pytest.raises(ConfigError, match="singular vectors"):
+        CloudHalf(tiny_backbone(), PrivateLoRAConfig(rank=40, projections="principal"))
 
 
 def test_the_loss_on_labelled_positions_only_equals_the_full_causal_lm_loss_and_its_gradient():

@@ -109,10 +109,12 @@ def test_absent_optional_tensors_stay_absent():
     assert not wire.cloud_message(0, BackwardResult(None)).backward.HasField("grad_input")
 
 
-def test_identity_round_trips_and_still_matches():
-    decoded = wire.identity_from_proto(pb.BackboneIdentity.FromString(wire.identity_to_proto(IDENTITY).SerializeToString()))
-    assert decoded == IDENTITY
-    decoded.require_match(IDENTITY)
+@pytest.mark.parametrize("identity", [IDENTITY, dataclasses.replace(IDENTITY, adapter=PrivateLoRAConfig(projections="principal"))],
+                         ids=["random", "principal"])
+def test_identity_round_trips_and_still_matches(identity):
+    decoded = wire.identity_from_proto(pb.BackboneIdentity.FromString(wire.identity_to_proto(identity).SerializeToString()))
+    assert decoded == identity
+    decoded.require_match(identity)
 
 
 def test_invalid_adapter_config_is_a_validation_error():
@@ -123,6 +125,10 @@ def test_invalid_adapter_config_is_a_validation_error():
     msg = wire.identity_to_proto(IDENTITY)
     msg.adapter.rank = 0
     with pytest.raises(ValidationError, match="rank"):
+        wire.identity_from_proto(msg)
+    msg = wire.identity_to_proto(IDENTITY)
+    msg.adapter.projections = "learned"
+    with pytest.raises(ValidationError, match="learned"):
         wire.identity_from_proto(msg)
 
 
