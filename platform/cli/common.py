@@ -82,7 +82,7 @@ def adapter_options(command):
             help="Share one A among projections that read the same input (q/k/v, gate/up): one r-vector per group goes down instead of one per projection.",
         ),
         click.option("--scale", default=1.0, show_default=True, help="s in y + s·(x·A·M)·B."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the public projections A and B."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the public projections A and B, when they are random."),
         click.option(
             "--projections",
             type=click.Choice(PROJECTIONS),
