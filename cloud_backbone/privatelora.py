@@ -76,7 +76,8 @@ def public_projections(config: PrivateLoRAConfig, layer: int, group: str, weight
     """
     members = config.groups[group]
     if config.projections == "principal":
-        pairs = [_principal(weight, config.rank, f"layer {layer} {TARGET_MODULES[m]}") for m, weight in zip(members, weights, strict=True)]
+        pairs = [_principal(weight, config.rank, f"layer {layer} {TARGET_MODULES[m]}")
+                 for m, weight in zip(members, weights, strict=True)]
         return GroupProjections(a=torch.cat([a for a, _ in pairs], 1), b=[b for _, b in pairs])
     in_features = weights[0].shape[1]
     keys = [group] if config.shared_a else [TARGET_MODULES[m] for m in members]
