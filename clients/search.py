@@ -26,15 +26,13 @@ blocks each, the job at a fixed rate lost to M₀ alone on held-out text for eve
 `cross_validate` asks the data instead: with F folds, each fold trains on the others for the
 job's budget B (CV_EPOCHS epochs of all its examples), scored after every step, and the job trains
 on all its examples, at its rate and on the same schedule, up to the step where the folds' mean
-loss was lowest, if that beat the starting M; otherwise it keeps the starting M. Below
-STEP_CHOICE_MIN_EXAMPLES the folds are scored after their last step only, and the job trains for
-all of its budget (2 epochs) or keeps the starting M. Each fold trains
+loss was lowest, if that beat the starting M; otherwise it keeps the starting M. Each fold trains
 for the job's own steps, not B/F: AdamW moves each entry of M by about the rate at every step
 whatever the batch, so how far the job moves M from its start is set by its steps, and a fold that
 trained for fewer would judge a shorter move than the job makes (on the bench, folds of B/2 steps
 let 3 of the 8 speakers' jobs leave M₀, and each of them lost to it). That costs F·B steps and B
-passes over the data (2 below STEP_CHOICE_MIN_EXAMPLES) besides the job's own at most B steps: at
-most 3x a plain job's steps with the default 2 folds.
+passes over the data (each fold scored after each of its steps) besides the job's own at most B
+steps: at most 3x a plain job's steps with the default 2 folds.
 """
 
 from __future__ import annotations

@@ -93,50 +93,14 @@ def register(record: DeviceRecord, reg: Registry) -> None:
         reg.register_device(record.device_id, version.name)
 
 
-def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int, at_least: int = VAL_MIN_EXAMPLES,
-                  min_examples: int = HOLDOUT_MIN_EXAMPLES) -> tuple[list, list]:
+def split_holdout(examples: list[TokenizedExample], fraction: float, seed: int,
+                  at_least: int = VAL_MIN_EXAMPLES) -> tuple[list, list]:
     """(train, validation): `fraction` of the examples, at least `at_least`, for validation; none
-    when `fraction` is 0 or there are fewer than `min_examples`."""
+    when `fraction` is 0 or there are fewer than HOLDOUT_MIN_EXAMPLES."""
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)
-    n_val = max(at_least, int(len(shuffled) * fraction)) if fraction and len(shuffled) >= min_examples else 0
+    n_val = max(at_least, int(len(shuffled) * fraction)) if fraction and len(shuffled) >= HOLDOUT_MIN_EXAMPLES else 0
     return shuffled[n_val:], shuffled[:n_val]
-
-
-EARLIER_SPLITS = ((VAL_MIN_EXAMPLES, 10), (0, 10))
-"""(at_least, min_examples) of the splits earlier plora made, newest first: a job killed under one
-resumes on it. Until HOLDOUT_MIN_EXAMPLES was 20, 10 to 19 examples held 2 out; before
-VAL_MIN_EXAMPLES, a job held out its fraction alone."""
-
-
-@dataclass(frozen=True)
-class _JobPlan:
-    """How a job trains on its examples: the split, how it selects its rate and the settings it runs."""
-
-    train: list[TokenizedExample]
-    val: list[TokenizedExample]
-    selection: str
-    settings: TrainSettings
-
-    @classmethod
-    def of(cls, examples: list[TokenizedExample], settings: TrainSettings, search: LrSearch | None, val_fraction: float,
-           at_least: int = VAL_MIN_EXAMPLES, min_examples: int = HOLDOUT_MIN_EXAMPLES) -> _JobPlan:
-        train, val = split_holdout(examples, val_fraction, settings.seed, at_least, min_examples)
-        selection = _selection(search, train, val, settings)
-        if selection == CROSS_VALIDATED:
-            settings = cross_validation_settings(settings, len(train))
-        elif not val:  # nothing would stop a longer run where it stops helping: the job keeps its epochs
-            settings = replace(settings, min_steps=0)
-        return cls(train, val, selection, settings)
-
-    @property
-    def chooses(self) -> bool:
-        """Whether the job chooses on the device what it trains (its rate, or whether to train)."""
-        return self.selection in (SEARCHED, CROSS_VALIDATED)
-
-    def fingerprint(self, search: LrSearch | None, version: str) -> str:
-        # A job that chooses is identified by how it chooses, not by what it will choose.
-        return fingerprint(self.train, (self.settings, search) if self.chooses else self.settings, version)
 
 
 def device_anchor(device: Device, settings: AnchorSettings) -> Anchor:
@@ -350,23 +314,16 @@ def _personalization_job(
     except PloraError as err:
         reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
         raise
-    version = record.identity.version
-    plan = _JobPlan.of(examples, settings, search, val_fraction)
-    checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, plan.fingerprint(search, version))
-    resumed = _resumable(checkpoint, record.device_id, reg)
-    for at_least, min_examples in EARLIER_SPLITS if not resumed and checkpoint.path.exists() else ():
-        earlier = _JobPlan.of(examples, settings, search, val_fraction, at_least, min_examples)
-        earlier_checkpoint = TrainingCheckpoint(checkpoint.path, earlier.fingerprint(search, version))
-        if earlier_checkpoint.fingerprint == checkpoint.fingerprint:
-            continue  # the same job as today's, which did not resume
-        if found := _resumable(earlier_checkpoint, record.device_id, reg):
-            plan, checkpoint, resumed = earlier, earlier_checkpoint, found
-            break
-    train, val, selection, settings = plan.train, plan.val, plan.selection, plan.settings
-    if selection == CROSS_VALIDATED and settings.epochs is not None:
-        params["epochs"] = settings.epochs
+    train, val = split_holdout(examples, val_fraction, settings.seed)
+    selection = _selection(search, train, val, settings)
+    if selection == CROSS_VALIDATED:
+        settings = cross_validation_settings(settings, len(train))
+        params.update({"epochs": settings.epochs} if settings.epochs is not None else {})
+    elif not val:  # nothing would stop a longer run where it stops helping: the job keeps its epochs
+        settings = replace(settings, min_steps=0)
     if settings.steps is None:
         params["min_steps"] = settings.min_steps
+    searching = selection in (SEARCHED, CROSS_VALIDATED)  # the job chooses what it trains on the device
     params["selection"] = selection
     if selection == SEARCHED:  # the rate is the job's to choose: its record says which it tried
         del params["lr"]
@@ -375,6 +332,16 @@ def _personalization_job(
         params["cv_folds"] = search.folds
     elif settings.patience:
         params["patience"] = settings.patience
+    # A job that chooses is identified by how it chooses, not by what it will choose.
+    job_settings = (settings, search) if searching else settings
+    checkpoint = TrainingCheckpoint(device.store.root / CHECKPOINT, fingerprint(train, job_settings, record.identity.version))
+    resumed = _resumable(checkpoint, record.device_id, reg)
+    # A job killed before VAL_MIN_EXAMPLES held out its fraction alone, and resumes on that split.
+    old_train, old_val = split_holdout(examples, val_fraction, settings.seed, at_least=0)
+    if not resumed and val and old_val and len(old_val) != len(val) and checkpoint.path.exists():
+        old_checkpoint = TrainingCheckpoint(checkpoint.path, fingerprint(old_train, job_settings, record.identity.version))
+        if old_resumed := _resumable(old_checkpoint, record.device_id, reg):
+            train, val, checkpoint, resumed = old_train, old_val, old_checkpoint, old_resumed
     if resumed:
         params.update(resumed_from_job=resumed.job["id"], resumed_from_step=resumed.step)
     job_id = reg.start_job(record.device_id, "personalize", params)
@@ -392,7 +359,7 @@ def _personalization_job(
         anchor = device_anchor(device, settings.anchor) if settings.anchor else None
         probe = DriftProbe.of(device.model, device_probe(device, (settings.anchor or AnchorSettings()).text_seed), pad)
         found, lr, chosen_by = None, settings.lr, {}
-        if plan.chooses:
+        if searching:
             chosen_by = job.get("search", {})
             if not chosen_by:  # not chosen yet (a job resumed after choosing skips its trials)
                 if selection == SEARCHED:
