@@ -19,20 +19,18 @@ The defaults (K = 2, f = 1/4) give at most 1.5·B steps and 2 passes more, at mo
 job's steps plus validation passes; `LrSearch` refuses K·f > 1, and a budget under 1/f steps is
 not searched at all.
 
-Most users start with a handful of examples, too few to hold a validation split out of (fewer
-than platform.jobs.HOLDOUT_MIN_EXAMPLES). Training on them always moves M, and from a good start
-(the fleet's M₀) it moved it the wrong way: on `plora bench federated`'s 8 new speakers with 5
-blocks each, the job at a fixed rate lost to M₀ alone on held-out text for every one of them.
-`cross_validate` asks the data instead: with F folds, each fold trains on the others for the
-job's budget B (CV_EPOCHS epochs of all its examples), scored after every step, and the job trains
-on all its examples, at its rate and on the same schedule, up to the step where the folds' mean
-loss was lowest, if that beat the starting M; otherwise it keeps the starting M. Each fold trains
-for the job's own steps, not B/F: AdamW moves each entry of M by about the rate at every step
-whatever the batch, so how far the job moves M from its start is set by its steps, and a fold that
-trained for fewer would judge a shorter move than the job makes (on the bench, folds of B/2 steps
-let 3 of the 8 speakers' jobs leave M₀, and each of them lost to it). That costs F·B steps and B
-passes over the data (each fold scored after each of its steps) besides the job's own at most B
-steps: at most 3x a plain job's steps with the default 2 folds.
+Most users start with a handful of examples, too few to hold a validation split out (fewer than
+10). Training on them always moves M, and from a good start (the fleet's M₀) it moved it the
+wrong way: on `plora bench federated`'s 8 new speakers with 5 blocks each, the job at a fixed rate
+lost to M₀ alone on held-out text for every one of them. `cross_validate` asks the data instead:
+with F folds, each fold is scored after training on the others, against the starting M on it,
+and the job trains (on all its examples, at its rate) only if the mean over the folds improved.
+Each fold trains for the job's own B steps, not B/F: AdamW moves each entry of M by about the rate
+at every step whatever the batch, so how far the job would move M away from its start is set by
+its steps, and a fold that trained for fewer would judge a shorter move than the job makes (on the
+bench, folds of B/2 steps let 3 of the 8 speakers' jobs leave M₀, and each of them lost to it).
+That costs F·B steps and two passes over the data more than the plain job: 3x its steps with the
+default 2 folds, on jobs of at most 9 examples (B ≤ 6 steps at the default batch and epochs).
 """
 
 from __future__ import annotations
@@ -137,21 +135,6 @@ class SearchResult:
         return metrics
 
 
-CV_EPOCHS = 4.0
-"""Cross-validation's budget, in epochs of all the job's examples, where it chooses the step to
-stop at and the job's settings give no budget. Scored after every step of a 48-step run, the
-held-out gain of Shakespeare speakers' jobs on 10 and 20 blocks (none of them used for any choice)
-peaked after 1.3 to 3.2 epochs (4 to 16 steps), and the folds' own best step fell within 3.2 epochs
-too; past it, more steps overfit."""
-STEP_CHOICE_MIN_EXAMPLES = 10
-"""Fewer examples are cross-validated on the job's budget alone (2 epochs by default): train for
-all of it, or keep the starting M. Folds of 5 examples or fewer overfit sooner than the job's whole
-set does: on three Shakespeare speakers' 5 blocks, the folds did best after 4, 2 and 2 steps of 48,
-where the whole set's held-out gain peaked after 4, 4 and 8; after 2 steps it was 0.116 and 0.145
-nats, against 0.192 and 0.256 at the peak. From 10 examples (folds of 5 and more), the gain at the
-folds' choice was within 0.033 nats of the peak for the two speakers measured at 10 and 20 blocks."""
-
-
 DIVERGED = (DivergedError, NonFiniteError)
 """How a trial or a fold that diverged ends, besides a NaN score: the device's own numbers, or
 the service's, stopped being finite. An honest service sends NaN or infinity only when the
@@ -173,14 +156,6 @@ def personalization_settings(settings: TrainSettings, search: LrSearch, lr: floa
     """The job's settings once `lr` is chosen: the whole budget at that rate, stopping early
     after `search.patience` checks without improvement unless the settings say otherwise."""
     return replace(settings, lr=lr, patience=settings.patience or search.patience)
-
-
-def cross_validation_settings(settings: TrainSettings, examples: int) -> TrainSettings:
-    """A job's settings when it cross-validates `examples`: no minimum of steps, and where the
-    folds choose the step to stop at, CV_EPOCHS epochs unless the settings give a budget."""
-    if settings.steps is None and settings.epochs is None and examples >= STEP_CHOICE_MIN_EXAMPLES:
-        settings = replace(settings, epochs=CV_EPOCHS)
-    return replace(settings, min_steps=0)
 
 
 def search_lr(
@@ -261,15 +236,13 @@ def search_rates(
 
 @dataclass(frozen=True)
 class CrossValidation:
-    """How training at `lr` did on each fold of a job's examples it did not train on, step by step."""
+    """How training at `lr` did on each fold of a job's examples it did not train on."""
 
     lr: float
     start_losses: tuple[float, ...]
     """Per fold, the starting M's loss on it."""
-    scored_steps: tuple[int, ...]
-    """The steps (from 1) after which each fold was scored: every one, or only the last."""
-    curves: tuple[tuple[float, ...], ...]
-    """Per fold, its loss after each scored step of training on the other folds (NaN from where that diverged)."""
+    trained_losses: tuple[float, ...]
+    """Per fold, the loss on it after training on the other folds (NaN if that diverged)."""
     steps: int  # optimizer steps the folds ran, all together
 
     @property
@@ -277,31 +250,13 @@ class CrossValidation:
         return sum(self.start_losses) / len(self.start_losses)
 
     @property
-    def best_step(self) -> int | None:
-        """The scored step after which the folds' mean loss was lowest; None if it never was finite."""
-        means = [sum(losses) / len(losses) for losses in zip(*self.curves)]
-        finite = [(loss, step) for step, loss in zip(self.scored_steps, means) if math.isfinite(loss)]
-        return min(finite)[1] if finite else None
-
-    @property
-    def trained_losses(self) -> tuple[float, ...]:
-        """Per fold, the loss on it at the best step (NaN where no step was finite)."""
-        step = self.best_step
-        return tuple(curve[self.scored_steps.index(step)] if step else math.nan for curve in self.curves)
-
-    @property
     def trained_loss(self) -> float:
         return sum(self.trained_losses) / len(self.trained_losses)
 
     @property
     def chosen(self) -> float | None:
-        """The rate, if training at it beat the starting M on the held-out folds at some step; else None."""
+        """The rate, if training at it beat the starting M on the held-out folds; else None."""
         return self.lr if self.trained_loss < self.start_loss else None  # NaN (diverged) compares False
-
-    @property
-    def chosen_steps(self) -> int | None:
-        """The steps the job trains for, if it trains: where the folds did best."""
-        return self.best_step if self.chosen is not None else None
 
     def as_metrics(self) -> dict[str, float | int | str]:
         """Flat metrics for the job's registry record, as SearchResult.as_metrics."""
@@ -311,7 +266,7 @@ class CrossValidation:
             "cv_loss": trained if math.isfinite(trained) else "diverged", "search_steps": self.steps,
         }
         if self.chosen is not None:
-            metrics.update(lr=self.chosen, cv_steps=self.chosen_steps)
+            metrics["lr"] = self.chosen
         return metrics
 
 
@@ -327,57 +282,33 @@ def cross_validate(
     on_step: OnStep | None = None,
 ) -> CrossValidation:
     """Split `examples` (already shuffled) into `search.folds` folds; train from the model's M
-    as it is now on all folds but one, for the job's budget, at `settings.lr` with its anchor,
-    drift probe and schedule, scoring the fold left out after every step (after the last only,
-    on fewer than STEP_CHOICE_MIN_EXAMPLES); restore M after each. `on_step(step, total, loss)`
+    as it is now on all folds but one, for the job's budget, at `settings.lr` with its anchor, drift probe and
+    schedule, and score the fold left out; restore M after each. `on_step(step, total, loss)`
     counts the steps of all folds together."""
-
-    def fit(fold_examples: list[TokenizedExample], fold_settings: TrainSettings, fold_step: OnStep) -> None:
-        personalize(model, fold_examples, pad_id, fold_settings, on_step=fold_step, anchor=anchor, probe=probe)
-
-    return cross_validate_training(list(model.weights.parameters()), fit, lambda held: evaluate(model, held, pad_id),
-                                   examples, settings, search, on_step)
-
-
-def cross_validate_training(
-    params: list[torch.nn.Parameter],
-    fit: Callable[[list, TrainSettings, OnStep], None],
-    score: Callable[[list], float],
-    examples: list,
-    settings: TrainSettings,
-    search: LrSearch,
-    on_step: OnStep | None = None,
-) -> CrossValidation:
-    """The cross-validation of `cross_validate` for any trainable `params`: `fit(examples,
-    settings, on_step)` trains them, and `score(examples)` is their loss on those examples.
-    The parameters are left as they were. Benchmarks cross-validate PEFT LoRA with it the same way."""
     folds, steps = search.folds, settings.total_steps(len(examples))
     if len(examples) < folds:
         raise ConfigError(f"{len(examples)} examples are too few for {folds} folds; pin the rate")
-    trial = replace(settings, steps=steps, epochs=None, eval_every=None, patience=None, stop_after=None)
-    scored = tuple(range(1, steps + 1)) if len(examples) >= STEP_CHOICE_MIN_EXAMPLES else (steps,)
+    trial = replace(settings, steps=steps, epochs=None, eval_every=steps, patience=None)
+    params = list(model.weights.parameters())
     start = [p.detach().clone() for p in params]
-    start_losses, curves = [], []
+    start_losses, trained_losses = [], []
     for fold in range(folds):
         held = examples[fold::folds]
-        others = [example for index, example in enumerate(examples) if index % folds != fold]
-        curve: list[float] = []
+        fit = [example for index, example in enumerate(examples) if index % folds != fold]
 
-        def fold_step(step: int, total: int, loss: float, done: int = fold * steps,
-                      held: list = held, curve: list[float] = curve) -> None:
-            if step in scored:
-                curve.append(score(held))
+        def fold_step(step: int, total: int, loss: float, done: int = fold * steps) -> None:
             if on_step:
                 on_step(done + step, steps * folds, loss)
 
-        start_losses.append(score(held))
+        start_losses.append(evaluate(model, held, pad_id))
         try:
-            fit(others, trial, fold_step)
+            result = personalize(model, fit, pad_id, trial, held, on_step=fold_step, anchor=anchor, val_before=start_losses[-1],
+                                 probe=probe)
+            trained_losses.append(result.val_last)
         except DIVERGED:
-            pass
-        curves.append(tuple(curve + [math.nan] * (len(scored) - len(curve))))
+            trained_losses.append(math.nan)
         _restore(params, start)
-    return CrossValidation(settings.lr, tuple(start_losses), scored, tuple(curves), steps * folds)
+    return CrossValidation(settings.lr, tuple(start_losses), tuple(trained_losses), steps * folds)
 
 
 @torch.no_grad()

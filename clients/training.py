@@ -89,9 +89,6 @@ class TrainSettings:
     """Stop after this many validation checks in a row that kept nothing (see NEAR_BEST); None: run every step."""
     anchor: AnchorSettings | None = AnchorSettings()
     """Keeping close to the base model on anchor text given to `personalize`; None: off."""
-    stop_after: int | None = None
-    """Stop after this many of the `total_steps` steps, on their schedule: where cross-validation
-    found training on the same schedule did best (clients.search.cross_validate). None: run them all."""
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -101,9 +98,9 @@ class TrainSettings:
                               f"epochs={self.epochs} min_steps={self.min_steps}")
         if not self.lr > 0 or self.batch_size < 1:
             raise ConfigError(f"lr must be > 0 and batch_size >= 1, got lr={self.lr} batch_size={self.batch_size}")
-        if any(value is not None and value < 1 for value in (self.eval_every, self.patience, self.stop_after)):
-            raise ConfigError(f"eval_every, patience and stop_after must be >= 1 or None, got eval_every={self.eval_every} "
-                              f"patience={self.patience} stop_after={self.stop_after}")
+        if (self.eval_every is not None and self.eval_every < 1) or (self.patience is not None and self.patience < 1):
+            raise ConfigError(f"eval_every and patience must be >= 1 or None, got eval_every={self.eval_every} "
+                              f"patience={self.patience}")
 
     def total_steps(self, examples: int) -> int:
         per_epoch = math.ceil(examples / self.batch_size)
@@ -193,7 +190,7 @@ def fingerprint(train: list[TokenizedExample], settings, backbone: str) -> str:
     defaults = AnchorSettings()
     identity = identity.replace(f", drift_budget={defaults.drift_budget!r}, max_weight={defaults.max_weight!r}, "
                                 f"drift_check_every={defaults.drift_check_every!r}", "")
-    identity = identity.replace(f", text_seed={defaults.text_seed!r})", ")").replace(", stop_after=None", "")
+    identity = identity.replace(f", text_seed={defaults.text_seed!r})", ")")
     digest = hashlib.sha256(identity.replace(", patience=None", "").encode())
     for example in train:
         digest.update(repr((example.input_ids, example.labels)).encode())
@@ -264,7 +261,7 @@ def train(
     on_step: OnStep | None = None,
 ) -> Progress:
     """Train `params` by AdamW on `batch_loss` over batches of `data`, `settings.total_steps`
-    optimizer steps (the first `settings.stop_after` of them, if set). `model` is in training mode while the loop runs, in eval mode after.
+    optimizer steps. `model` is in training mode while the loop runs, in eval mode after.
 
     With `anchor`, `settings.anchor.rows` of its rows join every batch and the loss adds
     `settings.anchor.weight` times KL(base || model) on them, with `model(ids)` as the model's
@@ -291,7 +288,6 @@ def train(
     if anchor is not None and not anchor.examples:
         raise ConfigError("the anchor holds no text; pass anchor text, or no anchor")
     total = settings.total_steps(len(data))
-    last = min(total, settings.stop_after or total)  # the schedule is total's either way
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = schedule.make(optimizer, total, settings.warmup_fraction)
     per_epoch = math.ceil(len(data) / settings.batch_size)
@@ -315,7 +311,7 @@ def train(
     started, seconds_before = time.perf_counter(), progress.seconds
     model.train()
     # A run that stopped early and was checkpointed there has nothing left to do.
-    end = progress.step if progress.stopped_early else last
+    end = progress.step if progress.stopped_early else total
     for batch, anchor_batch in itertools.islice(zip(step_batches, anchor_batches), progress.step, end):
         optimizer.zero_grad(set_to_none=True)
         # The batch and the anchor's rows go through the model apart: anchor text is longer,
@@ -335,10 +331,10 @@ def train(
         if progress.step == 1:
             progress.first_loss = progress.last_loss
         if on_step:
-            on_step(progress.step, last, progress.last_loss)
+            on_step(progress.step, total, progress.last_loss)
         if steering and progress.step % settings.anchor.drift_check_every == 0:
             progress.anchor_weight = settings.anchor.steered_weight(progress.anchor_weight, probe.drift(model))
-        if validate and (progress.step % eval_every == 0 or progress.step == last):
+        if validate and (progress.step % eval_every == 0 or progress.step == total):
             score = progress.last_score = validate()
             progress.lowest_score = min(progress.lowest_score, score)
             gain = progress.val_before - progress.lowest_score
@@ -348,9 +344,9 @@ def train(
             # Checks fall on multiples of eval_every, so those since the kept one can be counted
             # from the two step numbers; nothing more needs keeping across a resumption.
             stale = progress.step // eval_every - progress.best_step // eval_every
-            progress.stopped_early = bool(settings.patience) and stale >= settings.patience and progress.step < last
+            progress.stopped_early = bool(settings.patience) and stale >= settings.patience and progress.step < total
         progress.seconds = seconds_before + time.perf_counter() - started
-        if checkpoint and (progress.step % checkpoint_every == 0 or progress.step == last or progress.stopped_early):
+        if checkpoint and (progress.step % checkpoint_every == 0 or progress.step == total or progress.stopped_early):
             checkpoint.save(progress, params, best, optimizer, scheduler)
         if progress.stopped_early:
             break

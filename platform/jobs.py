@@ -30,8 +30,7 @@ from plora.clients.checkpoint import Resumable, TrainingCheckpoint
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, TokenizedExample, load_examples, tokenize
 from plora.clients.device_store import DeviceRecord, DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint, send_job_reports
-from plora.clients.search import (CrossValidation, LrSearch, SearchResult, cross_validate, cross_validation_settings,
-                                  personalization_settings, search_lr)
+from plora.clients.search import CrossValidation, LrSearch, SearchResult, cross_validate, personalization_settings, search_lr
 from plora.clients.training import DriftProbe, TrainResult, TrainSettings, evaluate, fingerprint, personalize
 from plora.cloud_backbone.versions import ensure_version
 from plora.platform.runtime import Device, is_address
@@ -61,14 +60,8 @@ CROSS_VALIDATED = "cross-validated: no validation split"
 PINNED = "pinned by --lr"
 FIXED_FEW = "fixed: too few examples to cross-validate"
 FIXED_FEW_STEPS = "fixed: too few steps to search"
-HOLDOUT_MIN_EXAMPLES = 20
-"""Fewer examples hold no validation split out: the job cross-validates instead
-(clients.search.cross_validate). A split of 10% is 2 examples up to 29, and on 2 the choice of
-when to stop is a coin toss: with 10 Shakespeare blocks, holding 2 out (training on 8, stopped
-early after 16 to 24 steps), four speakers' jobs gained 0.233 nats on held-out text, against
-0.217 with 5 blocks cross-validated (plora bench federated). On two of those speakers with 10 blocks,
-2-fold cross-validation chose step 8 of 48, where the held-out gains were 0.287 and 0.217 nats,
-against 0.232 and 0.178 holding 2 out."""
+HOLDOUT_MIN_EXAMPLES = 10
+"""Fewer examples hold no validation split out: the job cross-validates instead."""
 VAL_MIN_EXAMPLES = 2
 """A validation split holds at least this many examples. One example is one draw, and the job
 follows it wherever it leads: a Shakespeare speaker's 12 blocks held 1 out at 10%, whose loss was
@@ -315,14 +308,13 @@ def _personalization_job(
         reg.fail_job(reg.start_job(record.device_id, "personalize", params), f"{type(err).__name__}: {err}")
         raise
     train, val = split_holdout(examples, val_fraction, settings.seed)
-    selection = _selection(search, train, val, settings)
-    if selection == CROSS_VALIDATED:
-        settings = cross_validation_settings(settings, len(train))
-        params.update({"epochs": settings.epochs} if settings.epochs is not None else {})
-    elif not val:  # nothing would stop a longer run where it stops helping: the job keeps its epochs
+    if not val:
+        # Nothing would stop a longer run where it stops helping, and cross-validation runs the
+        # job's budget once per fold: small data stays at its epochs (plora bench federated).
         settings = replace(settings, min_steps=0)
     if settings.steps is None:
         params["min_steps"] = settings.min_steps
+    selection = _selection(search, train, val, settings)
     searching = selection in (SEARCHED, CROSS_VALIDATED)  # the job chooses what it trains on the device
     params["selection"] = selection
     if selection == SEARCHED:  # the rate is the job's to choose: its record says which it tried
@@ -377,11 +369,7 @@ def _personalization_job(
                      job_id)
             result = TrainResult(0, 0, 0.0, float("nan"), float("nan"), before, before, 0)
         else:
-            run = settings
-            if selection == SEARCHED:
-                run = personalization_settings(settings, search, lr)
-            elif selection == CROSS_VALIDATED:  # the folds' schedule, to the step where they did best
-                run = replace(settings, stop_after=chosen_by.get("cv_steps"))
+            run = personalization_settings(settings, search, lr) if selection == SEARCHED else settings
             result = personalize(device.model, train, pad, run, val or None, on_step=on_step, checkpoint=checkpoint,
                                  checkpoint_every=checkpoint_every, anchor=anchor, probe=probe,
                                  val_before=before if selection == SEARCHED else None)

@@ -26,7 +26,7 @@ import torch
 
 from plora.clients.anchor import AnchorSettings
 from plora.clients.data import PERSONALIZE_MAX_LENGTH, load_examples, tokenize
-from plora.clients.search import LrSearch, cross_validate_training, cross_validation_settings, personalization_settings, search_rates
+from plora.clients.search import LrSearch, personalization_settings, search_rates
 from plora.clients.training import TrainResult, TrainSettings, causal_lm_batch_loss, evaluate, result_of, train
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
@@ -114,9 +114,6 @@ def _after(after: dict, before: dict) -> dict:
 
 # PEFT LoRA's own rates, about 3x apart around its usual 1e-3, tried as plora's job tries its own.
 LORA_SEARCH = LrSearch(candidates=(3e-4, 1e-3, 3e-3))
-LORA_CV_RATE = 1e-3
-"""LoRA's rate where a job too small to hold a validation split out cross-validates one rate: the
-middle of its candidates, as plora's 5e-3 (TrainSettings.lr) sits between its own two."""
 LORA = {"r": 16, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}
 MIN_BLOCKS = 15  # a speaker with fewer gives too small a validation and held-out split to compare on
 
@@ -130,8 +127,7 @@ def speakers(data: Path, count: int, echo: Callable[[str], None], backbone: str 
     (`plora personalize DIR --data FILE` on a new device: the rate searched on the device, the
     anchor on), against PEFT LoRA (r=16 on q/k/v of the monolithic model) under the same
     protocol: the same file, the same validation split (10%, at least 2), a search over its own rates with the
-    same trials, the same early stopping and budget, the same rule for the M kept; or, on fewer
-    than platform.jobs.HOLDOUT_MIN_EXAMPLES, the same cross-validation (at LORA_CV_RATE). A fifth of each
+    same trials, the same early stopping and budget, the same rule for the M kept. A fifth of each
     speaker's blocks is held out, outside the device, and never used for any choice. Generic
     text (GSM8K answers) says what each costs the model's general ability.
 
@@ -259,33 +255,18 @@ def _lora_same_protocol(notes: Path, held_rows, generic_rows: list[dict], backbo
     before = {"heldout": evaluate(logits, heldout, pad), "generic": evaluate(logits, generic, pad)}
     train_set, val = split_holdout(tokenize(load_examples(notes), tok, PERSONALIZE_MAX_LENGTH), 0.1, settings.seed)  # the job's split
     params = [p for p in model.parameters() if p.requires_grad]
-    batch_loss = causal_lm_batch_loss(logits, pad)
-    if val:
-        def validate() -> float:
-            return evaluate(logits, val, pad)
+    batch_loss, validate = causal_lm_batch_loss(logits, pad), (lambda: evaluate(logits, val, pad))
+    start = validate()
 
-        start = validate()
+    def run(run_settings: TrainSettings, on_step=None) -> TrainResult:
+        return result_of(train(model, params, batch_loss, train_set, run_settings, validate=validate, val_before=start,
+                               on_step=on_step), validated=True)
 
-        def run(run_settings: TrainSettings, on_step=None) -> TrainResult:
-            return result_of(train(model, params, batch_loss, train_set, run_settings, validate=validate, val_before=start,
-                                   on_step=on_step), validated=True)
-
-        found = search_rates(params, run, settings.total_steps(len(train_set)), settings, LORA_SEARCH, start)
-        result = run(personalization_settings(settings, LORA_SEARCH, found.chosen)) if found.chosen else None
-        selection = "searched"
-    else:  # too few examples to hold any out: cross-validated as plora's job is
-        settings = cross_validation_settings(replace(settings, lr=LORA_CV_RATE), len(train_set))
-
-        def fit(examples, run_settings: TrainSettings, on_step) -> None:
-            train(model, params, batch_loss, examples, run_settings, on_step=on_step)
-
-        found = cross_validate_training(params, fit, lambda held: evaluate(logits, held, pad), train_set, settings, LORA_SEARCH)
-        result = result_of(train(model, params, batch_loss, train_set, replace(settings, stop_after=found.chosen_steps)),
-                           validated=False) if found.chosen else None
-        selection = "cross-validated"
+    found = search_rates(params, run, settings.total_steps(len(train_set)), settings, LORA_SEARCH, start)
+    result = run(personalization_settings(settings, LORA_SEARCH, found.chosen)) if found.chosen else None
     after = {"heldout": evaluate(logits, heldout, pad), "generic": evaluate(logits, generic, pad)}
     return _figures(before, after, sum(p.numel() for p in params), found.chosen, result,
-                    selection if result else f"kept the start: {selection}, training did not beat it")
+                    "searched" if result else "kept the start: no rate beat it")
 
 
 def _figures(before: dict, after: dict, params: int, lr: float | None, result: TrainResult | None, selection: str) -> dict:

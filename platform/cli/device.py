@@ -130,11 +130,10 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
               help="JSONL with 'text' or 'prompt'+'response' per line, a CSV with those columns, or a .txt file.")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to run.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
-              help="Passes over the data (default 2, but at least --min-steps optimizer steps; from 10 to 19 examples, 4, "
-                   "of which the job runs as many steps as cross-validation found best).")
+              help="Passes over the data (default 2), but at least --min-steps optimizer steps.")
 # 90 is clients.training.MIN_STEPS, which the CLI must not import (it imports torch) to show --help.
 @click.option("--min-steps", default=90, show_default=True, type=click.IntRange(min=0),
-              help="The least optimizer steps a job given in epochs runs when it holds out a validation split (20 "
+              help="The least optimizer steps a job given in epochs runs when it holds out a validation split (10 "
                    "examples or more), which still stops it once it stops improving: two epochs of a few dozen notes are "
                    "too few steps to teach their facts. 0: exactly the epochs.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
@@ -142,9 +141,8 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
                    "6e-3 from the current M for a quarter of the steps each, runs the one best on the validation "
                    "split of those whose trial kept within --drift-budget (of all of them if none did) for all the "
                    "steps, and keeps the current M if none beats it (at most about twice the work "
-                   "of a pinned job). With fewer than 20 examples there is no validation split: in two-fold cross-validation each half "
-                   "trains at 5e-3 for the job's steps, scoring the other half after every step (below 10 examples, "
-                   "after the last only); the job then trains up to the step that did best, if it beat the current M, and otherwise keeps the current M.")
+                   "of a pinned job). With fewer than 10 examples there is no validation split: it trains at 5e-3 "
+                   "only if that beats the current M in two-fold cross-validation, and otherwise keeps the current M.")
 @click.option("--patience", type=click.IntRange(min=1),
               help="Stop after this many validation checks in a row that kept nothing, keeping the latest M within "
                    "5% of the best validation gain "
@@ -162,7 +160,7 @@ def device_federation(directory: Path, join: bool | None, in_the_clear: bool) ->
 # datasets) before main() takes plora offline.
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per example.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
-              help="Share of examples held out to pick the best M, at least 2 of them (used when there are at least 20 examples; 0: none).")
+              help="Share of examples held out to pick the best M, at least 2 of them (used when there are at least 10 examples; 0: none).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Steps between checkpoints, from which a killed or failed job resumes when run again.")
@@ -211,10 +209,9 @@ def _summary(outcome, anchor_weight: float) -> None:
 
     result, chose = outcome.result, outcome.search
     if isinstance(chose, CrossValidation):
-        best = f"{chose.trained_loss:.3f} after step {chose.best_step}, its best" if chose.best_step else "none finite"
         click.echo(f"cross-validated on {len(chose.start_losses)} folds, each trained on the others for "
                    f"{chose.steps // len(chose.start_losses)} steps at {chose.lr:g}: held-out loss "
-                   f"{chose.start_loss:.3f} at the starting M, {best}")
+                   f"{chose.start_loss:.3f} at the starting M, {chose.trained_loss:.3f} after training")
     elif chose:
         tried = ", ".join(f"{t.lr:g} ({t.val_loss:.3f})" for t in chose.trials)
         click.echo(f"learning rates tried, validation loss after {chose.steps // len(chose.trials)} "

@@ -268,13 +268,12 @@ def test_a_job_on_data_that_does_not_generalize_keeps_the_starting_m_and_says_so
 CROSS_VALIDATED = replace(SEARCHED, lr=0.05, steps=8)
 
 
-def test_below_20_examples_a_job_trains_only_if_training_wins_in_cross_validation_and_records_it(
+def test_below_10_examples_a_job_trains_only_if_training_wins_in_cross_validation_and_records_it(
         tmp_path, tiny_checkpoint, data, monkeypatch):
     cost, outcomes = _plain_and_chosen(monkeypatch, tmp_path, tiny_checkpoint, data, CROSS_VALIDATED, "cross-validated")
     outcome = outcomes["cross-validated"]
     assert outcome.selection == "cross-validated: no validation split" and outcome.improved is True
-    # Below 10 examples, training for the job's whole budget or not at all.
-    assert outcome.lr == 0.05 and outcome.search.chosen_steps == outcome.result.steps == 8
+    assert outcome.lr == 0.05 and outcome.result.steps == 8
     # Each of the 2 folds trained for the job's budget and scored its half twice.
     assert cost["cross-validated"]["steps"] == 3 * 8 and outcome.search.steps == 2 * 8
     probe = 2 * len(PROBES)  # each job scores the probe with its M and at M = 0 (generic_drift)
@@ -283,7 +282,7 @@ def test_below_20_examples_a_job_trains_only_if_training_wins_in_cross_validatio
     (job,) = open_registry().list_jobs(open_device(tmp_path / "cross-validated").store.record.device_id)
     assert job.params["selection"] == outcome.selection and job.params["cv_folds"] == 2
     assert job.metrics_after["cv_loss"] == outcome.search.trained_loss < job.metrics_after["cv_start_loss"]
-    assert job.metrics_after["improved"] is True and job.metrics_after["lr"] == 0.05 and job.metrics_after["cv_steps"] == 8
+    assert job.metrics_after["improved"] is True and job.metrics_after["lr"] == 0.05
 
     # Interrupted after its verdict, the job resumes its training without running the folds again.
     init_device(tmp_path / "interrupted", str(tiny_checkpoint))
@@ -299,38 +298,7 @@ def test_below_20_examples_a_job_trains_only_if_training_wins_in_cross_validatio
     assert job.params["resumed_from_step"] == 5 and job.metrics_after["cv_loss"] == outcome.search.trained_loss
 
 
-def test_from_10_to_19_examples_a_job_runs_the_folds_schedule_up_to_their_best_step(tmp_path, tiny_checkpoint, monkeypatch):
-    from plora.clients.search import cross_validate
-    from plora.platform import jobs
-
-    data = _lines(tmp_path / "twelve.jsonl", [{"text": f"Question {i}? Answer {i} is {i * 7}."} for i in range(12)])
-    folds = []
-
-    # The folds run for real, scored after every step; then their scores are made lowest after
-    # step 5 of the 8 (on the tiny model every step lowers them).
-    def best_at_5(*args, **kwargs):
-        ran = cross_validate(*args, **kwargs)
-        folds.append(ran)
-        return replace(ran, curves=tuple(tuple(start - (1.0 if step == 5 else 0.1) for step in ran.scored_steps)
-                                         for start in ran.start_losses))
-
-    monkeypatch.setattr(jobs, "cross_validate", best_at_5)
-    init_device(tmp_path / "dev", str(tiny_checkpoint))
-    device = open_device(tmp_path / "dev")
-    outcome = run_personalization(device, data, CROSS_VALIDATED, search=SEARCH)
-    assert folds[0].scored_steps == tuple(range(1, 9)) and folds[0].best_step == 8
-    assert outcome.search.chosen_steps == outcome.result.steps == 5
-    (job,) = open_registry().list_jobs(device.store.record.device_id)
-    assert job.metrics_after["cv_steps"] == job.steps_done == 5
-    # Its 5 steps are the first 5 of the 8-step schedule the folds ran, not a 5-step schedule of their own.
-    for name, settings in (("first-5-of-8", replace(CROSS_VALIDATED, stop_after=5)), ("5-of-5", replace(CROSS_VALIDATED, steps=5))):
-        init_device(tmp_path / name, str(tiny_checkpoint))
-        run_personalization(open_device(tmp_path / name), data, settings)
-    assert torch.allclose(ms(open_device(tmp_path / "dev")), ms(open_device(tmp_path / "first-5-of-8")), atol=1e-6)
-    assert not torch.allclose(ms(open_device(tmp_path / "dev")), ms(open_device(tmp_path / "5-of-5")), atol=1e-4)
-
-
-def test_below_20_examples_a_job_whose_training_loses_in_cross_validation_keeps_the_starting_m(
+def test_below_10_examples_a_job_whose_training_loses_in_cross_validation_keeps_the_starting_m(
         tmp_path, tiny_checkpoint, data, monkeypatch):
     from plora.clients.search import cross_validate
     from plora.platform import jobs
@@ -340,7 +308,7 @@ def test_below_20_examples_a_job_whose_training_loses_in_cross_validation_keeps_
     # unit-tested (test_search), and here it is made to lose after the folds ran for real.
     def losing(*args, **kwargs):
         ran = cross_validate(*args, **kwargs)
-        return replace(ran, curves=tuple((start + 0.1,) * len(curve) for start, curve in zip(ran.start_losses, ran.curves)))
+        return replace(ran, trained_losses=tuple(start + 0.1 for start in ran.start_losses))
 
     monkeypatch.setattr(jobs, "cross_validate", losing)
     init_device(tmp_path / "dev", str(tiny_checkpoint))
