@@ -69,6 +69,12 @@ RAY_LATE = "timed out during startup"
 """What Ray's error says, in the run's log, when its node missed that wait."""
 _STARTUP_S = 60.0
 _POLL_S = 0.5
+RUN_START_S = 120.0
+"""How long a run may wait to start running. Flower's SuperExec starts the run's process
+(flwr-simulation, or the ServerApp's) and never notices if it dies: the run then stays
+"pending" or "starting", and its log stream waits for it for ever."""
+STATUS_EVERY_S = 10.0  # between asking the SuperLink whether the run runs yet (each ask is a `flwr ls`)
+WAITING = ("pending", "starting")
 _SWEEPS = 3  # rounds of stopping a run's processes, each for those started during the last
 _STOP_S = 5.0
 # After a completed run nothing of it is left to save (the SuperLink keeps its state in memory,
@@ -220,8 +226,17 @@ def _one_run(processes: _Processes, link: str, federation: list[str], echo: Call
     stream = processes.start(f"run-{run_id}", "flwr", "log", run_id, CONNECTION, "--stream", pipe=True)
     follower = _Follower(stream, run_log, echo)
     marker = completion_marker(fleet_root, run_id)
+    submitted, status = time.monotonic(), WAITING[0]
+    next_ask = submitted + STATUS_EVERY_S
     while stream.poll() is None and not marker.exists():  # the log stream ends with the run
         processes.check_running()
+        if status in WAITING and time.monotonic() >= next_ask:
+            status = _flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json")["runs"][0]["status"]
+            if status in WAITING and time.monotonic() - submitted > RUN_START_S:
+                raise TransportError(f"Flower run {run_id} was still {status} after {RUN_START_S:.0f} s: the process "
+                                     f"Flower starts for it (flwr-simulation in simulation) failed or never started; "
+                                     f"its log and the SuperLink's are in {processes.logs}")
+            next_ask = time.monotonic() + STATUS_EVERY_S
         time.sleep(_POLL_S)
     if marker.exists() and follower.wait_for(json.loads(marker.read_text())["lines"], _STOP_S):
         return {"run-id": run_id, "status": "finished:completed", "ray_late": follower.ray_late.is_set()}

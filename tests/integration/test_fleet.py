@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from plora.platform.fleet import launch as launch_module
 from plora.platform.fleet.launch import FleetTally, _device_progress, echo_progress, launch, launch_migration, read_rounds
 from plora.platform.fleet.settings import PUBLIC_DIR, FleetSettings, NodeConfig, device_dir, device_name, start_path
 from plora.platform.fleet.task import report_progress
-from plora.storage.errors import ConfigError
+from plora.storage.errors import ConfigError, TransportError
 from plora.storage.registry import open_registry
 from tests.conftest import OfflineProbe, probe_offline
 from tests.integration.fleet_helpers import MESSAGES_ENV, SPY_APP, flower_processes
@@ -166,6 +168,32 @@ def test_a_backbone_upgrade_migrates_the_devices_set_up_in_a_flower_job_where_on
     assert len(migration_messages) == 2 * len(sampled)  # only the devices set up are asked
     assert all(not m["error"] and m["array_records"] == 0 for m in migration_messages)
     assert flower_processes(root) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_run_whose_flwr_simulation_dies_at_start_fails_with_the_logs_instead_of_waiting_for_ever(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    # This environment's commands, but a flwr-simulation that exits at once: Flower's SuperExec
+    # never notices, and the run stays "starting" (before the fix, the launch waited for ever).
+    commands = tmp_path / "bin"
+    commands.mkdir()
+    for command in Path(sys.executable).parent.iterdir():
+        if command.name != "flwr-simulation" and not command.name.startswith("python"):
+            (commands / command.name).symlink_to(command)
+    (commands / "flwr-simulation").write_text("#!/bin/sh\nexit 1\n")
+    (commands / "flwr-simulation").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(commands / "python"))  # where the launch looks for Flower's commands
+    monkeypatch.setattr(superlink, "RUN_START_S", 15.0)
+    monkeypatch.setattr(superlink, "STATUS_EVERY_S", 2.0)
+    monkeypatch.setenv("PLORA_DB_URL", f"sqlite:///{tmp_path / 'registry.db'}")
+    root, started = tmp_path / "fleet", time.monotonic()
+    try:
+        with pytest.raises(TransportError, match=r"still (pending|starting) after 15 s: .*flwr-simulation.*failed"):
+            launch(2, 1, backbone=str(tiny_checkpoint), root=root, steps=1)
+        assert time.monotonic() - started < 120
+        assert flower_processes(root) == []  # the SuperLink and its SuperExec were stopped
+    finally:
+        flower_processes(root, kill=True)
 
 
 def test_a_failed_device_job_is_reported_with_its_kind_and_no_message(tmp_path, monkeypatch):
