@@ -175,11 +175,11 @@ def test_a_run_whose_flwr_simulation_dies_at_start_fails_with_the_logs_instead_o
         tiny_checkpoint, tmp_path, monkeypatch):
     # This environment's commands, but a flwr-simulation that exits at once: Flower's SuperExec
     # never notices, and the run stays "starting" (before the fix, the launch waited for ever).
+    # The SuperExec starts flwr-simulation from its own command's folder, wherever Flower is installed.
     commands = tmp_path / "bin"
     commands.mkdir()
-    for command in Path(sys.executable).parent.iterdir():
-        if command.name != "flwr-simulation" and not command.name.startswith("python"):
-            (commands / command.name).symlink_to(command)
+    for name in ("flwr", "flower-superlink", "flower-superexec", "flower-supernode", "flwr-serverapp", "flwr-clientapp"):
+        (commands / name).symlink_to(superlink._executable(name))
     (commands / "flwr-simulation").write_text("#!/bin/sh\nexit 1\n")
     (commands / "flwr-simulation").chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(commands / "python"))  # where the launch looks for Flower's commands
