@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -175,13 +176,17 @@ def test_a_run_whose_flwr_simulation_dies_at_start_fails_with_the_logs_instead_o
         tiny_checkpoint, tmp_path, monkeypatch):
     # This environment's commands, but a flwr-simulation that exits at once: Flower's SuperExec
     # never notices, and the run stays "starting" (before the fix, the launch waited for ever).
-    # The SuperExec starts flwr-simulation from its own command's folder, wherever Flower is installed.
+    # Flower's commands, written afresh for this interpreter: a version manager's shim (pyenv's)
+    # would put its own folder first on PATH, where the SuperExec finds the real flwr-simulation.
     commands = tmp_path / "bin"
     commands.mkdir()
+    scripts = entry_points(group="console_scripts")
     for name in ("flwr", "flower-superlink", "flower-superexec", "flower-supernode", "flwr-serverapp", "flwr-clientapp"):
-        (commands / name).symlink_to(superlink._executable(name))
+        module, function = scripts[name].value.split(":")
+        (commands / name).write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n")
     (commands / "flwr-simulation").write_text("#!/bin/sh\nexit 1\n")
-    (commands / "flwr-simulation").chmod(0o755)
+    for command in commands.iterdir():
+        command.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(commands / "python"))  # where the launch looks for Flower's commands
     monkeypatch.setattr(superlink, "RUN_START_S", 15.0)
     monkeypatch.setattr(superlink, "STATUS_EVERY_S", 2.0)
