@@ -174,10 +174,10 @@ def test_a_backbone_upgrade_migrates_the_devices_set_up_in_a_flower_job_where_on
 @pytest.mark.timeout(300)
 def test_a_run_whose_flwr_simulation_dies_at_start_fails_with_the_logs_instead_of_waiting_for_ever(
         tiny_checkpoint, tmp_path, monkeypatch):
-    # This environment's commands, but a flwr-simulation that exits at once: Flower's SuperExec
-    # never notices, and the run stays "starting" (before the fix, the launch waited for ever).
-    # Flower's commands, written afresh for this interpreter: a version manager's shim (pyenv's)
-    # would put its own folder first on PATH, where the SuperExec finds the real flwr-simulation.
+    # Flower's commands, but a flwr-simulation that exits at once: Flower's SuperExec never
+    # notices, and the run stays "starting" (before the fix, the launch waited for ever). They are
+    # written afresh for this interpreter: a version manager's shim (pyenv's) would put its own
+    # folder first on PATH, where the SuperExec would find the real flwr-simulation.
     commands = tmp_path / "bin"
     commands.mkdir()
     scripts = entry_points(group="console_scripts")
