@@ -231,7 +231,7 @@ def _one_run(processes: _Processes, link: str, federation: list[str], echo: Call
     while stream.poll() is None and not marker.exists():  # the log stream ends with the run
         processes.check_running()
         if status in WAITING and time.monotonic() >= next_ask:
-            status = _flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json")["runs"][0]["status"]
+            status = _run_entry(env, run_id)["status"]
             if status in WAITING and time.monotonic() - submitted > RUN_START_S:
                 raise TransportError(f"Flower run {run_id} was still {status} after {RUN_START_S:.0f} s: the process "
                                      f"Flower starts for it (flwr-simulation in simulation) failed or never started; "
@@ -242,8 +242,13 @@ def _one_run(processes: _Processes, link: str, federation: list[str], echo: Call
         return {"run-id": run_id, "status": "finished:completed", "ray_late": follower.ray_late.is_set()}
     follower.reader.join(timeout=_STOP_S)
     # `flwr log --stream` (like `flwr run --stream`) exits 0 whatever became of the run: ask.
-    run = _flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json")["runs"][0]
+    run = _run_entry(env, run_id)
     return {**run, "ray_late": follower.ray_late.is_set()}
+
+
+def _run_entry(env: dict[str, str], run_id: str) -> dict:
+    """The run's entry in `flwr ls`: its status, timestamps and traffic."""
+    return _flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json")["runs"][0]
 
 
 class _Follower:
