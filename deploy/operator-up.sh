@@ -16,6 +16,7 @@
 #   PLORA_DB_URL            an existing PostgreSQL database to use; otherwise one is started:
 #   PG_BIN PG_PORT [5432]   the folder of initdb and postgres [where postgres is on PATH]
 #   PG_USER [nobody]        the user PostgreSQL runs as when this script runs as root
+#   STOP_GRACE_S [20]       on exit, how long a process may take to stop before it is killed
 # What it writes under ROOT: tls/ (ca.pem, the replicas' and SuperLink's certificate, each
 # SuperNode's key pair), db-url and enroll-token (secrets: owner-only), flower/ (the SuperLink's
 # FLWR_HOME: `FLWR_HOME=ROOT/flower flwr run APP fleet` submits a run), replica-N.pid, logs/.
