@@ -149,8 +149,8 @@ def learned_inversion(learned: LearnedInverter, phase: Phase) -> list[tuple[int,
 
 
 def recover_generated(public: PublicModel, phase: Phase) -> list[tuple[int, int]]:
-    """(next tokens recovered, positions) per generated sequence, from the returned states
-    (through the device's last layers at M = 0, whose cache follows the device's own)."""
+    """(next tokens recovered, next tokens the device computed) per generated sequence, from the
+    returned states (through the device's last layers at M = 0, whose cache follows the device's own)."""
     cache = None
 
     def score(step, seen):
@@ -159,7 +159,11 @@ def recover_generated(public: PublicModel, phase: Phase) -> list[tuple[int, int]
             cache = public.new_sequence(public.back)
         elif step.meta["keep_cached"] and cache is not None:
             truncate_cache(cache, int(step.meta["keep_cached"]))
-        return int((recover_outputs(public, step.tensors["hidden_out"], cache) == seen["next"]).sum()), seen["next"].numel()
+        recovered, computed = recover_outputs(public, step.tensors["hidden_out"], cache), seen["next"]
+        # The device's head reads only the positions it takes a next token from: a prompt's last.
+        if computed.shape[1] > recovered.shape[1]:
+            raise AuditError(f"the device computed {computed.shape[1]} next tokens from {recovered.shape[1]} returned states")
+        return int((recovered[:, recovered.shape[1] - computed.shape[1]:] == computed).sum()), computed.numel()
 
     return _per_sequence(phase, score)
 

@@ -106,6 +106,21 @@ def test_outputs_come_back_from_the_last_hidden_state_for_a_new_user(tmp_path, l
     assert share(units)["share"] == 1.0
 
 
+def test_a_prefill_is_scored_on_the_one_next_token_the_device_computed(tmp_path):
+    # The device's head reads a prompt's last position alone. The tokens recovered at the
+    # others were compared with that one token too: here, where every position predicts the
+    # token it reads (the tiny model's habit), the prompt's 10 positions counted 10 hits of 1.
+    split, folder = recorded_split(tmp_path, PrivateLoRAConfig(rank=4))
+    witness = DeviceWitness(split)
+    with torch.no_grad():
+        reply = list(stream_tokens(split, [29] * 10, 4, set()))
+    witness.close()
+
+    units = recover_generated(PublicModel(tiny_llama(), split.config), Phase(read_session(folder), witness.passes))
+
+    assert reply == [29] * 4 and units == [(4, 4)]
+
+
 @pytest.mark.parametrize("last", [0, 1, 2])
 def test_training_labels_come_back_from_the_gradients_the_device_sends(tmp_path, last):
     """With last layers on the device at M = 0 (a new user's first step), through the public ones."""
