@@ -174,8 +174,9 @@ class SessionStream:
 
     async def _read(self, timeout: float, waiting_for: str):
         try:
-            frame = await asyncio.wait_for(self.context.read(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                frame = await self.context.read()
+        except TimeoutError:
             raise _Deadline(f"no {waiting_for} from the device within {timeout:g} s; session closed") from None
         except (asyncio.CancelledError, Exception) as err:
             # The stream is over (cancelled, broken, or the server is stopping). Raised in an
@@ -202,8 +203,9 @@ class SessionStream:
         if self._capture is not None:
             self._capture("down", message)
         try:
-            await asyncio.wait_for(self.context.write(frame), self.limits.write_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.limits.write_timeout_s):
+                await self.context.write(frame)
+        except TimeoutError:
             raise _Ended(f"the device read nothing for {self.limits.write_timeout_s:g} s; session closed") from None
         except (asyncio.CancelledError, Exception) as err:
             raise _Ended(f"cannot write to the device: {type(err).__name__}") from None
@@ -509,8 +511,9 @@ class SplitBackboneServicer(pb_grpc.SplitBackboneServicer):
                 while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                     left = deadline - time.monotonic()
                     try:
-                        await asyncio.wait_for(context.write(chunk), max(0.0, min(left, limits.write_timeout_s)))
-                    except asyncio.TimeoutError:
+                        async with asyncio.timeout(max(0.0, min(left, limits.write_timeout_s))):
+                            await context.write(chunk)
+                    except TimeoutError:
                         raise TransportError(f"the bundle download did not finish within {limits.bundle_timeout_s:g} s, "
                                              f"or the device read nothing for {limits.write_timeout_s:g} s") from None
         except PloraError as err:
