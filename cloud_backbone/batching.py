@@ -3,8 +3,9 @@
 A and B are the same for every user, so the cloud's adapter work for a mixed batch is two
 dense matmuls; only u·M differs, and each row's u goes to its own device. Sessions submit
 steps of one sequence: a prefill, a decode step, or a decode step with drafted tokens to
-verify. A scheduler thread gathers those that arrive together (it waits a few milliseconds
-for every session that stepped lately to come back) with about as many new tokens and about
+verify. A scheduler thread gathers those that arrive together (it waits for every session
+that stepped lately to come back from its last pass, up to twice the usual time that takes,
+so that the sessions of one pass make the next one whole) with about as many new tokens and about
 as many cached ones (the same power-of-two buckets of both), lays each row out as
 [padding][its cached positions][its new tokens][padding], runs one forward, and hands
 every session its row and its new keys and values. A row's padding is masked from its real
@@ -46,6 +47,7 @@ import logging
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -60,7 +62,8 @@ from plora.storage.errors import PloraError, SessionError, TransportError
 
 log = logging.getLogger(__name__)
 
-COMPANY_WINDOW_S = 1.0  # sessions that made a step this recently are batched together
+COMPANY_WINDOW_S = 1.0  # sessions seen stepping this recently (a step began or its pass ended) batch together
+MAX_GATHER_S = 0.25  # the longest a pass waits for the sessions on their way back to it
 MAX_BATCHED_TOKENS = 256  # the default of a step's tokens that batch; a longer step runs alone
 
 
@@ -71,6 +74,14 @@ class LateReply(TransportError):
     def __init__(self, message: str, pending: Future):
         super().__init__(message)
         self.pending = pending
+
+
+@dataclass
+class _Pace:
+    """When the scheduler last saw a session."""
+
+    seen: float  # when a step of it began, or its pass ended, last
+    ended: float | None = None  # when its last pass ended, until its next step comes
 
 
 @dataclass(eq=False)
@@ -155,7 +166,8 @@ class StepBatcher:
         self.in_flight = in_flight
         self._queue: list[_Ticket] = []
         self._cond = threading.Condition()
-        self._stepping: dict[int, float] = {}  # id of a session -> when it last made a step
+        self._paces: dict[int, _Pace] = {}  # id of a session seen stepping lately -> its pace
+        self._gaps: deque[float] = deque(maxlen=64)  # the latest seconds from a pass's end to its sessions' next steps
         self._passing: set[int] = set()  # ids of the sessions in a pass now
         self._free_passes = threading.Semaphore(in_flight)
         self._closed = False
@@ -192,10 +204,10 @@ class StepBatcher:
         batching would only add a hand-off to the scheduler and a copy of its cache."""
         now = time.monotonic()
         with self._cond:
-            self._stepping[id(session)] = now
-            for key in [k for k, seen in self._stepping.items() if now - seen > COMPANY_WINDOW_S]:
-                del self._stepping[key]
-            return len(self._stepping) > 1
+            self._paces.setdefault(id(session), _Pace(now)).seen = now
+            for key in [k for k, pace in self._paces.items() if now - pace.seen > COMPANY_WINDOW_S]:
+                del self._paces[key]
+            return len(self._paces) > 1
 
     def step(self, session, hidden: torch.Tensor) -> torch.Tensor:
         """Run one step of `session` on its cache in a batch; blocks until it ran."""
@@ -215,12 +227,28 @@ class StepBatcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._schedule, name="plora-batcher", daemon=True)
                 self._thread.start()
+            self._came_back(id(ticket.session))
             self._queue.append(ticket)
             self._cond.notify_all()
         ticket.done.wait()
         if ticket.error is not None:
             raise ticket.error
         return ticket
+
+    def _came_back(self, key: int) -> None:
+        """Times a session's way back from its last pass, which the passes' wait for company follows."""
+        pace = self._paces.get(key)
+        if pace is not None and pace.ended is not None:
+            gap, pace.ended = time.monotonic() - pace.ended, None
+            if gap < COMPANY_WINDOW_S:
+                self._gaps.append(gap)
+
+    def _gather_wait(self) -> float:
+        """How long a pass waits for the sessions on their way back to it: twice their usual way
+        back, since over a real link the rows of one pass come back over some milliseconds;
+        members of a pass that waited too little go in the next one, and the cohort stays split."""
+        typical = statistics.median(self._gaps) if self._gaps else 0.0
+        return min(MAX_GATHER_S, max(self.gather_s, 2 * typical))
 
     def _gather(self) -> list[_Ticket]:
         """The next batch; empty once closed with nothing queued."""
@@ -229,11 +257,11 @@ class StepBatcher:
                 if self._closed:
                     return []
                 self._cond.wait()
-            deadline = time.monotonic() + self.gather_s
-            # Wait for company, but not once every session stepping lately is queued or in a
-            # pass (then nobody else is likely to come soon), nor once the batch is full.
+            deadline = time.monotonic() + self._gather_wait()
+            # Wait for company, but only for sessions on their way back (seen stepping lately,
+            # neither queued nor in a pass), and not once the batch is full.
             while len(batch := self._next_batch()) < self.max_batch and sum(t.size for t in batch) < self.max_tokens:
-                if len({id(t.session) for t in self._queue} | self._passing) >= len(self._stepping):
+                if self._paces.keys() <= {id(t.session) for t in self._queue} | self._passing:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -271,6 +299,10 @@ class StepBatcher:
                 self.batches += 1
                 self.rows += len(batch)
                 self._passing -= {id(t.session) for t in batch}
+                ended = time.monotonic()
+                for ticket in batch:  # seen stepping: a pass over a slow link outlasts the company window
+                    pace = self._paces.setdefault(id(ticket.session), _Pace(ended))
+                    pace.seen = pace.ended = ended
                 self._cond.notify_all()
             self._free_passes.release()
             for ticket in batch:

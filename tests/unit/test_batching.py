@@ -15,6 +15,7 @@ from plora.cloud_backbone.compute import CloudHalf
 from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import AdapterReply, CacheMode, ForwardRequest
 from plora.storage.errors import PloraError, SessionError, ValidationError
+from plora.cloud_backbone import batching
 from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS
 from tests.conftest import tiny_backbone
 
@@ -401,3 +402,67 @@ def test_a_failed_row_hears_of_it_at_once_while_its_pass_goes_on():
     assert failed_while_the_pass_waits, "the broken row's session waited for the end of its pass"
     assert isinstance(outcome[1], ValidationError) and sessions[1].cache.get_seq_length() == 3
     assert isinstance(outcome[0], torch.Tensor) and sessions[0].cache.get_seq_length() == 4
+
+
+class DelayedReplies:
+    """A network-style handler whose every reply comes `delay_s` after its request, as over a slow link."""
+
+    def __init__(self, handler, delay_s: float):
+        self.handler, self.delay_s = handler, delay_s
+
+    def submit(self, request) -> Future:
+        future = Future()
+        threading.Timer(self.delay_s, lambda: future.set_result(self.handler(request))).start()
+        return future
+
+
+def decode_in_step(half: CloudHalf, delay_s: float, pause_s, warm_steps: int, steps: int) -> tuple[int, int]:
+    """Three devices whose replies take `delay_s` decode `warm_steps` + `steps` steps at once, device i
+    pausing pause_s(i) before each step, as its own layers and its link take; they align once
+    before the last `steps`. Returns the rows and passes those steps took in batches."""
+    gen = torch.Generator().manual_seed(8)
+    handlers = [DelayedReplies(device(i), delay_s) for i in range(3)]
+    prompts = [torch.randn(1, 3, 32, generator=gen) for _ in handlers]
+    inputs = torch.randn(1, warm_steps + steps, 32, generator=gen)
+    before: list[tuple[int, int]] = []
+    aligned = threading.Barrier(len(handlers), action=lambda: before.append((half.batcher.rows, half.batcher.batches)))
+
+    def decode(i):
+        session = half.open_session()
+        session.forward(ForwardRequest(prompts[i], CacheMode.START), handlers[i])
+        for t in range(inputs.shape[1]):
+            if t == warm_steps:
+                aligned.wait()
+            time.sleep(pause_s(i))
+            session.forward(ForwardRequest(inputs[:, t : t + 1], CacheMode.EXTEND), handlers[i])
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(handlers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    (rows, batches), = before
+    return half.batcher.rows - rows, half.batcher.batches - batches
+
+
+def test_sessions_whose_passes_outlast_the_company_window_keep_batching(monkeypatch):
+    """Over a slow link a pass lasts longer than the window in which a session counts as
+    company. Its sessions still count, and a pass waits for those on their way back to it, so
+    devices that decode together keep sharing passes although they come back one after another."""
+    monkeypatch.setattr(batching, "COMPANY_WINDOW_S", 0.2)
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.1)
+    rows, batches = decode_in_step(half, 0.06, lambda i: 0.01 * i, 0, 4)  # a pass: 4 round trips, over 0.24 s
+    assert rows == 3 * 4, "a session decoded alone"
+    assert batches == 4, "the sessions' steps did not share passes"
+
+
+def test_a_pass_waits_for_its_sessions_about_as_long_as_their_way_back_usually_takes():
+    """Devices that spend tens of milliseconds between steps come back from a pass tens of
+    milliseconds apart, more than the shortest wait for company; the next pass waits as long as
+    their way back usually takes, so they keep sharing passes."""
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching()
+    rows, batches = decode_in_step(half, 0.01, lambda i: 0.03 + 0.02 * i, 2, 4)
+    assert half.batcher.gather_s < 0.02  # the devices come back 20 and 40 ms after the first
+    assert (rows, batches) == (3 * 4, 4), "the sessions' steps did not share passes"
