@@ -432,7 +432,7 @@ def decode_in_step(half: CloudHalf, delay_s: float, pause_s, warm_steps: int, st
         session.forward(ForwardRequest(prompts[i], CacheMode.START), handlers[i])
         for t in range(inputs.shape[1]):
             if t == warm_steps:
-                aligned.wait()
+                aligned.wait(30)
             time.sleep(pause_s(i))
             session.forward(ForwardRequest(inputs[:, t : t + 1], CacheMode.EXTEND), handlers[i])
 
