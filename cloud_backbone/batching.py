@@ -5,9 +5,10 @@ dense matmuls; only u·M differs, and each row's u goes to its own device. Sessi
 steps of one sequence: a prefill, a decode step, or a decode step with drafted tokens to
 verify. A scheduler thread gathers those that arrive together (it waits for every session
 that stepped lately to come back from its last pass, up to twice the usual time that takes,
-so that the sessions of one pass make the next one whole) with about as many new tokens and about
-as many cached ones (the same power-of-two buckets of both), lays each row out as
-[padding][its cached positions][its new tokens][padding], runs one forward, and hands
+so that the sessions of one pass make the next one whole, and for a pass of the same kind past
+its middle, so that sessions that began apart come to step together) with about as many new
+tokens and about as many cached ones (the same power-of-two buckets of both), lays each row out
+as [padding][its cached positions][its new tokens][padding], runs one forward, and hands
 every session its row and its new keys and values. A row's padding is masked from its real
 tokens, and the padding after its new tokens comes after them causally, so it never changes
 them. The buckets keep every row's padding shorter than the row itself: a session with a long
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 COMPANY_WINDOW_S = 1.0  # sessions seen stepping this recently (a step began or its pass ended) batch together
 MAX_GATHER_S = 0.25  # the longest a pass waits for the sessions on their way back to it
+MAX_MERGE_S = 0.5  # the longest a pass waits for another pass to end, so that their sessions step together
 MAX_BATCHED_TOKENS = 256  # the default of a step's tokens that batch; a longer step runs alone
 
 
@@ -82,6 +84,19 @@ class _Pace:
 
     seen: float  # when a step of it began, or its pass ended, last
     ended: float | None = None  # when its last pass ended, until its next step comes
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A pass under way: when it began, and when it should end, as passes of its bucket took lately."""
+
+    bucket: tuple
+    began: float
+    ends: float | None  # None: no pass of its bucket ran yet
+
+    def ending(self, now: float) -> bool:
+        """Past its middle and due within MAX_MERGE_S: worth a wait for its sessions."""
+        return self.ends is not None and now < self.ends <= now + MAX_MERGE_S and 2 * now >= self.began + self.ends
 
 
 @dataclass(eq=False)
@@ -168,7 +183,8 @@ class StepBatcher:
         self._cond = threading.Condition()
         self._paces: dict[int, _Pace] = {}  # id of a session seen stepping lately -> its pace
         self._gaps: deque[float] = deque(maxlen=64)  # the latest seconds from a pass's end to its sessions' next steps
-        self._passing: set[int] = set()  # ids of the sessions in a pass now
+        self._passing: dict[int, _Running] = {}  # id of a session in a pass now -> that pass
+        self._took: dict[tuple, deque[float]] = {}  # bucket -> seconds its latest passes took
         self._free_passes = threading.Semaphore(in_flight)
         self._closed = False
         self._thread: threading.Thread | None = None  # the scheduler, started by the first step
@@ -250,26 +266,35 @@ class StepBatcher:
         typical = statistics.median(self._gaps) if self._gaps else 0.0
         return min(MAX_GATHER_S, max(self.gather_s, 2 * typical))
 
-    def _gather(self) -> list[_Ticket]:
-        """The next batch; empty once closed with nothing queued."""
+    def _gather(self) -> tuple[list[_Ticket], _Running] | tuple[()]:
+        """The next batch and its pass; nothing once closed with nothing queued."""
         with self._cond:
             while not self._queue:
                 if self._closed:
-                    return []
+                    return ()
                 self._cond.wait()
-            deadline = time.monotonic() + self._gather_wait()
-            # Wait for company, but only for sessions on their way back (seen stepping lately,
-            # neither queued nor in a pass), and not once the batch is full.
+            now, wait = time.monotonic(), self._gather_wait()
+            # Wait for company: for the sessions on their way back (seen stepping lately, neither
+            # queued nor in a pass), and for those of a pass past its middle, which end soon. A
+            # pass that waited for neither would run beside the other one, step after step, for
+            # as long as both groups decode: two passes where one would do, each reading every
+            # weight of the stack, and each a round trip apart from the other's devices.
+            bucket = self._queue[0].bucket
+            ending = {key for key, running in self._passing.items() if running.bucket == bucket and running.ending(now)}
+            deadline = max([now + wait] + [self._passing[key].ends + wait for key in ending])
             while len(batch := self._next_batch()) < self.max_batch and sum(t.size for t in batch) < self.max_tokens:
-                if self._paces.keys() <= {id(t.session) for t in self._queue} | self._passing:
+                queued = {id(t.session) for t in self._queue}
+                if all(key in queued or (key in self._passing and key not in ending) for key in self._paces):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             self._queue = [t for t in self._queue if t not in batch]
-            self._passing |= {id(t.session) for t in batch}
-            return batch
+            now, took = time.monotonic(), self._took.get(bucket)
+            running = _Running(bucket, now, now + statistics.median(took) if took else None)
+            self._passing.update((id(t.session), running) for t in batch)
+            return batch, running
 
     def _next_batch(self) -> list[_Ticket]:
         """The first step in line, with the next steps of its bucket up to `max_tokens` new
@@ -285,10 +310,10 @@ class StepBatcher:
 
     def _schedule(self) -> None:
         with ThreadPoolExecutor(self.in_flight, thread_name_prefix="plora-pass") as passes:
-            while self._free_passes.acquire() and (batch := self._gather()):
-                passes.submit(self._pass, batch)
+            while self._free_passes.acquire() and (gathered := self._gather()):
+                passes.submit(self._pass, *gathered)
 
-    def _pass(self, batch: list[_Ticket]) -> None:
+    def _pass(self, batch: list[_Ticket], running: _Running) -> None:
         try:
             with self.half.compute.computing():
                 self._run(batch)
@@ -298,8 +323,12 @@ class StepBatcher:
             with self._cond:
                 self.batches += 1
                 self.rows += len(batch)
-                self._passing -= {id(t.session) for t in batch}
                 ended = time.monotonic()
+                self._took.setdefault(running.bucket, deque(maxlen=16)).append(ended - running.began)
+                for ticket in batch:
+                    # A row taken out of this pass may be in the next one already.
+                    if self._passing.get(id(ticket.session)) is running:
+                        del self._passing[id(ticket.session)]
                 for ticket in batch:  # seen stepping: a pass over a slow link outlasts the company window
                     pace = self._paces.setdefault(id(ticket.session), _Pace(ended))
                     pace.seen = pace.ended = ended

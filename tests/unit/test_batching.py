@@ -466,3 +466,33 @@ def test_a_pass_waits_for_its_sessions_about_as_long_as_their_way_back_usually_t
     rows, batches = decode_in_step(half, 0.01, lambda i: 0.03 + 0.02 * i, 2, 4)
     assert half.batcher.gather_s < 0.02  # the devices come back 20 and 40 ms after the first
     assert (rows, batches) == (3 * 4, 4), "the sessions' steps did not share passes"
+
+
+def test_sessions_that_began_apart_come_to_share_one_pass_per_step():
+    """Devices that began decoding half a pass apart would each keep a pass of their own, step
+    after step: when one group comes back, the other is in its pass. A pass waits for another
+    that is past its middle, so the groups soon step in one pass together."""
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching()
+    gen = torch.Generator().manual_seed(9)
+    handlers = [DelayedReplies(device(i), 0.03) for i in range(3)]  # a pass: 4 round trips, over 0.12 s
+    prompts = [torch.randn(1, 16, 32, generator=gen) for _ in handlers]  # every step's cache in one bucket
+    steps = torch.randn(1, 10, 32, generator=gen)
+
+    def decode(i):
+        if i == 2:
+            time.sleep(0.06)
+        session = half.open_session()
+        session.forward(ForwardRequest(prompts[i], CacheMode.START), handlers[i])
+        for t in range(steps.shape[1]):
+            time.sleep(0.005)
+            session.forward(ForwardRequest(steps[:, t : t + 1], CacheMode.EXTEND), handlers[i])
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(handlers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert half.batcher.rows >= 3 * 11 - 1, "a session stepped alone after the very first step"
+    # Two passes per step, one per group, would take 2 for the prefills and 20 for the steps.
+    assert half.batcher.batches <= 2 + 10 + 3, f"{half.batcher.batches} passes: the groups kept passes of their own"
