@@ -278,7 +278,7 @@ class StepBatcher:
             # queued nor in a pass), and for those of a pass past its middle, which end soon. A
             # pass that waited for neither would run beside the other one, step after step, for
             # as long as both groups decode: two passes where one would do, each reading every
-            # weight of the stack, and each a round trip apart from the other's devices.
+            # weight of the stack.
             bucket = self._queue[0].bucket
             ending = {key for key, running in self._passing.items() if running.bucket == bucket and running.ending(now)}
             deadline = max([now + wait] + [self._passing[key].ends + wait for key in ending])
