@@ -479,7 +479,7 @@ def test_sessions_that_began_apart_come_to_share_one_pass_per_step():
     prompts = [torch.randn(1, 16, 32, generator=gen) for _ in handlers]  # every step's cache in one bucket
     steps = torch.randn(1, 10, 32, generator=gen)
 
-    def decode(i):
+    def decode(i, _barrier):
         if i == 2:
             time.sleep(0.06)
         session = half.open_session()
@@ -488,11 +488,8 @@ def test_sessions_that_began_apart_come_to_share_one_pass_per_step():
             time.sleep(0.005)
             session.forward(ForwardRequest(steps[:, t : t + 1], CacheMode.EXTEND), handlers[i])
 
-    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(handlers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _, errors, _ = together({i: i for i in range(len(handlers))}, decode)
+    assert not errors
     assert half.batcher.rows >= 3 * 11 - 1, "a session stepped alone after the very first step"
     # Two passes per step, one per group, would take 2 for the prefills and 20 for the steps.
     assert half.batcher.batches <= 2 + 10 + 3, f"{half.batcher.batches} passes: the groups kept passes of their own"
