@@ -329,7 +329,7 @@ class StepBatcher:
                     # A row taken out of this pass may be in the next one already.
                     if self._passing.get(id(ticket.session)) is running:
                         del self._passing[id(ticket.session)]
-                for ticket in batch:  # seen stepping: a pass over a slow link outlasts the company window
+                    # Seen stepping: a pass over a slow link outlasts the company window.
                     pace = self._paces.setdefault(id(ticket.session), _Pace(ended))
                     pace.seen = pace.ended = ended
                 self._cond.notify_all()
