@@ -242,6 +242,15 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> tuple[torch.Te
     return input_ids, labels
 
 
+def padding_mask(examples: Sequence[TokenizedExample]) -> torch.Tensor:
+    """The (B, T) int64 attention mask of `collate`'s batch: 1 at each example's tokens, 0 at the
+    padding after them. Attention needs none (collate), but a pass that sends it has the
+    service exchange nothing for the padding (cloud_backbone.batching.real_positions)."""
+    width = max(len(e.input_ids) for e in examples)
+    lengths = torch.tensor([len(e.input_ids) for e in examples])
+    return (torch.arange(width)[None, :] < lengths[:, None]).long()
+
+
 def batches(examples: Sequence[T], batch_size: int, seed: int, epochs: int) -> Iterator[list[T]]:
     """Shuffled batches for `epochs` passes; the same seed gives the same order."""
     if batch_size < 1:

@@ -80,15 +80,27 @@ def distillation_loss(student_logits: torch.Tensor, targets: Sequence[TeacherTar
     is the example that targets[i] was computed on (padded on the right, as collate does)."""
     if student_logits.shape[0] != len(targets):
         raise ConfigError(f"{student_logits.shape[0]} rows of logits for {len(targets)} teacher targets")
+    return distillation_loss_at(student_logits[target_positions(targets)], targets)
+
+
+def target_positions(targets: Sequence[TeacherTargets], first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) indexing every labelled position of `targets` in a (B, T, ...) batch
+    whose row first_row + i is the example targets[i] was computed on."""
     positions = torch.cat([t.positions for t in targets])
     if not len(positions):
         raise DataError("the teacher targets hold no labelled positions")
-    rows = torch.cat([torch.full_like(t.positions, i) for i, t in enumerate(targets)])
+    rows = torch.cat([torch.full_like(t.positions, first_row + i) for i, t in enumerate(targets)])
+    return rows, positions
+
+
+def distillation_loss_at(student_logits: torch.Tensor, targets: Sequence[TeacherTargets]) -> torch.Tensor:
+    """`distillation_loss` from the student's (N, vocab) logits at `target_positions(targets)`
+    alone, so a caller may apply its LM head there only."""
     top_ids = torch.cat([t.top_ids for t in targets]).long()
     teacher = torch.cat([torch.cat([t.top_logprobs, t.rest_logprob[:, None]], -1) for t in targets])  # (N, k+1)
-    student_top, student_rest = _merged_tail(student_logits[rows, positions].float().log_softmax(-1), top_ids)
+    student_top, student_rest = _merged_tail(student_logits.float().log_softmax(-1), top_ids)
     student = torch.cat([student_top, student_rest[:, None]], -1)  # (N, k+1)
-    return F.kl_div(student, teacher, reduction="sum", log_target=True) / len(positions)
+    return F.kl_div(student, teacher, reduction="sum", log_target=True) / len(top_ids)
 
 
 @torch.no_grad()

@@ -34,14 +34,18 @@ from transformers import get_scheduler
 
 from plora.clients.anchor import Anchor, AnchorSettings, base_model
 from plora.clients.checkpoint import Progress, TrainingCheckpoint
-from plora.clients.data import IGNORE_INDEX, TokenizedExample, batches, collate
+from plora.clients.data import IGNORE_INDEX, TokenizedExample, batches, collate, padding_mask
 from plora.clients.device_model import DeviceModel
-from plora.clients.distillation import TeacherTargets, distillation_loss
+from plora.clients.distillation import TeacherTargets, distillation_loss_at, target_positions
 from plora.storage.errors import ConfigError
 
 T = TypeVar("T")
 BatchLoss = Callable[[list[T]], tuple[torch.Tensor, int]]
 """A batch of a job's data -> (its loss, to backpropagate; the tokens it put through the model)."""
+AnchorRows = list[tuple[TokenizedExample, TeacherTargets]]
+AnchoredBatchLoss = Callable[[list[T], AnchorRows], tuple[torch.Tensor, torch.Tensor, int]]
+"""A batch and anchor rows -> (the batch's loss, KL(base || model) on the anchor rows, the tokens
+both put through the model), from one pass: over a link every pass costs a round trip per layer."""
 OnStep = Callable[[int, int, float], None]
 """on_step(step, total, loss): called after each optimizer step with the batch's loss."""
 
@@ -137,13 +141,32 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, count
 
 
-def labelled_loss(model: DeviceModel, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def labelled_loss(model: DeviceModel, ids: torch.Tensor, labels: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """causal_lm_loss(model(ids), labels), with the LM head applied only where a label is
     predicted: for a prompt/response pair that is the response, a fraction of the row, and
-    with a vocabulary like SmolLM2's the head is a fifth of the model's work."""
+    with a vocabulary like SmolLM2's the head is a fifth of the model's work. `attention_mask`:
+    the batch's padding (data.padding_mask), which then crosses no exchange."""
+    return _labelled(model, model.hidden_states(ids, attention_mask=attention_mask), labels)
+
+
+def anchored_loss(model: DeviceModel, ids: torch.Tensor, labels: torch.Tensor, anchor: Sequence[TeacherTargets],
+                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`labelled_loss` of the first len(labels) rows of `ids`, and the distillation loss towards
+    `anchor` of the rows after them, one per target, from one pass through the model. Over a link
+    a pass costs a round trip per adapted layer each way, which two passes would pay twice. The
+    pass pads every row to the widest, batch or anchor, which two passes would not: the cloud
+    computes the padding, but with `attention_mask` exchanges none of it (the README's **One
+    pass per training step**)."""
+    hidden = model.hidden_states(ids, attention_mask=attention_mask)
+    loss, _ = _labelled(model, hidden[: len(labels)], labels)
+    return loss, distillation_loss_at(model.lm_head(hidden[target_positions(anchor, first_row=len(labels))]), anchor)
+
+
+def _labelled(model: DeviceModel, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     targets = labels[:, 1:]
     predicts = targets != IGNORE_INDEX
-    logits = model.lm_head(model.hidden_states(ids)[:, :-1][predicts])
+    logits = model.lm_head(hidden[:, :-1][predicts])
     return F.cross_entropy(logits, targets[predicts]), int(predicts.sum())
 
 
@@ -236,9 +259,7 @@ transformers' plain cosine_with_warmup would have it, so a 4-step job (w = 1) ma
 CONSTANT = Schedule("constant", None)
 
 
-def _anchor_batches(
-    anchor: Anchor, settings: AnchorSettings, seed: int, total: int
-) -> Iterator[list[tuple[TokenizedExample, TeacherTargets]]]:
+def _anchor_batches(anchor: Anchor, settings: AnchorSettings, seed: int, total: int) -> Iterator[AnchorRows]:
     """Anchor rows with their targets, for each of `total` steps."""
     per_epoch = math.ceil(len(anchor.examples) / settings.rows)
     return batches(list(zip(anchor.examples, anchor.targets)), settings.rows, seed, epochs=math.ceil(total / per_epoch))
@@ -247,7 +268,7 @@ def _anchor_batches(
 def train(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
-    batch_loss: BatchLoss,
+    batch_loss: BatchLoss | AnchoredBatchLoss,
     data: Sequence[T],
     settings: TrainSettings,
     *,
@@ -263,9 +284,10 @@ def train(
     """Train `params` by AdamW on `batch_loss` over batches of `data`, `settings.total_steps`
     optimizer steps. `model` is in training mode while the loop runs, in eval mode after.
 
-    With `anchor`, `settings.anchor.rows` of its rows join every batch and the loss adds
-    `settings.anchor.weight` times KL(base || model) on them, with `model(ids)` as the model's
-    logits; the loss reported is the batch's alone. With `probe` too and a drift budget in
+    With `anchor`, `settings.anchor.rows` of its rows join every batch: `batch_loss` is an
+    AnchoredBatchLoss, called with the batch and those rows, and the loss adds
+    `settings.anchor.weight` times its KL(base || model) on them; the loss reported is the
+    batch's alone. With `probe` too and a drift budget in
     `settings.anchor`, the weight is steered by the model's drift on the probe, measured every
     `settings.anchor.drift_check_every` steps (AnchorSettings.steered_weight).
 
@@ -314,15 +336,13 @@ def train(
     end = progress.step if progress.stopped_early else total
     for batch, anchor_batch in itertools.islice(zip(step_batches, anchor_batches), progress.step, end):
         optimizer.zero_grad(set_to_none=True)
-        # The batch and the anchor's rows go through the model apart: anchor text is longer,
-        # and one batch would pad every row to its width. The gradients add up.
-        loss, tokens = batch_loss(batch)
-        loss.backward()
         if anchor_batch:
-            rows = [example for example, _ in anchor_batch]
-            kl = distillation_loss(model(collate(rows, anchor.pad_id)[0]), [targets for _, targets in anchor_batch])
-            (progress.anchor_weight * kl).backward()
-            progress.anchor_kl, tokens = kl.item(), tokens + tokens_in(rows)
+            loss, kl, tokens = batch_loss(batch, anchor_batch)
+            (loss + progress.anchor_weight * kl).backward()
+            progress.anchor_kl = kl.item()
+        else:
+            loss, tokens = batch_loss(batch)
+            loss.backward()
         optimizer.step()
         scheduler.step()
         progress.step += 1
@@ -377,10 +397,16 @@ def personalize(
     holds the model near the base."""
 
     def batch_loss(batch: list[TokenizedExample]) -> tuple[torch.Tensor, int]:
-        return labelled_loss(model, *collate(batch, pad_id))[0], tokens_in(batch)
+        return labelled_loss(model, *collate(batch, pad_id), padding_mask(batch))[0], tokens_in(batch)
+
+    def anchored_batch_loss(batch: list[TokenizedExample], rows: AnchorRows) -> tuple[torch.Tensor, torch.Tensor, int]:
+        together = batch + [example for example, _ in rows]
+        ids, labels = collate(together, pad_id)
+        loss, kl = anchored_loss(model, ids, labels[: len(batch)], [targets for _, targets in rows], padding_mask(together))
+        return loss, kl, tokens_in(together)
 
     progress = train(
-        model, list(model.weights.parameters()), batch_loss, examples, settings,
+        model, list(model.weights.parameters()), anchored_batch_loss if anchor else batch_loss, examples, settings,
         anchor=anchor, probe=probe, validate=(lambda: evaluate(model, val, pad_id)) if val else None, val_before=val_before,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, on_step=on_step,
     )

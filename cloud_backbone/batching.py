@@ -40,6 +40,12 @@ which therefore get nothing from them. A session whose backward comes later than
 budget runs it on the same graph afterwards; the graph is freed once no session holds it. The
 buckets keep each session's padded rows, and so its share of the graph, within twice what its
 own account holds.
+
+A stateless step's padding crosses no exchange: where its session's mask has padding, its
+requests hold its real positions alone, as one row (1, real positions, width), and the replies
+fill those positions back, with zeros at the padding (`real_positions`). Padding is no token of
+the device's: its u·M would change nothing but the padding's own outputs, which no real token
+attends to and no loss reads, and its gradients are exactly zero.
 """
 
 from __future__ import annotations
@@ -135,6 +141,28 @@ class _Ticket:
         rows batched together are at most twice as long as each other, in both. Stateless
         steps batch only with stateless ones, training steps only with training steps."""
         return self.stateless, self.train, (self.tokens - 1).bit_length(), self.cached.bit_length()
+
+
+def real_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (rows, tokens) bool of a stateless step's real positions, when its mask (already
+    checked: 0 or 1, each row with a real token) has padding; None when every position is real."""
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.bool()
+
+
+def packed(tensor: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """(rows, tokens, width) -> (1, real positions, width): what crosses an exchange."""
+    return tensor if real is None else tensor[real][None]
+
+
+def unpacked(reply: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """A packed reply back in its (rows, tokens, width), zeros at the padding."""
+    if real is None:
+        return reply
+    out = reply.new_zeros(*real.shape, reply.shape[-1])
+    out[real] = reply[0]
+    return out
 
 
 class DeviceRoundTrip(torch.autograd.Function):
@@ -352,7 +380,7 @@ class StepBatcher:
         them in their rows of one tensor: zeros for other rows, and for the tickets that fail
         or are late, which get their error."""
         started = time.monotonic()
-        requests = [AdapterRequest(layer, group, phase, tensor[t.rows, : t.tokens]) for t in batch]
+        requests = [AdapterRequest(layer, group, phase, packed(tensor[t.rows, : t.tokens], real_positions(t.mask))) for t in batch]
         futures = [self._submit(t, r) for t, r in zip(batch, requests)]
         return lambda: self._replies(batch, requests, futures, tensor.shape[:2], started)
 
@@ -382,7 +410,8 @@ class StepBatcher:
         for ticket, request, future in zip(batch, requests, futures):
             if future is not None and ticket.error is None:
                 try:
-                    replies[ticket.rows, : ticket.tokens] = ticket.session.checked(request, future, timeout=0)
+                    reply = ticket.session.checked(request, future, timeout=0)
+                    replies[ticket.rows, : ticket.tokens] = unpacked(reply, real_positions(ticket.mask))
                 except PloraError as err:
                     ticket.fail(err)
         return replies
@@ -476,7 +505,7 @@ class SharedGraph:
         """dL/d(hidden) of `row`'s rows, given dL/d(out) of them. It waits for the backwards of
         the other rows, up to max(floor, factor × how long the first of them took to come), and
         runs with those that came; `alone` runs it without waiting for any."""
-        mine, run = _Ticket(row.session, grad, 0, rows=row.rows), None
+        mine, run = _Ticket(row.session, grad, 0, mask=row.mask, rows=row.rows), None
         with self._cond:
             self._first_at = self._first_at or time.monotonic()
             self._arrived.append((row, mine))

@@ -18,7 +18,16 @@ from torch import nn
 from transformers import DynamicCache
 
 from plora.cloud_backbone.adapter_config import TARGET_MODULES, PrivateLoRAConfig
-from plora.cloud_backbone.batching import MAX_BATCHED_TOKENS, LateReply, SharedRows, StepBatcher, round_trip
+from plora.cloud_backbone.batching import (
+    MAX_BATCHED_TOKENS,
+    LateReply,
+    SharedRows,
+    StepBatcher,
+    packed,
+    real_positions,
+    round_trip,
+    unpacked,
+)
 from plora.cloud_backbone.budget import MemoryBudget, SessionAccount, StepCosts
 from plora.cloud_backbone.loading import Backbone
 from plora.cloud_backbone.privatelora import AdaptedGroup, attach, decoder_slice, truncate_cache
@@ -141,19 +150,21 @@ class CloudSession:
         self.cache: DynamicCache | None = None  # keys and values of the cloud layers
         self._graph: _OwnGraph | SharedRows | None = None
         self._handler: DeviceHandler | None = None
+        self._real: torch.Tensor | None = None  # the real positions of its stateless step, if padded (batching.real_positions)
 
     def send(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
         """One adapter round trip, begun: the request goes now, and the function returned waits
         for the reply and checks it before it touches the graph. The step's compute slot is
         free while it waits."""
-        request = AdapterRequest(layer, group, phase, tensor)
+        real = self._real
+        request = AdapterRequest(layer, group, phase, packed(tensor, real))
         reply = self.submit(request)
 
         def answer() -> torch.Tensor:
             if not reply.done():
                 with self.half.compute.waiting():
                     wait([reply])
-            return self.checked(request, reply)
+            return unpacked(self.checked(request, reply), real)
 
         return answer
 
@@ -204,6 +215,7 @@ class CloudSession:
         if request.attention_mask is not None:
             check_mask(request.attention_mask, (batch, past + tokens))
         self._drop_graph()  # a new step abandons an unfinished training step
+        self._real = real_positions(request.attention_mask) if request.cache is CacheMode.NONE else None
         self._hold_step(hidden, request.cache, batch, past + tokens, request.train)
         if request.keep_cached is not None:
             self.truncate(past)  # only once the step passed every check: a refused step changes nothing

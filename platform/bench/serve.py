@@ -36,10 +36,11 @@ import psutil
 import torch
 from transformers import DynamicCache
 
-from plora.clients.data import DEVICE_JOB_MAX_LENGTH
+from plora.clients.anchor import Anchor, AnchorSettings
+from plora.clients.data import DEVICE_JOB_MAX_LENGTH, TokenizedExample
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
-from plora.clients.training import causal_lm_loss
+from plora.clients.training import TrainSettings, causal_lm_loss, personalize
 from plora.cloud_backbone import loading
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
 from plora.cloud_backbone.protocol import wire
@@ -47,7 +48,8 @@ from plora.cloud_backbone.protocol.messages import AdapterReply, AdapterRequest,
 from plora.platform.bench import neighbour
 from plora.platform.bench.split import MonolithicModel, rate
 from plora.platform.bench.workloads import decode_workload
-from plora.platform.runtime import init_device, open_device
+from plora.platform.jobs import device_anchor
+from plora.platform.runtime import Device, init_device, open_device
 from plora.storage.db import open_database
 from plora.storage.registry import Registry
 
@@ -56,6 +58,7 @@ FRAMING_BYTES = 14
 PROMPT, NEW_TOKENS = list(range(100, 116)), 32  # every decode figure: this prompt, this many new tokens
 FIRST_TOKEN_PROMPT = 128  # tokens of the prompt whose first answer token is timed
 JOB_BATCH = (4, DEVICE_JOB_MAX_LENGTH)  # a personalization job's batch: rows, tokens
+JOB_ROWS_WITH_ANCHOR = JOB_BATCH[0] + AnchorSettings.rows  # the rows of its one pass a step, anchor rows included
 FLEET_TRAIN_BATCH = (1, 64)  # each device's batch when a fleet trains at once: rows, tokens
 BARE_ROUND_TRIPS = 2000
 NOISY_FRAMES_PER_S = 200
@@ -321,7 +324,7 @@ def _device_loop(folder: Path, pipe, address: str | None, wire_dtypes: wire.Wire
     device = open_device(folder, address, wire_dtypes=wire_dtypes)
     model = device.model
     vocab = model.embed.num_embeddings
-    job_step = train_run(model, list(model.weights.parameters()), train_ids(vocab, JOB_BATCH))
+    job_step = job_step_run(device)
     runs = {
         "decode": decode_run(model, PROMPT, NEW_TOKENS),
         "first_token": decode_run(model, random_prompt(FIRST_TOKEN_PROMPT, vocab), 1),
@@ -352,6 +355,22 @@ def _replay(model, tokens: int) -> int:
     for _ in range(tokens):
         model.remote(prompt[:, -1:], CacheMode.EXTEND)
     return tokens
+
+
+def job_step_run(device: Device) -> Callable[[], int]:
+    """One optimizer step of `plora personalize`'s default job, through its own loop: a batch of
+    JOB_BATCH random tokens, every one labelled, and the device's anchor rows (written on the
+    first call, then kept in the device's folder, as a job keeps them)."""
+    settings = TrainSettings(steps=1, batch_size=JOB_BATCH[0], anchor=AnchorSettings(drift_budget=None))
+    examples = [TokenizedExample(row, row) for row in train_ids(device.model.embed.num_embeddings, JOB_BATCH).tolist()]
+    anchor: list[Anchor] = []
+
+    def run() -> int:
+        if not anchor:
+            anchor.append(device_anchor(device, settings.anchor))
+        return personalize(device.model, examples, device.tokenizer.pad_token_id, settings, anchor=anchor[0]).tokens
+
+    return run
 
 
 def train_ids(vocab_size: int, shape: tuple[int, int] = (4, 64)) -> torch.Tensor:

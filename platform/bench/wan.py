@@ -5,7 +5,7 @@ runs them), and between them, for each link, a relay (relay.py) that delays and 
 bytes: each round-trip time given, at a bandwidth cap each way; and plain loopback, without a
 relay or a cap, always, as round-trip time 0. Per link it measures decode tokens/s, the time to the
 first token of a FIRST_TOKEN_PROMPT-token prompt, and the seconds and bytes of a training step
-on a personalization job's batch; the monolithic model's figures come from the same run, on
+of a personalization job (its batch and its anchor's rows); the monolithic model's figures come from the same run, on
 this machine's cores, alone.
 
 A decoded token makes one round trip per adapted group per cloud layer, so at round-trip time
@@ -51,6 +51,7 @@ from plora.platform.bench.relay import Link, relay
 from plora.platform.bench.serve import (
     FIRST_TOKEN_PROMPT,
     JOB_BATCH,
+    JOB_ROWS_WITH_ANCHOR,
     NEW_TOKENS,
     PROMPT,
     DeviceProcess,
@@ -197,7 +198,9 @@ def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> dict:
     model = MonolithicModel(loading.load(spec), config)
     vocab = model.model.config.vocab_size
     decode, first = decode_run(model, PROMPT, NEW_TOKENS), decode_run(model, random_prompt(FIRST_TOKEN_PROMPT, vocab), 1)
-    step = train_run(model, list(model.weights.parameters()), train_ids(vocab, JOB_BATCH))
+    # The split's step is one pass over JOB_BATCH and the anchor's rows (job_step_run), padded to
+    # the batch's width; the same rows of random tokens here.
+    step = train_run(model, list(model.weights.parameters()), train_ids(vocab, (JOB_ROWS_WITH_ANCHOR, JOB_BATCH[1])))
     for run in (decode, first, step):
         run()  # warm up
     figures = {"decode_tok_s": statistics.median(rate(decode) for _ in range(repeats)),

@@ -129,19 +129,23 @@ def _link_fails_after_first_checkpoint() -> None:
     from plora.clients import checkpoint, training
     from plora.storage.errors import TransportError
 
-    saved, loss = checkpoint.TrainingCheckpoint.save, training.labelled_loss
+    saved, losses = checkpoint.TrainingCheckpoint.save, (training.labelled_loss, training.anchored_loss)
     broken = []
 
     def save(self, *args, **kwargs):
         saved(self, *args, **kwargs)
         broken.append(True)
 
-    def labelled_loss(*args, **kwargs):
-        if broken:
-            raise TransportError("the backbone service closed the stream (UNAVAILABLE)")
-        return loss(*args, **kwargs)
+    def failing(loss):
+        def after_the_checkpoint(*args, **kwargs):
+            if broken:
+                raise TransportError("the backbone service closed the stream (UNAVAILABLE)")
+            return loss(*args, **kwargs)
 
-    checkpoint.TrainingCheckpoint.save, training.labelled_loss = save, labelled_loss
+        return after_the_checkpoint
+
+    checkpoint.TrainingCheckpoint.save = save
+    training.labelled_loss, training.anchored_loss = map(failing, losses)
 
 
 if os.environ.get(WARM_UP):  # only where this module is first imported after it was set: the fork server

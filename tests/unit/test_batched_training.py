@@ -32,9 +32,11 @@ class Trainer:
                 m.normal_(0, 0.3)
         self.broken = broken
         self.kept: dict = {}
+        self.shapes: list[tuple[Phase, tuple[int, ...]]] = []  # of every request's tensor
 
     def __call__(self, request):
         key = request.layer, request.group
+        self.shapes.append((request.phase, tuple(request.tensor.shape[:-1])))
         if request.phase is Phase.FORWARD:
             self.kept[key] = request.tensor.clone()
             with torch.no_grad():
@@ -62,6 +64,7 @@ def step(half: CloudHalf, trainer: Trainer, hidden, mask, grad, barrier=None, pa
     the batcher see the session stepping, so that the steps after the barrier batch."""
     session = half.open_session()
     session.forward(ForwardRequest(hidden[:1, :1]), trainer)
+    trainer.shapes.clear()
     if barrier:
         barrier.wait()
     out = session.forward(ForwardRequest(hidden, CacheMode.NONE, attention_mask=mask, train=True), trainer).hidden
@@ -107,6 +110,39 @@ def test_batched_training_steps_of_different_shapes_equal_each_session_alone():
     batcher = half.batcher
     assert batcher.batches < batcher.rows  # the forwards were batched across sessions
     assert batcher.backwards < batcher.backward_rows  # and so were their backwards
+
+
+def test_a_padded_training_step_exchanges_its_real_positions_alone_and_trains_as_its_rows_unpadded():
+    hidden, _, grad = inputs(7, 2, 6)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    grad[1, 4:] = 0  # a device's loss reads no padding
+    padded = Trainer(7)
+    out, grad_in, m_grads = step(CloudHalf(tiny_backbone(), CONFIG), padded, hidden, mask, grad)
+
+    real = 6 + 4
+    assert {shape for _, shape in padded.shapes} == {(1, real)}
+    assert {phase for phase, _ in padded.shapes} == {Phase.FORWARD, Phase.BACKWARD}
+    # Each row alone, unpadded: the same outputs, input gradients and (summed) M gradients.
+    rows = [step(CloudHalf(tiny_backbone(), CONFIG), Trainer(7), hidden[i : i + 1, :n], None, grad[i : i + 1, :n])
+            for i, n in ((0, 6), (1, 4))]
+    for i, n in ((0, 6), (1, 4)):
+        torch.testing.assert_close(out[i, :n], rows[i][0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_in[i, :n], rows[i][1][0], atol=1e-5, rtol=1e-5)
+    for got, first, second in zip(m_grads, rows[0][2], rows[1][2]):
+        torch.testing.assert_close(got, first + second, atol=1e-5, rtol=1e-4)
+
+
+def test_a_padded_step_batched_with_another_exchanges_its_real_positions_alone():
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+    padded_inputs, plain_inputs = inputs(1, 2, 6, masked=True), inputs(2, 1, 6)
+    specs = {"padded": (Trainer(1), *padded_inputs), "plain": (Trainer(2), *plain_inputs)}
+    results, errors, _ = train_together(half, specs)
+    assert errors == {} and half.batcher.batches < half.batcher.rows
+    assert {shape for _, shape in specs["padded"][0].shapes} == {(1, 6 + 4)}
+    assert {shape for _, shape in specs["plain"][0].shapes} == {(1, 6)}
+    assert_equal(results["padded"], alone(1, padded_inputs))
 
 
 def test_a_device_failing_in_a_batched_backward_fails_only_its_own_step():

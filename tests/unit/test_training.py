@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from plora.clients import anchor as anchor_module
 from plora.clients.anchor import AnchorSettings, anchor_of, kept_anchor
 from plora.clients.checkpoint import TrainingCheckpoint
-from plora.clients.training import NEAR_BEST, DriftProbe, TrainSettings, causal_lm_batch_loss, personalize, train
-from tests.unit.test_distillation import PAD, sequences, tiny_split
+from plora.clients.data import collate
+from plora.clients.distillation import distillation_loss
+from plora.clients.training import (NEAR_BEST, DriftProbe, TrainSettings, anchored_loss, causal_lm_batch_loss,
+                                   labelled_loss, personalize, train)
+from tests.unit.test_distillation import PAD, random_ms, sequences, tiny_split
 
 TASK, VAL, GENERIC, PROBE = sequences(6, seed=10), sequences(4, seed=11), sequences(5, seed=12), sequences(3, seed=13)
 # Validated after every step and checkpointed every third, anchored with a budget that steers the
@@ -143,3 +148,42 @@ def test_the_warm_up_s_first_step_trains():
     once = tiny_split()
     personalize(once, TASK, PAD, TrainSettings(lr=0.05, steps=1, batch_size=2))
     assert any(m.abs().max() > 0 for m in _ms(once)), "a 1-step job at lr > 0 moved nothing"
+
+
+def test_a_batch_and_its_anchor_rows_in_one_pass_give_the_loss_and_gradients_of_two():
+    model = tiny_split()
+    random_ms(model)
+    batch, anchor = sequences(3, seed=20, length=9, prompt=2), anchor_of(model, sequences(2, seed=21, length=14), PAD, 8)
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [g.clone() for g in torch.autograd.grad(loss, list(model.weights.parameters()))]
+
+    ids, labels = collate(batch + anchor.examples, PAD)  # the anchor's rows are the wider ones
+    loss, kl = anchored_loss(model, ids, labels[: len(batch)], anchor.targets)
+    together = gradients(loss + 3 * kl)
+    # The split backpropagates its latest pass alone, so each pass's gradients are taken before the next.
+    apart_loss = labelled_loss(model, *collate(batch, PAD))[0]
+    apart = gradients(apart_loss)
+    apart_kl = distillation_loss(model(collate(anchor.examples, PAD)[0]), anchor.targets)
+    apart = [g + extra for g, extra in zip(apart, gradients(3 * apart_kl))]
+
+    assert loss.item() == pytest.approx(apart_loss.item(), rel=1e-5) and kl.item() == pytest.approx(apart_kl.item(), rel=1e-5)
+    assert kl.item() > 0
+    for one, two in zip(together, apart):
+        torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-7)
+
+
+def test_an_anchored_step_is_one_pass_through_the_model_that_marks_its_padding():
+    model = tiny_split()
+    anchor = anchor_of(model, GENERIC, PAD, SETTINGS.anchor.top_k)
+    passes, hidden_states = [], model.hidden_states
+
+    def counted(ids, *args, attention_mask=None, **kwargs):
+        # The pass says where its padding is, so that the padding crosses no exchange.
+        passes.append((torch.is_grad_enabled(), attention_mask is not None and not bool(attention_mask.all())))
+        return hidden_states(ids, *args, attention_mask=attention_mask, **kwargs)
+
+    model.hidden_states = counted
+    personalize(model, TASK, PAD, replace(SETTINGS, steps=3), anchor=anchor)
+
+    assert passes == [(True, True)] * 3
