@@ -242,13 +242,14 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> tuple[torch.Te
     return input_ids, labels
 
 
-def padding_mask(examples: Sequence[TokenizedExample]) -> torch.Tensor:
+def padding_mask(examples: Sequence[TokenizedExample]) -> torch.Tensor | None:
     """The (B, T) int64 attention mask of `collate`'s batch: 1 at each example's tokens, 0 at the
-    padding after them. Attention needs none (collate), but a pass that sends it has the
-    service exchange nothing for the padding (cloud_backbone.batching.real_positions)."""
-    width = max(len(e.input_ids) for e in examples)
+    padding after them; None when it has no padding. Attention needs none (collate), but a pass
+    that sends it has the service exchange nothing for the padding
+    (cloud_backbone.batching.real_positions)."""
     lengths = torch.tensor([len(e.input_ids) for e in examples])
-    return (torch.arange(width)[None, :] < lengths[:, None]).long()
+    width = int(lengths.max())
+    return (torch.arange(width)[None, :] < lengths[:, None]).long() if bool((lengths < width).any()) else None
 
 
 def batches(examples: Sequence[T], batch_size: int, seed: int, epochs: int) -> Iterator[list[T]]:
