@@ -360,7 +360,8 @@ def _replay(model, tokens: int) -> int:
 def job_step_run(device: Device) -> Callable[[], int]:
     """One optimizer step of `plora personalize`'s default job, through its own loop: a batch of
     JOB_BATCH random tokens, every one labelled, and the device's anchor rows (written on the
-    first call, then kept in the device's folder, as a job keeps them)."""
+    first call, then kept in the device's folder, as a job keeps them). M is put back after it:
+    at the job's rate, a few steps on random tokens change what the device then decodes."""
     settings = TrainSettings(steps=1, batch_size=JOB_BATCH[0], anchor=AnchorSettings(drift_budget=None))
     examples = [TokenizedExample(row, row) for row in train_ids(device.model.embed.num_embeddings, JOB_BATCH).tolist()]
     anchor: list[Anchor] = []
@@ -368,7 +369,11 @@ def job_step_run(device: Device) -> Callable[[], int]:
     def run() -> int:
         if not anchor:
             anchor.append(device_anchor(device, settings.anchor))
-        return personalize(device.model, examples, device.tokenizer.pad_token_id, settings, anchor=anchor[0]).tokens
+        kept = {name: m.detach().clone() for name, m in device.model.weights.named_tensors()}
+        try:
+            return personalize(device.model, examples, device.tokenizer.pad_token_id, settings, anchor=anchor[0]).tokens
+        finally:
+            device.model.weights.load_named_tensors(kept)
 
     return run
 
