@@ -41,11 +41,12 @@ budget runs it on the same graph afterwards; the graph is freed once no session 
 buckets keep each session's padded rows, and so its share of the graph, within twice what its
 own account holds.
 
-A stateless step's padding crosses no exchange: where its session's mask has padding, its
-requests hold its real positions alone, as one row (1, real positions, width), and the replies
-fill those positions back, with zeros at the padding (`real_positions`). Padding is no token of
-the device's: its u·M would change nothing but the padding's own outputs, which no real token
-attends to and no loss reads, and its gradients are exactly zero.
+A stateless step's padding is no token of the device's: its outputs are zeros, whatever the
+path (a session alone computes a right-padded step packed, `CloudSession._packed`), and it
+crosses no exchange. Where a session's mask has padding, its requests hold its real positions
+alone, as one row (1, real positions, width), and the replies fill those positions back, with
+zeros at the padding (`real_positions`); its u·M would change only the padding's own outputs,
+which no real token attends to.
 """
 
 from __future__ import annotations
@@ -437,7 +438,7 @@ class StepBatcher:
             return self.send(batch, Phase.FORWARD, layer, group, u)
 
         with torch.set_grad_enabled(train), self.half.slot.using(exchange):
-            out = self.half.stack(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+            out = self.half.stack(inputs_embeds=hidden, attention_mask=mask).last_hidden_state * mask[..., None]
         for ticket in batch:
             if ticket.error is None:
                 ticket.result = out[ticket.rows, : ticket.tokens].detach().clone()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
@@ -112,23 +113,30 @@ def test_batched_training_steps_of_different_shapes_equal_each_session_alone():
     assert batcher.backwards < batcher.backward_rows  # and so were their backwards
 
 
-def test_a_padded_training_step_exchanges_its_real_positions_alone_and_trains_as_its_rows_unpadded():
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_a_padded_training_step_exchanges_its_real_positions_alone_and_trains_as_its_rows_unpadded(padding):
     hidden, _, grad = inputs(7, 2, 6)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, 4:] = 0
-    grad[1, 4:] = 0  # a device's loss reads no padding
-    padded = Trainer(7)
-    out, grad_in, m_grads = step(CloudHalf(tiny_backbone(), CONFIG), padded, hidden, mask, grad)
+    real = {"right": slice(0, 4), "left": slice(2, 6)}[padding]  # the second row's 4 tokens
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    mask[0], mask[1, real] = 1, 1
+    grad[1] *= mask[1, :, None]  # a device's loss reads no padding
+    half, padded = CloudHalf(tiny_backbone(), CONFIG), Trainer(7)
+    computed = []
+    half.stack.layers[0].register_forward_pre_hook(lambda module, args, kwargs: computed.append(tuple(args[0].shape[:2])),
+                                                   with_kwargs=True)
+    out, grad_in, m_grads = step(half, padded, hidden, mask, grad)
 
-    real = 6 + 4
-    assert {shape for _, shape in padded.shapes} == {(1, real)}
+    assert {shape for _, shape in padded.shapes} == {(1, 6 + 4)}
     assert {phase for phase, _ in padded.shapes} == {Phase.FORWARD, Phase.BACKWARD}
+    # A right-padded step computes its real tokens alone, packed; any other computes the padding.
+    assert computed[-1] == {"right": (1, 6 + 4), "left": (2, 6)}[padding]
+    assert out[1, ~mask[1].bool()].abs().max() == 0  # the padding's outputs
     # Each row alone, unpadded: the same outputs, input gradients and (summed) M gradients.
-    rows = [step(CloudHalf(tiny_backbone(), CONFIG), Trainer(7), hidden[i : i + 1, :n], None, grad[i : i + 1, :n])
-            for i, n in ((0, 6), (1, 4))]
-    for i, n in ((0, 6), (1, 4)):
-        torch.testing.assert_close(out[i, :n], rows[i][0][0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(grad_in[i, :n], rows[i][1][0], atol=1e-5, rtol=1e-5)
+    rows = [step(CloudHalf(tiny_backbone(), CONFIG), Trainer(7), hidden[i : i + 1, kept], None, grad[i : i + 1, kept])
+            for i, kept in ((0, slice(0, 6)), (1, real))]
+    for i, kept in ((0, slice(0, 6)), (1, real)):
+        torch.testing.assert_close(out[i, kept], rows[i][0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_in[i, kept], rows[i][1][0], atol=1e-5, rtol=1e-5)
     for got, first, second in zip(m_grads, rows[0][2], rows[1][2]):
         torch.testing.assert_close(got, first + second, atol=1e-5, rtol=1e-4)
 
