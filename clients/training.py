@@ -155,9 +155,9 @@ def anchored_loss(model: DeviceModel, ids: torch.Tensor, labels: torch.Tensor, a
     """`labelled_loss` of the first len(labels) rows of `ids`, and the distillation loss towards
     `anchor` of the rows after them, one per target, from one pass through the model. Over a link
     a pass costs a round trip per adapted layer each way, which two passes would pay twice. The
-    pass pads every row to the widest, batch or anchor, which two passes would not: the cloud
-    computes the padding, but with `attention_mask` exchanges none of it (the README's **One
-    pass per training step**)."""
+    pass pads every row to the widest, batch or anchor; with `attention_mask` the cloud exchanges
+    none of the padding, and a session stepping alone computes none of it either (the README's
+    **One pass per training step**)."""
     hidden = model.hidden_states(ids, attention_mask=attention_mask)
     loss, _ = _labelled(model, hidden[: len(labels)], labels)
     return loss, distillation_loss_at(model.lm_head(hidden[target_positions(anchor, first_row=len(labels))]), anchor)

@@ -5,8 +5,8 @@ runs them), and between them, for each link, a relay (relay.py) that delays and 
 bytes: each round-trip time given, at a bandwidth cap each way; and plain loopback, without a
 relay or a cap, always, as round-trip time 0. Per link it measures decode tokens/s, the time to the
 first token of a FIRST_TOKEN_PROMPT-token prompt, and the seconds and bytes of a training step
-of a personalization job (its batch and its anchor's rows); the monolithic model's figures come from the same run, on
-this machine's cores, alone.
+of a personalization job (its batch and its anchor's rows); the monolithic model's figures come
+from the same run, on this machine's cores, alone.
 
 A decoded token makes one round trip per adapted group per cloud layer, so at round-trip time
 t one pass can go no faster than the one-pass bound, 1 / (round trips per pass x t + compute
@@ -198,8 +198,8 @@ def _monolithic(spec: str, config: PrivateLoRAConfig, repeats: int) -> dict:
     model = MonolithicModel(loading.load(spec), config)
     vocab = model.model.config.vocab_size
     decode, first = decode_run(model, PROMPT, NEW_TOKENS), decode_run(model, random_prompt(FIRST_TOKEN_PROMPT, vocab), 1)
-    # The split's step is one pass over JOB_BATCH and the anchor's rows (job_step_run), padded to
-    # the batch's width; the same rows of random tokens here.
+    # The split's step is one pass over JOB_BATCH and the anchor's rows (job_step_run); here as
+    # many rows, all of JOB_BATCH's width, of random tokens.
     step = train_run(model, list(model.weights.parameters()), train_ids(vocab, (JOB_ROWS_WITH_ANCHOR, JOB_BATCH[1])))
     for run in (decode, first, step):
         run()  # warm up
