@@ -59,6 +59,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,11 @@ class _Ticket:
     @property
     def tokens(self) -> int:
         return self.hidden.shape[1]
+
+    @cached_property
+    def real(self) -> torch.Tensor | None:
+        """Its real positions, when its mask has padding (`real_positions`): what its exchanges carry."""
+        return real_positions(self.mask)
 
     @property
     def size(self) -> int:
@@ -381,7 +387,7 @@ class StepBatcher:
         them in their rows of one tensor: zeros for other rows, and for the tickets that fail
         or are late, which get their error."""
         started = time.monotonic()
-        requests = [AdapterRequest(layer, group, phase, packed(tensor[t.rows, : t.tokens], real_positions(t.mask))) for t in batch]
+        requests = [AdapterRequest(layer, group, phase, packed(tensor[t.rows, : t.tokens], t.real)) for t in batch]
         futures = [self._submit(t, r) for t, r in zip(batch, requests)]
         return lambda: self._replies(batch, requests, futures, tensor.shape[:2], started)
 
@@ -412,7 +418,7 @@ class StepBatcher:
             if future is not None and ticket.error is None:
                 try:
                     reply = ticket.session.checked(request, future, timeout=0)
-                    replies[ticket.rows, : ticket.tokens] = unpacked(reply, real_positions(ticket.mask))
+                    replies[ticket.rows, : ticket.tokens] = unpacked(reply, ticket.real)
                 except PloraError as err:
                     ticket.fail(err)
         return replies
