@@ -54,11 +54,11 @@ class RemoteDecoder(nn.Module):
         def answer(request: AdapterRequest) -> AdapterReply:
             _check_request(request, Phase.FORWARD, self.weights)
             if kept is not None:
-                kept[request.layer, request.group] = request.tensor
+                kept[request.layer, request.group, request.start] = request.tensor
             with torch.no_grad():
                 v = self.weights.products(request.layer, request.group, request.tensor)
             _check_own(v, f"u·M of layer {request.layer} {request.group}")
-            return AdapterReply(request.layer, request.group, Phase.FORWARD, v)
+            return request.answer(v)
 
         return answer
 
@@ -116,7 +116,7 @@ def _describe(tensor: torch.Tensor | None) -> str:
 class _RemoteStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, remote: RemoteDecoder, request: ForwardRequest, *ms):
-        kept: dict[tuple[int, str], torch.Tensor] = {}
+        kept: dict[tuple[int, str, int], torch.Tensor] = {}  # (layer, group, first token) -> u
         result = remote.link.forward(dataclasses.replace(request, train=True), remote._answer_forward(kept))
         _check_result(result.hidden, hidden, "hidden state")
         ctx.remote, ctx.kept, ctx.want_input_grad = remote, kept, hidden.requires_grad
@@ -125,15 +125,17 @@ class _RemoteStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weights: AdapterWeights = ctx.remote.weights
-        # Kept per group, not summed as they come: a link that retries the backward on a new
-        # session asks for some groups again, and each must count once.
-        group_grads: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, group) -> dL/dM per member
+        # Kept per group and piece, not summed as they come: a link that retries the backward on
+        # a new session asks for some groups again, and each must count once.
+        group_grads: dict[tuple[int, str, int], list[torch.Tensor]] = {}  # (layer, group, first token) -> dL/dM per member
 
         def answer(request: AdapterRequest) -> AdapterReply:
             _check_request(request, Phase.BACKWARD, weights)
-            u = ctx.kept.get((request.layer, request.group))
+            u = ctx.kept.get((request.layer, request.group, request.start))
             if u is None:
-                raise ValidationError(f"backward for layer {request.layer} {request.group}, which forward never saw")
+                raise ValidationError(
+                    f"backward for layer {request.layer} {request.group} from token {request.start}, which forward never saw"
+                )
             if request.tensor.shape[:-1] != u.shape[:-1]:
                 raise ValidationError(
                     f"backward for layer {request.layer} {request.group} has shape {tuple(request.tensor.shape)}; "
@@ -146,15 +148,15 @@ class _RemoteStep(torch.autograd.Function):
                 v = group_products(u_leaf, m_leaves, weights.config.shared_a)
                 grad_u, *grad_ms = torch.autograd.grad(v, [u_leaf, *m_leaves], request.tensor)
             _check_own(grad_u, f"dL/du of layer {request.layer} {request.group}")
-            group_grads[request.layer, request.group] = grad_ms
-            return AdapterReply(request.layer, request.group, Phase.BACKWARD, grad_u)
+            group_grads[request.layer, request.group, request.start] = grad_ms
+            return request.answer(grad_u)
 
         _check_own(grad_out, "the gradient from the device's last layers")
         result = ctx.remote.link.backward(BackwardRequest(grad_out.contiguous(), ctx.want_input_grad), answer)
         if ctx.want_input_grad:
             _check_result(result.grad_input, grad_out, "gradient of the hidden state")
         grads: dict[int, torch.Tensor] = {}  # id(M) -> dL/dM
-        for (layer, group), grad_ms in group_grads.items():
+        for (layer, group, _), grad_ms in group_grads.items():
             for m, g in zip(weights.group_ms(layer, group), grad_ms):
                 grads[id(m)] = grads[id(m)] + g if id(m) in grads else g
         ms = list(weights.ms.values())

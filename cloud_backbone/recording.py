@@ -114,9 +114,10 @@ class SessionCapture:
         elif isinstance(message, (AdapterRequest, AdapterReply)) and self._meta:
             key = adapter_key(_ADAPTER_NAMES[message.phase, direction], message.layer, message.group)
             earlier = self._tensors.get(key)
-            # A pipelined prefill exchanges a layer's tensors chunk by chunk, in the sequence's
-            # order; a whole one already there is a step run again (taken out of its batch).
-            if earlier is not None and earlier.shape[1] < self._tokens:
+            # A large exchange crosses in pieces, and a pipelined prefill exchanges a layer's
+            # tensors chunk by chunk, each in the sequence's order; a whole one already there is
+            # a step run again (taken out of its batch).
+            if earlier is not None and (message.start > 0 or earlier.shape[1] < self._tokens):
                 self._tensors[key] = torch.cat([earlier, message.tensor], dim=1)
             else:
                 self._tensors[key] = message.tensor

@@ -211,24 +211,47 @@ class SessionStream:
             raise _Ended(f"cannot write to the device: {type(err).__name__}") from None
 
     async def exchange(self, step: int, request: AdapterRequest, dtype: torch.dtype) -> AdapterReply:
-        """One round trip: u down to the device, its reply back, both in the step's wire dtype.
-        Fails only with a PloraError. A step may have several in flight (a pipelined prefill):
-        the device answers in the order it was asked, so each takes the reply of its turn."""
+        """One round trip: u down to the device, its reply back, both in the step's wire dtype,
+        a large one in pieces (wire.pieces). Fails only with a PloraError. A step may have
+        several in flight (a pipelined prefill): the device answers in the order it was asked,
+        so each frame written takes the reply of its turn."""
         started = time.perf_counter()
+        sent = wire.pieces(request, dtype)
         async with self._writing:
-            await self._write(step, wire.to_wire_dtype(request, dtype))
-            turn, self._asked = self._asked, self._asked + 1
-        async with self._replies:
-            await self._replies.wait_for(lambda: self._answered == turn)
-            try:
-                got_step, reply = await self._read(self.limits.reply_timeout_s, f"reply for layer {request.layer}")
-            finally:
-                self._answered += 1
-                self._replies.notify_all()
-        if got_step != step:
-            raise ValidationError(f"reply belongs to step {got_step}, expected step {step}")
+            first = self._asked
+            for piece in sent:
+                await self._write(step, wire.to_wire_dtype(piece, dtype))
+                self._asked += 1
+        replies = await self._replies_to(step, range(first, first + len(sent)), request.layer, dtype)
         self.metrics.round_trip.labels(str(request.layer)).observe(time.perf_counter() - started)
-        return wire.from_wire_dtype(reply, dtype)
+        return wire.joined(sent, replies)
+
+    async def _replies_to(self, step: int, turns: range, layer: int, dtype: torch.dtype) -> list:
+        """The replies of `turns`, in order. A malformed reply spends its turn like any other, so
+        that the stream stays in step, and the first one's error is raised once all are read."""
+        replies, error = [], None
+        async with self._replies:
+            try:
+                for turn in turns:
+                    await self._replies.wait_for(lambda: self._answered == turn)
+                    try:
+                        got_step, reply = await self._read(self.limits.reply_timeout_s, f"reply for layer {layer}")
+                        if got_step != step:
+                            raise ValidationError(f"reply belongs to step {got_step}, expected step {step}")
+                        replies.append(wire.from_wire_dtype(reply, dtype))
+                    except ValidationError as err:
+                        error = error or err
+                    finally:
+                        self._answered += 1
+                        self._replies.notify_all()
+            finally:
+                # A stream that broke mid-way: the exchanges after this one take their turns,
+                # and fail reading it as this one did.
+                self._answered = max(self._answered, turns.stop)
+                self._replies.notify_all()
+        if error is not None:
+            raise error
+        return replies
 
     def _note(self, err: PloraError) -> None:
         self.metrics.step_errors.labels(kind_of(err)).inc()

@@ -49,8 +49,8 @@ class DeviceHandler(Protocol):
 
     A link may ask it again for a request it already answered: a network link that lost its
     session replays the step on a new one. So an answer depends on the request alone, and
-    whatever a handler keeps (u for the backward, dL/dM) is stored per (layer, group),
-    never accumulated."""
+    whatever a handler keeps (u for the backward, dL/dM) is stored per (layer, group) and
+    piece (`AdapterRequest.start`), never accumulated."""
 
     def __call__(self, request: AdapterRequest) -> AdapterReply: ...
 

@@ -13,7 +13,8 @@ One step of the split, as the device sees it:
     device ◀── BackwardResult(dL/d hidden_in, when asked for) ───────────────────── cloud
 
 The device computes dL/dM = u^T·dL/d(u·M) itself from the u it kept; M and its gradient
-never appear in any message. Every message of a link passes through `SplitLink._record`,
+never appear in any message. Over the network a large AdapterRequest crosses in pieces along
+its tokens, each answered as it arrives (wire.pieces); in process it crosses whole. Every message of a link passes through `SplitLink._record`,
 the one place where the traffic can be observed (metrics, tests, privacy audits); so do the
 messages of a step that a link retries on a new session, and of the replay before it.
 """
@@ -141,6 +142,13 @@ class AdapterRequest:
     group: str
     phase: Phase
     tensor: torch.Tensor  # FORWARD: u (B, T, a·r); BACKWARD: dL/d(u·M) (B, T, members·r)
+    # A network link sends a large exchange in pieces along its tokens (wire.pieces), and the
+    # device answers each as it comes; `start` is the piece's first token, 0 for a whole one.
+    start: int = 0
+
+    def answer(self, tensor: torch.Tensor) -> AdapterReply:
+        """The reply to this request, or to this piece of one."""
+        return AdapterReply(self.layer, self.group, self.phase, tensor, self.start)
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,7 @@ class AdapterReply:
     group: str
     phase: Phase
     tensor: torch.Tensor  # FORWARD: u·M (B, T, members·r); BACKWARD: dL/du (B, T, a·r)
+    start: int = 0  # the piece it answers (AdapterRequest.start)
 
 
 @dataclass(frozen=True)

@@ -118,28 +118,32 @@ class ForwardRequest(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., train: bool = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., keep_cached: _Optional[int] = ..., exchange_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class AdapterRequest(_message.Message):
-    __slots__ = ("layer", "group", "phase", "tensor")
+    __slots__ = ("layer", "group", "phase", "tensor", "start")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     layer: int
     group: str
     phase: Phase
     tensor: Tensor
-    def __init__(self, layer: _Optional[int] = ..., group: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    start: int
+    def __init__(self, layer: _Optional[int] = ..., group: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ...) -> None: ...
 
 class AdapterReply(_message.Message):
-    __slots__ = ("layer", "group", "phase", "tensor")
+    __slots__ = ("layer", "group", "phase", "tensor", "start")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     layer: int
     group: str
     phase: Phase
     tensor: Tensor
-    def __init__(self, layer: _Optional[int] = ..., group: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    start: int
+    def __init__(self, layer: _Optional[int] = ..., group: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ...) -> None: ...
 
 class ForwardResult(_message.Message):
     __slots__ = ("hidden",)

@@ -30,7 +30,6 @@ from plora.clients.device_store import DeviceStore
 from plora.clients.grpc_link import Credentials, Endpoint
 from plora.cloud_backbone.protocol import wire
 from plora.cloud_backbone.protocol.messages import (
-    AdapterReply,
     AdapterRequest,
     CacheMode,
     ForwardRequest,
@@ -44,8 +43,8 @@ READY_TIMEOUT_S = 120  # for a neighbour process to be at work (spawned, it firs
 
 def _broken_replies(request: AdapterRequest, step: int) -> list[bytes]:
     """Three ways to answer `request` wrongly, each one frame."""
-    wrong_width = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:-1], 3))
-    nan = AdapterReply(request.layer, request.group, request.phase, torch.full_like(request.tensor, float("nan")))
+    wrong_width = request.answer(torch.zeros(*request.tensor.shape[:-1], 3))
+    nan = request.answer(torch.full_like(request.tensor, float("nan")))
     return [b"\xff\xff\xff\xff", *(wire.device_frame(step, m) for m in (wrong_width, nan))]
 
 
@@ -94,8 +93,7 @@ def _attack_session(store: DeviceStore, credentials: Credentials, address: str, 
         hidden = torch.randn(1, 4, identity.hidden_size)
         send(1, ForwardRequest(hidden, CacheMode.START))
         while isinstance(message := receive(), AdapterRequest):
-            send(1, AdapterReply(message.layer, message.group, message.phase,
-                                 torch.zeros(*message.tensor.shape[:-1], identity.adapter.width(message.group, a_side=False))))
+            send(1, message.answer(torch.zeros(*message.tensor.shape[:-1], identity.adapter.width(message.group, a_side=False))))
         for step in itertools.count(2):
             if stop.is_set():
                 break

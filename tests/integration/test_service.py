@@ -215,6 +215,33 @@ def test_a_reply_in_another_dtype_than_the_step_is_refused_and_the_session_goes_
         assert torch.allclose(device.model(ids), in_process(tiny_checkpoint)(ids), atol=1e-5)
 
 
+def test_a_large_exchange_crosses_in_pieces_and_trains_as_a_whole_one_does(device, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(wire, "PIECE_BYTES", 192)  # 2 tokens of 2 rows of u (q, k and v at r = 4) in float32
+    starts = {Phase.FORWARD: set(), Phase.BACKWARD: set()}
+    device.model.link.taps.append(lambda _, m: isinstance(m, AdapterRequest) and starts[m.phase].add(m.start))
+    assert_same_model(device.model, in_process(tiny_checkpoint), torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(2)))
+    assert starts == {Phase.FORWARD: {0, 2, 4, 6}, Phase.BACKWARD: {0, 2, 4, 6}}
+
+
+def test_a_piece_answered_wrongly_fails_that_step_alone_and_the_session_goes_on(device, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(wire, "PIECE_BYTES", 24)  # a token of u (q, k and v at r = 4) in bfloat16 a piece
+    link = device.model.link
+    session = link._session
+    hidden = torch.randn(1, 6, device.model.embed.embedding_dim).to(torch.bfloat16)  # the step's exchanges cross as bfloat16
+    zeros = lambda request, dtype: torch.zeros(*request.tensor.shape[:-1], CONFIG.width(request.group, a_side=False), dtype=dtype)
+    # The first piece's reply fails to parse as the step's; the service still reads the rest.
+    first_in_float32 = lambda request: request.answer(zeros(request, torch.float32 if request.start == 0 else torch.bfloat16))
+    with pytest.raises(ValidationError, match="cross as torch.bfloat16"):
+        session.step(ForwardRequest(hidden), first_in_float32, ForwardResult)
+    shifted = lambda request: dataclasses.replace(request.answer(zeros(request, torch.bfloat16)), start=request.start + (request.start == 2))
+    with pytest.raises(ValidationError, match="from token 3, expected .* from token 2"):
+        session.step(ForwardRequest(hidden), shifted, ForwardResult)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(device.model(ids), in_process(tiny_checkpoint)(ids), atol=1e-5)
+    assert link._session is session and not session.over
+
+
 def test_the_device_received_its_bundle_and_never_a_or_b(device):
     bundle = device.store.root / "bundle"
     names = {p.name for p in bundle.iterdir()}

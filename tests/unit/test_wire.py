@@ -75,11 +75,13 @@ DEVICE_MESSAGES = [
     BackwardRequest(_rand(2, 3, 8), exchange_dtype=torch.bfloat16),
     AdapterReply(3, "attn_in", Phase.FORWARD, _rand(2, 3, 8, dtype=torch.bfloat16)),
     AdapterReply(0, "mlp_in", Phase.BACKWARD, _rand(2, 3, 4, dtype=torch.float16)),
+    AdapterReply(0, "mlp_in", Phase.BACKWARD, _rand(1, 3, 4, dtype=torch.float16), start=300),
 ]
 CLOUD_MESSAGES = [
     SessionOpened("s-1", IDENTITY, 2048),
     AdapterRequest(2, "attn_in", Phase.FORWARD, _rand(2, 3, 4)),
     AdapterRequest(1, "mlp_in", Phase.BACKWARD, _rand(2, 3, 8, dtype=torch.bfloat16)),
+    AdapterRequest(1, "mlp_in", Phase.FORWARD, _rand(1, 3, 8), start=2**32 - 1),
     ForwardResult(_rand(2, 3, 8, dtype=torch.float16)),
     BackwardResult(_rand(2, 3, 8)),
     BackwardResult(None),
@@ -211,6 +213,40 @@ def test_a_step_names_its_exchanges_dtype_apart_from_its_cut():
     # A device that names none speaks the cut's dtype in the exchanges too, as before the field.
     half = wire.WireDtypes(torch.float16, torch.float16).request(BackwardRequest(_rand(1, 2, 8)))
     assert half.exchange_dtype is None and wire.step_dtypes(half) == wire.WireDtypes(torch.float16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_large_exchange_is_cut_into_pieces_along_its_tokens_and_their_replies_join_back(monkeypatch, dtype):
+    monkeypatch.setattr(wire, "PIECE_BYTES", 100)
+    request = AdapterRequest(3, "attn_in", Phase.BACKWARD, _rand(2, 7, 4))
+    sent = wire.pieces(request, dtype)
+    tokens = 100 // (2 * 4 * torch.empty((), dtype=dtype).element_size())  # a piece's, within PIECE_BYTES
+    assert [piece.start for piece in sent] == list(range(0, 7, tokens)) and len(sent) > 1
+    assert torch.equal(torch.cat([piece.tensor for piece in sent], dim=1), request.tensor)
+    assert all((p.layer, p.group, p.phase) == (3, "attn_in", Phase.BACKWARD) for p in sent)
+    replies = [piece.answer(piece.tensor * 2) for piece in sent]
+    whole = wire.joined(sent, replies)
+    assert torch.equal(whole.tensor, request.tensor * 2) and (whole.layer, whole.start) == (3, 0)
+    small = AdapterRequest(3, "attn_in", Phase.FORWARD, _rand(1, 3, 4))
+    assert wire.pieces(small, dtype) == [small]
+
+
+@pytest.mark.parametrize("mangle, match", [
+    (lambda r: dataclasses.replace(r, start=r.start + 1), "from token"),
+    (lambda r: dataclasses.replace(r, layer=0), "from token"),
+    (lambda r: dataclasses.replace(r, tensor=r.tensor[:, :1]), "shape"),
+    (lambda r: dataclasses.replace(r, tensor=r.tensor[..., :1]), "shape"),
+    (lambda r: dataclasses.replace(r, tensor=r.tensor.double()), "float64"),
+    (lambda r: dataclasses.replace(r, tensor=r.tensor[0]), "shape"),
+    (lambda r: ForwardResult(r.tensor), "expected an AdapterReply"),
+], ids=["start", "layer", "tokens", "width", "dtype", "dims", "kind"])
+def test_a_reply_that_does_not_answer_its_piece_is_refused(monkeypatch, mangle, match):
+    monkeypatch.setattr(wire, "PIECE_BYTES", 64)
+    sent = wire.pieces(AdapterRequest(3, "attn_in", Phase.FORWARD, _rand(1, 8, 4)), torch.float32)
+    replies = [piece.answer(piece.tensor) for piece in sent]
+    replies[1] = mangle(replies[1])
+    with pytest.raises(ValidationError, match=match):
+        wire.joined(sent, replies)
 
 
 def test_missing_required_tensor_is_refused():
