@@ -14,9 +14,10 @@ One step of the split, as the device sees it:
 
 The device computes dL/dM = u^T·dL/d(u·M) itself from the u it kept; M and its gradient
 never appear in any message. Over the network a large AdapterRequest crosses in pieces along
-its tokens, each answered as it arrives (wire.pieces); in process it crosses whole. Every message of a link passes through `SplitLink._record`,
-the one place where the traffic can be observed (metrics, tests, privacy audits); so do the
-messages of a step that a link retries on a new session, and of the replay before it.
+its tokens, each answered as it arrives (wire.pieces); in process it crosses whole. Every
+message of a link passes through `SplitLink._record`, the one place where the traffic can be
+observed (metrics, tests, privacy audits); so do the messages of a step that a link retries on
+a new session, and of the replay before it.
 """
 
 from __future__ import annotations

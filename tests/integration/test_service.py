@@ -229,7 +229,7 @@ def test_a_piece_answered_wrongly_fails_that_step_alone_and_the_session_goes_on(
     session = link._session
     hidden = torch.randn(1, 6, device.model.embed.embedding_dim).to(torch.bfloat16)  # the step's exchanges cross as bfloat16
     zeros = lambda request, dtype: torch.zeros(*request.tensor.shape[:-1], CONFIG.width(request.group, a_side=False), dtype=dtype)
-    # The first piece's reply fails to parse as the step's; the service still reads the rest.
+    # The first piece's reply comes in float32, not the step's bfloat16; the service still reads the rest.
     first_in_float32 = lambda request: request.answer(zeros(request, torch.float32 if request.start == 0 else torch.bfloat16))
     with pytest.raises(ValidationError, match="cross as torch.bfloat16"):
         session.step(ForwardRequest(hidden), first_in_float32, ForwardResult)
