@@ -350,7 +350,7 @@ class StepBatcher:
 
     def _pass(self, batch: list[_Ticket], running: _Running) -> None:
         try:
-            with self.half.compute.computing():
+            with self.half.compute.computing(spread=False):
                 self._run(batch)
         except BaseException as err:
             _fail_every(batch, err, "step")
@@ -552,7 +552,7 @@ class SharedGraph:
             for ticket in run:
                 grad[ticket.rows, : ticket.tokens] = ticket.hidden
             self.current = run
-            with self.batcher.half.compute.computing():
+            with self.batcher.half.compute.computing(spread=False):
                 # The graph is kept for the rows whose backward comes later.
                 (grads,) = torch.autograd.grad(self.out, self.hidden, grad, retain_graph=True)
             for ticket in run:

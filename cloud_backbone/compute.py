@@ -311,7 +311,7 @@ class CloudSession:
             # Causal over the chunk, and every position cached before it (sdpa's boolean mask).
             mask = (torch.arange(past + start + x.shape[1])[None, :] <= positions[0][:, None])[None, None]
             try:
-                with torch.no_grad(), self.half.slot.using(self._exchange), self.half.compute.computing():
+                with torch.no_grad(), self.half.slot.using(self._exchange), self.half.compute.computing(spread=False):
                     embeddings = stack.rotary_emb(x, position_ids=positions)
                     for l, layer in enumerate(stack.layers):
                         if c:

@@ -63,8 +63,9 @@ backbone.add_command(devices)
 # 1 is cloud_backbone.slots.STEP_TORCH_THREADS, which the CLI must not import (it imports torch)
 # before a command runs.
 @click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Intra-op threads of each step that computes. torch's default (0: one per core) gives every computing "
-                   "thread a team as wide as the machine, and concurrent steps then fight over the cores.")
+              help="Intra-op threads of each step that computes while other steps do; a step computing alone takes "
+                   "one per core. torch's default (0: one per core) gives every computing thread a team as wide as the "
+                   "machine, and concurrent steps then fight over the cores.")
 # 256 is cloud_backbone.batching.MAX_BATCHED_TOKENS, for the same reason.
 @click.option("--max-batched-tokens", default=256, show_default=True, type=click.IntRange(min=0),
               help="Steps of at most this many tokens (all their rows: decode steps, prefills, scoring and training "

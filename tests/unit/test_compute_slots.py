@@ -121,3 +121,42 @@ def test_a_serving_process_narrows_torch_teams_to_the_step_threads_its_cli_names
         assert torch.get_num_threads() == STEP_TORCH_THREADS
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_step_computing_alone_takes_every_core_given_and_steps_computing_at_once_the_step_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the step threads, as set_step_threads leaves a serving process
+    try:
+        slots = ComputeSlots(lone_threads=2)
+        seen: dict[str, list[int]] = {"first": [], "second": []}
+        first_in, second_in, second_may_leave = threading.Event(), threading.Event(), threading.Event()
+
+        def first():
+            with slots.computing():
+                seen["first"].append(torch.get_num_threads())  # alone
+                first_in.set()
+                assert second_in.wait(5)
+                with slots.waiting():  # a round trip: it computes again beside the second
+                    pass
+                seen["first"].append(torch.get_num_threads())
+            second_may_leave.set()
+
+        def second():
+            assert first_in.wait(5)
+            with slots.computing():
+                seen["second"].append(torch.get_num_threads())
+                second_in.set()
+                assert second_may_leave.wait(5)
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert seen == {"first": [2, 1], "second": [1]}
+        with slots.computing():  # alone again
+            assert torch.get_num_threads() == 2
+        with slots.computing(spread=False):  # a batched pass keeps the step threads even alone
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
