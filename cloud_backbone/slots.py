@@ -65,7 +65,7 @@ class ComputeSlots:
         if slots < 0:
             raise ValueError(f"compute slots must be 0 (unbounded) or more, got {slots}")
         self._free = threading.Semaphore(slots) if slots else None
-        self._held = threading.local()  # whether this thread holds a slot
+        self._held = threading.local()  # per thread: whether it holds a slot (`slot`), and may spread (`spread`)
         self._threads, self._lone_threads = torch.get_num_threads(), lone_threads
         self._count, self._computing = threading.Lock(), 0  # threads holding a slot
 
