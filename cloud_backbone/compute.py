@@ -88,7 +88,6 @@ class CloudHalf(nn.Module):
         """Whether a step runs as a pipelined prefill (`CloudSession._pipelined`): an inference
         step of one sequence into the cache, of two chunks or more, on a stack whose layers
         take sdpa's boolean mask with no sliding window, as that path builds it."""
-        config = self.stack.config
         return (
             self.prefill_chunk_tokens > 0
             and not request.train
@@ -96,8 +95,7 @@ class CloudHalf(nn.Module):
             and request.attention_mask is None
             and request.hidden.shape[0] == 1
             and request.hidden.shape[1] >= 2 * self.prefill_chunk_tokens
-            and config._attn_implementation == "sdpa"
-            and getattr(config, "sliding_window", None) is None
+            and self._plain_sdpa
         )
 
     def packs(self, real: torch.Tensor) -> bool:
@@ -105,14 +103,19 @@ class CloudHalf(nn.Module):
         packed (`CloudSession._packed`): each row's real tokens come first (right padding), there
         are at most PACKED_MAX_TOKENS of them, and the stack's layers take sdpa's mask of packed
         sequences with no sliding window."""
-        config = self.stack.config
         lengths = real.sum(dim=1, keepdim=True)
         return (
             int(lengths.sum()) <= PACKED_MAX_TOKENS
             and bool((real == (torch.arange(real.shape[1])[None, :] < lengths)).all())
-            and config._attn_implementation == "sdpa"
-            and getattr(config, "sliding_window", None) is None
+            and self._plain_sdpa
         )
+
+    @property
+    def _plain_sdpa(self) -> bool:
+        """Whether the stack's layers take sdpa's mask with no sliding window: the masks that
+        a pipelined prefill builds, and that packed sequences get."""
+        config = self.stack.config
+        return config._attn_implementation == "sdpa" and getattr(config, "sliding_window", None) is None
 
     def enable_batching(self, max_batch: int = 64, gather_s: float = 0.01, late_floor_s: float = 0.25, late_factor: float = 5.0,
                         max_tokens: int = MAX_BATCHED_TOKENS) -> None:

@@ -351,8 +351,7 @@ def pieces(request: AdapterRequest, dtype: torch.dtype) -> list[AdapterRequest]:
     request is answered only once its last byte came in: a training step's large exchanges then
     cost each direction's bytes about once, not twice."""
     batch, tokens, width = request.tensor.shape
-    size = torch.empty((), dtype=dtype).element_size()
-    step = max(1, PIECE_BYTES // (batch * width * size))
+    step = max(1, PIECE_BYTES // (batch * width * dtype.itemsize))
     if tokens <= step:
         return [request]
     return [dataclasses.replace(request, tensor=request.tensor[:, start : start + step], start=start)
