@@ -55,6 +55,7 @@ import logging
 import statistics
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -175,16 +176,21 @@ def unpacked(reply: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
 class DeviceRoundTrip(torch.autograd.Function):
     """u -> u·M, where `answer` waits for the devices' reply to u, which `asker` already sent; the
     backward sends dL/d(u·M) through `asker` the same way and waits for dL/du. An asker's
-    send(phase, layer, group, tensor) sends each device its rows and returns the wait."""
+    send(phase, layer, group, tensor) sends each device its rows and returns the wait.
+
+    The graph holds its asker weakly: the asker (a session, or a shared graph) holds the graph's
+    output, and a cycle through torch's C++ graph is one Python's collector cannot free: each
+    batched backward that a device failed leaked its graph so. Whoever runs the backward holds
+    the asker."""
 
     @staticmethod
     def forward(ctx, u, asker, layer: int, group: str, answer: Callable[[], torch.Tensor]):
-        ctx.asker, ctx.layer, ctx.group = asker, layer, group
+        ctx.asker, ctx.layer, ctx.group = weakref.ref(asker), layer, group
         return answer()
 
     @staticmethod
     def backward(ctx, grad_v):
-        return ctx.asker.send(Phase.BACKWARD, ctx.layer, ctx.group, grad_v.contiguous())(), None, None, None, None
+        return ctx.asker().send(Phase.BACKWARD, ctx.layer, ctx.group, grad_v.contiguous())(), None, None, None, None
 
 
 def round_trip(asker, layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:

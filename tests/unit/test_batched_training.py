@@ -3,6 +3,7 @@ session run alone, and a session's failure or lateness in either stays its own."
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
-from plora.cloud_backbone.compute import CloudHalf
+from plora.cloud_backbone.batching import SharedGraph
+from plora.cloud_backbone.compute import CloudHalf, CloudSession
 from plora.cloud_backbone.privatelora import AdapterWeights
 from plora.cloud_backbone.protocol.messages import AdapterReply, BackwardRequest, CacheMode, ForwardRequest, Phase
 from plora.storage.errors import ValidationError
@@ -22,8 +24,8 @@ CONFIG = PrivateLoRAConfig(rank=4)
 
 class Trainer:
     """A device that answers u with u·M and, in a backward, dL/d(u·M) with dL/du, adding
-    dL/dM to its M's gradients as the real device does. `broken` sends a misshapen reply at
-    layer 2 of its backward; `slow_s` delays its call for the backward."""
+    dL/dM to its M's gradients as the real device does. A `broken` one sends a misshapen reply
+    at layer 2 of its backward."""
 
     def __init__(self, seed: int, broken: bool = False):
         self.weights = AdapterWeights(CONFIG, 4)
@@ -201,6 +203,29 @@ def test_a_shared_graph_is_freed_once_every_session_let_go_of_it():
     for t in threads:
         t.join()
     assert len({id(g) for g in graphs}) == 1 and graphs[0].out is None and graphs[0].hidden is None
+
+
+def test_a_batched_backward_that_fails_leaves_nothing_behind():
+    # A graph's exchanges keep their asker, here the shared graph, which keeps the graph's
+    # output: a cycle through torch's C++ graph that Python's collector cannot see through.
+    # Each batched backward a device failed leaked its graph and sessions so: under the seeded
+    # hostile attack, about 20 MiB of the service's RSS per 4,500 hostile frames.
+    half = CloudHalf(tiny_backbone(), CONFIG)
+    half.enable_batching(gather_s=0.5)
+
+    def rounds_left_behind(rounds: int) -> int:
+        for _ in range(rounds):
+            specs = {"good": (Trainer(0), *inputs(0, 1, 5)), "bad": (Trainer(1, broken=True), *inputs(1, 1, 6))}
+            _, errors, _ = train_together(half, specs)
+            assert set(errors) == {"bad"} and "shape" in str(errors["bad"])
+            del errors  # its traceback holds the failed step's frames
+        gc.collect()
+        return sum(type(o) is CloudSession and o.half is half or type(o) is SharedGraph and o.batcher is half.batcher
+                   for o in gc.get_objects())
+
+    # What the batcher holds of its last batch until the next, and no more however many failed.
+    assert rounds_left_behind(1) == rounds_left_behind(3)
+    assert half.batcher.backwards < half.batcher.backward_rows  # the failing backwards were shared
 
 
 def test_a_training_step_of_more_tokens_than_the_batcher_takes_runs_alone():
