@@ -101,8 +101,8 @@ class SessionCapture:
         self.folder = folder
         self._step = 0
         self._tensors: dict[str, torch.Tensor] = {}
+        self._pieces: dict[str, dict[int, torch.Tensor]] = {}  # adapter key -> first token -> tensor
         self._meta: dict[str, str] = {}
-        self._tokens = 0
 
     def __call__(self, direction: str, message: Message) -> None:
         if isinstance(message, ForwardRequest):
@@ -112,15 +112,14 @@ class SessionCapture:
         elif isinstance(message, BackwardRequest):
             self._begin("backward", grad_hidden_out=message.grad_hidden)
         elif isinstance(message, (AdapterRequest, AdapterReply)) and self._meta:
-            key = adapter_key(_ADAPTER_NAMES[message.phase, direction], message.layer, message.group)
-            earlier = self._tensors.get(key)
-            # A large exchange crosses in pieces, and a pipelined prefill exchanges a layer's
-            # tensors chunk by chunk, each in the sequence's order; a whole one already there is
-            # a step run again (taken out of its batch).
-            if earlier is not None and (message.start > 0 or earlier.shape[1] < self._tokens):
-                self._tensors[key] = torch.cat([earlier, message.tensor], dim=1)
-            else:
-                self._tensors[key] = message.tensor
+            # A large exchange crosses in pieces, and a pipelined prefill or training step
+            # exchanges a layer's tensors by chunks or row groups, in whatever order they come:
+            # each is placed at its first token. One from a token already seen is the step run
+            # again (taken out of its batch).
+            pieces = self._pieces.setdefault(adapter_key(_ADAPTER_NAMES[message.phase, direction], message.layer, message.group), {})
+            if message.start in pieces:
+                pieces.clear()
+            pieces[message.start] = message.tensor
         elif isinstance(message, ForwardResult):
             self._end(hidden_out=message.hidden)
         elif isinstance(message, BackwardResult):
@@ -130,13 +129,14 @@ class SessionCapture:
 
     def _begin(self, kind: str, **tensors: torch.Tensor | None) -> None:
         self._tensors = {k: v for k, v in tensors.items() if v is not None}
+        self._pieces = {}
         self._meta = {"kind": kind}
-        self._tokens = next(iter(self._tensors.values())).shape[1]  # the step's, its hidden state's
 
     def _end(self, error: str = "", **tensors: torch.Tensor | None) -> None:
         if not self._meta:
             return  # an error before any step began: nothing was seen
         self._tensors.update({k: v for k, v in tensors.items() if v is not None})
+        self._tensors.update({key: torch.cat([pieces[start] for start in sorted(pieces)], dim=1) for key, pieces in self._pieces.items()})
         self._meta["error"] = error
         self._step += 1
         data = save({k: v.detach().contiguous().cpu() for k, v in self._tensors.items()}, metadata=self._meta)
@@ -144,7 +144,7 @@ class SessionCapture:
         # per token must not wait for the disk. The rename still never leaves half a file.
         path = self.folder / f"{self._step:06d}.safetensors"
         tmp = path.with_name(f".{path.name}")
-        self._tensors, self._meta = {}, {}
+        self._tensors, self._pieces, self._meta = {}, {}, {}
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except FileNotFoundError:

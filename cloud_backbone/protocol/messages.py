@@ -143,8 +143,10 @@ class AdapterRequest:
     group: str
     phase: Phase
     tensor: torch.Tensor  # FORWARD: u (B, T, a·r); BACKWARD: dL/d(u·M) (B, T, members·r)
-    # A network link sends a large exchange in pieces along its tokens (wire.pieces), and the
-    # device answers each as it comes; `start` is the piece's first token, 0 for a whole one.
+    # The tensor's first token among those the step exchanges at this layer and group: a
+    # pipelined prefill's chunks and a pipelined training step's row groups (packed) each start
+    # where the one before ended, and a network link sends a large exchange in pieces along its
+    # tokens (wire.pieces), which the device answers each as it comes.
     start: int = 0
 
     def answer(self, tensor: torch.Tensor) -> AdapterReply:

@@ -354,7 +354,7 @@ def pieces(request: AdapterRequest, dtype: torch.dtype) -> list[AdapterRequest]:
     step = max(1, PIECE_BYTES // (batch * width * dtype.itemsize))
     if tokens <= step:
         return [request]
-    return [dataclasses.replace(request, tensor=request.tensor[:, start : start + step], start=start)
+    return [dataclasses.replace(request, tensor=request.tensor[:, start : start + step], start=request.start + start)
             for start in range(0, tokens, step)]
 
 
@@ -380,7 +380,7 @@ def joined(sent: list[AdapterRequest], replies: list) -> AdapterReply:
     if len(replies) == 1:
         return replies[0]
     whole = torch.cat([reply.tensor for reply in replies], dim=1)
-    return AdapterReply(sent[0].layer, sent[0].group, sent[0].phase, whole)
+    return AdapterReply(sent[0].layer, sent[0].group, sent[0].phase, whole, sent[0].start)
 
 
 def device_message(step: int, message) -> pb.DeviceMessage:

@@ -231,7 +231,7 @@ class Attacker:
         """A valid reply: zeros, as from M = 0."""
         asked = request.request
         shape = [*asked.tensor.shape[:-1], self.target.width(asked.group, asked.phase)]
-        reply = pb.AdapterReply(layer=asked.layer, group=asked.group, phase=asked.phase, tensor=tensor(shape))
+        reply = pb.AdapterReply(layer=asked.layer, group=asked.group, phase=asked.phase, tensor=tensor(shape), start=asked.start)
         return pb.DeviceMessage(step=request.step, reply=reply)
 
     async def run_step(self, frame: pb.DeviceMessage | None = None) -> pb.CloudMessage | Answer:

@@ -14,7 +14,7 @@ from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint
 from plora.clients.training import TrainSettings, personalize
 from plora.cloud_backbone.adapter_config import PrivateLoRAConfig
-from plora.cloud_backbone.protocol.messages import CacheMode
+from plora.cloud_backbone.protocol.messages import AdapterRequest, CacheMode, Phase
 from plora.cloud_backbone.recording import read_session, recorded_sessions
 from plora.cloud_backbone.server import start_service
 from plora.cloud_backbone.service import Limits
@@ -40,8 +40,12 @@ def test_a_recorded_session_holds_what_the_service_saw_and_forgetting_deletes_it
         device = open_device(tmp_path / "dev")
         seen = []
         device.model.link.taps.append(lambda direction, message: seen.append((direction, message)))
-        ids = list(range(10, 26))
-        personalize(device.model, [TokenizedExample(ids, ids)], 0, TrainSettings(steps=1, lr=0.05, batch_size=1, anchor=None))
+        ids, short = list(range(10, 26)), list(range(30, 40))
+        # Two rows, packed: the training step runs in two row groups (CloudSession._pipelined_training).
+        next(iter(server.service.versions.values())).half.training_group_tokens = 1
+        personalize(device.model, [TokenizedExample(ids, ids), TokenizedExample(short, short)], 0,
+                    TrainSettings(steps=1, lr=0.05, batch_size=2, anchor=None))
+        trained = len(seen)
         next(iter(server.service.versions.values())).half.prefill_chunk_tokens = 2  # the prompt's prefill: 2 chunks
         with torch.no_grad():
             reply = list(stream_tokens(device.model, [5, 6, 7, 8, 9], 3, set()))
@@ -56,6 +60,13 @@ def test_a_recorded_session_holds_what_the_service_saw_and_forgetting_deletes_it
         assert all(torch.equal(s.tensors["hidden_in"], h) for s, h in zip([s for s in steps if s.kind == "forward"], sent))
         assert len(list(steps[0].adapter("u"))) == len(list(steps[0].adapter("um"))) == 3  # cloud layers 1-3, one group
         assert len(list(steps[1].adapter("grad_u"))) == 3
+        # The row groups' exchanges came in whatever order; each layer's is kept whole, in the step's order of tokens.
+        for step, name, phase in ((steps[0], "u", Phase.FORWARD), (steps[1], "grad_um", Phase.BACKWARD)):
+            for layer, _, tensor in step.adapter(name):
+                parts = {m.start: m.tensor for d, m in seen[:trained] if d == "down" and isinstance(m, AdapterRequest)
+                         and m.phase is phase and m.layer == layer and m.tensor.shape[1] > 1}
+                assert len(parts) == 2 and torch.equal(tensor, torch.cat([parts[k] for k in sorted(parts)], dim=1))
+                assert tensor.shape[1] == len(ids) + len(short)
         # The pipelined prefill's u came chunk by chunk; each layer's is kept whole, as the device saw it.
         begins = next(i for i, (_, m) in enumerate(seen) if getattr(m, "cache", None) is CacheMode.START)
         start = [m for d, m in seen[begins:] if d == "down"]

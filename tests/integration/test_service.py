@@ -139,8 +139,7 @@ def test_replies_swapped_in_a_pipelined_prefill_fail_that_step_alone_and_the_ses
                     swapped |= len(held) == 2
                     for request in reversed(held):
                         # u·M of q, k and v: a prefill asks nothing else
-                        reply = AdapterReply(request.layer, request.group, request.phase, torch.zeros(*request.tensor.shape[:2], 12))
-                        outbox.put(wire.device_message(number, reply))
+                        outbox.put(wire.device_message(number, request.answer(torch.zeros(*request.tensor.shape[:2], 12))))
                     held = []
 
         outbox.put(wire.device_message(0, OpenSession(device.store.record.identity)))
@@ -215,12 +214,14 @@ def test_a_reply_in_another_dtype_than_the_step_is_refused_and_the_session_goes_
         assert torch.allclose(device.model(ids), in_process(tiny_checkpoint)(ids), atol=1e-5)
 
 
-def test_a_large_exchange_crosses_in_pieces_and_trains_as_a_whole_one_does(device, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(wire, "PIECE_BYTES", 192)  # 2 tokens of 2 rows of u (q, k and v at r = 4) in float32
+def test_a_large_exchange_crosses_in_pieces_and_trains_as_a_whole_one_does(server, device, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(wire, "PIECE_BYTES", 192)  # 4 tokens of u (q, k and v at r = 4) in float32
+    monkeypatch.setattr(next(iter(server.service.versions.values())).half, "training_group_tokens", 1)
     starts = {Phase.FORWARD: set(), Phase.BACKWARD: set()}
     device.model.link.taps.append(lambda _, m: isinstance(m, AdapterRequest) and starts[m.phase].add(m.start))
     assert_same_model(device.model, in_process(tiny_checkpoint), torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(2)))
-    assert starts == {Phase.FORWARD: {0, 2, 4, 6}, Phase.BACKWARD: {0, 2, 4, 6}}
+    # The training step's two rows, packed, run as two row groups: tokens 0-7 and 8-15.
+    assert starts == {Phase.FORWARD: {0, 4, 8, 12}, Phase.BACKWARD: {0, 4, 8, 12}}
 
 
 def test_a_piece_answered_wrongly_fails_that_step_alone_and_the_session_goes_on(device, tiny_checkpoint, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -35,10 +36,11 @@ class Trainer:
                 m.normal_(0, 0.3)
         self.broken = broken
         self.kept: dict = {}
+        self.lock = threading.Lock()
         self.shapes: list[tuple[Phase, tuple[int, ...]]] = []  # of every request's tensor
 
     def __call__(self, request):
-        key = request.layer, request.group
+        key = request.layer, request.group, request.start
         self.shapes.append((request.phase, tuple(request.tensor.shape[:-1])))
         if request.phase is Phase.FORWARD:
             self.kept[key] = request.tensor.clone()
@@ -50,9 +52,10 @@ class Trainer:
             u = self.kept[key].requires_grad_(True)
             v = self.weights.products(request.layer, request.group, u)
             grads = torch.autograd.grad(v, [u, *ms], request.tensor, allow_unused=True)
-        for m, g in zip(ms, grads[1:]):
-            if g is not None:
-                m.grad = g if m.grad is None else m.grad + g
+        with self.lock:  # a step's row groups ask from threads of their own
+            for m, g in zip(ms, grads[1:]):
+                if g is not None:
+                    m.grad = g if m.grad is None else m.grad + g
         grad_u = grads[0]
         if self.broken and request.layer == 2:
             grad_u = grad_u[..., :-1]
@@ -123,6 +126,7 @@ def test_a_padded_training_step_exchanges_its_real_positions_alone_and_trains_as
     mask[0], mask[1, real] = 1, 1
     grad[1] *= mask[1, :, None]  # a device's loss reads no padding
     half, padded = CloudHalf(tiny_backbone(), CONFIG), Trainer(7)
+    half.training_groups = 0  # one pass, packed or not (row groups: below)
     computed = []
     half.stack.layers[0].register_forward_pre_hook(lambda module, args, kwargs: computed.append(tuple(args[0].shape[:2])),
                                                    with_kwargs=True)
@@ -226,6 +230,49 @@ def test_a_batched_backward_that_fails_leaves_nothing_behind():
     # What the batcher holds of its last batch until the next, and no more however many failed.
     assert rounds_left_behind(1) == rounds_left_behind(3)
     assert half.batcher.backwards < half.batcher.backward_rows  # the failing backwards were shared
+
+
+class InFlight:
+    """`trainer` answering each request `delay_s` after it, from a thread of its own, as a
+    network device does; it counts the requests in flight and the first tokens they name."""
+
+    def __init__(self, trainer: Trainer, delay_s: float):
+        self.trainer, self.delay_s = trainer, delay_s
+        self.in_flight, self.most_in_flight, self.starts, self.lock = 0, 0, set(), threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
+
+    def submit(self, request) -> Future:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.starts.add((request.phase, request.start))
+        reply = Future()
+
+        def answer() -> None:
+            with self.lock:
+                self.in_flight -= 1
+            reply.set_result(self.trainer(request))
+
+        threading.Timer(self.delay_s, answer).start()
+        return reply
+
+
+def test_a_training_step_in_row_groups_equals_the_one_pass_and_their_exchanges_overlap():
+    hidden, mask, grad = inputs(3, 3, 6, masked=True)  # 6 + 4 + 4 real tokens
+    results, devices = {}, {}
+    for groups in (0, 2):
+        half = CloudHalf(tiny_backbone(), CONFIG)
+        half.training_groups, half.training_group_tokens = groups, 1  # 0: one pass; 2: rows 0-1 and row 2, each packed
+        devices[groups] = InFlight(Trainer(3), delay_s=0.02)
+        results[groups] = step(half, devices[groups], hidden, mask, grad)
+    assert_equal(results[2], results[0])
+    # Each group's exchanges name its first token among the step's packed ones, in both phases,
+    # and the groups' exchanges were in flight together.
+    assert {start for _, start in devices[0].starts} == {0}
+    assert devices[2].starts == {(phase, start) for phase in Phase for start in (0, 6 + 4)}
+    assert devices[0].most_in_flight == 1 and devices[2].most_in_flight == 2
 
 
 def test_a_training_step_of_more_tokens_than_the_batcher_takes_runs_alone():
