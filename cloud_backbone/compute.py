@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import statistics
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
@@ -62,16 +65,21 @@ PACKED_MAX_TOKENS = 1024
 # than a round trip takes, the next chunk's wait is hidden anyway, and every chunk's exchanges
 # are messages each side handles. (Only 128-token prompts were measured.)
 PREFILL_CHUNKS = 4
-# A packed training step computes in groups of its rows, each in a thread of its own, so that
-# while one group waits for the device's reply at a layer, the others compute
+# Over a slow link, a packed training step computes in groups of its rows, each in a thread of
+# its own, so that while one group waits for the device's reply at a layer, the others compute
 # (CloudSession._pipelined_training): a row a group, up to TRAINING_GROUPS groups of at least
 # TRAINING_GROUP_TOKENS real tokens on average, since each group pays a round trip per adapted
 # layer of its own. The default job's step of 6 rows of up to 128 tokens (652 real), one device
 # on the embedded backbone (4 steps each; alone; emulated): at 20 ms and 100 Mbit/s 5.31 to 5.42 s
 # in one pass, 4.92 to 5.13 s in 2 groups, 4.35 in 3, 4.25 to 4.33 in 4 and 3.69 in 6; on
-# loopback 2.21 to 2.46 s in one pass and 2.34 s in 6.
+# loopback 2.21 to 2.46 s in one pass and 2.34 s in 6. Where replies come fast there is little
+# wait to hide and the groups' extra exchanges cost CPU: `plora demo`'s two devices on loopback
+# trained in 2 min 46 s grouped against 2 min 16 s in one pass. So a session groups only once the
+# median of its recent exchanges' round trips (ROUND_TRIPS_KEPT) reaches GROUPING_ROUND_TRIP_S.
 TRAINING_GROUPS = 8
 TRAINING_GROUP_TOKENS = 64
+GROUPING_ROUND_TRIP_S = 0.010
+ROUND_TRIPS_KEPT = 32
 
 
 class CloudHalf(nn.Module):
@@ -95,6 +103,7 @@ class CloudHalf(nn.Module):
         self.batcher: StepBatcher | None = None
         self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         self.training_groups, self.training_group_tokens = TRAINING_GROUPS, TRAINING_GROUP_TOKENS
+        self.grouping_round_trip_s = GROUPING_ROUND_TRIP_S
 
     def pipelines(self, request: ForwardRequest, cache: DynamicCache | None) -> bool:
         """Whether a step runs as a pipelined prefill (`CloudSession._pipelined`): an inference
@@ -110,12 +119,14 @@ class CloudHalf(nn.Module):
             and self._plain_sdpa
         )
 
-    def training_groups_of(self, request: ForwardRequest, cache: DynamicCache | None, real: torch.Tensor | None) -> int:
+    def training_groups_of(self, request: ForwardRequest, cache: DynamicCache | None, real: torch.Tensor | None,
+                           round_trip_s: float) -> int:
         """In how many groups of rows a step computes (`CloudSession._pipelined_training`), `real`
-        its real positions (None: all of them): a packed stateless training step in a group a
-        row, up to `training_groups` groups of `training_group_tokens` real tokens or more on
-        average; 1 for any other step."""
-        if not (request.train and cache is None):
+        its real positions (None: all of them), `round_trip_s` how long its session's exchanges
+        take: a packed stateless training step over a link of `grouping_round_trip_s` or more,
+        in a group a row, up to `training_groups` groups of `training_group_tokens` real tokens
+        or more on average; 1 for any other step."""
+        if not (request.train and cache is None and round_trip_s >= self.grouping_round_trip_s):
             return 1
         real = _all_real(request.hidden) if real is None else real
         groups = min(self.training_groups, real.shape[0], int(real.sum()) // max(1, self.training_group_tokens))
@@ -233,6 +244,7 @@ class CloudSession:
         self._graph: _OwnGraph | _GroupGraphs | SharedRows | None = None
         self._handler: DeviceHandler | None = None
         self._real: torch.Tensor | None = None  # the real positions of its stateless step, if padded (batching.real_positions)
+        self._round_trips: deque[float] = deque(maxlen=ROUND_TRIPS_KEPT)  # of its recent exchanges, in seconds
 
     def send(self, phase: Phase, layer: int, group: str, tensor: torch.Tensor, start: int = 0) -> Callable[[], torch.Tensor]:
         """One adapter round trip, begun: the request goes now, and the function returned waits
@@ -240,7 +252,9 @@ class CloudSession:
         free while it waits. `start`: the tensor's first token among the step's exchanged ones."""
         real = self._real
         request = AdapterRequest(layer, group, phase, packed(tensor, real), start)
+        sent = time.monotonic()
         reply = self.submit(request)
+        reply.add_done_callback(lambda _: self._round_trips.append(time.monotonic() - sent))
 
         def answer() -> torch.Tensor:
             if not reply.done():
@@ -305,7 +319,7 @@ class CloudSession:
         cache = self._cache_for(request.cache)
         if request.train:
             hidden = hidden.detach().requires_grad_(True)
-        groups = self.half.training_groups_of(request, cache, self._real)
+        groups = self.half.training_groups_of(request, cache, self._real, statistics.median(self._round_trips or [0.0]))
         self._handler = ask
         try:
             batcher = self.half.batcher

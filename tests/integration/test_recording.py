@@ -42,11 +42,12 @@ def test_a_recorded_session_holds_what_the_service_saw_and_forgetting_deletes_it
         device.model.link.taps.append(lambda direction, message: seen.append((direction, message)))
         ids, short = list(range(10, 26)), list(range(30, 40))
         # Two rows, packed: the training step runs in two row groups (CloudSession._pipelined_training).
-        next(iter(server.service.versions.values())).half.training_group_tokens = 1
+        half = next(iter(server.service.versions.values())).half
+        half.training_group_tokens = half.grouping_round_trip_s = 0  # however fast loopback answers
         personalize(device.model, [TokenizedExample(ids, ids), TokenizedExample(short, short)], 0,
                     TrainSettings(steps=1, lr=0.05, batch_size=2, anchor=None))
         trained = len(seen)
-        next(iter(server.service.versions.values())).half.prefill_chunk_tokens = 2  # the prompt's prefill: 2 chunks
+        half.prefill_chunk_tokens = 2  # the prompt's prefill: 2 chunks
         with torch.no_grad():
             reply = list(stream_tokens(device.model, [5, 6, 7, 8, 9], 3, set()))
         device.close()

@@ -259,20 +259,28 @@ class InFlight:
         return reply
 
 
-def test_a_training_step_in_row_groups_equals_the_one_pass_and_their_exchanges_overlap():
+def test_over_a_slow_link_a_training_step_in_row_groups_equals_the_one_pass_and_their_exchanges_overlap():
     hidden, mask, grad = inputs(3, 3, 6, masked=True)  # 6 + 4 + 4 real tokens
-    results, devices = {}, {}
-    for groups in (0, 2):
+
+    def half_of(groups: int) -> CloudHalf:
         half = CloudHalf(tiny_backbone(), CONFIG)
         half.training_groups, half.training_group_tokens = groups, 1  # 0: one pass; 2: rows 0-1 and row 2, each packed
-        devices[groups] = InFlight(Trainer(3), delay_s=0.02)
-        results[groups] = step(half, devices[groups], hidden, mask, grad)
+        return half
+
+    results, devices = {}, {}
+    for groups in (0, 2):
+        devices[groups] = InFlight(Trainer(3), delay_s=0.02)  # over GROUPING_ROUND_TRIP_S: its first step's exchanges show it
+        results[groups] = step(half_of(groups), devices[groups], hidden, mask, grad)
     assert_equal(results[2], results[0])
     # Each group's exchanges name its first token among the step's packed ones, in both phases,
     # and the groups' exchanges were in flight together.
     assert {start for _, start in devices[0].starts} == {0}
     assert devices[2].starts == {(phase, start) for phase in Phase for start in (0, 6 + 4)}
     assert devices[0].most_in_flight == 1 and devices[2].most_in_flight == 2
+    # A device that answers at once gets the step in one pass: there is no wait to hide.
+    fast = Trainer(3)
+    assert_equal(step(half_of(2), fast, hidden, mask, grad), results[0])
+    assert {shape for _, shape in fast.shapes} == {(1, 6 + 4 + 4)}
 
 
 def test_a_training_step_of_more_tokens_than_the_batcher_takes_runs_alone():
