@@ -24,8 +24,10 @@ def test_the_wan_bench_measures_every_link_and_drafting_keeps_every_greedy_reply
     loopback, delayed = results["links"]
     assert (loopback["emulated"], delayed["emulated"], delayed["rtt_ms"]) == (False, True, RTT_S * 1e3)
     # A training step is a forward and a backward, each a round trip per adapted layer, and its
-    # bytes cross the capped link: the relay holds it at least that long.
-    assert delayed["train_step_bytes"] == loopback["train_step_bytes"] > 0
+    # bytes cross the capped link: the relay holds it at least that long. The same tensors cross
+    # either link; over the delayed one the step's rows compute in groups, whose exchanges each
+    # add a message's framing.
+    assert loopback["train_step_bytes"] <= delayed["train_step_bytes"] < 1.01 * loopback["train_step_bytes"]
     at_least = 2 * delayed["round_trips_per_pass"] * RTT_S + delayed["train_step_bytes"] / 2 / (MBIT * 1e6 / 8)
     assert delayed["train_step_s"] >= at_least
     assert 0 < delayed["decode_tok_s"] < loopback["decode_tok_s"]
