@@ -426,10 +426,10 @@ class CloudSession:
         real, self._real = _all_real(hidden) if self._real is None else self._real, None  # its exchanges are packed already
         rows = torch.arange(hidden.shape[0]).tensor_split(groups)
         tokens = [int(real[group].sum()) for group in rows]
-        groups = [_RowGroup(self, start, hidden[group].detach().requires_grad_(True), real[group])
-                  for group, start in zip(rows, itertools.accumulate([0, *tokens[:-1]]))]
-        _in_threads([functools.partial(group.forward, self.half) for group in groups], self.half.compute)
-        return torch.cat([group.out.detach() for group in groups]), _GroupGraphs(groups, self.half.compute)
+        row_groups = [_RowGroup(self, start, hidden[group].detach().requires_grad_(True), real[group])
+                      for group, start in zip(rows, itertools.accumulate([0, *tokens[:-1]]))]
+        _in_threads([functools.partial(group.forward, self.half) for group in row_groups], self.half.compute)
+        return torch.cat([group.out.detach() for group in row_groups]), _GroupGraphs(row_groups, self.half.compute)
 
     def _batched(self, batcher: StepBatcher, hidden: torch.Tensor, stateless: bool, mask: torch.Tensor | None, train: bool) -> torch.Tensor | None:
         """The step run in the next batch (a training step keeps its rows of the batch's graph);
