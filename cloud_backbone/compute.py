@@ -71,11 +71,12 @@ PREFILL_CHUNKS = 4
 # TRAINING_GROUP_TOKENS real tokens on average, since each group pays a round trip per adapted
 # layer of its own. The default job's step of 6 rows of up to 128 tokens (652 real), one device
 # on the embedded backbone (4 steps each; alone; emulated): at 20 ms and 100 Mbit/s 5.31 to 5.42 s
-# in one pass, 4.92 to 5.13 s in 2 groups, 4.35 in 3, 4.25 to 4.33 in 4 and 3.69 in 6; on
-# loopback 2.21 to 2.46 s in one pass and 2.34 s in 6. Where replies come fast there is little
-# wait to hide and the groups' extra exchanges cost CPU: `plora demo`'s two devices on loopback
-# trained in 2 min 46 s grouped against 2 min 16 s in one pass. So a session groups only once the
-# median of its recent exchanges' round trips (ROUND_TRIPS_KEPT) reaches GROUPING_ROUND_TRIP_S.
+# in one pass, 4.92 to 5.13 s in 2 groups, 4.35 in 3, 4.25 to 4.33 in 4 and 3.69 in 6; at 5 ms
+# 4.26 s in one pass and 2.75 s in 6; on loopback 2.21 to 2.46 s in one pass and 2.34 s in 6.
+# Where replies come fast there is little wait to hide and the groups' extra exchanges cost
+# CPU: `plora demo`'s two devices on loopback trained in 2 min 46 s grouped against 2 min 16 s in
+# one pass. So a session groups only once the median of its recent exchanges' round trips
+# (ROUND_TRIPS_KEPT) reaches GROUPING_ROUND_TRIP_S.
 TRAINING_GROUPS = 8
 TRAINING_GROUP_TOKENS = 64
 GROUPING_ROUND_TRIP_S = 0.010
