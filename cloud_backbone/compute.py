@@ -220,7 +220,7 @@ class _GroupGraphs:
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         grads = grad.split([group.out.shape[0] for group in self.groups])
-        _in_threads([functools.partial(torch.autograd.backward, group.out, g) for group, g in zip(self.groups, grads)], self.compute)
+        _in_threads([functools.partial(torch.autograd.backward, group.out, g) for group, g in zip(self.groups, grads)], self.compute, "rows")
         return torch.cat([group.hidden.grad for group in self.groups])
 
     def release(self) -> None:
@@ -378,7 +378,7 @@ class CloudSession:
         stack, chunks = self.half.stack, hidden.tensor_split(count, dim=1)
         left = [[threading.Event() for _ in stack.layers] for _ in chunks]  # left[c][l]: chunk c is past layer l
         outs: list[torch.Tensor | None] = [None] * len(chunks)
-        errors: list[BaseException] = []
+        failed = threading.Event()
 
         def run(c: int, x: torch.Tensor, start: int) -> None:
             def exchange(layer: int, group: str, u: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -388,33 +388,28 @@ class CloudSession:
             # Causal over the chunk, and every position cached before it (sdpa's boolean mask).
             mask = (torch.arange(past + start + x.shape[1])[None, :] <= positions[0][:, None])[None, None]
             try:
-                with torch.no_grad(), self.half.slot.using(exchange), self.half.compute.computing(spread=False):
+                with torch.no_grad(), self.half.slot.using(exchange):
                     embeddings = stack.rotary_emb(x, position_ids=positions)
                     for l, layer in enumerate(stack.layers):
                         if c:
                             with self.half.compute.waiting():
                                 left[c - 1][l].wait()
-                            if errors:
+                            if failed.is_set():
                                 return
                         x = layer(x, attention_mask=mask, position_embeddings=embeddings, position_ids=positions,
                                   cache=cache, use_cache=True)
                         left[c][l].set()
                     outs[c] = stack.norm(x)
-            except BaseException as err:  # the step's error, raised by the caller
-                errors.append(err)
+            except BaseException:
+                failed.set()  # before its events wake the chunks after it
+                raise
             finally:
                 for event in left[c]:
                     event.set()  # a chunk that failed holds no other back
 
-        starts = [0, *itertools.accumulate(chunk.shape[1] for chunk in chunks)]
-        threads = [threading.Thread(target=run, args=(c, chunk, starts[c]), name=f"plora-prefill-{c}")
-                   for c, chunk in enumerate(chunks)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        starts = itertools.accumulate(chunk.shape[1] for chunk in chunks[:-1])
+        _in_threads([functools.partial(run, c, chunk, start) for c, (chunk, start) in enumerate(zip(chunks, [0, *starts]))],
+                    self.half.compute, "prefill")
         return torch.cat(outs, dim=1)
 
     def _pipelined_training(self, hidden: torch.Tensor, groups: int) -> tuple[torch.Tensor, _GroupGraphs]:
@@ -429,7 +424,7 @@ class CloudSession:
         tokens = [int(real[group].sum()) for group in rows]
         row_groups = [_RowGroup(self, start, hidden[group].detach().requires_grad_(True), real[group])
                       for group, start in zip(rows, itertools.accumulate([0, *tokens[:-1]]))]
-        _in_threads([functools.partial(group.forward, self.half) for group in row_groups], self.half.compute)
+        _in_threads([functools.partial(group.forward, self.half) for group in row_groups], self.half.compute, "rows")
         return torch.cat([group.out.detach() for group in row_groups]), _GroupGraphs(row_groups, self.half.compute)
 
     def _batched(self, batcher: StepBatcher, hidden: torch.Tensor, stateless: bool, mask: torch.Tensor | None, train: bool) -> torch.Tensor | None:
@@ -555,8 +550,9 @@ def _packed_pass(stack: nn.Module, hidden: torch.Tensor, real: torch.Tensor) -> 
     return unpacked(out, real)
 
 
-def _in_threads(works: list[Callable[[], object]], compute: ComputeSlots) -> None:
-    """Every work at once, each in a thread of its own and a compute slot; the first error raised."""
+def _in_threads(works: list[Callable[[], object]], compute: ComputeSlots, name: str) -> None:
+    """Every work at once, each in a thread of its own (plora-{name}-{i}) and a compute slot; the
+    first error raised."""
     errors: list[BaseException] = []
 
     def run(work: Callable[[], object]) -> None:
@@ -566,7 +562,7 @@ def _in_threads(works: list[Callable[[], object]], compute: ComputeSlots) -> Non
         except BaseException as err:  # the step's error, raised by the caller
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(work,), name=f"plora-rows-{i}") for i, work in enumerate(works)]
+    threads = [threading.Thread(target=run, args=(work,), name=f"plora-{name}-{i}") for i, work in enumerate(works)]
     for thread in threads:
         thread.start()
     for thread in threads:
