@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
@@ -121,13 +121,13 @@ class CloudHalf(nn.Module):
         )
 
     def training_groups_of(self, request: ForwardRequest, cache: DynamicCache | None, real: torch.Tensor | None,
-                           round_trip_s: float) -> int:
+                           round_trips_s: Collection[float]) -> int:
         """In how many groups of rows a step computes (`CloudSession._pipelined_training`), `real`
-        its real positions (None: all of them), `round_trip_s` how long its session's exchanges
-        take: a packed stateless training step over a link of `grouping_round_trip_s` or more,
-        in a group a row, up to `training_groups` groups of `training_group_tokens` real tokens
-        or more on average; 1 for any other step."""
-        if not (request.train and cache is None and round_trip_s >= self.grouping_round_trip_s):
+        its real positions (None: all of them), `round_trips_s` its session's recent exchanges':
+        a packed stateless training step whose round trips' median is `grouping_round_trip_s` or
+        more, in a group a row, up to `training_groups` groups of `training_group_tokens` real
+        tokens or more on average; 1 for any other step."""
+        if not (request.train and cache is None and statistics.median(round_trips_s or [0.0]) >= self.grouping_round_trip_s):
             return 1
         real = _all_real(request.hidden) if real is None else real
         groups = min(self.training_groups, real.shape[0], int(real.sum()) // max(1, self.training_group_tokens))
@@ -320,7 +320,7 @@ class CloudSession:
         cache = self._cache_for(request.cache)
         if request.train:
             hidden = hidden.detach().requires_grad_(True)
-        groups = self.half.training_groups_of(request, cache, self._real, statistics.median(self._round_trips or [0.0]))
+        groups = self.half.training_groups_of(request, cache, self._real, self._round_trips)
         self._handler = ask
         try:
             batcher = self.half.batcher
