@@ -353,6 +353,7 @@ class StepBatcher:
         with ThreadPoolExecutor(self.in_flight, thread_name_prefix="plora-pass") as passes:
             while self._free_passes.acquire() and (gathered := self._gather()):
                 passes.submit(self._pass, *gathered)
+                del gathered  # else the batch's sessions, graphs and tensors live on until the next batch
 
     def _pass(self, batch: list[_Ticket], running: _Running) -> None:
         try:
