@@ -76,9 +76,10 @@ PREFILL_CHUNKS = 4
 # Where replies come fast there is little wait to hide and the groups' extra exchanges cost
 # CPU: `plora demo`'s two devices on loopback trained in 2 min 46 s grouped against 2 min 16 s in
 # one pass. So a session groups only once the median of its recent exchanges' round trips
-# (ROUND_TRIPS_KEPT) reaches GROUPING_ROUND_TRIP_S. That is a proxy: one device alone on loopback
-# trained 9% faster grouped (README, **A training step in row groups**), so what costs is another
-# session's step filling the core the groups would use, which this gate does not see.
+# (ROUND_TRIPS_KEPT) reaches GROUPING_ROUND_TRIP_S. That is a proxy: what costs is another
+# session's step filling the core the groups would use. But a gate on that load, which grouped a
+# lone device on any link, gained it −1% to 9% over three days' runs, within the machine's
+# noise (README, **A training step in row groups**), so the round trip stays the gate.
 TRAINING_GROUPS = 8
 TRAINING_GROUP_TOKENS = 64
 GROUPING_ROUND_TRIP_S = 0.010
