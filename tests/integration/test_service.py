@@ -538,3 +538,22 @@ def test_a_stopped_service_leaves_no_thread_behind(tiny_checkpoint, tmp_path):
         device.close()
     running.stop(grace_s=1)
     assert not any(t.is_alive() for t in started)
+
+
+def test_a_device_idle_with_keepalive_pings_keeps_its_connection(tiny_checkpoint):
+    # gRPC ignores an option it does not know: the service once allowed one ping in 5 minutes
+    # without data, and ended the connection at the third ping sooner.
+    running = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits())
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[
+        ("grpc.keepalive_time_ms", 1_000),  # as often as gRPC's client pings at all
+        ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)])
+    try:
+        states = []
+        channel.subscribe(states.append, try_to_connect=True)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        time.sleep(5)  # 5 pings
+        ready = states.index(grpc.ChannelConnectivity.READY)
+        assert states[ready:] == [grpc.ChannelConnectivity.READY]  # a GOAWAY makes the channel leave it
+    finally:
+        channel.close()
+        running.stop(grace_s=1)
