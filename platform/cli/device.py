@@ -195,7 +195,7 @@ def personalize(directory, data_path, steps, epochs, min_steps, lr, patience, ev
             board.update(name, "preparing")  # a first job also has the base model write its anchor text
             outcome = run_personalization(dev, data_path, settings, max_length, val_fraction, board.steps(name, "training"),
                                           checkpoint_every=checkpoint_every, search=None if lr else LrSearch(),
-                                          on_search_step=board.steps(name, "trying learning rates"), keep_text=keep_text)
+                                          on_search_step=board.steps(name, "trial runs"), keep_text=keep_text)
             board.done(name, "saved")
     finally:
         dev.close()
