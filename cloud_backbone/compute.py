@@ -78,7 +78,7 @@ PREFILL_CHUNKS = 4
 # one pass. So a session groups only once the median of its recent exchanges' round trips
 # (ROUND_TRIPS_KEPT) reaches GROUPING_ROUND_TRIP_S. That is a proxy: what costs is another
 # session's step filling the core the groups would use. But a gate on that load, which grouped a
-# lone device on any link, gained it −1% to 9% over three days' runs, within the machine's
+# lone device on any link, gained it −1% to 9% in three sets of runs, within the machine's
 # noise (README, **A training step in row groups**), so the round trip stays the gate.
 TRAINING_GROUPS = 8
 TRAINING_GROUP_TOKENS = 64
