@@ -542,7 +542,7 @@ def test_a_stopped_service_leaves_no_thread_behind(tiny_checkpoint, tmp_path):
 
 def test_a_device_idle_with_keepalive_pings_keeps_its_connection(tiny_checkpoint):
     # gRPC ignores an option it does not know: the service once allowed one ping in 5 minutes
-    # without data, and ended the connection at the third ping sooner.
+    # without data, and ended the connection at the third ping that came sooner.
     running = start_service([str(tiny_checkpoint)], CONFIG, open_registry(), Limits())
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[
         ("grpc.keepalive_time_ms", 1_000),  # as often as gRPC's client pings at all
