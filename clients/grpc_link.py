@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 32 << 20
 REPORT_TIMEOUT_S = 10  # a job's end waits no longer for the service to hear of it
 _CLOSE = object()
+_ENDED = object()  # the stream is over (gRPC's done callback)
+# How often a step whose stream ended checks whether the pump still runs.
+_PUMP_CHECK_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,12 @@ def _error_from(message: StepError) -> PloraError:
 class _Session:
     """One cloud session: one gRPC stream, on a channel of its own.
 
-    Replies are read on the calling thread, straight from the stream: a decode step makes a
-    round trip per adapted layer, and every hand-off between threads adds to each. The reply
-    timeout is kept by a watchdog thread that cancels the stream when a read overstays.
+    A step's exchanges run on the thread gRPC gives the stream's requests (`_pump`): it reads
+    the cloud's frame, answers it with the handler and hands the answer straight back to gRPC
+    to send. A decode step makes a round trip per adapted layer, and a hand-off between threads
+    costs each one a wake-up: the calling thread hands over the step and waits for its outcome,
+    two hand-offs a step instead of two an exchange. The reply timeout is kept by a watchdog
+    thread that cancels the stream when a frame overstays, unsent or unanswered.
     A step that fails in any way but a refusal the service reports leaves the session `over`:
     its stream is closed, since neither side knows how far the other got."""
 
@@ -163,18 +169,20 @@ class _Session:
         # A channel per session: a channel that saw the service go away waits out gRPC's own
         # reconnect backoff, up to minutes, and the link's retry policy is the one to obey.
         self._channel = endpoint.channel()
-        self._outbox: queue.Queue = queue.Queue()
+        self._steps: queue.Queue = queue.Queue()  # (first message, handler) for the pump, or _CLOSE
+        self._outcomes: queue.Queue = queue.Queue()  # each step's last message or error, and _ENDED
+        self._pump_thread: threading.Thread | None = None  # gRPC's, once it asked for a frame
         self._step = 0
-        self._deadline: float | None = None  # when the read in progress times out
+        self._deadline: float | None = None  # when the frame in flight times out
         self._timed_out = False
         self._closed = threading.Event()
         self.over = False
         stub = pb_grpc.SplitBackboneStub(self._channel)
-        self._call = stub.Session(iter(self._outbox.get, _CLOSE), metadata=credentials.metadata())
+        self._call = stub.Session(self._pump(), metadata=credentials.metadata())
+        self._call.add_done_callback(lambda _: self._outcomes.put(_ENDED))
         threading.Thread(target=self._watch, name="plora-link-watchdog", daemon=True).start()
         try:
-            self._send(OpenSession(expected))
-            opened = self._receive()
+            opened = self._run(OpenSession(expected), None)
             if isinstance(opened, StepError):
                 raise _error_from(opened)
             if not isinstance(opened, SessionOpened):
@@ -192,23 +200,41 @@ class _Session:
                 self._timed_out = True
                 self._call.cancel()
 
-    def _send(self, message) -> None:
+    def _pump(self):
+        """The stream's requests, made on gRPC's thread as the cloud's frames come. Each step
+        ends with its last message, or its error, in `_outcomes`; an error ends the stream."""
+        self._pump_thread = threading.current_thread()
+        while (step := self._steps.get()) is not _CLOSE:
+            message, handler = step
+            try:
+                while True:
+                    yield self._frame(message)
+                    message = self._receive()
+                    if handler is None or not isinstance(message, AdapterRequest):
+                        break
+                    message = handler(message)
+            except GeneratorExit:
+                raise
+            except BaseException as err:  # the calling thread raises it
+                self._deadline = None
+                self._outcomes.put(err)
+                return
+            self._deadline = None
+            self._outcomes.put(message)
+
+    def _frame(self, message) -> pb.DeviceMessage:
         frame = wire.device_message(self._step, message)
         self._count("up", frame.ByteSize())
-        self._outbox.put(frame)
+        self._deadline = time.monotonic() + self._timeout  # gRPC may hold an unsendable frame for ever
+        return frame
 
     def _receive(self):
-        self._deadline = time.monotonic() + self._timeout
         try:
             frame = next(self._call)
         except StopIteration:
             raise ConnectionLost("the service ended the session stream") from None
         except grpc.RpcError as err:
-            if self._timed_out:
-                raise ConnectionLost(f"no answer from the backbone service within {self._timeout:g} s") from None
-            raise rpc_error(err) from None
-        finally:
-            self._deadline = None
+            raise self._ended(err) from None
         self._count("down", frame.ByteSize())
         step, message = wire.parse_cloud_message(frame, MAX_MESSAGE_BYTES // 2)  # elements: 2 bytes at the least
         # Every frame answers the step in progress, but a fatal error, which may end the session
@@ -217,15 +243,42 @@ class _Session:
             raise ValidationError(f"the service sent a frame of step {step} during step {self._step}")
         return message
 
+    def _ended(self, err: grpc.RpcError) -> PloraError:
+        if self._timed_out:
+            return ConnectionLost(f"no answer from the backbone service within {self._timeout:g} s")
+        if err.code() == grpc.StatusCode.OK:
+            return ConnectionLost("the service ended the session stream")
+        return rpc_error(err)
+
+    def _run(self, message, handler: DeviceHandler | None):
+        """Hand a step to the pump and wait for its outcome: the cloud's last message, its adapter
+        requests answered by `handler`, or its first, where there is no handler."""
+        if self.over:
+            raise ConnectionLost("this session is closed")
+        self._steps.put((message, handler))
+        outcome = self._outcomes.get()
+        if outcome is _ENDED:
+            outcome = self._outcome_after_end()
+            self.close()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _outcome_after_end(self):
+        """The stream ended during the step. The pump may still be reading what the service sent
+        before the end, or hold a frame that gRPC will never send: gRPC then lets its thread end."""
+        while True:
+            try:
+                return self._outcomes.get(timeout=_PUMP_CHECK_S)
+            except queue.Empty:
+                if self._pump_thread is None or not self._pump_thread.is_alive():
+                    return self._ended(self._call)
+
     def step(self, request, handler: DeviceHandler, final: type):
         """Send `request`, answer the cloud's adapter requests with `handler`, return its `final` reply."""
         self._step += 1
         try:
-            self._send(request)
-            message = self._receive()
-            while isinstance(message, AdapterRequest):
-                self._send(handler(message))
-                message = self._receive()
+            message = self._run(request, handler)
             if isinstance(message, StepError) and message.fatal:
                 raise _error_from(message)
             if not isinstance(message, (final, StepError)):
@@ -240,7 +293,7 @@ class _Session:
     def close(self) -> None:
         self.over = True
         self._closed.set()
-        self._outbox.put(_CLOSE)
+        self._steps.put(_CLOSE)
         self._call.cancel()
         self._channel.close()
 
