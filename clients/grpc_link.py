@@ -149,10 +149,10 @@ class _Session:
 
     A step's exchanges run on the thread gRPC gives the stream's requests (`_pump`): it reads
     the cloud's frame, answers it with the handler and hands the answer straight back to gRPC
-    to send. A decode step makes a round trip per adapted layer, and a hand-off between threads
-    costs each one a wake-up: the calling thread hands over the step and waits for its outcome,
-    two hand-offs a step instead of two an exchange. The reply timeout is kept by a watchdog
-    thread that cancels the stream when a frame overstays, unsent or unanswered.
+    to send. A decode step makes a round trip per adapted layer, and each hand-off between
+    threads costs each one a wake-up: the calling thread hands over the whole step and waits for
+    its outcome, so the exchanges no longer pass through it. The reply timeout is kept by a
+    watchdog thread that cancels the stream when a frame overstays, unsent or unanswered.
     A step that fails in any way but a refusal the service reports leaves the session `over`:
     its stream is closed, since neither side knows how far the other got."""
 
