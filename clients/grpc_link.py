@@ -216,11 +216,12 @@ class _Session:
             except GeneratorExit:
                 raise
             except BaseException as err:  # the calling thread raises it
+                message = err
+            finally:
                 self._deadline = None
-                self._outcomes.put(err)
-                return
-            self._deadline = None
             self._outcomes.put(message)
+            if isinstance(message, BaseException):
+                return
 
     def _frame(self, message) -> pb.DeviceMessage:
         frame = wire.device_message(self._step, message)
@@ -232,7 +233,7 @@ class _Session:
         try:
             frame = next(self._call)
         except StopIteration:
-            raise ConnectionLost("the service ended the session stream") from None
+            raise self._ended(self._call) from None
         except grpc.RpcError as err:
             raise self._ended(err) from None
         self._count("down", frame.ByteSize())
