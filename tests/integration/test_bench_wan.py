@@ -12,7 +12,8 @@ from tests.integration.test_cli import plora
 
 pytestmark = pytest.mark.xdist_group("processes")
 
-RTT_S, MBIT = 0.02, 100.0
+# 5 ms, not the README's 20: the same schedule and assertions, in a quarter of the waiting.
+RTT_S, MBIT = 0.005, 100.0
 
 
 def test_the_wan_bench_measures_every_link_and_drafting_keeps_every_greedy_reply(tmp_path, tiny_checkpoint):
