@@ -42,6 +42,9 @@ from plora.storage.registry import JobReport
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 32 << 20
+KEEPALIVE_MS = 30_000
+"""How often a device pings the service during a call; a dead service is found within this and
+10 s more, however long the call has sent nothing."""
 REPORT_TIMEOUT_S = 10  # a job's end waits no longer for the service to hear of it
 _CLOSE = object()
 _ENDED = object()  # the stream is over (gRPC's done callback)
@@ -83,9 +86,11 @@ class Endpoint:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            # Pings during a call find a dead service in 40 s; the service accepts one a second.
-            ("grpc.keepalive_time_ms", 30_000),
+            # The service accepts a ping a second. gRPC's client otherwise sends two pings without
+            # data and then one a minute, which left a quiet session up to 70 s on a dead service.
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
             ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if self.insecure:
             return grpc.insecure_channel(self.target, options=options)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
 
+from plora.clients import grpc_link
 from plora.clients.device_model import DeviceModel
 from plora.clients.generation import stream_tokens
 from plora.clients.grpc_link import Endpoint, rpc_error
@@ -320,3 +323,37 @@ def test_replicas_are_reached_through_grpcs_own_address_lists():
         _ = Endpoint("a.example.org:50051,b.example.org:50051").target
     with pytest.raises(ConfigError, match="mix IPv4 and IPv6"):
         _ = Endpoint("10.0.0.5:50051,[fd00::6]:50051").target
+
+
+def test_a_quiet_call_keeps_pinging_so_that_a_dead_service_is_found_in_time(monkeypatch):
+    # A server that takes any ping without data as a strike (gRPC's default) sends GOAWAY at the
+    # third strike: the device's quiet call must ping on, where gRPC's client stops after two.
+    monkeypatch.setattr(grpc_link, "KEEPALIVE_MS", 1_000)  # gRPC's client pings at most once a second
+    quiet = threading.Event()
+
+    def hold(requests, context):
+        next(requests)
+        quiet.wait()
+        return iter(())
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("quiet.Service", {
+        "Hold": grpc.stream_stream_rpc_method_handler(hold)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = Endpoint(f"127.0.0.1:{port}", insecure=True).channel()
+
+    def one_frame_then_quiet():
+        yield b"open"
+        quiet.wait()
+
+    try:
+        call = channel.stream_stream("/quiet.Service/Hold")(one_frame_then_quiet())
+        ended = threading.Event()
+        call.add_done_callback(lambda _: ended.set())
+        assert ended.wait(timeout=10), "the quiet call stopped pinging"
+        assert (call.code(), call.details()) == (grpc.StatusCode.UNAVAILABLE, "Too many pings")
+    finally:
+        quiet.set()
+        channel.close()
+        server.stop(grace=None)
