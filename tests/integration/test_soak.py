@@ -1,8 +1,8 @@
 """Soak: many sessions of several enrolled devices decode and train against a real
 `plora backbone serve` process; no step fails and the service's memory returns to zero.
 
-CI runs 32 sessions (8 devices in 4 device processes) on the tiny model for 10 s: each decodes
-and trains at least once; the length is `make soak`'s.
+CI runs 32 sessions (8 devices in 4 device processes) on the tiny model for 10 s, in which each
+session decodes and trains at least once.
 `make soak` runs the embedded model for 10 minutes: PLORA_SOAK_BACKBONE=embedded,
 PLORA_SOAK_SECONDS=600. The figures (p50/p99 step latency, the service's RSS growth from
 minute 1, or a third of a shorter run, to the end) are logged, and written as JSON to $PLORA_SOAK_REPORT if set.

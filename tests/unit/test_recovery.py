@@ -327,7 +327,8 @@ def test_replicas_are_reached_through_grpcs_own_address_lists():
 
 def test_a_quiet_call_keeps_pinging_so_that_a_dead_service_is_found_in_time(monkeypatch):
     # A server that takes any ping without data as a strike (gRPC's default) sends GOAWAY at the
-    # third strike: the device's quiet call must ping on, where gRPC's client stops after two.
+    # third strike: the device's quiet call must ping on, where gRPC's client would send two pings
+    # and then one a minute.
     monkeypatch.setattr(grpc_link, "KEEPALIVE_MS", 1_000)  # gRPC's client pings at most once a second
     quiet = threading.Event()
 
